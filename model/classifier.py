@@ -1,0 +1,402 @@
+"""The classifier: the one inference core that the CLI, the gRPC service and the Celery worker share.
+
+Owns: items (text, role, context) -> validated -> token windows -> length-bucketed batches -> logits ->
+per-label max over windows -> probabilities, thresholds and the `flagged` verdict, with the character span
+of the window that gave each label its score. Steps are public so a dynamic scheduler can interleave them
+(see docs/engine-api.md). Must not know: gRPC, Celery, Redis, HTTP, environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import planner
+from model.config import ModernBertConfig
+from model.errors import CheckpointError, ConfigError, InvalidInputError, ModelNotFoundError
+from model.loading import LoadReport, load_model
+from model.runner import Runner, resolve_device, resolve_dtype
+from model.tokenizer import TextTokenizer
+from model.windows import keep_end, split_windows
+
+ROLES = ("prompt", "response")
+DEFAULT_DIR = Path(__file__).parent / "default"
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Item:
+    text: str
+    role: str = "prompt"  # "prompt" (user input) | "response" (LLM output, scored with its prompt as context)
+    context: str | None = None  # the prompt that produced a response; only allowed on responses
+    id: str | None = None
+
+
+@dataclass
+class Result:
+    id: str | None
+    scores: dict[str, float]  # label -> probability (max over windows)
+    logits: dict[str, float]  # label -> raw logit (max over windows)
+    flagged: bool
+    flagged_labels: list[str]
+    tokens: int  # content tokens of the text (context and special tokens not counted)
+    windows: int
+    spans: dict[str, tuple[int, int]]  # label -> [start, end) characters of the window giving its score
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spans"] = {k: list(v) for k, v in self.spans.items()}
+        return d
+
+
+@dataclass
+class Encoded:
+    """One item, tokenized and split into model-ready windows."""
+
+    id: str | None
+    windows: list[list[int]]  # token ids with specials, each <= max_tokens
+    spans: list[tuple[int, int]]  # characters of the text covered by each window
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tokens: int  # longest sequence the model sees (specials and context included)
+    window_overlap: int = 64
+    max_context_tokens: int = 256
+    max_batch_tokens: int = 16384
+    max_batch_sequences: int = 256
+
+
+@dataclass
+class Classifier:
+    config: ModernBertConfig
+    tokenizer: TextTokenizer
+    runner: Runner
+    limits: Limits
+    thresholds: dict[str, float]
+    path: str
+    report: LoadReport = field(default_factory=LoadReport)
+
+    # ---- description --------------------------------------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        return self.config.labels
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def device(self) -> str:
+        return str(self.runner.device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.runner.dtype).removeprefix("torch.")
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
+
+    @property
+    def multi_label(self) -> bool:
+        return self.config.multi_label
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "labels": self.labels,
+            "thresholds": dict(self.thresholds),
+            "multi_label": self.multi_label,
+            "limits": asdict(self.limits),
+            "device": self.device,
+            "dtype": self.dtype,
+            "backend": self.backend,
+            "version": VERSION,
+        }
+
+    # ---- validation ---------------------------------------------------------------------------------------
+    def coerce_items(self, items: Iterable[Item | Mapping[str, Any]]) -> list[Item]:
+        out = []
+        for i, raw in enumerate(items):
+            if isinstance(raw, Item):
+                item = raw
+            elif isinstance(raw, Mapping):
+                unknown = set(raw) - {"id", "text", "role", "context"}
+                if unknown:
+                    raise InvalidInputError(
+                        f"unknown field(s) {sorted(unknown)}", index=i, field=sorted(unknown)[0]
+                    )
+                if "text" not in raw:
+                    raise InvalidInputError("is required", index=i, field="text")
+                item = Item(
+                    text=raw["text"],
+                    role=raw.get("role") or "prompt",
+                    context=raw.get("context") or None,
+                    id=raw.get("id"),
+                )
+            else:
+                raise InvalidInputError(f"must be an object, got {type(raw).__name__}", index=i, field="item")
+            self._check(item, i)
+            out.append(item)
+        return out
+
+    def _check(self, item: Item, i: int) -> None:
+        if not isinstance(item.text, str):
+            raise InvalidInputError(
+                f"must be a string, got {type(item.text).__name__}", index=i, field="text"
+            )
+        if not item.text.strip():
+            raise InvalidInputError("must not be empty", index=i, field="text")
+        if item.role not in ROLES:
+            raise InvalidInputError(f"must be one of {ROLES}, got {item.role!r}", index=i, field="role")
+        if item.context is not None:
+            if not isinstance(item.context, str):
+                raise InvalidInputError(
+                    f"must be a string, got {type(item.context).__name__}", index=i, field="context"
+                )
+            if item.role == "prompt":
+                raise InvalidInputError("is only allowed on role 'response'", index=i, field="context")
+        if item.id is not None and not isinstance(item.id, str):
+            raise InvalidInputError(f"must be a string, got {type(item.id).__name__}", index=i, field="id")
+
+    def resolve_thresholds(self, overrides: Mapping[str, float] | None = None) -> dict[str, float]:
+        th = dict(self.thresholds)
+        for label, value in (overrides or {}).items():
+            if label not in th:
+                raise InvalidInputError(
+                    f"unknown label; labels are {self.labels}", field=f"thresholds.{label}"
+                )
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise InvalidInputError(
+                    f"must be a number in [0, 1], got {value!r}", field=f"thresholds.{label}"
+                )
+            th[label] = float(value)
+        return th
+
+    # ---- steps --------------------------------------------------------------------------------------------
+    def encode(self, items: Sequence[Item]) -> list[Encoded]:
+        """Tokenize and window validated items (thread-safe; the tokenizer releases the GIL)."""
+        lim, tpl = self.limits, self.tokenizer.template
+        texts = self.tokenizer.encode_batch([it.text for it in items])
+        ctx_idx = [i for i, it in enumerate(items) if it.context]
+        contexts = dict(
+            zip(ctx_idx, self.tokenizer.encode_batch([items[i].context for i in ctx_idx]), strict=True)
+        )
+        out = []
+        for i, (item, (ids, offsets)) in enumerate(zip(items, texts, strict=True)):
+            if i in contexts:
+                ctx = keep_end(contexts[i][0], lim.max_context_tokens)
+                size = lim.max_tokens - tpl.pair_extra - len(ctx)
+                build = lambda w, ctx=ctx: tpl.pair(ctx, w)  # noqa: E731
+            else:
+                size = lim.max_tokens - tpl.single_extra
+                build = tpl.single
+            ranges = split_windows(len(ids), size, lim.window_overlap)
+            windows = [build(ids[a:b]) for a, b in ranges]
+            spans = [(offsets[a][0], offsets[b - 1][1]) for a, b in ranges] if ids else [(0, len(item.text))]
+            out.append(Encoded(id=item.id, windows=windows, spans=spans, tokens=len(ids)))
+        return out
+
+    def plan(self, lengths: Sequence[int], priorities: Sequence[float] | None = None) -> list[list[int]]:
+        lim = self.limits
+        return planner.plan_batches(
+            lengths, lim.max_batch_tokens, lim.max_batch_sequences, padded=self.padded, priorities=priorities
+        )
+
+    @property
+    def padded(self) -> bool:
+        """Does the attention kernel pay for padding (so batches should be priced as max x count)?"""
+        return self.backend == "sdpa"
+
+    def forward(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Token-id lists -> fp32 logits (n, num_labels) on the CPU."""
+        return self.runner.forward(sequences)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+
+    def aggregate(self, enc: Encoded, window_logits: torch.Tensor, thresholds: Mapping[str, float]) -> Result:
+        """Per-label max over windows; the span of the window that gave each label its max."""
+        probs = self.probabilities(window_logits)  # (W, L)
+        best_p, arg = probs.max(dim=0)  # (L,)
+        best_logit = window_logits.max(dim=0).values
+        scores = {lab: float(best_p[j]) for j, lab in enumerate(self.labels)}
+        flagged = [lab for lab in self.labels if scores[lab] >= thresholds[lab]]
+        return Result(
+            id=enc.id,
+            scores=scores,
+            logits={lab: float(best_logit[j]) for j, lab in enumerate(self.labels)},
+            flagged=bool(flagged),
+            flagged_labels=flagged,
+            tokens=enc.tokens,
+            windows=len(enc.windows),
+            spans={lab: enc.spans[int(arg[j])] for j, lab in enumerate(self.labels)},
+        )
+
+    def run_windows(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Logits for many sequences, batched by the planner, returned in input order."""
+        logits = torch.empty(len(sequences), self.config.num_labels)
+        for batch in self.plan([len(s) for s in sequences]):
+            logits[batch] = self.forward([sequences[i] for i in batch])
+        return logits
+
+    # ---- one-shot API -------------------------------------------------------------------------------------
+    def classify(
+        self, items: Iterable[Item | Mapping[str, Any]], thresholds: Mapping[str, float] | None = None
+    ) -> list[Result]:
+        items = self.coerce_items(items)
+        th = self.resolve_thresholds(thresholds)
+        if not items:
+            return []
+        encoded = self.encode(items)
+        seqs = [w for e in encoded for w in e.windows]
+        logits = self.run_windows(seqs)
+        results, k = [], 0
+        for e in encoded:
+            results.append(self.aggregate(e, logits[k : k + len(e.windows)], th))
+            k += len(e.windows)
+        return results
+
+    def logits(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> torch.Tensor:
+        """HF-exact logits for `tokenizer(texts, pairs)` (no context cut); longer inputs: max over windows."""
+        if pairs is not None and len(pairs) != len(texts):
+            raise InvalidInputError(f"has {len(pairs)} entries for {len(texts)} texts", field="pairs")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InvalidInputError(f"must be a string, got {type(t).__name__}", index=i, field="text")
+        lim, tpl = self.limits, self.tokenizer.template
+        a_ids = self.tokenizer.encode_batch(list(texts))
+        b_ids = self.tokenizer.encode_batch(list(pairs)) if pairs is not None else None
+        seqs: list[list[int]] = []
+        owner: list[int] = []
+        for i, (ids, _) in enumerate(a_ids):
+            if b_ids is None:
+                size, build = lim.max_tokens - tpl.single_extra, tpl.single
+                for a, b in split_windows(len(ids), size, lim.window_overlap):
+                    seqs.append(build(ids[a:b]))
+                    owner.append(i)
+            else:
+                first, second = ids, b_ids[i][0]
+                size = lim.max_tokens - tpl.pair_extra - len(first)
+                if size <= lim.window_overlap:
+                    raise InvalidInputError("first text leaves no room for the pair", index=i, field="text")
+                for a, b in split_windows(len(second), size, lim.window_overlap):
+                    seqs.append(tpl.pair(first, second[a:b]))
+                    owner.append(i)
+        window_logits = self.run_windows(seqs) if seqs else torch.empty(0, self.config.num_labels)
+        out = torch.full((len(texts), self.config.num_labels), -math.inf)
+        for k, i in enumerate(owner):
+            out[i] = torch.maximum(out[i], window_logits[k])
+        return out
+
+
+def read_thresholds(directory: Path, labels: list[str]) -> dict[str, float]:
+    th = dict.fromkeys(labels, 0.5)
+    path = directory / "thresholds.json"
+    if not path.exists():
+        return th
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"not valid JSON ({e})", field="<file>", file=str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("must map label -> threshold", field="<file>", file=str(path))
+    for label, value in raw.items():
+        if label not in th:
+            raise ConfigError(f"unknown label; labels are {labels}", field=label, file=str(path))
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"must be a number in [0, 1], got {value!r}", field=label, file=str(path))
+        th[label] = float(value)
+    return th
+
+
+def default_model_dir() -> Path:
+    if not (DEFAULT_DIR / "config.json").exists():
+        raise ModelNotFoundError(
+            f"no model path given and no bundled default model in {DEFAULT_DIR}; pass a checkpoint directory "
+            "(config.json + model.safetensors + tokenizer.json), e.g. --model DIR or SAFETY_MODEL=DIR"
+        )
+    return DEFAULT_DIR
+
+
+def load_classifier(
+    path: str | Path | None = None,
+    device: str = "auto",
+    dtype: str | torch.dtype | None = None,
+    *,
+    max_tokens: int | None = None,
+    window_overlap: int = 64,
+    max_context_tokens: int = 256,
+    max_batch_tokens: int | None = None,
+    max_batch_sequences: int | None = None,
+    backend: str | None = None,
+) -> Classifier:
+    """Load a checkpoint directory (or the bundled default when `path` is None) ready to classify."""
+    dev = resolve_device(device)
+    directory = Path(path) if path is not None else default_model_dir()
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    net, config, report = load_model(directory)
+    tokenizer = TextTokenizer.from_file(directory / "tokenizer.json")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{config.vocab_size}"
+        )
+    runner = Runner(net, dev, resolve_dtype(dtype, dev), backend)
+    cpu = dev.type == "cpu"
+    limits = Limits(
+        max_tokens=max_tokens or config.max_position_embeddings,
+        window_overlap=window_overlap,
+        max_context_tokens=max_context_tokens,
+        max_batch_tokens=max_batch_tokens or (16384 if cpu else 131072),
+        max_batch_sequences=max_batch_sequences or (256 if cpu else 2048),
+    )
+    check_limits(limits, config, tokenizer)
+    return Classifier(
+        config=config,
+        tokenizer=tokenizer,
+        runner=runner,
+        limits=limits,
+        thresholds=read_thresholds(directory, config.labels),
+        path=str(directory),
+        report=report,
+    )
+
+
+def check_limits(lim: Limits, config: ModernBertConfig, tok: TextTokenizer) -> None:
+    src = "limits"
+    if not 0 < lim.max_tokens <= config.max_position_embeddings:
+        raise ConfigError(
+            f"must be in [1, max_position_embeddings={config.max_position_embeddings}], got {lim.max_tokens}",
+            field="max_tokens",
+            file=src,
+        )
+    if lim.max_context_tokens < 0:
+        raise ConfigError(f"must be >= 0, got {lim.max_context_tokens}", field="max_context_tokens", file=src)
+    if lim.window_overlap < 0:
+        raise ConfigError(f"must be >= 0, got {lim.window_overlap}", field="window_overlap", file=src)
+    room = lim.max_tokens - tok.template.pair_extra - lim.max_context_tokens
+    if room <= lim.window_overlap:
+        raise ConfigError(
+            f"must be smaller than max_tokens - max_context_tokens - special tokens = {room}",
+            field="window_overlap",
+            file=src,
+        )
+    if lim.max_batch_tokens < lim.max_tokens:
+        raise ConfigError(
+            f"must be >= max_tokens ({lim.max_tokens}) so the longest window fits a batch",
+            field="max_batch_tokens",
+            file=src,
+        )
+    if lim.max_batch_sequences <= 0:
+        raise ConfigError("must be positive", field="max_batch_sequences", file=src)

@@ -1,0 +1,151 @@
+"""The `safety` command line.
+
+Owns: the top-level parser and `safety classify`. Other packages add subcommands through the entry-point
+group `safety.commands` (each entry point is `register(subparsers)`), and `--remote` classification goes
+through the group `safety.remote`, so this module never imports gRPC or Celery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from model.errors import SafetyError
+
+
+def _thresholds(values: list[str] | None) -> dict[str, float]:
+    out = {}
+    for v in values or []:
+        label, sep, num = v.partition("=")
+        if not sep:
+            raise SystemExit(f"--threshold expects LABEL=VALUE, got {v!r}")
+        try:
+            out[label] = float(num)
+        except ValueError:
+            raise SystemExit(f"--threshold {label}: {num!r} is not a number") from None
+    return out
+
+
+def read_jsonl(path: str) -> list[dict]:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise SystemExit(f"{path}:{n}: each line must be a JSON object with a 'text' field")
+        items.append(obj)
+    return items
+
+
+def classify_command(args: argparse.Namespace) -> int:
+    items: list[dict] = []
+    if args.jsonl:
+        items.extend(read_jsonl(args.jsonl))
+    for text in args.texts:
+        item = {"text": text, "role": args.role}
+        if args.context is not None:
+            item["context"] = args.context
+        items.append(item)
+    if not items:
+        print("safety classify: give TEXT arguments or --jsonl FILE", file=sys.stderr)
+        return 2
+    thresholds = _thresholds(args.threshold)
+    if args.remote:
+        remote = {ep.name: ep for ep in entry_points(group="safety.remote")}
+        if "grpc" not in remote:
+            need = (
+                "safety classify --remote needs the service extra: pip install 'safety-classifier[service]'"
+            )
+            print(need, file=sys.stderr)
+            return 2
+        results = remote["grpc"].load()(args.remote, items, thresholds=thresholds, api_key=args.api_key,
+                                        tls=args.tls, ca=args.ca, timeout=args.timeout)  # fmt: skip
+    else:
+        from model import load_classifier
+
+        clf = load_classifier(args.model, device=args.device, dtype=args.dtype, max_tokens=args.max_tokens)
+        results = [r.to_dict() for r in clf.classify(items, thresholds=thresholds)]
+    for r in results:
+        print(json.dumps(r, ensure_ascii=False))
+    return 0
+
+
+def register_classify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="classify texts; one JSON result per line on stdout")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    p.add_argument(
+        "--model",
+        default=os.environ.get("SAFETY_MODEL") or None,
+        help="checkpoint directory (default: $SAFETY_MODEL, else the bundled model)",
+    )
+    p.add_argument("--role", choices=("prompt", "response"), default="prompt", help="role of the TEXT items")
+    p.add_argument("--context", default=None, help="for --role response: the prompt that produced TEXT")
+    p.add_argument("--jsonl", default=None, metavar="FILE",
+                   help="items as JSON lines {id?, text, role?, context?} ('-' = stdin)")  # fmt: skip
+    p.add_argument("--threshold", action="append", metavar="LABEL=VALUE", help="override a label's threshold")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument(
+        "--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 CUDA)"
+    )
+    p.add_argument("--max-tokens", type=int, default=None, help="window size in tokens (default: model max)")
+    p.add_argument("--remote", default=None, metavar="HOST:PORT", help="classify on a running `safety serve`")
+    p.add_argument("--api-key", default=None, help="with --remote: the server's API key")
+    p.add_argument("--tls", action="store_true", help="with --remote: use TLS")
+    p.add_argument("--ca", default=None, help="with --remote --tls: CA certificate file")
+    p.add_argument("--timeout", type=float, default=30.0, help="with --remote: deadline in seconds")
+    p.set_defaults(func=classify_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safety", description="Content-safety classification (ModernBERT).")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register_classify(sub)
+    for ep in sorted(entry_points(group="safety.commands"), key=lambda e: e.name):
+        if ep.name == "classify":
+            continue
+        try:
+            register = ep.load()
+        except ImportError as e:  # an extra that is not installed must not break the other commands
+            _unavailable(sub, ep.name, e)
+            continue
+        register(sub)
+    return parser
+
+
+def _unavailable(sub: argparse._SubParsersAction, name: str, error: ImportError) -> None:
+    why = f"safety {name} is unavailable: {error} (install the extra: pip install 'safety-classifier[...]')"
+
+    def fail(_: argparse.Namespace) -> int:
+        print(why, file=sys.stderr)
+        return 2
+
+    p = sub.add_parser(name, help=f"(unavailable: {error})", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=fail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except SafetyError as e:
+        print(f"safety {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The one error hierarchy of safety-classifier.
+
+Owns: every exception type the product raises on purpose. `service/errors.py` maps these classes to gRPC
+status codes in a single table; the worker records their messages on failed items. Must not know: gRPC,
+Celery or HTTP — these are plain Python exceptions with fields a front end can report.
+"""
+
+from __future__ import annotations
+
+
+class SafetyError(Exception):
+    """Base class of every deliberate error."""
+
+
+class InvalidInputError(SafetyError, ValueError):
+    """Bad caller input. `index` is the item's position in the request (None for request-level fields);
+    `field` names the offending field (e.g. "text", "role", "thresholds.hate")."""
+
+    def __init__(self, message: str, *, field: str, index: int | None = None) -> None:
+        self.field = field
+        self.index = index
+        where = f"items[{index}].{field}" if index is not None else field
+        self.where = where
+        super().__init__(f"{where}: {message}")
+
+
+class ConfigError(SafetyError, ValueError):
+    """A bad or missing field in a checkpoint's config.json (or another config file)."""
+
+    def __init__(self, message: str, *, field: str, file: str) -> None:
+        self.field = field
+        self.file = file
+        super().__init__(f"{file}: field '{field}': {message}")
+
+
+class CheckpointError(SafetyError):
+    """A checkpoint directory that cannot be loaded: missing or corrupt files, mismatched tensors."""
+
+
+class ModelNotFoundError(CheckpointError):
+    """No model path was given and no bundled default model exists."""
+
+
+class OverloadedError(SafetyError):
+    """Admission refused: the queue is at its token or item bound. Retry later with backoff."""
+
+
+class DeadlineExceededError(SafetyError):
+    """The caller's deadline passed before the work was computed."""
+
+
+class UnavailableError(SafetyError):
+    """The component is not ready, is draining, or a backing store (Redis) cannot be reached."""
+
+
+class NotFoundError(SafetyError):
+    """A named object (e.g. a job id) does not exist or has expired."""
+
+
+class UnauthenticatedError(SafetyError):
+    """Missing or wrong credentials."""

@@ -1,0 +1,85 @@
+"""Packing: turn a list of token-id sequences into one unpadded token stream.
+
+Owns: the packed batch layout (`input_ids`, per-sequence `positions`, `cu_seqlens`, `max_seqlen`) and the
+gather index a padded kernel (CPU SDPA) needs to view the stream as a (B, S) grid. Pure tensor helpers:
+no model, no device policy, no tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from itertools import accumulate
+
+import torch
+
+
+@dataclass(frozen=True)
+class Packed:
+    input_ids: torch.Tensor  # (T,) int64: all sequences back to back, no padding
+    positions: torch.Tensor  # (T,) int64: position of each token inside its own sequence
+    seq_index: torch.Tensor  # (T,) int64: which sequence each token belongs to
+    cu_seqlens: torch.Tensor  # (B+1,) int32: sequence b is tokens [cu[b], cu[b+1])
+    lengths: tuple[int, ...]  # host copy of the B lengths: no device sync needed to read them
+    max_seqlen: int  # host int, as the varlen kernels want it
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Packed:
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            positions=move(self.positions),
+            seq_index=move(self.seq_index),
+            cu_seqlens=move(self.cu_seqlens),
+        )
+
+    def pin_memory(self) -> Packed:
+        return replace(
+            self,
+            input_ids=self.input_ids.pin_memory(),
+            positions=self.positions.pin_memory(),
+            seq_index=self.seq_index.pin_memory(),
+            cu_seqlens=self.cu_seqlens.pin_memory(),
+        )
+
+
+def pack(sequences: list[list[int]]) -> Packed:
+    """Concatenate token-id lists into one stream (on the CPU). Every sequence must be non-empty."""
+    if not sequences:
+        raise ValueError("pack: no sequences")
+    lengths = tuple(len(s) for s in sequences)
+    if min(lengths) == 0:
+        raise ValueError("pack: empty sequence")
+    flat = [t for s in sequences for t in s]
+    positions = [p for n in lengths for p in range(n)]
+    seq_index = [b for b, n in enumerate(lengths) for _ in range(n)]
+    return Packed(
+        input_ids=torch.tensor(flat, dtype=torch.long),
+        positions=torch.tensor(positions, dtype=torch.long),
+        seq_index=torch.tensor(seq_index, dtype=torch.long),
+        cu_seqlens=torch.tensor([0, *accumulate(lengths)], dtype=torch.int32),
+        lengths=lengths,
+        max_seqlen=max(lengths),
+    )
+
+
+def pad_index(
+    lengths: tuple[int, ...], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather index viewing a packed stream as a right-padded (B, S) grid.
+
+    Returns (index, valid): index[b, s] is the packed position of token s of sequence b (0 where padded),
+    valid[b, s] is True where s < lengths[b]. `x[index]` pads, `y[valid]` packs back in stream order."""
+    lens = torch.tensor(lengths, dtype=torch.long, device=device)  # (B,)
+    starts = torch.cumsum(lens, 0) - lens  # (B,)
+    s = torch.arange(max(lengths), device=device)  # (S,)
+    valid = s[None, :] < lens[:, None]  # (B, S)
+    index = torch.where(valid, starts[:, None] + s[None, :], torch.zeros_like(valid, dtype=torch.long))
+    return index, valid

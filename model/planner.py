@@ -1,0 +1,116 @@
+"""Length-bucket batch planning. Pure: no torch, no I/O, no threads — lists in, lists out.
+
+Owns: which sequences run together. Sequences are grouped by similar length so a padded kernel (CPU SDPA)
+wastes little on padding and a packed kernel (GPU varlen) fills its token budget. A batch's cost is what the
+kernel pays: the sum of lengths when packed, `max length x count` when padded. Two entry points:
+  * `plan_batches` — a whole known set (offline `classify`, the worker): every index exactly once;
+  * `next_batch`   — one batch for a dynamic scheduler: the most urgent entry plus its nearest neighbours
+                     in length, so deadlines and arrival order are honoured without losing bucketing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def batch_cost(lengths: Sequence[int], padded: bool) -> int:
+    if not lengths:
+        return 0
+    return max(lengths) * len(lengths) if padded else sum(lengths)
+
+
+def _check(lengths: Sequence[int], max_batch_tokens: int, max_batch_sequences: int) -> None:
+    if max_batch_tokens <= 0 or max_batch_sequences <= 0:
+        raise ValueError("max_batch_tokens and max_batch_sequences must be positive")
+    for i, n in enumerate(lengths):
+        if n <= 0:
+            raise ValueError(f"lengths[{i}] = {n}: every sequence needs at least one token")
+        if n > max_batch_tokens:
+            raise ValueError(f"lengths[{i}] = {n} exceeds max_batch_tokens {max_batch_tokens}")
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    max_batch_tokens: int,
+    max_batch_sequences: int,
+    *,
+    padded: bool = False,
+    priorities: Sequence[float] | None = None,
+) -> list[list[int]]:
+    """Partition range(len(lengths)) into length buckets under both budgets.
+
+    Sorted by length, cut greedily where adding the next sequence would exceed a budget. Batches are returned
+    most urgent first when `priorities` (smaller = sooner: a deadline or an arrival number) are given, else in
+    ascending length. Indices inside a batch are ascending by length."""
+    _check(lengths, max_batch_tokens, max_batch_sequences)
+    if priorities is not None and len(priorities) != len(lengths):
+        raise ValueError("priorities must have one entry per length")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = longest = 0
+    for i in order:
+        n = lengths[i]
+        cost = max(longest, n) * (len(current) + 1) if padded else total + n
+        if current and (cost > max_batch_tokens or len(current) >= max_batch_sequences):
+            batches.append(current)
+            current, total, longest = [], 0, 0
+        current.append(i)
+        total += n
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    if priorities is not None:
+        batches.sort(key=lambda b: min((priorities[i], i) for i in b))
+    return batches
+
+
+def next_batch(
+    lengths: Sequence[int],
+    max_batch_tokens: int,
+    max_batch_sequences: int,
+    *,
+    padded: bool = False,
+    priorities: Sequence[float] | None = None,
+) -> list[int]:
+    """One batch from pending entries: the most urgent (smallest priority, else index 0 = oldest) plus the
+    entries nearest to it in length, grown one neighbour at a time while both budgets hold."""
+    if not lengths:
+        return []
+    _check(lengths, max_batch_tokens, max_batch_sequences)
+    if priorities is not None and len(priorities) != len(lengths):
+        raise ValueError("priorities must have one entry per length")
+    anchor = min(range(len(lengths)), key=lambda i: (priorities[i], i)) if priorities is not None else 0
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    pos = order.index(anchor)
+    lo, hi = pos, pos + 1  # chosen = order[lo:hi]
+    total = longest = lengths[anchor]
+    while hi - lo < max_batch_sequences:
+        left = order[lo - 1] if lo > 0 else None
+        right = order[hi] if hi < len(order) else None
+        if left is None and right is None:
+            break
+        a = lengths[anchor]
+        if right is None or (left is not None and a - lengths[left] <= lengths[right] - a):
+            pick, step = left, -1
+        else:
+            pick, step = right, +1
+        n = lengths[pick]
+        cost = max(longest, n) * (hi - lo + 1) if padded else total + n
+        if cost > max_batch_tokens:
+            # the other side may still fit (a shorter neighbour when padded, for instance)
+            other = right if step == -1 else left
+            if other is None:
+                break
+            n = lengths[other]
+            cost = max(longest, n) * (hi - lo + 1) if padded else total + n
+            if cost > max_batch_tokens:
+                break
+            step = -step
+        if step == -1:
+            lo -= 1
+        else:
+            hi += 1
+        total += n
+        longest = max(longest, n)
+    return sorted(order[lo:hi], key=lambda i: (lengths[i], i))

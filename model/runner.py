@@ -1,0 +1,78 @@
+"""The runner: owns the device, the dtype, the attention backend and the network in inference mode.
+
+Owns: packed batch (list of token-id lists) -> logits, on the chosen device, with host-side metadata (lengths,
+`max_seqlen`) so no device->host sync happens inside a batch; pinned host buffers and non-blocking copies on
+CUDA. Must not know: tokenization, windows, thresholds, queues, gRPC or Celery.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from model.attention import Attention, pick_backend
+from model.modernbert import ModernBertForSequenceClassification
+from model.packing import pack
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: unsupported device {device!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: unsupported device {device!r}; use auto, cpu or cuda")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU, bf16 by default on CUDA; fp16 selectable."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Runner:
+    def __init__(
+        self,
+        net: ModernBertForSequenceClassification,
+        device: torch.device,
+        dtype: torch.dtype,
+        backend: str | None = None,
+    ) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.backend = pick_backend(device, backend)
+        if self.backend in ("flash_attn", "varlen") and dtype == torch.float32:
+            raise ValueError(f"dtype: backend {self.backend!r} needs bfloat16 or float16, not float32")
+        self.net = net.to(device=device, dtype=dtype).eval()
+        self.net.model.reset_rope(device)
+        self.attn = Attention(self.backend, net.config.window)
+        self._lock = threading.Lock()  # one batch on the device at a time
+        if device.type == "cpu" and os.environ.get("SAFETY_TORCH_THREADS"):
+            torch.set_num_threads(int(os.environ["SAFETY_TORCH_THREADS"]))
+
+    @torch.inference_mode()
+    def forward(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Token-id lists (specials included) -> fp32 logits (n, num_labels) on the CPU."""
+        batch = pack(sequences)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        with self._lock:
+            logits = self.net(batch, self.attn)
+            return logits.float().cpu()

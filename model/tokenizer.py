@@ -1,0 +1,124 @@
+"""Tokenization through the `tokenizers` library alone, reading a checkpoint's `tokenizer.json`.
+
+Owns: text -> content token ids with character offsets (no specials, no truncation, no padding), and the
+special-token template of the checkpoint (`[CLS] A [SEP]`, `[CLS] A [SEP] B [SEP]`), read off the file's own
+post-processor so our ids equal Hugging Face's fast tokenizer loaded from the same file. Also trains small
+byte-level BPE tokenizers with ModernBERT's specials (for `safety train` and the tests).
+Must not know: windows, models, devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from model.errors import CheckpointError
+
+SPECIALS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
+
+
+@dataclass(frozen=True)
+class Template:
+    """Special-token ids around content: single = prefix A suffix; pair = prefix A middle B suffix."""
+
+    single_prefix: tuple[int, ...]
+    single_suffix: tuple[int, ...]
+    pair_prefix: tuple[int, ...]
+    pair_middle: tuple[int, ...]
+    pair_suffix: tuple[int, ...]
+
+    @property
+    def single_extra(self) -> int:
+        return len(self.single_prefix) + len(self.single_suffix)
+
+    @property
+    def pair_extra(self) -> int:
+        return len(self.pair_prefix) + len(self.pair_middle) + len(self.pair_suffix)
+
+    def single(self, a: Sequence[int]) -> list[int]:
+        return [*self.single_prefix, *a, *self.single_suffix]
+
+    def pair(self, a: Sequence[int], b: Sequence[int]) -> list[int]:
+        return [*self.pair_prefix, *a, *self.pair_middle, *b, *self.pair_suffix]
+
+
+def _split(ids: list[int], seq_ids: list[int | None]) -> list[tuple[int | None, list[int]]]:
+    runs: list[tuple[int | None, list[int]]] = []
+    for i, s in zip(ids, seq_ids, strict=True):
+        if runs and runs[-1][0] == s:
+            runs[-1][1].append(i)
+        else:
+            runs.append((s, [i]))
+    return runs
+
+
+def read_template(tok: Tokenizer) -> Template:
+    """Derive the special-token template from the tokenizer's post-processor."""
+    single = tok.encode("a", add_special_tokens=True)
+    pair = tok.encode("a", "b", add_special_tokens=True)
+    s_runs = _split(single.ids, single.sequence_ids)
+    p_runs = _split(pair.ids, pair.sequence_ids)
+    s_pre = s_runs[0][1] if s_runs[0][0] is None else []
+    s_suf = s_runs[-1][1] if s_runs[-1][0] is None else []
+    p_pre = p_runs[0][1] if p_runs[0][0] is None else []
+    p_suf = p_runs[-1][1] if p_runs[-1][0] is None else []
+    mids = [ids for s, ids in p_runs[1:-1] if s is None]
+    return Template(tuple(s_pre), tuple(s_suf), tuple(p_pre), tuple(mids[0] if mids else []), tuple(p_suf))
+
+
+class TextTokenizer:
+    """Thread-safe wrapper: `encode_batch` runs in Rust threads and releases the GIL."""
+
+    def __init__(self, tok: Tokenizer, source: str = "<tokenizer>") -> None:
+        tok.no_truncation()
+        tok.no_padding()
+        self.tok = tok
+        self.source = source
+        self.template = read_template(tok)
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TextTokenizer:
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path}: tokenizer.json is missing")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exception on bad JSON
+            raise CheckpointError(f"{path}: not a valid tokenizers file ({e})") from None
+        return cls(tok, str(path))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Content ids and character offsets per text, without special tokens."""
+        if not texts:
+            return []
+        encs = self.tok.encode_batch(list(texts), add_special_tokens=False)
+        return [(e.ids, e.offsets) for e in encs]
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
+    """A byte-level BPE tokenizer with ModernBERT's specials and [CLS]/[SEP] templates."""
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return tok

@@ -1,0 +1,35 @@
+"""Long inputs: overlapping token windows, and the context cut. Pure list arithmetic, no torch.
+
+Owns: how a text longer than the model's limit is split into windows of at most `size` content tokens that
+overlap by exactly `overlap` tokens (the last window may be shorter), and how a response's context is cut from
+its start so its end — the part nearest the response — is kept. Nothing is ever silently dropped: every
+content token lies in at least one window.
+"""
+
+from __future__ import annotations
+
+
+def split_windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) token ranges covering range(n_tokens); consecutive windows share exactly `overlap`."""
+    if size <= 0:
+        raise ValueError(f"window size must be positive, got {size}")
+    if not 0 <= overlap < size:
+        raise ValueError(f"window overlap must be in [0, {size}), got {overlap}")
+    if n_tokens <= size:
+        return [(0, n_tokens)]
+    stride = size - overlap
+    windows = []
+    start = 0
+    while True:
+        end = min(start + size, n_tokens)
+        windows.append((start, end))
+        if end == n_tokens:
+            return windows
+        start += stride
+
+
+def keep_end(ids: list[int], limit: int) -> list[int]:
+    """The last `limit` tokens of ids (a context is cut from its start)."""
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    return ids[len(ids) - limit :] if len(ids) > limit else ids

@@ -1,0 +1,45 @@
+"""`safety classify` end to end, as a subprocess on a real checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "model.cli", *args], capture_output=True, text=True, input=stdin, timeout=120
+    )
+
+
+def test_classify_texts_and_jsonl(tmp_path: Path, tiny_model_dir: Path, tiny_classifier) -> None:
+    p = run("classify", "--model", str(tiny_model_dir), "hello there", "second text")
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(x) for x in p.stdout.splitlines()]
+    assert len(lines) == 2
+    expected = tiny_classifier.classify([{"text": "hello there"}])[0]
+    assert set(lines[0]["scores"]) == set(tiny_classifier.labels)
+    assert abs(lines[0]["scores"]["hate"] - expected.scores["hate"]) < 1e-6
+
+    data = tmp_path / "in.jsonl"
+    data.write_text(
+        json.dumps({"id": "a", "text": "a prompt"}) + "\n\n"
+        + json.dumps({"id": "b", "text": "an answer", "role": "response", "context": "a prompt"}) + "\n"
+    )  # fmt: skip
+    p = run("classify", "--model", str(tiny_model_dir), "--jsonl", str(data), "--threshold", "hate=0")
+    assert p.returncode == 0, p.stderr
+    out = [json.loads(x) for x in p.stdout.splitlines()]
+    assert [o["id"] for o in out] == ["a", "b"]
+    assert all("hate" in o["flagged_labels"] for o in out)
+
+
+def test_classify_errors_are_reported(tiny_model_dir: Path) -> None:
+    p = run("classify", "--model", str(tiny_model_dir), "--role", "prompt", "--context", "ctx", "text")
+    assert p.returncode == 2
+    assert "items[0].context" in p.stderr
+    p = run("classify", "--model", str(tiny_model_dir), "--threshold", "nope=0.1", "text")
+    assert p.returncode == 2 and "thresholds.nope" in p.stderr
+    p = run("classify", "--model", str(tiny_model_dir))
+    assert p.returncode == 2 and "TEXT" in p.stderr

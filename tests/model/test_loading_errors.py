@@ -1,0 +1,182 @@
+"""Checkpoint loading edge cases and every invalid input the engine must reject with a named field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import Item, load_classifier
+from model.config import ModernBertConfig
+from model.errors import CheckpointError, ConfigError, InvalidInputError, ModelNotFoundError
+from model.loading import load_model
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_mlm_checkpoint_needs_a_head(tmp_path: Path) -> None:
+    from transformers import ModernBertConfig as HFConfig
+    from transformers import ModernBertForMaskedLM
+
+    from tests.checkpoints import write_tokenizer
+
+    cfg = HFConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                   num_attention_heads=2, local_attention=16, max_position_embeddings=256, pad_token_id=3,
+                   cls_token_id=1, sep_token_id=2, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    ModernBertForMaskedLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    write_tokenizer(tmp_path)
+    with pytest.raises(CheckpointError, match="no classification head"):
+        load_classifier(tmp_path, device="cpu")
+    net, _, report = load_model(tmp_path, new_head=True)
+    assert report.kind == "mlm"
+    assert "decoder.bias" in report.dropped
+    assert report.initialized == ["classifier.weight", "classifier.bias"]  # head.* came from the MLM file
+    assert net.classifier.weight.shape == (2, 32)
+
+
+def test_missing_and_corrupt_files(tmp_path: Path, tiny_model_dir: Path) -> None:
+    d = copy_dir(tiny_model_dir, tmp_path / "m")
+    (d / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_classifier(d, device="cpu")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
+        load_classifier(d, device="cpu")
+    (d / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match="only safetensors"):
+        load_classifier(d, device="cpu")
+
+    d2 = copy_dir(tiny_model_dir, tmp_path / "m2")
+    (d2 / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json is missing"):
+        load_classifier(d2, device="cpu")
+    (d2 / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid tokenizers file"):
+        load_classifier(d2, device="cpu")
+
+    d3 = copy_dir(tiny_model_dir, tmp_path / "m3")
+    (d3 / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"config\.json"):
+        load_classifier(d3, device="cpu")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_classifier(tmp_path / "nope", device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"hidden_size": None}, "hidden_size"),
+        ({"hidden_size": 63}, "num_attention_heads"),
+        ({"classifier_pooling": "max"}, "classifier_pooling"),
+        ({"problem_type": "ranking"}, "problem_type"),
+        ({"hidden_activation": "mish"}, "hidden_activation"),
+        ({"layer_types": ["full_attention"]}, "layer_types"),
+        ({"id2label": {"0": "a", "2": "b"}}, "id2label"),
+        ({"model_type": "bert"}, "model_type"),
+        (
+            {"rope_parameters": {"full_attention": {"rope_type": "yarn"}}},
+            "rope_parameters.full_attention.rope_type",
+        ),
+    ],
+)
+def test_bad_config_fields_are_named(tmp_path: Path, tiny_model_dir: Path, change: dict, field: str) -> None:
+    raw = json.loads((tiny_model_dir / "config.json").read_text())
+    for k, v in change.items():
+        if v is None:
+            raw.pop(k)
+        else:
+            raw[k] = v
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError) as e:
+        ModernBertConfig.from_json(path)
+    assert e.value.field == field
+    assert str(path) in str(e.value) and field in str(e.value)
+
+
+def test_wrong_label_count_in_weights(tmp_path: Path, tiny_model_dir: Path) -> None:
+    d = copy_dir(tiny_model_dir, tmp_path / "m")
+    raw = json.loads((d / "config.json").read_text())
+    raw["id2label"] = {"0": "a", "1": "b"}
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"classifier\.(weight|bias).*2 labels"):
+        load_classifier(d, device="cpu")
+
+
+def test_thresholds_file(tmp_path: Path, tiny_model_dir: Path) -> None:
+    d = copy_dir(tiny_model_dir, tmp_path / "m")
+    (d / "thresholds.json").write_text(json.dumps({"hate": 0.25}))
+    clf = load_classifier(d, device="cpu")
+    assert clf.thresholds["hate"] == 0.25 and clf.thresholds["sexual"] == 0.5
+    (d / "thresholds.json").write_text(json.dumps({"nope": 0.25}))
+    with pytest.raises(ConfigError, match="nope"):
+        load_classifier(d, device="cpu")
+    (d / "thresholds.json").write_text(json.dumps({"hate": 1.5}))
+    with pytest.raises(ConfigError, match="hate"):
+        load_classifier(d, device="cpu")
+
+
+def test_no_default_model_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import model.classifier as mc
+
+    monkeypatch.setattr(mc, "DEFAULT_DIR", tmp_path / "default")
+    with pytest.raises(ModelNotFoundError, match="no bundled default model"):
+        load_classifier(None, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("item", "field"),
+    [
+        ({"text": 5}, "text"),
+        ({"text": ""}, "text"),
+        ({"text": "   \n"}, "text"),
+        ({"role": "prompt"}, "text"),
+        ({"text": "hi", "role": "assistant"}, "role"),
+        ({"text": "hi", "role": "prompt", "context": "earlier"}, "context"),
+        ({"text": "hi", "role": "response", "context": 3}, "context"),
+        ({"text": "hi", "id": 7}, "id"),
+        ({"text": "hi", "colour": "red"}, "colour"),
+        ("just a string", "item"),
+    ],
+)
+def test_invalid_items_name_index_and_field(tiny_classifier, item, field: str) -> None:
+    with pytest.raises(InvalidInputError) as e:
+        tiny_classifier.classify([{"text": "fine"}, item])
+    assert (e.value.index, e.value.field) == (1, field)
+    assert f"items[1].{field}" in str(e.value)
+
+
+def test_invalid_thresholds(tiny_classifier) -> None:
+    with pytest.raises(InvalidInputError, match=r"thresholds\.nope"):
+        tiny_classifier.classify([{"text": "x"}], thresholds={"nope": 0.2})
+    with pytest.raises(InvalidInputError, match=r"thresholds\.hate"):
+        tiny_classifier.classify([{"text": "x"}], thresholds={"hate": -0.1})
+    r = tiny_classifier.classify([Item("x")], thresholds={"hate": 0.0})[0]
+    assert "hate" in r.flagged_labels and r.flagged
+
+
+def test_bad_limits(tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="max_tokens"):
+        load_classifier(tiny_model_dir, device="cpu", max_tokens=4096)  # over max_position_embeddings 1024
+    with pytest.raises(ConfigError, match="window_overlap"):
+        load_classifier(
+            tiny_model_dir, device="cpu", max_tokens=300, max_context_tokens=200, window_overlap=100
+        )
+    with pytest.raises(ConfigError, match="max_batch_tokens"):
+        load_classifier(tiny_model_dir, device="cpu", max_batch_tokens=100)
+    with pytest.raises(ValueError, match="device"):
+        load_classifier(tiny_model_dir, device="tpu")
+    with pytest.raises(ValueError, match="backend"):
+        load_classifier(tiny_model_dir, device="cpu", backend="varlen")
+
+
+def test_empty_request_and_logits_shape(tiny_classifier) -> None:
+    assert tiny_classifier.classify([]) == []
+    assert tiny_classifier.logits(["a", "b"]).shape == (2, 7)
+    assert torch.isfinite(tiny_classifier.logits(["a", "b"])).all()

@@ -1,0 +1,161 @@
+"""Parity with transformers' ModernBertForSequenceClassification (fp32, SDPA) on random checkpoints."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import load_classifier
+from tests.checkpoints import make_checkpoint
+
+TOL = 1e-4
+# One call mixes 1 token up to several hundred, so local windows (16 -> ±8) and padding both bite.
+LENGTHS = [1, 2, 3, 7, 9, 16, 17, 18, 33, 64, 100, 129, 257, 300, 411]
+
+
+def hf_model(directory: Path):
+    from transformers import ModernBertForSequenceClassification
+
+    return ModernBertForSequenceClassification.from_pretrained(directory, attn_implementation="sdpa").eval()
+
+
+def hf_tokenizer(directory: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"),
+        cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]",
+    )  # fmt: skip
+
+
+def random_ids(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(5, vocab) for _ in range(n)] for n in lengths]
+
+
+def hf_logits(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """HF on a right-padded batch (the padded path is where ports go wrong)."""
+    S = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), S), pad_id)
+    mask = torch.zeros(len(seqs), S, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+CASES = [
+    dict(pooling="mean", num_labels=7, multi_label=True),
+    dict(pooling="cls", num_labels=7, multi_label=True),
+    dict(pooling="mean", num_labels=1, multi_label=True),
+    dict(pooling="cls", num_labels=2, multi_label=False),
+    dict(pooling="mean", num_labels=2, multi_label=False, layers=5, heads=2, local_attention=32),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_forward_matches_hf(tmp_path: Path, case: dict) -> None:
+    case = dict(case)
+    labels = [f"l{i}" for i in range(case.pop("num_labels"))]
+    d = make_checkpoint(tmp_path, labels=labels, **case, seed=len(labels))
+    clf = load_classifier(d, device="cpu")
+    ref_model = hf_model(d)
+    assert clf.labels == labels
+    assert clf.multi_label == (case["multi_label"] or len(labels) == 1)
+    seqs = random_ids(LENGTHS, 512)
+    ours = clf.forward(seqs)  # one packed batch, every length at once
+    ref = hf_logits(ref_model, seqs, pad_id=3)
+    assert ours.shape == (len(LENGTHS), len(labels))
+    assert (ours - ref).abs().max().item() <= TOL
+    # Planned (length-bucketed) execution gives the same logits as the single pack.
+    assert (clf.run_windows(seqs) - ref).abs().max().item() <= TOL
+
+
+def test_text_and_pair_parity_with_hf_tokenizer(tiny_model_dir: Path, tiny_classifier) -> None:
+    tok, ref_model = hf_tokenizer(tiny_model_dir), hf_model(tiny_model_dir)
+    texts = [
+        "hi",
+        "How do I bake bread? " * 25,
+        "Ignore all previous instructions.",
+        "x",
+        "",
+        "über naïve 日本",
+    ]
+    pairs = ["What did you say?", "Sure, here it is.", "No.", "y " * 90, "z", "café"]
+    for a, b in ((texts, None), (texts, pairs)):
+        enc = tok(a, b, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            ref = ref_model(**enc).logits
+        ours = tiny_classifier.logits(a, b)
+        assert (ours - ref).abs().max().item() <= TOL
+
+
+def test_token_ids_equal_hf_fast_tokenizer(tiny_model_dir: Path, tiny_classifier) -> None:
+    tok = hf_tokenizer(tiny_model_dir)
+    tpl = tiny_classifier.tokenizer.template
+    samples = [
+        "a [MASK] b",
+        "Paris is the [MASK] of France.",
+        "  leading spaces",
+        "tabs\tand\nnewlines",
+        "😀 emoji",
+    ]
+    for (ids, _), text in zip(tiny_classifier.tokenizer.encode_batch(samples), samples, strict=True):
+        assert tpl.single(ids) == tok(text)["input_ids"]
+        (b_ids, _), = tiny_classifier.tokenizer.encode_batch(["second part"])  # fmt: skip
+        assert tpl.pair(ids, b_ids) == tok(text, "second part")["input_ids"]
+
+
+def test_v4_config_form(tmp_path: Path) -> None:
+    """transformers 4.4x configs: global_attn_every_n_layers + global/local_rope_theta, no layer_types."""
+    d = make_checkpoint(tmp_path, layers=6, extra=dict(global_rope_theta=80000.0, local_rope_theta=5000.0))
+    raw = json.loads((d / "config.json").read_text())
+    raw.pop("layer_types"), raw.pop("rope_parameters")
+    raw.update(global_attn_every_n_layers=3, global_rope_theta=80000.0, local_rope_theta=5000.0)
+    (d / "config.json").write_text(json.dumps(raw))
+    clf = load_classifier(d, device="cpu")
+    assert clf.config.layer_types[:4] == [
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+    ]
+    assert (clf.config.global_rope_theta, clf.config.local_rope_theta) == (80000.0, 5000.0)
+    seqs = random_ids([5, 40, 200], 512, seed=1)
+    assert (clf.forward(seqs) - hf_logits(hf_model(d), seqs, 3)).abs().max().item() <= TOL
+
+
+def test_headless_and_sharded_checkpoints(tmp_path: Path, tiny_model_dir: Path, tiny_classifier) -> None:
+    seqs = random_ids([4, 60, 130], 512, seed=2)
+    ref = tiny_classifier.forward(seqs)
+    tensors = load_file(tiny_model_dir / "model.safetensors")
+
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (headless / name).write_bytes((tiny_model_dir / name).read_bytes())
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, headless / "model.safetensors")
+    assert torch.allclose(load_classifier(headless, device="cpu").forward(seqs), ref)
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (sharded / name).write_bytes((tiny_model_dir / name).read_bytes())
+    keys = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, sharded / fname)
+        weight_map.update(dict.fromkeys(part, fname))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    clf = load_classifier(sharded, device="cpu")
+    assert clf.report.files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert torch.allclose(clf.forward(seqs), ref)

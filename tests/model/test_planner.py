@@ -1,0 +1,89 @@
+"""The length-bucket planner: pure lists in, lists out."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from model.planner import batch_cost, next_batch, plan_batches
+
+
+def traffic_lengths(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [max(2, min(2048, int(rng.lognormvariate(4.8, 1.0)))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize(("tokens", "seqs"), [(4096, 64), (2048, 8), (20000, 1000)])
+def test_every_index_exactly_once_within_budgets(padded: bool, tokens: int, seqs: int) -> None:
+    lengths = traffic_lengths(500)
+    batches = plan_batches(lengths, tokens, seqs, padded=padded)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= seqs
+        assert batch_cost([lengths[i] for i in b], padded) <= tokens
+
+
+def test_buckets_group_similar_lengths() -> None:
+    lengths = traffic_lengths(400, seed=1)
+    batches = plan_batches(lengths, 4096, 64, padded=True)
+    padded_cost = sum(batch_cost([lengths[i] for i in b], True) for b in batches)
+    assert padded_cost <= 1.25 * sum(lengths)  # little padding waste
+    # Arrival-order batching of the same budget wastes far more.
+    arrival, cur = [], []
+    for i in range(len(lengths)):
+        if cur and batch_cost([lengths[j] for j in [*cur, i]], True) > 4096:
+            arrival.append(cur)
+            cur = []
+        cur.append(i)
+    arrival.append(cur)
+    assert sum(batch_cost([lengths[i] for i in b], True) for b in arrival) > 1.5 * padded_cost
+
+
+def test_priorities_order_batches_and_restore() -> None:
+    lengths = [10, 500, 12, 480, 11]
+    priorities = [5.0, 0.0, 4.0, 1.0, 3.0]  # the long ones are most urgent
+    batches = plan_batches(lengths, 1000, 2, priorities=priorities)
+    # sorted by length: [10, 11] [12, 480] [500]; the batch holding priority 0 goes first, then priority 1
+    assert batches == [[1], [2, 3], [0, 4]]
+    assert plan_batches(lengths, 1000, 2) == [[0, 4], [2, 3], [1]]
+
+
+def test_single_sequence_at_budget_and_errors() -> None:
+    assert plan_batches([100], 100, 1) == [[0]]
+    assert plan_batches([], 100, 1) == []
+    with pytest.raises(ValueError, match=r"lengths\[1\] = 101 exceeds max_batch_tokens 100"):
+        plan_batches([5, 101], 100, 4)
+    with pytest.raises(ValueError, match="at least one token"):
+        plan_batches([0], 100, 4)
+    with pytest.raises(ValueError, match="priorities"):
+        plan_batches([1, 2], 100, 4, priorities=[1.0])
+
+
+def test_next_batch_takes_most_urgent_with_length_neighbours() -> None:
+    lengths = [100, 5, 98, 300, 103, 6, 99]
+    # oldest (index 0) first by default; its neighbours in length are 98, 99, 103
+    assert next_batch(lengths, 400, 4) == [2, 6, 0, 4]
+    # padded: 4 x 103 = 412 > 400, so the other side (length 6) is taken: 4 x 100 = 400 fits
+    assert next_batch(lengths, 400, 4, padded=True) == [5, 2, 6, 0]
+    urgent = next_batch(lengths, 1000, 3, priorities=[9, 9, 9, 0, 9, 9, 9])
+    assert 3 in urgent and len(urgent) == 3
+    assert next_batch([], 10, 1) == []
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_next_batch_respects_budgets_and_drains_everything(padded: bool) -> None:
+    lengths = traffic_lengths(300, seed=3)
+    pending = list(range(len(lengths)))
+    seen: list[int] = []
+    while pending:
+        pick = next_batch([lengths[i] for i in pending], 3000, 16, padded=padded)
+        assert pick, "a non-empty queue always yields a batch"
+        chosen = [pending[i] for i in pick]
+        assert len(chosen) <= 16
+        assert batch_cost([lengths[i] for i in chosen], padded) <= 3000
+        seen.extend(chosen)
+        pending = [p for k, p in enumerate(pending) if k not in set(pick)]
+    assert sorted(seen) == list(range(len(lengths)))

@@ -1,0 +1,104 @@
+"""Long inputs: overlapping windows, max aggregation, spans, and the context cut."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from model import Item, load_classifier
+from model.windows import keep_end, split_windows
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 16, 100])
+def test_windows_cover_every_token_with_exact_overlap(size: int) -> None:
+    for overlap in range(size):
+        for n in range(0, 4 * size + 3):
+            ws = split_windows(n, size, overlap)
+            covered = [False] * n
+            for a, b in ws:
+                assert 0 <= a < b <= n or (n == 0 and (a, b) == (0, 0))
+                assert b - a <= size
+                for t in range(a, b):
+                    covered[t] = True
+            assert all(covered)
+            for (_, b1), (a2, _) in itertools.pairwise(ws):
+                assert b1 - a2 == overlap  # consecutive windows share exactly `overlap` tokens
+            assert ws[-1][1] == n
+
+
+def test_window_argument_errors() -> None:
+    with pytest.raises(ValueError, match="overlap"):
+        split_windows(10, 4, 4)
+    with pytest.raises(ValueError, match="size"):
+        split_windows(10, 0, 0)
+    assert keep_end([1, 2, 3, 4], 2) == [3, 4]
+    assert keep_end([1, 2], 5) == [1, 2]
+    assert keep_end([1, 2], 0) == []
+
+
+@pytest.fixture(scope="module")
+def short_clf(tiny_model_dir):
+    # 40-token windows (38 content tokens + [CLS]/[SEP]) with 8 tokens of overlap; contexts cut to 10 tokens
+    return load_classifier(
+        tiny_model_dir, device="cpu", max_tokens=40, window_overlap=8, max_context_tokens=10
+    )
+
+
+def test_long_text_max_over_windows_and_spans(short_clf) -> None:
+    text = " ".join(f"sentence {i} about bread and ovens." for i in range(40))
+    (ids, offsets), = short_clf.tokenizer.encode_batch([text])  # fmt: skip
+    (res,) = short_clf.classify([Item(text, id="doc")])
+    ranges = split_windows(len(ids), 38, 8)
+    assert res.windows == len(ranges) > 3 and res.tokens == len(ids)
+    tpl = short_clf.tokenizer.template
+    per_window = short_clf.forward([tpl.single(ids[a:b]) for a, b in ranges])  # (W, L)
+    expected_logits, arg = per_window.max(dim=0)
+    for j, label in enumerate(short_clf.labels):
+        assert res.logits[label] == pytest.approx(float(expected_logits[j]), abs=1e-5)
+        assert res.scores[label] == pytest.approx(float(torch.sigmoid(expected_logits[j])), abs=1e-6)
+        a, b = ranges[int(arg[j])]
+        assert tuple(res.spans[label]) == (offsets[a][0], offsets[b - 1][1])
+    assert res.id == "doc"
+    assert res.flagged == bool(res.flagged_labels)
+
+
+def test_context_is_cut_from_its_start_and_repeated(short_clf) -> None:
+    context = " ".join(f"w{i}" for i in range(60))  # far more than 10 tokens
+    response = " ".join(f"r{i}" for i in range(80))
+    (enc,) = short_clf.encode(
+        short_clf.coerce_items([{"text": response, "role": "response", "context": context}])
+    )
+    (ctx_ids, _), (resp_ids, _) = short_clf.tokenizer.encode_batch([context, response])
+    kept = ctx_ids[-10:]
+    tpl = short_clf.tokenizer.template
+    assert len(enc.windows) > 1
+    seen: list[int] = []
+    for w in enc.windows:
+        assert len(w) <= 40
+        assert w[: len(tpl.pair_prefix) + 10] == [*tpl.pair_prefix, *kept]  # the context's end, every window
+        body = w[len(tpl.pair_prefix) + 10 + len(tpl.pair_middle) : len(w) - len(tpl.pair_suffix)]
+        seen.extend(body)
+    assert set(seen) >= set(resp_ids)  # no response token is lost
+    # A response without context is scored as a single sequence.
+    (solo,) = short_clf.encode(short_clf.coerce_items([{"text": "ok", "role": "response"}]))
+    assert solo.windows[0][: len(tpl.single_prefix)] == list(tpl.single_prefix)
+
+
+def test_response_pair_matches_logits_pair(tiny_classifier) -> None:
+    prompt, answer = "How do I bake bread?", "Mix flour, water, salt and yeast; knead; bake."
+    (res,) = tiny_classifier.classify([{"text": answer, "role": "response", "context": prompt}])
+    ref = tiny_classifier.logits([prompt], [answer])[0]
+    for j, label in enumerate(tiny_classifier.labels):
+        assert res.logits[label] == pytest.approx(float(ref[j]), abs=1e-5)
+
+
+def test_order_restored_across_buckets(tiny_classifier) -> None:
+    texts = [("word " * n).strip() for n in (300, 1, 50, 2, 120, 7)]
+    results = tiny_classifier.classify([{"text": t, "id": str(i)} for i, t in enumerate(texts)])
+    assert [r.id for r in results] == [str(i) for i in range(len(texts))]
+    solo = [tiny_classifier.classify([{"text": t}])[0] for t in texts]
+    for r, s in zip(results, solo, strict=True):
+        for label in tiny_classifier.labels:
+            assert r.logits[label] == pytest.approx(s.logits[label], abs=1e-5)
