@@ -70,6 +70,8 @@ class AttentionContext:
     valid: torch.Tensor | None = None  # sdpa: (B, S) True on real tokens
     global_mask: torch.Tensor | None = None  # sdpa: (B, 1, 1|S, S) bool, None when nothing is padded
     local_mask: torch.Tensor | None = None  # sdpa: (B, 1, S, S) bool, None when no key is out of the window
+    block: int = 0  # sdpa on long buckets: local layers run query blocks of this size (0 = dense band mask)
+    block_mask: torch.Tensor | None = None  # (B*nb, 1, block, block + 2*window) bool
 
 
 class Attention:
@@ -103,7 +105,12 @@ class Attention:
             eye = torch.eye(S, dtype=torch.bool, device=device)
             pad_q = ~ctx.valid[:, None, :, None]  # (B, 1, S, 1)
             ctx.global_mask = key_ok | (pad_q & eye)
-        if self.window + 1 < S:
+        block = 2 * self.window
+        if S >= 2 * (block + 2 * self.window):
+            # long bucket: a local layer costs S x 4w per head in query blocks instead of S x S
+            ctx.block = block
+            ctx.block_mask = blocked_band_mask(batch.lengths, self.window, block, device)
+        elif self.window + 1 < S:
             band = band_mask(S, self.window, device)[None, None]  # (1, 1, S, S)
             ctx.local_mask = (band & key_ok) | (~ctx.valid[:, None, :, None] & band) if padded else band
         else:
@@ -125,7 +132,51 @@ class Attention:
                 q, k, v, b.cu_seqlens, b.cu_seqlens, b.max_seqlen, b.max_seqlen, window_size=(w, w)
             )
         assert ctx.index is not None and ctx.valid is not None
-        qp, kp, vp = (t[ctx.index].transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+        qp, kp, vp = (t[ctx.index] for t in (q, k, v))  # (B, S, H, D)
+        if local and ctx.block:
+            return blocked_local_attention(qp, kp, vp, ctx.block_mask, ctx.window, ctx.block)[ctx.valid]
+        qp, kp, vp = (t.transpose(1, 2) for t in (qp, kp, vp))  # (B, H, S, D)
         mask = ctx.local_mask if local else ctx.global_mask
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)  # (B, H, S, D)
         return out.transpose(1, 2)[ctx.valid]  # (T, H, D)
+
+
+def blocked_band_mask(
+    lengths: tuple[int, ...], window: int, block: int, device: torch.device | str
+) -> torch.Tensor:
+    """(B*nb, 1, block, block + 2*window) bool for `blocked_local_attention`.
+
+    Query r of block i sits at position i*block + r; key j of its span at i*block - window + j. A key is
+    visible when |q - k| <= window and 0 <= k < length; a pad query sees itself only (no fully masked row)."""
+    B, S = len(lengths), max(lengths)
+    nb = -(-S // block)
+    span = block + 2 * window
+    lens = torch.tensor(lengths, device=device)[:, None, None, None]  # (B, 1, 1, 1)
+    starts = torch.arange(nb, device=device)[None, :, None, None] * block  # (1, nb, 1, 1)
+    q = starts + torch.arange(block, device=device)[None, None, :, None]  # (1, nb, c, 1)
+    k = starts - window + torch.arange(span, device=device)[None, None, None, :]  # (1, nb, 1, span)
+    visible = ((q - k).abs() <= window) & (k >= 0) & (k < lens)  # (B, nb, c, span)
+    visible = visible | ((q >= lens) & (k == q))
+    return visible.reshape(B * nb, 1, block, span)
+
+
+def blocked_local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, window: int, block: int
+) -> torch.Tensor:
+    """Band attention |i - j| <= window on (B, S, H, D) by query blocks: each block of `block` queries
+    attends to its `block + 2*window` neighbouring keys. Returns (B, S, H, D)."""
+    B, S, H, D = q.shape
+    nb = -(-S // block)
+    Sp = nb * block
+    span = block + 2 * window
+    qb = F.pad(q, (0, 0, 0, 0, 0, Sp - S)).view(B, nb, block, H, D)  # (B, nb, c, H, D)
+    qb = qb.permute(0, 1, 3, 2, 4).reshape(B * nb, H, block, D)  # (B*nb, H, c, D)
+
+    def spans(t: torch.Tensor) -> torch.Tensor:
+        tp = F.pad(t, (0, 0, 0, 0, window, Sp - S + window))  # (B, Sp + 2w, H, D)
+        tb = tp.unfold(1, span, block)  # (B, nb, H, D, span)
+        return tb.permute(0, 1, 2, 4, 3).reshape(B * nb, H, span, D)  # (B*nb, H, span, D)
+
+    out = F.scaled_dot_product_attention(qb, spans(k), spans(v), attn_mask=mask)  # (B*nb, H, c, D)
+    out = out.view(B, nb, H, block, D).permute(0, 1, 3, 2, 4).reshape(B, Sp, H, D)
+    return out[:, :S]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -242,6 +243,22 @@ class Classifier:
             spans={lab: enc.spans[int(arg[j])] for j, lab in enumerate(self.labels)},
         )
 
+    def warmup(self, max_length: int | None = None) -> float:
+        """Run representative bucket shapes once (compilation, allocator, kernels) before real traffic.
+        Returns the seconds it took. Lengths double from 8 up to `max_length` (default: max_tokens)."""
+        t0 = time.perf_counter()
+        top = min(max_length or self.limits.max_tokens, self.limits.max_tokens)
+        cls, sep = self.config.cls_token_id, self.config.sep_token_id
+        n = 8
+        while True:
+            length = min(n, top)
+            count = max(1, min(self.limits.max_batch_sequences, self.limits.max_batch_tokens // length // 2))
+            self.forward([[cls, *([5] * (length - 2)), sep]] * count)
+            if length == top:
+                break
+            n *= 2
+        return time.perf_counter() - t0
+
     def run_windows(self, sequences: list[list[int]]) -> torch.Tensor:
         """Logits for many sequences, batched by the planner, returned in input order."""
         logits = torch.empty(len(sequences), self.config.num_labels)
@@ -339,6 +356,7 @@ def load_classifier(
     max_batch_tokens: int | None = None,
     max_batch_sequences: int | None = None,
     backend: str | None = None,
+    compile: bool = False,
 ) -> Classifier:
     """Load a checkpoint directory (or the bundled default when `path` is None) ready to classify."""
     dev = resolve_device(device)
@@ -352,7 +370,7 @@ def load_classifier(
             f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{config.vocab_size}"
         )
-    runner = Runner(net, dev, resolve_dtype(dtype, dev), backend)
+    runner = Runner(net, dev, resolve_dtype(dtype, dev), backend, compile=compile)
     cpu = dev.type == "cpu"
     limits = Limits(
         max_tokens=max_tokens or config.max_position_embeddings,

@@ -77,16 +77,15 @@ class ModernBertAttention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: Attention, ctx: AttentionContext
-    ) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(T, d) -> rotated q, k and v, each (T, H, D)."""
         T = x.shape[0]
         qkv = self.Wqkv(x).view(T, 3, self.n_heads, self.head_dim)  # (T, 3, H, D)
         q, k, v = qkv.unbind(dim=1)  # each (T, H, D)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attn.attend(q, k, v.contiguous(), ctx, self.local)  # (T, H, D)
-        return self.Wo(y.reshape(T, -1))  # (T, d)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
 
 
 class ModernBertMLP(nn.Module):
@@ -113,7 +112,18 @@ class ModernBertEncoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: Attention, ctx: AttentionContext
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, attn, ctx)
+        q, k, v = self.qkv(x, rope)
+        y = attn.attend(q, k, v, ctx, self.attn.local)  # (T, H, D)
+        return self.residual(x, y)
+
+    # The two attention-free halves of a layer: `torch.compile` regions when the runner compiles.
+    def qkv(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.attn.project(self.attn_norm(x), rope)
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.Wo(y.reshape(x.shape))  # (T, d)
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -7,9 +7,10 @@ no model, no device policy, no tokenizer.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
-from itertools import accumulate
 
+import numpy as np
 import torch
 
 
@@ -57,14 +58,16 @@ def pack(sequences: list[list[int]]) -> Packed:
     lengths = tuple(len(s) for s in sequences)
     if min(lengths) == 0:
         raise ValueError("pack: empty sequence")
-    flat = [t for s in sequences for t in s]
-    positions = [p for n in lengths for p in range(n)]
-    seq_index = [b for b, n in enumerate(lengths) for _ in range(n)]
+    lens = np.asarray(lengths, dtype=np.int64)
+    cu = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(cu[-1]))
+    positions = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1], lens)
     return Packed(
-        input_ids=torch.tensor(flat, dtype=torch.long),
-        positions=torch.tensor(positions, dtype=torch.long),
-        seq_index=torch.tensor(seq_index, dtype=torch.long),
-        cu_seqlens=torch.tensor([0, *accumulate(lengths)], dtype=torch.int32),
+        input_ids=torch.from_numpy(flat),
+        positions=torch.from_numpy(positions),
+        seq_index=torch.from_numpy(np.repeat(np.arange(len(lengths), dtype=np.int64), lens)),
+        cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
         lengths=lengths,
         max_seqlen=max(lengths),
     )

@@ -54,6 +54,7 @@ class Runner:
         device: torch.device,
         dtype: torch.dtype,
         backend: str | None = None,
+        compile: bool = False,
     ) -> None:
         self.device = device
         self.dtype = dtype
@@ -64,8 +65,22 @@ class Runner:
         self.net.model.reset_rope(device)
         self.attn = Attention(self.backend, net.config.window)
         self._lock = threading.Lock()  # one batch on the device at a time
+        self.compiled = compile
+        if compile:
+            self._compile()
         if device.type == "cpu" and os.environ.get("SAFETY_TORCH_THREADS"):
             torch.set_num_threads(int(os.environ["SAFETY_TORCH_THREADS"]))
+
+    def _compile(self) -> None:
+        """`torch.compile(dynamic=True)` of the attention-free regions (embeddings, qkv + RoPE, output +
+        MLP, head); attention stays an eager kernel call. Eager and compiled give the same results."""
+        net = self.net
+        opts = dict(dynamic=True)
+        net.model.embeddings.forward = torch.compile(net.model.embeddings.forward, **opts)
+        for layer in net.model.layers:
+            layer.qkv = torch.compile(layer.qkv, **opts)
+            layer.residual = torch.compile(layer.residual, **opts)
+        net.head.forward = torch.compile(net.head.forward, **opts)
 
     @torch.inference_mode()
     def forward(self, sequences: list[list[int]]) -> torch.Tensor:

@@ -1,0 +1,204 @@
+"""One-call GPU benchmark: parity first, then the five gpu-anchor.md workloads for HF and for us, same run.
+
+Self-contained for a single `device` call (the GPU image has torch, transformers, tokenizers, safetensors;
+no flash-attn, no celery). Steps:
+  1. environment (card, torch, transformers);
+  2. a ModernBERT-base-shape random checkpoint (7 labels, multi-label, mean pooling) written with
+     `save_pretrained` + our tokenizer file, loaded by HF (bf16, SDPA) and by us (bf16, auto backend);
+  3. parity: bf16 logits of both against HF fp32 on mixed lengths (1..2000 tokens, one call); our error must
+     stay within 2x HF-bf16's own error + 0.02 (the bound tests/model/test_gpu.py states);
+  4. each workload: HF arrival order and length-sorted (padded batches of the anchor's size), ours eager and
+     ours compiled; real tokens/s, peak GiB, ratios measured here;
+  5. a markdown table on stdout and JSON in $OUT (or --out).
+`--smoke` runs everything tiny on the CPU so the script itself is checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.workloads import CLS, PAD, SEP, Workload, anchor_workloads, hf_batches, padded
+
+BASE = dict(hidden_size=768, intermediate_size=1152, num_hidden_layers=22, num_attention_heads=12)
+TINY = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, local_attention=16
+)
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def build(directory: Path, shape: dict) -> None:
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    from model.tokenizer import train_tokenizer
+
+    cfg = ModernBertConfig(**shape, num_labels=7, problem_type="multi_label_classification",
+                           classifier_pooling="mean", pad_token_id=PAD, cls_token_id=CLS, sep_token_id=SEP,
+                           bos_token_id=CLS, eos_token_id=SEP)  # fmt: skip
+    torch.manual_seed(0)
+    ModernBertForSequenceClassification(cfg).save_pretrained(directory, safe_serialization=True)
+    train_tokenizer(["tokenizer file for the benchmark"] * 10, vocab_size=300).save(
+        str(directory / "tokenizer.json")
+    )
+
+
+def hf_run(model, seqs, batch: int, sort: bool, device) -> None:
+    with torch.inference_mode():
+        for idx in hf_batches(seqs, batch, sort):
+            ids, mask = padded(seqs, idx, device)
+            model(input_ids=ids, attention_mask=mask)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def parity(hf32, hf16, clf, device, lengths) -> dict:
+    g = torch.Generator().manual_seed(7)
+    seqs = [[CLS, *torch.randint(5, 50000, (max(n - 2, 0),), generator=g).tolist(), SEP][:n] for n in lengths]
+    ids, mask = padded(seqs, list(range(len(seqs))), device)
+    with torch.inference_mode():
+        ref = hf32(input_ids=ids, attention_mask=mask).logits.float().cpu()
+        hf_bf16 = hf16(input_ids=ids, attention_mask=mask).logits.float().cpu()
+    ours = clf.forward(seqs)
+    scale = ref.abs().max().item()
+    e_hf, e_ours = (hf_bf16 - ref).abs().max().item(), (ours - ref).abs().max().item()
+    bound = 2 * e_hf + 0.02 * max(1.0, scale)
+    return {"max_abs_logit": scale, "hf_bf16_err": e_hf, "ours_err": e_ours, "bound": bound,
+            "ours_vs_hf_bf16": (ours - hf_bf16).abs().max().item(), "ok": e_ours <= bound}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, few sequences, CPU allowed")
+    ap.add_argument("--workloads", default="short_fixed,short_var,traffic,long_fixed,long_var")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    args = ap.parse_args()
+
+    import transformers
+    from transformers import ModernBertForSequenceClassification
+
+    from model import load_classifier
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        sys.exit("bench/gpu.py needs CUDA (use --smoke to check the script on a CPU)")
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    log(f"# bench/gpu.py  card={card}  torch={torch.__version__}  transformers={transformers.__version__}  "
+        f"date={time.strftime('%Y-%m-%d')}")  # fmt: skip
+    out: dict = {"card": card, "torch": torch.__version__, "transformers": transformers.__version__}
+
+    tmp = Path(tempfile.mkdtemp())
+    build(tmp, TINY if args.smoke else BASE)
+    hf32 = (
+        ModernBertForSequenceClassification.from_pretrained(tmp, attn_implementation="sdpa").to(device).eval()
+    )
+    hf16 = ModernBertForSequenceClassification.from_pretrained(tmp, attn_implementation="sdpa", dtype=dtype)
+    hf16 = hf16.to(device).eval()
+    clf = load_classifier(tmp, device=str(device), dtype=dtype)
+    log(f"# ours: backend={clf.backend} dtype={clf.dtype} limits={clf.limits}")
+    out["backend"] = clf.backend
+
+    lengths = [1, 2, 5, 17, 64, 65, 129, 200, 511, 512, 513, 1000, 2000]
+    out["parity"] = p = parity(hf32, hf16, clf, device, lengths)
+    log(f"# parity vs HF fp32 (max |logit| {p['max_abs_logit']:.3f}): ours bf16 {p['ours_err']:.4f}, "
+        f"HF bf16 {p['hf_bf16_err']:.4f}, bound {p['bound']:.4f} -> {'OK' if p['ok'] else 'FAIL'}; "
+        f"ours vs HF bf16 {p['ours_vs_hf_bf16']:.4f}")  # fmt: skip
+    del hf32
+
+    compiled = None
+    if not args.no_compile:
+        t = time.perf_counter()
+        compiled = load_classifier(tmp, device=str(device), dtype=dtype, compile=True)
+        compiled.warmup()
+        out["compile_s"] = time.perf_counter() - t
+        log(f"# compile + warm-up: {out['compile_s']:.1f} s")
+        p2 = parity_compiled = (
+            (compiled.forward([[CLS, 7, 8, SEP]]) - clf.forward([[CLS, 7, 8, SEP]])).abs().max()
+        )
+        log(f"# compiled vs eager max |Δ| on a probe: {float(p2):.4f}")
+        del parity_compiled
+
+    workloads = anchor_workloads()
+    rows = []
+    for name in args.workloads.split(","):
+        wl: Workload = workloads[name]
+        if args.smoke:
+            wl = Workload(wl.name, [min(n, 1024) for n in wl.lengths[:48]], wl.hf_batch)
+        seqs = wl.sequences()
+        row = {"workload": name, "sequences": len(seqs), "tokens": wl.tokens}
+        hf_run(hf16, seqs[: wl.hf_batch], wl.hf_batch, True, device)  # warm-up batch
+        for label, sort in (("hf_arrival", False), ("hf_sorted", True)):
+            reset_peak(device)
+            try:
+                sec = timed(lambda s=seqs, b=wl.hf_batch, o=sort: hf_run(hf16, s, b, o, device), device)
+                row[label] = wl.tokens / sec
+                row[label + "_gib"] = peak_gib(device)
+            except torch.OutOfMemoryError:
+                row[label] = float("nan")
+                torch.cuda.empty_cache()
+        engines = [("ours_eager", clf)] + ([("ours_compiled", compiled)] if compiled else [])
+        for label, engine in engines:
+            engine.run_windows(seqs[: min(len(seqs), 64)])  # warm-up
+            reset_peak(device)
+            sec = timed(lambda e=engine, s=seqs: e.run_windows(s), device)
+            row[label] = wl.tokens / sec
+            row[label + "_gib"] = peak_gib(device)
+        rows.append(row)
+        best = max(row.get("ours_compiled", 0.0), row["ours_eager"])
+        k = {
+            key: row.get(key, 0.0) / 1e3 for key in ("hf_arrival", "hf_sorted", "ours_eager", "ours_compiled")
+        }
+        log(
+            f"{name:<12} HF arrival {k['hf_arrival']:8.1f}k  HF sorted {k['hf_sorted']:8.1f}k  "
+            f"ours eager {k['ours_eager']:8.1f}k  ours compiled {k['ours_compiled']:8.1f}k  "
+            f"best/HF-sorted {best / row['hf_sorted']:.2f}x  peak GiB ours {row['ours_eager_gib']:.2f}"
+        )
+    out["rows"] = rows
+
+    log("\n| workload | HF arrival | HF sorted | ours eager | ours compiled | ours / HF sorted | peak GiB |")
+    log("|---|---|---|---|---|---|---|")
+    for r in rows:
+        best = max(r.get("ours_compiled", 0.0), r["ours_eager"])
+        log(f"| {r['workload']} | {r['hf_arrival'] / 1e3:.1f}k | {r['hf_sorted'] / 1e3:.1f}k | "
+            f"{r['ours_eager'] / 1e3:.1f}k | {r.get('ours_compiled', 0) / 1e3:.1f}k | "
+            f"{best / r['hf_sorted']:.1f}x | {r['ours_eager_gib']:.2f} |")  # fmt: skip
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

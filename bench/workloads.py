@@ -1,0 +1,66 @@
+"""Benchmark workloads of ../shared/reference/gpu-anchor.md, reproduced exactly, plus shared timing helpers.
+
+Lengths come from one `torch.Generator().manual_seed(0)`, drawn in table order; token ids are random in
+[5, 50000) with [CLS]=50281 first and [SEP]=50282 last (lengths include both). Pure data; no model code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CLS, SEP, PAD = 50281, 50282, 50283
+
+
+@dataclass
+class Workload:
+    name: str
+    lengths: list[int]
+    hf_batch: int
+
+    def sequences(self, seed: int = 1) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for n in self.lengths:
+            body = torch.randint(5, 50000, (n - 2,), generator=g).tolist()
+            out.append([CLS, *body, SEP])
+        return out
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+    def head(self, n: int) -> Workload:
+        """The first n sequences (scaled down for small machines), same distribution."""
+        return Workload(self.name, self.lengths[:n], self.hf_batch)
+
+
+def anchor_workloads() -> dict[str, Workload]:
+    g = torch.Generator().manual_seed(0)
+    short_var = torch.normal(256.0, 64.0, (1024,), generator=g).round().clamp(16, 512)
+    traffic = torch.exp(math.log(120) + torch.randn(4096, generator=g)).round().clamp(8, 8192)
+    long_var = torch.normal(4096.0, 1024.0, (64,), generator=g).round().clamp(512, 8192)
+    return {
+        "short_fixed": Workload("short_fixed", [512] * 1024, 64),
+        "short_var": Workload("short_var", [int(x) for x in short_var], 64),
+        "traffic": Workload("traffic", [int(x) for x in traffic], 32),
+        "long_fixed": Workload("long_fixed", [8192] * 64, 8),
+        "long_var": Workload("long_var", [int(x) for x in long_var], 8),
+    }
+
+
+def hf_batches(seqs: list[list[int]], batch: int, sort: bool) -> list[list[int]]:
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i])) if sort else list(range(len(seqs)))
+    return [order[i : i + batch] for i in range(0, len(order), batch)]
+
+
+def padded(seqs: list[list[int]], idx: list[int], device: str | torch.device = "cpu"):
+    S = max(len(seqs[i]) for i in idx)
+    ids = torch.full((len(idx), S), PAD, dtype=torch.long)
+    mask = torch.zeros(len(idx), S, dtype=torch.long)
+    for r, i in enumerate(idx):
+        ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+        mask[r, : len(seqs[i])] = 1
+    return ids.to(device), mask.to(device)

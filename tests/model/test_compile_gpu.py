@@ -1,0 +1,47 @@
+"""Compiled vs eager (CPU here), and the GPU checks that run only where CUDA exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import load_classifier
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def test_compiled_equals_eager(tiny_model_dir: Path, tiny_classifier) -> None:
+    compiled = load_classifier(tiny_model_dir, device="cpu", compile=True)
+    assert compiled.runner.compiled
+    seqs = [[1, *([7 + n % 50] * n), 2] for n in (3, 50, 300, 17)]
+    assert torch.allclose(compiled.forward(seqs), tiny_classifier.forward(seqs), atol=1e-5)
+    # a new bucket shape reuses the dynamic graph and still agrees
+    seqs = [[1, *([9] * n), 2] for n in (5, 80)]
+    assert torch.allclose(compiled.forward(seqs), tiny_classifier.forward(seqs), atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["varlen", "sdpa"])
+def test_bf16_gpu_parity_with_hf_fp32(tiny_model_dir: Path, backend: str) -> None:
+    """bf16 on CUDA: error against HF fp32 within 2x HF-bf16's own error + 0.02 (as bench/gpu.py checks)."""
+    from transformers import ModernBertForSequenceClassification
+
+    from tests.model.test_parity import LENGTHS, hf_logits, random_ids
+
+    seqs = random_ids(LENGTHS, 512)
+    ref = hf_logits(ModernBertForSequenceClassification.from_pretrained(tiny_model_dir).eval(), seqs, 3)
+    hf16 = ModernBertForSequenceClassification.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    hf16 = hf16.cuda()
+    S = max(map(len, seqs))
+    ids = torch.tensor([s + [3] * (S - len(s)) for s in seqs], device="cuda")
+    mask = torch.tensor([[1] * len(s) + [0] * (S - len(s)) for s in seqs], device="cuda")
+    with torch.no_grad():
+        hf_err = (hf16(input_ids=ids, attention_mask=mask).logits.float().cpu() - ref).abs().max().item()
+    clf = load_classifier(tiny_model_dir, device="cuda", backend=backend)
+    assert clf.dtype == "bfloat16"
+    ours_err = (clf.forward(seqs) - ref).abs().max().item()
+    assert ours_err <= 2 * hf_err + 0.02 * max(1.0, ref.abs().max().item())
