@@ -2,7 +2,9 @@
 
 Owns: which sequences run together. Sequences are grouped by similar length so a padded kernel (CPU SDPA)
 wastes little on padding and a packed kernel (GPU varlen) fills its token budget. A batch's cost is what the
-kernel pays: the sum of lengths when packed, `max length x count` when padded. Two entry points:
+kernel pays: the sum of lengths when packed, `max length x count` when padded — and a padded batch never
+costs more than MAX_PADDING above its real tokens (a short sequence does not join a long bucket). Two
+entry points:
   * `plan_batches` — a whole known set (offline `classify`, the worker): every index exactly once;
   * `next_batch`   — one batch for a dynamic scheduler: the most urgent entry plus its nearest neighbours
                      in length, so deadlines and arrival order are honoured without losing bucketing.
@@ -11,6 +13,8 @@ kernel pays: the sum of lengths when packed, `max length x count` when padded. T
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+MAX_PADDING = 0.25  # padded kernels: a batch may cost at most 25% more than its real tokens
 
 
 def batch_cost(lengths: Sequence[int], padded: bool) -> int:
@@ -52,7 +56,8 @@ def plan_batches(
     for i in order:
         n = lengths[i]
         cost = max(longest, n) * (len(current) + 1) if padded else total + n
-        if current and (cost > max_batch_tokens or len(current) >= max_batch_sequences):
+        wasteful = padded and cost > (1 + MAX_PADDING) * (total + n)
+        if current and (cost > max_batch_tokens or len(current) >= max_batch_sequences or wasteful):
             batches.append(current)
             current, total, longest = [], 0, 0
         current.append(i)
@@ -85,6 +90,13 @@ def next_batch(
     pos = order.index(anchor)
     lo, hi = pos, pos + 1  # chosen = order[lo:hi]
     total = longest = lengths[anchor]
+
+    def fits(n: int) -> bool:
+        if not padded:
+            return total + n <= max_batch_tokens
+        cost = max(longest, n) * (hi - lo + 1)
+        return cost <= max_batch_tokens and cost <= (1 + MAX_PADDING) * (total + n)
+
     while hi - lo < max_batch_sequences:
         left = order[lo - 1] if lo > 0 else None
         right = order[hi] if hi < len(order) else None
@@ -95,18 +107,13 @@ def next_batch(
             pick, step = left, -1
         else:
             pick, step = right, +1
-        n = lengths[pick]
-        cost = max(longest, n) * (hi - lo + 1) if padded else total + n
-        if cost > max_batch_tokens:
+        if not fits(lengths[pick]):
             # the other side may still fit (a shorter neighbour when padded, for instance)
             other = right if step == -1 else left
-            if other is None:
+            if other is None or not fits(lengths[other]):
                 break
-            n = lengths[other]
-            cost = max(longest, n) * (hi - lo + 1) if padded else total + n
-            if cost > max_batch_tokens:
-                break
-            step = -step
+            pick, step = other, -step
+        n = lengths[pick]
         if step == -1:
             lo -= 1
         else:

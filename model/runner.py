@@ -7,7 +7,6 @@ CUDA. Must not know: tokenization, windows, thresholds, queues, gRPC or Celery.
 
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
@@ -68,8 +67,6 @@ class Runner:
         self.compiled = compile
         if compile:
             self._compile()
-        if device.type == "cpu" and os.environ.get("SAFETY_TORCH_THREADS"):
-            torch.set_num_threads(int(os.environ["SAFETY_TORCH_THREADS"]))
 
     def _compile(self) -> None:
         """`torch.compile(dynamic=True)` of the attention-free regions (embeddings, qkv + RoPE, output +

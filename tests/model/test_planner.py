@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from model.planner import batch_cost, next_batch, plan_batches
+from model.planner import MAX_PADDING, batch_cost, next_batch, plan_batches
 
 
 def traffic_lengths(n: int, seed: int = 0) -> list[int]:
@@ -24,6 +24,8 @@ def test_every_index_exactly_once_within_budgets(padded: bool, tokens: int, seqs
     for b in batches:
         assert len(b) <= seqs
         assert batch_cost([lengths[i] for i in b], padded) <= tokens
+        if padded and len(b) > 1:
+            assert batch_cost([lengths[i] for i in b], True) <= (1 + MAX_PADDING) * sum(lengths[i] for i in b)
 
 
 def test_buckets_group_similar_lengths() -> None:
@@ -66,8 +68,10 @@ def test_next_batch_takes_most_urgent_with_length_neighbours() -> None:
     lengths = [100, 5, 98, 300, 103, 6, 99]
     # oldest (index 0) first by default; its neighbours in length are 98, 99, 103
     assert next_batch(lengths, 400, 4) == [2, 6, 0, 4]
-    # padded: 4 x 103 = 412 > 400, so the other side (length 6) is taken: 4 x 100 = 400 fits
-    assert next_batch(lengths, 400, 4, padded=True) == [5, 2, 6, 0]
+    # padded: 4 x 103 = 412 > 400 and a length-6 neighbour would pad 94 tokens (> 25% waste): stop at three
+    assert next_batch(lengths, 400, 4, padded=True) == [2, 6, 0]
+    # packed kernels pay no padding, so the short neighbour is fine there
+    assert next_batch([100, 6, 99], 400, 3) == [1, 2, 0]
     urgent = next_batch(lengths, 1000, 3, priorities=[9, 9, 9, 0, 9, 9, 9])
     assert 3 in urgent and len(urgent) == 3
     assert next_batch([], 10, 1) == []
@@ -84,6 +88,8 @@ def test_next_batch_respects_budgets_and_drains_everything(padded: bool) -> None
         chosen = [pending[i] for i in pick]
         assert len(chosen) <= 16
         assert batch_cost([lengths[i] for i in chosen], padded) <= 3000
+        if padded and len(chosen) > 1:
+            assert batch_cost([lengths[i] for i in chosen], True) <= 1.25 * sum(lengths[i] for i in chosen)
         seen.extend(chosen)
         pending = [p for k, p in enumerate(pending) if k not in set(pick)]
     assert sorted(seen) == list(range(len(lengths)))

@@ -1,0 +1,75 @@
+"""Command-line glue of the service: `safety serve` and the `--remote` backend of `safety classify`.
+
+Owns: `register(subparsers)` (entry point `safety.commands: serve`), which adds one flag per setting (with
+its `SAFETY_*` variable named in --help), and `remote_classify` (entry point `safety.remote: grpc`), which
+model/cli.py calls for `safety classify --remote HOST:PORT`. Must not know: how serving works (server.py)
+or the wire format (client.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+EPILOG = """\
+Every flag falls back to the SAFETY_* environment variable named in its help, then to the default.
+Health: grpc.health.v1 on the same port (NOT_SERVING until the model is loaded and warmed, and while
+draining). Metrics: Prometheus text format at http://METRICS_ADDRESS/metrics. SIGTERM: NOT_SERVING, finish
+in-flight calls within --drain-grace-s, exit 0.
+"""
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from service.server import serve
+    from service.settings import from_args
+
+    try:
+        settings = from_args(args)
+    except ValueError as e:
+        print(f"safety serve: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(settings))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from service.settings import add_arguments
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the gRPC API (safety.v1.SafetyClassifier) with dynamic batching",
+        description="Serve the safety.v1.SafetyClassifier gRPC API: dynamic length-bucketed batching, "
+        "admission control, health, reflection, Prometheus metrics, TLS and API-key auth.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=serve_command)
+
+
+def remote_classify(
+    target: str,
+    items: Sequence[str | Mapping[str, Any]],
+    api_key: str | None = None,
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    tls: bool = False,
+    ca: str | None = None,
+    timeout: float | None = 30.0,
+    server_name: str | None = None,
+) -> list[dict[str, Any]]:
+    """Classify `items` on a running `safety serve` at `target` (HOST:PORT); one dict per item, in the
+    shape of the engine's `Result.to_dict()`. A failed call exits with the status code and message."""
+    import grpc
+
+    from service.client import SafetyClient
+
+    try:
+        with SafetyClient(
+            target, api_key=api_key, tls=tls, ca=ca, timeout=timeout, server_name=server_name
+        ) as c:
+            return c.classify(items, thresholds)
+    except grpc.RpcError as e:
+        raise SystemExit(f"safety classify --remote {target}: {e.code().name}: {e.details()}") from None

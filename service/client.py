@@ -1,0 +1,195 @@
+"""A small Python client for `safety serve`, for gateways: `SafetyClient` (blocking) and
+`AsyncSafetyClient` (asyncio), with a per-call deadline, an API key and TLS.
+
+    from service.client import SafetyClient
+    with SafetyClient("localhost:50051", api_key="...", timeout=0.5) as client:
+        [result] = client.classify(["How do I bake bread?"])
+        result["flagged"], result["scores"]["violence"]
+
+Results are plain dicts in the shape of the engine's `Result.to_dict()` (id, scores, logits, flagged,
+flagged_labels, tokens, windows, spans), so `safety classify` prints the same JSON locally and remotely.
+Errors are `grpc.RpcError`s carrying the server's status code (INVALID_ARGUMENT: fix the input;
+RESOURCE_EXHAUSTED / UNAVAILABLE: back off and retry). Must not know: torch or the model (a gateway
+installs only grpcio and protobuf).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from service.stubs import pb2, pb2_grpc
+
+ItemLike = str | Mapping[str, Any]
+ROLES = {None: pb2.ROLE_UNSPECIFIED, "": pb2.ROLE_UNSPECIFIED, "prompt": pb2.ROLE_PROMPT,
+         "response": pb2.ROLE_RESPONSE}  # fmt: skip
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),  # the server accepts pings every 10 s or more
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+def build_request(
+    items: Iterable[ItemLike], thresholds: Mapping[str, float] | None = None, raw_scores: bool = False
+) -> Any:
+    """Texts or dicts {id?, text, role? ("prompt" | "response"), context?} -> ClassifyRequest."""
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            out.append(pb2.Item(text=item))
+            continue
+        role = item.get("role")
+        if role not in ROLES:
+            raise ValueError(f"items[{i}].role: must be 'prompt' or 'response', got {role!r}")
+        out.append(
+            pb2.Item(
+                id=item.get("id") or "",
+                text=item["text"],
+                role=ROLES[role],
+                context=item.get("context") or "",
+            )
+        )
+    return pb2.ClassifyRequest(items=out, thresholds=dict(thresholds or {}), raw_scores=raw_scores)
+
+
+def result_to_dict(result: Any) -> dict[str, Any]:
+    """pb2.Result -> the engine's `Result.to_dict()` shape (with `score` read as a probability)."""
+    return {
+        "id": result.id,
+        "scores": {s.label: s.score for s in result.scores},
+        "logits": {s.label: s.logit for s in result.scores},
+        "flagged": result.flagged,
+        "flagged_labels": list(result.flagged_labels),
+        "tokens": result.tokens,
+        "windows": result.windows,
+        "spans": {s.label: [s.span.start, s.span.end] for s in result.scores},
+    }
+
+
+def info_to_dict(response: Any) -> dict[str, Any]:
+    """pb2.InfoResponse -> dict (labels in logit order; limits with plain ints, not JSON's int64 strings)."""
+    limits = response.limits
+    return {
+        "model": response.model,
+        "labels": list(response.labels),
+        "thresholds": {label: response.thresholds[label] for label in response.labels},
+        "limits": {f.name: getattr(limits, f.name) for f in limits.DESCRIPTOR.fields},
+        "device": response.device,
+        "dtype": response.dtype,
+        "backend": response.backend,
+        "version": response.version,
+        "multi_label": response.multi_label,
+    }
+
+
+def _credentials(tls: bool, ca: str | Path | bytes | None) -> grpc.ChannelCredentials | None:
+    if not tls and ca is None:
+        return None
+    root = Path(ca).read_bytes() if isinstance(ca, str | Path) else ca
+    return grpc.ssl_channel_credentials(root_certificates=root)
+
+
+class _Base:
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca: str | Path | bytes | None = None,
+        timeout: float | None = 5.0,
+        server_name: str | None = None,
+    ) -> None:
+        """`target`: HOST:PORT. `tls`: use TLS (system roots unless `ca`, a PEM file or bytes, is given;
+        `ca` implies TLS). `timeout`: default deadline per call in seconds (None: no deadline).
+        `server_name`: override the TLS host name check (e.g. a certificate issued for another name)."""
+        self.target = target
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._credentials = _credentials(tls, ca)
+        self._options = list(CHANNEL_OPTIONS)
+        if server_name:
+            self._options.append(("grpc.ssl_target_name_override", server_name))
+
+    def _call_args(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._metadata}
+
+
+class SafetyClient(_Base):
+    """Blocking client; thread-safe (one channel, many concurrent calls)."""
+
+    def __init__(self, target: str, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        if self._credentials is None:
+            self.channel = grpc.insecure_channel(target, options=self._options)
+        else:
+            self.channel = grpc.secure_channel(target, self._credentials, options=self._options)
+        self.stub = pb2_grpc.SafetyClassifierStub(self.channel)
+
+    def classify(
+        self,
+        items: Iterable[ItemLike],
+        thresholds: Mapping[str, float] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """One result dict per item, in order."""
+        response = self.stub.Classify(build_request(items, thresholds), **self._call_args(timeout))
+        return [result_to_dict(r) for r in response.results]
+
+    def classify_raw(self, request: Any, *, timeout: float | None = None) -> Any:
+        """Send a prepared `ClassifyRequest` (e.g. with raw_scores) and return the `ClassifyResponse`."""
+        return self.stub.Classify(request, **self._call_args(timeout))
+
+    def info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return info_to_dict(self.stub.Info(pb2.InfoRequest(), **self._call_args(timeout)))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> SafetyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncSafetyClient(_Base):
+    """asyncio client (grpc.aio); create and use it inside one running event loop."""
+
+    def __init__(self, target: str, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        if self._credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options=self._options)
+        else:
+            self.channel = grpc.aio.secure_channel(target, self._credentials, options=self._options)
+        self.stub = pb2_grpc.SafetyClassifierStub(self.channel)
+
+    async def classify(
+        self,
+        items: Iterable[ItemLike],
+        thresholds: Mapping[str, float] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[dict[str, Any]]:
+        response = await self.stub.Classify(build_request(items, thresholds), **self._call_args(timeout))
+        return [result_to_dict(r) for r in response.results]
+
+    async def classify_raw(self, request: Any, *, timeout: float | None = None) -> Any:
+        return await self.stub.Classify(request, **self._call_args(timeout))
+
+    async def info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return info_to_dict(await self.stub.Info(pb2.InfoRequest(), **self._call_args(timeout)))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncSafetyClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

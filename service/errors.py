@@ -1,0 +1,130 @@
+"""The one mapping from the product's error hierarchy (model.errors) to gRPC status codes.
+
+Owns: `STATUS_CODES` (the table), `status_for(exc)`, and `ErrorInterceptor`, which turns a `SafetyError`
+raised by any handler into its status code and message, and anything unexpected into INTERNAL with an error
+id that is logged together with the traceback (the caller sees the id, never the traceback). Must not know:
+what the handlers do.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import StatusCode
+
+from model.errors import (
+    CheckpointError,
+    ConfigError,
+    DeadlineExceededError,
+    InvalidInputError,
+    NotFoundError,
+    OverloadedError,
+    SafetyError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+
+log = logging.getLogger("safety.service")
+
+# Most specific first: the first class an exception is an instance of decides.
+STATUS_CODES: tuple[tuple[type[SafetyError], StatusCode], ...] = (
+    (InvalidInputError, StatusCode.INVALID_ARGUMENT),  # don't retry
+    (OverloadedError, StatusCode.RESOURCE_EXHAUSTED),  # back off, retry
+    (DeadlineExceededError, StatusCode.DEADLINE_EXCEEDED),
+    (UnavailableError, StatusCode.UNAVAILABLE),  # loading or draining: retry elsewhere
+    (NotFoundError, StatusCode.NOT_FOUND),
+    (UnauthenticatedError, StatusCode.UNAUTHENTICATED),
+    (ConfigError, StatusCode.FAILED_PRECONDITION),  # the server's model/config, not the caller's input
+    (CheckpointError, StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_for(exc: BaseException) -> StatusCode:
+    for cls, code in STATUS_CODES:
+        if isinstance(exc, cls):
+            return code
+    return StatusCode.INTERNAL
+
+
+async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+    """Abort the call with the status that `exc` maps to (always raises)."""
+    code = status_for(exc)
+    if code is StatusCode.INTERNAL:
+        error_id = uuid.uuid4().hex[:16]
+        log.error(
+            "internal error %s in %s",
+            error_id,
+            type(exc).__name__,
+            exc_info=(type(exc), exc, exc.__traceback__),
+            extra={"error_id": error_id},
+        )
+        await context.abort(code, f"internal error (error id {error_id}); the server log has the details")
+    await context.abort(code, str(exc))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the unary-unary and unary-stream handlers of our own services (`prefix`) in `abort_for`; the
+    health and reflection services keep their own behaviour."""
+
+    def __init__(self, prefix: str = "/safety.") -> None:
+        self.prefix = prefix
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self.prefix):
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _passthrough(exc: BaseException) -> bool:
+    # AbortError: the handler already chose a status; CancelledError: the call is gone.
+    return isinstance(exc, grpc.aio.AbortError | grpc.RpcError) or not isinstance(exc, Exception)
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except BaseException as exc:
+            if _passthrough(exc):
+                raise
+            await abort_for(exc, context)
+
+    return wrapped
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            result = behavior(request, context)
+            if hasattr(result, "__aiter__"):
+                async for message in result:
+                    yield message
+            else:  # a handler that writes with context.write() and returns a coroutine
+                await result
+        except BaseException as exc:
+            if _passthrough(exc):
+                raise
+            await abort_for(exc, context)
+
+    return wrapped

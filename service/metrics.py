@@ -1,0 +1,148 @@
+"""Prometheus metrics of the gRPC server, served by prometheus-client on their own HTTP port.
+
+Owns: the metric names and buckets, a per-server `CollectorRegistry` (so several servers in one process,
+as in tests, don't collide), the HTTP exporter, and `MetricsInterceptor`, which counts every call by
+method and final status code. The scheduler reports through the `SchedulerMetrics` methods below and never
+imports prometheus itself. Must not know: the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from service.settings import split_address
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "safety_requests", "gRPC calls by method and final status code", ["method", "code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "safety_request_duration_seconds",
+            "gRPC call wall time",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.items = Counter("safety_items", "items classified", registry=r)
+        self.tokens = Counter(
+            "safety_tokens", "tokens classified (all windows, special tokens included)", registry=r
+        )
+        self.flagged = Counter("safety_flagged_items", "items flagged by any label", registry=r)
+        self.batch_size = Histogram(
+            "safety_batch_size", "sequences (windows) per batch", buckets=SIZE_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "safety_batch_tokens", "tokens per batch", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.queue_items = Gauge(
+            "safety_queue_items", "items queued (tokenizing or waiting for a batch)", registry=r
+        )
+        self.queue_tokens = Gauge("safety_queue_tokens", "tokens waiting for a batch", registry=r)
+        self.queue_seconds = Histogram(
+            "safety_queue_wait_seconds",
+            "time a window waits from enqueue to its batch starting",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokenize_seconds = Histogram(
+            "safety_tokenize_seconds", "tokenization time per request", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "safety_inference_seconds", "device time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.dropped = Counter(
+            "safety_dropped_windows", "windows dropped before compute", ["reason"], registry=r
+        )
+        self._http: Any = None
+
+    # ---- SchedulerMetrics -------------------------------------------------------------------------------
+    def queue_depth(self, items: int, tokens: int) -> None:
+        self.queue_items.set(items)
+        self.queue_tokens.set(tokens)
+
+    def tokenized(self, seconds: float) -> None:
+        self.tokenize_seconds.observe(seconds)
+
+    def batch(self, sequences: int, tokens: int, seconds: float, waits: list[float]) -> None:
+        self.batch_size.observe(sequences)
+        self.batch_tokens.observe(tokens)
+        self.inference_seconds.observe(seconds)
+        for w in waits:
+            self.queue_seconds.observe(w)
+
+    def drop(self, reason: str, windows: int) -> None:
+        self.dropped.labels(reason=reason).inc(windows)
+
+    def classified(self, items: int, tokens: int, flagged: int) -> None:
+        self.items.inc(items)
+        self.tokens.inc(tokens)
+        self.flagged.inc(flagged)
+
+    # ---- HTTP exporter ----------------------------------------------------------------------------------
+    def serve(self, address: str) -> int:
+        """Start the /metrics HTTP server on `address` (port 0: any free port); returns the bound port."""
+        host, port = split_address(address)
+        host = host.strip("[]") or "0.0.0.0"
+        self._http, _thread = start_http_server(int(port), addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Outermost interceptor: counts each unary call by method and the status code it ended with."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        behavior, metrics = handler.unary_unary, self.metrics
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return await behavior(request, context)
+            except BaseException:
+                set_code = context.code()
+                if set_code is not None:
+                    code = set_code.name
+                elif context.time_remaining() is not None and context.time_remaining() <= 0:
+                    code = "DEADLINE_EXCEEDED"
+                else:
+                    code = "CANCELLED"
+                raise
+            finally:
+                metrics.requests.labels(method=method, code=code).inc()
+                metrics.request_seconds.labels(method=method).observe(time.perf_counter() - start)
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

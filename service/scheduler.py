@@ -1,0 +1,465 @@
+"""Dynamic batching: one queue of token windows from concurrent requests, one batch former, one runner.
+
+Owns: admission (bounds on queued items and tokens -> `OverloadedError` at once), tokenization off the event
+loop (a thread pool running `clf.encode`), the pending queue, batch formation with the engine's planner
+(`model.planner.next_batch`: the oldest window plus its nearest neighbours in length under the token budget;
+an idle device waits at most `max_wait_ms` for a fuller batch, and only while other calls are still being
+tokenized; a busy device lets the queue fill meanwhile), the runner thread (`clf.forward`, one batch at a
+time, while the former prepares the next), dropping windows of cancelled or expired requests
+before compute, and reassembling per-request results with `clf.aggregate`.
+
+Threads: the event loop calls `submit`; the former and the runner are two daemon threads sharing one
+condition variable; results go back to the loop with `call_soon_threadsafe`. Must not know: gRPC, protobuf,
+prometheus (metrics arrive through the `SchedulerMetrics` protocol).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from model import Classifier, Encoded, Item, Result
+from model.errors import DeadlineExceededError, InvalidInputError, OverloadedError, UnavailableError
+from model.planner import next_batch
+
+log = logging.getLogger("safety.service.scheduler")
+
+
+class SchedulerMetrics(Protocol):
+    def queue_depth(self, items: int, tokens: int) -> None: ...
+    def tokenized(self, seconds: float) -> None: ...
+    def batch(self, sequences: int, tokens: int, seconds: float, waits: list[float]) -> None: ...
+    def drop(self, reason: str, windows: int) -> None: ...
+
+
+class _NoMetrics:
+    def queue_depth(self, items: int, tokens: int) -> None:
+        pass
+
+    def tokenized(self, seconds: float) -> None:
+        pass
+
+    def batch(self, sequences: int, tokens: int, seconds: float, waits: list[float]) -> None:
+        pass
+
+    def drop(self, reason: str, windows: int) -> None:
+        pass
+
+
+@dataclass
+class Outcome:
+    """What `submit` returns: results in item order, and where the time went."""
+
+    results: list[Result]
+    tokenize_s: float
+    queue_s: float  # longest wait of any of the request's windows
+    inference_s: float  # device time of the distinct batches the request ran in
+
+
+@dataclass(eq=False)
+class _Request:
+    encoded: list[Encoded]
+    thresholds: dict[str, float]
+    deadline: float | None  # time.monotonic()
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Outcome]
+    tokenize_s: float
+    window_logits: list[list[torch.Tensor | None]]
+    remaining: int  # windows not computed yet
+    queued_windows: list[int]  # per item: windows still in the queue (admission counts the item until 0)
+    done: bool = False  # resolved, failed, cancelled or expired: its windows are skipped
+    queue_s: float = 0.0
+    batch_seconds: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Window:
+    req: _Request
+    item: int
+    index: int
+    ids: list[int]
+    enqueued: float
+
+
+class Scheduler:
+    def __init__(
+        self,
+        clf: Classifier,
+        *,
+        max_wait_ms: float = 2.0,
+        max_queue_tokens: int | None = None,
+        max_queue_items: int = 4096,
+        encode_threads: int = 2,
+        metrics: SchedulerMetrics | None = None,
+    ) -> None:
+        self.clf = clf
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_batch_tokens = clf.limits.max_batch_tokens
+        self.max_batch_sequences = clf.limits.max_batch_sequences
+        self.max_queue_tokens = max_queue_tokens or 32 * self.max_batch_tokens
+        self.max_queue_items = max_queue_items
+        self.padded = clf.padded
+        self.metrics: SchedulerMetrics = metrics or _NoMetrics()
+        self._pool = ThreadPoolExecutor(max_workers=encode_threads, thread_name_prefix="safety-encode")
+        self._cond = threading.Condition()
+        self._pending: list[_Window] = []  # arrival order: index 0 is the oldest
+        self._slot: list[_Window] | None = None  # the next batch, formed while the runner computes
+        self._queued_items = 0  # admitted items not yet handed to the runner (tokenizing included)
+        self._tokenizing = 0  # admitted items still being tokenized: they will join the queue shortly
+        # Heap of (deadline, tie-breaker, weak reference to the request): finished requests are not kept.
+        self._deadlines: list[tuple[float, int, weakref.ref[_Request]]] = []
+        self._sequence = 0  # tie-breaker for the heap
+        self._queued_tokens = 0
+        self._pending_tokens = 0
+        self._runner_idle = False
+        self._closing = False
+        self._accepting = True
+        self._held = False  # test hook (hold_runner): the runner takes no new batch while set
+        self._batch_counter = 0
+        self.batches_run = 0
+        self.sequences_run = 0
+        self._threads = [
+            threading.Thread(target=self._form_loop, name="safety-batcher", daemon=True),
+            threading.Thread(target=self._run_loop, name="safety-runner", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # ---- event-loop side ------------------------------------------------------------------------------
+    async def submit(
+        self, items: Sequence[Item], thresholds: Mapping[str, float], deadline: float | None = None
+    ) -> Outcome:
+        """Tokenize, admit, queue and await the results of validated items (in item order).
+
+        Raises OverloadedError (queue bound), UnavailableError (closing), DeadlineExceededError,
+        InvalidInputError (a request larger than the whole queue bound)."""
+        n = len(items)
+        if not n:
+            return Outcome([], 0.0, 0.0, 0.0)
+        self._admit_items(n)
+        loop = asyncio.get_running_loop()
+        try:
+            start = time.perf_counter()
+            encoded = await loop.run_in_executor(self._pool, self.clf.encode, list(items))
+            tokenize_s = time.perf_counter() - start
+            self.metrics.tokenized(tokenize_s)
+            req = _Request(
+                encoded=encoded,
+                thresholds=dict(thresholds),
+                deadline=deadline,
+                loop=loop,
+                future=loop.create_future(),
+                tokenize_s=tokenize_s,
+                window_logits=[[None] * len(e.windows) for e in encoded],
+                remaining=sum(len(e.windows) for e in encoded),
+                queued_windows=[len(e.windows) for e in encoded],
+            )
+            self._enqueue(req)
+        except BaseException:
+            self._release_items(n)
+            raise
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            self._abandon(req, "cancelled")
+            raise
+
+    def _admit_items(self, n: int) -> None:
+        if n > self.max_queue_items:
+            raise InvalidInputError(
+                f"{n} items, more than the server's whole queue bound ({self.max_queue_items})",
+                field="items",
+            )
+        with self._cond:
+            if not self._accepting:
+                raise UnavailableError("server is shutting down; retry on another replica")
+            if self._queued_items + n > self.max_queue_items or self._queued_tokens >= self.max_queue_tokens:
+                raise OverloadedError(
+                    f"queue full ({self._queued_items} items, {self._queued_tokens} tokens queued; bounds "
+                    f"{self.max_queue_items} items, {self.max_queue_tokens} tokens); retry with backoff"
+                )
+            self._queued_items += n
+            self._tokenizing += n
+            self._report_depth_locked()
+
+    def _release_items(self, n: int) -> None:
+        with self._cond:
+            self._queued_items -= n
+            self._tokenizing -= n
+            self._report_depth_locked()
+            self._cond.notify_all()
+
+    def _enqueue(self, req: _Request) -> None:
+        tokens = sum(len(w) for e in req.encoded for w in e.windows)
+        if tokens > self.max_queue_tokens:
+            raise InvalidInputError(
+                f"the request has {tokens} tokens, more than the server's whole queue bound "
+                f"({self.max_queue_tokens}); send fewer or shorter items, or use a batch job",
+                field="items",
+            )
+        now = time.monotonic()
+        if req.deadline is not None and now >= req.deadline:
+            raise DeadlineExceededError("deadline passed during tokenization")
+        with self._cond:
+            if not self._accepting:
+                raise UnavailableError("server is shutting down; retry on another replica")
+            if self._queued_tokens + tokens > self.max_queue_tokens:
+                raise OverloadedError(
+                    f"queue full ({self._queued_tokens} + {tokens} tokens over the bound of "
+                    f"{self.max_queue_tokens}); retry with backoff"
+                )
+            for i, enc in enumerate(req.encoded):
+                if not enc.windows:
+                    raise InvalidInputError("produced no tokens", index=i, field="text")
+            for i, enc in enumerate(req.encoded):
+                for k, ids in enumerate(enc.windows):
+                    self._pending.append(_Window(req, i, k, ids, now))
+            self._queued_tokens += tokens
+            self._pending_tokens += tokens
+            self._tokenizing -= len(req.encoded)
+            if req.deadline is not None:
+                self._sequence += 1
+                heapq.heappush(self._deadlines, (req.deadline, self._sequence, weakref.ref(req)))
+            self._report_depth_locked()
+            self._cond.notify_all()
+
+    def _abandon(self, req: _Request, reason: str) -> None:
+        """The caller is gone: take its windows out of the queue now."""
+        with self._cond:
+            if req.done:
+                return
+            req.done = True
+            self._drop_locked(lambda w: w.req is req, reason)
+
+    # ---- shared, under self._cond ---------------------------------------------------------------------
+    def _fail_locked(self, reqs: set[_Request], exc: BaseException, reason: str) -> None:
+        """Complete `reqs` with `exc` (those not done yet) and drop their queued windows."""
+        for req in reqs:
+            if not req.done:
+                req.done = True
+                _resolve(req, exc)
+        self._drop_locked(lambda w: w.req in reqs, reason)
+
+    def _drop_locked(self, dead: Callable[[_Window], bool], reason: str) -> list[_Window]:
+        keep, gone = [], []
+        for w in self._pending:
+            (gone if dead(w) else keep).append(w)
+        if gone:
+            self._pending = keep
+            self._dequeued_locked(gone)
+            self.metrics.drop(reason, len(gone))
+            log.debug("dropped %d queued windows (%s)", len(gone), reason)
+        return gone
+
+    def _dequeued_locked(self, windows: list[_Window], *, in_slot: bool = False) -> None:
+        tokens = sum(len(w.ids) for w in windows)
+        self._queued_tokens -= tokens
+        if not in_slot:
+            self._pending_tokens -= tokens
+        for w in windows:
+            w.req.queued_windows[w.item] -= 1
+            if w.req.queued_windows[w.item] == 0:
+                self._queued_items -= 1
+        self._report_depth_locked()
+
+    def _report_depth_locked(self) -> None:
+        self.metrics.queue_depth(self._queued_items, self._queued_tokens)
+
+    def _expire_locked(self, now: float) -> None:
+        """Fail requests whose deadline has passed and drop their queued windows (a heap: O(log n) when
+        nothing expires)."""
+        expired = set()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            req = heapq.heappop(self._deadlines)[2]()
+            if req is not None and not req.done:
+                expired.add(req)
+        while self._deadlines and _finished(self._deadlines[0][2]()):  # done early: forget
+            heapq.heappop(self._deadlines)
+        if expired:
+            self._fail_locked(
+                expired, DeadlineExceededError("deadline passed while queued; not computed"), "deadline"
+            )
+
+    def _full_locked(self) -> bool:
+        if len(self._pending) >= self.max_batch_sequences:
+            return True
+        if self.padded:
+            longest = max(len(w.ids) for w in self._pending)
+            return longest * len(self._pending) >= self.max_batch_tokens
+        return self._pending_tokens >= self.max_batch_tokens
+
+    # ---- batch former thread --------------------------------------------------------------------------
+    def _form_loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    self._expire_locked(now)
+                    if self._closing:
+                        return
+                    timeout = None
+                    if self._slot is None and self._pending:
+                        if self._full_locked():
+                            break
+                        if self._runner_idle:
+                            # Wait for a fuller batch only while more work is about to arrive (calls
+                            # being tokenized), and at most max_wait after the oldest window arrived.
+                            due = self._pending[0].enqueued + self.max_wait_s
+                            if now >= due or not self._tokenizing:
+                                break
+                            timeout = due - now
+                    if self._deadlines:  # wake up to expire the next deadline on time
+                        until = self._deadlines[0][0] - now
+                        timeout = until if timeout is None else min(timeout, until)
+                    self._cond.wait(None if timeout is None else max(timeout, 0.0))
+                try:
+                    self._form_locked()
+                except Exception as exc:  # a planner bug must not wedge the server: fail what is queued
+                    log.exception("batch formation failed")
+                    self._fail_locked({w.req for w in self._pending}, exc, "batch_failed")
+                self._cond.notify_all()
+
+    def _form_locked(self) -> None:
+        pending = self._pending
+        chosen = next_batch(
+            [len(w.ids) for w in pending], self.max_batch_tokens, self.max_batch_sequences, padded=self.padded
+        )
+        picked = set(chosen)
+        self._slot = [pending[i] for i in chosen]
+        self._pending = [w for i, w in enumerate(pending) if i not in picked]
+        self._pending_tokens -= sum(len(w.ids) for w in self._slot)
+
+    # ---- runner thread --------------------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and (self._slot is None or self._held):
+                    idle = not self._held  # waiting for a batch, and allowed to take one
+                    if idle != self._runner_idle:
+                        self._runner_idle = idle
+                        self._cond.notify_all()  # the former's readiness depends on it
+                    self._cond.wait()
+                self._runner_idle = False
+                if self._closing:
+                    return
+                batch, self._slot = self._slot, None
+                self._dequeued_locked(batch, in_slot=True)
+                now = time.monotonic()
+                self._expire_locked(now)  # expired requests fail; their pending windows go too
+                live = [w for w in batch if not w.req.done]
+                for w in batch:
+                    if w.req.done:  # cancelled or expired while in the slot: not computed
+                        expired = w.req.deadline is not None and now >= w.req.deadline
+                        self.metrics.drop("deadline" if expired else "cancelled", 1)
+                self._cond.notify_all()
+            if live:
+                self._run(live, now)
+
+    def _run(self, batch: list[_Window], started: float) -> None:
+        self._batch_counter += 1
+        batch_id = self._batch_counter
+        waits = [started - w.enqueued for w in batch]
+        tokens = sum(len(w.ids) for w in batch)
+        t0 = time.perf_counter()
+        try:
+            logits = self.clf.forward([w.ids for w in batch])
+        except Exception as exc:
+            log.exception("batch of %d sequences (%d tokens) failed", len(batch), tokens)
+            with self._cond:
+                self._fail_locked({w.req for w in batch}, exc, "batch_failed")
+            return
+        seconds = time.perf_counter() - t0
+        self.batches_run += 1
+        self.sequences_run += len(batch)
+        self.metrics.batch(len(batch), tokens, seconds, waits)
+        finished = []
+        with self._cond:
+            for w, row, wait in zip(batch, logits, waits, strict=True):
+                req = w.req
+                if req.done:
+                    continue
+                req.window_logits[w.item][w.index] = row
+                req.queue_s = max(req.queue_s, wait)
+                req.batch_seconds[batch_id] = seconds
+                req.remaining -= 1
+                if req.remaining == 0:
+                    req.done = True
+                    finished.append(req)
+        for req in finished:
+            try:
+                results = [
+                    self.clf.aggregate(enc, torch.stack(rows), req.thresholds)  # type: ignore[arg-type]
+                    for enc, rows in zip(req.encoded, req.window_logits, strict=True)
+                ]
+            except Exception as exc:
+                log.exception("aggregation failed")
+                _resolve(req, exc)
+                continue
+            _resolve(req, Outcome(results, req.tokenize_s, req.queue_s, sum(req.batch_seconds.values())))
+
+    # ---- control --------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "queued_items": self._queued_items,
+                "tokenizing_items": self._tokenizing,
+                "queued_tokens": self._queued_tokens,
+                "pending_windows": len(self._pending),
+                "batches_run": self.batches_run,
+                "sequences_run": self.sequences_run,
+            }
+
+    def hold_runner(self) -> None:
+        """Test hook: the runner takes no new batch until `release_runner` (the queue keeps filling)."""
+        with self._cond:
+            self._held = True
+            self._cond.notify_all()
+
+    def release_runner(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Fail whatever is still queued with UnavailableError and stop both threads (blocking)."""
+        with self._cond:
+            self._accepting = False
+            self._closing = True
+            gone = {w.req for w in self._pending} | {w.req for w in self._slot or []}
+            self._fail_locked(
+                gone, UnavailableError("server is shutting down; retry on another replica"), "shutdown"
+            )
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _finished(req: _Request | None) -> bool:
+    return req is None or req.done
+
+
+def _resolve(req: _Request, value: Outcome | BaseException) -> None:
+    """Complete the request's future on its event loop (from any thread)."""
+
+    def settle() -> None:
+        if req.future.done():
+            return
+        if isinstance(value, BaseException):
+            req.future.set_exception(value)
+        else:
+            req.future.set_result(value)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        req.loop.call_soon_threadsafe(settle)

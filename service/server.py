@@ -1,0 +1,279 @@
+"""Assembly and lifecycle of the gRPC server: `create_server` (bind) -> `start` (load, warm, SERVING) ->
+`drain` (NOT_SERVING, finish in-flight calls within the grace period, stop). `serve` is the process:
+signals, logging, exit code.
+
+Owns: grpc.aio server options, TLS, the interceptor chain (metrics -> errors -> API key), grpc.health.v1
+states, server reflection, the metrics HTTP exporter's lifetime, model loading and warm-up off the event
+loop. Must not know: request parsing (servicer), batching (scheduler), status-code choices (errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from model import Classifier, Item, load_classifier
+from model.errors import SafetyError, UnauthenticatedError
+from service import logs
+from service.errors import ErrorInterceptor, abort_for
+from service.metrics import Metrics, MetricsInterceptor
+from service.scheduler import Scheduler
+from service.servicer import SafetyServicer
+from service.settings import ServeSettings
+from service.stubs import SERVICE_NAME, pb2, pb2_grpc
+
+log = logging.getLogger("safety.service")
+T = TypeVar("T")
+ClassifierSource = Classifier | Callable[[], Classifier] | None
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Every call except health checks (Kubernetes probes send no metadata) needs `authorization: Bearer
+    <key>`; others are refused with UnauthenticatedError's status code."""
+
+    def __init__(self, api_key: str) -> None:
+        self._expected = f"Bearer {api_key}".encode()
+
+    def _authorized(self, metadata: Any) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                return hmac.compare_digest(given, self._expected)
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if (
+            handler is None
+            or handler_call_details.method.startswith(HEALTH_PREFIX)
+            or self._authorized(handler_call_details.invocation_metadata)
+        ):
+            return handler
+        error = UnauthenticatedError("missing or wrong API key; send metadata `authorization: Bearer <key>`")
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await abort_for(error, context)
+
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(deny, **serializers)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(deny, **serializers)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(deny, **serializers)
+        return grpc.stream_stream_rpc_method_handler(deny, **serializers)
+
+
+def _server_options(settings: ServeSettings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        # Gateways keep long-lived channels with keepalive pings; accept pings every 10 s (default: 5 min,
+        # then GOAWAY too_many_pings).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def _in_daemon_thread(fn: Callable[[], T]) -> Awaitable[T]:
+    """Run `fn` in a daemon thread (model loading must not keep a SIGTERMed process alive)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+    def target() -> None:
+        try:
+            value = fn()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, value, None)
+
+    threading.Thread(target=target, name="safety-load", daemon=True).start()
+    return future
+
+
+def warm_up(clf: Classifier) -> None:
+    """Run a short and a longer text through the device once (allocators, kernels, caches)."""
+    clf.classify([Item(text="warm up"), Item(text="warm up " * 200)])
+
+
+@dataclass
+class SafetyServer:
+    settings: ServeSettings
+    server: grpc.aio.Server
+    port: int
+    servicer: SafetyServicer
+    health: Any
+    metrics: Metrics
+    source: ClassifierSource = None  # a loaded Classifier, a loader, or None: load from settings
+    metrics_port: int | None = None
+    classifier: Classifier | None = None
+    scheduler: Scheduler | None = None
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        """Start serving (health NOT_SERVING), load and warm the model off the loop, then SERVING."""
+        await self.server.start()
+        if self.settings.metrics_address:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_address)
+        log.info("listening", extra={"port": self.port, "metrics_port": self.metrics_port})
+        s, source = self.settings, self.source
+        if isinstance(source, Classifier):
+            clf = source
+        else:
+            load = source or (
+                lambda: load_classifier(
+                    s.model,
+                    device=s.device,
+                    dtype=s.dtype,
+                    max_batch_tokens=s.max_batch_tokens,
+                    max_batch_sequences=s.max_batch_sequences,
+                )
+            )
+            clf = await _in_daemon_thread(load)
+        await _in_daemon_thread(lambda: warm_up(clf))
+        self.classifier = clf
+        self.scheduler = Scheduler(
+            clf,
+            max_wait_ms=s.max_wait_ms,
+            max_queue_tokens=s.max_queue_tokens,
+            max_queue_items=s.max_queue_items,
+            encode_threads=s.encode_threads,
+            metrics=self.metrics,
+        )
+        self.servicer.attach(clf, self.scheduler)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, SERVING)
+        log.info(
+            "serving",
+            extra={
+                "model": clf.name,
+                "device": clf.device,
+                "dtype": clf.dtype,
+                "backend": clf.backend,
+                "labels": clf.labels,
+                "max_batch_tokens": clf.limits.max_batch_tokens,
+            },
+        )
+
+    async def drain(self, grace: float | None = None) -> None:
+        """NOT_SERVING and UNAVAILABLE for new calls (the server still answers, so load balancers see the
+        state), wait up to `grace` seconds for in-flight calls, then stop everything. Idempotent."""
+        if self._stopped.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        grace = self.settings.drain_grace_s if grace is None else grace
+        deadline = loop.time() + grace
+        log.info("draining", extra={"grace_s": grace, "in_flight": self.servicer.active})
+        await self.health.enter_graceful_shutdown()
+        self.servicer.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.servicer.idle.wait(), grace)
+        await self.server.stop(max(0.0, deadline - loop.time()))
+        if self.scheduler is not None:
+            await loop.run_in_executor(None, self.scheduler.close)
+        self.metrics.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def create_server(settings: ServeSettings, classifier: ClassifierSource = None) -> SafetyServer:
+    """Build and bind the server (port 0 in `settings.address` picks a free port); `start()` serves.
+
+    `classifier`: an already loaded Classifier (tests share one), a zero-argument loader, or None to load
+    `settings.model` (the bundled default when unset) inside `start()`."""
+    metrics = Metrics()
+    servicer = SafetyServicer(settings, observer=metrics)
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics), ErrorInterceptor()]
+    if settings.api_key:
+        interceptors.append(ApiKeyInterceptor(settings.api_key))
+    server = grpc.aio.server(interceptors=interceptors, options=_server_options(settings))
+    pb2_grpc.add_SafetyClassifierServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    try:
+        if settings.tls_cert and settings.tls_key:
+            key, cert = Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes()
+            port = server.add_secure_port(settings.address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            port = server.add_insecure_port(settings.address)
+    except RuntimeError as e:  # grpc: "Failed to bind to address ..."
+        raise OSError(f"SAFETY_ADDRESS {settings.address}: cannot bind ({e})") from None
+    if not port:
+        raise OSError(f"SAFETY_ADDRESS {settings.address}: cannot bind")
+    return SafetyServer(settings, server, port, servicer, health_servicer, metrics, classifier)
+
+
+async def serve(settings: ServeSettings, classifier: ClassifierSource = None) -> int:
+    """The `safety serve` process: serve until SIGTERM/SIGINT, drain within the grace period, return 0."""
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        app = await create_server(settings, classifier)
+    except OSError as e:  # port taken, unreadable TLS files
+        log.error("startup failed: %s", e)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(app.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is not None:
+        exc = starting.exception()
+        log.error("startup failed: %s", exc, exc_info=None if isinstance(exc, SafetyError) else exc)
+        stopping.cancel()
+        await app.drain(0)
+        return 1
+    if not starting.done():
+        starting.cancel()
+        log.info("signal received while loading; exiting")
+    else:
+        await stopping
+        log.info("signal received")
+    await app.drain()
+    return 0
+
+
+__all__ = ["ApiKeyInterceptor", "SafetyServer", "create_server", "pb2", "serve", "warm_up"]

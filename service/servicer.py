@@ -1,0 +1,192 @@
+"""The `safety.v1.SafetyClassifier` servicer: parse -> validate -> submit -> map. Nothing else.
+
+Owns: protobuf <-> engine conversion (`items_from_proto`, `response_from_outcome`, `info_response`) and the
+request-level limits (item count, text size). Validation of the items themselves and of thresholds is the
+engine's (`coerce_items`, `resolve_thresholds`); batching is the scheduler's; status codes are
+service/errors.py's (handlers just raise `SafetyError`s). Must not know: threads, torch, prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+
+from model import Classifier, Item
+from model.errors import InvalidInputError, UnavailableError
+from service.scheduler import Outcome, Scheduler
+from service.settings import ServeSettings
+from service.stubs import pb2, pb2_grpc
+
+log = logging.getLogger("safety.service")
+
+ROLES = {pb2.ROLE_UNSPECIFIED: "prompt", pb2.ROLE_PROMPT: "prompt", pb2.ROLE_RESPONSE: "response"}
+
+
+class ClassifiedObserver:
+    """What the servicer reports per successful Classify (the Metrics object satisfies it)."""
+
+    def classified(self, items: int, tokens: int, flagged: int) -> None:
+        pass
+
+
+def items_from_proto(request: Any, max_items: int, max_text_chars: int) -> list[Item]:
+    """ClassifyRequest.items -> engine Items, enforcing the request-level limits."""
+    n = len(request.items)
+    if n == 0:
+        raise InvalidInputError("at least one item is required", field="items")
+    if n > max_items:
+        raise InvalidInputError(
+            f"{n} items, more than the limit of {max_items} per request; split it or use a batch job",
+            field="items",
+        )
+    items = []
+    for i, it in enumerate(request.items):
+        if len(it.text) > max_text_chars:
+            raise InvalidInputError(
+                f"{len(it.text)} characters, more than the limit of {max_text_chars}", index=i, field="text"
+            )
+        if len(it.context) > max_text_chars:
+            raise InvalidInputError(
+                f"{len(it.context)} characters, more than the limit of {max_text_chars}",
+                index=i,
+                field="context",
+            )
+        role = ROLES.get(it.role)
+        if role is None:
+            raise InvalidInputError(
+                f"unknown role {it.role}; use ROLE_PROMPT or ROLE_RESPONSE", index=i, field="role"
+            )
+        items.append(Item(text=it.text, role=role, context=it.context or None, id=it.id or str(i)))
+    return items
+
+
+def response_from_outcome(
+    outcome: Outcome, labels: list[str], thresholds: Mapping[str, float], raw_scores: bool, model: str
+) -> Any:
+    results = []
+    for r in outcome.results:
+        scores = []
+        for label in labels:
+            start, end = r.spans[label]
+            scores.append(
+                pb2.LabelScore(
+                    label=label,
+                    score=r.logits[label] if raw_scores else r.scores[label],
+                    flagged=label in r.flagged_labels,
+                    threshold=thresholds[label],
+                    span=pb2.Span(start=start, end=end),
+                    logit=r.logits[label],
+                )
+            )
+        results.append(
+            pb2.Result(
+                id=r.id or "",
+                flagged=r.flagged,
+                scores=scores,
+                tokens=r.tokens,
+                windows=r.windows,
+                flagged_labels=r.flagged_labels,
+            )
+        )
+    timing = pb2.Timing(
+        tokenize_ms=outcome.tokenize_s * 1e3,
+        queue_ms=outcome.queue_s * 1e3,
+        inference_ms=outcome.inference_s * 1e3,
+    )
+    return pb2.ClassifyResponse(results=results, model=model, timing=timing)
+
+
+def info_response(clf: Classifier, settings: ServeSettings, scheduler: Scheduler) -> Any:
+    info = clf.info()
+    lim = clf.limits
+    return pb2.InfoResponse(
+        model=info["name"],
+        labels=info["labels"],
+        thresholds=info["thresholds"],
+        limits=pb2.Limits(
+            max_items=settings.max_items,
+            max_text_chars=settings.max_text_chars,
+            max_tokens=lim.max_tokens,
+            window_overlap=lim.window_overlap,
+            max_context_tokens=lim.max_context_tokens,
+            max_batch_tokens=lim.max_batch_tokens,
+            max_batch_sequences=lim.max_batch_sequences,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue_tokens=scheduler.max_queue_tokens,
+            max_queue_items=scheduler.max_queue_items,
+            max_message_bytes=settings.max_message_bytes,
+        ),
+        device=info["device"],
+        dtype=info["dtype"],
+        backend=info["backend"],
+        version=info["version"],
+        multi_label=info["multi_label"],
+    )
+
+
+class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
+    def __init__(self, settings: ServeSettings, observer: ClassifiedObserver | None = None) -> None:
+        self.settings = settings
+        self.observer = observer or ClassifiedObserver()
+        self.clf: Classifier | None = None
+        self.scheduler: Scheduler | None = None
+        self.draining = False
+        self.active = 0  # Classify calls in flight
+        self.idle = asyncio.Event()  # set while no Classify call is in flight
+        self.idle.set()
+
+    def attach(self, clf: Classifier, scheduler: Scheduler) -> None:
+        self.clf, self.scheduler = clf, scheduler
+
+    def _ready(self) -> tuple[Classifier, Scheduler]:
+        if self.draining:
+            raise UnavailableError("server is draining; retry on another replica")
+        if self.clf is None or self.scheduler is None:
+            raise UnavailableError("model is still loading; retry shortly")
+        return self.clf, self.scheduler
+
+    async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        clf, scheduler = self._ready()
+        self.active += 1
+        self.idle.clear()
+        try:
+            return await self._classify(clf, scheduler, request, context, start)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self.idle.set()
+
+    async def _classify(
+        self,
+        clf: Classifier,
+        scheduler: Scheduler,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        start: float,
+    ) -> Any:
+        items = clf.coerce_items(
+            items_from_proto(request, self.settings.max_items, self.settings.max_text_chars)
+        )
+        thresholds = clf.resolve_thresholds(dict(request.thresholds))
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        outcome = await scheduler.submit(items, thresholds, deadline)
+        response = response_from_outcome(outcome, clf.labels, thresholds, request.raw_scores, clf.name)
+        response.timing.total_ms = (time.perf_counter() - start) * 1e3
+        tokens, flagged = sum(r.tokens for r in outcome.results), sum(r.flagged for r in outcome.results)
+        self.observer.classified(len(items), tokens, flagged)
+        log.debug(
+            "classified",
+            extra={"items": len(items), "tokens": tokens, "flagged": flagged, "ms": response.timing.total_ms},
+        )
+        return response
+
+    async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        clf, scheduler = self._ready()
+        return info_response(clf, self.settings, scheduler)

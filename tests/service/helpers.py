@@ -1,0 +1,54 @@
+"""Helpers for the service tests: a background event loop, polling with a timeout, request builders."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from service.stubs import pb2
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; `run(coro)` blocks the caller until the coroutine is done."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
+        return self.submit(coro).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `predicate` every few milliseconds until it holds; fail after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+
+
+def request(*texts: str, **kwargs: Any) -> Any:
+    return pb2.ClassifyRequest(items=[pb2.Item(text=t) for t in texts], **kwargs)
+
+
+def queued(scheduler: Any) -> int:
+    """Items tokenized and waiting in the scheduler's queue (not those still being tokenized)."""
+    stats = scheduler.stats()
+    return stats["queued_items"] - stats["tokenizing_items"]
+
+
+def in_queue(app: Any) -> int:
+    return queued(app.scheduler)

@@ -1,0 +1,158 @@
+"""Every error the API promises: its status code and a message naming the offending field."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import grpc
+import pytest
+
+from service.errors import STATUS_CODES, status_for
+from service.stubs import pb2
+from tests.service.helpers import request
+
+MAX_ITEMS, MAX_CHARS = 4, 1000
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+RESPONSE = pb2.ROLE_RESPONSE
+
+
+@pytest.fixture(scope="module")
+def limited(start_server: Any) -> Any:
+    return start_server(max_items=MAX_ITEMS, max_text_chars=MAX_CHARS)
+
+
+@pytest.fixture
+def limited_stub(limited: Any, stub_for: Any) -> Any:
+    return stub_for(limited)
+
+
+def call_error(stub: Any, req: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Classify(req, timeout=10)
+    return err.value
+
+
+@pytest.mark.parametrize(
+    ("req", "where", "words"),
+    [
+        (pb2.ClassifyRequest(), "items", "at least one item"),
+        (request(*["x"] * (MAX_ITEMS + 1)), "items", f"limit of {MAX_ITEMS}"),
+        (request("ok", ""), "items[1].text", "empty"),
+        (request("ok", "   \n"), "items[1].text", "empty"),
+        (request("ok", "ok", "y" * (MAX_CHARS + 1)), "items[2].text", f"limit of {MAX_CHARS}"),
+        (
+            pb2.ClassifyRequest(items=[pb2.Item(text="a", role=RESPONSE, context="c" * (MAX_CHARS + 1))]),
+            "items[0].context",
+            f"limit of {MAX_CHARS}",
+        ),
+        (
+            pb2.ClassifyRequest(items=[pb2.Item(text="ok"), pb2.Item(text="hi", context="the prompt")]),
+            "items[1].context",
+            "only allowed on role 'response'",
+        ),
+        (
+            pb2.ClassifyRequest(items=[pb2.Item(text="hi", role=pb2.ROLE_PROMPT, context="the prompt")]),
+            "items[0].context",
+            "only allowed",
+        ),
+        (pb2.ClassifyRequest(items=[pb2.Item(text="hi", role=7)]), "items[0].role", "unknown role 7"),
+        (request("ok", thresholds={"toxicity": 0.5}), "thresholds.toxicity", "unknown label"),
+        (request("ok", thresholds={"hate": 1.5}), "thresholds.hate", "[0, 1]"),
+        (request("ok", thresholds={"hate": -0.01}), "thresholds.hate", "[0, 1]"),
+        (request("ok", thresholds={"hate": float("nan")}), "thresholds.hate", "[0, 1]"),
+    ],
+    ids=[
+        "no-items", "too-many-items", "empty-text", "blank-text", "text-too-long", "context-too-long",
+        "context-on-unspecified-role", "context-on-prompt", "unknown-role", "unknown-label",
+        "threshold-above-1", "threshold-below-0", "threshold-nan",
+    ],
+)  # fmt: skip
+def test_invalid_argument_names_field(limited_stub: Any, req: Any, where: str, words: str) -> None:
+    err = call_error(limited_stub, req)
+    assert err.code() == INVALID
+    assert err.details().startswith(f"{where}: "), err.details()
+    assert words in err.details()
+
+
+def test_valid_request_at_the_limits_passes(limited_stub: Any) -> None:
+    response = limited_stub.Classify(
+        request(*["z" * MAX_CHARS] * MAX_ITEMS, thresholds={"hate": 1.0}), timeout=30
+    )
+    assert len(response.results) == MAX_ITEMS
+
+
+def test_request_larger_than_the_whole_queue_is_invalid(start_server: Any, stub_for: Any) -> None:
+    app = start_server(max_queue_tokens=2048)
+    err = call_error(stub_for(app), request("a b c d e f g h " * 600))
+    assert err.code() == INVALID
+    assert err.details().startswith("items: ") and "queue bound (2048)" in err.details()
+
+
+def test_request_with_more_items_than_the_queue_holds_is_invalid(start_server: Any, stub_for: Any) -> None:
+    app = start_server(max_queue_items=2)
+    err = call_error(stub_for(app), request("a", "b", "c"))
+    assert err.code() == INVALID
+    assert err.details().startswith("items: 3 items") and "queue bound (2)" in err.details()
+
+
+def test_unexpected_exception_is_internal_with_logged_error_id(
+    start_server: Any, stub_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = start_server()
+
+    class Exploding:
+        def __init__(self, clf: Any) -> None:
+            self._clf = clf
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._clf, name)
+
+        def forward(self, sequences: list[list[int]]) -> Any:
+            raise RuntimeError("kernel exploded")
+
+    app.scheduler.clf = Exploding(app.scheduler.clf)
+    with caplog.at_level(logging.ERROR, logger="safety.service"):
+        err = call_error(stub_for(app), request("hello"))
+    assert err.code() == grpc.StatusCode.INTERNAL
+    assert "kernel exploded" not in err.details()  # no internals leak to the caller
+    match = re.search(r"error id ([0-9a-f]{16})", err.details())
+    assert match, err.details()
+    logged = [r for r in caplog.records if getattr(r, "error_id", None) == match.group(1)]
+    assert logged and logged[0].exc_info and "kernel exploded" in str(logged[0].exc_info[1])
+
+
+def test_unavailable_while_loading(loop_thread: Any, stub_for: Any, tiny_classifier: Any) -> None:
+    from service.server import create_server
+    from service.settings import ServeSettings
+
+    app = loop_thread.run(create_server(ServeSettings(address="127.0.0.1:0", metrics_address=None)))
+    loop_thread.run(app.server.start())  # serving, but no model attached yet
+    try:
+        err = call_error(stub_for(app), request("hello"))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.details()
+    finally:
+        loop_thread.run(app.drain(0))
+
+
+def test_one_table_maps_the_hierarchy() -> None:
+    from model import errors
+
+    assert status_for(errors.InvalidInputError("x", field="f")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_for(errors.OverloadedError("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_for(errors.UnavailableError("x")) == grpc.StatusCode.UNAVAILABLE
+    assert status_for(errors.DeadlineExceededError("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert status_for(errors.UnauthenticatedError("x")) == grpc.StatusCode.UNAUTHENTICATED
+    assert status_for(errors.ModelNotFoundError("x")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_for(ValueError("x")) == grpc.StatusCode.INTERNAL
+    # every deliberate error class has a code
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, errors.SafetyError) and cls is not errors.SafetyError:
+            assert any(issubclass(cls, c) for c, _ in STATUS_CODES), cls
+
+
+def test_message_over_the_size_limit_is_refused_by_grpc(start_server: Any, stub_for: Any) -> None:
+    app = start_server(max_message_bytes=1024)
+    err = call_error(stub_for(app), request("x" * 2000))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

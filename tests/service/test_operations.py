@@ -1,0 +1,261 @@
+"""What a gateway operator relies on: health states, reflection, metrics, API key, TLS, deadlines, admission
+and draining — each against a real server on port 0."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from service.client import SafetyClient
+from service.server import SafetyServer, create_server
+from service.settings import ServeSettings
+from service.stubs import SERVICE_NAME, pb2
+from tests.service.helpers import in_queue, request, wait_until
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health_status(port: int, service: str = "") -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def scrape(app: SafetyServer) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def metric_value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
+    raise AssertionError(f"{name} not in metrics")
+
+
+def test_health_not_serving_until_loaded_then_serving_then_draining(
+    loop_thread: Any, tiny_classifier: Any, stub_for: Any
+) -> None:
+    loaded = threading.Event()
+
+    def slow_loader() -> Any:
+        assert loaded.wait(30)
+        return tiny_classifier
+
+    app = loop_thread.run(
+        create_server(ServeSettings(address="127.0.0.1:0", metrics_address=None), slow_loader)
+    )
+    starting = loop_thread.submit(app.start())
+    try:
+        wait_until(lambda: _answers(app.port), what="server up")
+        assert health_status(app.port) == NOT_SERVING
+        assert health_status(app.port, SERVICE_NAME) == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub_for(app).Classify(request("hi"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        loaded.set()
+        starting.result(30)
+        assert health_status(app.port) == SERVING
+        assert health_status(app.port, SERVICE_NAME) == SERVING
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:  # Watch streams the state too
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            assert next(watch).status == SERVING
+            watch.cancel()
+
+        # Drain with a call in flight: NOT_SERVING and UNAVAILABLE for new calls while it finishes.
+        stub = stub_for(app)
+        app.scheduler.hold_runner()
+        in_flight = stub.Classify.future(request("still running"), timeout=30)
+        wait_until(lambda: in_queue(app) == 1, what="call queued")
+        draining = loop_thread.submit(app.drain(30))
+        wait_until(lambda: health_status(app.port) == NOT_SERVING, what="NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(request("new call"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
+        assert not draining.done()
+        app.scheduler.release_runner()
+        assert len(in_flight.result(30).results) == 1
+        draining.result(30)
+    finally:
+        loaded.set()
+        if app.scheduler is not None:
+            app.scheduler.release_runner()
+        loop_thread.run(app.drain(0))
+
+
+def _answers(port: int) -> bool:
+    try:
+        health_status(port)
+    except grpc.RpcError:
+        return False
+    return True
+
+
+def test_reflection_lists_the_service(server: SafetyServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = db.get_services()
+        assert SERVICE_NAME in services and "grpc.health.v1.Health" in services
+        file = db.FindFileContainingSymbol(SERVICE_NAME)
+        methods = {m.name for s in file.service for m in s.method}
+        assert {"Classify", "Info"} <= methods
+
+
+def test_metrics_after_calls(server: SafetyServer, stub: Any) -> None:
+    stub.Classify(request("one", "two", "three"), timeout=30)
+    with pytest.raises(grpc.RpcError):
+        stub.Classify(pb2.ClassifyRequest(), timeout=10)
+    # An aborted call's status reaches the client before the server-side interceptor counts it: poll.
+    invalid = 'safety_requests_total{code="INVALID_ARGUMENT",method="Classify"}'
+    wait_until(lambda: invalid in scrape(server), what="the INVALID_ARGUMENT call counted")
+    text = scrape(server)
+    assert metric_value(text, 'safety_requests_total{code="OK",method="Classify"}') >= 1
+    assert metric_value(text, invalid) >= 1
+    assert metric_value(text, "safety_items_total") >= 3
+    assert metric_value(text, "safety_tokens_total") >= 3
+    assert metric_value(text, "safety_batch_size_count") >= 1
+    assert metric_value(text, "safety_batch_tokens_sum") >= 3
+    assert metric_value(text, "safety_queue_wait_seconds_count") >= 3
+    assert metric_value(text, "safety_inference_seconds_count") >= 1
+    assert metric_value(text, "safety_tokenize_seconds_count") >= 1
+    assert metric_value(text, "safety_queue_items") == 0
+    assert 'safety_request_duration_seconds_bucket{le="0.005",method="Classify"}' in text
+
+
+def test_api_key(start_server: Any) -> None:
+    app = start_server(api_key="s3cret")
+    target = f"127.0.0.1:{app.port}"
+    for key in (None, "wrong"):
+        with SafetyClient(target, api_key=key) as client, pytest.raises(grpc.RpcError) as err:
+            client.classify(["hi"])
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "authorization: Bearer" in err.value.details()
+    with SafetyClient(target, api_key="s3cret") as client:
+        assert len(client.classify(["hi"])) == 1
+        assert client.info()["labels"]
+    assert health_status(app.port) == SERVING  # probes carry no key
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as err:
+        ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls(start_server: Any, self_signed: tuple[Path, Path]) -> None:
+    cert, key = self_signed
+    app = start_server(tls_cert=str(cert), tls_key=str(key))
+    with SafetyClient(f"localhost:{app.port}", ca=cert, server_name="localhost") as client:
+        [result] = client.classify(["over TLS"])
+        assert set(result["scores"]) == set(client.info()["labels"])
+    with SafetyClient(f"127.0.0.1:{app.port}", timeout=5) as plain, pytest.raises(grpc.RpcError) as err:
+        plain.classify(["no TLS"])
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture(scope="module")
+def small_queue(start_server: Any) -> SafetyServer:
+    return start_server(max_queue_items=8, max_queue_tokens=4096)
+
+
+def test_deadline_expiring_in_queue_is_never_computed(small_queue: SafetyServer, stub_for: Any) -> None:
+    app, stub = small_queue, stub_for(small_queue)
+    before = app.scheduler.stats()
+    app.scheduler.hold_runner()
+    try:
+        call = stub.Classify.future(request("this call times out while queued"), timeout=1.0)
+        wait_until(lambda: in_queue(app) == 1, what="call queued")
+        with pytest.raises(grpc.RpcError) as err:
+            call.result(10)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: in_queue(app) == 0, what="expired call dropped")
+    finally:
+        app.scheduler.release_runner()
+    # The runner is free again: a fresh call computes exactly its own window, nothing of the expired one.
+    assert len(stub.Classify(request("fresh"), timeout=30).results) == 1
+    after = app.scheduler.stats()
+    assert after["sequences_run"] - before["sequences_run"] == 1
+    text = scrape(app)
+    assert (
+        sum(
+            metric_value(text, f'safety_dropped_windows_total{{reason="{r}"}}')
+            for r in ("cancelled", "deadline")
+            if f'reason="{r}"' in text
+        )
+        >= 1
+    )
+
+
+def test_burst_over_admission_bound_is_refused_at_once_while_the_rest_is_served(
+    small_queue: SafetyServer, stub_for: Any
+) -> None:
+    app, stub = small_queue, stub_for(small_queue)
+    bound = app.scheduler.max_queue_items
+    app.scheduler.hold_runner()  # nothing leaves the queue until the burst has been judged
+    try:
+        futures = [stub.Classify.future(request(f"burst call {i}"), timeout=30) for i in range(5 * bound)]
+        wait_until(lambda: sum(f.done() for f in futures) == 4 * bound, what="excess refused")
+        refused = [f for f in futures if f.done()]
+        for f in refused:
+            assert f.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue full" in f.exception().details()
+        assert app.scheduler.stats()["queued_items"] == bound
+        # still answering other rpcs during the overload
+        assert list(stub.Info(pb2.InfoRequest(), timeout=5).labels)
+    finally:
+        app.scheduler.release_runner()
+    admitted = [f for f in futures if f not in refused]
+    assert len(admitted) == bound
+    for f in admitted:
+        assert len(f.result(30).results) == 1
+    exhausted = 'safety_requests_total{code="RESOURCE_EXHAUSTED",method="Classify"}'
+
+    def counted() -> bool:
+        text = scrape(app)
+        return exhausted in text and metric_value(text, exhausted) >= 4 * bound
+
+    wait_until(counted, what="refusals counted")
+
+
+def test_token_bound_refuses_with_resource_exhausted(
+    small_queue: SafetyServer, stub_for: Any, tiny_classifier: Any
+) -> None:
+    from model import Item
+
+    app, stub = small_queue, stub_for(small_queue)
+    big, bound = "the quick brown fox", app.scheduler.max_queue_tokens
+    while sum(len(w) for w in tiny_classifier.encode([Item(text=big)])[0].windows) < 0.6 * bound:
+        big += " jumps over the lazy dog"
+    app.scheduler.hold_runner()
+    try:
+        first = stub.Classify.future(request(big), timeout=30)
+        wait_until(lambda: in_queue(app) == 1, what="first call queued")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(request(big), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        app.scheduler.release_runner()
+    assert first.result(30).results[0].windows >= 1

@@ -1,0 +1,118 @@
+"""The scheduler on its own (no gRPC): splitting a request over batches, its own deadline expiry,
+cancellation, batch failures and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from model import Item
+from model.errors import DeadlineExceededError, UnavailableError
+from service.scheduler import Scheduler
+from tests.service.helpers import queued, wait_until
+
+
+@pytest.fixture
+def scheduler(tiny_classifier: Any) -> Any:
+    s = Scheduler(tiny_classifier, max_wait_ms=2.0, encode_threads=1)
+    yield s
+    s.close()
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def test_items_of_one_request_span_several_batches(scheduler: Any, tiny_classifier: Any) -> None:
+    scheduler.max_batch_sequences = 2  # force at least 3 batches for 5 items
+    items = [Item(text=f"item number {i} " * (i + 1), id=f"i{i}") for i in range(5)]
+    th = tiny_classifier.resolve_thresholds(None)
+    outcome = asyncio.run(scheduler.submit(items, th))
+    assert scheduler.batches_run >= 3
+    want = tiny_classifier.classify(items)
+    assert [r.id for r in outcome.results] == [f"i{i}" for i in range(5)]
+    for got, w in zip(outcome.results, want, strict=True):
+        assert got.scores == pytest.approx(w.scores, abs=1e-5)
+        assert got.flagged_labels == w.flagged_labels
+
+
+def test_scheduler_expires_a_queued_deadline_itself(scheduler: Any, tiny_classifier: Any) -> None:
+    th = tiny_classifier.resolve_thresholds(None)
+    scheduler.hold_runner()
+
+    async def main() -> None:
+        with pytest.raises(DeadlineExceededError, match="not computed"):
+            await scheduler.submit([Item(text="late")], th, deadline=time.monotonic() + 0.2)
+
+    asyncio.run(main())
+    assert scheduler.stats()["queued_items"] == 0
+    scheduler.release_runner()
+    assert scheduler.sequences_run == 0
+
+
+def test_cancelled_call_leaves_the_queue(scheduler: Any, tiny_classifier: Any) -> None:
+    th = tiny_classifier.resolve_thresholds(None)
+    scheduler.hold_runner()
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.submit([Item(text="a"), Item(text="b")], th))
+        await until(lambda: queued(scheduler) == 2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert scheduler.stats() | {"batches_run": 0} == {
+            "queued_items": 0, "tokenizing_items": 0, "queued_tokens": 0, "pending_windows": 0,
+            "batches_run": 0, "sequences_run": 0,
+        }  # fmt: skip
+
+    asyncio.run(main())
+    scheduler.release_runner()
+    outcome = asyncio.run(scheduler.submit([Item(text="after")], th))
+    assert len(outcome.results) == 1 and scheduler.sequences_run == 1
+
+
+def test_failed_batch_fails_its_calls_and_the_scheduler_goes_on(scheduler: Any, tiny_classifier: Any) -> None:
+    th = tiny_classifier.resolve_thresholds(None)
+    real = scheduler.clf
+
+    class Once:
+        calls = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def forward(self, seqs: list[list[int]]) -> Any:
+            Once.calls += 1
+            if Once.calls == 1:
+                raise RuntimeError("device fault")
+            return real.forward(seqs)
+
+    scheduler.clf = Once()
+    with pytest.raises(RuntimeError, match="device fault"):
+        asyncio.run(scheduler.submit([Item(text="x")], th))
+    assert len(asyncio.run(scheduler.submit([Item(text="y")], th)).results) == 1
+    assert scheduler.stats()["queued_items"] == 0
+
+
+def test_close_fails_queued_calls_with_unavailable(tiny_classifier: Any) -> None:
+    scheduler = Scheduler(tiny_classifier, encode_threads=1)
+    th = tiny_classifier.resolve_thresholds(None)
+    scheduler.hold_runner()
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.submit([Item(text="queued at shutdown")], th))
+        await until(lambda: queued(scheduler) == 1)
+        await asyncio.get_running_loop().run_in_executor(None, scheduler.close)
+        with pytest.raises(UnavailableError):
+            await task
+        with pytest.raises(UnavailableError):
+            await scheduler.submit([Item(text="too late")], th)
+
+    asyncio.run(main())
+    wait_until(lambda: not any(t.is_alive() for t in scheduler._threads), what="threads stopped")
