@@ -1,9 +1,23 @@
 """safety-classifier's engine: a ModernBERT sequence classifier on packed token streams.
 
 Public API: `load_classifier`, `Classifier`, `Item`, `Result`, `Limits` (see docs/engine-api.md).
-Knows nothing of gRPC, Celery or Redis.
+Knows nothing of gRPC, Celery or Redis. The names load lazily, so torch-free modules (`model.errors`,
+`model.planner`, `model.windows`) can be imported — by the job client, say — without importing torch.
 """
 
-from model.classifier import Classifier, Encoded, Item, Limits, Result, load_classifier
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model.classifier import Classifier, Encoded, Item, Limits, Result, load_classifier
 
 __all__ = ["Classifier", "Encoded", "Item", "Limits", "Result", "load_classifier"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from model import classifier
+
+        return getattr(classifier, name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

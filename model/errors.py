@@ -59,3 +59,8 @@ class NotFoundError(SafetyError):
 
 class UnauthenticatedError(SafetyError):
     """Missing or wrong credentials."""
+
+
+class UnsupportedError(SafetyError):
+    """A feature this installation does not offer, e.g. the jobs API on a server installed without the
+    worker extra (celery, redis)."""

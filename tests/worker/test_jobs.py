@@ -1,0 +1,224 @@
+"""The job client and the job store against a real, fresh Redis; no worker: tests write chunk results."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from model.errors import DeadlineExceededError, InvalidInputError, NotFoundError, UnavailableError
+from tests.worker.harness import RedisServer, free_port, make_items
+from worker.app import TASK_NAME
+from worker.jobs import JobClient
+from worker.store import DEAD_LETTER, JobKeys, failed_line, result_line
+
+Client = Callable[..., JobClient]
+
+
+def fake_result(index: int, item_id: str | None = None) -> str:
+    """A result line as a worker would write it (content is irrelevant to the store)."""
+    return json.dumps(result_line(index, {"id": item_id, "scores": {"x": index / 100}}))
+
+
+def queued_messages(server: RedisServer, queue: str) -> list[dict[str, Any]]:
+    return [json.loads(m) for m in server.client().lrange(queue, 0, -1)]
+
+
+def test_invalid_items_are_refused_before_anything_is_queued(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    client = job_client(redis_server.url, queue="q")
+    items = [*make_items(7), {"text": "fine", "role": "moderator"}, *make_items(3)]
+    with pytest.raises(InvalidInputError) as e:
+        client.submit(items, job_id="bad-job")
+    assert (e.value.index, e.value.field) == (7, "role")
+    assert redis_server.client().dbsize() == 0  # no job record, no items, no message
+
+
+@pytest.mark.parametrize("job_id", ["", "-leading-dash", "has space", "x" * 129, "a/b", "{tag}"])
+def test_job_ids_are_checked(job_id: str, redis_server: RedisServer, job_client: Client) -> None:
+    client = job_client(redis_server.url)
+    with pytest.raises(InvalidInputError) as e:
+        client.submit(make_items(1), job_id=job_id)
+    assert e.value.field == "job_id"
+    with pytest.raises(InvalidInputError):
+        client.status(job_id)
+
+
+def test_submit_queues_one_json_task_per_chunk(redis_server: RedisServer, job_client: Client) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=10)
+    submitted = client.submit(make_items(25), job_id="j1")
+    st = submitted.status
+    assert (st.state, st.total, st.done, st.failed, st.chunks, submitted.sent) == ("queued", 25, 0, 0, 3, 3)
+    messages = queued_messages(redis_server, "q")
+    assert all(m["content-type"] == "application/json" for m in messages)
+    assert sorted(m["headers"]["id"] for m in messages) == ["j1.0", "j1.1", "j1.2"]
+    assert {m["headers"]["task"] for m in messages} == {TASK_NAME}
+    stored = client.store.items("j1", range(25))
+    assert stored[3] == {"role": "prompt", **make_items(25)[3]}
+
+
+def test_resubmitting_resumes_and_never_queues_a_chunk_twice(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=10)
+    items = make_items(25)
+    client.submit(items, job_id="j2")
+    again = client.submit(items, job_id="j2")
+    assert again.resumed and again.sent == 0
+    assert len(queued_messages(redis_server, "q")) == 3
+    # An interrupted submission: chunk 2 was never sent.
+    r = redis_server.client()
+    r.srem(JobKeys("j2").enqueued, 2)
+    (lost,) = [m for m in r.lrange("q", 0, -1) if json.loads(m)["headers"]["id"] == "j2.2"]
+    r.lrem("q", 1, lost)
+    resumed = client.submit(items, job_id="j2")
+    assert resumed.resumed and resumed.sent == 1
+    assert sorted(m["headers"]["id"] for m in queued_messages(redis_server, "q")) == ["j2.0", "j2.1", "j2.2"]
+    with pytest.raises(InvalidInputError, match="already exists with different items") as e:
+        client.submit(make_items(25, prefix="other"), job_id="j2")
+    assert e.value.field == "job_id"
+
+
+def test_every_key_of_a_job_has_a_ttl(redis_server: RedisServer, job_client: Client) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=4, result_ttl_s=100)
+    client.submit(make_items(10), job_id="ttl")
+    store = client.store
+    start = store.start_chunk("ttl", 0, time.time())
+    store.record_error("ttl", 0, "boom")
+    store.write("ttl", [(i, fake_result(i), False) for i in range(start.lo, start.hi)], time.time())
+    ttls = store.ttls("ttl")
+    assert set(ttls) == set(JobKeys("ttl").all())
+    assert all(0 < t <= 100 for t in ttls.values()), ttls
+
+
+def test_redelivered_results_count_once_and_the_job_finishes(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=3, result_ttl_s=50)
+    client.submit(make_items(5), job_id="idem")
+    store = client.store
+    first = store.start_chunk("idem", 0, time.time())
+    assert (first.action, first.attempt, first.lo, first.hi) == ("run", 1, 0, 3)
+    assert store.start_chunk("idem", 0, time.time()).attempt == 2  # a redelivery counts an attempt
+    w1 = store.write("idem", [(i, fake_result(i, "first"), False) for i in range(3)], time.time(), "m1")
+    w2 = store.write("idem", [(i, fake_result(i, "second"), False) for i in range(3)], time.time(), "m2")
+    assert (w1.ok, w2.ok) == (3, 0)
+    assert store.start_chunk("idem", 0, time.time()).action == "complete"
+    st = client.status("idem")
+    assert (st.state, st.done, st.failed, st.model) == ("running", 3, 0, "m1")
+    store.write("idem", [(3, fake_result(3), False), (4, json.dumps(failed_line(4, "x", "why")), True)], 1.0)
+    st = client.status("idem")
+    assert (st.state, st.done, st.failed, st.finished_at) == ("done", 4, 1, 1.0)
+    lines = list(client.results("idem"))
+    assert [line["index"] for line in lines] == [0, 1, 2, 3, 4]
+    assert lines[0]["id"] == "first" and lines[4]["error"] == "why"
+    assert not redis_server.client().exists(JobKeys("idem").items)  # item texts are dropped once finished
+
+
+def test_all_items_failed_means_the_job_failed(redis_server: RedisServer, job_client: Client) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=10)
+    client.submit(make_items(2), job_id="allbad")
+    client.store.write("allbad", [(i, json.dumps(failed_line(i, None, "no")), True) for i in range(2)], 2.0)
+    assert client.status("allbad").state == "failed"
+
+
+def test_a_write_never_recreates_a_vanished_job(redis_server: RedisServer, job_client: Client) -> None:
+    client = job_client(redis_server.url, queue="q")
+    client.submit(make_items(3), job_id="gone")
+    redis_server.client().flushall()  # what a Redis restart without persistence leaves
+    store = client.store
+    assert store.start_chunk("gone", 0, time.time()).action == "gone"
+    assert store.write("gone", [(0, fake_result(0), False)], time.time()).state == "gone"
+    store.record_error("gone", 0, "late error")
+    store.dead_letter("gone", 0, 3, "late", time.time())
+    assert redis_server.client().keys("safety:job:*") == []
+    assert json.loads(redis_server.client().lindex(DEAD_LETTER, 0))["job_id"] == "gone"
+
+
+def test_cancel_skips_the_rest_and_says_so_per_item(redis_server: RedisServer, job_client: Client) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    client.submit(make_items(5, prefix="c"), job_id="cancel-me")
+    client.store.write(
+        "cancel-me", [(0, fake_result(0, "c-0"), False), (1, fake_result(1, "c-1"), False)], 1.0
+    )
+    st = client.cancel("cancel-me")
+    assert (st.state, st.done, st.finished) == ("cancelled", 2, True)
+    assert client.cancel("cancel-me").state == "cancelled"
+    assert client.store.start_chunk("cancel-me", 1, time.time()).action == "cancelled"
+    assert client.store.write("cancel-me", [(2, fake_result(2), False)], 2.0).state == "cancelled"
+    lines = list(client.results("cancel-me", timeout=5))
+    assert [(line["index"], line["id"]) for line in lines] == [(i, f"c-{i}") for i in range(5)]
+    assert [line["error"] is None for line in lines] == [True, True, False, False, False]
+    assert lines[3]["error"].startswith("cancelled") and lines[3]["scores"] is None
+    with pytest.raises(NotFoundError):
+        client.cancel("no-such-job")
+
+
+def test_results_stream_in_item_order_as_chunks_land(redis_server: RedisServer, job_client: Client) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=4)
+    client.submit(make_items(12), job_id="order")
+    landed = threading.Event()
+
+    def workers() -> None:  # chunks complete out of order: 2, then 0, then 1
+        for chunk in (2, 0, 1):
+            time.sleep(0.1)
+            lo = chunk * 4
+            client.store.write("order", [(i, fake_result(i), False) for i in range(lo, lo + 4)], time.time())
+        landed.set()
+
+    thread = threading.Thread(target=workers)
+    thread.start()
+    got = [line["index"] for line in client.results("order", timeout=20, poll_s=0.02)]
+    thread.join()
+    assert landed.is_set() and got == list(range(12))
+    assert [line["index"] for line in client.results("order", start=10)] == [10, 11]
+
+
+def test_waiting_is_bounded(redis_server: RedisServer, job_client: Client) -> None:
+    client = job_client(redis_server.url, queue="nobody-listens")
+    client.submit(make_items(3), job_id="slow")
+    with pytest.raises(DeadlineExceededError, match="still queued"):
+        client.wait("slow", timeout=0.3, poll_s=0.05)
+    with pytest.raises(DeadlineExceededError, match="result 0 not ready"):
+        list(client.results("slow", timeout=0.3, poll_s=0.05))
+
+
+def test_a_job_that_disappears_is_reported_lost(redis_server: RedisServer, job_client: Client) -> None:
+    client = job_client(redis_server.url, queue="nobody-listens")
+    client.submit(make_items(3), job_id="lost")
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            client.wait("lost", timeout=30, poll_s=0.05)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.2)
+    redis_server.client().flushall()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert isinstance(errors[0], NotFoundError) and "disappeared while queued" in str(errors[0])
+    with pytest.raises(NotFoundError, match="lost when Redis restarted without persistence"):
+        client.status("lost")
+
+
+def test_redis_down_is_unavailable_at_once(job_client: Client) -> None:
+    client = job_client(f"redis://:secret@127.0.0.1:{free_port()}/0")
+    for call in (
+        lambda: client.submit(make_items(2)),
+        lambda: client.status("x"),
+        lambda: client.cancel("x"),
+    ):
+        began = time.monotonic()
+        with pytest.raises(UnavailableError, match="is unreachable") as e:
+            call()
+        assert time.monotonic() - began < 10
+        assert "secret" not in str(e.value)

@@ -1,0 +1,160 @@
+"""Jobs end to end: real Redis, real `celery worker` subprocesses, the `safety` command line."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from model.errors import NotFoundError
+from tests.worker.harness import (
+    RedisServer,
+    Worker,
+    assert_job_output,
+    expected_lines,
+    make_items,
+    poll,
+    worker_env,
+)
+from worker.jobs import JobClient
+from worker.store import JobKeys
+
+SAFETY = str(Path(sys.executable).parent / "safety")
+QUEUE = "e2e"
+
+
+@pytest.fixture(scope="module")
+def worker(
+    module_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[Worker]:
+    """One prefork worker (concurrency 1) on queue `e2e` for the whole module."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    w = Worker(worker_env(module_redis.url, tiny_model_dir, queue=QUEUE), log, pool="prefork")
+    yield w
+    w.stop()
+
+
+def test_2000_items_each_exactly_once_equal_to_classify(
+    module_redis: RedisServer, worker: Worker, job_client: Callable[..., JobClient], tiny_classifier: Any
+) -> None:
+    client = job_client(module_redis.url, queue=QUEUE, chunk_size=256)
+    items = make_items(2000)
+    job = client.submit(items).status.job_id
+    status = client.wait(job, timeout=240)
+    assert (status.state, status.done, status.failed, status.chunks) == ("done", 2000, 0, 8)
+    assert (
+        status.model == tiny_classifier.name and status.finished_at >= status.started_at >= status.created_at
+    )
+    want = expected_lines(tiny_classifier, items, 256)  # after the job: two torch processes would fight
+    assert_job_output(list(client.results(job, timeout=30)), want, tiny_classifier.thresholds)
+    attempts = module_redis.client().hgetall(JobKeys(job).attempts)
+    assert attempts == {str(c): "1" for c in range(8)}
+    # The model was loaded once, by the pool process, never by the parent (MainProcess).
+    loads = re.findall(r"INFO/(\S+?)\] loaded model", worker.text())
+    assert loads == ["ForkPoolWorker-1"], worker.text()[-3000:]
+
+
+def run(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.CompletedProcess:
+    return subprocess.run([SAFETY, *args], env=env, capture_output=True, text=True, timeout=240, **kw)
+
+
+def test_cli_submit_wait_then_status_results_cancel(
+    module_redis: RedisServer, worker: Worker, tmp_path: Path, tiny_model_dir: Path, tiny_classifier: Any
+) -> None:
+    env = worker_env(module_redis.url, tiny_model_dir, queue=QUEUE, chunk_size=8)
+    items = make_items(30, prefix="cli")
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        "\n".join(json.dumps(it) for it in items[:10]) + "\n\n" + "\n".join(map(json.dumps, items[10:]))
+    )
+    out = tmp_path / "out.jsonl"
+    done = run(["submit", str(src), "--out", str(out), "--wait", "--job-id", "cli-job"], env)
+    assert done.returncode == 0, done.stderr
+    assert "job cli-job done: 30 done, 0 failed; 30 lines" in done.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert_job_output(lines, expected_lines(tiny_classifier, items, 8), tiny_classifier.thresholds)
+
+    status = run(["job", "status", "cli-job"], env)
+    assert status.returncode == 0 and json.loads(status.stdout)["state"] == "done"
+    results = run(["job", "results", "cli-job"], env)
+    assert results.returncode == 0 and [json.loads(x) for x in results.stdout.splitlines()] == lines
+    cancel = run(["job", "cancel", "cli-job"], env)
+    assert cancel.returncode == 0 and json.loads(cancel.stdout)["state"] == "done"  # too late to cancel
+    missing = run(["job", "status", "no-such-job"], env)
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_cli_refuses_a_bad_line_before_queueing(
+    module_redis: RedisServer, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    env = worker_env(module_redis.url, tiny_model_dir, queue="refused")
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "fine"}\n\n{"text": "x", "role": "narrator"}\n')
+    bad = run(["submit", str(src), "--job-id", "refused"], env)
+    assert bad.returncode == 2
+    assert "line 3" in bad.stderr and "items[1].role" in bad.stderr
+    src.write_text('{"text": "fine"}\n{"text": \n')
+    broken = run(["submit", str(src), "--job-id", "refused"], env)
+    assert broken.returncode == 2 and "line 2: not valid JSON" in broken.stderr
+    r = module_redis.client()
+    assert r.llen("refused") == 0 and not r.exists(JobKeys("refused").job)
+
+
+def test_interrupted_submit_resumes_with_the_same_job_id(
+    module_redis: RedisServer,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    start_worker: Callable[..., Worker],
+    tiny_classifier: Any,
+) -> None:
+    env = worker_env(module_redis.url, tiny_model_dir, queue="later", chunk_size=10)
+    items = make_items(35, prefix="r")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(it) + "\n" for it in items))
+    cmd = ["submit", str(src), "--wait", "--job-id", "resume-me", "--out", str(out)]
+    proc = subprocess.Popen([SAFETY, *cmd], env=env, stderr=subprocess.PIPE, text=True)
+    r = module_redis.client()
+    poll(lambda: r.hget(JobKeys("resume-me").job, "state") == "queued", 60, "the job to be queued")
+    proc.send_signal(signal.SIGINT)  # no worker consumes `later` yet: the CLI is waiting
+    assert proc.wait(30) == 130
+    assert "Resume with: safety submit" in proc.stderr.read()
+    assert not out.exists()
+
+    again = run(["submit", str(src), "--job-id", "resume-me"], env)
+    assert again.returncode == 0 and "resumed job resume-me: 35 items, 0 chunks sent" in again.stderr
+    assert r.llen("later") == 4  # each chunk queued once
+
+    start_worker(module_redis.url, queue="later")
+    finished = run(cmd, env)
+    assert finished.returncode == 0, finished.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert_job_output(lines, expected_lines(tiny_classifier, items, 10), tiny_classifier.thresholds)
+
+
+def test_results_expire_after_the_ttl(
+    module_redis: RedisServer, worker: Worker, job_client: Callable[..., JobClient]
+) -> None:
+    client = job_client(module_redis.url, queue=QUEUE, result_ttl_s=3)
+    job = client.submit(make_items(5)).status.job_id
+    assert client.wait(job, timeout=120).state == "done"
+    assert all(0 < ttl <= 3 for ttl in client.store.ttls(job).values())
+    assert len(list(client.results(job))) == 5
+
+    def expired() -> bool:
+        try:
+            client.status(job)
+        except NotFoundError:
+            return True
+        return False
+
+    poll(expired, 10, "the job to expire", interval=0.2)
+    assert module_redis.client().keys(f"safety:job:{{{job}}}*") == []
+    with pytest.raises(NotFoundError, match="expired"):
+        list(client.results(job))

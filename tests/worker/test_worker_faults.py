@@ -1,0 +1,219 @@
+"""Failures with real processes: kill -9 of a worker mid-job, chunks that always crash, Redis restarts.
+
+Each test starts its own `redis-server` and `celery worker` subprocesses. The fault hook
+(`SAFETY_TEST_FAULT`, worker/faults.py) makes a chosen chunk hang (so a kill lands mid-chunk), exit or raise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from model.errors import NotFoundError, UnavailableError
+from tests.worker.harness import (
+    RedisServer,
+    Worker,
+    assert_job_output,
+    assert_same_line,
+    expected_lines,
+    make_items,
+    poll,
+)
+from worker.jobs import JobClient
+from worker.store import DEAD_LETTER, JobKeys
+
+# Kill tests: a short visibility timeout so a dead worker's chunk comes back fast, and enough attempts that a
+# slow chunk on a busy machine (redelivered while still running) can never dead-letter by accident.
+FAST_REDELIVERY = {"visibility_timeout_s": 4, "max_attempts": 20}
+
+
+def hang(job: str, chunk: int, fault_dir: Path) -> dict[str, str]:
+    return {"test_fault": f"{job}:{chunk}:hang", "test_fault_dir": str(fault_dir)}
+
+
+def attempts(server: RedisServer, job: str) -> dict[int, int]:
+    return {int(c): int(n) for c, n in server.client().hgetall(JobKeys(job).attempts).items()}
+
+
+def check_complete(
+    client: JobClient, job: str, items: list[dict[str, str]], chunk_size: int, clf: Any
+) -> None:
+    status = client.wait(job, timeout=180)
+    assert (status.state, status.done, status.failed) == ("done", len(items), 0)
+    lines = list(client.results(job, timeout=30))
+    assert_job_output(lines, expected_lines(clf, items, chunk_size), clf.thresholds)
+
+
+def test_kill9_of_the_worker_inside_the_first_chunk_then_a_new_worker_finishes_the_job(
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+    tmp_path: Path,
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=40)
+    items, job = make_items(160, prefix="first"), "kill-first"
+    fault = hang(job, 0, tmp_path)
+    first = start_worker(redis_server.url, pool="solo", queue="q", **FAST_REDELIVERY, **fault)
+    client.submit(items, job_id=job)
+    poll(lambda: (tmp_path / f"{job}.0.hang").exists(), 120, "the worker to be inside chunk 0")
+    assert client.status(job).done == 0
+    first.kill9()
+    start_worker(redis_server.url, queue="q", **FAST_REDELIVERY)
+    check_complete(client, job, items, 40, tiny_classifier)
+    assert attempts(redis_server, job) == {0: 2, 1: 1, 2: 1, 3: 1}  # the killed delivery, then the redelivery
+
+
+def test_kill9_of_the_worker_a_third_into_the_job_without_hooks(
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=20)
+    items = make_items(240, prefix="anywhere")
+    first = start_worker(redis_server.url, queue="q", **FAST_REDELIVERY)
+    job = client.submit(items).status.job_id
+    poll(lambda: client.status(job).done >= 80, 120, "a third of the job", interval=0.01)
+    first.kill9()
+    assert client.status(job).done < 240
+    start_worker(redis_server.url, queue="q", **FAST_REDELIVERY)
+    check_complete(client, job, items, 20, tiny_classifier)
+
+
+def test_kill9_of_the_pool_process_requeues_its_chunk_at_once(
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+    tmp_path: Path,
+) -> None:
+    """What the OOM killer does: the pool process dies, the parent lives; no visibility timeout involved."""
+    client = job_client(redis_server.url, queue="q", chunk_size=30)
+    items, job = make_items(120, prefix="oom"), "oom-kill"
+    worker = start_worker(redis_server.url, queue="q", visibility_timeout_s=3600, **hang(job, 2, tmp_path))
+    client.submit(items, job_id=job)
+    poll(lambda: (tmp_path / f"{job}.2.hang").exists(), 120, "the worker to be inside chunk 2")
+    (child,) = worker.children()
+    os.kill(child, signal.SIGKILL)
+    check_complete(client, job, items, 30, tiny_classifier)
+    assert attempts(redis_server, job)[2] == 2
+    assert worker.proc.poll() is None  # the same worker went on
+
+
+def test_sigterm_hands_the_running_chunk_back_after_the_drain_grace(
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+    tmp_path: Path,
+) -> None:
+    """A rolling deploy: SIGTERM mid-chunk; the chunk is requeued at once, not after the visibility timeout"""
+    client = job_client(redis_server.url, queue="q", chunk_size=30)
+    items, job = make_items(90, prefix="term"), "sigterm"
+    slow = {"visibility_timeout_s": 3600, "drain_grace_s": 1}
+    first = start_worker(redis_server.url, queue="q", **slow, **hang(job, 1, tmp_path))
+    client.submit(items, job_id=job)
+    poll(lambda: (tmp_path / f"{job}.1.hang").exists(), 120, "the worker to be inside chunk 1")
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(30) is not None
+    assert redis_server.client().llen("q") >= 1  # chunk 1 is back in the queue (chunk 2 may be, too)
+    start_worker(redis_server.url, queue="q", **slow)
+    check_complete(client, job, items, 30, tiny_classifier)
+    assert attempts(redis_server, job)[1] == 2
+
+
+def test_chunks_that_always_fail_are_dead_lettered_and_the_job_still_finishes(
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=10)
+    items, job = make_items(50, prefix="dlq"), "poisoned"
+    start_worker(redis_server.url, queue="q", max_attempts=3, test_fault=f"{job}:1:exit,{job}:3:raise")
+    client.submit(items, job_id=job)
+    status = client.wait(job, timeout=180)
+    assert (status.state, status.done, status.failed) == ("done", 30, 20)
+    lines = list(client.results(job))
+    want = expected_lines(tiny_classifier, items, 10)
+    assert [line["index"] for line in lines] == list(range(50))
+    for index in [*range(0, 10), *range(20, 30), *range(40, 50)]:  # the healthy chunks
+        assert_same_line(lines[index], want[index], tiny_classifier.thresholds)
+    for line in lines[10:20]:  # the chunk whose process always died
+        assert line["scores"] is None and line["id"] == f"dlq-{line['index']}"
+        assert line["error"].startswith("gave up after 3 attempts: the worker process died")
+    injected = f"injected fault (SAFETY_TEST_FAULT) in chunk 3 of job {job}"
+    for line in lines[30:40]:  # the chunk whose classification always raised
+        assert line["error"] == f"gave up after 3 attempts: RuntimeError: {injected}"
+    assert attempts(redis_server, job) == {0: 1, 1: 4, 2: 1, 3: 3, 4: 1}  # chunk 1: 3 deaths + the give-up
+    dead = sorted(json.loads(e)["chunk"] for e in redis_server.client().lrange(DEAD_LETTER, 0, -1))
+    assert dead == [1, 3]
+    assert "chunk" in status.error and "gave up after 3 attempts" in status.error
+
+
+def test_redis_restart_without_persistence_reports_the_job_lost(
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tmp_path: Path,
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=20)
+    job = "lost-in-restart"
+    start_worker(redis_server.url, pool="solo", queue="q", **hang(job, 1, tmp_path))
+    client.submit(make_items(100), job_id=job)
+    marker = tmp_path / f"{job}.1.hang"
+    poll(marker.exists, 120, "the worker to be inside chunk 1")
+    outcome: list[BaseException] = []
+    waiter = threading.Thread(target=lambda: _capture(outcome, lambda: client.wait(job, poll_s=0.05)))
+    waiter.start()
+    redis_server.restart()  # no RDB, no AOF: every key is gone
+    waiter.join(30)
+    assert not waiter.is_alive(), "wait() hung after Redis lost the job"
+    assert isinstance(outcome[0], NotFoundError | UnavailableError), outcome
+    with pytest.raises(NotFoundError, match="lost when Redis restarted without persistence"):
+        client.status(job)
+    with pytest.raises(NotFoundError):
+        list(client.results(job, timeout=5))
+
+    marker.unlink()  # the worker finishes its chunk: the write must not resurrect the job
+    after = client.submit(make_items(30, prefix="after"), job_id="after-restart")
+    assert client.wait(after.status.job_id, timeout=120).state == "done"  # the worker reconnected
+    assert redis_server.client().keys(f"safety:job:{{{job}}}*") == []
+
+
+def test_redis_restart_with_persistence_completes_the_job(
+    tmp_path: Path,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+) -> None:
+    server = RedisServer(tmp_path / "aof", appendonly=True).start()
+    try:
+        client = job_client(server.url, queue="q", chunk_size=20)
+        items, job = make_items(100, prefix="aof"), "durable"
+        start_worker(server.url, pool="solo", queue="q", **hang(job, 1, tmp_path))
+        client.submit(items, job_id=job)
+        marker = tmp_path / f"{job}.1.hang"
+        poll(marker.exists, 120, "the worker to be inside chunk 1")
+        server.restart()  # kill -9 and start again on the same append-only file
+        status = client.status(job)
+        assert (status.state, status.done) == ("running", 20)
+        marker.unlink()
+        check_complete(client, job, items, 20, tiny_classifier)
+    finally:
+        server.kill()
+
+
+def _capture(out: list[BaseException], fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except BaseException as e:
+        out.append(e)

@@ -1,0 +1,74 @@
+"""The Celery app: JSON only, late acks, one visibility timeout, a dedicated queue.
+
+Owns: `create_app(settings)` and the Celery configuration that makes a chunk survive a dead worker:
+`task_acks_late` + `task_reject_on_worker_lost` (a killed pool process requeues its chunk; the attempt counter
+in `worker.store` bounds the loop), prefetch multiplier 1, one visibility timeout for the broker and the
+result backend, and a fast enough sweep of unacknowledged messages to honour it. `app` (module attribute)
+is built lazily from the environment for `celery -A worker.app` and `safety worker`; the job client builds
+its own with `create_app`. Must not know: torch, the model (the task module loads it in worker processes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from worker.settings import WorkerSettings
+
+TASK_NAME = "worker.tasks.classify_chunk"
+
+
+def create_app(settings: WorkerSettings) -> Celery:
+    vt = settings.visibility_timeout_s
+    transport: dict[str, Any] = {
+        "visibility_timeout": vt,
+        # kombu sweeps unacked messages every interval x throttle seconds (100 s by default); sweep every
+        # tenth of the visibility timeout (1-10 s) so a dead worker's chunk comes back on time.
+        "unacked_restore_interval": max(1, min(10, vt // 10)),
+        "unacked_restore_throttle": 1,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+        "socket_keepalive": True,
+        "health_check_interval": 25,
+    }
+    app = Celery("safety", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,  # the task itself requeues what it could not finish
+        task_ignore_result=True,  # results live in the job store, keyed by item index
+        task_default_queue=settings.queue,
+        task_routes={TASK_NAME: {"queue": settings.queue}},
+        worker_prefetch_multiplier=1,
+        # With REMAP_SIGTERM=SIGQUIT (set by `safety worker`), SIGTERM gives a running chunk this long, then
+        # hands it back to the queue at once instead of leaving it to the visibility timeout.
+        worker_soft_shutdown_timeout=settings.drain_grace_s,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport,
+        result_backend_transport_options=dict(transport),
+        visibility_timeout=vt,
+        result_expires=settings.result_ttl_s,
+        task_publish_retry_policy={
+            "max_retries": 3,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
+    )
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """`worker.app.app`: the worker's app, built on first use from the `SAFETY_*` environment."""
+    if name == "app":
+        global app
+        app = create_app(WorkerSettings.from_env())
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

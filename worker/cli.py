@@ -1,0 +1,289 @@
+"""`safety worker`, `safety submit` and `safety job status|results|cancel`: the batch side's command line.
+
+Owns: the subcommands (registered through the `safety.commands` entry point `worker = "worker.cli:register"`),
+reading a JSONL file of items, the progress bar while waiting, writing result lines in item order, exit
+codes (0 done, 1 finished with failed items or cancelled, 2 an error, 130 interrupted) and the choice of
+Celery pool (solo per GPU on CUDA, prefork on CPU). Must not know: the model, Redis keys; it drives
+`worker.jobs.JobClient` and starts the Celery worker of `worker.app`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from model.errors import InvalidInputError, SafetyError
+from worker.settings import WorkerSettings
+
+EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    w = subparsers.add_parser(
+        "worker",
+        help="run a Celery worker that classifies batch-job chunks",
+        description="Consume SAFETY_QUEUE on SAFETY_REDIS_URL and classify chunks with SAFETY_MODEL.",
+    )
+    w.add_argument(
+        "--pool",
+        choices=("prefork", "solo", "threads"),
+        help="default: solo on CUDA (run one worker per GPU), prefork on CPU",
+    )
+    w.add_argument(
+        "-c",
+        "--concurrency",
+        type=int,
+        help="worker processes (prefork); default SAFETY_WORKER_CONCURRENCY or 1",
+    )
+    w.add_argument("-n", "--hostname", help="Celery node name (default celery@HOSTNAME)")
+    w.add_argument("--max-tasks-per-child", type=int, help="replace a prefork process after this many chunks")
+    w.add_argument("--loglevel", help="default SAFETY_LOG_LEVEL")
+    w.set_defaults(func=run_worker)
+
+    s = subparsers.add_parser(
+        "submit",
+        help="submit a JSONL file of items as a batch job",
+        description='Each line of INPUT is one item: {"text": ..., "id"?: ..., "role"?: "prompt"|"response", '
+        '"context"?: ...}. Every item is validated before anything is queued.',
+    )
+    s.add_argument("input", help="JSONL file of items ('-' for stdin)")
+    s.add_argument("--out", help="with --wait: write result lines here, in item order (default stdout)")
+    s.add_argument(
+        "--wait", action="store_true", help="wait for the job (progress bar), then write its results"
+    )
+    s.add_argument("--job-id", help="name the job; re-running with the same id and file resumes it")
+    s.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=run_submit)
+
+    j = subparsers.add_parser("job", help="status, results or cancellation of a batch job")
+    commands = j.add_subparsers(dest="job_command", required=True, metavar="{status,results,cancel}")
+    status = commands.add_parser("status", help="state and counts of a job (JSON)")
+    status.add_argument("job_id")
+    status.set_defaults(func=run_status)
+    results = commands.add_parser("results", help="result lines in item order (waits for a running job)")
+    results.add_argument("job_id")
+    results.add_argument("--out", help="write here (default stdout)")
+    results.add_argument("--timeout", type=float, help="give up after this many seconds")
+    results.set_defaults(func=run_results)
+    cancel = commands.add_parser("cancel", help="skip a job's remaining chunks")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=run_cancel)
+
+
+# ---- safety worker ---------------------------------------------------------------------------------------
+def default_pool(device: str) -> str:
+    """solo on a GPU (one process owns the device, no fork after CUDA init), prefork on CPU."""
+    if device.startswith("cuda"):
+        return "solo"
+    if device == "auto" and any(Path("/dev").glob("nvidia[0-9]*")):
+        return "solo"
+    return "prefork"
+
+
+def worker_argv(args: argparse.Namespace, settings: WorkerSettings) -> list[str]:
+    pool = args.pool or default_pool(settings.device)
+    concurrency = 1 if pool == "solo" else (args.concurrency or settings.concurrency or 1)
+    argv = [
+        "worker",
+        f"--pool={pool}",
+        f"--concurrency={concurrency}",
+        f"--queues={settings.queue}",
+        f"--loglevel={(args.loglevel or settings.log_level).upper()}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if args.hostname:
+        argv.append(f"--hostname={args.hostname}")
+    if args.max_tasks_per_child:
+        argv.append(f"--max-tasks-per-child={args.max_tasks_per_child}")
+    return argv
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    with _errors("worker"):
+        settings = WorkerSettings.from_env()
+        argv = worker_argv(args, settings)
+        concurrency = int(argv[2].split("=")[1])
+        if "--pool=prefork" in argv and concurrency > 1:
+            # Each process runs its own torch: split the cores instead of oversubscribing them.
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // concurrency)))
+        # SIGTERM (Kubernetes) = Celery's cold shutdown after SAFETY_DRAIN_GRACE_S: the running chunk is
+        # requeued at once rather than after the visibility timeout. Read by billiard when Celery starts.
+        os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+        from worker.app import app
+
+        return app.start(argv) or EXIT_OK
+    return EXIT_ERROR
+
+
+# ---- safety submit ---------------------------------------------------------------------------------------
+def read_items(path: str) -> tuple[list[Any], list[int]]:
+    """Items of a JSONL file and the line number of each (blank lines are skipped, not items)."""
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    items, lines = [], []
+    with stream:
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InvalidInputError(
+                    f"line {number}: not valid JSON ({e.msg})", index=len(items), field="json"
+                ) from None
+            lines.append(number)
+    return items, lines
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from worker.jobs import JobClient
+
+    client = None
+    job_id = args.job_id
+    try:
+        with _errors("submit"):
+            try:
+                items, lines = read_items(args.input)
+            except OSError as e:
+                raise InvalidInputError(f"cannot read {args.input}: {e.strerror}", field="input") from None
+            client = JobClient.from_env()
+            try:
+                submitted = client.submit(items, job_id=job_id)
+            except InvalidInputError as e:
+                if e.index is not None and e.index < len(lines):
+                    raise InvalidInputError(
+                        f"{args.input} line {lines[e.index]}: {e}", field=e.field
+                    ) from None
+                raise
+            job_id = submitted.status.job_id
+            verb = "resumed" if submitted.resumed else "submitted"
+            print(
+                f"{verb} job {job_id}: {submitted.status.total} items, {submitted.sent} chunks sent",
+                file=sys.stderr,
+            )
+            if not args.wait:
+                print(job_id)
+                return EXIT_OK
+            status = _wait_with_progress(client, job_id, args.timeout, not args.no_progress)
+            written = _write_results(client, job_id, args.out, args.timeout)
+            where = args.out or "stdout"
+            summary = f"{status.done} done, {status.failed} failed; {written} lines to {where}"
+            print(f"job {job_id} {status.state}: {summary}", file=sys.stderr)
+            return EXIT_OK if status.state == "done" and status.failed == 0 else EXIT_FAILED
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        if job_id:
+            again = f"safety submit {args.input} --job-id {job_id}" + (" --wait" if args.wait else "")
+            again += f" --out {args.out}" if args.out else ""
+            print(f"\ninterrupted; job {job_id} goes on. Resume with: {again}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _wait_with_progress(client: Any, job_id: str, timeout: float | None, progress: bool) -> Any:
+    from tqdm import tqdm
+
+    status = client.status(job_id)
+    with tqdm(
+        total=status.total, unit="item", desc=f"job {job_id[:12]}", disable=not progress, file=sys.stderr
+    ) as bar:
+
+        def update(st: Any) -> None:
+            bar.set_postfix_str(st.state + (f", {st.failed} failed" if st.failed else ""), refresh=False)
+            bar.update(st.completed - bar.n)
+
+        return client.wait(job_id, timeout=timeout, on_progress=update)
+
+
+def _write_results(client: Any, job_id: str, out: str | None, timeout: float | None) -> int:
+    """Stream result lines in item order; a file is written whole or not at all (temp file + rename)."""
+    with _output(out) as stream:
+        count = 0
+        for line in client.results(job_id, timeout=timeout):
+            stream.write(json.dumps(line, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+@contextmanager
+def _output(out: str | None) -> Iterator[IO[str]]:
+    if out is None or out == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    target = Path(out)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with open(partial, "w", encoding="utf-8") as stream:
+            yield stream
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+# ---- safety job ------------------------------------------------------------------------------------------
+def run_status(args: argparse.Namespace) -> int:
+    return _job_call("status", lambda client: _print_json(client.status(args.job_id).to_dict()))
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    return _job_call("cancel", lambda client: _print_json(client.cancel(args.job_id).to_dict()))
+
+
+def run_results(args: argparse.Namespace) -> int:
+    def results(client: Any) -> int:
+        _write_results(client, args.job_id, args.out, args.timeout)
+        status = client.status(args.job_id)
+        return EXIT_OK if status.state == "done" and status.failed == 0 else EXIT_FAILED
+
+    return _job_call("results", results)
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _job_call(command: str, fn: Any) -> int:
+    from worker.jobs import JobClient
+
+    client = None
+    try:
+        with _errors(f"job {command}"):
+            client = JobClient.from_env()
+            return fn(client) or EXIT_OK
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        if client is not None:
+            client.close()
+
+
+@contextmanager
+def _errors(command: str) -> Iterator[None]:
+    """Print a SafetyError as one line on stderr; the caller returns EXIT_ERROR after the block."""
+    try:
+        yield
+    except SafetyError as e:
+        print(f"safety {command}: {e}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m worker.cli ...`: the same subcommands without the `safety` entry point."""
+    parser = argparse.ArgumentParser(prog="safety")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

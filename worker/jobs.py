@@ -1,0 +1,286 @@
+"""The job client: submit a job, read its status, stream its results in item order, cancel it.
+
+Owns: the submission path (validate every item before anything is queued, store the items, send one
+task per chunk, resumable with the same job id) and the read path (status, results by index with a poll,
+a clear error for a job that is unknown, expired or lost). Raises only the `model.errors` hierarchy:
+InvalidInputError (bad items or job id), NotFoundError (unknown, expired, or lost in a Redis restart),
+UnavailableError (Redis unreachable), DeadlineExceededError (a wait ran out of time). The CLI and the gRPC
+service call this. Must not know: torch, the model, gRPC; it sends tasks by name and never imports them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from model.errors import DeadlineExceededError, InvalidInputError, NotFoundError, UnavailableError
+from worker.app import TASK_NAME, create_app
+from worker.items import normalize_items
+from worker.settings import WorkerSettings
+from worker.store import FINISHED, JobStore, check_job_id, failed_line
+
+CANCELLED = "cancelled: the job was cancelled before this item was classified"
+_READ_BATCH = 512
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    state: str  # submitting | queued | running | done | failed | cancelled
+    total: int  # items in the job
+    done: int  # items classified
+    failed: int  # items that could not be classified (their result line says why)
+    chunks: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    model: str | None  # the model that classified the job (set by the first chunk)
+    error: str | None  # the last dead-lettered chunk's reason, if any
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    @property
+    def completed(self) -> int:
+        return self.done + self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "finished": self.finished}
+
+    @classmethod
+    def from_record(cls, job_id: str, r: dict[str, str]) -> JobStatus:
+        opt = lambda k: float(r[k]) if r.get(k) else None  # noqa: E731
+        return cls(
+            job_id=job_id,
+            state=r["state"],
+            total=int(r["total"]),
+            done=int(r.get("done", 0)),
+            failed=int(r.get("failed", 0)),
+            chunks=int(r["chunks"]),
+            created_at=float(r["created"]),
+            started_at=opt("started"),
+            finished_at=opt("finished"),
+            model=r.get("model") or None,
+            error=r.get("error") or None,
+        )
+
+
+@dataclass(frozen=True)
+class Submitted:
+    status: JobStatus
+    resumed: bool  # the job id existed with the same items: only what was missing was sent
+    sent: int  # chunks sent to the queue by this call
+
+
+class JobClient:
+    """Talks to Redis (job store) and to the Celery broker (the chunk queue). Thread-safe."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.client = redis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15
+        )
+        self.store = JobStore(self.client)
+
+    @classmethod
+    def from_env(cls) -> JobClient:
+        return cls(WorkerSettings.from_env())
+
+    @cached_property
+    def app(self) -> Celery:
+        return create_app(self.settings)
+
+    def close(self) -> None:
+        if "app" in self.__dict__:
+            self.app.close()
+        self.client.close()
+
+    # ---- submission ----------------------------------------------------------------------------------------
+    def submit(self, items: Iterable[Any], *, job_id: str | None = None) -> Submitted:
+        """Validate all items, then store and enqueue them chunk by chunk.
+
+        Re-running with the same `job_id` and the same items resumes: chunks already sent are not sent
+        again, and a finished job is returned as it is. The same id with other items is refused.
+        """
+        lines = [json.dumps(it, ensure_ascii=False, sort_keys=True) for it in self._validate(items)]
+        job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
+        digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+        s, now = self.settings, time.time()
+        record = {
+            "state": "submitting", "total": len(lines), "done": 0, "failed": 0, "chunk_size": s.chunk_size,
+            "chunks": math.ceil(len(lines) / s.chunk_size), "ttl_s": s.result_ttl_s, "created": repr(now),
+            "updated": repr(now), "digest": digest, "queue": s.queue,
+        }  # fmt: skip
+        with self._reachable():
+            existing = self.store.create(job_id, record)
+            resumed = existing is not None
+            if resumed:
+                if existing != digest:
+                    raise InvalidInputError(
+                        f"job {job_id!r} already exists with different items; choose another job id",
+                        field="job_id",
+                    )
+                stored = self.store.get(job_id) or record
+                if stored["state"] in FINISHED:
+                    return Submitted(JobStatus.from_record(job_id, stored), resumed=True, sent=0)
+                record = {**record, **stored}
+            sent = self._enqueue(job_id, lines, record)
+            self.store.seal(job_id)
+        return Submitted(self.status(job_id), resumed=resumed, sent=sent)
+
+    def _validate(self, items: Iterable[Any]) -> list[dict[str, str]]:
+        return normalize_items(items, max_text_chars=self.settings.max_text_chars)
+
+    def _enqueue(self, job_id: str, lines: list[str], record: dict[str, Any]) -> int:
+        size, chunks = int(record["chunk_size"]), int(record["chunks"])
+        expire_at_ms = int((float(record["created"]) + int(record["ttl_s"])) * 1000)  # with the record
+        already = self.store.enqueued(job_id)
+        sent = 0
+        with self.app.producer_or_acquire() as producer:
+            for chunk in range(chunks):
+                if chunk in already:
+                    continue
+                first = chunk * size
+                self.store.upload(job_id, first, lines[first : first + size], expire_at_ms)
+                self.app.send_task(
+                    TASK_NAME,
+                    args=[job_id, chunk],
+                    task_id=f"{job_id}.{chunk}",
+                    queue=record["queue"],
+                    producer=producer,
+                    retry=True,
+                )
+                self.store.mark_enqueued(job_id, chunk, expire_at_ms)
+                sent += 1
+        return sent
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def status(self, job_id: str) -> JobStatus:
+        check_job_id(job_id)
+        with self._reachable():
+            record = self.store.get(job_id)
+        if record is None:
+            raise NotFoundError(
+                f"job {job_id!r} not found: never submitted, expired (jobs are kept "
+                f"{self.settings.result_ttl_s}s), or lost when Redis restarted without persistence"
+            )
+        return JobStatus.from_record(job_id, record)
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_s: float = 0.25,
+        on_progress: Callable[[JobStatus], None] | None = None,
+    ) -> JobStatus:
+        """Poll until the job finishes. DeadlineExceededError after `timeout` seconds; NotFoundError at once
+        when the job disappears (Redis lost it); UnavailableError when Redis cannot be reached."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        status = self.status(job_id)
+        while True:
+            if on_progress is not None:
+                on_progress(status)
+            if status.finished:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceededError(
+                    f"job {job_id!r} is still {status.state} after {timeout}s "
+                    f"({status.completed}/{status.total} items)"
+                )
+            time.sleep(poll_s)
+            status = self._still_there(job_id, status)
+
+    def results(
+        self, job_id: str, *, start: int = 0, timeout: float | None = None, poll_s: float = 0.25
+    ) -> Iterator[dict[str, Any]]:
+        """Result lines in item order from index `start`, each as soon as it and all before it exist.
+
+        Follows a running job until it finishes; items of a cancelled job that were never classified
+        come back as failed lines. Raises as `wait` does; `timeout` bounds the whole stream.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        status = self.status(job_id)
+        index = max(0, start)
+        while index < status.total:
+            with self._reachable():
+                batch = self.store.results(job_id, index, min(status.total, index + _READ_BATCH))
+            for raw in batch:
+                if raw is None:
+                    break
+                yield json.loads(raw)
+                index += 1
+            else:
+                continue
+            # A gap: the item at `index` has no result yet.
+            if status.state == "cancelled":
+                yield from self._cancelled_lines(job_id, index, min(status.total, index + _READ_BATCH))
+                index = min(status.total, index + _READ_BATCH)
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceededError(
+                    f"job {job_id!r}: result {index} not ready after {timeout}s (job {status.state}, "
+                    f"{status.completed}/{status.total} items)"
+                )
+            if status.finished:  # finished between our reads: read again before polling
+                status = self._still_there(job_id, status)
+                with self._reachable():
+                    if self.store.results(job_id, index, index + 1)[0] is None:
+                        raise NotFoundError(f"job {job_id!r}: result {index} is missing (expired or lost)")
+                continue
+            time.sleep(poll_s)
+            status = self._still_there(job_id, status)
+
+    def _cancelled_lines(self, job_id: str, lo: int, hi: int) -> Iterator[dict[str, Any]]:
+        with self._reachable():
+            written = self.store.results(job_id, lo, hi)
+            items = self.store.items(job_id, range(lo, hi))
+        for index, raw, item in zip(range(lo, hi), written, items, strict=True):
+            yield (
+                json.loads(raw) if raw is not None else failed_line(index, (item or {}).get("id"), CANCELLED)
+            )
+
+    def _still_there(self, job_id: str, last: JobStatus) -> JobStatus:
+        try:
+            return self.status(job_id)
+        except NotFoundError:
+            raise NotFoundError(
+                f"job {job_id!r} disappeared while {last.state} ({last.completed}/{last.total} items): Redis "
+                "lost its data (a restart without persistence, a flush or an eviction) or the job expired; "
+                "submit it again"
+            ) from None
+
+    # ---- control -------------------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> JobStatus:
+        """Stop a job: queued chunks are skipped, results written so far stay readable."""
+        check_job_id(job_id)
+        with self._reachable():
+            self.store.cancel(job_id, time.time())
+        return self.status(job_id)  # NotFoundError when there was no such job
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest dead-lettered chunks: {job_id, chunk, attempts, error, at}."""
+        with self._reachable():
+            return self.store.dead_letters(limit)
+
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, OperationalError) as e:
+            url = re.sub(r"//[^@/]*@", "//***@", self.settings.redis_url)
+            raise UnavailableError(f"Redis at {url} is unreachable: {e}") from e

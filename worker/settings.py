@@ -1,0 +1,117 @@
+"""Settings of the batch side (`safety worker`, `safety submit`, `safety job`, and the service's job client).
+
+Owns: every `SAFETY_*` variable the worker and the job client read, its default and its validation (a
+`ConfigError` naming the variable). The field table is the single source for docs/jobs.md. Must not know:
+Celery, Redis, torch; `worker.app`, `worker.tasks` and `worker.jobs` receive a finished `WorkerSettings`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from model.errors import ConfigError
+
+
+def _opt_int(value: str) -> int | None:
+    return None if value.strip().lower() in ("", "auto", "none") else int(value)
+
+
+def _opt_str(value: str) -> str | None:
+    return value or None
+
+
+def _setting(default: Any, env: str, parse: Callable[[str], Any], help: str) -> Any:
+    return field(default=default, metadata={"env": env, "parse": parse, "help": help})
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    redis_url: str = _setting(
+        "redis://localhost:6379/0", "SAFETY_REDIS_URL", str, "Redis for the Celery broker and the job store"
+    )
+    queue: str = _setting("safety.classify", "SAFETY_QUEUE", str, "the dedicated Celery queue of chunk tasks")
+    chunk_size: int = _setting(256, "SAFETY_CHUNK_SIZE", int, "items per chunk (one chunk = one task)")
+    result_ttl_s: int = _setting(
+        604_800, "SAFETY_RESULT_TTL_S", int, "seconds a job and its results are kept (from submission, "
+        "then again from the moment it finishes)"
+    )  # fmt: skip
+    max_attempts: int = _setting(
+        3, "SAFETY_MAX_ATTEMPTS", int, "deliveries of one chunk before its items are marked failed and the "
+        "chunk goes to the dead-letter list"
+    )  # fmt: skip
+    visibility_timeout_s: int = _setting(
+        3600, "SAFETY_VISIBILITY_TIMEOUT_S", int, "seconds before an unacknowledged chunk (its worker died) "
+        "is delivered again; must exceed the longest chunk"
+    )  # fmt: skip
+    concurrency: int | None = _setting(
+        None, "SAFETY_WORKER_CONCURRENCY", _opt_int, "worker processes per `safety worker` (unset: 1; the "
+        "solo pool on CUDA always runs one)"
+    )  # fmt: skip
+    model: str | None = _setting(
+        None, "SAFETY_MODEL", _opt_str, "checkpoint directory; unset: the bundled default model"
+    )
+    device: str = _setting("auto", "SAFETY_DEVICE", str, "auto | cpu | cuda | cuda:N")
+    dtype: str | None = _setting(None, "SAFETY_DTYPE", _opt_str, "float32 | bfloat16 | float16")
+    max_batch_tokens: int | None = _setting(
+        None, "SAFETY_MAX_BATCH_TOKENS", _opt_int, "token budget of one batch (unset: engine default)"
+    )
+    max_batch_sequences: int | None = _setting(
+        None, "SAFETY_MAX_BATCH_SEQUENCES", _opt_int, "sequences per batch (unset: engine default)"
+    )
+    max_text_chars: int = _setting(
+        200_000, "SAFETY_MAX_TEXT_CHARS", int, "characters per text (and per context), checked at submission"
+    )
+    drain_grace_s: float = _setting(
+        20.0, "SAFETY_DRAIN_GRACE_S", float, "on SIGTERM: seconds to finish the running chunk before it is "
+        "handed back to the queue"
+    )  # fmt: skip
+    log_level: str = _setting("INFO", "SAFETY_LOG_LEVEL", str, "DEBUG | INFO | WARNING | ERROR")
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "result_ttl_s", "max_attempts", "visibility_timeout_s", "max_text_chars",
+                     "concurrency", "max_batch_tokens", "max_batch_sequences"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value <= 0):
+                raise _bad(name, f"must be a positive integer, got {value!r}")
+        if self.drain_grace_s < 0:
+            raise _bad("drain_grace_s", f"must be >= 0, got {self.drain_grace_s}")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise _bad("redis_url", f"must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
+        if not self.queue or any(c.isspace() for c in self.queue):
+            raise _bad("queue", f"must be a non-empty name without spaces, got {self.queue!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise _bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        """Settings from `SAFETY_*` variables (unset or empty: the default), then explicit overrides."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                try:
+                    values[f.name] = f.metadata["parse"](raw)
+                except ValueError:
+                    raise _bad(f.name, f"cannot parse {raw!r}") from None
+        values.update(overrides)
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> WorkerSettings:
+        return replace(self, **overrides)
+
+
+def env_name(name: str) -> str:
+    return next(f.metadata["env"] for f in fields(WorkerSettings) if f.name == name)
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting, in declaration order (docs/jobs.md)."""
+    return [(f.metadata["env"], repr(f.default), f.metadata["help"]) for f in fields(WorkerSettings)]
+
+
+def _bad(name: str, message: str) -> ConfigError:
+    return ConfigError(message, field=env_name(name), file="environment")

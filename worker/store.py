@@ -1,0 +1,301 @@
+"""The Redis layout of a job, and the atomic scripts that keep its counts exact under redelivery.
+
+Owns: key names, the job record's fields and state machine, and every write to a job. Results are written
+per item index with HSETNX inside one Lua script that also bumps the counts and finishes the job, so a chunk
+delivered twice (a killed worker, an expired visibility timeout) can never duplicate a result or count one
+twice: the first write of an index wins. Every key of a job carries the job's TTL. Used by both the job
+client (`worker.jobs`) and the worker (`worker.tasks`). Must not know: Celery, torch, the model.
+
+Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
+  safety:job:{id}           hash   the job record (state, total, done, failed, chunks, chunk_size, ttl_s,
+                                   created, started, finished, updated, model, digest, queue, error)
+  safety:job:{id}:items     hash   index -> item JSON (deleted when the job finishes)
+  safety:job:{id}:results   hash   index -> result JSON (exactly one per item)
+  safety:job:{id}:attempts  hash   chunk -> deliveries that started classifying it
+  safety:job:{id}:errors    hash   chunk -> the last error a delivery raised
+  safety:job:{id}:enqueued  set    chunks already sent to the queue (a resumed submit skips them)
+  safety:dead_letter        list   JSON {job_id, chunk, attempts, error, at}, newest first, capped
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from model.errors import InvalidInputError
+
+STATES = ("submitting", "queued", "running", "done", "failed", "cancelled")
+FINISHED = frozenset({"done", "failed", "cancelled"})
+DEAD_LETTER = "safety:dead_letter"
+DEAD_LETTER_MAX = 10_000
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# The keys of `model.Result.to_dict()` (a test keeps them in step); a result line adds `index` and `error`.
+RESULT_FIELDS = ("id", "scores", "logits", "flagged", "flagged_labels", "tokens", "windows", "spans")
+
+
+def result_line(index: int, result: dict[str, Any]) -> dict[str, Any]:
+    """A classified item: the Classify result shape plus its index in the job and `error: null`."""
+    return {"index": index, **result, "error": None}
+
+
+def failed_line(index: int, item_id: str | None, error: str) -> dict[str, Any]:
+    """An item that has no classification: the same keys, null values, and the reason in `error`."""
+    return {"index": index, **dict.fromkeys(RESULT_FIELDS), "id": item_id, "error": error}
+
+
+def check_job_id(job_id: Any) -> str:
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+        raise InvalidInputError(
+            f"must be 1-128 characters of A-Z a-z 0-9 . _ - (first a letter or digit), got {job_id!r}",
+            field="job_id",
+        )
+    return job_id
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    job_id: str
+
+    @property
+    def job(self) -> str:
+        return f"safety:job:{{{self.job_id}}}"
+
+    @property
+    def items(self) -> str:
+        return self.job + ":items"
+
+    @property
+    def results(self) -> str:
+        return self.job + ":results"
+
+    @property
+    def attempts(self) -> str:
+        return self.job + ":attempts"
+
+    @property
+    def errors(self) -> str:
+        return self.job + ":errors"
+
+    @property
+    def enqueued(self) -> str:
+        return self.job + ":enqueued"
+
+    def all(self) -> list[str]:
+        """Every key of the job, the record first (the order the scripts expect)."""
+        return [self.job, self.items, self.results, self.attempts, self.errors, self.enqueued]
+
+
+# KEYS = JobKeys.all(); ARGV = field/value pairs. Returns 1 when created, else the existing digest.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('HGET', KEYS[1], 'digest') or ''
+end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('EXPIRE', KEYS[1], tonumber(redis.call('HGET', KEYS[1], 'ttl_s')))
+return 1
+"""
+
+# KEYS = JobKeys.all(); ARGV = [chunk, now].
+# -> {'gone'} | {'cancelled'} | {'complete'} | {'run', attempt, lo, hi, last_error}
+_START_CHUNK = """
+local job = KEYS[1]
+if redis.call('EXISTS', job) == 0 then return {'gone'} end
+local f = redis.call('HMGET', job, 'state', 'total', 'chunk_size')
+local state, total, size = f[1], tonumber(f[2]), tonumber(f[3])
+if state == 'cancelled' then return {'cancelled'} end
+local lo = tonumber(ARGV[1]) * size
+local hi = math.min(total, lo + size)
+local missing = 0
+for i = lo, hi - 1 do
+  if redis.call('HEXISTS', KEYS[3], tostring(i)) == 0 then missing = missing + 1 end
+end
+if missing == 0 then return {'complete'} end
+local attempt = redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+local pttl = redis.call('PTTL', job)
+if pttl > 0 then redis.call('PEXPIRE', KEYS[4], pttl) end
+if state == 'queued' then redis.call('HSET', job, 'state', 'running') end
+if redis.call('HEXISTS', job, 'started') == 0 then redis.call('HSET', job, 'started', ARGV[2]) end
+return {'run', attempt, lo, hi, redis.call('HGET', KEYS[5], ARGV[1]) or ''}
+"""
+
+# KEYS = JobKeys.all(); ARGV = [now, model, (index, json, failed 0|1)...]. First write of an index wins.
+# -> {state, newly written ok, newly written failed}; state 'gone' when the job no longer exists.
+_WRITE_RESULTS = """
+local job = KEYS[1]
+if redis.call('EXISTS', job) == 0 then return {'gone', 0, 0} end
+local state = redis.call('HGET', job, 'state')
+if state == 'cancelled' then return {'cancelled', 0, 0} end
+local ok, bad = 0, 0
+for i = 3, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) == 1 then
+    if ARGV[i + 2] == '1' then bad = bad + 1 else ok = ok + 1 end
+  end
+end
+local pttl = redis.call('PTTL', job)
+if pttl > 0 then redis.call('PEXPIRE', KEYS[3], pttl) end
+if ARGV[2] ~= '' then redis.call('HSETNX', job, 'model', ARGV[2]) end
+local done = redis.call('HINCRBY', job, 'done', ok)
+local failed = redis.call('HINCRBY', job, 'failed', bad)
+redis.call('HSET', job, 'updated', ARGV[1])
+local total = tonumber(redis.call('HGET', job, 'total'))
+if done + failed >= total and state ~= 'done' and state ~= 'failed' then
+  if failed >= total then state = 'failed' else state = 'done' end
+  redis.call('HSET', job, 'state', state, 'finished', ARGV[1])
+  redis.call('DEL', KEYS[2])
+  local ttl = tonumber(redis.call('HGET', job, 'ttl_s'))
+  for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
+end
+return {state, ok, bad}
+"""
+
+# KEYS = JobKeys.all(); ARGV = [now]. -> the state after the call, or false when the job does not exist.
+_CANCEL = """
+local job = KEYS[1]
+if redis.call('EXISTS', job) == 0 then return false end
+local state = redis.call('HGET', job, 'state')
+if state == 'done' or state == 'failed' or state == 'cancelled' then return state end
+redis.call('HSET', job, 'state', 'cancelled', 'finished', ARGV[1], 'updated', ARGV[1])
+local ttl = tonumber(redis.call('HGET', job, 'ttl_s'))
+for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
+return 'cancelled'
+"""
+
+# KEYS = [job]. A fully enqueued job leaves 'submitting'.
+_SEAL = """
+if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
+  if redis.call('HEXISTS', KEYS[1], 'started') == 1 then
+    redis.call('HSET', KEYS[1], 'state', 'running')
+  else
+    redis.call('HSET', KEYS[1], 'state', 'queued')
+  end
+end
+return redis.call('HGET', KEYS[1], 'state')
+"""
+
+
+# KEYS = JobKeys.all(); ARGV = [chunk, message, dead 0|1]. Never recreates a vanished job.
+_NOTE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[5], math.max(1, redis.call('PTTL', KEYS[1])))
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'error', 'chunk ' .. ARGV[1] .. ': ' .. ARGV[2]) end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class ChunkStart:
+    """What a delivery of a chunk should do: `action` is run, complete (skip), cancelled or gone (skip)."""
+
+    action: str
+    attempt: int = 0
+    lo: int = 0
+    hi: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class Written:
+    state: str  # the job's state after the write ('gone' when the job no longer exists)
+    ok: int  # results newly written
+    failed: int  # failed-item records newly written
+
+
+class JobStore:
+    """Typed access to a job's keys over one `redis.Redis` client (decode_responses=True)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._create = client.register_script(_CREATE)
+        self._start = client.register_script(_START_CHUNK)
+        self._write = client.register_script(_WRITE_RESULTS)
+        self._cancel = client.register_script(_CANCEL)
+        self._seal = client.register_script(_SEAL)
+        self._note = client.register_script(_NOTE)
+
+    # ---- the job client's side -----------------------------------------------------------------------------
+    def create(self, job_id: str, record: dict[str, Any]) -> str | None:
+        """Create the job record (with its TTL) unless it exists: None when created, else its digest."""
+        argv = [str(x) for kv in record.items() for x in kv]
+        out = self._create(keys=JobKeys(job_id).all(), args=argv)
+        return None if out == 1 else str(out)
+
+    def get(self, job_id: str) -> dict[str, str] | None:
+        record = self.client.hgetall(JobKeys(job_id).job)
+        return record or None
+
+    def upload(self, job_id: str, first: int, items: Sequence[str], expire_at_ms: int) -> None:
+        keys = JobKeys(job_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(keys.items, mapping={str(first + k): item for k, item in enumerate(items)})
+        pipe.pexpireat(keys.items, expire_at_ms)
+        pipe.execute()
+
+    def enqueued(self, job_id: str) -> set[int]:
+        return {int(c) for c in self.client.smembers(JobKeys(job_id).enqueued)}
+
+    def mark_enqueued(self, job_id: str, chunk: int, expire_at_ms: int) -> None:
+        keys = JobKeys(job_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.sadd(keys.enqueued, chunk)
+        pipe.pexpireat(keys.enqueued, expire_at_ms)
+        pipe.execute()
+
+    def seal(self, job_id: str) -> str | None:
+        return self._seal(keys=[JobKeys(job_id).job])
+
+    def results(self, job_id: str, lo: int, hi: int) -> list[str | None]:
+        if hi <= lo:
+            return []
+        return self.client.hmget(JobKeys(job_id).results, [str(i) for i in range(lo, hi)])
+
+    def items(self, job_id: str, indices: Iterable[int]) -> list[dict[str, str] | None]:
+        raw = self.client.hmget(JobKeys(job_id).items, [str(i) for i in indices])
+        return [None if r is None else json.loads(r) for r in raw]
+
+    def cancel(self, job_id: str, now: float) -> str | None:
+        return self._cancel(keys=JobKeys(job_id).all(), args=[repr(now)])
+
+    def ttls(self, job_id: str) -> dict[str, int]:
+        """Seconds to live of every existing key of the job (-1: no TTL)."""
+        keys = [k for k in JobKeys(job_id).all() if self.client.exists(k)]
+        return {k: self.client.ttl(k) for k in keys}
+
+    # ---- the worker's side ---------------------------------------------------------------------------------
+    def start_chunk(self, job_id: str, chunk: int, now: float) -> ChunkStart:
+        out = self._start(keys=JobKeys(job_id).all(), args=[chunk, repr(now)])
+        if out[0] != "run":
+            return ChunkStart(action=out[0])
+        return ChunkStart("run", attempt=int(out[1]), lo=int(out[2]), hi=int(out[3]), last_error=out[4])
+
+    def write(
+        self, job_id: str, records: Sequence[tuple[int, str, bool]], now: float, model: str = ""
+    ) -> Written:
+        """Write (index, result JSON, failed?) records; indices already written keep their first result."""
+        argv: list[str] = [repr(now), model]
+        for index, payload, failed in records:
+            argv += [str(index), payload, "1" if failed else "0"]
+        state, ok, bad = self._write(keys=JobKeys(job_id).all(), args=argv)
+        return Written(state=state, ok=int(ok), failed=int(bad))
+
+    def record_error(self, job_id: str, chunk: int, message: str, *, dead: bool = False) -> None:
+        """Remember a chunk's last error (and on the job record, when `dead`), only while the job exists."""
+        self._note(keys=JobKeys(job_id).all(), args=[chunk, message, "1" if dead else "0"])
+
+    def dead_letter(self, job_id: str, chunk: int, attempts: int, error: str, now: float) -> None:
+        entry = json.dumps(
+            {"job_id": job_id, "chunk": chunk, "attempts": attempts, "error": error, "at": now}
+        )
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lpush(DEAD_LETTER, entry)
+        pipe.ltrim(DEAD_LETTER, 0, DEAD_LETTER_MAX - 1)
+        pipe.execute()
+        self.record_error(job_id, chunk, error, dead=True)
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        return [json.loads(e) for e in self.client.lrange(DEAD_LETTER, 0, limit - 1)]

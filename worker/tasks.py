@@ -1,0 +1,173 @@
+"""The chunk task: classify one chunk of a job and write one result per item, exactly once.
+
+Owns: what a delivery of a chunk does. It counts the attempt in Redis first, so a chunk whose worker keeps
+dying (requeued by `task_reject_on_worker_lost` or redelivered after the visibility timeout) is dead-lettered
+after `max_attempts` deliveries with its items marked failed, instead of looping forever. Items that already
+have a result are skipped, so a redelivered chunk redoes only what is missing. Any error other than a bad
+item hands the message back to the queue (`Reject(requeue=True)`) rather than acknowledging a chunk whose
+results were never written. The classifier is loaded once per worker process, lazily on its first chunk:
+never in the prefork parent, so CUDA is initialised only after fork. Must not know: the job client's
+submission path, gRPC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import redis
+from celery import Task
+from celery.exceptions import Reject
+
+from model.errors import InvalidInputError
+from worker import faults
+from worker.app import TASK_NAME, app
+from worker.settings import WorkerSettings
+from worker.store import JobStore, failed_line, result_line
+
+if TYPE_CHECKING:
+    from model import Classifier
+
+log = logging.getLogger(__name__)
+WORKER_LOST = "the worker process died while classifying it (a crash, an OOM kill or kill -9)"
+
+
+class ClassifierTask(Task):
+    """Base of the chunk task. Celery makes one instance per process: it holds the classifier and Redis."""
+
+    @cached_property
+    def settings(self) -> WorkerSettings:
+        return WorkerSettings.from_env()
+
+    @cached_property
+    def store(self) -> JobStore:
+        client = redis.Redis.from_url(
+            self.settings.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            health_check_interval=25,
+        )
+        return JobStore(client)
+
+    @cached_property
+    def classifier(self) -> Classifier:
+        # Imported here: torch loads in the worker process, never in the prefork parent.
+        import torch
+
+        from model import load_classifier
+
+        s = self.settings
+        started = time.perf_counter()
+        clf = load_classifier(
+            s.model,
+            device=s.device,
+            dtype=s.dtype,
+            max_batch_tokens=s.max_batch_tokens,
+            max_batch_sequences=s.max_batch_sequences,
+        )
+        log.info(
+            "loaded model %s on %s (%s, %d CPU threads) in %.1fs",
+            clf.name, clf.device, clf.dtype, torch.get_num_threads(), time.perf_counter() - started,
+        )  # fmt: skip
+        return clf
+
+
+@app.task(bind=True, base=ClassifierTask, name=TASK_NAME)
+def classify_chunk(self: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
+    try:
+        return run_chunk(self, job_id, chunk)
+    except Reject:
+        raise
+    except Exception as e:  # Redis unreachable, or a bug: never ack a chunk whose results are unwritten
+        log.exception("job %s chunk %d: requeued after an unexpected error", job_id, chunk)
+        error = f"{type(e).__name__}: {e}"
+        with contextlib.suppress(Exception):  # so a later give-up names the cause (if Redis is reachable)
+            self.store.record_error(job_id, chunk, error)
+        raise Reject(error, requeue=True) from e
+
+
+def run_chunk(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
+    store, max_attempts = task.store, task.settings.max_attempts
+    start = store.start_chunk(job_id, chunk, time.time())
+    if start.action != "run":  # complete (a redelivery after the write), cancelled, or gone (expired or lost)
+        log.info("job %s chunk %d: %s, nothing to do", job_id, chunk, start.action)
+        return {"job_id": job_id, "chunk": chunk, "action": start.action}
+    indices = [
+        i
+        for i, r in zip(range(start.lo, start.hi), store.results(job_id, start.lo, start.hi), strict=True)
+        if r is None
+    ]
+    items = store.items(job_id, indices)
+    if any(item is None for item in items):  # the job finished or expired between the two reads
+        return {"job_id": job_id, "chunk": chunk, "action": "gone"}
+    if start.attempt > max_attempts:
+        error = f"gave up after {max_attempts} attempts: {start.last_error or WORKER_LOST}"
+        return give_up(store, job_id, chunk, start.attempt - 1, indices, items, error)
+
+    began = time.perf_counter()
+    try:
+        faults.inject(job_id, chunk)
+        clf = task.classifier
+        lines = classify_lines(clf, indices, items)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        if start.attempt >= max_attempts:
+            error = f"gave up after {max_attempts} attempts: {error}"
+            return give_up(store, job_id, chunk, start.attempt, indices, items, error)
+        store.record_error(job_id, chunk, error)
+        log.warning("job %s chunk %d attempt %d failed, requeued: %s", job_id, chunk, start.attempt, error)
+        raise Reject(error, requeue=True) from e
+    written = store.write(
+        job_id, [(i, json.dumps(line), failed) for i, line, failed in lines], time.time(), clf.name
+    )
+    log.info(
+        "job %s chunk %d: %d items in %.2fs (attempt %d), job %s",
+        job_id, chunk, len(lines), time.perf_counter() - began, start.attempt, written.state,
+    )  # fmt: skip
+    return {"job_id": job_id, "chunk": chunk, "action": "classified", "written": written.ok + written.failed}
+
+
+def classify_lines(
+    clf: Classifier, indices: list[int], items: list[dict[str, str]]
+) -> list[tuple[int, dict[str, Any], bool]]:
+    """(index, result line, failed?) per item; an item the engine refuses fails alone, with its reason."""
+    pending = list(zip(indices, items, strict=True))
+    lines: list[tuple[int, dict[str, Any], bool]] = []
+    while pending:
+        try:
+            results = clf.classify([item for _, item in pending])
+        except InvalidInputError as e:
+            if e.index is None or not 0 <= e.index < len(pending):
+                raise
+            index, item = pending.pop(e.index)
+            reason = f"items[{index}].{e.field}: {str(e).removeprefix(e.where + ': ')}"
+            lines.append((index, failed_line(index, item.get("id"), reason), True))
+            continue
+        lines += [(i, result_line(i, r.to_dict()), False) for (i, _), r in zip(pending, results, strict=True)]
+        break
+    return lines
+
+
+def give_up(
+    store: JobStore,
+    job_id: str,
+    chunk: int,
+    attempts: int,
+    indices: list[int],
+    items: list[dict[str, str]],
+    error: str,
+) -> dict[str, Any]:
+    """Dead-letter the chunk and mark its unwritten items failed, so the rest of the job still finishes."""
+    log.error("job %s chunk %d: dead-lettered: %s", job_id, chunk, error)
+    store.dead_letter(job_id, chunk, attempts, error, time.time())
+    lines = [
+        (i, json.dumps(failed_line(i, item.get("id"), error)), True)
+        for i, item in zip(indices, items, strict=True)
+    ]
+    store.write(job_id, lines, time.time())
+    return {"job_id": job_id, "chunk": chunk, "action": "dead-lettered"}
