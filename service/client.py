@@ -8,6 +8,9 @@
 
 Results are plain dicts in the shape of the engine's `Result.to_dict()` (id, scores, logits, flagged,
 flagged_labels, tokens, windows, spans), so `safety classify` prints the same JSON locally and remotely.
+Batch jobs (`submit_job`, `get_job`, `stream_job_results`, `cancel_job`) return the dicts `safety job
+status` and `safety job results` print: a job's state and counts, and result lines (a result plus `index`
+and `error`).
 Errors are `grpc.RpcError`s carrying the server's status code (INVALID_ARGUMENT: fix the input;
 RESOURCE_EXHAUSTED / UNAVAILABLE: back off and retry). Must not know: torch or the model (a gateway
 installs only grpcio and protobuf).
@@ -15,7 +18,7 @@ installs only grpcio and protobuf).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,13 @@ def build_request(
     items: Iterable[ItemLike], thresholds: Mapping[str, float] | None = None, raw_scores: bool = False
 ) -> Any:
     """Texts or dicts {id?, text, role? ("prompt" | "response"), context?} -> ClassifyRequest."""
+    return pb2.ClassifyRequest(
+        items=build_items(items), thresholds=dict(thresholds or {}), raw_scores=raw_scores
+    )
+
+
+def build_items(items: Iterable[ItemLike]) -> list[Any]:
+    """Texts or dicts {id?, text, role? ("prompt" | "response"), context?} -> [pb2.Item]."""
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
@@ -54,7 +64,7 @@ def build_request(
                 context=item.get("context") or "",
             )
         )
-    return pb2.ClassifyRequest(items=out, thresholds=dict(thresholds or {}), raw_scores=raw_scores)
+    return out
 
 
 def result_to_dict(result: Any) -> dict[str, Any]:
@@ -69,6 +79,40 @@ def result_to_dict(result: Any) -> dict[str, Any]:
         "windows": result.windows,
         "spans": {s.label: [s.span.start, s.span.end] for s in result.scores},
     }
+
+
+RESULT_KEYS = ("id", "scores", "logits", "flagged", "flagged_labels", "tokens", "windows", "spans")
+
+
+def _seconds(ts: Any) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def job_to_dict(job: Any) -> dict[str, Any]:
+    """pb2.Job -> the dict `safety job status` prints (state as the worker names it: "queued", "done", ...;
+    times in Unix seconds, None while unset)."""
+    return {
+        "job_id": job.job_id,
+        "state": pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower(),
+        "total": job.total,
+        "done": job.done,
+        "failed": job.failed,
+        "chunks": job.chunks,
+        "created_at": _seconds(job.created_at) if job.HasField("created_at") else None,
+        "started_at": _seconds(job.started_at) if job.HasField("started_at") else None,
+        "finished_at": _seconds(job.finished_at) if job.HasField("finished_at") else None,
+        "model": job.model or None,
+        "error": job.error or None,
+        "finished": job.finished,
+    }
+
+
+def job_result_to_dict(line: Any) -> dict[str, Any]:
+    """pb2.JobResult -> a result line as `safety job results` writes it: {index, <result>, error}; a failed
+    item has the same keys with None values and the reason in `error`."""
+    if line.HasField("result"):
+        return {"index": line.index, **result_to_dict(line.result), "error": None}
+    return {"index": line.index, **dict.fromkeys(RESULT_KEYS), "id": line.id or None, "error": line.error}
 
 
 def info_to_dict(response: Any) -> dict[str, Any]:
@@ -148,6 +192,35 @@ class SafetyClient(_Base):
     def info(self, *, timeout: float | None = None) -> dict[str, Any]:
         return info_to_dict(self.stub.Info(pb2.InfoRequest(), **self._call_args(timeout)))
 
+    def submit_job(
+        self, items: Iterable[ItemLike], job_id: str | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Queue a batch job; the job's dict (see `get_job`) plus `resumed`. Re-sending the same `job_id`
+        and items (e.g. after a timeout) resumes the job instead of queuing it twice."""
+        request = pb2.SubmitJobRequest(items=build_items(items), job_id=job_id or "")
+        response = self.stub.SubmitJob(request, **self._call_args(timeout))
+        return {**job_to_dict(response.job), "resumed": response.resumed}
+
+    def get_job(self, job_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """job_id, state, total, done, failed, chunks, created_at, started_at, finished_at, model, error,
+        finished."""
+        return job_to_dict(self.stub.GetJob(pb2.GetJobRequest(job_id=job_id), **self._call_args(timeout)))
+
+    def cancel_job(self, job_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        return job_to_dict(
+            self.stub.CancelJob(pb2.CancelJobRequest(job_id=job_id), **self._call_args(timeout))
+        )
+
+    def stream_job_results(
+        self, job_id: str, start_index: int = 0, wait: bool = False, *, timeout: float | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Result lines in item order from `start_index`. `wait=False`: those ready now (stops at the first
+        item without a result); `wait=True`: follow the job to its end. `timeout` (default: the client's)
+        bounds the whole stream: give `wait=True` one long enough for the job."""
+        request = pb2.StreamJobResultsRequest(job_id=job_id, start_index=start_index, wait=wait)
+        for line in self.stub.StreamJobResults(request, **self._call_args(timeout)):
+            yield job_result_to_dict(line)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -184,6 +257,28 @@ class AsyncSafetyClient(_Base):
 
     async def info(self, *, timeout: float | None = None) -> dict[str, Any]:
         return info_to_dict(await self.stub.Info(pb2.InfoRequest(), **self._call_args(timeout)))
+
+    async def submit_job(
+        self, items: Iterable[ItemLike], job_id: str | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        request = pb2.SubmitJobRequest(items=build_items(items), job_id=job_id or "")
+        response = await self.stub.SubmitJob(request, **self._call_args(timeout))
+        return {**job_to_dict(response.job), "resumed": response.resumed}
+
+    async def get_job(self, job_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        request = pb2.GetJobRequest(job_id=job_id)
+        return job_to_dict(await self.stub.GetJob(request, **self._call_args(timeout)))
+
+    async def cancel_job(self, job_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        request = pb2.CancelJobRequest(job_id=job_id)
+        return job_to_dict(await self.stub.CancelJob(request, **self._call_args(timeout)))
+
+    async def stream_job_results(
+        self, job_id: str, start_index: int = 0, wait: bool = False, *, timeout: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        request = pb2.StreamJobResultsRequest(job_id=job_id, start_index=start_index, wait=wait)
+        async for line in self.stub.StreamJobResults(request, **self._call_args(timeout)):
+            yield job_result_to_dict(line)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -26,6 +26,7 @@ from model.errors import (
     SafetyError,
     UnauthenticatedError,
     UnavailableError,
+    UnsupportedError,
 )
 
 log = logging.getLogger("safety.service")
@@ -38,6 +39,7 @@ STATUS_CODES: tuple[tuple[type[SafetyError], StatusCode], ...] = (
     (UnavailableError, StatusCode.UNAVAILABLE),  # loading or draining: retry elsewhere
     (NotFoundError, StatusCode.NOT_FOUND),
     (UnauthenticatedError, StatusCode.UNAUTHENTICATED),
+    (UnsupportedError, StatusCode.UNIMPLEMENTED),  # e.g. the jobs API without the worker extra
     (ConfigError, StatusCode.FAILED_PRECONDITION),  # the server's model/config, not the caller's input
     (CheckpointError, StatusCode.FAILED_PRECONDITION),
 )

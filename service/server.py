@@ -28,6 +28,7 @@ from model import Classifier, Item, load_classifier
 from model.errors import SafetyError, UnauthenticatedError
 from service import logs
 from service.errors import ErrorInterceptor, abort_for
+from service.jobs import JobClientFactory
 from service.metrics import Metrics, MetricsInterceptor
 from service.scheduler import Scheduler
 from service.servicer import SafetyServicer
@@ -204,6 +205,7 @@ class SafetyServer:
         await self.server.stop(max(0.0, deadline - loop.time()))
         if self.scheduler is not None:
             await loop.run_in_executor(None, self.scheduler.close)
+        await loop.run_in_executor(None, self.servicer.jobs.close)
         self.metrics.close()
         self._stopped.set()
         log.info("stopped")
@@ -212,13 +214,17 @@ class SafetyServer:
         await self._stopped.wait()
 
 
-async def create_server(settings: ServeSettings, classifier: ClassifierSource = None) -> SafetyServer:
+async def create_server(
+    settings: ServeSettings, classifier: ClassifierSource = None, job_client: JobClientFactory | None = None
+) -> SafetyServer:
     """Build and bind the server (port 0 in `settings.address` picks a free port); `start()` serves.
 
     `classifier`: an already loaded Classifier (tests share one), a zero-argument loader, or None to load
-    `settings.model` (the bundled default when unset) inside `start()`."""
+    `settings.model` (the bundled default when unset) inside `start()`. `job_client`: a zero-argument
+    factory of the job RPCs' `worker.jobs.JobClient`, called on the first job RPC (None: from the `SAFETY_*`
+    environment)."""
     metrics = Metrics()
-    servicer = SafetyServicer(settings, observer=metrics)
+    servicer = SafetyServicer(settings, observer=metrics, job_client=job_client)
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics), ErrorInterceptor()]
     if settings.api_key:
         interceptors.append(ApiKeyInterceptor(settings.api_key))

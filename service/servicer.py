@@ -2,8 +2,9 @@
 
 Owns: protobuf <-> engine conversion (`items_from_proto`, `response_from_outcome`, `info_response`) and the
 request-level limits (item count, text size). Validation of the items themselves and of thresholds is the
-engine's (`coerce_items`, `resolve_thresholds`); batching is the scheduler's; status codes are
-service/errors.py's (handlers just raise `SafetyError`s). Must not know: threads, torch, prometheus.
+engine's (`coerce_items`, `resolve_thresholds`); batching is the scheduler's; the job RPCs are delegated to
+service/jobs.py; status codes are service/errors.py's (handlers just raise `SafetyError`s). Must not know:
+threads, torch, prometheus, Redis.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
 
 from model import Classifier, Item
 from model.errors import InvalidInputError, UnavailableError
+from service.jobs import JobClientFactory, JobService, default_job_client
 from service.scheduler import Outcome, Scheduler
 from service.settings import ServeSettings
 from service.stubs import pb2, pb2_grpc
@@ -130,9 +132,17 @@ def info_response(clf: Classifier, settings: ServeSettings, scheduler: Scheduler
 
 
 class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
-    def __init__(self, settings: ServeSettings, observer: ClassifiedObserver | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        observer: ClassifiedObserver | None = None,
+        job_client: JobClientFactory | None = None,
+    ) -> None:
+        """`job_client`: makes the job RPCs' `worker.jobs.JobClient` on first use (default: from the
+        `SAFETY_*` environment, see service/jobs.py)."""
         self.settings = settings
         self.observer = observer or ClassifiedObserver()
+        self.jobs = JobService(job_client or default_job_client(settings), self.job_thresholds)
         self.clf: Classifier | None = None
         self.scheduler: Scheduler | None = None
         self.draining = False
@@ -190,3 +200,27 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         clf, scheduler = self._ready()
         return info_response(clf, self.settings, scheduler)
+
+    # ---- batch jobs (service/jobs.py): they need Redis, not the model -----------------------------------
+    def job_thresholds(self, model: str) -> dict[str, float]:
+        """The default thresholds to report in JobResults of a job classified by `model` ({}: unknown)."""
+        clf = self.clf
+        return dict(clf.thresholds) if clf is not None and clf.name == model else {}
+
+    def _jobs(self) -> JobService:
+        if self.draining:
+            raise UnavailableError("server is draining; retry on another replica")
+        return self.jobs
+
+    async def SubmitJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._jobs().submit(request)
+
+    async def GetJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._jobs().get(request)
+
+    async def CancelJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._jobs().cancel(request)
+
+    async def StreamJobResults(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for result in self._jobs().stream(request):
+            yield result

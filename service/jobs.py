@@ -1,0 +1,242 @@
+"""The job RPCs of `safety.v1.SafetyClassifier`: SubmitJob, GetJob, StreamJobResults, CancelJob.
+
+Owns: protobuf <-> job-client conversion (`job_items_from_proto`, `job_to_proto`, `job_result_to_proto`),
+the lazy creation of the one `worker.jobs.JobClient` (imported on first use; without the worker extra the
+RPCs raise UnsupportedError), running its blocking Redis calls in a small thread pool off the event loop,
+and streaming results page by page (waiting with asyncio, never in a thread). Errors are the job client's
+`model.errors` (UnavailableError when Redis is unreachable, NotFoundError, InvalidInputError);
+service/errors.py maps them. Must not know: Celery, Redis keys, torch, the model (it never imports them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from model.errors import DeadlineExceededError, InvalidInputError, NotFoundError, UnsupportedError
+from service.settings import ServeSettings
+from service.stubs import pb2
+
+if TYPE_CHECKING:
+    from worker.jobs import JobClient, JobStatus
+
+log = logging.getLogger("safety.service")
+T = TypeVar("T")
+JobClientFactory = Callable[[], "JobClient"]
+
+ROLES = {pb2.ROLE_UNSPECIFIED: "prompt", pb2.ROLE_PROMPT: "prompt", pb2.ROLE_RESPONSE: "response"}
+STATES = {
+    "submitting": pb2.JOB_STATE_SUBMITTING,
+    "queued": pb2.JOB_STATE_QUEUED,
+    "running": pb2.JOB_STATE_RUNNING,
+    "done": pb2.JOB_STATE_DONE,
+    "failed": pb2.JOB_STATE_FAILED,
+    "cancelled": pb2.JOB_STATE_CANCELLED,
+}
+WORKER_MODULES = frozenset({"worker", "celery", "kombu", "redis"})  # missing: no worker extra
+PAGE = 512  # result lines read from Redis per thread-pool call
+POLL_S = 0.25  # StreamJobResults(wait=true): pause between reads while the next result is not written
+THREADS = 8  # blocking job-client calls in flight at once (waits happen on the event loop, not here)
+
+
+def job_items_from_proto(request: Any) -> list[dict[str, str]]:
+    """SubmitJobRequest.items -> job items (`worker.jobs` validates them fully before anything is queued).
+    An empty id becomes the item's index, as in Classify."""
+    items = []
+    for i, it in enumerate(request.items):
+        role = ROLES.get(it.role)
+        if role is None:
+            raise InvalidInputError(
+                f"unknown role {it.role}; use ROLE_PROMPT or ROLE_RESPONSE", index=i, field="role"
+            )
+        item = {"id": it.id or str(i), "text": it.text, "role": role}
+        if it.context:
+            item["context"] = it.context
+        items.append(item)
+    return items
+
+
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(round(seconds * 1e9))
+    return ts
+
+
+def job_to_proto(status: JobStatus) -> Any:
+    return pb2.Job(
+        job_id=status.job_id,
+        state=STATES.get(status.state, pb2.JOB_STATE_UNSPECIFIED),
+        total=status.total,
+        done=status.done,
+        failed=status.failed,
+        chunks=status.chunks,
+        created_at=_timestamp(status.created_at),
+        started_at=_timestamp(status.started_at),
+        finished_at=_timestamp(status.finished_at),
+        model=status.model or "",
+        error=status.error or "",
+        finished=status.finished,
+    )
+
+
+def job_result_to_proto(line: Mapping[str, Any], thresholds: Mapping[str, float]) -> Any:
+    """A worker result line ({index, <Result.to_dict()>, error}) -> JobResult; `thresholds` fills
+    LabelScore.threshold (labels it lacks get 0)."""
+    index, item_id, error = line["index"], line.get("id") or "", line.get("error")
+    if error:
+        return pb2.JobResult(index=index, id=item_id, error=error)
+    flagged = set(line["flagged_labels"])
+    scores = [
+        pb2.LabelScore(
+            label=label,
+            score=score,
+            flagged=label in flagged,
+            threshold=thresholds.get(label, 0.0),
+            span=pb2.Span(start=line["spans"][label][0], end=line["spans"][label][1]),
+            logit=line["logits"][label],
+        )
+        for label, score in line["scores"].items()
+    ]
+    result = pb2.Result(
+        id=item_id,
+        flagged=line["flagged"],
+        scores=scores,
+        tokens=line["tokens"],
+        windows=line["windows"],
+        flagged_labels=line["flagged_labels"],
+    )
+    return pb2.JobResult(index=index, id=item_id, result=result)
+
+
+def default_job_client(settings: ServeSettings) -> JobClientFactory:
+    """The server's job client: `SAFETY_REDIS_URL`, `SAFETY_QUEUE`, `SAFETY_CHUNK_SIZE`, ... as the workers
+    read them (worker.settings), with the server's own limit on characters per text."""
+
+    def make() -> JobClient:
+        from worker.jobs import JobClient
+        from worker.settings import WorkerSettings
+
+        return JobClient(WorkerSettings.from_env(max_text_chars=settings.max_text_chars))
+
+    return make
+
+
+class JobService:
+    """What the job RPCs do, given a job-client factory. Thread pool and client are created on first use."""
+
+    def __init__(self, factory: JobClientFactory, thresholds: Callable[[str], Mapping[str, float]]) -> None:
+        """`thresholds(model_name)`: the default thresholds to report for a job's model ({} if unknown)."""
+        self.factory = factory
+        self.thresholds = thresholds
+        self._client: JobClient | None = None
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="safety-jobs")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _make_client(self) -> JobClient:
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = self.factory()
+                except ModuleNotFoundError as e:
+                    if (e.name or "").split(".")[0] not in WORKER_MODULES:
+                        raise
+                    raise UnsupportedError(
+                        f"the jobs API needs the worker extra (pip install 'safety-classifier[worker]'); "
+                        f"this server cannot import {e.name!r}. Classify and Info work without it"
+                    ) from None
+            return self._client
+
+    async def client(self) -> JobClient:
+        return self._client or await self._run(self._make_client)
+
+    async def submit(self, request: Any) -> Any:
+        items = job_items_from_proto(request)  # role errors before any Redis call
+        client = await self.client()
+        submitted = await self._run(lambda: client.submit(items, job_id=request.job_id or None))
+        status = submitted.status
+        log.info(
+            "job submitted",
+            extra={"job_id": status.job_id, "items": status.total, "resumed": submitted.resumed},
+        )
+        return pb2.SubmitJobResponse(
+            job_id=status.job_id,
+            total=status.total,
+            chunks=status.chunks,
+            resumed=submitted.resumed,
+            job=job_to_proto(status),
+        )
+
+    async def get(self, request: Any) -> Any:
+        client = await self.client()
+        return job_to_proto(await self._run(client.status, request.job_id))
+
+    async def cancel(self, request: Any) -> Any:
+        client = await self.client()
+        status = await self._run(client.cancel, request.job_id)
+        log.info("job cancelled", extra={"job_id": status.job_id, "state": status.state})
+        return job_to_proto(status)
+
+    async def stream(self, request: Any) -> AsyncIterator[Any]:
+        """JobResults in item order from `start_index`; see StreamJobResultsRequest.wait."""
+        client = await self.client()
+        job_id = request.job_id
+        status = await self._run(client.status, job_id)
+        total, index = status.total, request.start_index
+        if not 0 <= index <= total:
+            raise InvalidInputError(f"{index} is not in [0, {total}], the job's items", field="start_index")
+        thresholds = self.thresholds(status.model) if status.model else None
+        saw_finished = False  # a read that began after the job was seen finished must find every result
+        while index < total:
+            lines, gap = await self._run(_page, client, job_id, index)
+            if lines and thresholds is None:  # the model is known once the first chunk is written
+                model = gap.model if gap is not None else (await self._run(client.status, job_id)).model
+                thresholds = self.thresholds(model or "")
+            for line in lines:
+                yield job_result_to_proto(line, thresholds)
+            index += len(lines)
+            if gap is None:  # a full page, or the end
+                continue
+            if gap.finished:
+                if saw_finished:
+                    raise NotFoundError(f"job {job_id!r}: result {index} is missing (expired or lost)")
+                saw_finished = True  # it finished after our read: read again at once
+                continue
+            if not request.wait:
+                return
+            await asyncio.sleep(POLL_S)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _page(client: JobClient, job_id: str, start: int) -> tuple[list[dict[str, Any]], JobStatus | None]:
+    """Up to PAGE result lines from `start` that exist now, and the job's status read after the first item
+    without a result (None when the page filled up or the job's last line was read)."""
+    lines: list[dict[str, Any]] = []
+    try:
+        for line in client.results(job_id, start=start, timeout=0):
+            lines.append(line)
+            if len(lines) >= PAGE:
+                break
+        return lines, None
+    except DeadlineExceededError:  # timeout=0: the next result is not written yet
+        return lines, client.status(job_id)
+
+
+__all__ = ["JobService", "default_job_client", "job_items_from_proto", "job_to_proto"]

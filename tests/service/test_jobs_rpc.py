@@ -1,0 +1,241 @@
+"""The job RPCs end to end: a real gRPC server on port 0, a fresh `redis-server` on a free port, a real
+`safety worker` subprocess (tests/worker/harness.py), and `service.client.SafetyClient`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from service.client import SafetyClient
+from service.server import SafetyServer, create_server
+from service.settings import ServeSettings
+from service.stubs import pb2
+from tests.worker.harness import (
+    RedisServer,
+    Worker,
+    assert_job_output,
+    expected_lines,
+    free_port,
+    make_items,
+    worker_env,
+)
+from worker.jobs import JobClient
+from worker.settings import WorkerSettings
+from worker.store import RESULT_FIELDS, JobKeys, failed_line
+
+QUEUE = "grpc-jobs"  # consumed by the module's worker
+IDLE = "grpc-idle"  # consumed by nobody: jobs stay queued
+CHUNK = 8
+StartServer = Callable[..., SafetyServer]
+
+
+def job_client(url: str, **settings: Any) -> Callable[[], JobClient]:
+    return lambda: JobClient(WorkerSettings(redis_url=url, **settings))
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def worker(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[Worker]:
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    w = Worker(worker_env(redis_server.url, tiny_model_dir, queue=QUEUE), log, pool="solo")
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def start_jobs_server(loop_thread: Any, tiny_classifier: Any) -> Iterator[StartServer]:
+    """start(job_client_factory_or_None, **settings) -> a started server sharing the tiny model."""
+    started: list[SafetyServer] = []
+
+    def start(factory: Callable[[], JobClient] | None, **overrides: Any) -> SafetyServer:
+        settings = ServeSettings(address="127.0.0.1:0", metrics_address=None, **overrides)
+        app = loop_thread.run(create_server(settings, tiny_classifier, job_client=factory))
+        started.append(app)
+        loop_thread.run(app.start())
+        return app
+
+    yield start
+    for app in started:
+        loop_thread.run(app.drain(0))
+
+
+@pytest.fixture(scope="module")
+def jobs_server(start_jobs_server: StartServer, redis_server: RedisServer) -> SafetyServer:
+    return start_jobs_server(job_client(redis_server.url, queue=QUEUE, chunk_size=CHUNK))
+
+
+def connect(app: SafetyServer, **kwargs: Any) -> SafetyClient:
+    return SafetyClient(f"127.0.0.1:{app.port}", timeout=30, **kwargs)
+
+
+def code_of(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value.code(), e.value.details()
+
+
+def test_submit_get_stream_every_item_once_in_order_equal_to_classify(
+    jobs_server: SafetyServer, worker: Worker, redis_server: RedisServer, tiny_classifier: Any
+) -> None:
+    items = make_items(40, prefix="rpc")
+    del items[3]["id"]  # no id: the item's index, as in Classify
+    with connect(jobs_server) as client:
+        job = client.submit_job(items, job_id="rpc-e2e")
+        assert (job["job_id"], job["total"], job["chunks"], job["resumed"]) == ("rpc-e2e", 40, 5, False)
+        assert job["state"] in ("queued", "running", "done") and job["created_at"] is not None
+        followed = list(client.stream_job_results("rpc-e2e", wait=True, timeout=120))  # follows the job
+        status = client.get_job("rpc-e2e")
+        again = client.submit_job(items, job_id="rpc-e2e")
+    assert (status["state"], status["done"], status["failed"], status["finished"]) == ("done", 40, 0, True)
+    assert status["model"] == tiny_classifier.name, worker.text()[-2000:]
+    assert status["finished_at"] >= status["started_at"] >= status["created_at"]
+    assert again["resumed"] and again["state"] == "done"  # the same id and items: nothing queued twice
+    assert redis_server.client().hlen(JobKeys("rpc-e2e").results) == 40
+
+    want = expected_lines(tiny_classifier, items, CHUNK)  # after the job: two torch processes would fight
+    want[3]["id"] = "3"
+    assert_job_output(followed, want, tiny_classifier.thresholds)
+
+    with connect(jobs_server) as client:  # the raw messages
+        request = pb2.StreamJobResultsRequest(job_id="rpc-e2e", start_index=35)
+        tail = list(client.stub.StreamJobResults(request, timeout=30))
+        job_pb = client.stub.GetJob(pb2.GetJobRequest(job_id="rpc-e2e"), timeout=30)
+    assert [r.index for r in tail] == [35, 36, 37, 38, 39]
+    assert all(r.error == "" and r.HasField("result") and r.id == r.result.id for r in tail)
+    assert [r.result.id for r in tail] == [f"rpc-{i}" for i in range(35, 40)]
+    # The job ran on this server's model: LabelScore.threshold is its default threshold.
+    assert {s.label: s.threshold for s in tail[0].result.scores} == pytest.approx(tiny_classifier.thresholds)
+    assert [s.label for s in tail[0].result.scores] == tiny_classifier.labels
+    assert job_pb.state == pb2.JOB_STATE_DONE and job_pb.HasField("finished_at") and job_pb.finished
+
+
+def test_cancel_a_queued_job_then_its_items_stream_as_cancelled(
+    start_jobs_server: StartServer, redis_server: RedisServer
+) -> None:
+    app = start_jobs_server(job_client(redis_server.url, queue=IDLE, chunk_size=4))
+    with connect(app) as client:
+        job = client.submit_job(make_items(6, prefix="idle"), job_id="idle-job")
+        assert (job["state"], job["chunks"], job["started_at"], job["finished"]) == ("queued", 2, None, False)
+        assert list(client.stream_job_results("idle-job")) == []  # wait=false: nothing is ready yet
+        code, _ = code_of(lambda: list(client.stream_job_results("idle-job", wait=True, timeout=0.5)))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # wait=true follows the job until the deadline
+        cancelled = client.cancel_job("idle-job")
+        lines = list(client.stream_job_results("idle-job", wait=True))
+    assert (cancelled["state"], cancelled["finished"]) == ("cancelled", True)
+    assert [line["index"] for line in lines] == list(range(6))
+    assert all(line["error"].startswith("cancelled") and line["scores"] is None for line in lines), lines
+    assert [line["id"] for line in lines] == [f"idle-{i}" for i in range(6)]
+    assert redis_server.client().llen(IDLE) == 2  # each chunk queued once, skipped by a worker later
+
+
+def test_a_finished_job_with_a_lost_result_ends_the_stream_with_not_found(
+    start_jobs_server: StartServer, redis_server: RedisServer
+) -> None:
+    app = start_jobs_server(job_client(redis_server.url, queue=IDLE))
+    direct = JobClient(WorkerSettings(redis_url=redis_server.url))
+    with connect(app) as client, contextlib.closing(direct):
+        client.submit_job(["a", "b", "c"], job_id="lost-job")
+        # What the workers write (every item failed here), then Redis loses one result (an eviction, a flush).
+        lines = [(i, json.dumps(failed_line(i, str(i), "why")), True) for i in range(3)]
+        direct.store.write("lost-job", lines, 1.0)
+        redis_server.client().hdel(JobKeys("lost-job").results, "1")
+        job = client.get_job("lost-job")
+        got: list[dict[str, Any]] = []
+        code, details = code_of(lambda: got.extend(client.stream_job_results("lost-job", wait=True)))
+    assert (job["state"], job["failed"], job["finished_at"]) == ("failed", 3, 1.0)
+    assert code == grpc.StatusCode.NOT_FOUND and "result 1 is missing" in details, details
+    assert got == [{**dict.fromkeys(RESULT_FIELDS), "index": 0, "id": "0", "error": "why"}]
+
+
+def test_unknown_jobs_are_not_found_and_bad_requests_invalid(
+    jobs_server: SafetyServer, redis_server: RedisServer
+) -> None:
+    r = redis_server.client()
+    with connect(jobs_server) as client:
+        for call in (
+            lambda: client.get_job("no-such-job"),
+            lambda: client.cancel_job("no-such-job"),
+            lambda: list(client.stream_job_results("no-such-job", wait=True)),
+        ):
+            code, details = code_of(call)
+            assert code == grpc.StatusCode.NOT_FOUND and "no-such-job" in details, details
+
+        bad_items: list[tuple[list[Any], str]] = [
+            ([pb2.Item(text="fine"), pb2.Item(text="")], "items[1].text:"),
+            ([pb2.Item(text=" "), pb2.Item(text="x")], "items[0].text:"),
+            ([pb2.Item(text="fine", context="a prompt's context")], "items[0].context:"),
+            ([pb2.Item(text="fine"), pb2.Item(text="x", role=7)], "items[1].role:"),
+            ([pb2.Item(text="x" * 200_001)], "items[0].text:"),
+            ([], "items:"),
+        ]
+        for items, where in bad_items:
+            request = pb2.SubmitJobRequest(items=items, job_id="refused-job")
+            code, details = code_of(lambda request=request: client.stub.SubmitJob(request, timeout=30))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(where), (where, details)
+        assert not r.exists(JobKeys("refused-job").job)  # nothing stored or queued
+        assert code_of(lambda: client.get_job("refused-job"))[0] == grpc.StatusCode.NOT_FOUND
+
+        for call, where in (
+            (lambda: client.get_job(""), "job_id:"),
+            (lambda: client.submit_job(["fine"], job_id="not a valid id"), "job_id:"),
+        ):
+            code, details = code_of(call)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(where), details
+
+        client.submit_job(["one item"], job_id="one-item")
+        code, details = code_of(lambda: client.submit_job(["other item"], job_id="one-item"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "different items" in details
+        for start in (-1, 2):
+            code, details = code_of(lambda start=start: list(client.stream_job_results("one-item", start)))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("start_index:"), details
+
+
+def test_redis_down_jobs_unavailable_while_classify_answers_and_the_key_is_required(
+    start_jobs_server: StartServer,
+) -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    app = start_jobs_server(job_client(closed), api_key="s3cret")
+    with connect(app, api_key="s3cret") as client, connect(app) as anonymous:
+        calls = {
+            "SubmitJob": lambda c: c.submit_job(["hello"]),
+            "GetJob": lambda c: c.get_job("some-job"),
+            "CancelJob": lambda c: c.cancel_job("some-job"),
+            "StreamJobResults": lambda c: list(c.stream_job_results("some-job", wait=True)),
+        }
+        for name, call in calls.items():
+            code, details = code_of(lambda call=call: call(client))
+            assert code == grpc.StatusCode.UNAVAILABLE, (name, code, details)
+            assert "unreachable" in details and "127.0.0.1" in details, (name, details)
+            code, _ = code_of(lambda call=call: call(anonymous))
+            assert code == grpc.StatusCode.UNAUTHENTICATED, name
+        [result] = client.classify(["How do I bake bread?"])
+    assert result["id"] == "0" and set(result["scores"]) == set(app.classifier.labels)
+
+
+def test_without_the_worker_extra_jobs_are_unimplemented_while_classify_answers(
+    start_jobs_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a server installed without `safety-classifier[worker]` sees: `import celery` fails.
+    monkeypatch.delitem(sys.modules, "worker.jobs")
+    monkeypatch.setitem(sys.modules, "celery", None)
+    app = start_jobs_server(None)  # the default job client, as `safety serve` builds it
+    with connect(app) as client:
+        for call in (lambda: client.get_job("some-job"), lambda: list(client.stream_job_results("x"))):
+            code, details = code_of(call)
+            assert code == grpc.StatusCode.UNIMPLEMENTED and "worker extra" in details, details
+        assert len(client.classify(["still classifying"])) == 1
