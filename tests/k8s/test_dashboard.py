@@ -1,0 +1,71 @@
+"""The Grafana dashboard (k8s/components/grafana-dashboard/safety-classifier.json) charts real metrics.
+
+Owns: the dashboard's structure and the cross-check of every metric its queries name against the metrics the
+service registers (service/metrics.py). Must not know: Grafana beyond the dashboard JSON model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from typing import Any
+
+from service.metrics import Metrics
+from tests.k8s.render import K8S
+
+DASHBOARD = json.loads((K8S / "components" / "grafana-dashboard" / "safety-classifier.json").read_text())
+PANELS = [p for p in DASHBOARD["panels"] if p["type"] != "row"]
+# The worker exports no Prometheus metrics yet; these are the names the dashboard's job panels expect.
+# Once worker/metrics.py exists they are checked against it instead (see test_queries_name_real_metrics).
+WORKER_METRICS_EXPECTED = {"safety_worker_items_total", "safety_worker_chunks_total"}
+
+
+def exported(registry: Any) -> set[str]:
+    """Sample names Prometheus will see: counters gain _total, histograms _bucket/_count/_sum."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    return {fam.name + s for fam in registry.collect() for s in suffixes[fam.type]}
+
+
+def exprs() -> list[str]:
+    return [t["expr"] for p in PANELS for t in p["targets"]]
+
+
+def test_structure() -> None:
+    assert DASHBOARD["uid"] and DASHBOARD["title"]
+    ids = [p["id"] for p in DASHBOARD["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for p in PANELS:
+        assert p["targets"] and p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert {"x", "y", "w", "h"} <= set(p["gridPos"]) and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), p["title"]
+    variables = {v["name"] for v in DASHBOARD["templating"]["list"]}
+    assert {"datasource", "namespace"} <= variables
+    for e in exprs():
+        assert e.count("(") == e.count(")") and e.count("{") == e.count("}"), e
+        assert 'namespace="$namespace"' in e, f"not filtered by the namespace variable: {e}"
+
+
+def test_queries_name_real_metrics() -> None:
+    known = exported(Metrics().registry)
+    if importlib.util.find_spec("worker.metrics") is not None:
+        from worker.metrics import Metrics as WorkerMetrics  # type: ignore[import-not-found]
+
+        known |= exported(WorkerMetrics().registry)
+    else:
+        known |= WORKER_METRICS_EXPECTED
+    named = {m for e in exprs() for m in re.findall(r"\b(safety_[a-z0-9_]+)\b", e)}
+    assert named, "no safety_* metric in any query"
+    assert named <= known, f"queries name metrics nobody exports: {sorted(named - known)}"
+
+
+def test_covers_what_operators_watch() -> None:
+    """Request rate by code, p50/p99 latency, batch tokens, queue depth and job throughput."""
+    joined = "\n".join(exprs())
+    assert re.search(r"sum by \(code\) \(rate\(safety_requests_total", joined)
+    for q in ("0.5", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le) (rate(safety_request_duration_seconds_bucket" in joined
+    assert "safety_batch_tokens_bucket" in joined
+    assert "safety_queue_items" in joined and "safety_queue_tokens" in joined
+    assert "safety_worker_items_total" in joined
