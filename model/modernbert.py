@@ -36,23 +36,31 @@ def activation(name: str):
 def rope_table(
     theta: float, head_dim: int, max_positions: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (max_positions, head_dim) cos and sin tables: emb = cat(f, f), f = pos ⊗ 1/θ^(2i/d)."""
+    """fp32 (max_positions, head_dim // 2) cos and sin of f = pos ⊗ 1/θ^(2i/d). HF's tables are cat(f, f):
+    both halves of a head use the same angles, so half the table is all there is."""
     arange = lambda *a: torch.arange(*a, dtype=torch.float, device=device)  # noqa: E731
     inv_freq = 1.0 / (theta ** (arange(0, head_dim, 2) / head_dim))  # (D/2,)
     freqs = arange(max_positions)[:, None] * inv_freq[None, :]  # (P, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (P, D)
-    return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return freqs.cos(), freqs.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, H, D); cos, sin: (T, 1, D) fp32. Rotation in fp32, result in x's dtype."""
+    """NeoX half rotation: with x = [x1, x2], out = [x1·cos − x2·sin, x2·cos + x1·sin] — HF's
+    `x·cat(cos, cos) + rotate_half(x)·cat(sin, sin)` term for term. x: (..., T, H, D); cos, sin: (T, 1, D/2)
+    fp32. Computed in fp32; eager writes one output buffer in four half-width passes (no concatenation),
+    compiled code uses the plain expression, which inductor fuses into one kernel."""
+    h = x.shape[-1] // 2
     xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    x1, x2 = xf[..., :h], xf[..., h:]
+    if torch.compiler.is_compiling():
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    out = torch.empty(xf.shape, dtype=torch.float32, device=x.device)
+    o1, o2 = out[..., :h], out[..., h:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+    return out.to(x.dtype)
 
 
 # ---- modules ---------------------------------------------------------------------------------------------
@@ -83,9 +91,8 @@ class ModernBertAttention(nn.Module):
         """(T, d) -> rotated q, k and v, each (T, H, D)."""
         T = x.shape[0]
         qkv = self.Wqkv(x).view(T, 3, self.n_heads, self.head_dim)  # (T, 3, H, D)
-        q, k, v = qkv.unbind(dim=1)  # each (T, H, D)
-        cos, sin = rope
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
+        qk = apply_rope(qkv[:, :2].transpose(0, 1), *rope)  # q and k together: (2, T, H, D), contiguous
+        return qk[0], qk[1], qkv[:, 2].contiguous()
 
 
 class ModernBertMLP(nn.Module):
@@ -155,7 +162,7 @@ class ModernBertModel(nn.Module):
             )
         pos = batch.positions
         rope = {
-            False: (self.global_cos[pos][:, None, :], self.global_sin[pos][:, None, :]),  # (T, 1, D)
+            False: (self.global_cos[pos][:, None, :], self.global_sin[pos][:, None, :]),  # (T, 1, D/2)
             True: (self.local_cos[pos][:, None, :], self.local_sin[pos][:, None, :]),
         }
         ctx = attn.prepare(batch)

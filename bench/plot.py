@@ -1,0 +1,85 @@
+"""Plots for docs/benchmarks.md from the JSON the benchmarks wrote (real runs only; nothing is invented).
+
+    python bench/plot.py --cpu bench/out/cpu-small.json bench/out/cpu-base.json \
+                         --grpc bench/out/grpc.json [--gpu bench/out/gpu.json] --out docs/img
+
+Writes `throughput.png` (tokens/s per engine and workload, ours vs HF, one panel per file) and
+`latency.png` (p50/p99 latency against achieved throughput from bench/grpc_load.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def throughput(cpu_files: list[Path], gpu_file: Path | None, out: Path) -> None:
+    panels = []
+    for f in cpu_files:
+        d = json.loads(f.read_text())
+        tok = d["tokens"]
+        rows = {k: tok / v for k, v in d["seconds"].items()}
+        panels.append(
+            (f"CPU, {d['args']['shape']} shape, {d['args']['workload']} (n={d['args']['n']})", {"": rows})
+        )
+    if gpu_file is not None:
+        d = json.loads(gpu_file.read_text())
+        keys = ("hf_arrival", "hf_sorted", "ours_eager", "ours_compiled")
+        per = {r["workload"]: {k: r[k] for k in keys if k in r} for r in d["rows"]}
+        panels.append((f"GPU ({d['card']}), base shape, bf16", per))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (title, per) in zip(axes[0], panels, strict=True):
+        engines = sorted(
+            {e for rows in per.values() for e in rows}, key=lambda e: (not e.startswith("hf"), e)
+        )
+        width = 0.8 / len(engines)
+        for j, engine in enumerate(engines):
+            xs = [i + j * width for i in range(len(per))]
+            ax.bar(xs, [per[w].get(engine, 0) / 1e3 for w in per], width, label=engine)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(per))], list(per) if len(per) > 1 else [""])
+        ax.set_ylabel("thousand real tokens / s")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+
+
+def latency(grpc_file: Path, out: Path) -> None:
+    rows = json.loads(grpc_file.read_text())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r["tokens_per_s"] / 1e3 for r in rows]
+    for key in ("p50_ms", "p90_ms", "p99_ms"):
+        ax.plot(x, [r[key] for r in rows], marker="o", label=key.removesuffix("_ms"))
+    for r, xi in zip(rows, x, strict=True):
+        ax.annotate(f"c={r['concurrency']}", (xi, r["p99_ms"]), fontsize=7)
+    ax.set_xlabel("achieved thousand tokens / s")
+    ax.set_ylabel("latency per call, ms (end to end)")
+    ax.set_yscale("log")
+    ax.set_title(f"gRPC Classify latency vs load ({grpc_file.stem})", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cpu", nargs="*", type=Path, default=[])
+    ap.add_argument("--gpu", type=Path, default=None)
+    ap.add_argument("--grpc", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path("docs/img"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.cpu or args.gpu:
+        throughput(args.cpu, args.gpu, args.out)
+    if args.grpc:
+        latency(args.grpc, args.out)
+
+
+if __name__ == "__main__":
+    main()
