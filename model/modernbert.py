@@ -47,12 +47,12 @@ def rope_table(
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """NeoX half rotation: with x = [x1, x2], out = [x1·cos − x2·sin, x2·cos + x1·sin] — HF's
     `x·cat(cos, cos) + rotate_half(x)·cat(sin, sin)` term for term. x: (..., T, H, D); cos, sin: (T, 1, D/2)
-    fp32. Computed in fp32; eager writes one output buffer in four half-width passes (no concatenation),
-    compiled code uses the plain expression, which inductor fuses into one kernel."""
+    fp32. Computed in fp32; eager inference writes one output buffer in four half-width passes (no
+    concatenation); training (autograd) and compiled code use the plain expression (inductor fuses it)."""
     h = x.shape[-1] // 2
     xf = x.float()
     x1, x2 = xf[..., :h], xf[..., h:]
-    if torch.compiler.is_compiling():
+    if x.requires_grad or torch.compiler.is_compiling():
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
     out = torch.empty(xf.shape, dtype=torch.float32, device=x.device)
     o1, o2 = out[..., :h], out[..., h:]
