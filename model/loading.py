@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -114,10 +115,27 @@ def init_head(model: ModernBertForSequenceClassification, state: dict[str, torch
             report.initialized.append(key)
 
 
+def relabel(
+    config: ModernBertConfig, labels: Sequence[str], state: dict[str, torch.Tensor], report: LoadReport
+) -> ModernBertConfig:
+    """A multi-label config over `labels`; drops a classifier trained for other labels from `state`."""
+    id2label = dict(enumerate(labels))
+    if config.labels != list(labels):
+        for key in CLASSIFIER_KEYS:
+            if key in state:
+                del state[key]
+                report.dropped.append(key)
+    return replace(config, id2label=id2label, problem_type="multi_label_classification")
+
+
 def load_model(
-    directory: str | Path, *, new_head: bool = False
+    directory: str | Path, *, new_head: bool = False, labels: Sequence[str] | None = None
 ) -> tuple[ModernBertForSequenceClassification, ModernBertConfig, LoadReport]:
-    """Build the network on meta, load the checkpoint strictly, return it in fp32 on the CPU."""
+    """Build the network on meta, load the checkpoint strictly, return it in fp32 on the CPU.
+
+    `labels` (training only, needs `new_head=True`) re-labels the model as multi-label over these names;
+    a classifier whose own labels differ (names, order or count) loses its `classifier.*` tensors, which are
+    re-initialised and reported (`report.dropped`, `report.initialized`); head.dense/head.norm are kept."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -125,6 +143,10 @@ def load_model(
     tensors, shards = read_tensors(directory)
     state, report = remap(tensors)
     report.files = shards
+    if labels is not None:
+        if not new_head:
+            raise ValueError("load_model: labels= is for training and needs new_head=True")
+        config = relabel(config, labels, state, report)
     with torch.device("meta"):
         model = ModernBertForSequenceClassification(config)
     wanted = model.state_dict()

