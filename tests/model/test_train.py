@@ -93,6 +93,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def run_train(*args: str) -> None:
+    """A few steps of `safety train` in-process (token masking on, so the augmentation path runs too)."""
     argv = [
         "train",
         "--quiet",
@@ -104,6 +105,8 @@ def run_train(*args: str) -> None:
         "4",
         "--batch-sequences",
         "16",
+        "--token-mask",
+        "0.1",
     ]
     assert main([*argv, *args]) == 0
 
@@ -330,6 +333,25 @@ def test_new_label_set_replaces_the_classifier(tiny_model_dir: Path, tmp_path: P
         "32",
     )
     assert load_classifier(out, device="cpu").labels == ["toxic", "spam"]
+
+
+def test_token_masking_spares_special_tokens() -> None:
+    from model import Item
+    from model.packing import pack
+    from model.train import Recipe, Row, Trainer, scratch_model
+
+    rows = [Row(item=Item(text=t), labels=()) for t in BENIGN * 3]
+    model, tok = scratch_model("tiny", rows, SAFETY_LABELS, vocab_size=300, seed=0)
+    trainer = Trainer(model, tok, Recipe(token_mask=0.5), torch.device("cpu"), progress=False)
+    c = model.config
+    seqs = [[c.cls_token_id, *range(10, 60), c.sep_token_id, *range(60, 90), c.sep_token_id]] * 8
+    batch = pack(seqs)
+    masked = trainer.mask_tokens(batch, torch.Generator().manual_seed(0)).input_ids
+    special = torch.isin(batch.input_ids, torch.tensor([c.cls_token_id, c.sep_token_id]))
+    assert torch.equal(masked[special], batch.input_ids[special])
+    hit = masked != batch.input_ids
+    assert torch.all(masked[hit] == tok.token_id("[MASK]"))
+    assert 0.35 < hit[~special].float().mean().item() < 0.65
 
 
 def test_scratch_initialisation_follows_hf() -> None:
