@@ -11,7 +11,7 @@ CHECKOV      ?= checkov==3.3.30
 CHECKOV_VENV := .cache/checkov-venv
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(subst ==,-,$(CHECKOV))
 
-.PHONY: test lint format run proto checkov clean data default-model
+.PHONY: test lint format run proto checkov clean data default-model gpu-site
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,14 @@ default-model: $(STAMP)
 	rm -rf model/default && cp -r .cache/default-model model/default
 	$(foreach f,$(DEFAULT_REPORT),$(VENV)/bin/safety eval --model model/default --data $(f) \
 		--out .cache/eval/$(basename $(notdir $(f))) &&) true
+
+# What bench/gpu_all.sh needs on the GPU image beyond its torch/transformers/grpcio 1.84/protobuf: the service's
+# pure-Python dependencies at versions that load under grpcio 1.84 (carried with the stubs in service/_proto).
+GPU_SITE := .cache/gpu-site
+gpu-site: proto
+	rm -rf $(GPU_SITE)
+	$(PIP) install --quiet --no-deps --target $(GPU_SITE) grpcio-health-checking==1.84.0 \
+		grpcio-reflection==1.84.0 prometheus-client==0.26.0
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) service/_proto .pytest_cache .ruff_cache

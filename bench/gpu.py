@@ -9,7 +9,9 @@ no flash-attn, no celery). Steps:
      stay within 2x HF-bf16's own error + 0.02 (the bound tests/model/test_gpu.py states);
   4. each workload: HF arrival order and length-sorted (padded batches of the anchor's size), ours eager and
      ours compiled; real tokens/s, peak GiB, ratios measured here;
-  5. a markdown table on stdout and JSON in $OUT (or --out).
+  5. memory: peak device memory above the loaded baseline for one input of 512 ... 8192 tokens and for one
+     full default token budget of 512-token inputs, ours and HF; GiB per 1k tokens shows linear growth;
+  6. a markdown table on stdout and JSON in $OUT (or --out).
 `--smoke` runs everything tiny on the CPU so the script itself is checked without a GPU.
 """
 
@@ -99,12 +101,51 @@ def parity(hf32, hf16, clf, device, lengths) -> dict:
             "ours_vs_hf_bf16": (ours - hf_bf16).abs().max().item(), "ok": e_ours <= bound}  # fmt: skip
 
 
+def memory(hf16, clf, device, lengths: list[int]) -> list[dict]:
+    """Peak allocated memory above the baseline per case (ascending single inputs, then a full budget)."""
+    budget = clf.limits.max_batch_tokens
+    count = budget // 512
+    seq = lambda n: [CLS, *([7] * (n - 2)), SEP]  # noqa: E731
+    cases = [
+        *((f"1 x {n}", [seq(n)]) for n in lengths),
+        (f"{count} x 512 (budget {budget})", [seq(512)] * count),
+    ]
+    rows = []
+    for engine in ("ours", "hf"):
+        for case, seqs in cases:
+            reset_peak(device)
+            base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+            try:
+                if engine == "ours":
+                    clf.run_windows(seqs)
+                else:
+                    with torch.inference_mode():
+                        hf16(*padded(seqs, list(range(len(seqs))), device))
+                sync(device)
+                gib = (
+                    (torch.cuda.max_memory_allocated() - base) / 2**30
+                    if device.type == "cuda"
+                    else float("nan")
+                )
+            except torch.OutOfMemoryError:
+                gib = float("inf")
+                torch.cuda.empty_cache()
+            tokens = sum(map(len, seqs))
+            rows.append({"engine": engine, "case": case, "tokens": tokens, "peak_gib": gib})
+            log(f"memory {engine:<5} {case:<28} {tokens:>7} tokens  peak {gib:7.3f} GiB  "
+                f"{gib / tokens * 1e3 * 1024:8.2f} MiB/1k tokens")  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="tiny model, few sequences, CPU allowed")
     ap.add_argument("--workloads", default="short_fixed,short_var,traffic,long_fixed,long_var")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument(
+        "--model-dir", default=None, help="write the benchmark checkpoint here (for bench/e2e.py)"
+    )
     args = ap.parse_args()
 
     import transformers
@@ -121,7 +162,8 @@ def main() -> None:
         f"date={time.strftime('%Y-%m-%d')}")  # fmt: skip
     out: dict = {"card": card, "torch": torch.__version__, "transformers": transformers.__version__}
 
-    tmp = Path(tempfile.mkdtemp())
+    tmp = Path(args.model_dir or tempfile.mkdtemp())
+    tmp.mkdir(parents=True, exist_ok=True)
     build(tmp, TINY if args.smoke else BASE)
     hf32 = (
         ModernBertForSequenceClassification.from_pretrained(tmp, attn_implementation="sdpa").to(device).eval()
@@ -188,6 +230,8 @@ def main() -> None:
             f"best/HF-sorted {best / row['hf_sorted']:.2f}x  peak GiB ours {row['ours_eager_gib']:.2f}"
         )
     out["rows"] = rows
+    lengths = [64, 128, 256] if args.smoke else [512, 1024, 2048, 4096, 8192]
+    out["memory"] = memory(hf16, clf, device, lengths)
 
     log("\n| workload | HF arrival | HF sorted | ours eager | ours compiled | ours / HF sorted | peak GiB |")
     log("|---|---|---|---|---|---|---|")

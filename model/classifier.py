@@ -262,8 +262,9 @@ class Classifier:
     def run_windows(self, sequences: list[list[int]]) -> torch.Tensor:
         """Logits for many sequences, batched by the planner, returned in input order."""
         logits = torch.empty(len(sequences), self.config.num_labels)
-        for batch in self.plan([len(s) for s in sequences]):
-            logits[batch] = self.forward([sequences[i] for i in batch])
+        plan = self.plan([len(s) for s in sequences])
+        for batch, out in zip(plan, self.runner.run([sequences[i] for i in b] for b in plan), strict=True):
+            logits[batch] = out
         return logits
 
     # ---- one-shot API -------------------------------------------------------------------------------------

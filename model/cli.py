@@ -13,44 +13,16 @@ import logging
 import os
 import sys
 from importlib.metadata import entry_points
-from pathlib import Path
 
+from model.cliargs import add_threshold_option
 from model.errors import SafetyError
-
-
-def _thresholds(values: list[str] | None) -> dict[str, float]:
-    out = {}
-    for v in values or []:
-        label, sep, num = v.partition("=")
-        if not sep:
-            raise SystemExit(f"--threshold expects LABEL=VALUE, got {v!r}")
-        try:
-            out[label] = float(num)
-        except ValueError:
-            raise SystemExit(f"--threshold {label}: {num!r} is not a number") from None
-    return out
-
-
-def read_jsonl(path: str) -> list[dict]:
-    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    items = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{n}: not valid JSON ({e})") from None
-        if not isinstance(obj, dict):
-            raise SystemExit(f"{path}:{n}: each line must be a JSON object with a 'text' field")
-        items.append(obj)
-    return items
+from model.jsonl import read_jsonl
 
 
 def classify_command(args: argparse.Namespace) -> int:
     items: list[dict] = []
     if args.jsonl:
-        items.extend(read_jsonl(args.jsonl))
+        items.extend(obj for _, obj in read_jsonl(args.jsonl))
     for text in args.texts:
         item = {"text": text, "role": args.role}
         if args.context is not None:
@@ -59,7 +31,7 @@ def classify_command(args: argparse.Namespace) -> int:
     if not items:
         print("safety classify: give TEXT arguments or --jsonl FILE", file=sys.stderr)
         return 2
-    thresholds = _thresholds(args.threshold)
+    thresholds = dict(args.threshold or [])
     if args.remote:
         remote = {ep.name: ep for ep in entry_points(group="safety.remote")}
         if "grpc" not in remote:
@@ -92,7 +64,7 @@ def register_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", default=None, help="for --role response: the prompt that produced TEXT")
     p.add_argument("--jsonl", default=None, metavar="FILE",
                    help="items as JSON lines {id?, text, role?, context?} ('-' = stdin)")  # fmt: skip
-    p.add_argument("--threshold", action="append", metavar="LABEL=VALUE", help="override a label's threshold")
+    add_threshold_option(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument(
         "--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 CUDA)"

@@ -22,7 +22,9 @@ import numpy as np
 
 from model import metrics
 from model.classifier import Classifier
+from model.cliargs import add_threshold_option
 from model.errors import InvalidInputError
+from model.jsonl import read_jsonl
 
 MAX_LISTED = 25  # misses and false positives listed in metrics.json
 
@@ -45,22 +47,9 @@ class Evaluation:
 
 
 def read_entries(path: Path) -> list[Entry]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InvalidInputError("file not found", field=str(path)) from None
     out: list[Entry] = []
     pairs = 0
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidInputError(f"not valid JSON ({e})", field=where) from None
-        if not isinstance(obj, dict):
-            raise InvalidInputError("must be a JSON object", field=where)
+    for where, obj in read_jsonl(path):
         labels = obj.get("labels")
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise InvalidInputError("must be a list of label names ([] = benign)", field=f"{where}.labels")
@@ -297,10 +286,9 @@ def summary_text(m: dict) -> str:
 
 def eval_command(args: argparse.Namespace) -> int:
     from model import load_classifier
-    from model.cli import _thresholds
 
     clf = load_classifier(args.model, device=args.device, dtype=args.dtype, max_tokens=args.max_tokens)
-    ev = evaluate(clf, read_entries(Path(args.data)), _thresholds(args.threshold), source=args.data)
+    ev = evaluate(clf, read_entries(Path(args.data)), dict(args.threshold or []), source=args.data)
     print(summary_text(ev.metrics))
     if args.out:
         for p in write_outputs(ev, clf.labels, Path(args.out)):
@@ -324,7 +312,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default=None, metavar="DIR", help="write metrics.json, predictions.jsonl, pr_curve.png"
     )
-    p.add_argument("--threshold", action="append", metavar="LABEL=VALUE", help="override a label's threshold")
+    add_threshold_option(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     p.add_argument("--max-tokens", type=int, default=None, help="window size in tokens (default: model max)")

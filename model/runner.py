@@ -2,12 +2,14 @@
 
 Owns: packed batch (list of token-id lists) -> logits, on the chosen device, with host-side metadata (lengths,
 `max_seqlen`) so no device->host sync happens inside a batch; pinned host buffers and non-blocking copies on
-CUDA. Must not know: tokenization, windows, thresholds, queues, gRPC or Celery.
+CUDA; `run` keeps one batch queued ahead so host-side packing overlaps device compute. Must not know:
+tokenization, windows, thresholds, queues, gRPC or Celery.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -80,11 +82,33 @@ class Runner:
         net.head.forward = torch.compile(net.head.forward, **opts)
 
     @torch.inference_mode()
-    def forward(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Token-id lists (specials included) -> fp32 logits (n, num_labels) on the CPU."""
+    def launch(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Pack on the host and queue the batch on the device; returns the logits tensor without waiting
+        for it (on CUDA the kernels run asynchronously, so the caller can pack and queue the next batch
+        before `collect` waits for this one). CPU: computed when this returns."""
         batch = pack(sequences)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         with self._lock:
-            logits = self.net(batch, self.attn)
-            return logits.float().cpu()
+            return self.net(batch, self.attn)
+
+    @staticmethod
+    def collect(logits: torch.Tensor) -> torch.Tensor:
+        """Wait for a launched batch: fp32 logits (n, num_labels) on the CPU."""
+        return logits.float().cpu()
+
+    def forward(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Token-id lists (specials included) -> fp32 logits (n, num_labels) on the CPU."""
+        return self.collect(self.launch(sequences))
+
+    def run(self, batches: Iterable[list[list[int]]]) -> Iterator[torch.Tensor]:
+        """Logits per batch, in order, with one batch queued ahead: batch i+1 is packed, copied and queued
+        on the device before the host waits for batch i, so the device never idles between batches."""
+        pending: torch.Tensor | None = None
+        for sequences in batches:
+            launched = self.launch(sequences)
+            if pending is not None:
+                yield self.collect(pending)
+            pending = launched
+        if pending is not None:
+            yield self.collect(pending)

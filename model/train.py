@@ -38,6 +38,7 @@ from model.attention import Attention, pick_backend
 from model.classifier import ROLES, Classifier, Encoded, Item, Limits, check_limits
 from model.config import ModernBertConfig
 from model.errors import CheckpointError, ConfigError, InvalidInputError
+from model.jsonl import read_jsonl
 from model.loading import load_model
 from model.modernbert import (
     ModernBertAttention,
@@ -107,20 +108,7 @@ class Row:
 def read_rows(path: Path) -> list[Row]:
     """Labelled items from JSONL; a bad line raises InvalidInputError naming the file, line and field."""
     rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InvalidInputError("file not found", field=str(path)) from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidInputError(f"not valid JSON ({e})", field=where) from None
-        if not isinstance(obj, dict):
-            raise InvalidInputError("must be a JSON object", field=where)
+    for where, obj in read_jsonl(path):
         text, role, context = obj.get("text"), obj.get("role") or "prompt", obj.get("context") or None
         labels = obj.get("labels")
         if not isinstance(text, str) or not text.strip():

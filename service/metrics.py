@@ -1,15 +1,17 @@
 """Prometheus metrics of the gRPC server, served by prometheus-client on their own HTTP port.
 
 Owns: the metric names and buckets, a per-server `CollectorRegistry` (so several servers in one process,
-as in tests, don't collide), the HTTP exporter, and `MetricsInterceptor`, which counts every call by
-method and final status code. The scheduler reports through the `SchedulerMetrics` methods below and never
-imports prometheus itself. Must not know: the model.
+as in tests, don't collide), the HTTP exporter, and `MetricsInterceptor`, which counts every unary and
+server-streaming call by method and final status code. The scheduler reports through the `SchedulerMetrics`
+methods below and never imports prometheus itself. Must not know: the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -66,6 +68,10 @@ class Metrics:
         self.dropped = Counter(
             "safety_dropped_windows", "windows dropped before compute", ["reason"], registry=r
         )
+        self.warmup_seconds = Gauge(
+            "safety_warmup_seconds", "model load-time warm-up (torch.compile included when on)", registry=r
+        )
+        self.compiled = Gauge("safety_compiled", "1 when the network runs torch.compile'd", registry=r)
         self._http: Any = None
 
     # ---- SchedulerMetrics -------------------------------------------------------------------------------
@@ -107,7 +113,9 @@ class Metrics:
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Outermost interceptor: counts each unary call by method and the status code it ended with."""
+    """Outermost interceptor: counts each unary-unary and unary-stream call (Classify, SubmitJob,
+    StreamJobResults, ...) by method and the status code it ended with, and observes its wall time; a stream
+    is counted once, when it ends."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -118,31 +126,70 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        behavior, metrics = handler.unary_unary, self.metrics
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
 
-        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            code = "OK"
-            try:
-                return await behavior(request, context)
-            except BaseException:
-                set_code = context.code()
-                if set_code is not None:
-                    code = set_code.name
-                elif context.time_remaining() is not None and context.time_remaining() <= 0:
-                    code = "DEADLINE_EXCEEDED"
-                else:
-                    code = "CANCELLED"
-                raise
-            finally:
-                metrics.requests.labels(method=method, code=code).inc()
-                metrics.request_seconds.labels(method=method).observe(time.perf_counter() - start)
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self._observed(method, context):
+                    return await behavior(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            # grpc.aio picks the calling convention from the handler's kind: keep it.
+            stream = handler.unary_stream
+            wrapped: Callable[..., Any]
+            if inspect.isasyncgenfunction(stream):
+
+                async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                    with self._observed(method, context):
+                        async for message in stream(request, context):
+                            yield message
+
+                wrapped = generator
+            elif inspect.iscoroutinefunction(stream):  # writes with context.write(), e.g. Health.Watch
+
+                async def writer(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    with self._observed(method, context):
+                        return await stream(request, context)
+
+                wrapped = writer
+            else:  # a synchronous generator (grpc runs it in a thread): not ours, left alone
+                return handler
+            return grpc.unary_stream_rpc_method_handler(
+                wrapped,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    @contextlib.contextmanager
+    def _observed(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            yield
+        except BaseException:
+            code = _final_code(context)
+            raise
+        finally:
+            self.metrics.requests.labels(method=method, code=code).inc()
+            self.metrics.request_seconds.labels(method=method).observe(time.perf_counter() - start)
+
+
+def _final_code(context: grpc.aio.ServicerContext) -> str:
+    """The status a call that raised ends with: the one the handler set (abort), else DEADLINE_EXCEEDED or
+    CANCELLED."""
+    set_code = context.code()
+    if set_code is not None:
+        return set_code.name
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED"

@@ -2,9 +2,10 @@
 
 Owns: the subcommands (registered through the `safety.commands` entry point `worker = "worker.cli:register"`),
 reading a JSONL file of items, the progress bar while waiting, writing result lines in item order, exit
-codes (0 done, 1 finished with failed items or cancelled, 2 an error, 130 interrupted) and the choice of
-Celery pool (solo per GPU on CUDA, prefork on CPU). Must not know: the model, Redis keys; it drives
-`worker.jobs.JobClient` and starts the Celery worker of `worker.app`.
+codes (0 done, 1 finished with failed items or cancelled, 2 an error, 130 interrupted), the choice of
+Celery pool (solo per GPU on CUDA, prefork on CPU) and starting the metrics exporter (`worker.metrics`) in
+the worker's main process. Must not know: the model, Redis keys; it drives `worker.jobs.JobClient` and
+starts the Celery worker of `worker.app`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from model.errors import InvalidInputError, SafetyError
-from worker.settings import WorkerSettings
+from model.errors import ConfigError, InvalidInputError, SafetyError
+from worker.settings import WorkerSettings, env_name
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -107,20 +110,49 @@ def worker_argv(args: argparse.Namespace, settings: WorkerSettings) -> list[str]
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    with _errors("worker"):
-        settings = WorkerSettings.from_env()
-        argv = worker_argv(args, settings)
-        concurrency = int(argv[2].split("=")[1])
-        if "--pool=prefork" in argv and concurrency > 1:
-            # Each process runs its own torch: split the cores instead of oversubscribing them.
-            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // concurrency)))
-        # SIGTERM (Kubernetes) = Celery's cold shutdown after SAFETY_DRAIN_GRACE_S: the running chunk is
-        # requeued at once rather than after the visibility timeout. Read by billiard when Celery starts.
-        os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
-        from worker.app import app
+    metrics_dir = None
+    try:
+        with _errors("worker"):
+            settings = WorkerSettings.from_env()
+            argv = worker_argv(args, settings)
+            concurrency = int(argv[2].split("=")[1])
+            if "--pool=prefork" in argv and concurrency > 1:
+                # Each process runs its own torch: split the cores instead of oversubscribing them.
+                os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // concurrency)))
+            # SIGTERM (Kubernetes) = Celery's cold shutdown after SAFETY_DRAIN_GRACE_S: the running chunk is
+            # requeued at once rather than after the visibility timeout. Read by billiard when Celery starts.
+            os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+            if settings.metrics_port:
+                metrics_dir = serve_metrics(settings.metrics_port, prefork="--pool=prefork" in argv)
+            from worker.app import app
 
-        return app.start(argv) or EXIT_OK
-    return EXIT_ERROR
+            return app.start(argv) or EXIT_OK
+        return EXIT_ERROR
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def serve_metrics(port: int, *, prefork: bool) -> str | None:
+    """Start /metrics on `port` in this (the main) process; returns the multiprocess directory it created,
+    if any, for the caller to remove. With prefork the tasks count in the pool's child processes: the counts
+    go through files in PROMETHEUS_MULTIPROC_DIR (set here, before prometheus_client is first imported, and
+    inherited by the children), and the exporter serves their sum."""
+    created = None
+    if prefork and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        created = tempfile.mkdtemp(prefix="safety-worker-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = created
+    from worker import metrics
+
+    try:
+        server = metrics.serve(port)
+    except OSError as e:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        why = f"cannot serve metrics on port {port}: {e.strerror}"
+        raise ConfigError(why, field=env_name("metrics_port"), file="environment") from None
+    print(f"safety worker: Prometheus metrics on :{server.server_port}/metrics", file=sys.stderr)
+    return created
 
 
 # ---- safety submit ---------------------------------------------------------------------------------------

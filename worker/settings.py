@@ -1,74 +1,67 @@
 """Settings of the batch side (`safety worker`, `safety submit`, `safety job`, and the service's job client).
 
 Owns: every `SAFETY_*` variable the worker and the job client read, its default and its validation (a
-`ConfigError` naming the variable). The field table is the single source for docs/jobs.md. Must not know:
-Celery, Redis, torch; `worker.app`, `worker.tasks` and `worker.jobs` receive a finished `WorkerSettings`.
+`ConfigError` naming the variable). The field table is the single source for docs/jobs.md; the field
+factory and the reading of the environment are model/settings_base.py's. Must not know: Celery, Redis,
+torch; `worker.app`, `worker.tasks` and `worker.jobs` receive a finished `WorkerSettings`.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from model.errors import ConfigError
-
-
-def _opt_int(value: str) -> int | None:
-    return None if value.strip().lower() in ("", "auto", "none") else int(value)
-
-
-def _opt_str(value: str) -> str | None:
-    return value or None
-
-
-def _setting(default: Any, env: str, parse: Callable[[str], Any], help: str) -> Any:
-    return field(default=default, metadata={"env": env, "parse": parse, "help": help})
+from model.settings_base import env_name as _env_name
+from model.settings_base import opt_int, opt_str, setting, values_from_env
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    redis_url: str = _setting(
+    redis_url: str = setting(
         "redis://localhost:6379/0", "SAFETY_REDIS_URL", str, "Redis for the Celery broker and the job store"
     )
-    queue: str = _setting("safety.classify", "SAFETY_QUEUE", str, "the dedicated Celery queue of chunk tasks")
-    chunk_size: int = _setting(256, "SAFETY_CHUNK_SIZE", int, "items per chunk (one chunk = one task)")
-    result_ttl_s: int = _setting(
+    queue: str = setting("safety.classify", "SAFETY_QUEUE", str, "the dedicated Celery queue of chunk tasks")
+    chunk_size: int = setting(256, "SAFETY_CHUNK_SIZE", int, "items per chunk (one chunk = one task)")
+    result_ttl_s: int = setting(
         604_800, "SAFETY_RESULT_TTL_S", int, "seconds a job and its results are kept (from submission, "
         "then again from the moment it finishes)"
     )  # fmt: skip
-    max_attempts: int = _setting(
+    max_attempts: int = setting(
         3, "SAFETY_MAX_ATTEMPTS", int, "deliveries of one chunk before its items are marked failed and the "
         "chunk goes to the dead-letter list"
     )  # fmt: skip
-    visibility_timeout_s: int = _setting(
+    visibility_timeout_s: int = setting(
         3600, "SAFETY_VISIBILITY_TIMEOUT_S", int, "seconds before an unacknowledged chunk (its worker died) "
         "is delivered again; must exceed the longest chunk"
     )  # fmt: skip
-    concurrency: int | None = _setting(
-        None, "SAFETY_WORKER_CONCURRENCY", _opt_int, "worker processes per `safety worker` (unset: 1; the "
+    concurrency: int | None = setting(
+        None, "SAFETY_WORKER_CONCURRENCY", opt_int, "worker processes per `safety worker` (unset: 1; the "
         "solo pool on CUDA always runs one)"
     )  # fmt: skip
-    model: str | None = _setting(
-        None, "SAFETY_MODEL", _opt_str, "checkpoint directory; unset: the bundled default model"
+    model: str | None = setting(
+        None, "SAFETY_MODEL", opt_str, "checkpoint directory; unset: the bundled default model"
     )
-    device: str = _setting("auto", "SAFETY_DEVICE", str, "auto | cpu | cuda | cuda:N")
-    dtype: str | None = _setting(None, "SAFETY_DTYPE", _opt_str, "float32 | bfloat16 | float16")
-    max_batch_tokens: int | None = _setting(
-        None, "SAFETY_MAX_BATCH_TOKENS", _opt_int, "token budget of one batch (unset: engine default)"
+    device: str = setting("auto", "SAFETY_DEVICE", str, "auto | cpu | cuda | cuda:N")
+    dtype: str | None = setting(None, "SAFETY_DTYPE", opt_str, "float32 | bfloat16 | float16")
+    max_batch_tokens: int | None = setting(
+        None, "SAFETY_MAX_BATCH_TOKENS", opt_int, "token budget of one batch (unset: engine default)"
     )
-    max_batch_sequences: int | None = _setting(
-        None, "SAFETY_MAX_BATCH_SEQUENCES", _opt_int, "sequences per batch (unset: engine default)"
+    max_batch_sequences: int | None = setting(
+        None, "SAFETY_MAX_BATCH_SEQUENCES", opt_int, "sequences per batch (unset: engine default)"
     )
-    max_text_chars: int = _setting(
+    max_text_chars: int = setting(
         200_000, "SAFETY_MAX_TEXT_CHARS", int, "characters per text (and per context), checked at submission"
     )
-    drain_grace_s: float = _setting(
+    drain_grace_s: float = setting(
         20.0, "SAFETY_DRAIN_GRACE_S", float, "on SIGTERM: seconds to finish the running chunk before it is "
         "handed back to the queue"
     )  # fmt: skip
-    log_level: str = _setting("INFO", "SAFETY_LOG_LEVEL", str, "DEBUG | INFO | WARNING | ERROR")
+    log_level: str = setting("INFO", "SAFETY_LOG_LEVEL", str, "DEBUG | INFO | WARNING | ERROR")
+    metrics_port: int = setting(
+        9101, "SAFETY_WORKER_METRICS_PORT", int, "Prometheus /metrics port of `safety worker` (0: none)"
+    )
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "result_ttl_s", "max_attempts", "visibility_timeout_s", "max_text_chars",
@@ -76,6 +69,8 @@ class WorkerSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or value <= 0):
                 raise _bad(name, f"must be a positive integer, got {value!r}")
+        if isinstance(self.metrics_port, bool) or not 0 <= self.metrics_port <= 65535:
+            raise _bad("metrics_port", f"must be a port number (0: none), got {self.metrics_port!r}")
         if self.drain_grace_s < 0:
             raise _bad("drain_grace_s", f"must be >= 0, got {self.drain_grace_s}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -88,15 +83,7 @@ class WorkerSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
         """Settings from `SAFETY_*` variables (unset or empty: the default), then explicit overrides."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = environ.get(f.metadata["env"])
-            if raw is not None and raw != "":
-                try:
-                    values[f.name] = f.metadata["parse"](raw)
-                except ValueError:
-                    raise _bad(f.name, f"cannot parse {raw!r}") from None
+        values = values_from_env(cls, environ, _bad)
         values.update(overrides)
         return cls(**values)
 
@@ -105,7 +92,7 @@ class WorkerSettings:
 
 
 def env_name(name: str) -> str:
-    return next(f.metadata["env"] for f in fields(WorkerSettings) if f.name == name)
+    return _env_name(WorkerSettings, name)
 
 
 def settings_table() -> list[tuple[str, str, str]]:

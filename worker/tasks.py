@@ -6,8 +6,9 @@ after `max_attempts` deliveries with its items marked failed, instead of looping
 have a result are skipped, so a redelivered chunk redoes only what is missing. Any error other than a bad
 item hands the message back to the queue (`Reject(requeue=True)`) rather than acknowledging a chunk whose
 results were never written. The classifier is loaded once per worker process, lazily on its first chunk:
-never in the prefork parent, so CUDA is initialised only after fork. Must not know: the job client's
-submission path, gRPC.
+never in the prefork parent, so CUDA is initialised only after fork. Each delivery's outcome (done, retried,
+dead_lettered, skipped), its wall time and the items it wrote are counted in `worker.metrics`. Must not
+know: the job client's submission path, gRPC, how metrics are exported.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from celery.exceptions import Reject
 from model.errors import InvalidInputError
 from worker import faults
 from worker.app import TASK_NAME, app
+from worker.metrics import Metrics, process_metrics
 from worker.settings import WorkerSettings
 from worker.store import JobStore, failed_line, result_line
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 WORKER_LOST = "the worker process died while classifying it (a crash, an OOM kill or kill -9)"
+CHUNK_OUTCOMES = {"classified": "done", "dead-lettered": "dead_lettered"}  # other actions: skipped
 
 
 class ClassifierTask(Task):
@@ -53,6 +56,10 @@ class ClassifierTask(Task):
             health_check_interval=25,
         )
         return JobStore(client)
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        return process_metrics()
 
     @cached_property
     def classifier(self) -> Classifier:
@@ -79,16 +86,35 @@ class ClassifierTask(Task):
 
 @app.task(bind=True, base=ClassifierTask, name=TASK_NAME)
 def classify_chunk(self: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
+    return deliver(self, job_id, chunk)
+
+
+def deliver(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
+    """One delivery of a chunk: run it, count its outcome in `task.metrics`, and hand the message back to the
+    queue on any error that left results unwritten."""
+    began = time.perf_counter()
     try:
-        return run_chunk(self, job_id, chunk)
+        done = run_chunk(task, job_id, chunk)
     except Reject:
+        _count(task, "retried", began)
         raise
     except Exception as e:  # Redis unreachable, or a bug: never ack a chunk whose results are unwritten
         log.exception("job %s chunk %d: requeued after an unexpected error", job_id, chunk)
         error = f"{type(e).__name__}: {e}"
         with contextlib.suppress(Exception):  # so a later give-up names the cause (if Redis is reachable)
-            self.store.record_error(job_id, chunk, error)
+            task.store.record_error(job_id, chunk, error)
+        _count(task, "retried", began)
         raise Reject(error, requeue=True) from e
+    outcome = CHUNK_OUTCOMES.get(done["action"], "skipped")
+    _count(task, outcome, began, done.get("ok", 0), done.get("failed", 0))
+    return done
+
+
+def _count(task: ClassifierTask, outcome: str, began: float, ok: int = 0, failed: int = 0) -> None:
+    try:
+        task.metrics.chunk(outcome, time.perf_counter() - began, ok, failed)
+    except Exception:  # e.g. a full disk under PROMETHEUS_MULTIPROC_DIR: metrics never cost a chunk
+        log.warning("could not count a chunk delivery (%s) in the metrics", outcome, exc_info=True)
 
 
 def run_chunk(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
@@ -129,7 +155,14 @@ def run_chunk(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
         "job %s chunk %d: %d items in %.2fs (attempt %d), job %s",
         job_id, chunk, len(lines), time.perf_counter() - began, start.attempt, written.state,
     )  # fmt: skip
-    return {"job_id": job_id, "chunk": chunk, "action": "classified", "written": written.ok + written.failed}
+    return {
+        "job_id": job_id,
+        "chunk": chunk,
+        "action": "classified",
+        "written": written.ok + written.failed,
+        "ok": written.ok,
+        "failed": written.failed,
+    }
 
 
 def classify_lines(
@@ -169,5 +202,5 @@ def give_up(
         (i, json.dumps(failed_line(i, item.get("id"), error)), True)
         for i, item in zip(indices, items, strict=True)
     ]
-    store.write(job_id, lines, time.time())
-    return {"job_id": job_id, "chunk": chunk, "action": "dead-lettered"}
+    written = store.write(job_id, lines, time.time())
+    return {"job_id": job_id, "chunk": chunk, "action": "dead-lettered", "failed": written.failed}

@@ -1,24 +1,22 @@
 """The Grafana dashboard (k8s/components/grafana-dashboard/safety-classifier.json) charts real metrics.
 
 Owns: the dashboard's structure and the cross-check of every metric its queries name against the metrics the
-service registers (service/metrics.py). Must not know: Grafana beyond the dashboard JSON model.
+service and the workers register (service/metrics.py, worker/metrics.py). Must not know: Grafana beyond the
+dashboard JSON model.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from typing import Any
 
 from service.metrics import Metrics
 from tests.k8s.render import K8S
+from worker.metrics import Metrics as WorkerMetrics
 
 DASHBOARD = json.loads((K8S / "components" / "grafana-dashboard" / "safety-classifier.json").read_text())
 PANELS = [p for p in DASHBOARD["panels"] if p["type"] != "row"]
-# The worker exports no Prometheus metrics yet; these are the names the dashboard's job panels expect.
-# Once worker/metrics.py exists they are checked against it instead (see test_queries_name_real_metrics).
-WORKER_METRICS_EXPECTED = {"safety_worker_items_total", "safety_worker_chunks_total"}
 
 
 def exported(registry: Any) -> set[str]:
@@ -48,13 +46,7 @@ def test_structure() -> None:
 
 
 def test_queries_name_real_metrics() -> None:
-    known = exported(Metrics().registry)
-    if importlib.util.find_spec("worker.metrics") is not None:
-        from worker.metrics import Metrics as WorkerMetrics  # type: ignore[import-not-found]
-
-        known |= exported(WorkerMetrics().registry)
-    else:
-        known |= WORKER_METRICS_EXPECTED
+    known = exported(Metrics().registry) | exported(WorkerMetrics().registry)
     named = {m for e in exprs() for m in re.findall(r"\b(safety_[a-z0-9_]+)\b", e)}
     assert named, "no safety_* metric in any query"
     assert named <= known, f"queries name metrics nobody exports: {sorted(named - known)}"
@@ -68,4 +60,4 @@ def test_covers_what_operators_watch() -> None:
         assert f"histogram_quantile({q}, sum by (le) (rate(safety_request_duration_seconds_bucket" in joined
     assert "safety_batch_tokens_bucket" in joined
     assert "safety_queue_items" in joined and "safety_queue_tokens" in joined
-    assert "safety_worker_items_total" in joined
+    assert "safety_worker_items_total" in joined and "safety_worker_chunks_total" in joined

@@ -35,7 +35,7 @@ def test_classify_texts_and_jsonl(tmp_path: Path, tiny_model_dir: Path, tiny_cla
     assert all("hate" in o["flagged_labels"] for o in out)
 
 
-def test_classify_errors_are_reported(tiny_model_dir: Path) -> None:
+def test_classify_errors_are_reported(tmp_path: Path, tiny_model_dir: Path) -> None:
     p = run("classify", "--model", str(tiny_model_dir), "--role", "prompt", "--context", "ctx", "text")
     assert p.returncode == 2
     assert "items[0].context" in p.stderr
@@ -43,3 +43,13 @@ def test_classify_errors_are_reported(tiny_model_dir: Path) -> None:
     assert p.returncode == 2 and "thresholds.nope" in p.stderr
     p = run("classify", "--model", str(tiny_model_dir))
     assert p.returncode == 2 and "TEXT" in p.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": \n')
+    p = run("classify", "--model", str(tiny_model_dir), "--jsonl", str(bad))
+    assert p.returncode == 2 and f"safety classify: {bad}:3: not valid JSON" in p.stderr, p.stderr
+    p = run("classify", "--model", str(tiny_model_dir), "--jsonl", "-", stdin='{"text": "a"}\n["b"]\n')
+    assert p.returncode == 2 and "<stdin>:2: must be a JSON object" in p.stderr, p.stderr
+    p = run("classify", "--model", str(tiny_model_dir), "--jsonl", str(tmp_path / "missing.jsonl"))
+    assert p.returncode == 2 and "missing.jsonl: file not found" in p.stderr, p.stderr
+    p = run("classify", "--model", str(tiny_model_dir), "--threshold", "hate", "text")
+    assert p.returncode == 2 and "--threshold: expects LABEL=VALUE" in p.stderr, p.stderr

@@ -17,6 +17,7 @@ from service.client import SafetyClient
 from service.server import SafetyServer, create_server
 from service.settings import ServeSettings
 from service.stubs import pb2
+from tests.service.helpers import wait_until
 from tests.worker.harness import (
     RedisServer,
     Worker,
@@ -141,6 +142,35 @@ def test_cancel_a_queued_job_then_its_items_stream_as_cancelled(
     assert all(line["error"].startswith("cancelled") and line["scores"] is None for line in lines), lines
     assert [line["id"] for line in lines] == [f"idle-{i}" for i in range(6)]
     assert redis_server.client().llen(IDLE) == 2  # each chunk queued once, skipped by a worker later
+
+
+def test_stream_job_results_is_counted_by_code_like_the_other_calls(
+    start_jobs_server: StartServer, redis_server: RedisServer
+) -> None:
+    app = start_jobs_server(job_client(redis_server.url, queue=IDLE, chunk_size=4))
+
+    def calls(code: str, method: str = "StreamJobResults") -> float:
+        labels = {"method": method, "code": code}
+        return app.metrics.registry.get_sample_value("safety_requests_total", labels) or 0.0
+
+    def timed(method: str = "StreamJobResults") -> float:
+        labels = {"method": method}
+        return app.metrics.registry.get_sample_value("safety_request_duration_seconds_count", labels) or 0.0
+
+    with connect(app) as client:
+        client.submit_job(make_items(6, prefix="counted"), job_id="counted-job")
+        assert list(client.stream_job_results("counted-job")) == []  # OK: nothing ready yet
+        code, _ = code_of(lambda: list(client.stream_job_results("counted-job", wait=True, timeout=0.5)))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        client.cancel_job("counted-job")
+        assert len(list(client.stream_job_results("counted-job", wait=True))) == 6  # OK: six messages
+        assert code_of(lambda: list(client.stream_job_results("no-such-job")))[0] == grpc.StatusCode.NOT_FOUND
+        code, _ = code_of(lambda: list(client.stream_job_results("counted-job", 7)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    wait_until(lambda: timed() == 5, what="five StreamJobResults calls counted")
+    codes = ("OK", "DEADLINE_EXCEEDED", "NOT_FOUND", "INVALID_ARGUMENT")
+    assert {code: calls(code) for code in codes} == dict(zip(codes, (2, 1, 1, 1), strict=True))
+    assert (calls("OK", "SubmitJob"), calls("OK", "CancelJob"), timed("SubmitJob")) == (1, 1, 1)
 
 
 def test_a_finished_job_with_a_lost_result_ends_the_stream_with_not_found(

@@ -259,3 +259,27 @@ def test_token_bound_refuses_with_resource_exhausted(
     finally:
         app.scheduler.release_runner()
     assert first.result(30).results[0].windows >= 1
+
+
+def test_warm_up_metrics_of_an_eager_server(server: SafetyServer) -> None:
+    text = scrape(server)
+    assert metric_value(text, "safety_compiled") == 0
+    assert metric_value(text, "safety_warmup_seconds") > 0
+
+
+def test_compiled_server_compiles_before_serving_not_on_requests(
+    start_server: Any, tiny_model_dir: Path
+) -> None:
+    from torch._dynamo.utils import counters
+
+    from model import load_classifier
+
+    app = start_server(classifier=load_classifier(tiny_model_dir, device="cpu", compile=True))
+    text = scrape(app)
+    assert metric_value(text, "safety_compiled") == 1
+    assert metric_value(text, "safety_warmup_seconds") > 0
+    graphs = counters["stats"]["unique_graphs"]
+    with SafetyClient(f"127.0.0.1:{app.port}") as client:
+        results = client.classify(["short", "a longer text " * 40, "x " * 300])
+    assert len(results) == 3
+    assert counters["stats"]["unique_graphs"] == graphs, "a request compiled a new graph after warm-up"

@@ -43,6 +43,7 @@ def test_env_then_flags() -> None:
         ({"SAFETY_MAX_QUEUE_TOKENS": "many"}, "SAFETY_MAX_QUEUE_TOKENS"),
         ({"SAFETY_TLS_CERT": "/c.pem"}, "SAFETY_TLS_CERT"),
         ({"SAFETY_LOG_FORMAT": "xml"}, "SAFETY_LOG_FORMAT"),
+        ({"SAFETY_COMPILE": "yes"}, "SAFETY_COMPILE"),
         ({"SAFETY_ADDRESS": "localhost"}, "SAFETY_ADDRESS"),
     ],
 )
@@ -74,3 +75,13 @@ def test_protogen_writes_importable_package_stubs(tmp_path: Path) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # same descriptor as the package's stubs: the pool accepts it again
     assert module.DESCRIPTOR.services_by_name["SafetyClassifier"].methods_by_name["Classify"]
+
+
+def test_compile_auto_means_cuda_only() -> None:
+    from service.server import compile_wanted
+
+    assert not compile_wanted("auto", "cpu")
+    assert compile_wanted("auto", "cuda") and compile_wanted("auto", "cuda:1")
+    assert compile_wanted("on", "cpu") and not compile_wanted("off", "cuda")
+    assert ServeSettings.from_env({}).compile == "auto"
+    assert ServeSettings.from_env({"SAFETY_COMPILE": "on"}).compile == "on"

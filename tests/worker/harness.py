@@ -127,11 +127,13 @@ class Worker:
 
 
 def worker_env(redis_url: str, model_dir: Path, **settings: Any) -> dict[str, str]:
-    """The environment of a worker or CLI subprocess: SAFETY_* settings given as keyword arguments."""
+    """The environment of a worker or CLI subprocess: SAFETY_* settings given as keyword arguments. No
+    metrics exporter (several workers run at once), unless `worker_metrics_port=PORT` is given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAFETY_")}
     env.update(
         SAFETY_REDIS_URL=redis_url, SAFETY_MODEL=str(model_dir), SAFETY_DEVICE="cpu", PYTHONUNBUFFERED="1"
     )
+    env["SAFETY_WORKER_METRICS_PORT"] = "0"
     env.update({f"SAFETY_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 

@@ -40,6 +40,15 @@ def test_environment_is_parsed_and_bad_values_name_the_variable() -> None:
         WorkerSettings.from_env({"SAFETY_REDIS_URL": "localhost:6379"})
 
 
+def test_metrics_port_defaults_to_9101_and_0_turns_it_off() -> None:
+    assert WorkerSettings.from_env({}).metrics_port == 9101
+    assert WorkerSettings.from_env({"SAFETY_WORKER_METRICS_PORT": "0"}).metrics_port == 0
+    assert ("SAFETY_WORKER_METRICS_PORT", "9101") in [(env, default) for env, default, _ in settings_table()]
+    for bad, why in (("70000", "a port number"), ("-1", "a port number"), ("x", "cannot parse")):
+        with pytest.raises(ConfigError, match=f"SAFETY_WORKER_METRICS_PORT.*{why}"):
+            WorkerSettings.from_env({"SAFETY_WORKER_METRICS_PORT": bad})
+
+
 def test_celery_is_json_only_late_ack_and_one_visibility_timeout() -> None:
     conf = create_app(WorkerSettings(visibility_timeout_s=120, queue="q1")).conf
     assert conf.accept_content == ["json"] and conf.result_accept_content == ["json"]

@@ -1,11 +1,23 @@
-"""The chunk task's classification step, in process (the worker-process behaviour is in test_worker_*)."""
+"""The chunk task in process: its classification step, and the metrics of each delivery against a real Redis
+(the worker-process behaviour is in test_worker_*)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
-from worker.store import RESULT_FIELDS, failed_line
-from worker.tasks import classify_lines
+import pytest
+import redis
+from celery.exceptions import Reject
+
+from model.errors import InvalidInputError
+from tests.worker.harness import RedisServer, free_port, make_items
+from worker.jobs import JobClient
+from worker.metrics import Metrics
+from worker.settings import WorkerSettings
+from worker.store import RESULT_FIELDS, JobStore, failed_line
+from worker.tasks import classify_lines, deliver
 
 
 def test_result_lines_have_the_classify_shape_plus_index_and_error(tiny_classifier: Any) -> None:
@@ -24,3 +36,67 @@ def test_an_item_the_engine_refuses_fails_alone(tiny_classifier: Any) -> None:
         {"index": 10, **want[0], "error": None},
         {"index": 12, **want[1], "error": None},
     ]
+
+
+class RefusesFirstItem:
+    """A classifier whose engine refuses the first item of its first call (as for a bad item)."""
+
+    def __init__(self, clf: Any) -> None:
+        self.clf, self.name, self.calls = clf, clf.name, 0
+
+    def classify(self, items: list[dict[str, str]]) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise InvalidInputError("refused", index=0, field="text")
+        return self.clf.classify(items)
+
+
+class Broken:
+    name = "broken"
+
+    def classify(self, items: list[dict[str, str]]) -> Any:
+        raise RuntimeError("the device fell over")
+
+
+def test_each_delivery_is_counted_by_outcome_and_items_once(
+    redis_server: RedisServer, job_client: Callable[..., JobClient], tiny_classifier: Any
+) -> None:
+    """deliver() in process against a real Redis, with the classifier swapped per delivery."""
+    client = job_client(redis_server.url, queue="metrics-unconsumed", chunk_size=2)
+    job = client.submit(make_items(6, prefix="m"), job_id="metrics-job").status.job_id
+    metrics = Metrics()
+    task = SimpleNamespace(settings=WorkerSettings(max_attempts=2), store=client.store, metrics=metrics)
+
+    def run(chunk: int, classifier: Any, **overrides: Any) -> dict[str, Any]:
+        return deliver(SimpleNamespace(**{**vars(task), "classifier": classifier, **overrides}), job, chunk)
+
+    def chunks(outcome: str) -> float:
+        return metrics.registry.get_sample_value("safety_worker_chunks_total", {"outcome": outcome})
+
+    def items(outcome: str) -> float:
+        return metrics.registry.get_sample_value("safety_worker_items_total", {"outcome": outcome})
+
+    assert run(0, tiny_classifier)["action"] == "classified"
+    assert (chunks("done"), items("ok"), items("failed")) == (1, 2, 0)
+    assert run(0, tiny_classifier)["action"] == "complete"  # a redelivery after the write: nothing to do
+    assert (chunks("done"), chunks("skipped"), items("ok")) == (1, 1, 2)
+
+    assert run(1, RefusesFirstItem(tiny_classifier))["action"] == "classified"  # one item fails alone
+    assert (chunks("done"), items("ok"), items("failed")) == (2, 3, 1)
+
+    with pytest.raises(Reject):  # attempt 1 of 2: back to the queue
+        run(2, Broken())
+    assert (chunks("retried"), items("failed")) == (1, 1)
+    assert run(2, Broken())["action"] == "dead-lettered"  # attempt 2 of 2: its items fail
+    assert (chunks("dead_lettered"), items("failed")) == (1, 3)
+
+    unreachable = JobStore(redis.Redis(port=free_port(), socket_connect_timeout=1))
+    with pytest.raises(Reject):  # an unexpected error (Redis down) also hands the chunk back
+        run(0, tiny_classifier, store=unreachable)
+    assert chunks("retried") == 2
+
+    status = client.status(job)
+    assert (status.state, status.done, status.failed) == ("done", 3, 3)  # the counts agree with the job
+    assert (items("ok"), items("failed")) == (status.done, status.failed)
+    # Every delivery that did work is timed (done 2, retried 2, dead-lettered 1); a skipped one is not.
+    assert metrics.registry.get_sample_value("safety_worker_chunk_seconds_count") == 5

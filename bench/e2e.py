@@ -1,0 +1,168 @@
+"""End to end vs engine: the same texts through `python -m service` (a real gRPC server in a subprocess, on
+loopback) at saturation, and straight through the engine (`Classifier.classify`, one call, in this process).
+Prints both throughputs and their ratio — how much the service path (protobuf, scheduler, dynamic batching,
+the client on the same machine) costs. Issue target: >= 0.8 on a GPU.
+
+    python bench/e2e.py                                   # bundled model, CPU
+    python bench/e2e.py --model DIR --device cuda --items 20000 --concurrency 64 --items-per-call 16
+
+Texts are common words sized from the traffic length mix (bench/grpc_load.py), so both paths see the same
+token counts; tokens/s counts the content tokens each Result reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_texts(clf, mix: str, n: int, seed: int) -> list[str]:
+    from bench.grpc_load import lengths_for, text_of
+
+    rng = random.Random(seed)
+    probe = clf.classify([{"text": text_of(400, rng)}])[0].tokens / 400  # tokens per word of this tokenizer
+    return [text_of(round((k - 2) / probe), rng) for k in lengths_for(mix, n, seed)]
+
+
+def engine_run(clf, texts: list[str], repeat: int = 2) -> dict:
+    """Best of `repeat` timed calls of `classify` on all texts (the first also pays first-shape set-up)."""
+    items = [{"text": t} for t in texts]
+    clf.classify(items[:64])  # warm-up: allocator, kernels
+    best, tokens = float("inf"), 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        results = clf.classify(items)
+        best = min(best, time.perf_counter() - t0)
+        tokens = sum(r.tokens for r in results)
+    return {"wall_s": best, "items_per_s": len(texts) / best, "tokens_per_s": tokens / best}
+
+
+async def wait_serving(target: str, proc: subprocess.Popen, timeout: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited with {proc.returncode} before serving")
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise SystemExit(f"server not SERVING after {timeout:.0f} s")
+
+
+async def grpc_run(
+    args: argparse.Namespace, texts: list[str], proc: subprocess.Popen, target: str, metrics: str
+):
+    import grpc
+
+    from bench.grpc_load import run_level
+    from service.stubs import pb2, pb2_grpc
+
+    await wait_serving(target, proc, args.start_timeout)
+    k = args.items_per_call
+    reqs = [
+        pb2.ClassifyRequest(items=[pb2.Item(text=t) for t in texts[i : i + k]])
+        for i in range(0, len(texts), k)
+    ]
+    async with grpc.aio.insecure_channel(
+        target, options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as ch:
+        stub = pb2_grpc.SafetyClassifierStub(ch)
+        await run_level(stub, reqs[: max(1, 64 // k)], args.concurrency, (), args.timeout, None)  # warm-up
+        return await run_level(stub, reqs, args.concurrency, (), args.timeout, metrics)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--items", type=int, default=1000)
+    ap.add_argument("--items-per-call", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--mix", default="traffic", help="traffic | fixed:N")
+    ap.add_argument("--timeout", type=float, default=300.0, help="deadline per call, seconds")
+    ap.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for SERVING")
+    ap.add_argument(
+        "--compile", choices=("on", "off"), default="off", help="torch.compile both paths (or neither)"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from model import load_classifier
+
+    clf = load_classifier(args.model, device=args.device, compile=args.compile == "on")
+    if args.compile == "on":
+        clf.warmup()
+    texts = make_texts(clf, args.mix, args.items, args.seed)
+    engine = engine_run(clf, texts)
+    device, model_path = clf.device, clf.path
+    del clf
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    port, mport = free_port(), free_port()
+    cmd = [sys.executable, "-m", "service", "--model", model_path, "--device", device,
+           "--address", f"127.0.0.1:{port}", "--metrics-address", f"127.0.0.1:{mport}",
+           "--log-level", "WARNING", "--compile", args.compile]  # fmt: skip
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(cmd, cwd=root, env=env)
+    try:
+        row = asyncio.run(
+            grpc_run(args, texts, proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics")
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    ratio = row.tokens_per_s / engine["tokens_per_s"]
+    print(f"# bench/e2e.py  model={model_path} device={device} items={len(texts)} mix={args.mix} "
+          f"items/call={args.items_per_call} concurrency={args.concurrency} torch={torch.__version__} "
+          f"date={time.strftime('%Y-%m-%d')}")  # fmt: skip
+    print(f"engine only : {engine['items_per_s']:9.1f} items/s  {engine['tokens_per_s']:10.0f} tokens/s")
+    print(f"gRPC        : {row.items_per_s:9.1f} items/s  {row.tokens_per_s:10.0f} tokens/s  "
+          f"p50 {row.p50_ms:.1f} ms  p99 {row.p99_ms:.1f} ms  batch {row.avg_batch_sequences or 0:.1f}  "
+          f"errors {row.errors or 0}")  # fmt: skip
+    print(f"gRPC / engine = {ratio:.2f}")
+    if args.json:
+        from dataclasses import asdict
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(
+            {"args": vars(args), "device": device, "engine": engine, "grpc": asdict(row), "ratio": ratio},
+            indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
