@@ -71,6 +71,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
     TRITON_CACHE_DIR=/tmp/.cache/triton
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 50051 9090
+# `safety serve`: gRPC 50051, metrics 9090. `safety worker`: metrics 9101.
+EXPOSE 50051 9090 9101
 ENTRYPOINT ["safety"]
 CMD ["serve"]

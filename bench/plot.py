@@ -1,10 +1,12 @@
 """Plots for docs/benchmarks.md from the JSON the benchmarks wrote (real runs only; nothing is invented).
 
     python bench/plot.py --cpu bench/out/cpu-small.json bench/out/cpu-base.json \
-                         --grpc bench/out/grpc.json [--gpu bench/out/gpu.json] --out docs/img
+                         --grpc bench/out/grpc-traffic.json [--gpu bench/out/gpu.json] --out docs/img
 
-Writes `throughput.png` (tokens/s per engine and workload, ours vs HF, one panel per file) and
-`latency.png` (p50/p99 latency against achieved throughput from bench/grpc_load.py).
+Writes `throughput.png` (tokens/s per engine and workload, ours vs HF, one panel per file),
+`latency.png` (p50/p90/p99 latency against achieved throughput from bench/grpc_load.py) and `memory.png`
+(peak memory of one input against its length, ours vs HF, from the memory tables of bench/cpu.py and
+bench/gpu.py).
 """
 
 from __future__ import annotations
@@ -41,7 +43,13 @@ def throughput(cpu_files: list[Path], gpu_file: Path | None, out: Path) -> None:
         width = 0.8 / len(engines)
         for j, engine in enumerate(engines):
             xs = [i + j * width for i in range(len(per))]
-            ax.bar(xs, [per[w].get(engine, 0) / 1e3 for w in per], width, label=engine)
+            ys = [per[w].get(engine, 0) / 1e3 for w in per]
+            ax.bar(xs, ys, width, label=engine)
+            for x, y, w in zip(xs, ys, per, strict=True):  # ratio against HF sorted, measured in the same run
+                if y and per[w].get("hf_sorted"):
+                    ax.annotate(
+                        f"{y * 1e3 / per[w]['hf_sorted']:.2f}x", (x, y), ha="center", va="bottom", fontsize=7
+                    )
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(per))], list(per) if len(per) > 1 else [""])
         ax.set_ylabel("thousand real tokens / s")
         ax.set_title(title, fontsize=9)
@@ -67,6 +75,35 @@ def latency(grpc_file: Path, out: Path) -> None:
     fig.savefig(out / "latency.png", dpi=120)
 
 
+def memory(cpu_files: list[Path], gpu_file: Path | None, out: Path) -> None:
+    panels = []
+    for f in cpu_files:
+        d = json.loads(f.read_text())
+        if d.get("memory"):
+            rows = [(m["engine"], r) for m in d["memory"] for r in m["rows"]]
+            panels.append(
+                (f"CPU, {d['args']['shape']} shape, fp32: peak RSS above baseline", "MiB", rows, 1.0)
+            )
+    if gpu_file is not None:
+        d = json.loads(gpu_file.read_text())
+        rows = [(r["engine"], r) for r in d.get("memory", [])]
+        panels.append((f"GPU ({d['card']}), base shape, bf16: peak allocated", "MiB", rows, 1024.0))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (title, unit, rows, scale) in zip(axes[0], panels, strict=True):
+        for engine in sorted({e for e, _ in rows}):
+            pts = [(r["tokens"], r.get("peak_mib", r.get("peak_gib", 0) * scale)) for e, r in rows
+                   if e == engine and r["case"].startswith("1 x ")]  # fmt: skip
+            ax.plot([t for t, _ in pts], [m for _, m in pts], marker="o", label=engine)
+        ax.set_xlabel("tokens in one input")
+        ax.set_ylabel(f"peak {unit}")
+        ax.set_title(title, fontsize=9)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cpu", nargs="*", type=Path, default=[])
@@ -77,6 +114,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.cpu or args.gpu:
         throughput(args.cpu, args.gpu, args.out)
+        memory(args.cpu, args.gpu, args.out)
     if args.grpc:
         latency(args.grpc, args.out)
 

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from model import Classifier, Item, load_classifier
 from model.errors import SafetyError, UnauthenticatedError
+from model.threads import configure_threads
 from service import logs
 from service.errors import ErrorInterceptor, abort_for
 from service.jobs import JobClientFactory
@@ -179,6 +180,8 @@ class SafetyServer:
                     compile=compile_wanted(s.compile, s.device),
                 )
             )
+            threads = configure_threads(s.threads)
+            log.info("torch threads", extra={"threads": threads})
             clf = await _in_daemon_thread(load)
         seconds = await _in_daemon_thread(lambda: warm_up(clf))
         self.metrics.warmup_seconds.set(seconds)

@@ -33,6 +33,13 @@ class ServeSettings:
         opt_str,
         "float32 | bfloat16 | float16 (unset: float32 on CPU, bfloat16 on CUDA)",
     )
+    threads: int | None = setting(
+        None,
+        "SAFETY_THREADS",
+        opt_int,
+        "torch CPU threads (unset: OMP_NUM_THREADS if set, else the CPUs this process may use: its "
+        "affinity mask and cgroup CPU quota, i.e. a Kubernetes CPU limit, not the node's core count)",
+    )
     compile: str = setting(
         "auto",
         "SAFETY_COMPILE",
@@ -113,6 +120,8 @@ class ServeSettings:
             raise _bad("drain_grace_s", f"must be >= 0, got {self.drain_grace_s}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise _bad("tls_cert", "TLS needs both SAFETY_TLS_CERT and SAFETY_TLS_KEY")
+        if self.threads is not None and self.threads <= 0:
+            raise _bad("threads", f"must be a positive integer, got {self.threads}")
         if self.compile not in ("auto", "on", "off"):
             raise _bad("compile", f"must be auto, on or off, got {self.compile!r}")
         if self.log_format not in ("json", "text"):

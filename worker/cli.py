@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from model.errors import ConfigError, InvalidInputError, SafetyError
+from model.threads import available_cpus
 from worker.settings import WorkerSettings, env_name
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -116,9 +117,10 @@ def run_worker(args: argparse.Namespace) -> int:
             settings = WorkerSettings.from_env()
             argv = worker_argv(args, settings)
             concurrency = int(argv[2].split("=")[1])
-            if "--pool=prefork" in argv and concurrency > 1:
-                # Each process runs its own torch: split the cores instead of oversubscribing them.
-                os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // concurrency)))
+            # torch threads from the CPUs this process may use (affinity, cgroup quota = a Kubernetes CPU
+            # limit), not the node's core count; prefork children each run their own torch: split them.
+            per_process = concurrency if "--pool=prefork" in argv else 1
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // per_process)))
             # SIGTERM (Kubernetes) = Celery's cold shutdown after SAFETY_DRAIN_GRACE_S: the running chunk is
             # requeued at once rather than after the visibility timeout. Read by billiard when Celery starts.
             os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")

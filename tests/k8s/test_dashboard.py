@@ -17,6 +17,8 @@ from worker.metrics import Metrics as WorkerMetrics
 
 DASHBOARD = json.loads((K8S / "components" / "grafana-dashboard" / "safety-classifier.json").read_text())
 PANELS = [p for p in DASHBOARD["panels"] if p["type"] != "row"]
+# Target labels a scrape config or relabeling adds; they differ between the gRPC and the worker pods.
+SCRAPE_LABELS = {"job", "instance", "pod", "container", "service", "endpoint", "app_kubernetes_io_name"}
 
 
 def exported(registry: Any) -> set[str]:
@@ -43,6 +45,16 @@ def test_structure() -> None:
     for e in exprs():
         assert e.count("(") == e.count(")") and e.count("{") == e.count("}"), e
         assert 'namespace="$namespace"' in e, f"not filtered by the namespace variable: {e}"
+
+
+def test_queries_match_every_scraped_pod() -> None:
+    """Queries select by namespace and the metrics' own labels, never by labels the scrape config invents
+    (`job`, `instance`, `pod`, ...): those differ between the gRPC pods and the worker pods, and between
+    annotation-based scraping and a PodMonitor, so such a filter would silently empty a panel."""
+    for e in exprs():
+        selectors = re.findall(r"\{([^}]*)\}", e)
+        matched = {label for sel in selectors for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", sel)}
+        assert "namespace" in matched and not matched & SCRAPE_LABELS, f"filters on {sorted(matched)}: {e}"
 
 
 def test_queries_name_real_metrics() -> None:

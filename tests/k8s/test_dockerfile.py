@@ -19,6 +19,7 @@ import pytest
 
 from service.settings import ServeSettings, split_address
 from tests.k8s.render import REPO, Rendered
+from worker.settings import WorkerSettings
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
@@ -134,8 +135,11 @@ def test_runs_as_the_manifests_user(rendered: dict[str, Rendered]) -> None:
 
 
 def test_exposes_the_default_ports() -> None:
+    """The server's gRPC and metrics ports and the worker's metrics port, and nothing else."""
     (exposed,) = [rest.split() for word, rest in instructions() if word == "EXPOSE"]
     defaults = {split_address(getattr(ServeSettings(), f))[1] for f in ("address", "metrics_address")}
+    defaults.add(str(WorkerSettings().metrics_port))
+    assert len(exposed) == len(set(exposed)), f"EXPOSE repeats a port: {exposed}"
     assert set(exposed) == defaults
 
 

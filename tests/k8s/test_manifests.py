@@ -56,6 +56,18 @@ def grpc_container(r: Rendered) -> dict[str, Any]:
     return r.get("Deployment", "safety-grpc")["spec"]["template"]["spec"]["containers"][0]
 
 
+def worker_container(r: Rendered) -> dict[str, Any]:
+    return r.get("Deployment", "safety-worker")["spec"]["template"]["spec"]["containers"][0]
+
+
+def worker_metrics_port(r: Rendered) -> int:
+    """The port `safety worker` serves /metrics on, as the rendered ConfigMap sets it (else the default)."""
+    config = r.config()
+    return int(
+        config.get("SAFETY_WORKER_METRICS_PORT") or default(WorkerSettings, "SAFETY_WORKER_METRICS_PORT")
+    )
+
+
 def drain_grace(config: dict[str, str], cls: type) -> float:
     return float(config.get("SAFETY_DRAIN_GRACE_S") or default(cls, "SAFETY_DRAIN_GRACE_S"))
 
@@ -139,6 +151,22 @@ def test_metrics_port_is_scraped(rendered: dict[str, Rendered], name: str) -> No
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == metrics == port_named(grpc_container(r), "metrics")
     assert annotations["prometheus.io/path"] == "/metrics"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_worker_metrics_port_is_scraped(rendered: dict[str, Rendered], name: str) -> None:
+    """The worker's exporter is on, and its port, the container port and the scrape annotations agree."""
+    r = rendered[name]
+    assert "SAFETY_WORKER_METRICS_PORT" in r.config(), "state the worker's metrics port in safety.env"
+    metrics = worker_metrics_port(r)
+    assert metrics != 0, "SAFETY_WORKER_METRICS_PORT=0 turns off the metrics the dashboard's job panels chart"
+    annotations = r.get("Deployment", "safety-worker")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == metrics == port_named(worker_container(r), "metrics")
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert [p["name"] for p in worker_container(r)["ports"]] == ["metrics"], "the worker's only port"
+    (port,) = worker_container(r)["ports"]
+    assert port["protocol"] == "TCP"
 
 
 # ---- shutdown ------------------------------------------------------------------------------------------
@@ -303,7 +331,12 @@ def test_network_policies(rendered: dict[str, Rendered], name: str) -> None:
     if name != "dev":
         assert rule["from"] == gateway, "only the gateway namespace reaches the gRPC port"
     worker = _policy(r, "safety-worker")
-    assert not worker.get("ingress"), "nothing connects to a worker"
+    assert worker["ingress"] == [
+        {
+            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            "ports": [{"port": worker_metrics_port(r), "protocol": "TCP"}],
+        }
+    ], "only Prometheus (the monitoring namespace) connects to a worker, and only to its metrics port"
     egress_ports = sorted((p["protocol"], p["port"]) for rule in worker["egress"] for p in rule["ports"])
     assert egress_ports == [("TCP", 53), ("TCP", 6379), ("UDP", 53)], "workers reach Redis (and DNS) only"
     for rule in worker["egress"]:

@@ -1,0 +1,57 @@
+"""CPU threads for torch: as many as the process may really use, not as many as the host has.
+
+Owns: reading the CPU limit of this process — its affinity mask and a cgroup CPU quota (v2 `cpu.max`, v1
+`cpu.cfs_quota_us` / `cpu.cfs_period_us`), which is what a Kubernetes CPU limit becomes — and setting torch's
+intra-op threads from it. `os.cpu_count()` reports the node's cores: a pod limited to 4 CPUs on a 64-core node
+would otherwise run 64 threads and be throttled. Must not know: gRPC, Celery, the model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def cgroup_quota(root: Path = CGROUP) -> float | None:
+    """CPUs allowed by the cgroup CPU quota, or None when there is no quota (or no cgroup filesystem)."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "200000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # v1
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus(root: Path = CGROUP) -> int:
+    """min(CPUs in this process's affinity mask, the cgroup quota rounded up), at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_quota(root)
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def configure_threads(threads: int | None = None, environ: dict[str, str] | None = None) -> int:
+    """Set torch's intra-op threads to `threads`; unset: OMP_NUM_THREADS when the environment sets it (an
+    operator's or Kubernetes' choice, e.g. from `resourceFieldRef: limits.cpu`), else `available_cpus()`.
+    Returns the number set."""
+    import torch
+
+    env = os.environ if environ is None else environ
+    omp = env.get("OMP_NUM_THREADS", "").strip()
+    n = threads or (int(omp) if omp.isdigit() and int(omp) > 0 else None) or available_cpus()
+    if n < 1:
+        raise ValueError(f"threads: must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n

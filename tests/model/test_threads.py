@@ -1,0 +1,56 @@
+"""CPU limits from cgroup files (written here) and torch's thread setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.threads import available_cpus, cgroup_quota, configure_threads
+
+
+def test_cgroup_v2_quota(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert cgroup_quota(tmp_path) == 2.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_quota(tmp_path) is None
+
+
+def test_cgroup_v1_quota(tmp_path: Path) -> None:
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_quota(tmp_path) == 1.5
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_quota(tmp_path) is None
+
+
+def test_no_cgroup_means_affinity(tmp_path: Path) -> None:
+    import os
+
+    assert cgroup_quota(tmp_path) is None
+    assert available_cpus(tmp_path) == len(os.sched_getaffinity(0))
+
+
+def test_quota_caps_the_affinity_rounding_up(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU -> one thread, never zero
+    assert available_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("100000000 100000\n")  # 1000 CPUs -> the affinity mask wins
+    import os
+
+    assert available_cpus(tmp_path) == len(os.sched_getaffinity(0))
+
+
+def test_configure_threads_sets_torch() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 and torch.get_num_threads() == 1
+        assert configure_threads(environ={}) == available_cpus() == torch.get_num_threads()
+        assert configure_threads(environ={"OMP_NUM_THREADS": "1"}) == 1 == torch.get_num_threads()
+        assert configure_threads(2, environ={"OMP_NUM_THREADS": "1"}) == 2  # the explicit setting wins
+        assert configure_threads(environ={"OMP_NUM_THREADS": "lots"}) == available_cpus()
+        with pytest.raises(ValueError, match="threads"):
+            configure_threads(-2)
+    finally:
+        torch.set_num_threads(before)
