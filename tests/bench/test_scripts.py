@@ -1,0 +1,62 @@
+"""The benchmark scripts run end to end (tiny sizes, CPU): a GPU session must not be spent on a script error.
+
+`bench/gpu.py --smoke` is exactly what a GPU call runs, on a tiny model; `bench/e2e.py` starts a real
+`python -m service` subprocess; `bench/cpu.py` runs all four engines and its memory children. Timing values
+are not asserted (benchmarks prove speed, tests do not); the outputs' shape and the parity checks are.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, timeout: float = 240) -> str:
+    res = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke(tmp_path: Path) -> None:
+    out = run("bench/gpu.py", "--smoke", "--no-compile", "--workloads", "traffic", "--out", str(tmp_path),
+              "--model-dir", str(tmp_path / "ckpt"))  # fmt: skip
+    assert "-> OK" in out, out
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["parity"]["ok"]
+    (row,) = data["rows"]
+    assert row["workload"] == "traffic" and row["ours_eager"] > 0 and row["hf_sorted"] > 0
+    cases = {(m["engine"], m["case"]) for m in data["memory"]}
+    assert ("ours", "1 x 256") in cases and ("hf", "1 x 256") in cases
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()  # kept for bench/e2e.py
+
+
+@pytest.mark.slow
+def test_cpu_script_all_engines_and_memory(tmp_path: Path) -> None:
+    out = run(
+        "bench/cpu.py", "--n", "6", "--repeat", "1", "--memory", "256,512", "--json", str(tmp_path / "c.json")
+    )
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert set(data["seconds"]) == {"hf_arrival", "hf_sorted", "ours", "ours_compiled"}
+    assert data["err"] < 1e-4 and data["err_compiled"] < 1e-4
+    engines = {m["engine"]: m["rows"] for m in data["memory"]}
+    assert set(engines) == {"ours", "hf"}
+    assert [r["tokens"] for r in engines["ours"]] == [256, 512, 16384]
+    assert all(r["peak_mib"] >= 0 for rows in engines.values() for r in rows)
+    assert "MiB/1k tok" in out
+
+
+@pytest.mark.slow
+def test_e2e_script_against_a_real_server(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out = run("bench/e2e.py", "--model", str(tiny_model_dir), "--device", "cpu", "--items", "40",
+              "--concurrency", "4", "--items-per-call", "4", "--json", str(tmp_path / "e.json"))  # fmt: skip
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["grpc"]["ok"] == 10 and not data["grpc"]["errors"]
+    assert data["engine"]["tokens_per_s"] > 0 and data["ratio"] > 0
+    assert "gRPC / engine" in out
