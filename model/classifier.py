@@ -222,6 +222,14 @@ class Classifier:
         """Token-id lists -> fp32 logits (n, num_labels) on the CPU."""
         return self.runner.forward(sequences)
 
+    def launch(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Queue a batch on the device without waiting (a scheduler's runner); `collect` reads it back."""
+        return self.runner.launch(sequences)
+
+    def collect(self, launched: torch.Tensor) -> torch.Tensor:
+        """Wait for a launched batch: fp32 logits (n, num_labels) on the CPU."""
+        return self.runner.collect(launched)
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
 

@@ -63,7 +63,10 @@ class Metrics:
             "safety_tokenize_seconds", "tokenization time per request", buckets=LATENCY_BUCKETS, registry=r
         )
         self.inference_seconds = Histogram(
-            "safety_inference_seconds", "device time per batch", buckets=LATENCY_BUCKETS, registry=r
+            "safety_inference_seconds",
+            "per batch: device launch to logits read back (incl. queueing behind the previous batch)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.dropped = Counter(
             "safety_dropped_windows", "windows dropped before compute", ["reason"], registry=r

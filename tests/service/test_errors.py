@@ -109,7 +109,7 @@ def test_unexpected_exception_is_internal_with_logged_error_id(
         def __getattr__(self, name: str) -> Any:
             return getattr(self._clf, name)
 
-        def forward(self, sequences: list[list[int]]) -> Any:
+        def launch(self, sequences: list[list[int]]) -> Any:
             raise RuntimeError("kernel exploded")
 
     app.scheduler.clf = Exploding(app.scheduler.clf)

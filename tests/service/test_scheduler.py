@@ -4,6 +4,7 @@ cancellation, batch failures and shutdown."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -87,11 +88,11 @@ def test_failed_batch_fails_its_calls_and_the_scheduler_goes_on(scheduler: Any, 
         def __getattr__(self, name: str) -> Any:
             return getattr(real, name)
 
-        def forward(self, seqs: list[list[int]]) -> Any:
+        def launch(self, seqs: list[list[int]]) -> Any:
             Once.calls += 1
             if Once.calls == 1:
                 raise RuntimeError("device fault")
-            return real.forward(seqs)
+            return real.launch(seqs)
 
     scheduler.clf = Once()
     with pytest.raises(RuntimeError, match="device fault"):
@@ -116,3 +117,83 @@ def test_close_fails_queued_calls_with_unavailable(tiny_classifier: Any) -> None
 
     asyncio.run(main())
     wait_until(lambda: not any(t.is_alive() for t in scheduler._threads), what="threads stopped")
+
+
+class _GatedReads:
+    """The tiny classifier with a device whose results can only be read once `gate` is set."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.gate = threading.Event()
+        self.launched: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def launch(self, seqs: list[list[int]]) -> Any:
+        self.launched.append(len(seqs))
+        return self._real.launch(seqs)
+
+    def collect(self, logits: Any) -> Any:
+        assert self.gate.wait(30), "gate never opened"
+        return self._real.collect(logits)
+
+
+def test_runner_queues_the_next_batch_while_the_previous_is_read_back(tiny_classifier: Any) -> None:
+    """At most two batches in flight: the second is launched before the first is read, the third waits."""
+    clf = _GatedReads(tiny_classifier)
+    scheduler = Scheduler(clf, max_wait_ms=0.0, encode_threads=1, in_flight=2)  # type: ignore[arg-type]
+    assert Scheduler(tiny_classifier).in_flight == 1  # the CPU default: a CPU launch computes at once
+    th = tiny_classifier.resolve_thresholds(None)
+
+    async def main() -> None:
+        first = asyncio.create_task(scheduler.submit([Item(text="first")], th))
+        await until(lambda: len(clf.launched) == 1)
+        second = asyncio.create_task(scheduler.submit([Item(text="second")], th))
+        await until(lambda: len(clf.launched) == 2)  # launched although the first is not read back yet
+        third = asyncio.create_task(scheduler.submit([Item(text="third")], th))
+        await until(lambda: queued(scheduler) == 1 and scheduler.stats()["pending_windows"] <= 1)
+        await asyncio.sleep(0.2)  # a window in which a third launch would show
+        assert len(clf.launched) == 2 and not first.done()
+        clf.gate.set()
+        outcomes = await asyncio.gather(first, second, third)
+        assert len(clf.launched) == 3
+        want = tiny_classifier.classify([Item(text=t) for t in ("first", "second", "third")])
+        for outcome, w in zip(outcomes, want, strict=True):
+            assert outcome.results[0].scores == pytest.approx(w.scores, abs=1e-5)
+
+    try:
+        asyncio.run(main())
+    finally:
+        clf.gate.set()
+        scheduler.close()
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_a_batch_that_fails_on_read_back_fails_its_calls_and_the_scheduler_goes_on(
+    tiny_classifier: Any, in_flight: int
+) -> None:
+    scheduler = Scheduler(tiny_classifier, max_wait_ms=2.0, encode_threads=1, in_flight=in_flight)
+    th = tiny_classifier.resolve_thresholds(None)
+    real = scheduler.clf
+
+    class FailOnRead:
+        calls = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def collect(self, logits: Any) -> Any:
+            FailOnRead.calls += 1
+            if FailOnRead.calls == 1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return real.collect(logits)
+
+    scheduler.clf = FailOnRead()
+    try:
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            asyncio.run(scheduler.submit([Item(text="x")], th))
+        assert len(asyncio.run(scheduler.submit([Item(text="y")], th)).results) == 1
+        assert scheduler.stats()["queued_items"] == 0
+    finally:
+        scheduler.close()
