@@ -78,29 +78,6 @@ def test_cancelled_call_leaves_the_queue(scheduler: Any, tiny_classifier: Any) -
     assert len(outcome.results) == 1 and scheduler.sequences_run == 1
 
 
-def test_failed_batch_fails_its_calls_and_the_scheduler_goes_on(scheduler: Any, tiny_classifier: Any) -> None:
-    th = tiny_classifier.resolve_thresholds(None)
-    real = scheduler.clf
-
-    class Once:
-        calls = 0
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
-
-        def launch(self, seqs: list[list[int]]) -> Any:
-            Once.calls += 1
-            if Once.calls == 1:
-                raise RuntimeError("device fault")
-            return real.launch(seqs)
-
-    scheduler.clf = Once()
-    with pytest.raises(RuntimeError, match="device fault"):
-        asyncio.run(scheduler.submit([Item(text="x")], th))
-    assert len(asyncio.run(scheduler.submit([Item(text="y")], th)).results) == 1
-    assert scheduler.stats()["queued_items"] == 0
-
-
 def test_close_fails_queued_calls_with_unavailable(tiny_classifier: Any) -> None:
     scheduler = Scheduler(tiny_classifier, encode_threads=1)
     th = tiny_classifier.resolve_thresholds(None)
@@ -169,29 +146,38 @@ def test_runner_queues_the_next_batch_while_the_previous_is_read_back(tiny_class
         scheduler.close()
 
 
+class _FailsOnce:
+    """The tiny classifier whose `stage` ("launch" or "collect") raises on its first call only."""
+
+    def __init__(self, real: Any, stage: str) -> None:
+        self._real, self._stage, self.calls = real, stage, 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name != self._stage:
+            return attr
+
+        def once(*args: Any) -> Any:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError(f"device fault in {name}")
+            return attr(*args)
+
+        return once
+
+
+@pytest.mark.parametrize("stage", ["launch", "collect"])
 @pytest.mark.parametrize("in_flight", [1, 2])
-def test_a_batch_that_fails_on_read_back_fails_its_calls_and_the_scheduler_goes_on(
-    tiny_classifier: Any, in_flight: int
+def test_failed_batch_fails_its_calls_and_the_scheduler_goes_on(
+    tiny_classifier: Any, stage: str, in_flight: int
 ) -> None:
-    scheduler = Scheduler(tiny_classifier, max_wait_ms=2.0, encode_threads=1, in_flight=in_flight)
+    """A fault when the batch is launched or when its logits are read back (a CUDA error surfaces there)."""
+    scheduler = Scheduler(
+        _FailsOnce(tiny_classifier, stage), max_wait_ms=2.0, encode_threads=1, in_flight=in_flight
+    )  # type: ignore[arg-type]
     th = tiny_classifier.resolve_thresholds(None)
-    real = scheduler.clf
-
-    class FailOnRead:
-        calls = 0
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
-
-        def collect(self, logits: Any) -> Any:
-            FailOnRead.calls += 1
-            if FailOnRead.calls == 1:
-                raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return real.collect(logits)
-
-    scheduler.clf = FailOnRead()
     try:
-        with pytest.raises(RuntimeError, match="illegal memory access"):
+        with pytest.raises(RuntimeError, match=f"device fault in {stage}"):
             asyncio.run(scheduler.submit([Item(text="x")], th))
         assert len(asyncio.run(scheduler.submit([Item(text="y")], th)).results) == 1
         assert scheduler.stats()["queued_items"] == 0
