@@ -72,6 +72,7 @@ class AttentionContext:
     local_mask: torch.Tensor | None = None  # sdpa: (B, 1, S, S) bool, None when no key is out of the window
     block: int = 0  # sdpa on long buckets: local layers run query blocks of this size (0 = dense band mask)
     block_mask: torch.Tensor | None = None  # (B*nb, 1, block, block + 2*window) bool
+    dense: bool = False  # sdpa: every sequence has the same length, so the (B, S) view is a reshape
 
 
 class Attention:
@@ -99,6 +100,7 @@ class Attention:
         ctx.index, ctx.valid = pad_index(batch.lengths, device)  # (B, S), (B, S)
         S = batch.max_seqlen
         padded = min(batch.lengths) != S
+        ctx.dense = not padded
         key_ok = ctx.valid[:, None, None, :]  # (B, 1, 1, S)
         if padded:
             # pad queries see themselves, so no row is fully masked (no NaN); pad rows are dropped later
@@ -132,13 +134,20 @@ class Attention:
                 q, k, v, b.cu_seqlens, b.cu_seqlens, b.max_seqlen, b.max_seqlen, window_size=(w, w)
             )
         assert ctx.index is not None and ctx.valid is not None
-        qp, kp, vp = (t[ctx.index] for t in (q, k, v))  # (B, S, H, D)
+        T, H, D = q.shape
+        if ctx.dense:  # equal lengths: the stream is already the (B, S) grid; no gather, no scatter back
+            B, S = b.num_seqs, b.max_seqlen
+            qp, kp, vp = (t.view(B, S, H, D) for t in (q, k, v))
+            unpad = lambda o: o.reshape(T, H, D)  # noqa: E731
+        else:
+            qp, kp, vp = (t[ctx.index] for t in (q, k, v))  # (B, S, H, D)
+            unpad = lambda o: o[ctx.valid]  # noqa: E731
         if local and ctx.block:
-            return blocked_local_attention(qp, kp, vp, ctx.block_mask, ctx.window, ctx.block)[ctx.valid]
+            return unpad(blocked_local_attention(qp, kp, vp, ctx.block_mask, ctx.window, ctx.block))
         qp, kp, vp = (t.transpose(1, 2) for t in (qp, kp, vp))  # (B, H, S, D)
         mask = ctx.local_mask if local else ctx.global_mask
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)  # (B, H, S, D)
-        return out.transpose(1, 2)[ctx.valid]  # (T, H, D)
+        return unpad(out.transpose(1, 2))  # (T, H, D)
 
 
 def blocked_band_mask(

@@ -24,7 +24,7 @@ def reference(q, k, v, lengths, window: int | None) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "lengths",
-    [[5], [40, 40], [1, 3, 17, 60], [200, 7, 64, 65, 129], [300], [97, 260, 33]],
+    [[5], [40, 40], [1, 3, 17, 60], [200, 7, 64, 65, 129], [300], [97, 260, 33], [70, 70, 70], [9, 9]],
     ids=lambda ls: "-".join(map(str, ls)),
 )
 @pytest.mark.parametrize("local", [False, True])
@@ -37,6 +37,7 @@ def test_sdpa_backend_matches_reference(lengths: list[int], local: bool) -> None
     attn = Attention("sdpa", window)
     ctx = attn.prepare(batch)
     assert bool(ctx.block) == (max(lengths) >= 64)
+    assert ctx.dense == (len(set(lengths)) == 1)  # equal lengths: a reshape instead of a gather
     got = attn.attend(q, k, v, ctx, local)
     want = reference(q, k, v, lengths, window if local else None)
     assert got.shape == (T, H, D)
