@@ -91,16 +91,7 @@ def evaluate(
     source: str = "<data>",
 ) -> Evaluation:
     labels = clf.labels
-    index = {label: j for j, label in enumerate(labels)}
-    y = np.zeros((len(entries), len(labels)), dtype=np.float32)
-    for i, e in enumerate(entries):
-        for label in e.labels:
-            if label not in index:
-                raise InvalidInputError(
-                    f"unknown label {label!r}; the model's labels are {labels}",
-                    field=f"{source}: item {i} labels",
-                )
-            y[i, index[label]] = 1.0
+    y = metrics.label_matrix([e.labels for e in entries], labels, source)
     th = clf.resolve_thresholds(thresholds)
     results = clf.classify([e.item for e in entries], thresholds=th)
     probs = np.array([[r.scores[label] for label in labels] for r in results], dtype=np.float64)

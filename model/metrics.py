@@ -1,7 +1,8 @@
 """Classification metrics for multi-label scores: AUROC, precision/recall/F1, PR curves, threshold tuning.
 
 Owns: pure numpy arithmetic on (scores, 0/1 targets) arrays, shared by `safety train` (validation, model
-selection, thresholds.json) and `safety eval`. Must not know: models, tokenizers, files, plotting.
+selection, thresholds.json) and `safety eval`, and the 0/1 target matrix both build from label lists. Must not
+know: models, tokenizers, files, plotting.
 """
 
 from __future__ import annotations
@@ -11,7 +12,25 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from model.errors import InvalidInputError
+
 THRESHOLD_RANGE = (0.05, 0.95)  # tuned thresholds are clipped to this range
+
+
+def label_matrix(label_lists: Sequence[Sequence[str]], labels: Sequence[str], source: str) -> np.ndarray:
+    """(n, L) float32 0/1 targets in `labels` order; an unknown label is an `InvalidInputError` naming the
+    source and the item."""
+    index = {label: j for j, label in enumerate(labels)}
+    y = np.zeros((len(label_lists), len(labels)), dtype=np.float32)
+    for i, item_labels in enumerate(label_lists):
+        for label in item_labels:
+            if label not in index:
+                raise InvalidInputError(
+                    f"unknown label {label!r}; the model's labels are {list(labels)}",
+                    field=f"{source}: item {i} labels",
+                )
+            y[i, index[label]] = 1.0
+    return y
 
 
 def auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:

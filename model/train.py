@@ -133,17 +133,7 @@ def default_labels(rows: Sequence[Row]) -> list[str]:
 
 
 def targets(rows: Sequence[Row], labels: Sequence[str], path: str) -> np.ndarray:
-    index = {label: j for j, label in enumerate(labels)}
-    y = np.zeros((len(rows), len(labels)), dtype=np.float32)
-    for i, r in enumerate(rows):
-        for label in r.labels:
-            if label not in index:
-                raise InvalidInputError(
-                    f"unknown label {label!r}; the model's labels are {list(labels)}",
-                    field=f"{path}: item {i} labels",
-                )
-            y[i, index[label]] = 1.0
-    return y
+    return metrics.label_matrix([r.labels for r in rows], labels, path)
 
 
 def split_rows(rows: Sequence[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
