@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.workloads import CLS, PAD, SEP, anchor_workloads, hf_batches, padded
+from bench.workloads import CLS, PAD, SEP, anchor_workloads, hf_batches, memory_cases, padded
 
 SHAPES = {
     "base": dict(hidden_size=768, intermediate_size=1152, num_hidden_layers=22, num_attention_heads=12),
@@ -100,15 +100,10 @@ def memory_child(engine: str, directory: Path, lengths: list[int]) -> None:
                 ids, mask = padded(seqs, list(range(len(seqs))))
                 hf(input_ids=ids, attention_mask=mask)
 
-    def seq(n: int) -> list[int]:
-        return [CLS, *([7] * (n - 2)), SEP]
-
-    run([seq(64)] * 4)
+    run([[CLS, *([7] * 62), SEP]] * 4)  # warm-up
     base = rss_mib()[0]
     rows = []
-    count = budget // 512
-    for case, seqs in [*((f"1 x {n}", [seq(n)]) for n in sorted(lengths)),
-                       (f"{count} x 512 (budget {budget})", [seq(512)] * count)]:  # fmt: skip
+    for case, seqs in memory_cases(lengths, budget):
         reset_peak()
         t0 = time.perf_counter()
         run(seqs)

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.workloads import CLS, PAD, SEP, Workload, anchor_workloads, hf_batches, padded
+from bench.workloads import CLS, PAD, SEP, Workload, anchor_workloads, hf_batches, memory_cases, padded
 
 BASE = dict(hidden_size=768, intermediate_size=1152, num_hidden_layers=22, num_attention_heads=12)
 TINY = dict(
@@ -103,13 +103,7 @@ def parity(hf32, hf16, clf, device, lengths) -> dict:
 
 def memory(hf16, clf, device, lengths: list[int]) -> list[dict]:
     """Peak allocated memory above the baseline per case (ascending single inputs, then a full budget)."""
-    budget = clf.limits.max_batch_tokens
-    count = budget // 512
-    seq = lambda n: [CLS, *([7] * (n - 2)), SEP]  # noqa: E731
-    cases = [
-        *((f"1 x {n}", [seq(n)]) for n in lengths),
-        (f"{count} x 512 (budget {budget})", [seq(512)] * count),
-    ]
+    cases = memory_cases(lengths, clf.limits.max_batch_tokens)
     rows = []
     for engine in ("ours", "hf"):
         for case, seqs in cases:

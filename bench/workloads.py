@@ -51,6 +51,15 @@ def anchor_workloads() -> dict[str, Workload]:
     }
 
 
+def memory_cases(lengths: list[int], budget: int) -> list[tuple[str, list[list[int]]]]:
+    """The memory tables' cases: one input per length (ascending), then one full token budget of 512-token
+    inputs. Returns (name, sequences) pairs."""
+    seq = lambda n: [CLS, *([7] * (n - 2)), SEP]  # noqa: E731
+    count = budget // 512
+    singles = [(f"1 x {n}", [seq(n)]) for n in sorted(lengths)]
+    return [*singles, (f"{count} x 512 (budget {budget})", [seq(512)] * count)]
+
+
 def hf_batches(seqs: list[list[int]], batch: int, sort: bool) -> list[list[int]]:
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i])) if sort else list(range(len(seqs)))
     return [order[i : i + batch] for i in range(0, len(order), batch)]
