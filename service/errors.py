@@ -28,6 +28,7 @@ from model.errors import (
     UnavailableError,
     UnsupportedError,
 )
+from service.handlers import with_behavior
 
 log = logging.getLogger("safety.service")
 
@@ -84,17 +85,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not handler_call_details.method.startswith(self.prefix):
             return handler
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return with_behavior(handler, _wrap_unary(handler.unary_unary))
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return with_behavior(handler, _wrap_stream(handler.unary_stream))
         return handler
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from service.handlers import with_behavior
 from service.settings import split_address
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -139,11 +140,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 with self._observed(method, context):
                     return await behavior(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return with_behavior(handler, unary)
         if handler.unary_stream is not None:
             # grpc.aio picks the calling convention from the handler's kind: keep it.
             stream = handler.unary_stream
@@ -165,11 +162,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 wrapped = writer
             else:  # a synchronous generator (grpc runs it in a thread): not ours, left alone
                 return handler
-            return grpc.unary_stream_rpc_method_handler(
-                wrapped,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return with_behavior(handler, wrapped)
         return handler
 
     @contextlib.contextmanager

@@ -31,6 +31,7 @@ from model.errors import SafetyError, UnauthenticatedError
 from model.threads import configure_threads
 from service import logs
 from service.errors import ErrorInterceptor, abort_for
+from service.handlers import with_behavior
 from service.jobs import JobClientFactory
 from service.metrics import Metrics, MetricsInterceptor
 from service.scheduler import Scheduler
@@ -77,17 +78,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await abort_for(error, context)
 
-        serializers = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(deny, **serializers)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(deny, **serializers)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(deny, **serializers)
-        return grpc.stream_stream_rpc_method_handler(deny, **serializers)
+        return with_behavior(handler, deny)
 
 
 def _server_options(settings: ServeSettings) -> list[tuple[str, Any]]:
