@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from model import planner
+from model.budget import CPU_BUDGET, Budget, device_budget
 from model.config import ModernBertConfig
 from model.errors import CheckpointError, ConfigError, InvalidInputError, ModelNotFoundError
 from model.loading import LoadReport, load_model
@@ -71,7 +73,7 @@ class Limits:
     max_tokens: int  # longest sequence the model sees (specials and context included)
     window_overlap: int = 64
     max_context_tokens: int = 256
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = CPU_BUDGET
     max_batch_sequences: int = 256
 
 
@@ -84,6 +86,7 @@ class Classifier:
     thresholds: dict[str, float]
     path: str
     report: LoadReport = field(default_factory=LoadReport)
+    budget: Budget | None = None  # how max_batch_tokens was chosen (None: set by the caller)
 
     # ---- description --------------------------------------------------------------------------------------
     @property
@@ -118,6 +121,7 @@ class Classifier:
             "thresholds": dict(self.thresholds),
             "multi_label": self.multi_label,
             "limits": asdict(self.limits),
+            "budget": self.budget.describe() if self.budget else "set",
             "device": self.device,
             "dtype": self.dtype,
             "backend": self.backend,
@@ -275,21 +279,44 @@ class Classifier:
             logits[batch] = out
         return logits
 
+    def encode_ahead(self, items: Sequence[Item], chunk_tokens: int | None = None) -> Iterator[list[Encoded]]:
+        """`encode(items)` in consecutive chunks of about `chunk_tokens` estimated tokens (default: four token
+        budgets, so each chunk still fills several length-bucketed batches). While the caller runs chunk k,
+        chunk k+1 is tokenized on a helper thread (the tokenizer releases the GIL), so tokenization overlaps
+        the device instead of preceding it."""
+        target = 4 * self.limits.max_batch_tokens if chunk_tokens is None else chunk_tokens
+        sizes = [(len(it.text) + len(it.context or "")) // 4 + 1 for it in items]  # ~4 characters per token
+        chunks = [[items[i] for i in r] for r in planner.split_work(sizes, target)]
+        if len(chunks) <= 1:
+            yield from (self.encode(c) for c in chunks)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="safety-encode-ahead") as pool:
+            future = pool.submit(self.encode, chunks[0])
+            for following in [*chunks[1:], None]:
+                encoded = future.result()
+                if following is not None:
+                    future = pool.submit(self.encode, following)
+                yield encoded
+
     # ---- one-shot API -------------------------------------------------------------------------------------
     def classify(
-        self, items: Iterable[Item | Mapping[str, Any]], thresholds: Mapping[str, float] | None = None
+        self,
+        items: Iterable[Item | Mapping[str, Any]],
+        thresholds: Mapping[str, float] | None = None,
+        *,
+        chunk_tokens: int | None = None,
     ) -> list[Result]:
+        """Validate, then classify in chunks (`encode_ahead`: the next chunk is tokenized while this one
+        runs); results in item order."""
         items = self.coerce_items(items)
         th = self.resolve_thresholds(thresholds)
-        if not items:
-            return []
-        encoded = self.encode(items)
-        seqs = [w for e in encoded for w in e.windows]
-        logits = self.run_windows(seqs)
-        results, k = [], 0
-        for e in encoded:
-            results.append(self.aggregate(e, logits[k : k + len(e.windows)], th))
-            k += len(e.windows)
+        results: list[Result] = []
+        for encoded in self.encode_ahead(items, chunk_tokens):
+            logits = self.run_windows([w for e in encoded for w in e.windows])
+            k = 0
+            for e in encoded:
+                results.append(self.aggregate(e, logits[k : k + len(e.windows)], th))
+                k += len(e.windows)
         return results
 
     def logits(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> torch.Tensor:
@@ -365,7 +392,7 @@ def load_classifier(
     max_batch_tokens: int | None = None,
     max_batch_sequences: int | None = None,
     backend: str | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> Classifier:
     """Load a checkpoint directory (or the bundled default when `path` is None) ready to classify."""
     dev = resolve_device(device)
@@ -380,13 +407,19 @@ def load_classifier(
             f"{config.vocab_size}"
         )
     runner = Runner(net, dev, resolve_dtype(dtype, dev), backend, compile=compile)
-    cpu = dev.type == "cpu"
+    max_tokens = max_tokens or config.max_position_embeddings
+    budget = None
+    # unset: fixed on the CPU, sized to the free memory on CUDA (model/budget.py); a max_tokens out of range
+    # is left to check_limits, which names the field
+    if max_batch_tokens is None and 0 < max_tokens <= config.max_position_embeddings:
+        budget = device_budget(dev, runner.forward, max_tokens)
+        max_batch_tokens = budget.tokens
     limits = Limits(
-        max_tokens=max_tokens or config.max_position_embeddings,
+        max_tokens=max_tokens,
         window_overlap=window_overlap,
         max_context_tokens=max_context_tokens,
-        max_batch_tokens=max_batch_tokens or (16384 if cpu else 131072),
-        max_batch_sequences=max_batch_sequences or (256 if cpu else 2048),
+        max_batch_tokens=max_batch_tokens if max_batch_tokens is not None else max_tokens,
+        max_batch_sequences=max_batch_sequences or (256 if dev.type == "cpu" else 2048),
     )
     check_limits(limits, config, tokenizer)
     return Classifier(
@@ -397,6 +430,7 @@ def load_classifier(
         thresholds=read_thresholds(directory, config.labels),
         path=str(directory),
         report=report,
+        budget=budget,
     )
 
 

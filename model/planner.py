@@ -3,11 +3,13 @@
 Owns: which sequences run together. Sequences are grouped by similar length so a padded kernel (CPU SDPA)
 wastes little on padding and a packed kernel (GPU varlen) fills its token budget. A batch's cost is what the
 kernel pays: the sum of lengths when packed, `max length x count` when padded — and a padded batch never
-costs more than MAX_PADDING above its real tokens (a short sequence does not join a long bucket). Two
-entry points:
+costs more than MAX_PADDING above its real tokens (a short sequence does not join a long bucket). Entry
+points:
   * `plan_batches` — a whole known set (offline `classify`, the worker): every index exactly once;
   * `next_batch`   — one batch for a dynamic scheduler: the most urgent entry plus its nearest neighbours
-                     in length, so deadlines and arrival order are honoured without losing bucketing.
+                     in length, so deadlines and arrival order are honoured without losing bucketing;
+  * `split_work`   — a large offline set cut into consecutive chunks of about a given size, so the next
+                     chunk can be tokenized while the device runs this one.
 """
 
 from __future__ import annotations
@@ -121,3 +123,20 @@ def next_batch(
         total += n
         longest = max(longest, n)
     return sorted(order[lo:hi], key=lambda i: (lengths[i], i))
+
+
+def split_work(sizes: Sequence[int], target: int) -> list[range]:
+    """Consecutive ranges of `sizes` (estimated tokens per item) of at least `target` each, the last one
+    possibly smaller; every index exactly once, in order. A single item larger than `target` is its own
+    chunk. `target <= 0` or an empty input: one chunk (no split)."""
+    if target <= 0 or not sizes:
+        return [range(len(sizes))] if sizes else []
+    out, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= target:
+            out.append(range(start, i + 1))
+            start, acc = i + 1, 0
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out

@@ -55,7 +55,7 @@ class Runner:
         device: torch.device,
         dtype: torch.dtype,
         backend: str | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         self.device = device
         self.dtype = dtype
@@ -66,15 +66,17 @@ class Runner:
         self.net.model.reset_rope(device)
         self.attn = Attention(self.backend, net.config.window)
         self._lock = threading.Lock()  # one batch on the device at a time
-        self.compiled = compile
+        self.compiled = bool(compile)
         if compile:
-            self._compile()
+            self._compile(None if compile is True else compile)
 
-    def _compile(self) -> None:
+    def _compile(self, mode: str | None) -> None:
         """`torch.compile(dynamic=True)` of the attention-free regions (embeddings, qkv + RoPE, output +
-        MLP, head); attention stays an eager kernel call. Eager and compiled give the same results."""
+        MLP, head); attention stays an eager kernel call. Eager and compiled give the same results.
+        `mode`: torch.compile's (None: default; "max-autotune-no-cudagraphs" tries GEMM templates with
+        fused epilogues, at a much longer compile)."""
         net = self.net
-        opts = dict(dynamic=True)
+        opts = dict(dynamic=True, mode=mode)
         net.model.embeddings.forward = torch.compile(net.model.embeddings.forward, **opts)
         for layer in net.model.layers:
             layer.qkv = torch.compile(layer.qkv, **opts)

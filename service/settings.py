@@ -54,7 +54,8 @@ class ServeSettings:
         None,
         "SAFETY_MAX_BATCH_TOKENS",
         opt_int,
-        "token budget of one batch (unset: engine default, 16384 on CPU, 131072 on GPU)",
+        "token budget of one batch (unset: 16384 on CPU; on CUDA sized to the free device memory by a probe "
+        "batch at start-up, at most 131072)",
     )
     max_batch_sequences: int | None = setting(
         None, "SAFETY_MAX_BATCH_SEQUENCES", opt_int, "sequences (windows) per batch (unset: engine default)"

@@ -46,7 +46,10 @@ class WorkerSettings:
     device: str = setting("auto", "SAFETY_DEVICE", str, "auto | cpu | cuda | cuda:N")
     dtype: str | None = setting(None, "SAFETY_DTYPE", opt_str, "float32 | bfloat16 | float16")
     max_batch_tokens: int | None = setting(
-        None, "SAFETY_MAX_BATCH_TOKENS", opt_int, "token budget of one batch (unset: engine default)"
+        None,
+        "SAFETY_MAX_BATCH_TOKENS",
+        opt_int,
+        "token budget of one batch (unset: 16384 on CPU, sized to free memory on CUDA)",
     )
     max_batch_sequences: int | None = setting(
         None, "SAFETY_MAX_BATCH_SEQUENCES", opt_int, "sequences per batch (unset: engine default)"

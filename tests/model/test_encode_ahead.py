@@ -1,0 +1,58 @@
+"""Offline `classify` in chunks: the next chunk is tokenized on a helper thread while the current one runs,
+and chunking changes neither the results nor their order."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from model import Item
+
+
+def _items(n: int) -> list[Item]:
+    words = "please summarise the meeting notes and list every action item with its owner"
+    words = words.split(" ")
+    return [Item(" ".join(words[: 2 + (7 * i) % len(words)] * (1 + i % 5)), id=f"i{i}") for i in range(n)]
+
+
+def test_chunked_classify_equals_one_chunk(tiny_classifier) -> None:
+    items = _items(40)
+    whole = tiny_classifier.classify(items, chunk_tokens=0)
+    chunked = tiny_classifier.classify(items, chunk_tokens=30)
+    assert len(list(tiny_classifier.encode_ahead(items, 30))) > 5
+    assert [r.id for r in chunked] == [it.id for it in items]
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.tokens == b.tokens and a.windows == b.windows and a.flagged_labels == b.flagged_labels
+        assert a.scores == pytest.approx(b.scores, abs=1e-5)
+
+
+def test_next_chunk_is_tokenized_while_the_caller_holds_this_one(tiny_classifier, monkeypatch) -> None:
+    clf = tiny_classifier
+    encode = clf.encode
+    second_started = threading.Event()
+    threads: list[str] = []
+
+    def recording_encode(chunk):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 2:
+            second_started.set()
+        return encode(chunk)
+
+    monkeypatch.setattr(clf, "encode", recording_encode)
+    chunks = clf.encode_ahead(_items(12), chunk_tokens=20)
+    first = next(chunks)
+    # the caller has not asked for chunk 2 yet, and it is already being tokenized
+    assert second_started.wait(timeout=10)
+    rest = list(chunks)
+    assert len(threads) == 1 + len(rest) and all(t.startswith("safety-encode-ahead") for t in threads)
+    assert [e.id for e in first + [e for c in rest for e in c]] == [f"i{i}" for i in range(12)]
+
+
+def test_small_inputs_stay_on_the_calling_thread(tiny_classifier, monkeypatch) -> None:
+    clf = tiny_classifier
+    encode, threads = clf.encode, []
+    monkeypatch.setattr(clf, "encode", lambda c: threads.append(threading.current_thread().name) or encode(c))
+    assert len(clf.classify(_items(3))) == 3
+    assert threads == [threading.current_thread().name]
+    assert clf.classify([]) == [] and threads == [threading.current_thread().name]
