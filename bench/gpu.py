@@ -9,20 +9,30 @@ no flash-attn, no celery). Steps:
      stay within 2x HF-bf16's own error + 0.02 (the bound tests/model/test_gpu.py states);
   4. each workload: HF arrival order and length-sorted (padded batches of the anchor's size), ours eager and
      ours compiled; real tokens/s, peak GiB, ratios measured here;
-  5. memory: peak device memory above the loaded baseline for one input of 512 ... 8192 tokens and for one
+  5. budget sweep: ours eager on traffic and long_var at token budgets around the probed default;
+  6. latency of one 128-token item (eager, compiled): host launch time vs the whole forward, which says
+     whether CUDA graphs would pay on the latency path;
+  7. profile: the top device kernels of ours eager (and compiled) on part of the traffic mix;
+  8. memory: peak device memory above the loaded baseline for one input of 512 ... 8192 tokens and for one
      full default token budget of 512-token inputs, ours and HF; GiB per 1k tokens shows linear growth;
-  6. a markdown table on stdout and JSON in $OUT (or --out).
+  9. a markdown table on stdout and JSON in $OUT (or --out), rewritten after every step.
+Every step after parity is guarded: an exception is printed, recorded under "errors" and the next step runs,
+so one failing step (a compile error, say) never costs the rest of a GPU call.
 `--smoke` runs everything tiny on the CPU so the script itself is checked without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -131,11 +141,129 @@ def memory(hf16, clf, device, lengths: list[int]) -> list[dict]:
     return rows
 
 
+class Report:
+    """The run's JSON, rewritten after every step; `step` keeps one failing step from ending the run."""
+
+    def __init__(self, out_dir: str, data: dict) -> None:
+        self.path = Path(out_dir) / "gpu.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.data = data
+        self.data.setdefault("errors", {})
+        self.data.setdefault("step_s", {})
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1, default=str))
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        t0 = time.perf_counter()
+        log(f"# -- {name}")
+        try:
+            yield
+        except Exception as e:  # recorded and reported; the next step still runs
+            traceback.print_exc()
+            self.data["errors"][name] = f"{type(e).__name__}: {e}"
+            log(f"# !! {name} failed: {type(e).__name__}: {e}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        finally:
+            self.data["step_s"][name] = round(time.perf_counter() - t0, 2)
+            self.save()
+
+
+def workload_row(wl: Workload, hf16, engines, device) -> dict:
+    seqs = wl.sequences()
+    row = {"workload": wl.name, "sequences": len(seqs), "tokens": wl.tokens}
+    hf_run(hf16, seqs[: wl.hf_batch], wl.hf_batch, True, device)  # warm-up batch
+    for label, sort in (("hf_arrival", False), ("hf_sorted", True)):
+        reset_peak(device)
+        try:
+            sec = timed(lambda s=seqs, b=wl.hf_batch, o=sort: hf_run(hf16, s, b, o, device), device)
+            row[label] = wl.tokens / sec
+            row[label + "_gib"] = peak_gib(device)
+        except torch.OutOfMemoryError:
+            row[label] = float("nan")
+            torch.cuda.empty_cache()
+    for label, engine in engines:
+        engine.run_windows(seqs[: min(len(seqs), 64)])  # warm-up
+        reset_peak(device)
+        sec = timed(lambda e=engine, s=seqs: e.run_windows(s), device)
+        row[label] = wl.tokens / sec
+        row[label + "_gib"] = peak_gib(device)
+    best = max(row.get("ours_compiled", 0.0), row.get("ours_eager", 0.0))
+    k = {key: row.get(key, 0.0) / 1e3 for key in ("hf_arrival", "hf_sorted", "ours_eager", "ours_compiled")}
+    log(f"{wl.name:<12} HF arrival {k['hf_arrival']:8.1f}k  HF sorted {k['hf_sorted']:8.1f}k  "
+        f"ours eager {k['ours_eager']:8.1f}k  ours compiled {k['ours_compiled']:8.1f}k  "
+        f"best/HF-sorted {best / row['hf_sorted']:.2f}x  "
+        f"peak GiB ours {row.get('ours_eager_gib', 0):.2f}")  # fmt: skip
+    return row
+
+
+def budget_sweep(clf, workloads: list[Workload], budgets: list[int], device, rows: list[dict]) -> None:
+    """Ours eager at several token budgets (same classifier, limits swapped): tokens/s and peak GiB appended
+    to `rows` as they are measured (an out-of-memory at the largest budget keeps the rest)."""
+    default = clf.limits
+    try:
+        for wl in workloads:
+            seqs = wl.sequences()
+            for budget in budgets:
+                clf.limits = dataclasses.replace(default, max_batch_tokens=max(budget, default.max_tokens))
+                clf.run_windows(seqs[:64])
+                reset_peak(device)
+                sec = timed(lambda s=seqs: clf.run_windows(s), device)
+                batches = len(clf.plan([len(s) for s in seqs]))
+                rows.append({"workload": wl.name, "budget": budget, "tokens_per_s": wl.tokens / sec,
+                             "peak_gib": peak_gib(device), "batches": batches})  # fmt: skip
+                log(f"budget {budget:>7} {wl.name:<10} {wl.tokens / sec / 1e3:8.1f}k tok/s  "
+                    f"peak {peak_gib(device):6.2f} GiB  {rows[-1]['batches']} batches")  # fmt: skip
+    finally:
+        clf.limits = default
+
+
+def latency(clf, device, repeat: int = 50) -> dict:
+    """One 128-token item: median host time to launch (pack, copy, queue every kernel) and to the logits
+    on the host. Launch close to the total means the latency path is launch-bound (CUDA graphs would pay)."""
+    seq = [[CLS, *([7] * 126), SEP]]
+    for _ in range(5):
+        clf.forward(seq)
+    launch, total = [], []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        out = clf.launch(seq)
+        t1 = time.perf_counter()
+        clf.collect(out)
+        t2 = time.perf_counter()
+        launch.append(t1 - t0)
+        total.append(t2 - t0)
+    return {"launch_ms": statistics.median(launch) * 1e3, "total_ms": statistics.median(total) * 1e3}
+
+
+def profile(clf, seqs: list[list[int]], device, rows: int = 12) -> str:
+    """Top device kernels (self time) of one `run_windows` over `seqs`."""
+    from torch.profiler import ProfilerActivity
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    clf.run_windows(seqs[:64])
+    with torch.profiler.profile(activities=acts) as prof:
+        clf.run_windows(seqs)
+        sync(device)
+    avg = prof.key_averages()
+    keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()
+    for key in (*keys, "self_cpu_time_total"):
+        try:
+            return avg.table(sort_by=key, row_limit=rows, max_name_column_width=60)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return avg.table(row_limit=rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="tiny model, few sequences, CPU allowed")
     ap.add_argument("--workloads", default="short_fixed,short_var,traffic,long_fixed,long_var")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-mode", default=None, help="e.g. max-autotune-no-cudagraphs (default: torch's)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument(
         "--model-dir", default=None, help="write the benchmark checkpoint here (for bench/e2e.py)"
@@ -154,7 +282,9 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     log(f"# bench/gpu.py  card={card}  torch={torch.__version__}  transformers={transformers.__version__}  "
         f"date={time.strftime('%Y-%m-%d')}")  # fmt: skip
-    out: dict = {"card": card, "torch": torch.__version__, "transformers": transformers.__version__}
+    env = {"card": card, "torch": torch.__version__, "transformers": transformers.__version__}
+    rep = Report(args.out, {**env, "date": time.strftime("%Y-%m-%d")})
+    out = rep.data
 
     tmp = Path(args.model_dir or tempfile.mkdtemp())
     tmp.mkdir(parents=True, exist_ok=True)
@@ -165,77 +295,75 @@ def main() -> None:
     hf16 = ModernBertForSequenceClassification.from_pretrained(tmp, attn_implementation="sdpa", dtype=dtype)
     hf16 = hf16.to(device).eval()
     clf = load_classifier(tmp, device=str(device), dtype=dtype)
-    log(f"# ours: backend={clf.backend} dtype={clf.dtype} limits={clf.limits}")
-    out["backend"] = clf.backend
+    budget = clf.budget.describe() if clf.budget else "set"
+    log(f"# ours: backend={clf.backend} dtype={clf.dtype} budget={budget} limits={clf.limits}")
+    out.update(backend=clf.backend, budget=budget, max_batch_tokens=clf.limits.max_batch_tokens)
 
     lengths = [1, 2, 5, 17, 64, 65, 129, 200, 511, 512, 513, 1000, 2000]
     out["parity"] = p = parity(hf32, hf16, clf, device, lengths)
     log(f"# parity vs HF fp32 (max |logit| {p['max_abs_logit']:.3f}): ours bf16 {p['ours_err']:.4f}, "
         f"HF bf16 {p['hf_bf16_err']:.4f}, bound {p['bound']:.4f} -> {'OK' if p['ok'] else 'FAIL'}; "
         f"ours vs HF bf16 {p['ours_vs_hf_bf16']:.4f}")  # fmt: skip
+    rep.save()
     del hf32
 
     compiled = None
     if not args.no_compile:
-        t = time.perf_counter()
-        compiled = load_classifier(tmp, device=str(device), dtype=dtype, compile=True)
-        compiled.warmup()
-        out["compile_s"] = time.perf_counter() - t
-        log(f"# compile + warm-up: {out['compile_s']:.1f} s")
-        p2 = parity_compiled = (
-            (compiled.forward([[CLS, 7, 8, SEP]]) - clf.forward([[CLS, 7, 8, SEP]])).abs().max()
-        )
-        log(f"# compiled vs eager max |Δ| on a probe: {float(p2):.4f}")
-        del parity_compiled
+        with rep.step("compile"):
+            t = time.perf_counter()
+            mode = args.compile_mode or True
+            candidate = load_classifier(tmp, device=str(device), dtype=dtype, compile=mode)
+            candidate.warmup()
+            out["compile_s"] = time.perf_counter() - t
+            log(f"# compile + warm-up: {out['compile_s']:.1f} s")
+            probe = [[CLS, *range(7, 7 + 300), SEP], [CLS, 7, 8, SEP]]
+            out["compiled_vs_eager"] = float((candidate.forward(probe) - clf.forward(probe)).abs().max())
+            log(f"# compiled vs eager max |Δ logit| on a probe: {out['compiled_vs_eager']:.4f}")
+            compiled = candidate
 
     workloads = anchor_workloads()
-    rows = []
+    if args.smoke:
+        workloads = {k: Workload(w.name, [min(n, 1024) for n in w.lengths[:48]], w.hf_batch)
+                     for k, w in workloads.items()}  # fmt: skip
+    engines = [("ours_eager", clf)] + ([("ours_compiled", compiled)] if compiled else [])
+    rows = out["rows"] = []
     for name in args.workloads.split(","):
-        wl: Workload = workloads[name]
-        if args.smoke:
-            wl = Workload(wl.name, [min(n, 1024) for n in wl.lengths[:48]], wl.hf_batch)
-        seqs = wl.sequences()
-        row = {"workload": name, "sequences": len(seqs), "tokens": wl.tokens}
-        hf_run(hf16, seqs[: wl.hf_batch], wl.hf_batch, True, device)  # warm-up batch
-        for label, sort in (("hf_arrival", False), ("hf_sorted", True)):
-            reset_peak(device)
-            try:
-                sec = timed(lambda s=seqs, b=wl.hf_batch, o=sort: hf_run(hf16, s, b, o, device), device)
-                row[label] = wl.tokens / sec
-                row[label + "_gib"] = peak_gib(device)
-            except torch.OutOfMemoryError:
-                row[label] = float("nan")
-                torch.cuda.empty_cache()
-        engines = [("ours_eager", clf)] + ([("ours_compiled", compiled)] if compiled else [])
-        for label, engine in engines:
-            engine.run_windows(seqs[: min(len(seqs), 64)])  # warm-up
-            reset_peak(device)
-            sec = timed(lambda e=engine, s=seqs: e.run_windows(s), device)
-            row[label] = wl.tokens / sec
-            row[label + "_gib"] = peak_gib(device)
-        rows.append(row)
-        best = max(row.get("ours_compiled", 0.0), row["ours_eager"])
-        k = {
-            key: row.get(key, 0.0) / 1e3 for key in ("hf_arrival", "hf_sorted", "ours_eager", "ours_compiled")
-        }
-        log(
-            f"{name:<12} HF arrival {k['hf_arrival']:8.1f}k  HF sorted {k['hf_sorted']:8.1f}k  "
-            f"ours eager {k['ours_eager']:8.1f}k  ours compiled {k['ours_compiled']:8.1f}k  "
-            f"best/HF-sorted {best / row['hf_sorted']:.2f}x  peak GiB ours {row['ours_eager_gib']:.2f}"
+        with rep.step(f"workload {name}"):
+            rows.append(workload_row(workloads[name], hf16, engines, device))
+
+    with rep.step("budget sweep"):
+        top = clf.limits.max_batch_tokens
+        budgets = [top // 2, top] if args.smoke else sorted({32768, 65536, top, 2 * top})
+        sweep = [workloads[n] for n in ("traffic", "long_var") if n in args.workloads.split(",")]
+        budget_sweep(clf, sweep, budgets, device, out.setdefault("budget_sweep", []))
+
+    with rep.step("latency"):
+        out["latency"] = {label: latency(engine, device) for label, engine in engines}
+        for label, lat in out["latency"].items():
+            log(f"latency {label:<14} 1 x 128 tokens: launch {lat['launch_ms']:.2f} ms of "
+                f"{lat['total_ms']:.2f} ms")  # fmt: skip
+
+    traffic = workloads["traffic"].sequences()[: 64 if args.smoke else 2048]
+    for label, engine in engines:
+        with rep.step(f"profile {label}"):
+            out[f"profile_{label}"] = table = profile(engine, traffic, device)
+            log(table)
+
+    with rep.step("memory"):
+        out["memory"] = memory(
+            hf16, clf, device, [64, 128, 256] if args.smoke else [512, 1024, 2048, 4096, 8192]
         )
-    out["rows"] = rows
-    lengths = [64, 128, 256] if args.smoke else [512, 1024, 2048, 4096, 8192]
-    out["memory"] = memory(hf16, clf, device, lengths)
 
     log("\n| workload | HF arrival | HF sorted | ours eager | ours compiled | ours / HF sorted | peak GiB |")
     log("|---|---|---|---|---|---|---|")
     for r in rows:
-        best = max(r.get("ours_compiled", 0.0), r["ours_eager"])
+        best = max(r.get("ours_compiled", 0.0), r.get("ours_eager", 0.0))
         log(f"| {r['workload']} | {r['hf_arrival'] / 1e3:.1f}k | {r['hf_sorted'] / 1e3:.1f}k | "
-            f"{r['ours_eager'] / 1e3:.1f}k | {r.get('ours_compiled', 0) / 1e3:.1f}k | "
-            f"{best / r['hf_sorted']:.1f}x | {r['ours_eager_gib']:.2f} |")  # fmt: skip
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu.json").write_text(json.dumps(out, indent=1))
+            f"{r.get('ours_eager', 0) / 1e3:.1f}k | {r.get('ours_compiled', 0) / 1e3:.1f}k | "
+            f"{best / r['hf_sorted']:.1f}x | {r.get('ours_eager_gib', 0):.2f} |")  # fmt: skip
+    if out["errors"]:
+        log(f"# steps that failed: {sorted(out['errors'])}")
+    rep.save()
 
 
 if __name__ == "__main__":

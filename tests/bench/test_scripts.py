@@ -29,9 +29,14 @@ def test_gpu_script_smoke(tmp_path: Path) -> None:
               "--model-dir", str(tmp_path / "ckpt"))  # fmt: skip
     assert "-> OK" in out, out
     data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["errors"] == {}, data["errors"]  # every guarded step ran
     assert data["parity"]["ok"]
     (row,) = data["rows"]
     assert row["workload"] == "traffic" and row["ours_eager"] > 0 and row["hf_sorted"] > 0
+    assert {r["budget"] for r in data["budget_sweep"]} == {8192, 16384}
+    assert data["latency"]["ours_eager"]["total_ms"] >= data["latency"]["ours_eager"]["launch_ms"] > 0
+    assert "aten::" in data["profile_ours_eager"]
+    assert data["budget"] == "16384 tokens (cpu default)"
     cases = {(m["engine"], m["case"]) for m in data["memory"]}
     assert ("ours", "1 x 256") in cases and ("hf", "1 x 256") in cases
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()  # kept for bench/e2e.py
