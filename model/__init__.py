@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from model.classifier import Classifier, Encoded, Item, Limits, Result, load_classifier
+    from model.classifier import Classifier, Encoded, Item, Limits, Result, Rows, load_classifier
 
-__all__ = ["Classifier", "Encoded", "Item", "Limits", "Result", "load_classifier"]
+__all__ = ["Classifier", "Encoded", "Item", "Limits", "Result", "Rows", "load_classifier"]
 
 
 def __getattr__(name: str) -> Any:

@@ -77,6 +77,19 @@ class Limits:
     max_batch_sequences: int = 256
 
 
+@dataclass(frozen=True)
+class Rows:
+    """A batch's fp32 logits and probabilities as Python lists, one row per window (one conversion per
+    batch instead of tensor indexing per item)."""
+
+    logits: list[list[float]]
+    probs: list[list[float]]
+
+    @staticmethod
+    def of(clf: Classifier, logits: torch.Tensor) -> Rows:
+        return Rows(logits.tolist(), clf.probabilities(logits).tolist())
+
+
 @dataclass
 class Classifier:
     config: ModernBertConfig
@@ -238,21 +251,38 @@ class Classifier:
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
 
     def aggregate(self, enc: Encoded, window_logits: torch.Tensor, thresholds: Mapping[str, float]) -> Result:
-        """Per-label max over windows; the span of the window that gave each label its max."""
-        probs = self.probabilities(window_logits)  # (W, L)
-        best_p, arg = probs.max(dim=0)  # (L,)
-        best_logit = window_logits.max(dim=0).values
-        scores = {lab: float(best_p[j]) for j, lab in enumerate(self.labels)}
-        flagged = [lab for lab in self.labels if scores[lab] >= thresholds[lab]]
+        """Per-label max over windows; the span of the window that gave each label its max.
+        window_logits: (W, L) for the item's W windows."""
+        rows = Rows.of(self, window_logits)
+        return self.aggregate_rows(enc, rows.logits, rows.probs, thresholds)
+
+    def aggregate_rows(
+        self,
+        enc: Encoded,
+        logit_rows: Sequence[Sequence[float]],
+        prob_rows: Sequence[Sequence[float]],
+        thresholds: Mapping[str, float],
+    ) -> Result:
+        """`aggregate` on plain per-window rows (`Rows.of` converts a whole batch with one `tolist()`): no
+        tensor op per item, which is what lets the host keep up with a GPU at thousands of items a second."""
+        labels = self.labels
+        if len(prob_rows) == 1:
+            scores, best_logit, arg = list(prob_rows[0]), list(logit_rows[0]), [0] * len(labels)
+        else:  # the first window reaching each label's max, as torch.max(dim=0) picks
+            windows = range(len(prob_rows))
+            arg = [max(windows, key=lambda w, j=j: prob_rows[w][j]) for j in range(len(labels))]
+            scores = [prob_rows[arg[j]][j] for j in range(len(labels))]
+            best_logit = [max(row[j] for row in logit_rows) for j in range(len(labels))]
+        flagged = [lab for lab, p in zip(labels, scores, strict=True) if p >= thresholds[lab]]
         return Result(
             id=enc.id,
-            scores=scores,
-            logits={lab: float(best_logit[j]) for j, lab in enumerate(self.labels)},
+            scores=dict(zip(labels, scores, strict=True)),
+            logits=dict(zip(labels, best_logit, strict=True)),
             flagged=bool(flagged),
             flagged_labels=flagged,
             tokens=enc.tokens,
             windows=len(enc.windows),
-            spans={lab: enc.spans[int(arg[j])] for j, lab in enumerate(self.labels)},
+            spans={lab: enc.spans[arg[j]] for j, lab in enumerate(labels)},
         )
 
     def warmup(self, max_length: int | None = None) -> float:
@@ -312,11 +342,12 @@ class Classifier:
         th = self.resolve_thresholds(thresholds)
         results: list[Result] = []
         for encoded in self.encode_ahead(items, chunk_tokens):
-            logits = self.run_windows([w for e in encoded for w in e.windows])
+            rows = Rows.of(self, self.run_windows([w for e in encoded for w in e.windows]))
             k = 0
             for e in encoded:
-                results.append(self.aggregate(e, logits[k : k + len(e.windows)], th))
-                k += len(e.windows)
+                n = len(e.windows)
+                results.append(self.aggregate_rows(e, rows.logits[k : k + n], rows.probs[k : k + n], th))
+                k += n
         return results
 
     def logits(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> torch.Tensor:

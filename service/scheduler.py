@@ -33,7 +33,7 @@ from typing import Protocol
 
 import torch
 
-from model import Classifier, Encoded, Item, Result
+from model import Classifier, Encoded, Item, Result, Rows
 from model.errors import DeadlineExceededError, InvalidInputError, OverloadedError, UnavailableError
 from model.planner import next_batch
 
@@ -79,7 +79,7 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Outcome]
     tokenize_s: float
-    window_logits: list[list[torch.Tensor | None]]
+    window_rows: list[list[tuple[list[float], list[float]] | None]]  # per item, per window: (logits, probs)
     remaining: int  # windows not computed yet
     queued_windows: list[int]  # per item: windows still in the queue (admission counts the item until 0)
     done: bool = False  # resolved, failed, cancelled or expired: its windows are skipped
@@ -187,7 +187,7 @@ class Scheduler:
                 loop=loop,
                 future=loop.create_future(),
                 tokenize_s=tokenize_s,
-                window_logits=[[None] * len(e.windows) for e in encoded],
+                window_rows=[[None] * len(e.windows) for e in encoded],
                 remaining=sum(len(e.windows) for e in encoded),
                 queued_windows=[len(e.windows) for e in encoded],
             )
@@ -430,7 +430,7 @@ class Scheduler:
             if launched.error is not None:
                 raise launched.error
             assert launched.logits is not None
-            logits = self.clf.collect(launched.logits)
+            rows = Rows.of(self.clf, self.clf.collect(launched.logits))
         except Exception as exc:
             log.exception("batch of %d sequences (%d tokens) failed", len(batch), tokens, exc_info=exc)
             with self._cond:
@@ -442,11 +442,11 @@ class Scheduler:
         self.metrics.batch(len(batch), tokens, seconds, waits)
         finished = []
         with self._cond:
-            for w, row, wait in zip(batch, logits, waits, strict=True):
+            for w, logit_row, prob_row, wait in zip(batch, rows.logits, rows.probs, waits, strict=True):
                 req = w.req
                 if req.done:
                     continue
-                req.window_logits[w.item][w.index] = row
+                req.window_rows[w.item][w.index] = (logit_row, prob_row)
                 req.queue_s = max(req.queue_s, wait)
                 req.batch_seconds[batch_id] = seconds
                 req.remaining -= 1
@@ -455,10 +455,10 @@ class Scheduler:
                     finished.append(req)
         for req in finished:
             try:
-                results = [
-                    self.clf.aggregate(enc, torch.stack(rows), req.thresholds)  # type: ignore[arg-type]
-                    for enc, rows in zip(req.encoded, req.window_logits, strict=True)
-                ]
+                results = []
+                for enc, rows in zip(req.encoded, req.window_rows, strict=True):
+                    logit_rows, prob_rows = zip(*rows, strict=True)  # type: ignore[misc]
+                    results.append(self.clf.aggregate_rows(enc, logit_rows, prob_rows, req.thresholds))
             except Exception as exc:
                 log.exception("aggregation failed")
                 _resolve(req, exc)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
-from model import Item, load_classifier
+from model import Encoded, Item, load_classifier
 from model.windows import keep_end, split_windows
 
 
@@ -102,3 +103,27 @@ def test_order_restored_across_buckets(tiny_classifier) -> None:
     for r, s in zip(results, solo, strict=True):
         for label in tiny_classifier.labels:
             assert r.logits[label] == pytest.approx(s.logits[label], abs=1e-5)
+
+
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "single_label_classification"])
+def test_aggregate_on_rows_equals_the_tensor_reductions(short_clf, problem_type: str) -> None:
+    # sigmoid and softmax heads; windows tie on some labels (the first window reaching the max wins)
+    config = dataclasses.replace(short_clf.config, problem_type=problem_type)
+    clf = dataclasses.replace(short_clf, config=config)
+    L = len(clf.labels)
+    g = torch.Generator().manual_seed(3)
+    window_logits = torch.randn(4, L, generator=g)
+    window_logits[0, 0] = window_logits[:, 0].max() + 1
+    window_logits[2] = window_logits[0]  # windows 0 and 2 tie on every label, softmax included
+    enc = Encoded(id="x", windows=[[1]] * 4, spans=[(0, 5), (5, 9), (9, 14), (14, 20)], tokens=17)
+    th = dict.fromkeys(clf.labels, 0.3)
+    res = clf.aggregate(enc, window_logits, th)
+    probs = clf.probabilities(window_logits)
+    best_p, arg = probs.max(dim=0)
+    # exact equality: the same fp32 values, read with tolist() instead of float()
+    assert res.scores == {lab: float(best_p[j]) for j, lab in enumerate(clf.labels)}
+    assert res.logits == {lab: float(window_logits[:, j].max()) for j, lab in enumerate(clf.labels)}
+    assert res.spans == {lab: enc.spans[int(arg[j])] for j, lab in enumerate(clf.labels)}
+    assert res.spans[clf.labels[0]] == (0, 5)
+    assert res.flagged_labels == [lab for lab in clf.labels if res.scores[lab] >= 0.3]
+    assert (res.windows, res.tokens, res.id) == (4, 17, "x")
