@@ -4,7 +4,10 @@ Prints both throughputs and their ratio — how much the service path (protobuf,
 the client on the same machine) costs. Issue target: >= 0.8 on a GPU.
 
     python bench/e2e.py                                   # bundled model, CPU
-    python bench/e2e.py --model DIR --device cuda --items 20000 --concurrency 64 --items-per-call 16
+    python bench/e2e.py --model DIR --device cuda --items 20000 --concurrency 64,256 --items-per-call 16
+
+Several concurrency levels (comma-separated) run one after another against the same server; saturation is
+the best of them, and the ratio is taken there.
 
 Texts are common words sized from the traffic length mix (bench/grpc_load.py), so both paths see the same
 token counts; tokens/s counts the content tokens each Result reports.
@@ -93,8 +96,9 @@ async def grpc_run(
         target, options=[("grpc.max_receive_message_length", 64 << 20)]
     ) as ch:
         stub = pb2_grpc.SafetyClassifierStub(ch)
-        await run_level(stub, reqs[: max(1, 64 // k)], args.concurrency, (), args.timeout, None)  # warm-up
-        return await run_level(stub, reqs, args.concurrency, (), args.timeout, metrics)
+        levels = [int(c) for c in str(args.concurrency).split(",")]
+        await run_level(stub, reqs[: max(1, 64 // k)], levels[0], (), args.timeout, None)  # warm-up
+        return [await run_level(stub, reqs, c, (), args.timeout, metrics) for c in levels]
 
 
 def main() -> None:
@@ -103,7 +107,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--items", type=int, default=1000)
     ap.add_argument("--items-per-call", type=int, default=8)
-    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--concurrency", default="32", help="calls in flight; a comma-separated list runs each")
     ap.add_argument("--mix", default="traffic", help="traffic | fixed:N")
     ap.add_argument("--timeout", type=float, default=300.0, help="deadline per call, seconds")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for SERVING")
@@ -137,7 +141,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, cwd=root, env=env)
     try:
-        row = asyncio.run(
+        rows = asyncio.run(
             grpc_run(args, texts, proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics")
         )
     finally:
@@ -146,21 +150,24 @@ def main() -> None:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    row = max(rows, key=lambda r: r.tokens_per_s)
     ratio = row.tokens_per_s / engine["tokens_per_s"]
     print(f"# bench/e2e.py  model={model_path} device={device} items={len(texts)} mix={args.mix} "
           f"items/call={args.items_per_call} concurrency={args.concurrency} torch={torch.__version__} "
           f"date={time.strftime('%Y-%m-%d')}")  # fmt: skip
     print(f"engine only : {engine['items_per_s']:9.1f} items/s  {engine['tokens_per_s']:10.0f} tokens/s")
-    print(f"gRPC        : {row.items_per_s:9.1f} items/s  {row.tokens_per_s:10.0f} tokens/s  "
-          f"p50 {row.p50_ms:.1f} ms  p99 {row.p99_ms:.1f} ms  batch {row.avg_batch_sequences or 0:.1f}  "
-          f"errors {row.errors or 0}")  # fmt: skip
-    print(f"gRPC / engine = {ratio:.2f}")
+    for r in rows:
+        print(f"gRPC c={r.concurrency:<4}: {r.items_per_s:9.1f} items/s  {r.tokens_per_s:10.0f} tokens/s  "
+              f"p50 {r.p50_ms:.1f} ms  p99 {r.p99_ms:.1f} ms  batch {r.avg_batch_sequences or 0:.1f}  "
+              f"errors {r.errors or 0}")  # fmt: skip
+    print(f"gRPC / engine = {ratio:.2f} (at c={row.concurrency})")
     if args.json:
         from dataclasses import asdict
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(
-            {"args": vars(args), "device": device, "engine": engine, "grpc": asdict(row), "ratio": ratio},
+            {"args": vars(args), "device": device, "engine": engine, "grpc": asdict(row), "ratio": ratio,
+             "levels": [asdict(r) for r in rows]},
             indent=1))  # fmt: skip
 
 
