@@ -7,7 +7,8 @@ the client on the same machine) costs. Issue target: >= 0.8 on a GPU.
     python bench/e2e.py --model DIR --device cuda --items 20000 --concurrency 64,256 --items-per-call 16
 
 Several concurrency levels (comma-separated) run one after another against the same server; saturation is
-the best of them, and the ratio is taken there.
+the best of them, and the ratio is taken there. `--latency-calls N` then sends N one-item calls of 128 tokens
+one at a time: the single-item latency of the service on that device.
 
 Texts are common words sized from the traffic length mix (bench/grpc_load.py), so both paths see the same
 token counts; tokens/s counts the content tokens each Result reports.
@@ -79,7 +80,12 @@ async def wait_serving(target: str, proc: subprocess.Popen, timeout: float) -> N
 
 
 async def grpc_run(
-    args: argparse.Namespace, texts: list[str], proc: subprocess.Popen, target: str, metrics: str
+    args: argparse.Namespace,
+    texts: list[str],
+    singles: list[str],
+    proc: subprocess.Popen,
+    target: str,
+    metrics: str,
 ):
     import grpc
 
@@ -98,7 +104,10 @@ async def grpc_run(
         stub = pb2_grpc.SafetyClassifierStub(ch)
         levels = [int(c) for c in str(args.concurrency).split(",")]
         await run_level(stub, reqs[: max(1, 64 // k)], levels[0], (), args.timeout, None)  # warm-up
-        return [await run_level(stub, reqs, c, (), args.timeout, metrics) for c in levels]
+        rows = [await run_level(stub, reqs, c, (), args.timeout, metrics) for c in levels]
+        one = [pb2.ClassifyRequest(items=[pb2.Item(text=t)]) for t in singles]
+        single = await run_level(stub, one, 1, (), args.timeout, None) if one else None
+        return rows, single
 
 
 def main() -> None:
@@ -115,6 +124,7 @@ def main() -> None:
         "--compile", choices=("on", "off"), default="off", help="torch.compile both paths (or neither)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latency-calls", type=int, default=0, help="one-item 128-token calls at c=1 afterwards")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -126,6 +136,7 @@ def main() -> None:
     if args.compile == "on":
         clf.warmup()
     texts = make_texts(clf, args.mix, args.items, args.seed)
+    singles = make_texts(clf, "fixed:128", args.latency_calls, args.seed + 1) if args.latency_calls else []
     engine = engine_run(clf, texts)
     device, model_path = clf.device, clf.path
     del clf
@@ -141,8 +152,8 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, cwd=root, env=env)
     try:
-        rows = asyncio.run(
-            grpc_run(args, texts, proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics")
+        rows, single = asyncio.run(
+            grpc_run(args, texts, singles, proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics")
         )
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -161,13 +172,16 @@ def main() -> None:
               f"p50 {r.p50_ms:.1f} ms  p99 {r.p99_ms:.1f} ms  batch {r.avg_batch_sequences or 0:.1f}  "
               f"errors {r.errors or 0}")  # fmt: skip
     print(f"gRPC / engine = {ratio:.2f} (at c={row.concurrency})")
+    if single is not None:
+        print(f"one 128-token item per call, c=1: p50 {single.p50_ms:.2f} ms  p90 {single.p90_ms:.2f} ms  "
+              f"p99 {single.p99_ms:.2f} ms  ({single.ok} calls)")  # fmt: skip
     if args.json:
         from dataclasses import asdict
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(
             {"args": vars(args), "device": device, "engine": engine, "grpc": asdict(row), "ratio": ratio,
-             "levels": [asdict(r) for r in rows]},
+             "levels": [asdict(r) for r in rows], "single_item": asdict(single) if single else None},
             indent=1))  # fmt: skip
 
 

@@ -12,5 +12,5 @@ CKPT="$(mktemp -d)/base"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python bench/gpu.py --model-dir "$CKPT" --out "$OUT" "$@" || echo "# bench/gpu.py exited with $? (JSON so far: $OUT/gpu.json)"
 test -f "$CKPT/model.safetensors" || exit 1
-python bench/e2e.py --model "$CKPT" --device cuda --items 20000 --items-per-call 16 --concurrency 64,256 \
+python bench/e2e.py --model "$CKPT" --device cuda --items 20000 --items-per-call 16 --concurrency 1,4,16,64,256 --latency-calls 300 \
     --json "$OUT/e2e.json"

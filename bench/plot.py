@@ -1,7 +1,8 @@
 """Plots for docs/benchmarks.md from the JSON the benchmarks wrote (real runs only; nothing is invented).
 
     python bench/plot.py --cpu bench/out/cpu-small.json bench/out/cpu-base.json \
-                         --grpc bench/out/grpc-traffic.json [--gpu bench/out/gpu.json] --out docs/img
+                         --grpc bench/out/grpc-traffic.json [bench/out/e2e.json] [--gpu bench/out/gpu.json] \
+                         --out docs/img
 
 Writes `throughput.png` (tokens/s per engine and workload, ours vs HF, one panel per file),
 `latency.png` (p50/p90/p99 latency against achieved throughput from bench/grpc_load.py) and `memory.png`
@@ -58,19 +59,26 @@ def throughput(cpu_files: list[Path], gpu_file: Path | None, out: Path) -> None:
     fig.savefig(out / "throughput.png", dpi=120)
 
 
-def latency(grpc_file: Path, out: Path) -> None:
-    rows = json.loads(grpc_file.read_text())
-    fig, ax = plt.subplots(figsize=(6, 4))
-    x = [r["tokens_per_s"] / 1e3 for r in rows]
-    for key in ("p50_ms", "p90_ms", "p99_ms"):
-        ax.plot(x, [r[key] for r in rows], marker="o", label=key.removesuffix("_ms"))
-    for r, xi in zip(rows, x, strict=True):
-        ax.annotate(f"c={r['concurrency']}", (xi, r["p99_ms"]), fontsize=7)
-    ax.set_xlabel("achieved thousand tokens / s")
-    ax.set_ylabel("latency per call, ms (end to end)")
-    ax.set_yscale("log")
-    ax.set_title(f"gRPC Classify latency vs load ({grpc_file.stem})", fontsize=9)
-    ax.legend()
+def latency_rows(path: Path) -> list[dict]:
+    """Levels of bench/grpc_load.py (a list) or of bench/e2e.py (its "levels")."""
+    data = json.loads(path.read_text())
+    return data["levels"] if isinstance(data, dict) else data
+
+
+def latency(grpc_files: list[Path], out: Path) -> None:
+    fig, axes = plt.subplots(1, len(grpc_files), figsize=(6 * len(grpc_files), 4), squeeze=False)
+    for ax, path in zip(axes[0], grpc_files, strict=True):
+        rows = latency_rows(path)
+        x = [r["tokens_per_s"] / 1e3 for r in rows]
+        for key in ("p50_ms", "p90_ms", "p99_ms"):
+            ax.plot(x, [r[key] for r in rows], marker="o", label=key.removesuffix("_ms"))
+        for r, xi in zip(rows, x, strict=True):
+            ax.annotate(f"c={r['concurrency']}", (xi, r["p99_ms"]), fontsize=7)
+        ax.set_xlabel("achieved thousand tokens / s")
+        ax.set_ylabel("latency per call, ms (end to end)")
+        ax.set_yscale("log")
+        ax.set_title(f"gRPC Classify latency vs load ({path.stem})", fontsize=9)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "latency.png", dpi=120)
 
@@ -108,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cpu", nargs="*", type=Path, default=[])
     ap.add_argument("--gpu", type=Path, default=None)
-    ap.add_argument("--grpc", type=Path, default=None)
+    ap.add_argument("--grpc", type=Path, nargs="+", default=None, help="grpc_load.py or e2e.py JSON files")
     ap.add_argument("--out", type=Path, default=Path("docs/img"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -60,8 +60,14 @@ def test_cpu_script_all_engines_and_memory(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_e2e_script_against_a_real_server(tmp_path: Path, tiny_model_dir: Path) -> None:
     out = run("bench/e2e.py", "--model", str(tiny_model_dir), "--device", "cpu", "--items", "40",
-              "--concurrency", "4", "--items-per-call", "4", "--json", str(tmp_path / "e.json"))  # fmt: skip
+              "--concurrency", "1,4", "--items-per-call", "4", "--latency-calls", "5",
+              "--json", str(tmp_path / "e.json"))  # fmt: skip
     data = json.loads((tmp_path / "e.json").read_text())
-    assert data["grpc"]["ok"] == 10 and not data["grpc"]["errors"]
+    assert [lv["concurrency"] for lv in data["levels"]] == [1, 4]
+    assert all(lv["ok"] == 10 and not lv["errors"] for lv in data["levels"])
+    assert data["grpc"] in data["levels"]  # the best level is the one the ratio uses
     assert data["engine"]["tokens_per_s"] > 0 and data["ratio"] > 0
-    assert "gRPC / engine" in out
+    assert data["single_item"]["ok"] == 5 and data["single_item"]["p50_ms"] > 0
+    assert "gRPC / engine" in out and "one 128-token item per call" in out
+    run("bench/plot.py", "--grpc", str(tmp_path / "e.json"), "--out", str(tmp_path))
+    assert (tmp_path / "latency.png").stat().st_size > 10_000
