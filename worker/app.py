@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import Producer
 
 from worker.settings import WorkerSettings
 
@@ -63,6 +64,23 @@ def create_app(settings: WorkerSettings) -> Celery:
         },
     )
     return app
+
+
+def chunk_task_id(job_id: str, chunk: int) -> str:
+    """The Celery task id of a chunk's message: the lost-chunk sweeper finds messages by it."""
+    return f"{job_id}.{chunk}"
+
+
+def send_chunk(app: Celery, job_id: str, chunk: int, queue: str, producer: Producer | None = None) -> None:
+    """Publish one chunk task (JSON, to the job's queue, retrying the publish on connection errors)."""
+    app.send_task(
+        TASK_NAME,
+        args=[job_id, chunk],
+        task_id=chunk_task_id(job_id, chunk),
+        queue=queue,
+        producer=producer,
+        retry=True,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -3,9 +3,9 @@
 Owns: the subcommands (registered through the `safety.commands` entry point `worker = "worker.cli:register"`),
 reading a JSONL file of items, the progress bar while waiting, writing result lines in item order, exit
 codes (0 done, 1 finished with failed items or cancelled, 2 an error, 130 interrupted), the choice of
-Celery pool (solo per GPU on CUDA, prefork on CPU) and starting the metrics exporter (`worker.metrics`) in
-the worker's main process. Must not know: the model, Redis keys; it drives `worker.jobs.JobClient` and
-starts the Celery worker of `worker.app`.
+Celery pool (solo per GPU on CUDA, prefork on CPU), and starting the metrics exporter (`worker.metrics`)
+and the lost-chunk sweeper (`worker.reclaim`) in the worker's main process. Must not know: the model,
+Redis keys; it drives `worker.jobs.JobClient` and starts the Celery worker of `worker.app`.
 """
 
 from __future__ import annotations
@@ -127,8 +127,13 @@ def run_worker(args: argparse.Namespace) -> int:
             if settings.metrics_port:
                 metrics_dir = serve_metrics(settings.metrics_port, prefork="--pool=prefork" in argv)
             from worker.app import app
+            from worker.reclaim import start_sweeper
 
-            return app.start(argv) or EXIT_OK
+            sweeper = start_sweeper(settings)  # re-sends chunks the broker lost (worker.reclaim)
+            try:
+                return app.start(argv) or EXIT_OK
+            finally:
+                sweeper.stop()
         return EXIT_ERROR
     finally:
         if metrics_dir is not None:

@@ -27,7 +27,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from model.errors import DeadlineExceededError, InvalidInputError, NotFoundError, UnavailableError
-from worker.app import TASK_NAME, create_app
+from worker.app import create_app, send_chunk
 from worker.items import normalize_items
 from worker.settings import WorkerSettings
 from worker.store import FINISHED, JobStore, check_job_id, failed_line
@@ -138,6 +138,7 @@ class JobClient:
                 if stored["state"] in FINISHED:
                     return Submitted(JobStatus.from_record(job_id, stored), resumed=True, sent=0)
                 record = {**record, **stored}
+            self.store.mark_active(job_id)  # the lost-chunk sweeper watches it from now on
             sent = self._enqueue(job_id, lines, record)
             self.store.seal(job_id)
         return Submitted(self.status(job_id), resumed=resumed, sent=sent)
@@ -156,14 +157,7 @@ class JobClient:
                     continue
                 first = chunk * size
                 self.store.upload(job_id, first, lines[first : first + size], expire_at_ms)
-                self.app.send_task(
-                    TASK_NAME,
-                    args=[job_id, chunk],
-                    task_id=f"{job_id}.{chunk}",
-                    queue=record["queue"],
-                    producer=producer,
-                    retry=True,
-                )
+                send_chunk(self.app, job_id, chunk, record["queue"], producer)
                 self.store.mark_enqueued(job_id, chunk, expire_at_ms)
                 sent += 1
         return sent

@@ -1,7 +1,8 @@
 """Prometheus metrics of the batch workers, served by `safety worker` on SAFETY_WORKER_METRICS_PORT.
 
 Owns: the metric names and buckets (`safety_worker_items_total{outcome}`,
-`safety_worker_chunks_total{outcome}`, `safety_worker_chunk_seconds`; the Grafana dashboard's job panels chart
+`safety_worker_chunks_total{outcome}`, `safety_worker_chunks_resent_total` (counted by the lost-chunk
+sweeper in the main process), `safety_worker_chunk_seconds`; the Grafana dashboard's job panels chart
 the first two), the process's one `Metrics` that the chunk task counts into, and the HTTP exporter. With the
 solo and threads pools the tasks run in the process that serves, so the exporter serves that `Metrics`'
 registry. With prefork they run in child processes: `safety worker` sets PROMETHEUS_MULTIPROC_DIR before
@@ -42,6 +43,12 @@ class Metrics:
             "safety_worker_chunks",
             "chunk deliveries by outcome: done, retried, dead_lettered, skipped",
             ["outcome"],
+            registry=r,
+        )
+        self.resent = Counter(
+            "safety_worker_chunks_resent",
+            "chunk messages the lost-chunk sweeper sent again because the broker had lost them (a worker "
+            "killed between taking a message and recording it)",
             registry=r,
         )
         self.chunk_seconds = Histogram(

@@ -15,6 +15,9 @@ Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
   safety:job:{id}:errors    hash   chunk -> the last error a delivery raised
   safety:job:{id}:enqueued  set    chunks already sent to the queue (a resumed submit skips them)
   safety:dead_letter        list   JSON {job_id, chunk, attempts, error, at}, newest first, capped
+  safety:jobs:active        set    ids of submitted jobs not yet seen finished (the lost-chunk sweeper's
+                                   list, `worker.reclaim`); a job leaves it once the sweeper sees it finished
+                                   or expired
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ STATES = ("submitting", "queued", "running", "done", "failed", "cancelled")
 FINISHED = frozenset({"done", "failed", "cancelled"})
 DEAD_LETTER = "safety:dead_letter"
 DEAD_LETTER_MAX = 10_000
+ACTIVE_JOBS = "safety:jobs:active"
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # The keys of `model.Result.to_dict()` (a test keeps them in step); a result line adds `index` and `error`.
 RESULT_FIELDS = ("id", "scores", "logits", "flagged", "flagged_labels", "tokens", "windows", "spans")
@@ -188,6 +192,25 @@ return 1
 """
 
 
+# KEYS = JobKeys.all(). -> the enqueued chunks that still miss a result for at least one of their items.
+_INCOMPLETE = """
+local f = redis.call('HMGET', KEYS[1], 'total', 'chunk_size')
+local total, size = tonumber(f[1]), tonumber(f[2])
+if not total or not size then return {} end
+local out = {}
+for _, c in ipairs(redis.call('SMEMBERS', KEYS[6])) do
+  local lo = tonumber(c) * size
+  for i = lo, math.min(total, lo + size) - 1 do
+    if redis.call('HEXISTS', KEYS[3], tostring(i)) == 0 then
+      table.insert(out, tonumber(c))
+      break
+    end
+  end
+end
+return out
+"""
+
+
 @dataclass(frozen=True)
 class ChunkStart:
     """What a delivery of a chunk should do: `action` is run, complete (skip), cancelled or gone (skip)."""
@@ -217,6 +240,7 @@ class JobStore:
         self._cancel = client.register_script(_CANCEL)
         self._seal = client.register_script(_SEAL)
         self._note = client.register_script(_NOTE)
+        self._incomplete = client.register_script(_INCOMPLETE)
 
     # ---- the job client's side -----------------------------------------------------------------------------
     def create(self, job_id: str, record: dict[str, Any]) -> str | None:
@@ -245,6 +269,19 @@ class JobStore:
         pipe.sadd(keys.enqueued, chunk)
         pipe.pexpireat(keys.enqueued, expire_at_ms)
         pipe.execute()
+
+    def mark_active(self, job_id: str) -> None:
+        self.client.sadd(ACTIVE_JOBS, job_id)
+
+    def active(self) -> list[str]:
+        return sorted(self.client.smembers(ACTIVE_JOBS))
+
+    def forget_active(self, job_id: str) -> None:
+        self.client.srem(ACTIVE_JOBS, job_id)
+
+    def incomplete_chunks(self, job_id: str) -> list[int]:
+        """Enqueued chunks with at least one item still without a result (ascending)."""
+        return sorted(int(c) for c in self._incomplete(keys=JobKeys(job_id).all()))
 
     def seal(self, job_id: str) -> str | None:
         return self._seal(keys=[JobKeys(job_id).job])

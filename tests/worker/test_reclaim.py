@@ -1,0 +1,124 @@
+"""Lost chunk messages: kombu's Redis transport loses a message taken by a worker that dies before recording
+it as unacknowledged. The sweeper finds stalled jobs whose chunks have no message anywhere in the broker and
+sends those chunks again; everything else is left alone. Real Redis, real Celery messages, real workers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tests.worker.harness import RedisServer, Worker, assert_job_output, expected_lines, make_items, poll
+from worker.app import chunk_task_id, send_chunk
+from worker.jobs import JobClient
+from worker.reclaim import UNACKED, Resent, Sweeper, broker_task_ids, sweep
+from worker.store import JobKeys, JobStore
+
+QUEUE = "q"
+
+
+def take_message(server: RedisServer, job: str, chunk: int) -> str:
+    """Remove the chunk's message from the queue list, as a BRPOP does; returns it."""
+    r = server.client()
+    for raw in r.lrange(QUEUE, 0, -1):
+        if json.loads(raw)["headers"]["id"] == chunk_task_id(job, chunk):
+            assert r.lrem(QUEUE, 1, raw) == 1
+            return raw
+    raise AssertionError(f"no message for {job} chunk {chunk}")
+
+
+def stalled_sweep(store: JobStore, sent: list[tuple[str, int, str]], *, later: float = 100.0) -> list[Resent]:
+    return sweep(
+        store,
+        lambda job, chunk, queue: sent.append((job, chunk, queue)),
+        now=time.time() + later,
+        stall_s=50.0,
+        task_id=chunk_task_id,
+    )
+
+
+def test_only_a_stalled_chunk_with_no_message_anywhere_is_sent_again(
+    redis_server: RedisServer, job_client: Callable[..., JobClient]
+) -> None:
+    client = job_client(redis_server.url, queue=QUEUE, chunk_size=2)
+    job = client.submit(make_items(8), job_id="lost").status.job_id  # chunks 0..3, no worker running
+    store, r = JobStore(redis_server.client()), redis_server.client()
+    assert store.active() == ["lost"] and store.incomplete_chunks(job) == [0, 1, 2, 3]
+
+    lost = take_message(redis_server, job, 1)  # taken, then the worker died: gone from the broker
+    held = take_message(redis_server, job, 2)  # taken and recorded by a live worker: in `unacked`
+    r.hset(UNACKED, "tag-2", json.dumps([json.loads(held), "", QUEUE]))
+    r.lpush(QUEUE, "not a celery message")  # other producers' junk is ignored
+    assert broker_task_ids(r, [QUEUE]) == {chunk_task_id(job, c) for c in (0, 2, 3)}
+
+    sent: list[tuple[str, int, str]] = []
+    assert stalled_sweep(store, sent, later=0.0) == []  # the job made progress just now: not stalled
+    assert stalled_sweep(store, sent) == [Resent(job, 1)]
+    assert sent == [(job, 1, QUEUE)]
+
+    send_chunk(client.app, job, 1, QUEUE)  # what the worker's sweeper does
+    queued = {json.loads(raw)["headers"]["id"] for raw in r.lrange(QUEUE, 0, -1) if raw.startswith("{")}
+    assert queued == {chunk_task_id(job, c) for c in (0, 1, 3)}
+    assert json.loads(lost)["headers"]["id"] == chunk_task_id(job, 1)
+    assert stalled_sweep(store, sent) == [] and len(sent) == 1  # its message exists again
+
+
+def test_finished_expired_and_submitting_jobs(
+    redis_server: RedisServer, job_client: Callable[..., JobClient]
+) -> None:
+    client = job_client(redis_server.url, queue=QUEUE, chunk_size=2)
+    for name in ("cancelled", "expired", "submitting"):
+        client.submit(make_items(4), job_id=name)
+    store, r = JobStore(redis_server.client()), redis_server.client()
+    client.cancel("cancelled")
+    r.delete(*JobKeys("expired").all())
+    r.hset(JobKeys("submitting").job, "state", "submitting")  # its submitter is still sending chunks
+    r.delete(QUEUE)  # every message lost: only the submitting job would qualify, and it is left alone
+    sent: list[tuple[str, int, str]] = []
+    assert stalled_sweep(store, sent) == [] and sent == []
+    assert store.active() == ["submitting"]
+
+
+def test_one_sweeper_at_a_time(redis_server: RedisServer, job_client: Callable[..., JobClient]) -> None:
+    client = job_client(redis_server.url, queue=QUEUE, chunk_size=2)
+    job = client.submit(make_items(4), job_id="locked").status.job_id
+    take_message(redis_server, job, 0)
+    sent: list[tuple[str, int, str]] = []
+    counted: list[int] = []
+
+    def make() -> Sweeper:
+        return Sweeper(
+            JobStore(redis_server.client()),
+            lambda job, chunk, queue: sent.append((job, chunk, queue)),
+            chunk_task_id,
+            stall_s=-1.0,  # everything counts as stalled
+            interval_s=30.0,
+            on_resent=counted.append,
+        )
+
+    first, second = make(), make()
+    assert first.run_once() == [Resent(job, 0)] and counted == [1]
+    assert second.run_once() == [] and second.rounds == 0  # the first holds the lock
+    assert first.run_once() == [Resent(job, 0)] and first.rounds == 2  # its holder keeps sweeping
+
+
+def test_a_job_whose_message_the_broker_lost_still_completes(
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+) -> None:
+    client = job_client(redis_server.url, queue=QUEUE, chunk_size=10)
+    items = make_items(40, prefix="lost")
+    job = client.submit(items, job_id="lost-message").status.job_id
+    take_message(redis_server, job, 2)
+    start_worker(redis_server.url, queue=QUEUE, visibility_timeout_s=4, max_attempts=20)
+    status = client.wait(job, timeout=120)
+    assert (status.state, status.done, status.failed) == ("done", 40, 0)
+    assert_job_output(list(client.results(job, timeout=30)), expected_lines(tiny_classifier, items, 10),
+                      tiny_classifier.thresholds)  # fmt: skip
+    attempts = {int(c): int(n) for c, n in redis_server.client().hgetall(JobKeys(job).attempts).items()}
+    assert attempts == {0: 1, 1: 1, 2: 1, 3: 1}  # the lost chunk ran once, after the sweeper sent it again
+    store = JobStore(redis_server.client())
+    poll(lambda: store.active() == [], 30, "the sweeper to drop the finished job from the active set")

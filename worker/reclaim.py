@@ -1,0 +1,189 @@
+"""Lost chunks: find the chunk messages the Redis broker lost, and send them again.
+
+Owns: the sweep. kombu's Redis transport takes a message off the queue with BRPOP and only afterwards
+records it as unacknowledged; a worker killed between the two (kill -9, the OOM killer) loses the message
+for good: no visibility timeout brings it back (celery/kombu#305), and its job would stay `running` forever.
+Every `safety worker` runs a `Sweeper` thread in its main process. Each round, under a Redis lock (one
+sweeper at a time across workers), it looks at the active jobs (`safety:jobs:active`); a job that has made
+no progress for `stall_s` and still has enqueued chunks without all their results gets its broker checked:
+a chunk whose message is neither in the queue's lists nor in the unacknowledged hash is re-sent. The chunk
+task is idempotent (the first result written per item wins), so the rare false positive — a message caught
+in that same BRPOP gap of a live worker — costs one redundant delivery, never a duplicate result.
+Finished or expired jobs leave the active set. Must not know: torch, the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import redis
+
+from worker.settings import WorkerSettings
+from worker.store import FINISHED, JobStore
+
+log = logging.getLogger("safety.worker.reclaim")
+
+LOCK = "safety:jobs:sweeper"
+UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> JSON [message, exchange, routing key]
+PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport keeps priorities 3, 6, 9 in lists `queue<SEP><pri>`
+PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Resent:
+    job_id: str
+    chunk: int
+
+
+def queue_lists(queue: str) -> list[str]:
+    return [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in (3, 6, 9)]
+
+
+def _task_id(raw: str, unacked: bool) -> str | None:
+    try:
+        message = json.loads(raw)
+        if unacked:
+            message = message[0]
+        return message["headers"]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None  # not a Celery task message: not ours
+
+
+def broker_task_ids(client: redis.Redis, queues: Iterable[str]) -> set[str]:
+    """Task ids of every message waiting in `queues` (all priority lists) or taken and not yet acked."""
+    ids: set[str] = set()
+
+    def pages(key: str) -> Iterator[list[str]]:
+        start = 0
+        while page := client.lrange(key, start, start + PAGE - 1):
+            yield page
+            start += PAGE
+
+    for queue in queues:
+        for key in queue_lists(queue):
+            for page in pages(key):
+                ids.update(t for raw in page if (t := _task_id(raw, unacked=False)))
+    for _tag, raw in client.hscan_iter(UNACKED, count=PAGE):
+        if t := _task_id(raw, unacked=True):
+            ids.add(t)
+    return ids
+
+
+def sweep(
+    store: JobStore,
+    resend: Callable[[str, int, str], None],
+    *,
+    now: float,
+    stall_s: float,
+    task_id: Callable[[str, int], str],
+) -> list[Resent]:
+    """One round: re-send the lost chunks of stalled jobs; drop finished or expired jobs from the active set.
+    `resend(job_id, chunk, queue)` publishes a chunk task."""
+    stalled: list[tuple[str, str, list[int]]] = []
+    for job_id in store.active():
+        record = store.get(job_id)
+        if record is None or record.get("state") in FINISHED:
+            store.forget_active(job_id)
+            continue
+        if record.get("state") not in ("queued", "running"):
+            continue  # submitting: its submitter is still sending chunks
+        last = max(float(record.get(k) or 0) for k in ("created", "started", "updated"))
+        if now - last < stall_s:
+            continue
+        if missing := store.incomplete_chunks(job_id):
+            stalled.append((job_id, record["queue"], missing))
+    if not stalled:
+        return []
+    present = broker_task_ids(store.client, {queue for _, queue, _ in stalled})
+    resent = []
+    for job_id, queue, chunks in stalled:
+        for chunk in chunks:
+            if task_id(job_id, chunk) not in present:
+                log.warning(
+                    "job %s chunk %d: no message in the broker for it and no progress for %.0fs; the broker "
+                    "lost it (a worker died between taking it and recording it): sent again",
+                    job_id, chunk, stall_s,
+                )  # fmt: skip
+                resend(job_id, chunk, queue)
+                resent.append(Resent(job_id, chunk))
+    return resent
+
+
+class Sweeper:
+    """Runs `sweep` every `interval_s` in a daemon thread, one sweeper at a time across all workers."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        resend: Callable[[str, int, str], None],
+        task_id: Callable[[str, int], str],
+        *,
+        stall_s: float,
+        interval_s: float,
+        on_resent: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self.store, self.resend, self.task_id = store, resend, task_id
+        self.stall_s, self.interval_s, self.on_resent = stall_s, interval_s, on_resent
+        self.token = uuid.uuid4().hex
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="safety-sweeper", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def run_once(self) -> list[Resent]:
+        """One round if this process holds the lock (kept for two intervals, renewed by its holder's rounds),
+        else nothing."""
+        lock_ms = max(1000, int(2 * self.interval_s * 1000))
+        client = self.store.client
+        if not client.set(LOCK, self.token, nx=True, px=lock_ms) and client.get(LOCK) != self.token:
+            return []
+        client.pexpire(LOCK, lock_ms)
+        resent = sweep(self.store, self.resend, now=time.time(), stall_s=self.stall_s, task_id=self.task_id)
+        self.rounds += 1
+        if resent:
+            self.on_resent(len(resent))
+        return resent
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.run_once()
+            except Exception:  # Redis away for a while: the next round tries again
+                log.warning("lost-chunk sweep failed; retrying in %.0fs", self.interval_s, exc_info=True)
+
+
+def start_sweeper(settings: WorkerSettings) -> Sweeper:
+    """The worker's sweeper: stalled means no progress for one visibility timeout (a live chunk that takes
+    longer keeps its message in the unacknowledged hash, so it is never re-sent); a round every quarter of
+    it, at least every minute."""
+    from worker.app import app, chunk_task_id, send_chunk
+    from worker.metrics import process_metrics
+
+    client = redis.Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30
+    )
+
+    def resend(job_id: str, chunk: int, queue: str) -> None:
+        with app.producer_or_acquire() as producer:
+            send_chunk(app, job_id, chunk, queue, producer)
+
+    vt = settings.visibility_timeout_s
+    metrics = process_metrics()
+    return Sweeper(
+        JobStore(client), resend, chunk_task_id, stall_s=vt, interval_s=max(1.0, min(60.0, vt / 4)),
+        on_resent=metrics.resent.inc,
+    ).start()  # fmt: skip
