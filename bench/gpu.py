@@ -6,11 +6,12 @@ no flash-attn, no celery). Steps:
   2. a ModernBERT-base-shape random checkpoint (7 labels, multi-label, mean pooling) written with
      `save_pretrained` + our tokenizer file, loaded by HF (bf16, SDPA) and by us (bf16, auto backend);
   3. parity: bf16 logits of both against HF fp32 on mixed lengths (1..2000 tokens, one call); our error must
-     stay within 2x HF-bf16's own error + 0.02 (the bound tests/model/test_gpu.py states);
+     stay within 2x HF-bf16's own error + 0.02 (the bound tests/model/test_compile_gpu.py states);
   4. each workload: HF arrival order and length-sorted (padded batches of the anchor's size), ours eager and
      ours compiled; real tokens/s, peak GiB, ratios measured here;
   5. budget sweep: ours eager on traffic and long_var at token budgets around the probed default;
-  6. latency of one 128-token item (eager, compiled): host launch time vs the whole forward, which says
+  6. no host-device sync while a batch is packed, copied and queued (sync-debug mode "error");
+     latency of one 128-token item (eager, compiled): host launch time vs the whole forward, which says
      whether CUDA graphs would pay on the latency path;
   7. profile: the top device kernels of ours eager (and compiled) on part of the traffic mix;
   8. memory: peak device memory above the loaded baseline for one input of 512 ... 8192 tokens and for one
@@ -336,6 +337,21 @@ def main() -> None:
         budgets = [top // 2, top] if args.smoke else sorted({32768, 65536, top, 2 * top})
         sweep = [workloads[n] for n in ("traffic", "long_var") if n in args.workloads.split(",")]
         budget_sweep(clf, sweep, budgets, device, out.setdefault("budget_sweep", []))
+
+    if device.type == "cuda":
+        with rep.step("no sync in launch"):
+            # lengths and max_seqlen are host values: queueing a batch must not wait for the device
+            probe = workloads["traffic"].sequences()[:256]
+            for label, engine in engines:
+                engine.forward(probe)
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    launched = engine.launch(probe)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                engine.collect(launched)
+                out.setdefault("no_sync_in_launch", []).append(label)
+                log(f"# {label}: launch made no host-device sync")
 
     with rep.step("latency"):
         out["latency"] = {label: latency(engine, device) for label, engine in engines}

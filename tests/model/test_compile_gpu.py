@@ -45,3 +45,19 @@ def test_bf16_gpu_parity_with_hf_fp32(tiny_model_dir: Path, backend: str) -> Non
     assert clf.dtype == "bfloat16"
     ours_err = (clf.forward(seqs) - ref).abs().max().item()
     assert ours_err <= 2 * hf_err + 0.02 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@gpu
+def test_launch_does_not_synchronize_with_the_device(tiny_model_dir: Path) -> None:
+    """Lengths and max_seqlen live on the host: packing, copying and queueing a batch never waits for the
+    device (torch raises on any synchronizing call in sync-debug mode "error")."""
+    clf = load_classifier(tiny_model_dir, device="cuda")
+    seqs = [[1, *([7] * n), 2] for n in (3, 50, 300, 17)]
+    clf.forward(seqs)  # first use: allocator, kernels
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        launched = clf.launch(seqs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(clf.collect(launched), clf.forward(seqs))
