@@ -23,12 +23,12 @@ from model import planner
 from model.budget import CPU_BUDGET, Budget, device_budget
 from model.config import ModernBertConfig
 from model.errors import CheckpointError, ConfigError, InvalidInputError, ModelNotFoundError
+from model.items import Fields, check_item, fields_of
 from model.loading import LoadReport, load_model
 from model.runner import Runner, resolve_device, resolve_dtype
 from model.tokenizer import TextTokenizer
 from model.windows import keep_end, split_windows
 
-ROLES = ("prompt", "response")
 DEFAULT_DIR = Path(__file__).parent / "default"
 VERSION = "0.1.0"
 
@@ -143,48 +143,17 @@ class Classifier:
 
     # ---- validation ---------------------------------------------------------------------------------------
     def coerce_items(self, items: Iterable[Item | Mapping[str, Any]]) -> list[Item]:
+        """Items or mappings -> validated Items (`model.items`: the same rules as every front end)."""
         out = []
         for i, raw in enumerate(items):
             if isinstance(raw, Item):
-                item = raw
-            elif isinstance(raw, Mapping):
-                unknown = set(raw) - {"id", "text", "role", "context"}
-                if unknown:
-                    raise InvalidInputError(
-                        f"unknown field(s) {sorted(unknown)}", index=i, field=sorted(unknown)[0]
-                    )
-                if "text" not in raw:
-                    raise InvalidInputError("is required", index=i, field="text")
-                item = Item(
-                    text=raw["text"],
-                    role=raw.get("role") or "prompt",
-                    context=raw.get("context") or None,
-                    id=raw.get("id"),
-                )
+                check_item(Fields(raw.text, raw.role, raw.context, raw.id), i)
+                out.append(raw)
             else:
-                raise InvalidInputError(f"must be an object, got {type(raw).__name__}", index=i, field="item")
-            self._check(item, i)
-            out.append(item)
+                f = fields_of(raw, i)
+                check_item(f, i)
+                out.append(Item(text=f.text, role=f.role, context=f.context, id=f.id))
         return out
-
-    def _check(self, item: Item, i: int) -> None:
-        if not isinstance(item.text, str):
-            raise InvalidInputError(
-                f"must be a string, got {type(item.text).__name__}", index=i, field="text"
-            )
-        if not item.text.strip():
-            raise InvalidInputError("must not be empty", index=i, field="text")
-        if item.role not in ROLES:
-            raise InvalidInputError(f"must be one of {ROLES}, got {item.role!r}", index=i, field="role")
-        if item.context is not None:
-            if not isinstance(item.context, str):
-                raise InvalidInputError(
-                    f"must be a string, got {type(item.context).__name__}", index=i, field="context"
-                )
-            if item.role == "prompt":
-                raise InvalidInputError("is only allowed on role 'response'", index=i, field="context")
-        if item.id is not None and not isinstance(item.id, str):
-            raise InvalidInputError(f"must be a string, got {type(item.id).__name__}", index=i, field="id")
 
     def resolve_thresholds(self, overrides: Mapping[str, float] | None = None) -> dict[str, float]:
         th = dict(self.thresholds)

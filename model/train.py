@@ -35,9 +35,10 @@ from safetensors.torch import save_file
 
 from model import metrics
 from model.attention import Attention, pick_backend
-from model.classifier import ROLES, Classifier, Encoded, Item, Limits, check_limits
+from model.classifier import Classifier, Encoded, Item, Limits, check_limits
 from model.config import ModernBertConfig
 from model.errors import CheckpointError, ConfigError, InvalidInputError
+from model.items import ROLES
 from model.jsonl import read_jsonl
 from model.loading import load_model
 from model.modernbert import (

@@ -19,6 +19,7 @@ import grpc
 
 from model import Classifier, Item
 from model.errors import InvalidInputError, UnavailableError
+from model.items import check_length
 from service.jobs import JobClientFactory, JobService, default_job_client
 from service.scheduler import Outcome, Scheduler
 from service.settings import ServeSettings
@@ -48,16 +49,8 @@ def items_from_proto(request: Any, max_items: int, max_text_chars: int) -> list[
         )
     items = []
     for i, it in enumerate(request.items):
-        if len(it.text) > max_text_chars:
-            raise InvalidInputError(
-                f"{len(it.text)} characters, more than the limit of {max_text_chars}", index=i, field="text"
-            )
-        if len(it.context) > max_text_chars:
-            raise InvalidInputError(
-                f"{len(it.context)} characters, more than the limit of {max_text_chars}",
-                index=i,
-                field="context",
-            )
+        check_length(it.text, i, "text", max_text_chars)
+        check_length(it.context, i, "context", max_text_chars)
         role = ROLES.get(it.role)
         if role is None:
             raise InvalidInputError(

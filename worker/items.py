@@ -1,72 +1,29 @@
-"""Pure validation of job items, so a bad job is refused at submission, before anything is queued.
+"""Job items checked at submission, so a bad job is refused before anything is queued.
 
-Owns: the item rules of the engine's `Classifier.coerce_items` (fields id, text, role, context; roles
-"prompt" and "response"; context only on responses), restated without torch, plus the edge limit on
-characters per text and per context. A test keeps the two in agreement. Must not know: Redis, Celery, torch.
+Owns: turning raw items into the canonical dicts a job stores (`text`, `role`, and `id`/`context` only when
+present), with the engine's item rules and the edge limit on characters (`model.items`, shared with the
+engine and the gRPC servicer). Must not know: Redis, Celery, torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from model.errors import InvalidInputError
-
-FIELDS = ("id", "text", "role", "context")
-ROLES = ("prompt", "response")
+from model.items import check_item, fields_of
 
 
 def normalize_item(raw: Any, index: int, *, max_text_chars: int) -> dict[str, str]:
-    """One raw item -> a canonical dict (`text`, `role`, and `id`/`context` only when present).
-
-    Raises InvalidInputError(index=index, field=...) naming the first offending field.
-    """
-    if not isinstance(raw, Mapping):
-        raise InvalidInputError(f"must be an object, got {type(raw).__name__}", index=index, field="item")
-    unknown = sorted(set(raw) - set(FIELDS), key=str)
-    if unknown:
-        raise InvalidInputError(f"unknown field(s) {unknown}", index=index, field=str(unknown[0]))
-    if "text" not in raw:
-        raise InvalidInputError("is required", index=index, field="text")
-    text, role, context, item_id = (
-        raw["text"],
-        raw.get("role") or "prompt",
-        raw.get("context") or None,
-        raw.get("id"),
-    )
-    if not isinstance(text, str):
-        raise InvalidInputError(f"must be a string, got {type(text).__name__}", index=index, field="text")
-    if not text.strip():
-        raise InvalidInputError("must not be empty", index=index, field="text")
-    if len(text) > max_text_chars:
-        raise InvalidInputError(
-            f"has {len(text)} characters, the limit is {max_text_chars} (SAFETY_MAX_TEXT_CHARS)",
-            index=index,
-            field="text",
-        )
-    if role not in ROLES:
-        raise InvalidInputError(f"must be one of {ROLES}, got {role!r}", index=index, field="role")
-    out = {"text": text, "role": role}
-    if context is not None:
-        if not isinstance(context, str):
-            raise InvalidInputError(
-                f"must be a string, got {type(context).__name__}", index=index, field="context"
-            )
-        if role == "prompt":
-            raise InvalidInputError("is only allowed on role 'response'", index=index, field="context")
-        if len(context) > max_text_chars:
-            raise InvalidInputError(
-                f"has {len(context)} characters, the limit is {max_text_chars} (SAFETY_MAX_TEXT_CHARS)",
-                index=index,
-                field="context",
-            )
-        out["context"] = context
-    if item_id is not None:
-        if not isinstance(item_id, str):
-            raise InvalidInputError(
-                f"must be a string, got {type(item_id).__name__}", index=index, field="id"
-            )
-        out["id"] = item_id
+    """One raw item -> a canonical dict. Raises InvalidInputError(index=index, field=...) naming the first
+    offending field."""
+    f = fields_of(raw, index)
+    check_item(f, index, max_text_chars)
+    out = {"text": f.text, "role": f.role}
+    if f.context is not None:
+        out["context"] = f.context
+    if f.id is not None:
+        out["id"] = f.id
     return out
 
 

@@ -41,11 +41,11 @@ def call_error(stub: Any, req: Any) -> grpc.RpcError:
         (request(*["x"] * (MAX_ITEMS + 1)), "items", f"limit of {MAX_ITEMS}"),
         (request("ok", ""), "items[1].text", "empty"),
         (request("ok", "   \n"), "items[1].text", "empty"),
-        (request("ok", "ok", "y" * (MAX_CHARS + 1)), "items[2].text", f"limit of {MAX_CHARS}"),
+        (request("ok", "ok", "y" * (MAX_CHARS + 1)), "items[2].text", f"the limit is {MAX_CHARS}"),
         (
             pb2.ClassifyRequest(items=[pb2.Item(text="a", role=RESPONSE, context="c" * (MAX_CHARS + 1))]),
             "items[0].context",
-            f"limit of {MAX_CHARS}",
+            f"the limit is {MAX_CHARS}",
         ),
         (
             pb2.ClassifyRequest(items=[pb2.Item(text="ok"), pb2.Item(text="hi", context="the prompt")]),

@@ -1,0 +1,66 @@
+"""The rules of an item, in one place and without torch, for every front end.
+
+Owns: an item's fields (id, text, role, context), their defaults (role "prompt"; empty context or role read
+as unset), the roles, the context-only-on-responses rule, and the optional edge limit on characters per
+text and per context, each broken rule an `InvalidInputError` naming the item's index and field. The engine
+(`Classifier.coerce_items`), the job client (`worker.items`) and the gRPC servicer all call these, so a
+bad item gets the same verdict and message wherever it arrives. Must not know: torch, gRPC, Celery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from model.errors import InvalidInputError
+
+FIELDS = ("id", "text", "role", "context")
+ROLES = ("prompt", "response")
+LIMIT_SETTING = "SAFETY_MAX_TEXT_CHARS"
+
+
+class Fields(NamedTuple):
+    text: Any
+    role: Any
+    context: Any
+    id: Any
+
+
+def fields_of(raw: Any, index: int) -> Fields:
+    """A raw item (a mapping) -> its four fields with defaults applied; unknown fields and a missing text
+    are refused. The values are checked by `check_item`."""
+    if not isinstance(raw, Mapping):
+        raise InvalidInputError(f"must be an object, got {type(raw).__name__}", index=index, field="item")
+    unknown = sorted(set(raw) - set(FIELDS), key=str)
+    if unknown:
+        raise InvalidInputError(f"unknown field(s) {unknown}", index=index, field=str(unknown[0]))
+    if "text" not in raw:
+        raise InvalidInputError("is required", index=index, field="text")
+    return Fields(raw["text"], raw.get("role") or "prompt", raw.get("context") or None, raw.get("id"))
+
+
+def check_length(value: str, index: int, field: str, max_chars: int | None) -> None:
+    if max_chars is not None and len(value) > max_chars:
+        message = f"has {len(value)} characters, the limit is {max_chars} ({LIMIT_SETTING})"
+        raise InvalidInputError(message, index=index, field=field)
+
+
+def check_item(f: Fields, index: int, max_chars: int | None = None) -> None:
+    """The value rules, in the order their errors are reported; `max_chars` None: no edge limit."""
+    if not isinstance(f.text, str):
+        raise InvalidInputError(f"must be a string, got {type(f.text).__name__}", index=index, field="text")
+    if not f.text.strip():
+        raise InvalidInputError("must not be empty", index=index, field="text")
+    check_length(f.text, index, "text", max_chars)
+    if f.role not in ROLES:
+        raise InvalidInputError(f"must be one of {ROLES}, got {f.role!r}", index=index, field="role")
+    if f.context is not None:
+        if not isinstance(f.context, str):
+            raise InvalidInputError(
+                f"must be a string, got {type(f.context).__name__}", index=index, field="context"
+            )
+        if f.role == "prompt":
+            raise InvalidInputError("is only allowed on role 'response'", index=index, field="context")
+        check_length(f.context, index, "context", max_chars)
+    if f.id is not None and not isinstance(f.id, str):
+        raise InvalidInputError(f"must be a string, got {type(f.id).__name__}", index=index, field="id")
