@@ -4,7 +4,7 @@ Prints both throughputs and their ratio — how much the service path (protobuf,
 the client on the same machine) costs. Issue target: >= 0.8 on a GPU.
 
     python bench/e2e.py                                   # bundled model, CPU
-    python bench/e2e.py --model DIR --device cuda --items 20000 --concurrency 64,256 --items-per-call 16
+    python bench/e2e.py --model DIR --device cuda --items 20000 --concurrency 1,4,16,64,128 --items-per-call 16
 
 Several concurrency levels (comma-separated) run one after another against the same server; saturation is
 the best of them, and the ratio is taken there. `--latency-calls N` then sends N one-item calls of 128 tokens
@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument(
         "--compile", choices=("on", "off"), default="off", help="torch.compile both paths (or neither)"
     )
+    ap.add_argument("--attention", default="auto", help="auto | flash_attn | varlen | sdpa (both paths)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency-calls", type=int, default=0, help="one-item 128-token calls at c=1 afterwards")
     ap.add_argument("--json", default=None)
@@ -132,7 +133,8 @@ def main() -> None:
 
     from model import load_classifier
 
-    clf = load_classifier(args.model, device=args.device, compile=args.compile == "on")
+    backend = None if args.attention == "auto" else args.attention
+    clf = load_classifier(args.model, device=args.device, backend=backend, compile=args.compile == "on")
     if args.compile == "on":
         clf.warmup()
     texts = make_texts(clf, args.mix, args.items, args.seed)
@@ -147,7 +149,7 @@ def main() -> None:
     port, mport = free_port(), free_port()
     cmd = [sys.executable, "-m", "service", "--model", model_path, "--device", device,
            "--address", f"127.0.0.1:{port}", "--metrics-address", f"127.0.0.1:{mport}",
-           "--log-level", "WARNING", "--compile", args.compile]  # fmt: skip
+           "--log-level", "WARNING", "--compile", args.compile, "--attention", args.attention]  # fmt: skip
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, cwd=root, env=env)

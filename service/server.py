@@ -168,6 +168,7 @@ class SafetyServer:
                     dtype=s.dtype,
                     max_batch_tokens=s.max_batch_tokens,
                     max_batch_sequences=s.max_batch_sequences,
+                    backend=None if s.attention == "auto" else s.attention,
                     compile=compile_wanted(s.compile, s.device),
                 )
             )

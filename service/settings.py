@@ -40,6 +40,13 @@ class ServeSettings:
         "torch CPU threads (unset: OMP_NUM_THREADS if set, else the CPUs this process may use: its "
         "affinity mask and cgroup CPU quota, i.e. a Kubernetes CPU limit, not the node's core count)",
     )
+    attention: str = setting(
+        "auto",
+        "SAFETY_ATTENTION",
+        str,
+        "attention kernel: auto (flash-attn if installed, else torch's varlen flash kernel on CUDA; SDPA on "
+        "CPU) | flash_attn | varlen | sdpa",
+    )
     compile: str = setting(
         "auto",
         "SAFETY_COMPILE",
@@ -123,6 +130,8 @@ class ServeSettings:
             raise _bad("tls_cert", "TLS needs both SAFETY_TLS_CERT and SAFETY_TLS_KEY")
         if self.threads is not None and self.threads <= 0:
             raise _bad("threads", f"must be a positive integer, got {self.threads}")
+        if self.attention not in ("auto", "flash_attn", "varlen", "sdpa"):
+            raise _bad("attention", f"must be auto, flash_attn, varlen or sdpa, got {self.attention!r}")
         if self.compile not in ("auto", "on", "off"):
             raise _bad("compile", f"must be auto, on or off, got {self.compile!r}")
         if self.log_format not in ("json", "text"):

@@ -84,3 +84,13 @@ def test_serve_classify_remote_and_sigterm(tiny_model_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_attention_setting_reaches_the_engine(tiny_model_dir: Path) -> None:
+    """SAFETY_ATTENTION picks the kernel: forcing CUDA's varlen kernel on the CPU fails start-up, by name."""
+    env = {**os.environ, "SAFETY_LOG_FORMAT": "text", "SAFETY_METRICS_ADDRESS": "off", "SAFETY_DEVICE": "cpu",
+           "SAFETY_ATTENTION": "varlen"}  # fmt: skip
+    cmd = [*safety_command(), "serve", "--model", str(tiny_model_dir), "--address", "127.0.0.1:0"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "startup failed: backend: 'varlen' needs a CUDA device" in res.stderr + res.stdout
