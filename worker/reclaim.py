@@ -33,6 +33,7 @@ LOCK = "safety:jobs:sweeper"
 UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> JSON [message, exchange, routing key]
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport keeps priorities 3, 6, 9 in lists `queue<SEP><pri>`
 PAGE = 1000
+LONG_BACKLOG = 10_000  # messages; beyond this the sweeper reads the broker at most once per stall period
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ def broker_task_ids(client: redis.Redis, queues: Iterable[str]) -> set[str]:
     return ids
 
 
+def backlog(client: redis.Redis, queues: Iterable[str]) -> int:
+    """Messages waiting in `queues` (all priority lists) plus those taken and not yet acknowledged."""
+    return sum(client.llen(key) for q in queues for key in queue_lists(q)) + client.hlen(UNACKED)
+
+
 def sweep(
     store: JobStore,
     resend: Callable[[str, int, str], None],
@@ -82,9 +88,11 @@ def sweep(
     now: float,
     stall_s: float,
     task_id: Callable[[str, int], str],
+    may_scan: Callable[[int], bool] = lambda backlog: True,
 ) -> list[Resent]:
     """One round: re-send the lost chunks of stalled jobs; drop finished or expired jobs from the active set.
-    `resend(job_id, chunk, queue)` publishes a chunk task."""
+    `resend(job_id, chunk, queue)` publishes a chunk task; `may_scan(backlog)` can defer reading a long
+    broker backlog (a stalled job behind it is most likely just waiting)."""
     stalled: list[tuple[str, str, list[int]]] = []
     for job_id in store.active():
         record = store.get(job_id)
@@ -98,9 +106,10 @@ def sweep(
             continue
         if missing := store.incomplete_chunks(job_id):
             stalled.append((job_id, record["queue"], missing))
-    if not stalled:
+    queues = {queue for _, queue, _ in stalled}
+    if not stalled or not may_scan(backlog(store.client, queues)):
         return []
-    present = broker_task_ids(store.client, {queue for _, queue, _ in stalled})
+    present = broker_task_ids(store.client, queues)
     resent = []
     for job_id, queue, chunks in stalled:
         for chunk in chunks:
@@ -132,6 +141,7 @@ class Sweeper:
         self.stall_s, self.interval_s, self.on_resent = stall_s, interval_s, on_resent
         self.token = uuid.uuid4().hex
         self.rounds = 0
+        self._last_long_scan = -float("inf")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="safety-sweeper", daemon=True)
 
@@ -152,11 +162,25 @@ class Sweeper:
         if not client.set(LOCK, self.token, nx=True, px=lock_ms) and client.get(LOCK) != self.token:
             return []
         client.pexpire(LOCK, lock_ms)
-        resent = sweep(self.store, self.resend, now=time.time(), stall_s=self.stall_s, task_id=self.task_id)
+        now = time.time()
+        resent = sweep(
+            self.store, self.resend, now=now, stall_s=self.stall_s, task_id=self.task_id,
+            may_scan=lambda n: self._may_scan(n, now),
+        )  # fmt: skip
         self.rounds += 1
         if resent:
             self.on_resent(len(resent))
         return resent
+
+    def _may_scan(self, backlog: int, now: float) -> bool:
+        """A backlog of up to LONG_BACKLOG messages is read every round; a longer one at most once per
+        `stall_s` (reading 100k messages moves ~100 MB out of Redis)."""
+        if backlog <= LONG_BACKLOG:
+            return True
+        if now - self._last_long_scan < self.stall_s:
+            return False
+        self._last_long_scan = now
+        return True
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

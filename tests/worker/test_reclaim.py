@@ -9,7 +9,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from tests.worker.harness import RedisServer, Worker, assert_job_output, expected_lines, make_items, poll
+from worker import reclaim
 from worker.app import chunk_task_id, send_chunk
 from worker.jobs import JobClient
 from worker.reclaim import UNACKED, Resent, Sweeper, broker_task_ids, sweep
@@ -122,3 +125,24 @@ def test_a_job_whose_message_the_broker_lost_still_completes(
     assert attempts == {0: 1, 1: 1, 2: 1, 3: 1}  # the lost chunk ran once, after the sweeper sent it again
     store = JobStore(redis_server.client())
     poll(lambda: store.active() == [], 30, "the sweeper to drop the finished job from the active set")
+
+
+def test_a_long_backlog_is_read_at_most_once_per_stall_period(
+    redis_server: RedisServer, job_client: Callable[..., JobClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reclaim, "LONG_BACKLOG", 2)  # the 3 messages left count as a long backlog
+    client = job_client(redis_server.url, queue=QUEUE, chunk_size=2)
+    job = client.submit(make_items(8), job_id="backlog").status.job_id
+    r = redis_server.client()
+    r.hset(JobKeys(job).job, mapping={"created": "0", "updated": "0"})  # stalled long ago
+    take_message(redis_server, job, 0)
+
+    def resend(job: str, chunk: int, queue: str) -> None:
+        send_chunk(client.app, job, chunk, queue)
+
+    sweeper = Sweeper(JobStore(r), resend, chunk_task_id, stall_s=1000.0, interval_s=30.0)
+    assert sweeper.run_once() == [Resent(job, 0)]
+    take_message(redis_server, job, 1)  # lost too, but the (long) backlog was read a moment ago
+    assert sweeper.run_once() == [] and sweeper.rounds == 2
+    monkeypatch.setattr(reclaim, "LONG_BACKLOG", 10_000)  # a short backlog is read every round
+    assert sweeper.run_once() == [Resent(job, 1)]
