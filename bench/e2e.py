@@ -4,7 +4,8 @@ Prints both throughputs and their ratio — how much the service path (protobuf,
 the client on the same machine) costs. Issue target: >= 0.8 on a GPU.
 
     python bench/e2e.py                                   # bundled model, CPU
-    python bench/e2e.py --model DIR --device cuda --items 20000 --concurrency 1,4,16,64,128 --items-per-call 16
+    python bench/e2e.py --model DIR --device cuda --items 20000 --concurrency 1,4,16,64,128 \\
+        --items-per-call 16 --latency-calls 300
 
 Several concurrency levels (comma-separated) run one after another against the same server; saturation is
 the best of them, and the ratio is taken there. `--latency-calls N` then sends N one-item calls of 128 tokens
