@@ -73,3 +73,4 @@ def test_covers_what_operators_watch() -> None:
     assert "safety_batch_tokens_bucket" in joined
     assert "safety_queue_items" in joined and "safety_queue_tokens" in joined
     assert "safety_worker_items_total" in joined and "safety_worker_chunks_total" in joined
+    assert "safety_worker_chunks_resent_total" in joined  # the broker lost a message: a worker died hard
