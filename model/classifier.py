@@ -393,6 +393,7 @@ def load_classifier(
     max_batch_sequences: int | None = None,
     backend: str | None = None,
     compile: bool | str = False,
+    copy_stream: bool = True,
 ) -> Classifier:
     """Load a checkpoint directory (or the bundled default when `path` is None) ready to classify."""
     dev = resolve_device(device)
@@ -406,7 +407,7 @@ def load_classifier(
             f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{config.vocab_size}"
         )
-    runner = Runner(net, dev, resolve_dtype(dtype, dev), backend, compile=compile)
+    runner = Runner(net, dev, resolve_dtype(dtype, dev), backend, compile=compile, copy_stream=copy_stream)
     max_tokens = max_tokens or config.max_position_embeddings
     budget = None
     # unset: fixed on the CPU, sized to the free memory on CUDA (model/budget.py); a max_tokens out of range

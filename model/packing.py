@@ -41,6 +41,9 @@ class Packed:
             cu_seqlens=move(self.cu_seqlens),
         )
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.input_ids, self.positions, self.seq_index, self.cu_seqlens)
+
     def pin_memory(self) -> Packed:
         return replace(
             self,

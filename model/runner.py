@@ -2,7 +2,9 @@
 
 Owns: packed batch (list of token-id lists) -> logits, on the chosen device, with host-side metadata (lengths,
 `max_seqlen`) so no device->host sync happens inside a batch; pinned host buffers and non-blocking copies on
-CUDA; `run` keeps one batch queued ahead so host-side packing overlaps device compute. Must not know:
+CUDA, on a copy stream of their own so the next batch's transfer overlaps the current batch's compute (the
+compute stream waits for it on the device, never the host); `run` keeps one batch queued ahead so host-side
+packing overlaps device compute. Must not know:
 tokenization, windows, thresholds, queues, gRPC or Celery.
 """
 
@@ -15,7 +17,7 @@ import torch
 
 from model.attention import Attention, pick_backend
 from model.modernbert import ModernBertForSequenceClassification
-from model.packing import pack
+from model.packing import Packed, pack
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
@@ -56,6 +58,7 @@ class Runner:
         dtype: torch.dtype,
         backend: str | None = None,
         compile: bool | str = False,
+        copy_stream: bool = True,
     ) -> None:
         self.device = device
         self.dtype = dtype
@@ -66,6 +69,8 @@ class Runner:
         self.net.model.reset_rope(device)
         self.attn = Attention(self.backend, net.config.window)
         self._lock = threading.Lock()  # one batch on the device at a time
+        use_stream = copy_stream and device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(device) if use_stream else None
         self.compiled = bool(compile)
         if compile:
             self._compile(None if compile is True else compile)
@@ -89,10 +94,28 @@ class Runner:
         for it (on CUDA the kernels run asynchronously, so the caller can pack and queue the next batch
         before `collect` waits for this one). CPU: computed when this returns."""
         batch = pack(sequences)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        cuda = self.device.type == "cuda"
+        pinned = batch.pin_memory() if cuda else None
         with self._lock:
+            if pinned is not None:
+                batch = self._to_device(pinned)
             return self.net(batch, self.attn)
+
+    def _to_device(self, pinned: Packed) -> Packed:
+        """Non-blocking host->device copy; on the copy stream when there is one, with the compute stream
+        waiting for it on the device (an event, no host sync) and the allocator told where the copies are
+        used, so their memory is not handed out again before the compute that reads them is done."""
+        if self._copy_stream is None:
+            return pinned.to(self.device, non_blocking=True)
+        with torch.cuda.stream(self._copy_stream):
+            batch = pinned.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()  # on the copy stream
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(copied)
+        for t in batch.tensors():
+            t.record_stream(compute)
+        return batch
 
     @staticmethod
     def collect(logits: torch.Tensor) -> torch.Tensor:

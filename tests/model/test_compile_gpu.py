@@ -61,3 +61,20 @@ def test_launch_does_not_synchronize_with_the_device(tiny_model_dir: Path) -> No
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(clf.collect(launched), clf.forward(seqs))
+
+
+def test_copy_stream_only_on_cuda(tiny_classifier) -> None:
+    assert tiny_classifier.runner._copy_stream is None  # the CPU computes in place: nothing to overlap
+
+
+@pytest.mark.gpu
+@gpu
+def test_copy_stream_gives_the_same_logits(tiny_model_dir: Path) -> None:
+    """Batches copied on their own stream (the compute stream waits for them on the device) give exactly
+    the logits of copies on the compute stream, also with several batches queued back to back."""
+    with_stream = load_classifier(tiny_model_dir, device="cuda")
+    without = load_classifier(tiny_model_dir, device="cuda", copy_stream=False)
+    assert with_stream.runner._copy_stream is not None and without.runner._copy_stream is None
+    batches = [[[1, *([7 + k] * n), 2] for n in (3, 50, 300 + k)] for k in range(6)]
+    for a, b in zip(with_stream.runner.run(batches), without.runner.run(batches), strict=True):
+        assert torch.equal(a, b)
