@@ -8,6 +8,7 @@ no model, no device policy, no tokenizer.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -31,27 +32,20 @@ class Packed:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Packed:
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(
-            self,
-            input_ids=move(self.input_ids),
-            positions=move(self.positions),
-            seq_index=move(self.seq_index),
-            cu_seqlens=move(self.cu_seqlens),
-        )
+    TENSORS = ("input_ids", "positions", "seq_index", "cu_seqlens")
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.input_ids, self.positions, self.seq_index, self.cu_seqlens)
+        return tuple(getattr(self, name) for name in self.TENSORS)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Packed:
+        """The same batch with `fn` applied to each of its tensors (host metadata kept)."""
+        return replace(self, **{name: fn(getattr(self, name)) for name in self.TENSORS})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Packed:
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Packed:
-        return replace(
-            self,
-            input_ids=self.input_ids.pin_memory(),
-            positions=self.positions.pin_memory(),
-            seq_index=self.seq_index.pin_memory(),
-            cu_seqlens=self.cu_seqlens.pin_memory(),
-        )
+        return self.map(torch.Tensor.pin_memory)
 
 
 def pack(sequences: list[list[int]]) -> Packed:
