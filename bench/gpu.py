@@ -305,7 +305,7 @@ def main() -> None:
         with rep.step(step):
             opts = dict(device=str(device), dtype=dtype, backend=backend, copy_stream=copy_stream)
             clf = load_classifier(tmp, **opts)
-            budget = clf.budget.describe() if clf.budget else "set"
+            budget = clf.budget_text
             log(f"# ours: backend={clf.backend} dtype={clf.dtype} budget={budget} limits={clf.limits}")
             out.update(backend=clf.backend, budget=budget, max_batch_tokens=clf.limits.max_batch_tokens,
                        copy_stream=copy_stream)  # fmt: skip

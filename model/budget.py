@@ -25,7 +25,7 @@ ALIGN = 1024
 @dataclass(frozen=True)
 class Budget:
     tokens: int
-    source: str  # "cpu default" | "device memory" | "cap" | "set"
+    source: str  # "cpu default", or what bound the CUDA budget: "device memory" | "cap" | "floor"
     bytes_per_token: float | None = None  # measured activation bytes per token (CUDA probe)
     free_bytes: int | None = None  # free device memory when it was measured
 

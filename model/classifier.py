@@ -101,6 +101,11 @@ class Classifier:
     report: LoadReport = field(default_factory=LoadReport)
     budget: Budget | None = None  # how max_batch_tokens was chosen (None: set by the caller)
 
+    @property
+    def budget_text(self) -> str:
+        """How the batch token budget was chosen, for logs and info(): "set" when the caller set it."""
+        return self.budget.describe() if self.budget else "set"
+
     # ---- description --------------------------------------------------------------------------------------
     @property
     def labels(self) -> list[str]:
@@ -134,7 +139,7 @@ class Classifier:
             "thresholds": dict(self.thresholds),
             "multi_label": self.multi_label,
             "limits": asdict(self.limits),
-            "budget": self.budget.describe() if self.budget else "set",
+            "budget": self.budget_text,
             "device": self.device,
             "dtype": self.dtype,
             "backend": self.backend,

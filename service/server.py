@@ -200,7 +200,7 @@ class SafetyServer:
                 "backend": clf.backend,
                 "labels": clf.labels,
                 "max_batch_tokens": clf.limits.max_batch_tokens,
-                "budget": clf.budget.describe() if clf.budget else "set",
+                "budget": clf.budget_text,
             },
         )
 
