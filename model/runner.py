@@ -4,8 +4,7 @@ Owns: packed batch (list of token-id lists) -> logits, on the chosen device, wit
 `max_seqlen`) so no device->host sync happens inside a batch; pinned host buffers and non-blocking copies on
 CUDA, on a copy stream of their own so the next batch's transfer overlaps the current batch's compute (the
 compute stream waits for it on the device, never the host); `run` keeps one batch queued ahead so host-side
-packing overlaps device compute. Must not know:
-tokenization, windows, thresholds, queues, gRPC or Celery.
+packing overlaps device compute. Must not know: tokenization, windows, thresholds, queues, gRPC or Celery.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ batch's logits and deliver its finished requests, so the runner can queue the ne
 the previous one is read back: two batches in flight on CUDA, one on the CPU), dropping windows of cancelled
 or expired requests before compute, and reassembling per-request results with `clf.aggregate`.
 
-Threads: the event loop calls `submit`; the former, the runner and the collector are daemon threads sharing
-one condition variable (runner -> collector through a queue); results go back to the loop with
-`call_soon_threadsafe`. Must not know: gRPC, protobuf, prometheus (metrics arrive through the
+Threads: the event loop calls `submit`; the former, the runner and (with two batches in flight) the collector
+are daemon threads sharing one condition variable (runner -> collector through a queue); results go back to
+the loop with `call_soon_threadsafe`. Must not know: gRPC, protobuf, prometheus (metrics arrive through the
 `SchedulerMetrics` protocol).
 """
 
@@ -157,8 +157,11 @@ class Scheduler:
         self._threads = [
             threading.Thread(target=self._form_loop, name="safety-batcher", daemon=True),
             threading.Thread(target=self._run_loop, name="safety-runner", daemon=True),
-            threading.Thread(target=self._collect_loop, name="safety-collector", daemon=True),
         ]
+        if self.in_flight > 1:  # with one batch in flight the runner reads it back itself
+            self._threads.append(
+                threading.Thread(target=self._collect_loop, name="safety-collector", daemon=True)
+            )
         for t in self._threads:
             t.start()
 
