@@ -104,21 +104,32 @@ redis.call('EXPIRE', KEYS[1], tonumber(redis.call('HGET', KEYS[1], 'ttl_s')))
 return 1
 """
 
+# Lua shared by the scripts below: a chunk's item range, and whether any of its items lacks a result.
+_CHUNK_LUA = """
+local function chunk_range(chunk, size, total)
+  local lo = chunk * size
+  return lo, math.min(total, lo + size)
+end
+local function incomplete(results, lo, hi)
+  for i = lo, hi - 1 do
+    if redis.call('HEXISTS', results, tostring(i)) == 0 then return true end
+  end
+  return false
+end
+"""
+
 # KEYS = JobKeys.all(); ARGV = [chunk, now].
 # -> {'gone'} | {'cancelled'} | {'complete'} | {'run', attempt, lo, hi, last_error}
-_START_CHUNK = """
+_START_CHUNK = (
+    _CHUNK_LUA
+    + """
 local job = KEYS[1]
 if redis.call('EXISTS', job) == 0 then return {'gone'} end
 local f = redis.call('HMGET', job, 'state', 'total', 'chunk_size')
 local state, total, size = f[1], tonumber(f[2]), tonumber(f[3])
 if state == 'cancelled' then return {'cancelled'} end
-local lo = tonumber(ARGV[1]) * size
-local hi = math.min(total, lo + size)
-local missing = 0
-for i = lo, hi - 1 do
-  if redis.call('HEXISTS', KEYS[3], tostring(i)) == 0 then missing = missing + 1 end
-end
-if missing == 0 then return {'complete'} end
+local lo, hi = chunk_range(tonumber(ARGV[1]), size, total)
+if not incomplete(KEYS[3], lo, hi) then return {'complete'} end
 local attempt = redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 local pttl = redis.call('PTTL', job)
 if pttl > 0 then redis.call('PEXPIRE', KEYS[4], pttl) end
@@ -126,6 +137,7 @@ if state == 'queued' then redis.call('HSET', job, 'state', 'running') end
 if redis.call('HEXISTS', job, 'started') == 0 then redis.call('HSET', job, 'started', ARGV[2]) end
 return {'run', attempt, lo, hi, redis.call('HGET', KEYS[5], ARGV[1]) or ''}
 """
+)
 
 # KEYS = JobKeys.all(); ARGV = [now, model, (index, json, failed 0|1)...]. First write of an index wins.
 # -> {state, newly written ok, newly written failed}; state 'gone' when the job no longer exists.
@@ -193,22 +205,19 @@ return 1
 
 
 # KEYS = JobKeys.all(). -> the enqueued chunks that still miss a result for at least one of their items.
-_INCOMPLETE = """
+_INCOMPLETE = (
+    _CHUNK_LUA
+    + """
 local f = redis.call('HMGET', KEYS[1], 'total', 'chunk_size')
 local total, size = tonumber(f[1]), tonumber(f[2])
 if not total or not size then return {} end
 local out = {}
 for _, c in ipairs(redis.call('SMEMBERS', KEYS[6])) do
-  local lo = tonumber(c) * size
-  for i = lo, math.min(total, lo + size) - 1 do
-    if redis.call('HEXISTS', KEYS[3], tostring(i)) == 0 then
-      table.insert(out, tonumber(c))
-      break
-    end
-  end
+  if incomplete(KEYS[3], chunk_range(tonumber(c), size, total)) then table.insert(out, tonumber(c)) end
 end
 return out
 """
+)
 
 
 @dataclass(frozen=True)
