@@ -26,29 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.workloads import CLS, PAD, SEP, anchor_workloads, hf_batches, memory_cases, padded
+from bench.workloads import CLS, SEP, SHAPES, anchor_workloads, hf_run, memory_cases, padded, write_checkpoint
 
-SHAPES = {
-    "base": dict(hidden_size=768, intermediate_size=1152, num_hidden_layers=22, num_attention_heads=12),
-    "small": dict(hidden_size=256, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4),
-}
 ENGINES = ("hf_arrival", "hf_sorted", "ours", "ours_compiled")
-
-
-def build_checkpoint(shape: str, directory: Path) -> None:
-    from transformers import ModernBertConfig, ModernBertForSequenceClassification
-
-    from model.tokenizer import train_tokenizer
-
-    cfg = ModernBertConfig(
-        **SHAPES[shape], num_labels=7, problem_type="multi_label_classification", classifier_pooling="mean",
-        pad_token_id=PAD, cls_token_id=CLS, sep_token_id=SEP, bos_token_id=CLS, eos_token_id=SEP,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    ModernBertForSequenceClassification(cfg).save_pretrained(directory, safe_serialization=True)
-    train_tokenizer(["a tiny corpus for a tokenizer file"] * 10, vocab_size=300).save(
-        str(directory / "tokenizer.json")
-    )
 
 
 def load_hf(directory: Path):
@@ -59,10 +39,7 @@ def load_hf(directory: Path):
 
 def time_hf(model, seqs, batch: int, sort: bool) -> float:
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for idx in hf_batches(seqs, batch, sort):
-            ids, mask = padded(seqs, idx)
-            model(input_ids=ids, attention_mask=mask)
+    hf_run(model, seqs, batch, sort)
     return time.perf_counter() - t0
 
 
@@ -133,7 +110,7 @@ def memory_table(directory: Path, lengths: list[int]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--shape", choices=("base", "small"), default="small")
     ap.add_argument("--n", type=int, default=256, help="first N sequences of the traffic workload")
     ap.add_argument("--workload", default="traffic")
     ap.add_argument("--repeat", type=int, default=2, help="best of this many runs per engine")
@@ -156,7 +133,7 @@ def main() -> None:
     wl = anchor_workloads()[args.workload].head(args.n)
     seqs = wl.sequences()
     tmp = Path(tempfile.mkdtemp())
-    build_checkpoint(args.shape, tmp)
+    write_checkpoint(tmp, SHAPES[args.shape])
     clf = load_classifier(tmp, device="cpu")
     hf = load_hf(tmp)
     compiled, compile_s = None, None

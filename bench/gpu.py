@@ -41,12 +41,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.workloads import CLS, PAD, SEP, Workload, anchor_workloads, hf_batches, memory_cases, padded
-
-BASE = dict(hidden_size=768, intermediate_size=1152, num_hidden_layers=22, num_attention_heads=12)
-TINY = dict(
-    hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, local_attention=16
+from bench.workloads import (
+    CLS,
+    SEP,
+    SHAPES,
+    Workload,
+    anchor_workloads,
+    hf_run,
+    memory_cases,
+    padded,
+    write_checkpoint,
 )
+
+TINY = {**SHAPES["tiny"], "local_attention": 16}  # --smoke: short enough sequences still see local layers
 
 
 def log(*a) -> None:
@@ -66,28 +73,6 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def build(directory: Path, shape: dict) -> None:
-    from transformers import ModernBertConfig, ModernBertForSequenceClassification
-
-    from model.tokenizer import train_tokenizer
-
-    cfg = ModernBertConfig(**shape, num_labels=7, problem_type="multi_label_classification",
-                           classifier_pooling="mean", pad_token_id=PAD, cls_token_id=CLS, sep_token_id=SEP,
-                           bos_token_id=CLS, eos_token_id=SEP)  # fmt: skip
-    torch.manual_seed(0)
-    ModernBertForSequenceClassification(cfg).save_pretrained(directory, safe_serialization=True)
-    train_tokenizer(["tokenizer file for the benchmark"] * 10, vocab_size=300).save(
-        str(directory / "tokenizer.json")
-    )
-
-
-def hf_run(model, seqs, batch: int, sort: bool, device) -> None:
-    with torch.inference_mode():
-        for idx in hf_batches(seqs, batch, sort):
-            ids, mask = padded(seqs, idx, device)
-            model(input_ids=ids, attention_mask=mask)
 
 
 def timed(fn, device) -> float:
@@ -290,7 +275,7 @@ def main() -> None:
 
     tmp = Path(args.model_dir or tempfile.mkdtemp())
     tmp.mkdir(parents=True, exist_ok=True)
-    build(tmp, TINY if args.smoke else BASE)
+    write_checkpoint(tmp, TINY if args.smoke else SHAPES["base"])
     hf32 = (
         ModernBertForSequenceClassification.from_pretrained(tmp, attn_implementation="sdpa").to(device).eval()
     )

@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,18 +30,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# SHAPES: a random ModernBERT when no checkpoint is given; `tiny` makes the queue path's own cost visible.
+from bench.workloads import SHAPES, free_port
+
 VOCABULARY = (
     "the a to of and in is you it that for on with this be are not have how do i what can your my me please "
     "tell write explain story code bread weather attack recipe ignore previous instructions friend hurt "
     "python garden movie hate kill process music travel paris dog help safe rules"
 )
 WORDS = VOCABULARY.split(" ")
-# A random ModernBERT when no checkpoint is given; `tiny` makes the queue path's own cost visible.
-SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4),
-    "small": dict(hidden_size=256, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4),
-    "base": dict(hidden_size=768, intermediate_size=1152, num_hidden_layers=22, num_attention_heads=12),
-}
 
 
 def make_items(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -56,12 +52,6 @@ def make_items(n: int, seed: int = 0) -> list[dict[str, str]]:
             item |= {"role": "response", "context": " ".join(rng.choice(WORDS) for _ in range(12))}
         items.append(item)
     return items
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def resolve_model(args: argparse.Namespace, tmp: Path) -> str:

@@ -1,17 +1,26 @@
-"""Benchmark workloads of ../shared/reference/gpu-anchor.md, reproduced exactly, plus shared timing helpers.
+"""Benchmark workloads of ../shared/reference/gpu-anchor.md, reproduced exactly, plus what the bench scripts
+share: the model shapes, the random-weight benchmark checkpoint, HF's padded batch loop, a free port.
 
 Lengths come from one `torch.Generator().manual_seed(0)`, drawn in table order; token ids are random in
-[5, 50000) with [CLS]=50281 first and [SEP]=50282 last (lengths include both). Pure data; no model code.
+[5, 50000) with [CLS]=50281 first and [SEP]=50282 last (lengths include both). No engine code.
 """
 
 from __future__ import annotations
 
 import math
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 CLS, SEP, PAD = 50281, 50282, 50283
+# ModernBERT layouts for random-weight benchmark models ("base" is ModernBERT-base's shape).
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4),
+    "small": dict(hidden_size=256, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4),
+    "base": dict(hidden_size=768, intermediate_size=1152, num_hidden_layers=22, num_attention_heads=12),
+}
 
 
 @dataclass
@@ -73,3 +82,34 @@ def padded(seqs: list[list[int]], idx: list[int], device: str | torch.device = "
         ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
         mask[r, : len(seqs[i])] = 1
     return ids.to(device), mask.to(device)
+
+
+def write_checkpoint(directory: Path, shape: dict) -> None:
+    """A random-weight HF ModernBERT classifier of `shape` (7 labels, multi-label, mean pooling, the anchor's
+    special ids) saved with `save_pretrained`, plus a small tokenizer file (the benchmarks feed token ids)."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    from model.tokenizer import train_tokenizer
+
+    cfg = ModernBertConfig(**shape, num_labels=7, problem_type="multi_label_classification",
+                           classifier_pooling="mean", pad_token_id=PAD, cls_token_id=CLS, sep_token_id=SEP,
+                           bos_token_id=CLS, eos_token_id=SEP)  # fmt: skip
+    torch.manual_seed(0)
+    ModernBertForSequenceClassification(cfg).save_pretrained(directory, safe_serialization=True)
+    train_tokenizer(["tokenizer file for the benchmark"] * 10, vocab_size=300).save(
+        str(directory / "tokenizer.json")
+    )
+
+
+def hf_run(model, seqs: list[list[int]], batch: int, sort: bool, device: str | torch.device = "cpu") -> None:
+    """HF's way: padded batches of `batch`, in arrival order or length-sorted, under `inference_mode`."""
+    with torch.inference_mode():
+        for idx in hf_batches(seqs, batch, sort):
+            ids, mask = padded(seqs, idx, device)
+            model(input_ids=ids, attention_mask=mask)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
