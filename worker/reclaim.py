@@ -197,17 +197,14 @@ def start_sweeper(settings: WorkerSettings) -> Sweeper:
     from worker.app import app, chunk_task_id, send_chunk
     from worker.metrics import process_metrics
 
-    client = redis.Redis.from_url(
-        settings.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30
-    )
-
     def resend(job_id: str, chunk: int, queue: str) -> None:
         with app.producer_or_acquire() as producer:
             send_chunk(app, job_id, chunk, queue, producer)
 
     vt = settings.visibility_timeout_s
     metrics = process_metrics()
+    store = JobStore.for_worker(settings.redis_url)
+    interval = max(1.0, min(60.0, vt / 4))
     return Sweeper(
-        JobStore(client), resend, chunk_task_id, stall_s=vt, interval_s=max(1.0, min(60.0, vt / 4)),
-        on_resent=metrics.resent.inc,
-    ).start()  # fmt: skip
+        store, resend, chunk_task_id, stall_s=vt, interval_s=interval, on_resent=metrics.resent.inc
+    ).start()

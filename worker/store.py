@@ -251,6 +251,15 @@ class JobStore:
         self._note = client.register_script(_NOTE)
         self._incomplete = client.register_script(_INCOMPLETE)
 
+    @classmethod
+    def for_worker(cls, url: str) -> JobStore:
+        """A store on a connection of a worker process's own (a chunk task's, the sweeper's): long-lived, so
+        a connection idle for 25 s is health-checked before it is used again."""
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30, health_check_interval=25
+        )
+        return cls(client)
+
     # ---- the job client's side -----------------------------------------------------------------------------
     def create(self, job_id: str, record: dict[str, Any]) -> str | None:
         """Create the job record (with its TTL) unless it exists: None when created, else its digest."""

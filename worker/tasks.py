@@ -20,7 +20,6 @@ import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-import redis
 from celery import Task
 from celery.exceptions import Reject
 
@@ -48,14 +47,7 @@ class ClassifierTask(Task):
 
     @cached_property
     def store(self) -> JobStore:
-        client = redis.Redis.from_url(
-            self.settings.redis_url,
-            decode_responses=True,
-            socket_connect_timeout=5,
-            socket_timeout=30,
-            health_check_interval=25,
-        )
-        return JobStore(client)
+        return JobStore.for_worker(self.settings.redis_url)
 
     @cached_property
     def metrics(self) -> Metrics:
