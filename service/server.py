@@ -26,9 +26,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from model import Classifier, Item, load_classifier
+from model import Classifier, Item
 from model.errors import SafetyError, UnauthenticatedError
-from model.threads import configure_threads
 from service import logs
 from service.errors import ErrorInterceptor, abort_for
 from service.handlers import with_behavior
@@ -130,13 +129,6 @@ def warm_up(clf: Classifier) -> float:
     return time.perf_counter() - t0
 
 
-def compile_wanted(setting: str, device: str) -> bool:
-    """SAFETY_COMPILE: auto compiles on CUDA only (on CPU, compiled and eager measured the same speed)."""
-    if setting == "auto":
-        return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return setting == "on"
-
-
 @dataclass
 class SafetyServer:
     settings: ServeSettings
@@ -161,20 +153,8 @@ class SafetyServer:
         if isinstance(source, Classifier):
             clf = source
         else:
-            load = source or (
-                lambda: load_classifier(
-                    s.model,
-                    device=s.device,
-                    dtype=s.dtype,
-                    max_batch_tokens=s.max_batch_tokens,
-                    max_batch_sequences=s.max_batch_sequences,
-                    backend=None if s.attention == "auto" else s.attention,
-                    compile=compile_wanted(s.compile, s.device),
-                )
-            )
-            threads = configure_threads(s.threads)
-            log.info("torch threads", extra={"threads": threads})
-            clf = await _in_daemon_thread(load)
+            clf = await _in_daemon_thread(source or s.load)
+            log.info("torch threads", extra={"threads": torch.get_num_threads()})
         seconds = await _in_daemon_thread(lambda: warm_up(clf))
         self.metrics.warmup_seconds.set(seconds)
         self.metrics.compiled.set(1 if clf.runner.compiled else 0)

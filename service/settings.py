@@ -14,58 +14,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from model.engine_settings import EngineSettings
 from model.settings_base import env_name, opt_int, opt_str, setting, values_from_env
 
 
 @dataclass(frozen=True)
-class ServeSettings:
-    model: str | None = setting(
-        None,
-        "SAFETY_MODEL",
-        opt_str,
-        "checkpoint directory (config.json, model.safetensors, tokenizer.json); "
-        "unset: the bundled default model",
-    )
-    device: str = setting("auto", "SAFETY_DEVICE", str, "auto | cpu | cuda | cuda:N")
-    dtype: str | None = setting(
-        None,
-        "SAFETY_DTYPE",
-        opt_str,
-        "float32 | bfloat16 | float16 (unset: float32 on CPU, bfloat16 on CUDA)",
-    )
-    threads: int | None = setting(
-        None,
-        "SAFETY_THREADS",
-        opt_int,
-        "torch CPU threads (unset: OMP_NUM_THREADS if set, else the CPUs this process may use: its "
-        "affinity mask and cgroup CPU quota, i.e. a Kubernetes CPU limit, not the node's core count)",
-    )
-    attention: str = setting(
-        "auto",
-        "SAFETY_ATTENTION",
-        str,
-        "attention kernel: auto (flash-attn if installed, else torch's varlen flash kernel on CUDA; SDPA on "
-        "CPU) | flash_attn | varlen | sdpa",
-    )
-    compile: str = setting(
-        "auto",
-        "SAFETY_COMPILE",
-        str,
-        "torch.compile the network at start-up and warm every bucket shape before SERVING: auto (on for "
-        "CUDA, off on CPU, where it measured no gain) | on | off",
-    )
+class ServeSettings(EngineSettings):
+    """The engine's settings (model/engine_settings.py), then the server's own."""
+
     address: str = setting(
         "[::]:50051", "SAFETY_ADDRESS", str, "gRPC listen address (health on the same port)"
-    )
-    max_batch_tokens: int | None = setting(
-        None,
-        "SAFETY_MAX_BATCH_TOKENS",
-        opt_int,
-        "token budget of one batch (unset: 16384 on CPU; on CUDA sized to the free device memory by a probe "
-        "batch at start-up, at most 131072)",
-    )
-    max_batch_sequences: int | None = setting(
-        None, "SAFETY_MAX_BATCH_SEQUENCES", opt_int, "sequences (windows) per batch (unset: engine default)"
     )
     max_wait_ms: float = setting(
         2.0,
@@ -83,9 +41,6 @@ class ServeSettings:
         4096, "SAFETY_MAX_QUEUE_ITEMS", int, "admission bound on queued items (being tokenized or waiting)"
     )
     max_items: int = setting(256, "SAFETY_MAX_ITEMS", int, "items per Classify request")
-    max_text_chars: int = setting(
-        200_000, "SAFETY_MAX_TEXT_CHARS", int, "characters per text (and per context)"
-    )
     max_message_bytes: int = setting(
         64 * 1024 * 1024, "SAFETY_MAX_MESSAGE_BYTES", int, "largest request message accepted, in bytes"
     )
@@ -116,9 +71,14 @@ class ServeSettings:
     log_level: str = setting("INFO", "SAFETY_LOG_LEVEL", str, "DEBUG | INFO | WARNING | ERROR")
     log_format: str = setting("json", "SAFETY_LOG_FORMAT", str, "json (one object per line) | text")
 
+    @staticmethod
+    def bad(name: str, message: str) -> Exception:
+        return _bad(name, message)
+
     def __post_init__(self) -> None:
-        positive = ("max_queue_items", "max_items", "max_text_chars", "max_message_bytes", "encode_threads")
-        for name in (*positive, "max_batch_tokens", "max_batch_sequences", "max_queue_tokens"):
+        super().__post_init__()
+        positive = ("max_queue_items", "max_items", "max_message_bytes", "encode_threads", "max_queue_tokens")
+        for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise _bad(name, f"must be a positive integer, got {value}")
@@ -128,12 +88,6 @@ class ServeSettings:
             raise _bad("drain_grace_s", f"must be >= 0, got {self.drain_grace_s}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise _bad("tls_cert", "TLS needs both SAFETY_TLS_CERT and SAFETY_TLS_KEY")
-        if self.threads is not None and self.threads <= 0:
-            raise _bad("threads", f"must be a positive integer, got {self.threads}")
-        if self.attention not in ("auto", "flash_attn", "varlen", "sdpa"):
-            raise _bad("attention", f"must be auto, flash_attn, varlen or sdpa, got {self.attention!r}")
-        if self.compile not in ("auto", "on", "off"):
-            raise _bad("compile", f"must be auto, on or off, got {self.compile!r}")
         if self.log_format not in ("json", "text"):
             raise _bad("log_format", f"must be json or text, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

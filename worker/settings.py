@@ -1,9 +1,10 @@
 """Settings of the batch side (`safety worker`, `safety submit`, `safety job`, and the service's job client).
 
-Owns: every `SAFETY_*` variable the worker and the job client read, its default and its validation (a
-`ConfigError` naming the variable). The field table is the single source for docs/jobs.md; the field
-factory and the reading of the environment are model/settings_base.py's. Must not know: Celery, Redis,
-torch; `worker.app`, `worker.tasks` and `worker.jobs` receive a finished `WorkerSettings`.
+Owns: every `SAFETY_*` variable the worker and the job client read beyond the engine's ones (this dataclass
+extends model/engine_settings.py's), its default and its validation (a `ConfigError` naming the variable).
+The field table is the single source for docs/jobs.md; the field factory and the reading of the environment
+are model/settings_base.py's. Must not know: Celery, Redis, torch; `worker.app`, `worker.tasks` and
+`worker.jobs` receive a finished `WorkerSettings`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from model.engine_settings import EngineSettings
 from model.errors import ConfigError
 from model.settings_base import env_name as _env_name
-from model.settings_base import opt_int, opt_str, setting, values_from_env
+from model.settings_base import opt_int, setting, values_from_env
 
 
 @dataclass(frozen=True)
-class WorkerSettings:
+class WorkerSettings(EngineSettings):
+    """The engine's settings (model/engine_settings.py), then the batch side's own."""
+
     redis_url: str = setting(
         "redis://localhost:6379/0", "SAFETY_REDIS_URL", str, "Redis for the Celery broker and the job store"
     )
@@ -40,23 +44,6 @@ class WorkerSettings:
         None, "SAFETY_WORKER_CONCURRENCY", opt_int, "worker processes per `safety worker` (unset: 1; the "
         "solo pool on CUDA always runs one)"
     )  # fmt: skip
-    model: str | None = setting(
-        None, "SAFETY_MODEL", opt_str, "checkpoint directory; unset: the bundled default model"
-    )
-    device: str = setting("auto", "SAFETY_DEVICE", str, "auto | cpu | cuda | cuda:N")
-    dtype: str | None = setting(None, "SAFETY_DTYPE", opt_str, "float32 | bfloat16 | float16")
-    max_batch_tokens: int | None = setting(
-        None,
-        "SAFETY_MAX_BATCH_TOKENS",
-        opt_int,
-        "token budget of one batch (unset: 16384 on CPU, sized to free memory on CUDA)",
-    )
-    max_batch_sequences: int | None = setting(
-        None, "SAFETY_MAX_BATCH_SEQUENCES", opt_int, "sequences per batch (unset: engine default)"
-    )
-    max_text_chars: int = setting(
-        200_000, "SAFETY_MAX_TEXT_CHARS", int, "characters per text (and per context), checked at submission"
-    )
     drain_grace_s: float = setting(
         20.0, "SAFETY_DRAIN_GRACE_S", float, "on SIGTERM: seconds to finish the running chunk before it is "
         "handed back to the queue"
@@ -66,9 +53,13 @@ class WorkerSettings:
         9101, "SAFETY_WORKER_METRICS_PORT", int, "Prometheus /metrics port of `safety worker` (0: none)"
     )
 
+    @staticmethod
+    def bad(name: str, message: str) -> Exception:
+        return _bad(name, message)
+
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "result_ttl_s", "max_attempts", "visibility_timeout_s", "max_text_chars",
-                     "concurrency", "max_batch_tokens", "max_batch_sequences"):  # fmt: skip
+        super().__post_init__()
+        for name in ("chunk_size", "result_ttl_s", "max_attempts", "visibility_timeout_s", "concurrency"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or value <= 0):
                 raise _bad(name, f"must be a positive integer, got {value!r}")

@@ -5,10 +5,11 @@ dying (requeued by `task_reject_on_worker_lost` or redelivered after the visibil
 after `max_attempts` deliveries with its items marked failed, instead of looping forever. Items that already
 have a result are skipped, so a redelivered chunk redoes only what is missing. Any error other than a bad
 item hands the message back to the queue (`Reject(requeue=True)`) rather than acknowledging a chunk whose
-results were never written. The classifier is loaded once per worker process, lazily on its first chunk:
-never in the prefork parent, so CUDA is initialised only after fork. Each delivery's outcome (done, retried,
-dead_lettered, skipped), its wall time and the items it wrote are counted in `worker.metrics`. Must not
-know: the job client's submission path, gRPC, how metrics are exported.
+results were never written. The classifier is loaded once per worker process, lazily on its first chunk
+(never in the prefork parent, so CUDA is initialised only after fork) and before that delivery counts as an
+attempt: a worker that cannot load its model hands the chunk back uncounted and shuts down. Each delivery's
+outcome (done, retried, dead_lettered, skipped), its wall time and the items it wrote are counted in
+`worker.metrics`. Must not know: the job client's submission path, gRPC, how metrics are exported.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
 import time
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery import Task
 from celery.exceptions import Reject
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 WORKER_LOST = "the worker process died while classifying it (a crash, an OOM kill or kill -9)"
 CHUNK_OUTCOMES = {"classified": "done", "dead-lettered": "dead_lettered"}  # other actions: skipped
+# Set by a process that cannot load its model; shared memory made before the prefork pool forks (this module
+# is imported by the app in the parent), so the parent sees a child's failure.
+MODEL_FAILED = multiprocessing.RawValue("b", 0)
 
 
 class ClassifierTask(Task):
@@ -58,20 +63,14 @@ class ClassifierTask(Task):
         # Imported here: torch loads in the worker process, never in the prefork parent.
         import torch
 
-        from model import load_classifier
-
-        s = self.settings
         started = time.perf_counter()
-        clf = load_classifier(
-            s.model,
-            device=s.device,
-            dtype=s.dtype,
-            max_batch_tokens=s.max_batch_tokens,
-            max_batch_sequences=s.max_batch_sequences,
-        )
+        clf = self.settings.load()
+        if clf.runner.compiled:
+            clf.warmup()  # every bucket shape compiles now, not inside the first chunks
         log.info(
-            "loaded model %s on %s (%s, %d CPU threads) in %.1fs",
-            clf.name, clf.device, clf.dtype, torch.get_num_threads(), time.perf_counter() - started,
+            "loaded model %s on %s (%s, %s attention, %s, %d CPU threads) in %.1fs",
+            clf.name, clf.device, clf.dtype, clf.backend, "compiled" if clf.runner.compiled else "eager",
+            torch.get_num_threads(), time.perf_counter() - started,
         )  # fmt: skip
         return clf
 
@@ -85,6 +84,10 @@ def deliver(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
     """One delivery of a chunk: run it, count its outcome in `task.metrics`, and hand the message back to the
     queue on any error that left results unwritten."""
     began = time.perf_counter()
+    try:
+        task.classifier  # noqa: B018 -- loaded before the delivery counts as an attempt
+    except Exception as e:
+        model_unavailable(task, job_id, chunk, e, began)
     try:
         done = run_chunk(task, job_id, chunk)
     except Reject:
@@ -100,6 +103,30 @@ def deliver(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
     outcome = CHUNK_OUTCOMES.get(done["action"], "skipped")
     _count(task, outcome, began, done.get("ok", 0), done.get("failed", 0))
     return done
+
+
+def model_unavailable(
+    task: ClassifierTask, job_id: str, chunk: int, error: Exception, began: float
+) -> NoReturn:
+    """This process cannot load its model (a wrong SAFETY_MODEL, a device it cannot use): that is the
+    worker's fault, not the chunk's. No attempt is counted and no item fails; the chunk goes back to the
+    queue for a healthy worker, and this worker shuts down (a remote-control shutdown reaches the prefork
+    parent too) and `safety worker` exits with 2, so an orchestrator shows the failure instead of a worker
+    that takes chunks and hands them all back."""
+    reason = f"cannot load the model: {type(error).__name__}: {error}"
+    log.critical("%s; job %s chunk %d goes back to the queue, this worker shuts down", reason, job_id, chunk)
+    MODEL_FAILED.value = 1
+    try:
+        task.app.control.shutdown(destination=[task.request.hostname])
+    except Exception:  # the broker is unreachable too: the delivery is still handed back
+        log.exception("could not ask this worker to shut down")
+    _count(task, "retried", began)
+    raise Reject(reason, requeue=True) from error
+
+
+def model_failed() -> bool:
+    """True once a process of this worker (the main one, or a prefork child) could not load its model."""
+    return bool(MODEL_FAILED.value)
 
 
 def _count(task: ClassifierTask, outcome: str, began: float, ok: int = 0, failed: int = 0) -> None:

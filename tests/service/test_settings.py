@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
+from model.engine_settings import EngineSettings
+from model.errors import ConfigError
 from service import protogen
 from service.settings import ServeSettings, add_arguments, from_args
+from worker.settings import WorkerSettings
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -79,11 +83,34 @@ def test_protogen_writes_importable_package_stubs(tmp_path: Path) -> None:
     assert module.DESCRIPTOR.services_by_name["SafetyClassifier"].methods_by_name["Classify"]
 
 
-def test_compile_auto_means_cuda_only() -> None:
-    from service.server import compile_wanted
+ENGINE = [f.metadata["env"] for f in fields(EngineSettings)]
 
-    assert not compile_wanted("auto", "cpu")
-    assert compile_wanted("auto", "cuda") and compile_wanted("auto", "cuda:1")
-    assert compile_wanted("on", "cpu") and not compile_wanted("off", "cuda")
-    assert ServeSettings.from_env({}).compile == "auto"
-    assert ServeSettings.from_env({"SAFETY_COMPILE": "on"}).compile == "on"
+
+def test_both_front_ends_read_the_engine_variables_the_same_way() -> None:
+    env = {"SAFETY_ATTENTION": "sdpa", "SAFETY_COMPILE": "off", "SAFETY_THREADS": "3",
+           "SAFETY_DEVICE": "cpu", "SAFETY_MAX_BATCH_TOKENS": "auto", "SAFETY_MAX_TEXT_CHARS": "1000",
+           "SAFETY_DTYPE": ""}  # fmt: skip
+    for cls in (ServeSettings, WorkerSettings):
+        names = [f.metadata["env"] for f in fields(cls)]
+        assert names[: len(ENGINE)] == ENGINE and len(set(names)) == len(names)  # declared once, no clash
+        s = cls.from_env(env)
+        assert (s.attention, s.compile, s.threads, s.device) == ("sdpa", "off", 3, "cpu")
+        assert (s.max_batch_tokens, s.max_text_chars, s.dtype) == (None, 1000, None)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "why"),
+    [
+        ("SAFETY_ATTENTION", "flash", "must be auto, flash_attn, varlen or sdpa"),
+        ("SAFETY_COMPILE", "yes", "must be auto, on or off"),
+        ("SAFETY_THREADS", "0", "must be a positive integer"),
+        ("SAFETY_MAX_BATCH_SEQUENCES", "-4", "must be a positive integer"),
+        ("SAFETY_MAX_TEXT_CHARS", "0", "must be a positive integer"),
+        ("SAFETY_MAX_BATCH_TOKENS", "lots", "cannot parse 'lots'"),
+    ],
+)
+def test_a_bad_engine_value_names_its_variable_in_each_front_ends_error(variable: str, value: str, why: str):
+    with pytest.raises(ValueError, match=f"^{variable}: {why}"):
+        ServeSettings.from_env({variable: value})
+    with pytest.raises(ConfigError, match=f"{variable}.*{why}"):
+        WorkerSettings.from_env({variable: value})

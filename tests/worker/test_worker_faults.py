@@ -159,6 +159,30 @@ def test_chunks_that_always_fail_are_dead_lettered_and_the_job_still_finishes(
     assert "chunk" in status.error and "gave up after 3 attempts" in status.error
 
 
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_worker_that_cannot_load_its_model_hands_chunks_back_uncounted_and_exits(
+    pool: str,
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+    tmp_path: Path,
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=20)
+    items, job = make_items(60, prefix=f"nomodel-{pool}"), f"no-model-{pool}"
+    client.submit(items, job_id=job)
+    broken = start_worker(redis_server.url, pool=pool, queue="q", model=str(tmp_path / "missing"))
+    assert broken.proc.wait(120) == 2  # it stops by itself, with the error code
+    log = broken.text()
+    assert "cannot load the model" in log and str(tmp_path / "missing") in log
+    status = client.status(job)
+    assert (status.state, status.done, status.failed) == ("queued", 0, 0)  # no item failed for the worker
+    assert attempts(redis_server, job) == {}  # and no delivery counted against a chunk
+    assert redis_server.client().llen(DEAD_LETTER) == 0
+    start_worker(redis_server.url, queue="q")
+    check_complete(client, job, items, 20, tiny_classifier)
+
+
 def test_redis_restart_without_persistence_reports_the_job_lost(
     redis_server: RedisServer,
     start_worker: Callable[..., Worker],

@@ -1,0 +1,132 @@
+"""The engine's settings, shared by `safety serve` and `safety worker`: which checkpoint, where, and how.
+
+Owns: the `SAFETY_*` variables that choose and shape the classifier (model, device, dtype, CPU threads,
+attention kernel, torch.compile, batch token and sequence budgets, the character limit of a text), their
+defaults, their validation, and `load()`, which turns them into a `Classifier` (threads set first, compile
+decided from the device). `ServeSettings` and `WorkerSettings` extend this dataclass, so the two front ends
+read the same variables the same way. Must not know: gRPC, Celery, Redis, the error type a front end raises
+(a subclass gives `bad()`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from model.settings_base import opt_int, opt_str, setting
+
+if TYPE_CHECKING:
+    from model.classifier import Classifier
+
+ATTENTION = ("auto", "flash_attn", "varlen", "sdpa")
+COMPILE = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model: str | None = setting(
+        None,
+        "SAFETY_MODEL",
+        opt_str,
+        "checkpoint directory (config.json, model.safetensors, tokenizer.json); "
+        "unset: the bundled default model",
+    )
+    device: str = setting("auto", "SAFETY_DEVICE", str, "auto | cpu | cuda | cuda:N")
+    dtype: str | None = setting(
+        None,
+        "SAFETY_DTYPE",
+        opt_str,
+        "float32 | bfloat16 | float16 (unset: float32 on CPU, bfloat16 on CUDA)",
+    )
+    threads: int | None = setting(
+        None,
+        "SAFETY_THREADS",
+        opt_int,
+        "torch CPU threads per process (unset: OMP_NUM_THREADS if set, else the CPUs this process may use: "
+        "its affinity mask and cgroup CPU quota, i.e. a Kubernetes CPU limit, not the node's core count)",
+    )
+    attention: str = setting(
+        "auto",
+        "SAFETY_ATTENTION",
+        str,
+        "attention kernel: auto (flash-attn if installed, else torch's varlen flash kernel on CUDA; SDPA on "
+        "CPU) | flash_attn | varlen | sdpa",
+    )
+    compile: str = setting(
+        "auto",
+        "SAFETY_COMPILE",
+        str,
+        "torch.compile the network when the model loads and warm every bucket shape before the first "
+        "request or chunk: auto (on for CUDA, off on CPU, where it measured no gain) | on | off",
+    )
+    max_batch_tokens: int | None = setting(
+        None,
+        "SAFETY_MAX_BATCH_TOKENS",
+        opt_int,
+        "token budget of one batch (unset: 16384 on CPU; on CUDA sized to the free device memory by a probe "
+        "batch at start-up, at most 131072)",
+    )
+    max_batch_sequences: int | None = setting(
+        None,
+        "SAFETY_MAX_BATCH_SEQUENCES",
+        opt_int,
+        "sequences (windows) per batch (unset: 256 on CPU, 2048 on CUDA)",
+    )
+    max_text_chars: int = setting(
+        200_000,
+        "SAFETY_MAX_TEXT_CHARS",
+        int,
+        "characters per text (and per context); a longer one is refused, naming the item and the limit",
+    )
+
+    @staticmethod
+    def bad(name: str, message: str) -> Exception:
+        """The error a front end raises for setting `name` (a subclass names the variable its own way)."""
+        return ValueError(f"{name}: {message}")
+
+    def __post_init__(self) -> None:
+        for name, message in self.engine_problems():
+            raise self.bad(name, message)
+
+    def engine_problems(self) -> Iterator[tuple[str, str]]:
+        """(field, message) for each engine setting out of range; the front ends check their own after."""
+        for name in ("threads", "max_batch_tokens", "max_batch_sequences", "max_text_chars"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value <= 0):
+                yield name, f"must be a positive integer, got {value!r}"
+        if self.attention not in ATTENTION:
+            yield "attention", f"must be auto, flash_attn, varlen or sdpa, got {self.attention!r}"
+        if self.compile not in COMPILE:
+            yield "compile", f"must be auto, on or off, got {self.compile!r}"
+
+    def wants_compile(self, cuda_available: bool | None = None) -> bool:
+        """SAFETY_COMPILE: auto compiles on CUDA only (on CPU, compiled and eager measured the same speed)."""
+        if self.compile != "auto":
+            return self.compile == "on"
+        if self.device.startswith("cuda"):
+            return True
+        if self.device != "auto":
+            return False
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        return cuda_available
+
+    def load(self) -> Classifier:
+        """Set torch's CPU threads, then load the classifier these settings describe (compiled or not; a
+        compiled one still needs `Classifier.warmup()` before its first batch pays no compile)."""
+        from model.classifier import load_classifier
+        from model.threads import configure_threads
+
+        configure_threads(self.threads)
+        return load_classifier(
+            self.model,
+            device=self.device,
+            dtype=self.dtype,
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_sequences=self.max_batch_sequences,
+            backend=None if self.attention == "auto" else self.attention,
+            compile=self.wants_compile(),
+        )

@@ -1,0 +1,50 @@
+"""The engine's settings: validation naming the field, the compile rule, `load()` applying every setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model.engine_settings import EngineSettings
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("attention", "flash", "must be auto, flash_attn, varlen or sdpa"),
+        ("compile", "yes", "must be auto, on or off"),
+        ("threads", 0, "must be a positive integer"),
+        ("max_batch_sequences", -4, "must be a positive integer"),
+        ("max_text_chars", True, "must be a positive integer"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_field(field: str, value: object, why: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field}: {why}"):
+        EngineSettings(**{field: value})
+
+
+def test_compile_auto_means_cuda_only() -> None:
+    def wants(compile: str, device: str, cuda: bool = False) -> bool:
+        return EngineSettings(compile=compile, device=device).wants_compile(cuda_available=cuda)
+
+    assert not wants("auto", "cpu") and not wants("auto", "cpu", cuda=True)
+    assert wants("auto", "cuda") and wants("auto", "cuda:1")
+    assert wants("auto", "auto", cuda=True) and not wants("auto", "auto", cuda=False)
+    assert wants("on", "cpu") and not wants("off", "cuda")
+
+
+def test_load_applies_every_engine_setting(tiny_model_dir: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        s = EngineSettings(model=str(tiny_model_dir), device="cpu", threads=1, attention="sdpa",
+                           compile="off", max_batch_tokens=2048, max_batch_sequences=7)  # fmt: skip
+        clf = s.load()
+        assert torch.get_num_threads() == 1
+        assert (clf.device, clf.backend, clf.runner.compiled) == ("cpu", "sdpa", False)
+        assert (clf.limits.max_batch_tokens, clf.limits.max_batch_sequences) == (2048, 7)
+        assert clf.path == str(tiny_model_dir)
+    finally:
+        torch.set_num_threads(before)
