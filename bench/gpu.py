@@ -172,9 +172,16 @@ def workload_row(wl: Workload, hf16, engines, device) -> dict:
             row[label] = float("nan")
             torch.cuda.empty_cache()
     for label, engine in engines:
-        engine.run_windows(seqs[: min(len(seqs), 64)])  # warm-up
-        reset_peak(device)
-        sec = timed(lambda e=engine, s=seqs: e.run_windows(s), device)
+        try:  # one engine failing on this workload (a compile error, say) keeps HF's and the other's numbers
+            engine.run_windows(seqs[: min(len(seqs), 64)])  # warm-up
+            reset_peak(device)
+            sec = timed(lambda e=engine, s=seqs: e.run_windows(s), device)
+        except Exception as e:
+            row[label + "_error"] = f"{type(e).__name__}: {e}"[:2000]
+            log(f"# {wl.name}: {label} failed: {row[label + '_error'][:300]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         row[label] = wl.tokens / sec
         row[label + "_gib"] = peak_gib(device)
     best = max(row.get("ours_compiled", 0.0), row.get("ours_eager", 0.0))
