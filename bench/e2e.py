@@ -9,7 +9,8 @@ the client on the same machine) costs. Issue target: >= 0.8 on a GPU.
 
 Several concurrency levels (comma-separated) run one after another against the same server; saturation is
 the best of them, and the ratio is taken there. `--latency-calls N` then sends N one-item calls of 128 tokens
-one at a time: the single-item latency of the service on that device.
+one at a time: the single-item latency of the service on that device. `--stream` also runs each level over
+one ClassifyStream with that many requests unanswered.
 
 Texts are common words sized from the traffic length mix (bench/grpc_load.py), so both paths see the same
 token counts; tokens/s counts the content tokens each Result reports.
@@ -85,7 +86,7 @@ async def grpc_run(
 ):
     import grpc
 
-    from bench.grpc_load import run_level
+    from bench.grpc_load import run_level, run_stream_level
     from service.stubs import pb2, pb2_grpc
 
     await wait_serving(target, proc, args.start_timeout)
@@ -101,9 +102,12 @@ async def grpc_run(
         levels = [int(c) for c in str(args.concurrency).split(",")]
         await run_level(stub, reqs[: max(1, 64 // k)], levels[0], (), args.timeout, None)  # warm-up
         rows = [await run_level(stub, reqs, c, (), args.timeout, metrics) for c in levels]
+        streams = [
+            await run_stream_level(stub, reqs, c, (), args.timeout, metrics) for c in levels if args.stream
+        ]
         one = [pb2.ClassifyRequest(items=[pb2.Item(text=t)]) for t in singles]
         single = await run_level(stub, one, 1, (), args.timeout, None) if one else None
-        return rows, single
+        return rows, streams, single
 
 
 def main() -> None:
@@ -122,6 +126,7 @@ def main() -> None:
     ap.add_argument("--attention", default="auto", help="auto | flash_attn | varlen | sdpa (both paths)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency-calls", type=int, default=0, help="one-item 128-token calls at c=1 afterwards")
+    ap.add_argument("--stream", action="store_true", help="also each level over one ClassifyStream")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -150,7 +155,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, cwd=root, env=env)
     try:
-        rows, single = asyncio.run(
+        rows, streams, single = asyncio.run(
             grpc_run(args, texts, singles, proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics")
         )
     finally:
@@ -170,6 +175,14 @@ def main() -> None:
               f"p50 {r.p50_ms:.1f} ms  p99 {r.p99_ms:.1f} ms  batch {r.avg_batch_sequences or 0:.1f}  "
               f"errors {r.errors or 0}")  # fmt: skip
     print(f"gRPC / engine = {ratio:.2f} (at c={row.concurrency})")
+    for r in streams:
+        print(f"stream w={r.concurrency:<4}: {r.items_per_s:7.1f} items/s  {r.tokens_per_s:10.0f} tokens/s  "
+              f"p50 {r.p50_ms:.1f} ms  p99 {r.p99_ms:.1f} ms  batch {r.avg_batch_sequences or 0:.1f}  "
+              f"errors {r.errors or 0}")  # fmt: skip
+    if streams:
+        best = max(streams, key=lambda r: r.tokens_per_s)
+        share = best.tokens_per_s / engine["tokens_per_s"]
+        print(f"ClassifyStream / engine = {share:.2f} (at w={best.concurrency})")
     if single is not None:
         print(f"one 128-token item per call, c=1: p50 {single.p50_ms:.2f} ms  p90 {single.p90_ms:.2f} ms  "
               f"p99 {single.p99_ms:.2f} ms  ({single.ok} calls)")  # fmt: skip
@@ -179,7 +192,8 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(
             {"args": vars(args), "device": device, "engine": engine, "grpc": asdict(row), "ratio": ratio,
-             "levels": [asdict(r) for r in rows], "single_item": asdict(single) if single else None},
+             "levels": [asdict(r) for r in rows], "stream_levels": [asdict(r) for r in streams],
+             "single_item": asdict(single) if single else None},
             indent=1))  # fmt: skip
 
 

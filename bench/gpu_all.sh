@@ -4,8 +4,8 @@
 #   1. bench/gpu.py: parity, the five workloads (HF arrival/sorted, ours eager/compiled), budget sweep,
 #      no-sync check, launch vs total latency, profiler top kernels, memory table;
 #   2. bench/e2e.py: the same base-shape checkpoint through `python -m service` at 1..128 calls of 16 items in
-#      flight (128 x 16 stays under the default admission bound of 4096 queued items) vs the engine, then
-#      300 one-item calls of 128 tokens (single-item latency).
+#      flight (128 x 16 stays under the default admission bound of 4096 queued items) vs the engine, the same
+#      levels over one ClassifyStream, then 300 one-item calls of 128 tokens (single-item latency).
 # Output: stdout, and JSON under $OUT (gpu.json, e2e.json).
 # Checked on the CPU with: DEVICE=cpu OUT=/tmp/g bash bench/gpu_all.sh --smoke --no-compile --workloads traffic
 set -euo pipefail
@@ -19,4 +19,4 @@ test -f "$CKPT/model.safetensors" || exit 1
 # the attention kernel gpu.py measured with (it falls back to sdpa if the default failed on this card)
 ATTN="$(python -c "import json,sys; print(json.load(open(sys.argv[1])).get('backend', 'auto'))" "$OUT/gpu.json" 2>/dev/null || echo auto)"
 python bench/e2e.py --model "$CKPT" --device "${DEVICE:-cuda}" --attention "$ATTN" --items 20000 \
-    --items-per-call 16 --concurrency 1,4,16,64,128 --latency-calls 300 --json "$OUT/e2e.json"
+    --items-per-call 16 --concurrency 1,4,16,64,128 --latency-calls 300 --stream --json "$OUT/e2e.json"

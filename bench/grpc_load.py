@@ -9,6 +9,7 @@ the distribution of bench/workloads.py's `traffic` (drawn here without torch); `
 item. Texts are made of common words, sized with a tokens-per-word ratio measured on the server first (one
 probe call), so the server's own tokenizer decides the real lengths; the table reports the tokens the
 server counted. With `--metrics URL` the average batch size the scheduler formed is read from Prometheus.
+`--stream` sends each level's calls over one ClassifyStream instead, with "concurrency" requests unanswered.
 Latency is end to end from a Python grpc.aio client on the same machine: on a small CPU box the client
 itself costs a share of the cores.
 """
@@ -25,6 +26,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -156,6 +158,61 @@ async def run_level(
     )
 
 
+async def run_stream_level(
+    stub: pb2_grpc.SafetyClassifierStub,
+    requests: list[pb2.ClassifyRequest],
+    window: int,
+    metadata: tuple,
+    timeout: float,
+    metrics_url: str | None,
+) -> Row:
+    """The same requests over one ClassifyStream with `window` unanswered at a time (the stream's analogue
+    of `window` calls in flight); latency is from a request's write to its response."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    tokens = items = 0
+    free = asyncio.Semaphore(window)
+    sent: list[float] = []
+
+    async def produce() -> Any:
+        for req in requests:
+            await free.acquire()
+            sent.append(time.perf_counter())
+            yield req
+
+    before = scrape_batches(metrics_url)
+    start = time.perf_counter()
+    deadline = timeout * max(1, len(requests) // window)  # the stream's, scaled from the per-call one
+    async for answer in stub.ClassifyStream(produce(), metadata=metadata, timeout=deadline):
+        free.release()
+        if answer.HasField("error"):
+            errors[answer.error.status] = errors.get(answer.error.status, 0) + 1
+            continue
+        latencies.append((time.perf_counter() - sent[answer.sequence]) * 1e3)
+        items += len(answer.response.results)
+        tokens += sum(r.tokens for r in answer.response.results)
+    wall = time.perf_counter() - start
+    after = scrape_batches(metrics_url)
+    avg_batch = None
+    if before and after and after[1] > before[1]:
+        avg_batch = (after[0] - before[0]) / (after[1] - before[1])
+    latencies.sort()
+    return Row(
+        concurrency=window,
+        calls=len(requests),
+        ok=len(latencies),
+        errors=errors,
+        wall_s=wall,
+        calls_per_s=len(latencies) / wall,
+        items_per_s=items / wall,
+        tokens_per_s=tokens / wall,
+        p50_ms=percentile(latencies, 0.50),
+        p90_ms=percentile(latencies, 0.90),
+        p99_ms=percentile(latencies, 0.99),
+        avg_batch_sequences=avg_batch,
+    )
+
+
 def print_table(rows: list[Row], mix: str, items_per_call: int) -> None:
     print(f"mix={mix} items/call={items_per_call}")
     print(f"{'conc':>5} {'calls':>6} {'ok':>6} {'calls/s':>9} {'items/s':>9} {'tokens/s':>10} "
@@ -185,9 +242,10 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
                 pb2.ClassifyRequest(items=[pb2.Item(text=t) for t in texts[i : i + args.items_per_call]])
                 for i in range(0, len(texts), args.items_per_call)
             ]
+            run = run_stream_level if args.stream else run_level
             if args.warmup:
-                await run_level(stub, reqs[: args.warmup], c, metadata, args.timeout, None)
-            rows.append(await run_level(stub, reqs[args.warmup :], c, metadata, args.timeout, args.metrics))
+                await run(stub, reqs[: args.warmup], c, metadata, args.timeout, None)
+            rows.append(await run(stub, reqs[args.warmup :], c, metadata, args.timeout, args.metrics))
         return rows
 
 
@@ -209,6 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics", default=None, metavar="URL", help="e.g. http://127.0.0.1:9090/metrics")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--stream", action="store_true",
+                   help="one ClassifyStream per level; concurrency = requests unanswered")  # fmt: skip
     return p.parse_args(argv)
 
 

@@ -8,9 +8,10 @@
 
 Results are plain dicts in the shape of the engine's `Result.to_dict()` (id, scores, logits, flagged,
 flagged_labels, tokens, windows, spans), so `safety classify` prints the same JSON locally and remotely.
-Batch jobs (`submit_job`, `get_job`, `stream_job_results`, `cancel_job`) return the dicts `safety job
-status` and `safety job results` print: a job's state and counts, and result lines (a result plus `index`
-and `error`).
+`classify_stream` sends many requests over one ClassifyStream and yields one dict per request, in order:
+its results, or its own error while the stream goes on. Batch jobs (`submit_job`, `get_job`,
+`stream_job_results`, `cancel_job`) return the dicts `safety job status` and `safety job results` print: a
+job's state and counts, and result lines (a result plus `index` and `error`).
 Errors are `grpc.RpcError`s carrying the server's status code (INVALID_ARGUMENT: fix the input;
 RESOURCE_EXHAUSTED / UNAVAILABLE: back off and retry). Must not know: torch or the model (a gateway
 installs only grpcio and protobuf).
@@ -18,7 +19,7 @@ installs only grpcio and protobuf).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,17 @@ def job_result_to_dict(line: Any) -> dict[str, Any]:
     return {"index": line.index, **dict.fromkeys(RESULT_KEYS), "id": line.id or None, "error": line.error}
 
 
+def stream_response_to_dict(response: Any) -> dict[str, Any]:
+    """pb2.ClassifyStreamResponse -> {"sequence", "results" (result dicts, or None), "error" (None, or
+    {"status": "RESOURCE_EXHAUSTED", "code": 8, "message": ...})}."""
+    if response.HasField("error"):
+        e = response.error
+        error = {"status": e.status, "code": e.code, "message": e.message}
+        return {"sequence": response.sequence, "results": None, "error": error}
+    results = [result_to_dict(r) for r in response.response.results]
+    return {"sequence": response.sequence, "results": results, "error": None}
+
+
 def info_to_dict(response: Any) -> dict[str, Any]:
     """pb2.InfoResponse -> dict (labels in logit order; limits with plain ints, not JSON's int64 strings)."""
     limits = response.limits
@@ -189,6 +201,22 @@ class SafetyClient(_Base):
         """Send a prepared `ClassifyRequest` (e.g. with raw_scores) and return the `ClassifyResponse`."""
         return self.stub.Classify(request, **self._call_args(timeout))
 
+    def classify_stream(
+        self,
+        requests: Iterable[Iterable[ItemLike]],
+        thresholds: Mapping[str, float] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Many Classify requests over one ClassifyStream: each element of `requests` (a list of items; sent
+        as the iterable produces it, from a gRPC thread) gets one dict, in order (`stream_response_to_dict`):
+        its results, or the error Classify would have raised for it, while the stream goes on. `timeout`
+        bounds the whole stream (default: none, unlike the per-call default). The stream's own failures
+        (UNAUTHENTICATED, UNAVAILABLE) raise `grpc.RpcError`."""
+        messages = (build_request(items, thresholds) for items in requests)
+        for response in self.stub.ClassifyStream(messages, timeout=timeout, metadata=self._metadata):
+            yield stream_response_to_dict(response)
+
     def info(self, *, timeout: float | None = None) -> dict[str, Any]:
         return info_to_dict(self.stub.Info(pb2.InfoRequest(), **self._call_args(timeout)))
 
@@ -254,6 +282,27 @@ class AsyncSafetyClient(_Base):
 
     async def classify_raw(self, request: Any, *, timeout: float | None = None) -> Any:
         return await self.stub.Classify(request, **self._call_args(timeout))
+
+    async def classify_stream(
+        self,
+        requests: Iterable[Iterable[ItemLike]] | AsyncIterable[Iterable[ItemLike]],
+        thresholds: Mapping[str, float] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """As `SafetyClient.classify_stream`; `requests` may also be an async iterable."""
+
+        async def messages() -> AsyncIterator[Any]:
+            if isinstance(requests, AsyncIterable):
+                async for items in requests:
+                    yield build_request(items, thresholds)
+            else:
+                for items in requests:
+                    yield build_request(items, thresholds)
+
+        call = self.stub.ClassifyStream(messages(), timeout=timeout, metadata=self._metadata)
+        async for response in call:
+            yield stream_response_to_dict(response)
 
     async def info(self, *, timeout: float | None = None) -> dict[str, Any]:
         return info_to_dict(await self.stub.Info(pb2.InfoRequest(), **self._call_args(timeout)))

@@ -1,6 +1,7 @@
 """The one mapping from the product's error hierarchy (model.errors) to gRPC status codes.
 
-Owns: `STATUS_CODES` (the table), `status_for(exc)`, and `ErrorInterceptor`, which turns a `SafetyError`
+Owns: `STATUS_CODES` (the table), `status_for(exc)`, `describe(exc)` (status and caller-facing message, also
+for ClassifyStream's per-request errors), and `ErrorInterceptor`, which turns a `SafetyError`
 raised by any handler into its status code and message, and anything unexpected into INTERNAL with an error
 id that is logged together with the traceback (the caller sees the id, never the traceback). Must not know:
 what the handlers do.
@@ -53,25 +54,31 @@ def status_for(exc: BaseException) -> StatusCode:
     return StatusCode.INTERNAL
 
 
+def describe(exc: BaseException) -> tuple[StatusCode, str]:
+    """The status `exc` maps to and the message the caller sees. An unexpected error is logged with its
+    traceback under a fresh error id, and the caller sees only the id."""
+    code = status_for(exc)
+    if code is not StatusCode.INTERNAL:
+        return code, str(exc)
+    error_id = uuid.uuid4().hex[:16]
+    log.error(
+        "internal error %s in %s",
+        error_id,
+        type(exc).__name__,
+        exc_info=(type(exc), exc, exc.__traceback__),
+        extra={"error_id": error_id},
+    )
+    return code, f"internal error (error id {error_id}); the server log has the details"
+
+
 async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
     """Abort the call with the status that `exc` maps to (always raises)."""
-    code = status_for(exc)
-    if code is StatusCode.INTERNAL:
-        error_id = uuid.uuid4().hex[:16]
-        log.error(
-            "internal error %s in %s",
-            error_id,
-            type(exc).__name__,
-            exc_info=(type(exc), exc, exc.__traceback__),
-            extra={"error_id": error_id},
-        )
-        await context.abort(code, f"internal error (error id {error_id}); the server log has the details")
-    await context.abort(code, str(exc))
+    await context.abort(*describe(exc))
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the unary-unary and unary-stream handlers of our own services (`prefix`) in `abort_for`; the
-    health and reflection services keep their own behaviour."""
+    """Wraps the unary-unary, unary-stream and stream-stream handlers of our own services (`prefix`) in
+    `abort_for`; the health and reflection services keep their own behaviour."""
 
     def __init__(self, prefix: str = "/safety.") -> None:
         self.prefix = prefix
@@ -88,6 +95,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return with_behavior(handler, _wrap_unary(handler.unary_unary))
         if handler.unary_stream is not None:
             return with_behavior(handler, _wrap_stream(handler.unary_stream))
+        if handler.stream_stream is not None:
+            return with_behavior(handler, _wrap_stream(handler.stream_stream))
         return handler
 
 

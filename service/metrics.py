@@ -2,7 +2,7 @@
 
 Owns: the metric names and buckets, a per-server `CollectorRegistry` (so several servers in one process,
 as in tests, don't collide), the HTTP exporter, and `MetricsInterceptor`, which counts every unary and
-server-streaming call by method and final status code. The scheduler reports through the `SchedulerMetrics`
+streaming call by method and final status code. The scheduler reports through the `SchedulerMetrics`
 methods below and never imports prometheus itself. Must not know: the model.
 """
 
@@ -23,6 +23,7 @@ from service.settings import split_address
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+STREAM_REQUEST = "ClassifyStream.request"  # the `method` label of one request inside a ClassifyStream
 
 
 class Metrics:
@@ -101,6 +102,12 @@ class Metrics:
         self.tokens.inc(tokens)
         self.flagged.inc(flagged)
 
+    def stream_request(self, code: str, seconds: float) -> None:
+        """A request of a ClassifyStream, counted like a call (method "ClassifyStream.request"); the stream
+        itself is counted once, as "ClassifyStream", when it ends."""
+        self.requests.labels(method=STREAM_REQUEST, code=code).inc()
+        self.request_seconds.labels(method=STREAM_REQUEST).observe(seconds)
+
     # ---- HTTP exporter ----------------------------------------------------------------------------------
     def serve(self, address: str) -> int:
         """Start the /metrics HTTP server on `address` (port 0: any free port); returns the bound port."""
@@ -117,9 +124,9 @@ class Metrics:
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Outermost interceptor: counts each unary-unary and unary-stream call (Classify, SubmitJob,
-    StreamJobResults, ...) by method and the status code it ended with, and observes its wall time; a stream
-    is counted once, when it ends."""
+    """Outermost interceptor: counts each unary-unary, unary-stream and stream-stream call (Classify,
+    SubmitJob, StreamJobResults, ClassifyStream, ...) by method and the status code it ended with, and
+    observes its wall time; a stream is counted once, when it ends."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -141,9 +148,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     return await behavior(request, context)
 
             return with_behavior(handler, unary)
-        if handler.unary_stream is not None:
+        if handler.unary_stream is not None or handler.stream_stream is not None:
             # grpc.aio picks the calling convention from the handler's kind: keep it.
-            stream = handler.unary_stream
+            stream = handler.unary_stream or handler.stream_stream
             wrapped: Callable[..., Any]
             if inspect.isasyncgenfunction(stream):
 

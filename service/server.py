@@ -194,7 +194,7 @@ class SafetyServer:
         deadline = loop.time() + grace
         log.info("draining", extra={"grace_s": grace, "in_flight": self.servicer.active})
         await self.health.enter_graceful_shutdown()
-        self.servicer.draining = True
+        self.servicer.start_draining()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.servicer.idle.wait(), grace)
         await self.server.stop(max(0.0, deadline - loop.time()))

@@ -1,18 +1,20 @@
 """The `safety.v1.SafetyClassifier` servicer: parse -> validate -> submit -> map. Nothing else.
 
-Owns: protobuf <-> engine conversion (`items_from_proto`, `response_from_outcome`, `info_response`) and the
-request-level limits (item count, text size). Validation of the items themselves and of thresholds is the
-engine's (`coerce_items`, `resolve_thresholds`); batching is the scheduler's; the job RPCs are delegated to
-service/jobs.py; status codes are service/errors.py's (handlers just raise `SafetyError`s). Must not know:
-threads, torch, prometheus, Redis.
+Owns: protobuf <-> engine conversion (`items_from_proto`, `response_from_outcome`, `info_response`), the
+request-level limits (item count, text size), and ClassifyStream's ordering, in-flight bound and per-request
+errors (the status of each from service/errors.py's `describe`). Validation of the items themselves and of
+thresholds is the engine's (`coerce_items`, `resolve_thresholds`); batching is the scheduler's; the job RPCs
+are delegated to service/jobs.py; status codes are service/errors.py's (handlers just raise `SafetyError`s).
+Must not know: threads, torch, prometheus, Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -20,6 +22,7 @@ import grpc
 from model import Classifier, Item
 from model.errors import InvalidInputError, UnavailableError
 from model.items import check_length
+from service.errors import describe
 from service.jobs import JobClientFactory, JobService, default_job_client
 from service.scheduler import Outcome, Scheduler
 from service.settings import ServeSettings
@@ -35,6 +38,9 @@ class ClassifiedObserver:
 
     def classified(self, items: int, tokens: int, flagged: int) -> None:
         pass
+
+    def stream_request(self, code: str, seconds: float) -> None:
+        """One request of a ClassifyStream answered, with the status its StreamError names ("OK": none)."""
 
 
 def items_from_proto(request: Any, max_items: int, max_text_chars: int) -> list[Item]:
@@ -110,6 +116,7 @@ def info_response(clf: Classifier, settings: ServeSettings, scheduler: Scheduler
             max_queue_tokens=scheduler.max_queue_tokens,
             max_queue_items=scheduler.max_queue_items,
             max_message_bytes=settings.max_message_bytes,
+            max_stream_inflight=settings.max_stream_inflight,
         ),
         device=info["device"],
         dtype=info["dtype"],
@@ -134,9 +141,10 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         self.clf: Classifier | None = None
         self.scheduler: Scheduler | None = None
         self.draining = False
-        self.active = 0  # Classify calls in flight
-        self.idle = asyncio.Event()  # set while no Classify call is in flight
+        self.active = 0  # Classify calls and ClassifyStream requests in flight
+        self.idle = asyncio.Event()  # set while nothing is in flight
         self.idle.set()
+        self._stream_readers: set[asyncio.Task[None]] = set()  # one per open ClassifyStream
 
     def attach(self, clf: Classifier, scheduler: Scheduler) -> None:
         self.clf, self.scheduler = clf, scheduler
@@ -148,17 +156,94 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
             raise UnavailableError("model is still loading; retry shortly")
         return self.clf, self.scheduler
 
-    async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        start = time.perf_counter()
-        clf, scheduler = self._ready()
+    def start_draining(self) -> None:
+        """New calls get UNAVAILABLE; open ClassifyStreams stop reading, send the responses they owe and end
+        with UNAVAILABLE (their clients resend the rest elsewhere)."""
+        self.draining = True
+        for reader in list(self._stream_readers):
+            reader.cancel()
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Count a request as in flight: the drain waits for `idle`."""
         self.active += 1
         self.idle.clear()
         try:
-            return await self._classify(clf, scheduler, request, context, start)
+            yield
         finally:
             self.active -= 1
             if not self.active:
                 self.idle.set()
+
+    async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        clf, scheduler = self._ready()
+        with self._in_flight():
+            return await self._classify(clf, scheduler, request, context, start)
+
+    async def ClassifyStream(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """Each request read is classified at once as its own task (up to `max_stream_inflight` at a time);
+        the responses go out in request order. A failed request becomes a StreamError message; the stream
+        ends with a status only when the model is not ready, or after a drain stopped its reading."""
+        clf, scheduler = self._ready()
+        window = asyncio.Semaphore(self.settings.max_stream_inflight)
+        order: asyncio.Queue[asyncio.Task[Any] | None] = asyncio.Queue()
+        drained = False
+
+        async def classify(request: Any, start: float) -> Any:
+            with self._in_flight():
+                return await self._classify(clf, scheduler, request, context, start)
+
+        async def read() -> None:
+            nonlocal drained
+            try:
+                async for request in requests:
+                    await window.acquire()  # max_stream_inflight unanswered: flow control does the rest
+                    if self.draining:
+                        drained = True
+                        return
+                    order.put_nowait(asyncio.create_task(classify(request, time.perf_counter())))
+            except asyncio.CancelledError:  # start_draining: stop reading, answer what was read
+                drained = True
+            finally:
+                order.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        self._stream_readers.add(reader)
+        sequence = 0
+        try:
+            while (task := await order.get()) is not None:
+                message = await self._stream_message(task, sequence)
+                yield message
+                window.release()
+                sequence += 1
+            await reader
+        finally:
+            self._stream_readers.discard(reader)
+            reader.cancel()
+            while not order.empty():
+                if (task := order.get_nowait()) is not None:
+                    task.cancel()
+        if drained:
+            raise UnavailableError(
+                f"server is draining: {sequence} requests of this stream were answered; send the ones after "
+                f"sequence {sequence - 1} to another replica"
+            )
+
+    async def _stream_message(self, task: asyncio.Task[Any], sequence: int) -> Any:
+        """A ClassifyStreamResponse: the request's response, or the error Classify would have answered."""
+        start = time.perf_counter()
+        try:
+            response = await task
+        except Exception as exc:
+            code, message = describe(exc)
+            self.observer.stream_request(code.name, time.perf_counter() - start)
+            error = pb2.StreamError(code=code.value[0], status=code.name, message=message)
+            return pb2.ClassifyStreamResponse(sequence=sequence, error=error)
+        self.observer.stream_request("OK", response.timing.total_ms / 1e3)
+        return pb2.ClassifyStreamResponse(sequence=sequence, response=response)
 
     async def _classify(
         self,

@@ -41,6 +41,13 @@ class ServeSettings(EngineSettings):
         4096, "SAFETY_MAX_QUEUE_ITEMS", int, "admission bound on queued items (being tokenized or waiting)"
     )
     max_items: int = setting(256, "SAFETY_MAX_ITEMS", int, "items per Classify request")
+    max_stream_inflight: int = setting(
+        64,
+        "SAFETY_MAX_STREAM_INFLIGHT",
+        int,
+        "requests of one ClassifyStream classified at once; beyond it the server stops reading that stream "
+        "until its oldest response is sent (HTTP/2 flow control pushes back on the client)",
+    )
     max_message_bytes: int = setting(
         64 * 1024 * 1024, "SAFETY_MAX_MESSAGE_BYTES", int, "largest request message accepted, in bytes"
     )
@@ -77,7 +84,8 @@ class ServeSettings(EngineSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive = ("max_queue_items", "max_items", "max_message_bytes", "encode_threads", "max_queue_tokens")
+        positive = ("max_queue_items", "max_items", "max_message_bytes", "encode_threads", "max_queue_tokens",
+                    "max_stream_inflight")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
