@@ -188,3 +188,18 @@ def test_the_asyncio_client_streams_from_an_async_iterable(server: SafetyServer)
 
 def test_info_reports_the_inflight_bound(stub: Any) -> None:
     assert stub.Info(pb2.InfoRequest(), timeout=10).limits.max_stream_inflight == 64
+
+
+def test_a_cancelled_stream_drops_its_queued_requests(start_server: Any, stub_for: Any) -> None:
+    app = start_server(metrics_address=None)
+    release = threading.Event()
+    app.scheduler.hold_runner()
+    try:
+        stream = stub_for(app).ClassifyStream(held_requests(5, release), timeout=60)
+        wait_until(lambda: in_queue(app) == 5, what="five requests queued")
+        stream.cancel()
+        wait_until(lambda: in_queue(app) == 0 and app.servicer.active == 0, what="the stream's work dropped")
+        assert app.servicer.idle.is_set()
+    finally:
+        release.set()
+        app.scheduler.release_runner()
