@@ -1,8 +1,9 @@
 """The one error hierarchy of safety-classifier.
 
-Owns: every exception type the product raises on purpose. `service/errors.py` maps these classes to gRPC
-status codes in a single table; the worker records their messages on failed items. Must not know: gRPC,
-Celery or HTTP — these are plain Python exceptions with fields a front end can report.
+Owns: every exception type the product raises on purpose, and `device_failed(exc)`, which tells a foreign
+error that broke the device for good from one that only failed a batch. `service/errors.py` maps these classes
+to gRPC status codes in a single table; the worker records their messages on failed items. Must not know:
+gRPC, Celery or HTTP — these are plain Python exceptions with fields a front end can report.
 """
 
 from __future__ import annotations
@@ -64,3 +65,21 @@ class UnauthenticatedError(SafetyError):
 class UnsupportedError(SafetyError):
     """A feature this installation does not offer, e.g. the jobs API on a server installed without the
     worker extra (celery, redis)."""
+
+
+# Messages of errors after which a CUDA context stays broken ("sticky" errors): every later call fails too.
+STICKY_DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS_EXECUTION_FAILED", "unspecified launch failure",
+                        "illegal memory access", "device-side assert")  # fmt: skip
+
+
+def device_failed(exc: BaseException) -> bool:
+    """True for an error that leaves this process's device unusable (an illegal memory access, a device-side
+    assert, a lost GPU: CUDA reports them as sticky errors, so every later kernel fails as well): the process
+    must be replaced, not the batch retried. Out-of-memory is not one (a smaller batch may fit). Told by class
+    name (torch's `AcceleratorError`, `OutOfMemoryError`) so that this module needs no torch."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "OutOfMemoryError" in names:
+        return False
+    if "AcceleratorError" in names:  # torch >= 2.8: a CUDA runtime error
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in STICKY_DEVICE_ERRORS)

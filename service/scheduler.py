@@ -34,7 +34,13 @@ from typing import Protocol
 import torch
 
 from model import Classifier, Encoded, Item, Result, Rows
-from model.errors import DeadlineExceededError, InvalidInputError, OverloadedError, UnavailableError
+from model.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    OverloadedError,
+    UnavailableError,
+    device_failed,
+)
 from model.planner import next_batch
 
 log = logging.getLogger("safety.service.scheduler")
@@ -120,8 +126,14 @@ class Scheduler:
         encode_threads: int = 2,
         metrics: SchedulerMetrics | None = None,
         in_flight: int | None = None,
+        on_device_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
+        """`on_device_failure(exc)`: called once, from a scheduler thread, when a batch fails with an error
+        that broke the device for good (`model.runner.device_failed`); by then every queued call has failed
+        with UnavailableError and no new one is admitted."""
         self.clf = clf
+        self.on_device_failure = on_device_failure
+        self.device_error: BaseException | None = None  # set once the device failed for good
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_batch_tokens = clf.limits.max_batch_tokens
         self.max_batch_sequences = clf.limits.max_batch_sequences
@@ -436,6 +448,9 @@ class Scheduler:
             rows = Rows.of(self.clf, self.clf.collect(launched.logits))
         except Exception as exc:
             log.exception("batch of %d sequences (%d tokens) failed", len(batch), tokens, exc_info=exc)
+            if device_failed(exc):
+                self._device_failed(exc, batch)
+                return
             with self._cond:
                 self._fail_locked({w.req for w in batch}, exc, "batch_failed")
             return
@@ -467,6 +482,25 @@ class Scheduler:
                 _resolve(req, exc)
                 continue
             _resolve(req, Outcome(results, req.tokenize_s, req.queue_s, sum(req.batch_seconds.values())))
+
+    def _device_failed(self, exc: BaseException, batch: list[_Window]) -> None:
+        """The device is broken for this process: fail the batch and everything queued with UnavailableError
+        (retry elsewhere), admit nothing more, and tell the owner once (it takes the replica out)."""
+        unavailable = UnavailableError(
+            f"the device failed ({type(exc).__name__}: {str(exc)[:200]}); this replica is restarting, retry "
+            "on another"
+        )
+        with self._cond:
+            first = self.device_error is None
+            self.device_error = exc
+            self._accepting = False
+            self._fail_locked(
+                {w.req for w in batch} | {w.req for w in self._pending}, unavailable, "device_failed"
+            )
+        if first:
+            log.critical("the device failed for good: %s: %s", type(exc).__name__, exc)
+            if self.on_device_failure is not None:
+                self.on_device_failure(exc)
 
     # ---- control --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:

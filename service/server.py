@@ -142,6 +142,7 @@ class SafetyServer:
     classifier: Classifier | None = None
     scheduler: Scheduler | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    device_failed: asyncio.Event = field(default_factory=asyncio.Event)  # the device broke for good
 
     async def start(self) -> None:
         """Start serving (health NOT_SERVING), load and warm the model off the loop, then SERVING."""
@@ -160,6 +161,7 @@ class SafetyServer:
         self.metrics.compiled.set(1 if clf.runner.compiled else 0)
         log.info("warmed up", extra={"seconds": round(seconds, 2), "compiled": clf.runner.compiled})
         self.classifier = clf
+        loop = asyncio.get_running_loop()
         self.scheduler = Scheduler(
             clf,
             max_wait_ms=s.max_wait_ms,
@@ -167,6 +169,7 @@ class SafetyServer:
             max_queue_items=s.max_queue_items,
             encode_threads=s.encode_threads,
             metrics=self.metrics,
+            on_device_failure=lambda exc: loop.call_soon_threadsafe(self.device_failed.set),
         )
         self.servicer.attach(clf, self.scheduler)
         for name in ("", SERVICE_NAME):
@@ -247,7 +250,8 @@ async def create_server(
 
 
 async def serve(settings: ServeSettings, classifier: ClassifierSource = None) -> int:
-    """The `safety serve` process: serve until SIGTERM/SIGINT, drain within the grace period, return 0."""
+    """The `safety serve` process: serve until SIGTERM/SIGINT, drain within the grace period, return 0; or,
+    if the device fails for good (a sticky CUDA error), drain and return 1 so the orchestrator replaces it."""
     logs.configure(settings.log_level, settings.log_format)
     try:
         app = await create_server(settings, classifier)
@@ -271,7 +275,14 @@ async def serve(settings: ServeSettings, classifier: ClassifierSource = None) ->
         starting.cancel()
         log.info("signal received while loading; exiting")
     else:
-        await stopping
+        failed = asyncio.create_task(app.device_failed.wait())
+        await asyncio.wait({stopping, failed}, return_when=asyncio.FIRST_COMPLETED)
+        if failed.done():  # a sticky CUDA error: every later batch would fail too
+            log.critical("the device failed: NOT_SERVING, draining, exiting 1 to have this replica replaced")
+            stopping.cancel()
+            await app.drain()
+            return 1
+        failed.cancel()
         log.info("signal received")
     await app.drain()
     return 0

@@ -128,15 +128,15 @@ def run_worker(args: argparse.Namespace) -> int:
                 metrics_dir = serve_metrics(settings.metrics_port, prefork="--pool=prefork" in argv)
             from worker.app import app
             from worker.reclaim import start_sweeper
-            from worker.tasks import model_failed
+            from worker.tasks import worker_failed
 
             sweeper = start_sweeper(settings)  # re-sends chunks the broker lost (worker.reclaim)
             try:
                 code = app.start(argv) or EXIT_OK
             finally:
                 sweeper.stop()
-            if model_failed():
-                print("safety worker: stopped: the model could not be loaded (see the log)", file=sys.stderr)
+            if worker_failed():
+                print("safety worker: stopped: no model, or a broken device (see the log)", file=sys.stderr)
                 return EXIT_ERROR
             return code
         return EXIT_ERROR

@@ -1,11 +1,11 @@
 """A test-only fault hook: make chosen chunks crash, raise or hang inside a real worker process.
 
-Owns: parsing `SAFETY_TEST_FAULT` = "JOB:CHUNK:ACTION[,JOB:CHUNK:ACTION...]" (CHUNK may be `*`) with
-ACTION `exit` (the process dies at once, as under an OOM kill), `raise` (the classifier raises RuntimeError)
-or `hang` (once per chunk: touch `$SAFETY_TEST_FAULT_DIR/JOB.CHUNK.hang`, then block while that file exists,
-so a test knows the worker is mid-chunk and can kill it or restart Redis; a redelivery does not hang again).
-Unset in production: `inject` does nothing.
-Must not know: Celery, Redis, the model.
+Owns: parsing `SAFETY_TEST_FAULT` = "JOB:CHUNK:ACTION[,JOB:CHUNK:ACTION...]" (CHUNK may be `*`) with ACTION
+`exit` (the process dies at once, as under an OOM kill), `raise` (the classifier raises RuntimeError),
+`device` (a RuntimeError worded as a sticky CUDA error, which breaks the device for good) or `hang` (once per
+chunk: touch `$SAFETY_TEST_FAULT_DIR/JOB.CHUNK.hang`, then block while that file exists, so a test knows the
+worker is mid-chunk and can kill it or restart Redis; a redelivery does not hang again).
+Unset in production: `inject` does nothing. Must not know: Celery, Redis, the model.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ENV = "SAFETY_TEST_FAULT"
 DIR_ENV = "SAFETY_TEST_FAULT_DIR"
-ACTIONS = ("exit", "raise", "hang")
+ACTIONS = ("exit", "raise", "hang", "device")
 
 
 def _faults(spec: str) -> dict[tuple[str, str], str]:
@@ -39,6 +39,8 @@ def inject(job_id: str, chunk: int) -> None:
         os._exit(70)
     if action == "raise":
         raise RuntimeError(f"injected fault ({ENV}) in chunk {chunk} of job {job_id}")
+    if action == "device":  # what a sticky CUDA error looks like (model.runner.device_failed)
+        raise RuntimeError(f"CUDA error: an illegal memory access was encountered (injected by {ENV})")
     if action == "hang":
         directory = Path(os.environ.get(DIR_ENV, "."))
         once, marker = directory / f"{job_id}.{chunk}.hung", directory / f"{job_id}.{chunk}.hang"

@@ -3,11 +3,12 @@
 Owns: what a delivery of a chunk does. It counts the attempt in Redis first, so a chunk whose worker keeps
 dying (requeued by `task_reject_on_worker_lost` or redelivered after the visibility timeout) is dead-lettered
 after `max_attempts` deliveries with its items marked failed, instead of looping forever. Items that already
-have a result are skipped, so a redelivered chunk redoes only what is missing. Any error other than a bad
-item hands the message back to the queue (`Reject(requeue=True)`) rather than acknowledging a chunk whose
-results were never written. The classifier is loaded once per worker process, lazily on its first chunk
-(never in the prefork parent, so CUDA is initialised only after fork) and before that delivery counts as an
-attempt: a worker that cannot load its model hands the chunk back uncounted and shuts down. Each delivery's
+have a result are skipped, so a redelivered chunk redoes only what is missing. Any error other than a bad item
+hands the message back to the queue (`Reject(requeue=True)`) rather than acknowledging a chunk whose results
+were never written. The classifier is loaded once per worker process, lazily on its first chunk (never in the
+prefork parent, so CUDA is initialised only after fork) and before that delivery counts as an attempt: a
+worker that cannot load its model hands the chunk back uncounted and shuts down; one whose device breaks for
+good (a sticky CUDA error) hands the chunk back (that attempt counted) and shuts down too. Each delivery's
 outcome (done, retried, dead_lettered, skipped), its wall time and the items it wrote are counted in
 `worker.metrics`. Must not know: the job client's submission path, gRPC, how metrics are exported.
 """
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from celery import Task
 from celery.exceptions import Reject
 
-from model.errors import InvalidInputError
+from model.errors import InvalidInputError, device_failed
 from worker import faults
 from worker.app import TASK_NAME, app
 from worker.metrics import Metrics, process_metrics
@@ -38,9 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 WORKER_LOST = "the worker process died while classifying it (a crash, an OOM kill or kill -9)"
 CHUNK_OUTCOMES = {"classified": "done", "dead-lettered": "dead_lettered"}  # other actions: skipped
-# Set by a process that cannot load its model; shared memory made before the prefork pool forks (this module
-# is imported by the app in the parent), so the parent sees a child's failure.
-MODEL_FAILED = multiprocessing.RawValue("b", 0)
+# Set by a process that stops the worker (no model, a broken device); shared memory made before the prefork
+# pool forks (the app imports this module in the parent), so the parent sees a child's failure.
+WORKER_FAILED = multiprocessing.RawValue("b", 0)
 
 
 class ClassifierTask(Task):
@@ -110,23 +111,28 @@ def model_unavailable(
 ) -> NoReturn:
     """This process cannot load its model (a wrong SAFETY_MODEL, a device it cannot use): that is the
     worker's fault, not the chunk's. No attempt is counted and no item fails; the chunk goes back to the
-    queue for a healthy worker, and this worker shuts down (a remote-control shutdown reaches the prefork
-    parent too) and `safety worker` exits with 2, so an orchestrator shows the failure instead of a worker
-    that takes chunks and hands them all back."""
+    queue for a healthy worker, and this worker shuts down."""
     reason = f"cannot load the model: {type(error).__name__}: {error}"
-    log.critical("%s; job %s chunk %d goes back to the queue, this worker shuts down", reason, job_id, chunk)
-    MODEL_FAILED.value = 1
-    try:
-        task.app.control.shutdown(destination=[task.request.hostname])
-    except Exception:  # the broker is unreachable too: the delivery is still handed back
-        log.exception("could not ask this worker to shut down")
+    stop_worker(task, f"{reason}; job {job_id} chunk {chunk} goes back to the queue")
     _count(task, "retried", began)
     raise Reject(reason, requeue=True) from error
 
 
-def model_failed() -> bool:
-    """True once a process of this worker (the main one, or a prefork child) could not load its model."""
-    return bool(MODEL_FAILED.value)
+def stop_worker(task: ClassifierTask, reason: str) -> None:
+    """This process cannot classify any more (no model, or a device broken for good): ask this worker to shut
+    down (a remote-control shutdown, so it reaches the prefork parent too); `safety worker` then exits with
+    2, and an orchestrator shows the failure instead of a worker that takes chunks and fails them all."""
+    log.critical("%s; this worker shuts down", reason)
+    WORKER_FAILED.value = 1
+    try:
+        task.app.control.shutdown(destination=[task.request.hostname])
+    except Exception:  # the broker is unreachable too: the delivery is still handed back
+        log.exception("could not ask this worker to shut down")
+
+
+def worker_failed() -> bool:
+    """True once a process of this worker (the main one, or a prefork child) stopped it for a failure."""
+    return bool(WORKER_FAILED.value)
 
 
 def _count(task: ClassifierTask, outcome: str, began: float, ok: int = 0, failed: int = 0) -> None:
@@ -161,6 +167,8 @@ def run_chunk(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
         lines = classify_lines(clf, indices, items)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
+        if device_failed(e):  # every later chunk would fail here too: this process is done, the chunk is not
+            stop_worker(task, f"the device failed in job {job_id} chunk {chunk}: {error}")
         if start.attempt >= max_attempts:
             error = f"gave up after {max_attempts} attempts: {error}"
             return give_up(store, job_id, chunk, start.attempt, indices, items, error)

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from service.client import SafetyClient
 from service.server import SafetyServer, create_server
 from service.settings import ServeSettings
-from service.stubs import SERVICE_NAME, pb2
+from service.stubs import SERVICE_NAME, pb2, pb2_grpc
 from tests.service.helpers import in_queue, request, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -283,3 +283,44 @@ def test_compiled_server_compiles_before_serving_not_on_requests(
         results = client.classify(["short", "a longer text " * 40, "x " * 300])
     assert len(results) == 3
     assert counters["stats"]["unique_graphs"] == graphs, "a request compiled a new graph after warm-up"
+
+
+def test_a_broken_device_takes_the_replica_out_and_serve_exits_1(
+    tiny_classifier: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sticky CUDA error (simulated: no GPU here) fails the call with UNAVAILABLE and makes `serve()` drain
+    (NOT_SERVING first) and return 1, so the orchestrator replaces the replica."""
+    import asyncio
+    import logging
+
+    from service.server import serve
+    from tests.worker.harness import free_port
+
+    def broken(sequences: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(tiny_classifier, "launch", broken)
+    port = free_port()
+    settings = ServeSettings(address=f"127.0.0.1:{port}", metrics_address=None, drain_grace_s=5.0)
+    seen: dict[str, Any] = {}
+
+    def client() -> None:
+        wait_until(lambda: _answers(port) and health_status(port) == SERVING, timeout=30, what="SERVING")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb2_grpc.SafetyClassifierStub(channel)
+            try:
+                stub.Classify(request("anything"), timeout=10)
+            except grpc.RpcError as e:
+                seen["code"], seen["details"] = e.code(), e.details()
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    calling = threading.Thread(target=client)
+    calling.start()
+    try:
+        seen["exit"] = asyncio.run(serve(settings, tiny_classifier))
+    finally:
+        calling.join(30)
+        root.handlers[:], root.level = handlers, level
+    assert seen["exit"] == 1
+    assert seen["code"] == grpc.StatusCode.UNAVAILABLE and "the device failed" in seen["details"]

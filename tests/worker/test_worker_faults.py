@@ -183,6 +183,24 @@ def test_a_worker_that_cannot_load_its_model_hands_chunks_back_uncounted_and_exi
     check_complete(client, job, items, 20, tiny_classifier)
 
 
+def test_a_broken_device_stops_the_worker_and_a_healthy_one_finishes_the_job(
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=20)
+    items, job = make_items(80, prefix="gpu-broke"), "broken-device"
+    sick = start_worker(redis_server.url, pool="solo", queue="q", test_fault=f"{job}:1:device")
+    client.submit(items, job_id=job)
+    assert sick.proc.wait(120) == 2  # it stopped itself instead of failing every chunk it would take next
+    assert "the device failed in job broken-device chunk 1" in sick.text()
+    assert attempts(redis_server, job)[1] == 1  # the delivery that broke the device counted once
+    assert redis_server.client().llen(DEAD_LETTER) == 0
+    start_worker(redis_server.url, queue="q")
+    check_complete(client, job, items, 20, tiny_classifier)
+
+
 def test_redis_restart_without_persistence_reports_the_job_lost(
     redis_server: RedisServer,
     start_worker: Callable[..., Worker],
