@@ -74,6 +74,13 @@ def latency(grpc_files: list[Path], out: Path) -> None:
             ax.plot(x, [r[key] for r in rows], marker="o", label=key.removesuffix("_ms"))
         for r, xi in zip(rows, x, strict=True):
             ax.annotate(f"c={r['concurrency']}", (xi, r["p99_ms"]), fontsize=7)
+        data = json.loads(path.read_text())
+        streams = data.get("stream_levels") if isinstance(data, dict) else None
+        if streams:  # bench/e2e.py --stream: the same levels over one ClassifyStream
+            xs = [r["tokens_per_s"] / 1e3 for r in streams]
+            for key, style in (("p50_ms", "--"), ("p99_ms", ":")):
+                label = f"{key.removesuffix('_ms')}, ClassifyStream"
+                ax.plot(xs, [r[key] for r in streams], marker="s", linestyle=style, label=label)
         ax.set_xlabel("achieved thousand tokens / s")
         ax.set_ylabel("latency per call, ms (end to end)")
         ax.set_yscale("log")
