@@ -24,7 +24,8 @@ import random
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,55 @@ async def tokens_per_word(stub: pb2_grpc.SafetyClassifierStub, metadata: tuple, 
     return max(0.05, response.results[0].tokens / 400)
 
 
+@dataclass
+class Tally:
+    """What one level's calls returned, filled in while they run."""
+
+    latencies: list[float] = field(default_factory=list)  # ms, answered calls only
+    errors: dict[str, int] = field(default_factory=dict)  # status name -> calls
+    items: int = 0
+    tokens: int = 0
+
+    def answered(self, ms: float, response: pb2.ClassifyResponse) -> None:
+        self.latencies.append(ms)
+        self.items += len(response.results)
+        self.tokens += sum(r.tokens for r in response.results)
+
+    def failed(self, status: str) -> None:
+        self.errors[status] = self.errors.get(status, 0) + 1
+
+
+async def measured(
+    concurrency: int, calls: int, metrics_url: str | None, load: Callable[[Tally], Awaitable[None]]
+) -> Row:
+    """Run `load` (all of one level's calls) and summarise it: throughput, latency percentiles, and the
+    average batch the server formed meanwhile (from its metrics, when a URL is given)."""
+    tally = Tally()
+    before = scrape_batches(metrics_url)
+    start = time.perf_counter()
+    await load(tally)
+    wall = time.perf_counter() - start
+    after = scrape_batches(metrics_url)
+    avg_batch = None
+    if before and after and after[1] > before[1]:
+        avg_batch = (after[0] - before[0]) / (after[1] - before[1])
+    latencies = sorted(tally.latencies)
+    return Row(
+        concurrency=concurrency,
+        calls=calls,
+        ok=len(latencies),
+        errors=tally.errors,
+        wall_s=wall,
+        calls_per_s=len(latencies) / wall,
+        items_per_s=tally.items / wall,
+        tokens_per_s=tally.tokens / wall,
+        p50_ms=percentile(latencies, 0.50),
+        p90_ms=percentile(latencies, 0.90),
+        p99_ms=percentile(latencies, 0.99),
+        avg_batch_sequences=avg_batch,
+    )
+
+
 async def run_level(
     stub: pb2_grpc.SafetyClassifierStub,
     requests: list[pb2.ClassifyRequest],
@@ -113,49 +163,23 @@ async def run_level(
     timeout: float,
     metrics_url: str | None,
 ) -> Row:
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    tokens = items = 0
-    next_call = 0
+    """`requests` as unary Classify calls, `concurrency` of them in flight."""
+    pending = iter(requests)
 
-    async def worker() -> None:
-        nonlocal next_call, tokens, items
-        while next_call < len(requests):
-            req = requests[next_call]
-            next_call += 1
+    async def worker(tally: Tally) -> None:
+        for req in pending:  # shared: each worker takes the next call
             t0 = time.perf_counter()
             try:
                 response = await stub.Classify(req, metadata=metadata, timeout=timeout)
             except grpc.aio.AioRpcError as e:
-                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                tally.failed(e.code().name)
                 continue
-            latencies.append((time.perf_counter() - t0) * 1e3)
-            items += len(response.results)
-            tokens += sum(r.tokens for r in response.results)
+            tally.answered((time.perf_counter() - t0) * 1e3, response)
 
-    before = scrape_batches(metrics_url)
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
-    after = scrape_batches(metrics_url)
-    avg_batch = None
-    if before and after and after[1] > before[1]:
-        avg_batch = (after[0] - before[0]) / (after[1] - before[1])
-    latencies.sort()
-    return Row(
-        concurrency=concurrency,
-        calls=len(requests),
-        ok=len(latencies),
-        errors=errors,
-        wall_s=wall,
-        calls_per_s=len(latencies) / wall,
-        items_per_s=items / wall,
-        tokens_per_s=tokens / wall,
-        p50_ms=percentile(latencies, 0.50),
-        p90_ms=percentile(latencies, 0.90),
-        p99_ms=percentile(latencies, 0.99),
-        avg_batch_sequences=avg_batch,
-    )
+    async def load(tally: Tally) -> None:
+        await asyncio.gather(*(worker(tally) for _ in range(concurrency)))
+
+    return await measured(concurrency, len(requests), metrics_url, load)
 
 
 async def run_stream_level(
@@ -168,9 +192,6 @@ async def run_stream_level(
 ) -> Row:
     """The same requests over one ClassifyStream with `window` unanswered at a time (the stream's analogue
     of `window` calls in flight); latency is from a request's write to its response."""
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    tokens = items = 0
     free = asyncio.Semaphore(window)
     sent: list[float] = []
 
@@ -180,37 +201,16 @@ async def run_stream_level(
             sent.append(time.perf_counter())
             yield req
 
-    before = scrape_batches(metrics_url)
-    start = time.perf_counter()
-    deadline = timeout * max(1, len(requests) // window)  # the stream's, scaled from the per-call one
-    async for answer in stub.ClassifyStream(produce(), metadata=metadata, timeout=deadline):
-        free.release()
-        if answer.HasField("error"):
-            errors[answer.error.status] = errors.get(answer.error.status, 0) + 1
-            continue
-        latencies.append((time.perf_counter() - sent[answer.sequence]) * 1e3)
-        items += len(answer.response.results)
-        tokens += sum(r.tokens for r in answer.response.results)
-    wall = time.perf_counter() - start
-    after = scrape_batches(metrics_url)
-    avg_batch = None
-    if before and after and after[1] > before[1]:
-        avg_batch = (after[0] - before[0]) / (after[1] - before[1])
-    latencies.sort()
-    return Row(
-        concurrency=window,
-        calls=len(requests),
-        ok=len(latencies),
-        errors=errors,
-        wall_s=wall,
-        calls_per_s=len(latencies) / wall,
-        items_per_s=items / wall,
-        tokens_per_s=tokens / wall,
-        p50_ms=percentile(latencies, 0.50),
-        p90_ms=percentile(latencies, 0.90),
-        p99_ms=percentile(latencies, 0.99),
-        avg_batch_sequences=avg_batch,
-    )
+    async def load(tally: Tally) -> None:
+        deadline = timeout * max(1, len(requests) // window)  # the stream's, scaled from the per-call one
+        async for answer in stub.ClassifyStream(produce(), metadata=metadata, timeout=deadline):
+            free.release()
+            if answer.HasField("error"):
+                tally.failed(answer.error.status)
+            else:
+                tally.answered((time.perf_counter() - sent[answer.sequence]) * 1e3, answer.response)
+
+    return await measured(window, len(requests), metrics_url, load)
 
 
 def print_table(rows: list[Row], mix: str, items_per_call: int) -> None:

@@ -159,6 +159,21 @@ def test_chunks_that_always_fail_are_dead_lettered_and_the_job_still_finishes(
     assert "chunk" in status.error and "gave up after 3 attempts" in status.error
 
 
+def a_healthy_worker_finishes(
+    server: RedisServer,
+    start_worker: Callable[..., Worker],
+    client: JobClient,
+    job: str,
+    items: list[dict[str, str]],
+    clf: Any,
+) -> None:
+    """After a worker stopped itself: nothing was dead-lettered, and a healthy worker completes every item
+    (chunks of 20, queue "q")."""
+    assert server.client().llen(DEAD_LETTER) == 0
+    start_worker(server.url, queue="q")
+    check_complete(client, job, items, 20, clf)
+
+
 @pytest.mark.parametrize("pool", ["solo", "prefork"])
 def test_a_worker_that_cannot_load_its_model_hands_chunks_back_uncounted_and_exits(
     pool: str,
@@ -178,9 +193,7 @@ def test_a_worker_that_cannot_load_its_model_hands_chunks_back_uncounted_and_exi
     status = client.status(job)
     assert (status.state, status.done, status.failed) == ("queued", 0, 0)  # no item failed for the worker
     assert attempts(redis_server, job) == {}  # and no delivery counted against a chunk
-    assert redis_server.client().llen(DEAD_LETTER) == 0
-    start_worker(redis_server.url, queue="q")
-    check_complete(client, job, items, 20, tiny_classifier)
+    a_healthy_worker_finishes(redis_server, start_worker, client, job, items, tiny_classifier)
 
 
 def test_a_broken_device_stops_the_worker_and_a_healthy_one_finishes_the_job(
@@ -196,9 +209,7 @@ def test_a_broken_device_stops_the_worker_and_a_healthy_one_finishes_the_job(
     assert sick.proc.wait(120) == 2  # it stopped itself instead of failing every chunk it would take next
     assert "the device failed in job broken-device chunk 1" in sick.text()
     assert attempts(redis_server, job)[1] == 1  # the delivery that broke the device counted once
-    assert redis_server.client().llen(DEAD_LETTER) == 0
-    start_worker(redis_server.url, queue="q")
-    check_complete(client, job, items, 20, tiny_classifier)
+    a_healthy_worker_finishes(redis_server, start_worker, client, job, items, tiny_classifier)
 
 
 def test_redis_restart_without_persistence_reports_the_job_lost(
