@@ -227,9 +227,10 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
                 if (task := order.get_nowait()) is not None:
                     task.cancel()
         if drained:
+            rest = f"the ones after sequence {sequence - 1}" if sequence else "all of them"
             raise UnavailableError(
-                f"server is draining: {sequence} requests of this stream were answered; send the ones after "
-                f"sequence {sequence - 1} to another replica"
+                f"server is draining: {sequence} requests of this stream were answered; send {rest} to "
+                "another replica"
             )
 
     async def _stream_message(self, task: asyncio.Task[Any], sequence: int) -> Any:
