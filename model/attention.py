@@ -103,10 +103,10 @@ class Attention:
         ctx.dense = not padded
         key_ok = ctx.valid[:, None, None, :]  # (B, 1, 1, S)
         if padded:
-            # pad queries see themselves, so no row is fully masked (no NaN); pad rows are dropped later
-            eye = torch.eye(S, dtype=torch.bool, device=device)
-            pad_q = ~ctx.valid[:, None, :, None]  # (B, 1, S, 1)
-            ctx.global_mask = key_ok | (pad_q & eye)
+            # a key-padding mask broadcast over the queries: every sequence has a real key, so no row is fully
+            # masked (pad query rows see the real keys and are dropped later); SDPA reads it with a zero query
+            # stride instead of a (B, 1, S, S) mask
+            ctx.global_mask = key_ok
         block = 2 * self.window
         if S >= 2 * (block + 2 * self.window):
             # long bucket: a local layer costs S x 4w per head in query blocks instead of S x S
