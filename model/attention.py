@@ -68,7 +68,7 @@ class AttentionContext:
     window: int
     index: torch.Tensor | None = None  # sdpa: (B, S) gather index into the stream
     valid: torch.Tensor | None = None  # sdpa: (B, S) True on real tokens
-    global_mask: torch.Tensor | None = None  # sdpa: (B, 1, 1|S, S) bool, None when nothing is padded
+    global_mask: torch.Tensor | None = None  # sdpa: (B, 1, 1, S) bool key padding, None when none is padded
     local_mask: torch.Tensor | None = None  # sdpa: (B, 1, S, S) bool, None when no key is out of the window
     block: int = 0  # sdpa on long buckets: local layers run query blocks of this size (0 = dense band mask)
     block_mask: torch.Tensor | None = None  # (B*nb, 1, block, block + 2*window) bool
