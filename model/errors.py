@@ -20,6 +20,7 @@ class InvalidInputError(SafetyError, ValueError):
     def __init__(self, message: str, *, field: str, index: int | None = None) -> None:
         self.field = field
         self.index = index
+        self.reason = message  # what is wrong, without where
         where = f"items[{index}].{field}" if index is not None else field
         self.where = where
         super().__init__(f"{where}: {message}")

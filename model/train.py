@@ -38,7 +38,7 @@ from model.attention import Attention, pick_backend
 from model.classifier import Classifier, Encoded, Item, Limits, check_limits
 from model.config import ModernBertConfig
 from model.errors import CheckpointError, ConfigError, InvalidInputError
-from model.items import ROLES
+from model.items import Fields, check_item
 from model.jsonl import read_jsonl
 from model.loading import load_model
 from model.modernbert import (
@@ -112,12 +112,10 @@ def read_rows(path: Path) -> list[Row]:
     for where, obj in read_jsonl(path):
         text, role, context = obj.get("text"), obj.get("role") or "prompt", obj.get("context") or None
         labels = obj.get("labels")
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidInputError("must be a non-empty string", field=f"{where}.text")
-        if role not in ROLES:
-            raise InvalidInputError(f"must be one of {ROLES}, got {role!r}", field=f"{where}.role")
-        if context is not None and (role != "response" or not isinstance(context, str)):
-            raise InvalidInputError("must be a string, on role 'response' only", field=f"{where}.context")
+        try:  # the item rules of every front end (model.items), reported at FILE:LINE
+            check_item(Fields(text, role, context, None), 0)
+        except InvalidInputError as e:
+            raise InvalidInputError(e.reason, field=f"{where}.{e.field}") from None
         if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
             raise InvalidInputError("must be a list of label names ([] = benign)", field=f"{where}.labels")
         source = obj.get("source") if isinstance(obj.get("source"), str) else ""
