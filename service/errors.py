@@ -93,10 +93,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.unary_unary is not None:
             return with_behavior(handler, _wrap_unary(handler.unary_unary))
-        if handler.unary_stream is not None:
-            return with_behavior(handler, _wrap_stream(handler.unary_stream))
-        if handler.stream_stream is not None:
-            return with_behavior(handler, _wrap_stream(handler.stream_stream))
+        stream = handler.unary_stream or handler.stream_stream
+        if stream is not None:
+            return with_behavior(handler, _wrap_stream(stream))
         return handler
 
 

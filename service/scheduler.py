@@ -129,7 +129,7 @@ class Scheduler:
         on_device_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         """`on_device_failure(exc)`: called once, from a scheduler thread, when a batch fails with an error
-        that broke the device for good (`model.runner.device_failed`); by then every queued call has failed
+        that broke the device for good (`model.errors.device_failed`); by then every queued call has failed
         with UnavailableError and no new one is admitted."""
         self.clf = clf
         self.on_device_failure = on_device_failure

@@ -280,12 +280,11 @@ async def serve(settings: ServeSettings, classifier: ClassifierSource = None) ->
         if failed.done():  # a sticky CUDA error: every later batch would fail too
             log.critical("the device failed: NOT_SERVING, draining, exiting 1 to have this replica replaced")
             stopping.cancel()
-            await app.drain()
-            return 1
-        failed.cancel()
-        log.info("signal received")
+        else:
+            failed.cancel()
+            log.info("signal received")
     await app.drain()
-    return 0
+    return 1 if app.device_failed.is_set() else 0
 
 
 __all__ = ["ApiKeyInterceptor", "SafetyServer", "create_server", "pb2", "serve", "warm_up"]
