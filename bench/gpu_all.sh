@@ -12,11 +12,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/.cache/gpu-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/out}"
+PY="${PYTHON:-python3}"  # the GPU image has python3 (the one with torch), not always python
 CKPT="$(mktemp -d)/base"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python bench/gpu.py --model-dir "$CKPT" --out "$OUT" "$@" || echo "# bench/gpu.py exited with $? (JSON so far: $OUT/gpu.json)"
+"$PY" bench/gpu.py --model-dir "$CKPT" --out "$OUT" "$@" || echo "# bench/gpu.py exited with $? (JSON so far: $OUT/gpu.json)"
 test -f "$CKPT/model.safetensors" || exit 1
 # the attention kernel gpu.py measured with (it falls back to sdpa if the default failed on this card)
-ATTN="$(python -c "import json,sys; print(json.load(open(sys.argv[1])).get('backend', 'auto'))" "$OUT/gpu.json" 2>/dev/null || echo auto)"
-python bench/e2e.py --model "$CKPT" --device "${DEVICE:-cuda}" --attention "$ATTN" --items 20000 \
+ATTN="$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1])).get('backend', 'auto'))" "$OUT/gpu.json" 2>/dev/null || echo auto)"
+"$PY" bench/e2e.py --model "$CKPT" --device "${DEVICE:-cuda}" --attention "$ATTN" --items 20000 \
     --items-per-call 16 --concurrency 1,4,16,64,128 --latency-calls 300 --stream --json "$OUT/e2e.json"
