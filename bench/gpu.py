@@ -11,8 +11,9 @@ no flash-attn, no celery). Steps:
      ours compiled; real tokens/s, peak GiB, ratios measured here;
   5. budget sweep: ours eager on traffic and long_var at token budgets around the probed default;
   6. no host-device sync while a batch is packed, copied and queued (sync-debug mode "error");
-     latency of one 128-token item (eager, compiled): host launch time vs the whole forward, which says
-     whether CUDA graphs would pay on the latency path;
+     CUDA graphs (model/graphs.py): replayed vs ungraphed logits, latency of one 128-token item (host launch
+     time vs the whole forward) and small-batch throughput (1, 4, 16 items per call), graphs off and on;
+     the attention kernel alone: local (window 64) vs global on short, traffic and 8192-token batches;
   7. profile: the top device kernels of ours eager (and compiled) on part of the traffic mix;
   8. memory: peak device memory above the loaded baseline for one input of 512 ... 8192 tokens and for one
      full default token budget of 512-token inputs, ours and HF; GiB per 1k tokens shows linear growth;
@@ -233,6 +234,61 @@ def latency(clf, device, repeat: int = 50) -> dict:
     return {"launch_ms": statistics.median(launch) * 1e3, "total_ms": statistics.median(total) * 1e3}
 
 
+@contextlib.contextmanager
+def graphs_off(clf):
+    """The classifier with its CUDA graphs set aside (every batch launched kernel by kernel)."""
+    saved = clf.runner.graphs
+    clf.runner.graphs = None
+    try:
+        yield clf
+    finally:
+        clf.runner.graphs = saved
+
+
+def small_batches(clf, seqs: list[list[int]], device, sizes=(1, 4, 16), calls: int = 100) -> list[dict]:
+    """Back-to-back `forward` calls of 1, 4, 16 traffic items (each waits for its logits, as one scheduler
+    batch does): calls/s and tokens/s."""
+    rows = []
+    for size in sizes:
+        batches = [[seqs[(i * size + j) % len(seqs)] for j in range(size)] for i in range(calls)]
+        clf.forward(batches[0])
+        sec = timed(lambda b=batches: [clf.forward(x) for x in b], device)
+        tokens = sum(len(s) for b in batches for s in b)
+        rows.append({"items": size, "calls_per_s": calls / sec, "ms_per_call": sec / calls * 1e3,
+                     "tokens_per_s": tokens / sec})  # fmt: skip
+    return rows
+
+
+def attention_kernels(device, window: int, heads: int = 12, head_dim: int = 64) -> list[dict]:
+    """The varlen kernel alone, local (window, window) vs global, on packs of one length mix: ms per call
+    and TFLOP/s counted as full attention (4 S^2 D per head): whether local layers skip far key blocks."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    from bench.workloads import anchor_workloads
+
+    mixes = {"1024 x 128": [128] * 1024, "traffic[:2048]": anchor_workloads()["traffic"].lengths[:2048],
+             "16 x 8192": [8192] * 16}  # fmt: skip
+    rows = []
+    for name, lengths in mixes.items():
+        T = sum(lengths)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        q, k, v = (torch.randn(T, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+        flops = sum(4 * n * n * head_dim * heads for n in lengths)
+        S = max(lengths)
+        for label, w in (("global", -1), ("local", window)):
+            varlen_attn(q, k, v, cu, cu, S, S, window_size=(w, w))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                varlen_attn(q, k, v, cu, cu, S, S, window_size=(w, w))
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / 10
+            rows.append({"mix": name, "kind": label, "tokens": T, "ms": ms, "full_tflops": flops / ms / 1e9})
+            log(f"attention {name:<16} {label:<6} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s (as full)")
+    return rows
+
+
 def profile(clf, seqs: list[list[int]], device, rows: int = 12) -> str:
     """Top device kernels (self time) of one `run_windows` over `seqs`."""
     from torch.profiler import ProfilerActivity
@@ -250,6 +306,10 @@ def profile(clf, seqs: list[list[int]], device, rows: int = 12) -> str:
         except (AttributeError, KeyError, ValueError):
             continue
     return avg.table(row_limit=rows)
+
+
+def graph_capture_s(clf) -> float:
+    return clf.runner.graphs.capture_s if clf.runner.graphs is not None else 0.0
 
 
 def main() -> None:
@@ -347,23 +407,66 @@ def main() -> None:
     if device.type == "cuda":
         with rep.step("no sync in launch"):
             # lengths and max_seqlen are host values: queueing a batch must not wait for the device
-            probe = workloads["traffic"].sequences()[:256]
-            for label, engine in engines:
-                engine.forward(probe)
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    launched = engine.launch(probe)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-                engine.collect(launched)
-                out.setdefault("no_sync_in_launch", []).append(label)
-                log(f"# {label}: launch made no host-device sync")
+            # (256 sequences run ungraphed; 4 replay a CUDA graph when graphs are on)
+            for size in (256, 4):
+                probe = workloads["traffic"].sequences()[:size]
+                for label, engine in engines:
+                    engine.forward(probe)
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        launched = engine.launch(probe)
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                    engine.collect(launched)
+                    out.setdefault("no_sync_in_launch", []).append(f"{label} ({size} sequences)")
+                    log(f"# {label}: launch of {size} sequences made no host-device sync")
+
+    for label, engine in engines:
+        log(f"# {label}: CUDA graphs {engine.graphs_text} (captured in {graph_capture_s(engine):.1f} s)")
+    out["cuda_graphs"] = {label: engine.graphs_text for label, engine in engines}
+    graphed = [(label, engine) for label, engine in engines if engine.runner.graphs is not None]
+
+    with rep.step("graph parity"):
+        probe_sets = [[[CLS, *([7] * 126), SEP]], workloads["traffic"].sequences()[:16],
+                      [[CLS, 9, SEP], [CLS, *range(7, 600), SEP], [CLS, 8, 8, SEP]]]  # fmt: skip
+        for label, engine in graphed:
+            with graphs_off(engine):
+                plain = [engine.forward(p) for p in probe_sets]
+            diff = max(
+                float((engine.forward(p) - q).abs().max()) for p, q in zip(probe_sets, plain, strict=True)
+            )
+            out.setdefault("graph_vs_plain", {})[label] = diff
+            log(f"# {label}: graphed vs ungraphed max |Δ logit| {diff:.4f}")
 
     with rep.step("latency"):
-        out["latency"] = {label: latency(engine, device) for label, engine in engines}
-        for label, lat in out["latency"].items():
-            log(f"latency {label:<14} 1 x 128 tokens: launch {lat['launch_ms']:.2f} ms of "
-                f"{lat['total_ms']:.2f} ms")  # fmt: skip
+        lat = out["latency"] = {}
+        for label, engine in engines:
+            with graphs_off(engine):
+                lat[label] = latency(engine, device)
+            if engine.runner.graphs is not None:
+                lat[label + "_graphs"] = latency(engine, device)
+        for label, row in lat.items():
+            log(f"latency {label:<21} 1 x 128 tokens: launch {row['launch_ms']:.2f} ms of "
+                f"{row['total_ms']:.2f} ms")  # fmt: skip
+
+    with rep.step("small batches"):
+        rows_small = out["small_batches"] = []
+        arrival = workloads["traffic"].sequences()
+        for label, engine in engines:
+            variants = [("off", graphs_off(engine))]
+            if engine.runner.graphs is not None:
+                variants.append(("on", contextlib.nullcontext(engine)))
+            for mode, ctx in variants:
+                with ctx:
+                    for row in small_batches(engine, arrival, device, calls=20 if args.smoke else 100):
+                        rows_small.append({"engine": label, "graphs": mode, **row})
+                        log(f"small batch {label:<14} graphs {mode:<3} {row['items']:>2} items/call: "
+                            f"{row['ms_per_call']:7.2f} ms/call  "
+                            f"{row['tokens_per_s'] / 1e3:8.1f}k tok/s")  # fmt: skip
+
+    if device.type == "cuda" and clf.backend == "varlen":
+        with rep.step("attention kernels"):
+            out["attention_kernels"] = attention_kernels(device, clf.config.window)
 
     traffic = workloads["traffic"].sequences()[: 64 if args.smoke else 2048]
     for label, engine in engines:
@@ -371,7 +474,7 @@ def main() -> None:
             out[f"profile_{label}"] = table = profile(engine, traffic, device)
             log(table)
 
-    with rep.step("memory"):
+    with rep.step("memory"), graphs_off(clf):  # a replay allocates nothing new: measure the plain forward
         out["memory"] = memory(
             hf16, clf, device, [64, 128, 256] if args.smoke else [512, 1024, 2048, 4096, 8192]
         )

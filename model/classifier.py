@@ -106,6 +106,14 @@ class Classifier:
         """How the batch token budget was chosen, for logs and info(): "set" when the caller set it."""
         return self.budget.describe() if self.budget else "set"
 
+    @property
+    def graphs_text(self) -> str:
+        """Do small batches replay CUDA graphs: "N buckets up to T tokens", "off", or why capture failed."""
+        r = self.runner
+        if r.graphs is not None:
+            return f"{len(r.graphs.shapes)} buckets up to {r.graphs.shapes[-1].tokens} tokens"
+        return f"off (capture failed: {r.graph_error})" if r.graph_error else "off"
+
     # ---- description --------------------------------------------------------------------------------------
     @property
     def labels(self) -> list[str]:
@@ -143,6 +151,7 @@ class Classifier:
             "device": self.device,
             "dtype": self.dtype,
             "backend": self.backend,
+            "cuda_graphs": self.graphs_text,
             "version": VERSION,
         }
 
@@ -399,8 +408,10 @@ def load_classifier(
     backend: str | None = None,
     compile: bool | str = False,
     copy_stream: bool = True,
+    graphs: bool | None = None,
 ) -> Classifier:
-    """Load a checkpoint directory (or the bundled default when `path` is None) ready to classify."""
+    """Load a checkpoint directory (or the bundled default when `path` is None) ready to classify.
+    `graphs`: CUDA graphs for small batches (None: on for CUDA with a varlen kernel; model/graphs.py)."""
     dev = resolve_device(device)
     directory = Path(path) if path is not None else default_model_dir()
     if not directory.is_dir():
@@ -412,7 +423,9 @@ def load_classifier(
             f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{config.vocab_size}"
         )
-    runner = Runner(net, dev, resolve_dtype(dtype, dev), backend, compile=compile, copy_stream=copy_stream)
+    runner = Runner(
+        net, dev, resolve_dtype(dtype, dev), backend, compile=compile, copy_stream=copy_stream, graphs=graphs
+    )
     max_tokens = max_tokens or config.max_position_embeddings
     budget = None
     # unset: fixed on the CPU, sized to the free memory on CUDA (model/budget.py); a max_tokens out of range

@@ -1,11 +1,11 @@
 """The engine's settings, shared by `safety serve` and `safety worker`: which checkpoint, where, and how.
 
 Owns: the `SAFETY_*` variables that choose and shape the classifier (model, device, dtype, CPU threads,
-attention kernel, torch.compile, batch token and sequence budgets, the character limit of a text), their
-defaults, their validation, and `load()`, which turns them into a `Classifier` (threads set first, compile
-decided from the device). `ServeSettings` and `WorkerSettings` extend this dataclass, so the two front ends
-read the same variables the same way. Must not know: gRPC, Celery, Redis, the error type a front end raises
-(a subclass gives `bad()`).
+attention kernel, torch.compile, CUDA graphs, batch token and sequence budgets, the character limit of a
+text), their defaults, their validation, and `load()`, which turns them into a `Classifier` (threads set
+first, compile decided from the device). `ServeSettings` and `WorkerSettings` extend this dataclass, so the
+two front ends read the same variables the same way. Must not know: gRPC, Celery, Redis, the error type a
+front end raises (a subclass gives `bad()`).
 """
 
 from __future__ import annotations
@@ -60,6 +60,13 @@ class EngineSettings:
         "torch.compile the network when the model loads and warm every bucket shape before the first "
         "request or chunk: auto (on for CUDA, off on CPU, where it measured no gain) | on | off",
     )
+    cuda_graphs: str = setting(
+        "auto",
+        "SAFETY_CUDA_GRAPHS",
+        str,
+        "replay CUDA graphs for small batches (up to 4096 tokens), captured when the model loads: auto (on "
+        "for CUDA with a varlen attention kernel) | on | off",
+    )
     max_batch_tokens: int | None = setting(
         None,
         "SAFETY_MAX_BATCH_TOKENS",
@@ -99,6 +106,8 @@ class EngineSettings:
             yield "attention", f"must be auto, flash_attn, varlen or sdpa, got {self.attention!r}"
         if self.compile not in COMPILE:
             yield "compile", f"must be auto, on or off, got {self.compile!r}"
+        if self.cuda_graphs not in COMPILE:
+            yield "cuda_graphs", f"must be auto, on or off, got {self.cuda_graphs!r}"
 
     def wants_compile(self, cuda_available: bool | None = None) -> bool:
         """SAFETY_COMPILE: auto compiles on CUDA only (on CPU, compiled and eager measured the same speed)."""
@@ -129,4 +138,5 @@ class EngineSettings:
             max_batch_sequences=self.max_batch_sequences,
             backend=None if self.attention == "auto" else self.attention,
             compile=self.wants_compile(),
+            graphs={"auto": None, "on": True, "off": False}[self.cuda_graphs],
         )

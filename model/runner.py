@@ -4,17 +4,20 @@ Owns: packed batch (list of token-id lists) -> logits, on the chosen device, wit
 `max_seqlen`) so no device->host sync happens inside a batch; pinned host buffers and non-blocking copies on
 CUDA, on a copy stream of their own so the next batch's transfer overlaps the current batch's compute (the
 compute stream waits for it on the device, never the host); `run` keeps one batch queued ahead so host-side
-packing overlaps device compute. Must not know: tokenization, windows, thresholds, queues, gRPC or Celery.
+packing overlaps device compute; small batches replay a CUDA graph (model/graphs.py) when graphs are on.
+Must not know: tokenization, windows, thresholds, queues, gRPC or Celery.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable, Iterator
 
 import torch
 
 from model.attention import Attention, pick_backend
+from model.graphs import GraphSet, graph_shapes
 from model.modernbert import ModernBertForSequenceClassification
 from model.packing import Packed, pack
 
@@ -58,7 +61,11 @@ class Runner:
         backend: str | None = None,
         compile: bool | str = False,
         copy_stream: bool = True,
+        graphs: bool | None = False,
     ) -> None:
+        """`graphs`: capture CUDA graphs for small batches (None: on when the device is CUDA and the kernel
+        is a varlen one; True refuses a setup that cannot have them). A capture that fails on this device
+        leaves graphs off, with the reason in `graph_error`."""
         self.device = device
         self.dtype = dtype
         self.backend = pick_backend(device, backend)
@@ -73,6 +80,36 @@ class Runner:
         self.compiled = bool(compile)
         if compile:
             self._compile(None if compile is True else compile)
+        self.graphs: GraphSet | None = None
+        self.graph_error: str | None = None
+        graphable = device.type == "cuda" and self.backend in ("flash_attn", "varlen")
+        if graphs and not graphable:
+            raise ValueError(
+                f"cuda_graphs: CUDA graphs need a CUDA device and a varlen attention kernel, got {device} "
+                f"with {self.backend!r}"
+            )
+        if graphs or (graphs is None and graphable):
+            self.capture_graphs()
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> bool:
+        """Capture the small-batch CUDA graphs (compiling first when compiled). False, with `graph_error`
+        set, when this device cannot capture them: the runner then stays ungraphed."""
+        positions = self.net.config.max_position_embeddings
+        shapes = graph_shapes(positions)
+        if not shapes:
+            self.graph_error = f"max_position_embeddings ({positions}) is below the smallest graph bucket"
+            return False
+        graphs = GraphSet(lambda batch: self.net(batch, self.attn), shapes, self.device)
+        try:
+            graphs.capture()
+        except Exception as e:  # a kernel this device cannot capture: run ungraphed, say why
+            self.graph_error = f"{type(e).__name__}: {e}"
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(self.device)
+            return False
+        self.graphs, self.graph_error = graphs, None
+        return True
 
     def _compile(self, mode: str | None) -> None:
         """`torch.compile(dynamic=True)` of the attention-free regions (embeddings, qkv + RoPE, output +
@@ -93,6 +130,11 @@ class Runner:
         for it (on CUDA the kernels run asynchronously, so the caller can pack and queue the next batch
         before `collect` waits for this one). CPU: computed when this returns."""
         batch = pack(sequences)
+        if self.graphs is not None:
+            with self._lock:
+                replayed = self.graphs.launch(batch)
+            if replayed is not None:
+                return replayed
         cuda = self.device.type == "cuda"
         pinned = batch.pin_memory() if cuda else None
         with self._lock:

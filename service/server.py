@@ -184,6 +184,7 @@ class SafetyServer:
                 "labels": clf.labels,
                 "max_batch_tokens": clf.limits.max_batch_tokens,
                 "budget": clf.budget_text,
+                "cuda_graphs": clf.graphs_text,
             },
         )
 

@@ -48,6 +48,7 @@ def test_env_then_flags() -> None:
         ({"SAFETY_TLS_CERT": "/c.pem"}, "SAFETY_TLS_CERT"),
         ({"SAFETY_LOG_FORMAT": "xml"}, "SAFETY_LOG_FORMAT"),
         ({"SAFETY_COMPILE": "yes"}, "SAFETY_COMPILE"),
+        ({"SAFETY_CUDA_GRAPHS": "always"}, "SAFETY_CUDA_GRAPHS"),
         ({"SAFETY_ATTENTION": "flash"}, "SAFETY_ATTENTION"),
         ({"SAFETY_THREADS": "0"}, "SAFETY_THREADS"),
         ({"SAFETY_ADDRESS": "localhost"}, "SAFETY_ADDRESS"),
