@@ -95,7 +95,7 @@ def test_graph_replay_equals_the_ungraphed_forward(tiny_model_dir: Path, compile
     graphed = load_classifier(tiny_model_dir, device="cuda", compile=compile, graphs=True)
     plain = load_classifier(tiny_model_dir, device="cuda", compile=compile, graphs=False)
     assert graphed.runner.graphs is not None, graphed.runner.graph_error
-    for lengths in ([3], [100, 7, 33], [200] * 9, [1000, 5]):
+    for lengths in ([3], [100, 7, 33], [100] * 9, [1000, 5]):  # all under the 1024-token top bucket
         seqs = _seqs(lengths)
         assert pick_shape(graphed.runner.graphs.shapes, sum(lengths), len(lengths)) is not None
         first = graphed.forward(seqs)
