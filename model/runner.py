@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from model.attention import Attention, pick_backend
+from model.budget import probe_shape
 from model.graphs import GraphSet, graph_shapes
 from model.modernbert import ModernBertForSequenceClassification
 from model.packing import Packed, pack
@@ -80,6 +81,8 @@ class Runner:
         self.compiled = bool(compile)
         if compile:
             self._compile(None if compile is True else compile)
+            if device.type == "cuda":
+                self._first_compile_on_a_large_batch()
         self.graphs: GraphSet | None = None
         self.graph_error: str | None = None
         graphable = device.type == "cuda" and self.backend in ("flash_attn", "varlen")
@@ -110,6 +113,15 @@ class Runner:
             return False
         self.graphs, self.graph_error = graphs, None
         return True
+
+    def _first_compile_on_a_large_batch(self) -> None:
+        """Compile now, on a full-size batch (the longest sequences, ~32k tokens), before the graph buckets
+        or the budget probe run anything. Inductor picks its Triton kernels' block sizes from the shapes of
+        the first call it compiles, even with dynamic shapes: on an H100, compiling first on the 256-token
+        graph bucket made the RoPE kernel 57% slower per call (231 -> 362 us) and brought LayerNorm into the
+        top kernels (155 us) on the 131k-token batches that carry the throughput (docs/benchmarks.md)."""
+        length, count = probe_shape(self.net.config.max_position_embeddings)
+        self.forward([[0] * length] * count)
 
     def _compile(self, mode: str | None) -> None:
         """`torch.compile(dynamic=True)` of the attention-free regions (embeddings, qkv + RoPE, output +
