@@ -7,7 +7,7 @@
 Writes `throughput.png` (tokens/s per engine and workload, ours vs HF, one panel per file),
 `latency.png` (p50/p90/p99 latency against achieved throughput from bench/grpc_load.py) and `memory.png`
 (peak memory of one input against its length, ours vs HF, from the memory tables of bench/cpu.py and
-bench/gpu.py).
+bench/gpu.py) and, with `--graphs gpu.json`, `graphs.png` (small-batch call time, CUDA graphs off vs on).
 """
 
 from __future__ import annotations
@@ -119,11 +119,39 @@ def memory(cpu_files: list[Path], gpu_file: Path | None, out: Path) -> None:
     fig.savefig(out / "memory.png", dpi=120)
 
 
+def graphs(gpu_file: Path, out: Path) -> None:
+    """`graphs.png`: milliseconds per `forward` call of 1, 4, 16 traffic items with CUDA graphs off and on,
+    eager and compiled (bench/gpu.py's "small batches" step)."""
+    d = json.loads(gpu_file.read_text())
+    rows = d.get("small_batches", [])
+    if not rows:
+        return
+    sizes = sorted({r["items"] for r in rows})
+    variants = sorted({(r["engine"], r["graphs"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(variants)
+    for k, (engine, mode) in enumerate(variants):
+        per = {r["items"]: r["ms_per_call"] for r in rows if (r["engine"], r["graphs"]) == (engine, mode)}
+        ms = [per[n] for n in sizes]
+        xs = [i + k * width for i in range(len(sizes))]
+        bars = ax.bar(xs, ms, width, label=f"{engine.removeprefix('ours_')}, graphs {mode}")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(
+        [i + width * (len(variants) - 1) / 2 for i in range(len(sizes))], [f"{n} items" for n in sizes]
+    )
+    ax.set_ylabel("ms per call (logits on the host)")
+    ax.set_title(f"Small batches of traffic items, {d['card']}, base shape, bf16", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "graphs.png", dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cpu", nargs="*", type=Path, default=[])
     ap.add_argument("--gpu", type=Path, default=None)
     ap.add_argument("--grpc", type=Path, nargs="+", default=None, help="grpc_load.py or e2e.py JSON files")
+    ap.add_argument("--graphs", type=Path, default=None, help="a gpu.py JSON with the small-batch step")
     ap.add_argument("--out", type=Path, default=Path("docs/img"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -132,6 +160,8 @@ def main() -> None:
         memory(args.cpu, args.gpu, args.out)
     if args.grpc:
         latency(args.grpc, args.out)
+    if args.graphs:
+        graphs(args.graphs, args.out)
 
 
 if __name__ == "__main__":
