@@ -8,7 +8,7 @@ arithmetic, unit-tested on the CPU), and `GraphSet`, which captures one graph pe
 smallest that fits. A padded batch holds the real sequences, then zero-length sequences up to the bucket's
 slot count, then one pad sequence with the remaining tokens (never empty). The varlen kernels never mix
 sequences, so a real sequence sees exactly what it would unpadded; `max_seqlen` is the bucket's token
-count, an upper bound for every batch it takes. Large batches are GPU-bound and run ungraphed.
+count, an upper bound for every batch it takes. Batches of 4,096 tokens or more run ungraphed.
 Must not know: tokenizers, windows, thresholds, queues, gRPC, Celery.
 """
 
@@ -24,7 +24,11 @@ import torch
 from model.packing import Packed
 
 SMALLEST = 256  # tokens in the smallest bucket (a 128-token item plus its pad sequence fits)
-LARGEST = 4096  # above this a batch keeps the GPU busy longer than the host takes to launch it
+# A graph fixes max_seqlen at its bucket's size, so the attention grid (max_seqlen / 128 x slots x heads
+# blocks, most exiting at once) and the graph's memory pool grow with the bucket: stop at 4,096 tokens. Bigger
+# batches come from a loaded queue, where the scheduler keeps two in flight and one's launch overlaps the
+# other's compute.
+LARGEST = 4096
 SLOTS_PER_TOKEN = 16  # a bucket of T tokens takes up to T / 16 sequences (at least 16)
 
 
