@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from model.classifier import Classifier
 
 ATTENTION = ("auto", "flash_attn", "varlen", "sdpa")
-COMPILE = ("auto", "on", "off")
+AUTO_ON_OFF = ("auto", "on", "off")  # SAFETY_COMPILE, SAFETY_CUDA_GRAPHS
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,9 @@ class EngineSettings:
                 yield name, f"must be a positive integer, got {value!r}"
         if self.attention not in ATTENTION:
             yield "attention", f"must be auto, flash_attn, varlen or sdpa, got {self.attention!r}"
-        if self.compile not in COMPILE:
-            yield "compile", f"must be auto, on or off, got {self.compile!r}"
-        if self.cuda_graphs not in COMPILE:
-            yield "cuda_graphs", f"must be auto, on or off, got {self.cuda_graphs!r}"
+        for name in ("compile", "cuda_graphs"):
+            if getattr(self, name) not in AUTO_ON_OFF:
+                yield name, f"must be auto, on or off, got {getattr(self, name)!r}"
 
     def wants_compile(self, cuda_available: bool | None = None) -> bool:
         """SAFETY_COMPILE: auto compiles on CUDA only (on CPU, compiled and eager measured the same speed)."""

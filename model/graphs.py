@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.packing import Packed
+from model.packing import Packed, pack
 
 SMALLEST = 256  # tokens in the smallest bucket (a 128-token item plus its pad sequence fits)
 # A graph fixes max_seqlen at its bucket's size, so the attention grid (max_seqlen / 128 x slots x heads
@@ -83,15 +83,7 @@ def pad_packed(batch: Packed, shape: GraphShape) -> Packed:
 
 def filler(shape: GraphShape) -> Packed:
     """A host batch of `shape` used to capture its graph: one 1-token sequence, the rest padding."""
-    one = Packed(
-        input_ids=torch.zeros(1, dtype=torch.long),
-        positions=torch.zeros(1, dtype=torch.long),
-        seq_index=torch.zeros(1, dtype=torch.long),
-        cu_seqlens=torch.tensor([0, 1], dtype=torch.int32),
-        lengths=(1,),
-        max_seqlen=1,
-    )
-    return pad_packed(one, shape)
+    return pad_packed(pack([[0]]), shape)
 
 
 @dataclass
@@ -139,7 +131,7 @@ class GraphSet:
     def launch(self, batch: Packed) -> torch.Tensor | None:
         """Replay the graph that takes this host batch; None when no bucket does (run it ungraphed)."""
         shape = pick_shape(self.shapes, batch.num_tokens, batch.num_seqs)
-        if shape is None or shape not in self.graphs:
+        if shape is None:
             return None
         captured = self.graphs[shape]
         padded = pad_packed(batch, shape).pin_memory()

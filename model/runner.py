@@ -96,8 +96,8 @@ class Runner:
 
     @torch.inference_mode()
     def capture_graphs(self) -> bool:
-        """Capture the small-batch CUDA graphs (compiling first when compiled). False, with `graph_error`
-        set, when this device cannot capture them: the runner then stays ungraphed."""
+        """Capture the small-batch CUDA graphs (a compiled CUDA runner has already compiled on a large batch).
+        False, with `graph_error` set, when this device cannot capture them: the runner stays ungraphed."""
         positions = self.net.config.max_position_embeddings
         shapes = graph_shapes(positions)
         if not shapes:
