@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
+from model.errors import OverloadedError
 from service.client import AsyncSafetyClient, SafetyClient
 from service.server import SafetyServer
 from service.stubs import pb2
@@ -100,6 +101,20 @@ def test_requests_of_one_stream_are_queued_together_up_to_the_inflight_bound(
 
 def test_admission_refuses_single_requests_of_a_stream(start_server: Any, stub_for: Any) -> None:
     app = start_server(max_queue_items=4, metrics_address=None)
+    # the refusals are answered in sequence order, after the admitted four: watch the admission itself, so
+    # the runner is released only once the last request was refused (released earlier, it was admitted
+    # behind the drained queue: 2 refused instead of 3, once in a full run)
+    refusals: list[int] = []
+    admit = app.scheduler._admit_items
+
+    def counting_admit(n: int) -> None:
+        try:
+            admit(n)
+        except OverloadedError:
+            refusals.append(n)
+            raise
+
+    app.scheduler._admit_items = counting_admit
     release = threading.Event()
     app.scheduler.hold_runner()
     try:
@@ -108,6 +123,7 @@ def test_admission_refuses_single_requests_of_a_stream(start_server: Any, stub_f
         reading = threading.Thread(target=lambda: answers.extend(stream))
         reading.start()
         wait_until(lambda: in_queue(app) == 4, what="the admission bound filled")
+        wait_until(lambda: len(refusals) == 3, what="the three requests over the bound refused")
         app.scheduler.release_runner()
         release.set()
         reading.join(30)
