@@ -56,6 +56,41 @@ def engine_run(clf, texts: list[str], repeat: int = 2) -> dict:
     return {"wall_s": best, "items_per_s": len(texts) / best, "tokens_per_s": tokens / best}
 
 
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) per thread of a process, by thread id, with the thread's OS name (Linux's
+    /proc; {} elsewhere). The server names its Python threads (safety-runner, safety-encode_N, ...); "main"
+    is the event loop (gRPC, protobuf, the servicer); threads still named after the executable are native
+    pools started before the naming (the tokenizer's Rust pool, torch's intra-op threads, gRPC's own)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()  # fields 3.. of proc(5)'s stat
+            tid = int(task.name)
+            out[tid] = ("main" if tid == pid else name, (int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
+            continue
+    return out
+
+
+def thread_usage(before: dict, after: dict, wall_s: float, items: int, top: int = 8) -> list[dict]:
+    """The busiest server threads over one level: CPU microseconds per item and the share of the wall time
+    each was busy. A thread near 100% busy is what bounds the server (the GIL bounds the Python ones
+    together: the sum of their shares cannot pass ~100%)."""
+    rows = []
+    for tid, (name, cpu) in after.items():
+        used = cpu - before.get(tid, (name, 0.0))[1]
+        if used > 0:
+            rows.append({"thread": name, "tid": tid, "us_per_item": used / max(items, 1) * 1e6,
+                         "busy": used / wall_s})  # fmt: skip
+    return sorted(rows, key=lambda r: -r["busy"])[:top]
+
+
+def usage_line(rows: list[dict]) -> str:
+    return "  ".join(f"{r['thread']} {r['busy']:.0%} ({r['us_per_item']:.0f} us/item)" for r in rows)
+
+
 async def wait_serving(target: str, proc: subprocess.Popen, timeout: float) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -101,9 +136,18 @@ async def grpc_run(
         stub = pb2_grpc.SafetyClassifierStub(ch)
         levels = [int(c) for c in str(args.concurrency).split(",")]
         await run_level(stub, reqs[: max(1, 64 // k)], levels[0], (), args.timeout, None)  # warm-up
-        rows = [await run_level(stub, reqs, c, (), args.timeout, metrics) for c in levels]
+
+        async def measured(level):  # a level, and what each server thread spent on it
+            before, t0 = thread_cpu(proc.pid), time.perf_counter()
+            row = await level
+            wall = time.perf_counter() - t0
+            return row, thread_usage(before, thread_cpu(proc.pid), wall, row.ok * k)
+
+        rows = [await measured(run_level(stub, reqs, c, (), args.timeout, metrics)) for c in levels]
         streams = [
-            await run_stream_level(stub, reqs, c, (), args.timeout, metrics) for c in levels if args.stream
+            await measured(run_stream_level(stub, reqs, c, (), args.timeout, metrics))
+            for c in levels
+            if args.stream
         ]
         one = [pb2.ClassifyRequest(items=[pb2.Item(text=t)]) for t in singles]
         single = await run_level(stub, one, 1, (), args.timeout, None) if one else None
@@ -164,6 +208,9 @@ def main() -> None:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    usage = {r.concurrency: u for r, u in rows}
+    stream_usage = {r.concurrency: u for r, u in streams}
+    rows, streams = [r for r, _ in rows], [r for r, _ in streams]
     row = max(rows, key=lambda r: r.tokens_per_s)
     ratio = row.tokens_per_s / engine["tokens_per_s"]
     print(f"# bench/e2e.py  model={model_path} device={device} items={len(texts)} mix={args.mix} "
@@ -175,6 +222,8 @@ def main() -> None:
               f"p50 {r.p50_ms:.1f} ms  p99 {r.p99_ms:.1f} ms  batch {r.avg_batch_sequences or 0:.1f}  "
               f"errors {r.errors or 0}")  # fmt: skip
     print(f"gRPC / engine = {ratio:.2f} (at c={row.concurrency})")
+    if usage[row.concurrency]:
+        print(f"  server threads at c={row.concurrency}: {usage_line(usage[row.concurrency])}")
     for r in streams:
         print(f"stream w={r.concurrency:<4}: {r.items_per_s:7.1f} items/s  {r.tokens_per_s:10.0f} tokens/s  "
               f"p50 {r.p50_ms:.1f} ms  p99 {r.p99_ms:.1f} ms  batch {r.avg_batch_sequences or 0:.1f}  "
@@ -183,6 +232,8 @@ def main() -> None:
         best = max(streams, key=lambda r: r.tokens_per_s)
         share = best.tokens_per_s / engine["tokens_per_s"]
         print(f"ClassifyStream / engine = {share:.2f} (at w={best.concurrency})")
+        if stream_usage[best.concurrency]:
+            print(f"  server threads at w={best.concurrency}: {usage_line(stream_usage[best.concurrency])}")
     if single is not None:
         print(f"one 128-token item per call, c=1: p50 {single.p50_ms:.2f} ms  p90 {single.p90_ms:.2f} ms  "
               f"p99 {single.p99_ms:.2f} ms  ({single.ok} calls)")  # fmt: skip
@@ -191,8 +242,10 @@ def main() -> None:
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(
-            {"args": vars(args), "device": device, "engine": engine, "grpc": asdict(row), "ratio": ratio,
-             "levels": [asdict(r) for r in rows], "stream_levels": [asdict(r) for r in streams],
+            {"args": vars(args), "device": device, "engine": engine,
+             "grpc": {**asdict(row), "server_threads": usage[row.concurrency]}, "ratio": ratio,
+             "levels": [{**asdict(r), "server_threads": usage[r.concurrency]} for r in rows],
+             "stream_levels": [{**asdict(r), "server_threads": stream_usage[r.concurrency]} for r in streams],
              "single_item": asdict(single) if single else None},
             indent=1))  # fmt: skip
 

@@ -26,6 +26,7 @@ from model.errors import CheckpointError, ConfigError, InvalidInputError, ModelN
 from model.items import Fields, check_item, fields_of
 from model.loading import LoadReport, load_model
 from model.runner import Runner, resolve_device, resolve_dtype
+from model.threads import name_os_thread
 from model.tokenizer import TextTokenizer
 from model.windows import keep_end, split_windows
 
@@ -193,9 +194,10 @@ class Classifier:
             zip(ctx_idx, self.tokenizer.encode_batch([items[i].context for i in ctx_idx]), strict=True)
         )
         out = []
-        for i, (item, (ids, offsets)) in enumerate(zip(items, texts, strict=True)):
+        for i, (item, tokens) in enumerate(zip(items, texts, strict=True)):
+            ids = tokens.ids
             if i in contexts:
-                ctx = keep_end(contexts[i][0], lim.max_context_tokens)
+                ctx = keep_end(contexts[i].ids, lim.max_context_tokens)
                 size = lim.max_tokens - tpl.pair_extra - len(ctx)
                 build = lambda w, ctx=ctx: tpl.pair(ctx, w)  # noqa: E731
             else:
@@ -203,7 +205,7 @@ class Classifier:
                 build = tpl.single
             ranges = split_windows(len(ids), size, lim.window_overlap)
             windows = [build(ids[a:b]) for a, b in ranges]
-            spans = [(offsets[a][0], offsets[b - 1][1]) for a, b in ranges] if ids else [(0, len(item.text))]
+            spans = [tokens.span(a, b) for a, b in ranges] if ids else [(0, len(item.text))]
             out.append(Encoded(id=item.id, windows=windows, spans=spans, tokens=len(ids)))
         return out
 
@@ -303,7 +305,8 @@ class Classifier:
         if len(chunks) <= 1:
             yield from (self.encode(c) for c in chunks)
             return
-        with ThreadPoolExecutor(1, thread_name_prefix="safety-encode-ahead") as pool:
+        named = dict(initializer=name_os_thread, initargs=("safety-ahead",))
+        with ThreadPoolExecutor(1, "safety-encode-ahead", **named) as pool:
             future = pool.submit(self.encode, chunks[0])
             for following in [*chunks[1:], None]:
                 encoded = future.result()
@@ -345,14 +348,14 @@ class Classifier:
         b_ids = self.tokenizer.encode_batch(list(pairs)) if pairs is not None else None
         seqs: list[list[int]] = []
         owner: list[int] = []
-        for i, (ids, _) in enumerate(a_ids):
+        for i, ids in enumerate(t.ids for t in a_ids):
             if b_ids is None:
                 size, build = lim.max_tokens - tpl.single_extra, tpl.single
                 for a, b in split_windows(len(ids), size, lim.window_overlap):
                     seqs.append(build(ids[a:b]))
                     owner.append(i)
             else:
-                first, second = ids, b_ids[i][0]
+                first, second = ids, b_ids[i].ids
                 size = lim.max_tokens - tpl.pair_extra - len(first)
                 if size <= lim.window_overlap:
                     raise InvalidInputError("first text leaves no room for the pair", index=i, field="text")

@@ -3,16 +3,23 @@
 Owns: reading the CPU limit of this process — its affinity mask and a cgroup CPU quota (v2 `cpu.max`, v1
 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), which is what a Kubernetes CPU limit becomes — and setting torch's
 intra-op threads from it. `os.cpu_count()` reports the node's cores: a pod limited to 4 CPUs on a 64-core node
-would otherwise run 64 threads and be throttled. Must not know: gRPC, Celery, the model.
+would otherwise run 64 threads and be throttled. Also names OS threads after their Python threads
+(`name_os_thread`), so each thread's CPU time can be read from outside.
+Must not know: gRPC, Celery, the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
 import os
+import sys
+import threading
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")
+PR_SET_NAME = 15  # prctl(2): set the calling thread's name
 
 
 def cgroup_quota(root: Path = CGROUP) -> float | None:
@@ -55,3 +62,15 @@ def configure_threads(threads: int | None = None, environ: dict[str, str] | None
         raise ValueError(f"threads: must be >= 1, got {n}")
     torch.set_num_threads(n)
     return n
+
+
+def name_os_thread(name: str | None = None) -> None:
+    """Give the calling thread its Python name (or `name`) in the OS too, truncated to 15 bytes: Linux shows
+    it in /proc/PID/task/TID/comm, `top -H` and profilers, so per-thread CPU time can be read off a running
+    server (bench/e2e.py does). Threads it starts afterwards (the tokenizer's Rust pool, torch's intra-op
+    pool) inherit the name. Does nothing where the OS call is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return
+    label = (name or threading.current_thread().name).encode()[:15]
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(label), 0, 0, 0)

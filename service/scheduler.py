@@ -42,6 +42,7 @@ from model.errors import (
     device_failed,
 )
 from model.planner import next_batch
+from model.threads import name_os_thread
 
 log = logging.getLogger("safety.service.scheduler")
 
@@ -141,7 +142,9 @@ class Scheduler:
         self.max_queue_items = max_queue_items
         self.padded = clf.padded
         self.metrics: SchedulerMetrics = metrics or _NoMetrics()
-        self._pool = ThreadPoolExecutor(max_workers=encode_threads, thread_name_prefix="safety-encode")
+        self._pool = ThreadPoolExecutor(
+            max_workers=encode_threads, thread_name_prefix="safety-encode", initializer=name_os_thread
+        )
         self._cond = threading.Condition()
         self._pending: list[_Window] = []  # arrival order: index 0 is the oldest
         self._slot: list[_Window] | None = None  # the next batch, formed while the runner computes
@@ -342,6 +345,7 @@ class Scheduler:
 
     # ---- batch former thread --------------------------------------------------------------------------
     def _form_loop(self) -> None:
+        name_os_thread()
         while True:
             with self._cond:
                 while True:
@@ -383,6 +387,7 @@ class Scheduler:
 
     # ---- runner thread --------------------------------------------------------------------------------
     def _run_loop(self) -> None:
+        name_os_thread()
         try:
             while True:
                 self._in_flight.acquire()  # released by the collector once a batch's logits are read
@@ -432,6 +437,7 @@ class Scheduler:
         return launched
 
     def _collect_loop(self) -> None:
+        name_os_thread("safety-collect")  # the OS keeps 15 bytes
         while (launched := self._launched.get()) is not None:
             try:
                 self._collect(launched)

@@ -69,5 +69,22 @@ def test_e2e_script_against_a_real_server(tmp_path: Path, tiny_model_dir: Path) 
     assert data["engine"]["tokens_per_s"] > 0 and data["ratio"] > 0
     assert data["single_item"]["ok"] == 5 and data["single_item"]["p50_ms"] > 0
     assert "gRPC / engine" in out and "one 128-token item per call" in out
+    if sys.platform.startswith("linux"):  # each level says which server threads were busy (from /proc)
+        threads = {t["thread"] for lv in data["levels"] for t in lv["server_threads"]}
+        assert {"main", "safety-runner"} <= threads, threads
+        assert all(0 <= t["busy"] < 3 for lv in data["levels"] for t in lv["server_threads"])
+        assert "server threads at c=" in out
     run("bench/plot.py", "--grpc", str(tmp_path / "e.json"), "--out", str(tmp_path))
     assert (tmp_path / "latency.png").stat().st_size > 10_000
+
+
+def test_host_script_stages(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out = run("bench/host.py", "--model", str(tiny_model_dir), "--items", "64", "--items-per-call", "8",
+              "--repeat", "1", "--batch-tokens", "2048", "--pending", "32",
+              "--json", str(tmp_path / "h.json"))  # fmt: skip
+    data = json.loads((tmp_path / "h.json").read_text())
+    stages = {r["stage"]: r for r in data["stages"]}
+    assert len(stages) == 9 and all(r["us_per_item"] > 0 for r in stages.values())
+    assert [r["gil"] for r in stages.values()].count(False) == 1  # only Rust tokenization runs without it
+    assert data["gil_us_per_item"] > 0 and data["tokens_per_item"] > 0
+    assert "held the GIL, in all" in out

@@ -1,13 +1,15 @@
-"""CPU limits from cgroup files (written here) and torch's thread setting."""
+"""CPU limits from cgroup files (written here), torch's thread setting, and OS thread names."""
 
 from __future__ import annotations
 
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from model.threads import available_cpus, cgroup_quota, configure_threads
+from model.threads import available_cpus, cgroup_quota, configure_threads, name_os_thread
 
 
 def test_cgroup_v2_quota(tmp_path: Path) -> None:
@@ -54,3 +56,19 @@ def test_configure_threads_sets_torch() -> None:
             configure_threads(-2)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc thread names are Linux's")
+def test_os_thread_name_follows_the_python_name_and_is_cut_to_15_bytes() -> None:
+    seen: dict[str, str] = {}
+
+    def body(key: str, name: str | None) -> None:
+        name_os_thread(name)
+        seen[key] = Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()
+
+    for key, name in (("own", None), ("given", "a-much-longer-name-than-fifteen")):
+        t = threading.Thread(target=body, args=(key, name), name="safety-test")
+        t.start()
+        t.join()
+    assert seen == {"own": "safety-test", "given": "a-much-longer-n"}
+    assert Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip() != "safety-test"

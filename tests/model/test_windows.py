@@ -49,7 +49,8 @@ def short_clf(tiny_model_dir):
 
 def test_long_text_max_over_windows_and_spans(short_clf) -> None:
     text = " ".join(f"sentence {i} about bread and ovens." for i in range(40))
-    (ids, offsets), = short_clf.tokenizer.encode_batch([text])  # fmt: skip
+    (tokens,) = short_clf.tokenizer.encode_batch([text])
+    ids, offsets = tokens.ids, tokens.offsets
     (res,) = short_clf.classify([Item(text, id="doc")])
     ranges = split_windows(len(ids), 38, 8)
     assert res.windows == len(ranges) > 3 and res.tokens == len(ids)
@@ -71,7 +72,7 @@ def test_context_is_cut_from_its_start_and_repeated(short_clf) -> None:
     (enc,) = short_clf.encode(
         short_clf.coerce_items([{"text": response, "role": "response", "context": context}])
     )
-    (ctx_ids, _), (resp_ids, _) = short_clf.tokenizer.encode_batch([context, response])
+    ctx_ids, resp_ids = (t.ids for t in short_clf.tokenizer.encode_batch([context, response]))
     kept = ctx_ids[-10:]
     tpl = short_clf.tokenizer.template
     assert len(enc.windows) > 1
@@ -127,3 +128,16 @@ def test_aggregate_on_rows_equals_the_tensor_reductions(short_clf, problem_type:
     assert res.spans[clf.labels[0]] == (0, 5)
     assert res.flagged_labels == [lab for lab in clf.labels if res.scores[lab] >= 0.3]
     assert (res.windows, res.tokens, res.id) == (4, 17, "x")
+
+
+def test_token_spans_match_the_offsets_of_every_range(tiny_classifier) -> None:
+    """`Tokens.span` reads two offsets from the Rust encoding instead of converting the whole list: it must
+    give the same characters as the full offsets list for any token range, multi-byte characters included."""
+    texts = ["plain words", "déjà vu — naïve café", "日本語の文", "😀👍🏽 mixed 😀 text", " \t\n x", "a"]
+    for tokens, text in zip(tiny_classifier.tokenizer.encode_batch(texts), texts, strict=True):
+        offsets = tokens.offsets
+        assert len(offsets) == len(tokens.ids) > 0
+        for a in range(len(offsets)):
+            for b in range(a + 1, len(offsets) + 1):
+                assert tokens.span(a, b) == (offsets[a][0], offsets[b - 1][1]), (text, a, b)
+        assert 0 <= tokens.span(0, len(offsets))[0] <= tokens.span(0, len(offsets))[1] <= len(text)
