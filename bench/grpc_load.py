@@ -8,7 +8,8 @@ Lengths: `traffic` is gpu-anchor.md's moderation mix (log-normal, median 120 tok
 the distribution of bench/workloads.py's `traffic` (drawn here without torch); `fixed:N` is N tokens per
 item. Texts are made of common words, sized with a tokens-per-word ratio measured on the server first (one
 probe call), so the server's own tokenizer decides the real lengths; the table reports the tokens the
-server counted. With `--metrics URL` the average batch size the scheduler formed is read from Prometheus.
+server counted. With `--metrics URL` the average batch size the scheduler formed, and the share of the time
+its device was busy (`safety_device_seconds_total`), are read from Prometheus.
 `--stream` sends each level's calls over one ClassifyStream instead, with "concurrency" requests unanswered.
 Latency is end to end from a Python grpc.aio client on the same machine: on a small CPU box the client
 itself costs a share of the cores.
@@ -77,6 +78,7 @@ class Row:
     p90_ms: float
     p99_ms: float
     avg_batch_sequences: float | None
+    device_busy: float | None = None  # share of the wall time the server's device spent on batches
 
 
 def percentile(sorted_ms: list[float], q: float) -> float:
@@ -85,17 +87,21 @@ def percentile(sorted_ms: list[float], q: float) -> float:
     return sorted_ms[min(len(sorted_ms) - 1, max(0, math.ceil(q * len(sorted_ms)) - 1))]
 
 
-def scrape_batches(url: str | None) -> tuple[float, float] | None:
+SCRAPED = ("safety_batch_size_sum", "safety_batch_size_count", "safety_device_seconds_total")
+
+
+def scrape(url: str | None) -> dict[str, float] | None:
+    """The server's batch counters (`SCRAPED`) from its Prometheus endpoint; None without a URL."""
     if not url:
         return None
     with urllib.request.urlopen(url, timeout=5) as r:
         text = r.read().decode()
-    values = {}
+    values = dict.fromkeys(SCRAPED, 0.0)
     for line in text.splitlines():
         key, _, value = line.rpartition(" ")
-        if key in ("safety_batch_size_sum", "safety_batch_size_count"):
+        if key in values:
             values[key] = float(value)
-    return values.get("safety_batch_size_sum", 0.0), values.get("safety_batch_size_count", 0.0)
+    return values
 
 
 async def tokens_per_word(stub: pb2_grpc.SafetyClassifierStub, metadata: tuple, rng: random.Random) -> float:
@@ -130,14 +136,17 @@ async def measured(
     """Run `load` (all of one level's calls) and summarise it: throughput, latency percentiles, and the
     average batch the server formed meanwhile (from its metrics, when a URL is given)."""
     tally = Tally()
-    before = scrape_batches(metrics_url)
+    before = scrape(metrics_url)
     start = time.perf_counter()
     await load(tally)
     wall = time.perf_counter() - start
-    after = scrape_batches(metrics_url)
-    avg_batch = None
-    if before and after and after[1] > before[1]:
-        avg_batch = (after[0] - before[0]) / (after[1] - before[1])
+    after = scrape(metrics_url)
+    avg_batch = device_busy = None
+    if before and after:
+        delta = {k: after[k] - before[k] for k in SCRAPED}
+        if delta["safety_batch_size_count"] > 0:
+            avg_batch = delta["safety_batch_size_sum"] / delta["safety_batch_size_count"]
+        device_busy = delta["safety_device_seconds_total"] / wall
     latencies = sorted(tally.latencies)
     return Row(
         concurrency=concurrency,
@@ -152,6 +161,7 @@ async def measured(
         p90_ms=percentile(latencies, 0.90),
         p99_ms=percentile(latencies, 0.99),
         avg_batch_sequences=avg_batch,
+        device_busy=device_busy,
     )
 
 
@@ -216,11 +226,12 @@ async def run_stream_level(
 def print_table(rows: list[Row], mix: str, items_per_call: int) -> None:
     print(f"mix={mix} items/call={items_per_call}")
     print(f"{'conc':>5} {'calls':>6} {'ok':>6} {'calls/s':>9} {'items/s':>9} {'tokens/s':>10} "
-          f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'batch':>6}  errors")  # fmt: skip
+          f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'batch':>6} {'device':>6}  errors")  # fmt: skip
     for r in rows:
         batch = f"{r.avg_batch_sequences:6.1f}" if r.avg_batch_sequences is not None else f"{'-':>6}"
+        busy = f"{r.device_busy:6.0%}" if r.device_busy is not None else f"{'-':>6}"
         print(f"{r.concurrency:>5} {r.calls:>6} {r.ok:>6} {r.calls_per_s:>9.1f} {r.items_per_s:>9.1f} "
-              f"{r.tokens_per_s:>10.0f} {r.p50_ms:>8.2f} {r.p90_ms:>8.2f} {r.p99_ms:>8.2f} {batch}  "
+              f"{r.tokens_per_s:>10.0f} {r.p50_ms:>8.2f} {r.p90_ms:>8.2f} {r.p99_ms:>8.2f} {batch} {busy}  "
               f"{r.errors or ''}")  # fmt: skip
 
 

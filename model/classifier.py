@@ -25,7 +25,7 @@ from model.config import ModernBertConfig
 from model.errors import CheckpointError, ConfigError, InvalidInputError, ModelNotFoundError
 from model.items import Fields, check_item, fields_of
 from model.loading import LoadReport, load_model
-from model.runner import Runner, resolve_device, resolve_dtype
+from model.runner import Launched, Runner, resolve_device, resolve_dtype
 from model.threads import name_os_thread
 from model.tokenizer import TextTokenizer
 from model.windows import keep_end, split_windows
@@ -224,11 +224,12 @@ class Classifier:
         """Token-id lists -> fp32 logits (n, num_labels) on the CPU."""
         return self.runner.forward(sequences)
 
-    def launch(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Queue a batch on the device without waiting (a scheduler's runner); `collect` reads it back."""
+    def launch(self, sequences: list[list[int]]) -> Launched:
+        """Queue a batch on the device without waiting (a scheduler's runner); `collect` reads it back, and
+        then `Launched.device_seconds()` says how long the device spent on it."""
         return self.runner.launch(sequences)
 
-    def collect(self, launched: torch.Tensor) -> torch.Tensor:
+    def collect(self, launched: Launched) -> torch.Tensor:
         """Wait for a launched batch: fp32 logits (n, num_labels) on the CPU."""
         return self.runner.collect(launched)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -51,6 +53,33 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in DTYPES:
         raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+@dataclass(eq=False)
+class Launched:
+    """A batch queued on the device: its logits (maybe still being computed) and what times its forward."""
+
+    logits: torch.Tensor
+    start: torch.cuda.Event | None  # CUDA: recorded on the compute stream around the forward
+    end: torch.cuda.Event | None
+    host_seconds: float = 0.0  # CPU: the forward's wall time (it ran inside `launch`)
+
+    def device_seconds(self) -> float:
+        """Device time of the forward: the CUDA events' elapsed time (once `collect` has waited for the batch,
+        so reading them costs no extra sync; on a busy stream the start fires when the previous batch ends,
+        so consecutive batches never count the same time twice), the forward's wall time on the CPU."""
+        if self.start is None or self.end is None:
+            return self.host_seconds
+        return self.start.elapsed_time(self.end) / 1e3
+
+
+def _record(device: torch.device) -> torch.cuda.Event | None:
+    """A timing event recorded now on the device's current stream (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 class Runner:
@@ -137,22 +166,25 @@ class Runner:
         net.head.forward = torch.compile(net.head.forward, **opts)
 
     @torch.inference_mode()
-    def launch(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Pack on the host and queue the batch on the device; returns the logits tensor without waiting
-        for it (on CUDA the kernels run asynchronously, so the caller can pack and queue the next batch
-        before `collect` waits for this one). CPU: computed when this returns."""
+    def launch(self, sequences: list[list[int]]) -> Launched:
+        """Pack on the host and queue the batch on the device; returns without waiting for it (on CUDA the
+        kernels run asynchronously, so the caller can pack and queue the next batch before `collect` waits
+        for this one). CPU: computed when this returns."""
         batch = pack(sequences)
         if self.graphs is not None:
             with self._lock:
+                start = _record(self.device)
                 replayed = self.graphs.launch(batch)
-            if replayed is not None:
-                return replayed
+                if replayed is not None:
+                    return Launched(replayed, start, _record(self.device))
         cuda = self.device.type == "cuda"
         pinned = batch.pin_memory() if cuda else None
         with self._lock:
             if pinned is not None:
                 batch = self._to_device(pinned)
-            return self.net(batch, self.attn)
+            start, t0 = _record(self.device), time.perf_counter()
+            logits = self.net(batch, self.attn)
+            return Launched(logits, start, _record(self.device), time.perf_counter() - t0)
 
     def _to_device(self, pinned: Packed) -> Packed:
         """Non-blocking host->device copy; on the copy stream when there is one, with the compute stream
@@ -171,9 +203,9 @@ class Runner:
         return batch
 
     @staticmethod
-    def collect(logits: torch.Tensor) -> torch.Tensor:
+    def collect(launched: Launched) -> torch.Tensor:
         """Wait for a launched batch: fp32 logits (n, num_labels) on the CPU."""
-        return logits.float().cpu()
+        return launched.logits.float().cpu()
 
     def forward(self, sequences: list[list[int]]) -> torch.Tensor:
         """Token-id lists (specials included) -> fp32 logits (n, num_labels) on the CPU."""
@@ -182,7 +214,7 @@ class Runner:
     def run(self, batches: Iterable[list[list[int]]]) -> Iterator[torch.Tensor]:
         """Logits per batch, in order, with one batch queued ahead: batch i+1 is packed, copied and queued
         on the device before the host waits for batch i, so the device never idles between batches."""
-        pending: torch.Tensor | None = None
+        pending: Launched | None = None
         for sequences in batches:
             launched = self.launch(sequences)
             if pending is not None:

@@ -66,8 +66,13 @@ class Metrics:
         )
         self.inference_seconds = Histogram(
             "safety_inference_seconds",
-            "per batch: device launch to logits read back (incl. queueing behind the previous batch)",
+            "device time per batch (CUDA events around the forward on a GPU; its wall time on the CPU)",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.device_seconds = Counter(
+            "safety_device_seconds",
+            "device time spent on batches; its rate is the share of time the device is busy",
             registry=r,
         )
         self.dropped = Counter(
@@ -91,6 +96,7 @@ class Metrics:
         self.batch_size.observe(sequences)
         self.batch_tokens.observe(tokens)
         self.inference_seconds.observe(seconds)
+        self.device_seconds.inc(seconds)
         for w in waits:
             self.queue_seconds.observe(w)
 

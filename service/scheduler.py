@@ -31,8 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
-
 from model import Classifier, Encoded, Item, Result, Rows
 from model.errors import (
     DeadlineExceededError,
@@ -42,6 +40,7 @@ from model.errors import (
     device_failed,
 )
 from model.planner import next_batch
+from model.runner import Launched
 from model.threads import name_os_thread
 
 log = logging.getLogger("safety.service.scheduler")
@@ -75,7 +74,7 @@ class Outcome:
     results: list[Result]
     tokenize_s: float
     queue_s: float  # longest wait of any of the request's windows
-    inference_s: float  # device time of the distinct batches the request ran in
+    inference_s: float  # device time of the distinct batches the request ran in (Launched.device_seconds)
 
 
 @dataclass(eq=False)
@@ -102,8 +101,7 @@ class _Launched:
     batch_id: int
     waits: list[float]
     tokens: int
-    t0: float
-    logits: torch.Tensor | None  # on the device, maybe still being computed; None when the launch failed
+    handle: Launched | None  # on the device, maybe still being computed; None when the launch failed
     error: Exception | None = None
 
 
@@ -426,12 +424,9 @@ class Scheduler:
         """Pack and queue the batch on the device (asynchronous on CUDA; computed at once on the CPU)."""
         self._batch_counter += 1
         tokens = sum(len(w.ids) for w in batch)
-        t0 = time.perf_counter()
-        launched = _Launched(
-            batch, self._batch_counter, [started - w.enqueued for w in batch], tokens, t0, None
-        )
+        launched = _Launched(batch, self._batch_counter, [started - w.enqueued for w in batch], tokens, None)
         try:
-            launched.logits = self.clf.launch([w.ids for w in batch])
+            launched.handle = self.clf.launch([w.ids for w in batch])
         except Exception as exc:
             launched.error = exc
         return launched
@@ -450,8 +445,9 @@ class Scheduler:
         try:
             if launched.error is not None:
                 raise launched.error
-            assert launched.logits is not None
-            rows = Rows.of(self.clf, self.clf.collect(launched.logits))
+            assert launched.handle is not None
+            rows = Rows.of(self.clf, self.clf.collect(launched.handle))
+            seconds = launched.handle.device_seconds()
         except Exception as exc:
             log.exception("batch of %d sequences (%d tokens) failed", len(batch), tokens, exc_info=exc)
             if device_failed(exc):
@@ -460,7 +456,6 @@ class Scheduler:
             with self._cond:
                 self._fail_locked({w.req for w in batch}, exc, "batch_failed")
             return
-        seconds = time.perf_counter() - launched.t0
         self.batches_run += 1
         self.sequences_run += len(batch)
         self.metrics.batch(len(batch), tokens, seconds, waits)

@@ -68,6 +68,8 @@ def test_e2e_script_against_a_real_server(tmp_path: Path, tiny_model_dir: Path) 
     assert data["grpc"] in data["levels"]  # the best level is the one the ratio uses
     assert data["engine"]["tokens_per_s"] > 0 and data["ratio"] > 0
     assert data["single_item"]["ok"] == 5 and data["single_item"]["p50_ms"] > 0
+    assert all(0 < lv["device_busy"] <= 1.05 for lv in data["levels"])  # from safety_device_seconds_total
+    assert data["engine"]["model_only_tokens_per_s"] > 0
     assert "gRPC / engine" in out and "one 128-token item per call" in out
     if sys.platform.startswith("linux"):  # each level says which server threads were busy (from /proc)
         threads = {t["thread"] for lv in data["levels"] for t in lv["server_threads"]}

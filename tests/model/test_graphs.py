@@ -104,3 +104,24 @@ def test_graph_replay_equals_the_ungraphed_forward(tiny_model_dir: Path, compile
         a, b = graphed.launch(seqs), graphed.launch(_seqs([17]))
         assert torch.equal(graphed.collect(a), first)
         assert torch.allclose(graphed.collect(b), plain.forward(_seqs([17])), atol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_device_time_of_graphed_and_ungraphed_batches(tiny_model_dir: Path) -> None:
+    """CUDA events time each batch on its stream: positive for a replay and an ungraphed forward alike, and
+    batches queued back to back never count the same time twice (their sum fits in the wall time)."""
+    import time
+
+    clf = load_classifier(tiny_model_dir, device="cuda", graphs=True)
+    small, large = _seqs([100, 7]), _seqs([1000] * 6)  # 6,000 tokens: above the top bucket, ungraphed
+    assert pick_shape(clf.runner.graphs.shapes, 6000, 6) is None
+    clf.forward(large)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    launched = [clf.launch(s) for s in (small, large, small, large)]
+    for x in launched:
+        clf.collect(x)
+    wall = time.perf_counter() - t0
+    seconds = [x.device_seconds() for x in launched]
+    assert all(s > 0 for s in seconds) and sum(seconds) <= wall, (seconds, wall)

@@ -24,6 +24,19 @@ def test_run_yields_each_batch_in_order(tiny_classifier) -> None:
     assert list(runner.run([])) == []
 
 
+def test_launched_batch_reports_its_device_time(tiny_classifier) -> None:
+    """On the CPU the forward runs inside `launch`: its wall time is the batch's device time."""
+    import time
+
+    runner = tiny_classifier.runner
+    t0 = time.perf_counter()
+    launched = runner.launch(_seqs([300, 40, 7]))
+    wall = time.perf_counter() - t0
+    assert torch.equal(runner.collect(launched), runner.forward(_seqs([300, 40, 7])))
+    assert 0 < launched.device_seconds() <= wall
+    assert launched.start is None and launched.end is None  # no CUDA events off the GPU
+
+
 def test_run_windows_across_many_batches_matches_single_forwards(tiny_model_dir: Path) -> None:
     # a budget this small forces one batch per few sequences, so the pipeline hands over many times
     clf = load_classifier(
