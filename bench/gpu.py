@@ -176,7 +176,9 @@ def workload_row(wl: Workload, hf16, engines, device) -> dict:
         try:  # one engine failing on this workload (a compile error, say) keeps HF's and the other's numbers
             engine.run_windows(seqs[: min(len(seqs), 64)])  # warm-up
             reset_peak(device)
+            busy = engine.runner.device_seconds
             sec = timed(lambda e=engine, s=seqs: e.run_windows(s), device)
+            busy = (engine.runner.device_seconds - busy) / sec  # CUDA events: the GPU's share of the time
         except Exception as e:
             row[label + "_error"] = f"{type(e).__name__}: {e}"[:2000]
             log(f"# {wl.name}: {label} failed: {row[label + '_error'][:300]}")
@@ -185,12 +187,15 @@ def workload_row(wl: Workload, hf16, engines, device) -> dict:
             continue
         row[label] = wl.tokens / sec
         row[label + "_gib"] = peak_gib(device)
+        row[label + "_device_busy"] = busy
     best = max(row.get("ours_compiled", 0.0), row.get("ours_eager", 0.0))
     k = {key: row.get(key, 0.0) / 1e3 for key in ("hf_arrival", "hf_sorted", "ours_eager", "ours_compiled")}
     log(f"{wl.name:<12} HF arrival {k['hf_arrival']:8.1f}k  HF sorted {k['hf_sorted']:8.1f}k  "
         f"ours eager {k['ours_eager']:8.1f}k  ours compiled {k['ours_compiled']:8.1f}k  "
         f"best/HF-sorted {best / row['hf_sorted']:.2f}x  "
-        f"peak GiB ours {row.get('ours_eager_gib', 0):.2f}")  # fmt: skip
+        f"peak GiB ours {row.get('ours_eager_gib', 0):.2f}  GPU busy eager "
+        f"{row.get('ours_eager_device_busy', 0):.0%} compiled "
+        f"{row.get('ours_compiled_device_busy', 0):.0%}")  # fmt: skip
     return row
 
 

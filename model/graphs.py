@@ -93,11 +93,19 @@ class Captured:
     logits: torch.Tensor  # static (seqs + 1, num_labels) output the replay writes
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A host batch made ready for one graph: padded to its bucket, in pinned memory."""
+
+    captured: Captured
+    inputs: Packed
+    num_seqs: int  # real sequences: the rows to return
+
+
 class GraphSet:
     """One CUDA graph per bucket, captured from `forward` (the runner's network call: eager or compiled).
-    `launch` replays the smallest fitting graph after copying the padded batch into its input buffers, all
-    on the current stream, and returns a fresh copy of the real rows (the next replay overwrites the static
-    output). Not thread-safe: the runner's lock serialises launches."""
+    `prepare` picks the smallest fitting graph and pads the batch for it on the host; `replay` runs it. Not
+    thread-safe: the runner's lock serialises replays."""
 
     def __init__(
         self, forward: Callable[[Packed], torch.Tensor], shapes: list[GraphShape], device: torch.device
@@ -128,14 +136,20 @@ class GraphSet:
         self.capture_s = time.perf_counter() - t0
         return self.capture_s
 
-    def launch(self, batch: Packed) -> torch.Tensor | None:
-        """Replay the graph that takes this host batch; None when no bucket does (run it ungraphed)."""
+    def prepare(self, batch: Packed) -> Prepared | None:
+        """Host side: the bucket that takes this batch and the batch padded to it in pinned memory; None when
+        no bucket does (run it ungraphed)."""
         shape = pick_shape(self.shapes, batch.num_tokens, batch.num_seqs)
         if shape is None:
             return None
-        captured = self.graphs[shape]
-        padded = pad_packed(batch, shape).pin_memory()
-        for dst, src in zip(captured.inputs.tensors(), padded.tensors(), strict=True):
+        return Prepared(self.graphs[shape], pad_packed(batch, shape).pin_memory(), batch.num_seqs)
+
+    @staticmethod
+    def replay(prepared: Prepared) -> torch.Tensor:
+        """Device side, on the current stream: copy the padded batch into the graph's input buffers, replay
+        it, and return a fresh copy of the real rows (the next replay overwrites the static output)."""
+        captured = prepared.captured
+        for dst, src in zip(captured.inputs.tensors(), prepared.inputs.tensors(), strict=True):
             dst.copy_(src, non_blocking=True)
         captured.graph.replay()
-        return captured.logits[: batch.num_seqs].clone()
+        return captured.logits[: prepared.num_seqs].clone()

@@ -108,6 +108,7 @@ class Runner:
         use_stream = copy_stream and device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if use_stream else None
         self.compiled = bool(compile)
+        self.device_seconds = 0.0  # device time of every batch collected so far (utilization = its rate)
         if compile:
             self._compile(None if compile is True else compile)
             if device.type == "cuda":
@@ -171,12 +172,11 @@ class Runner:
         kernels run asynchronously, so the caller can pack and queue the next batch before `collect` waits
         for this one). CPU: computed when this returns."""
         batch = pack(sequences)
-        if self.graphs is not None:
+        prepared = self.graphs.prepare(batch) if self.graphs is not None else None
+        if prepared is not None:
             with self._lock:
                 start = _record(self.device)
-                replayed = self.graphs.launch(batch)
-                if replayed is not None:
-                    return Launched(replayed, start, _record(self.device))
+                return Launched(GraphSet.replay(prepared), start, _record(self.device))
         cuda = self.device.type == "cuda"
         pinned = batch.pin_memory() if cuda else None
         with self._lock:
@@ -202,10 +202,12 @@ class Runner:
             t.record_stream(compute)
         return batch
 
-    @staticmethod
-    def collect(launched: Launched) -> torch.Tensor:
-        """Wait for a launched batch: fp32 logits (n, num_labels) on the CPU."""
-        return launched.logits.float().cpu()
+    def collect(self, launched: Launched) -> torch.Tensor:
+        """Wait for a launched batch: fp32 logits (n, num_labels) on the CPU (and add its device time to
+        `device_seconds`)."""
+        logits = launched.logits.float().cpu()
+        self.device_seconds += launched.device_seconds()
+        return logits
 
     def forward(self, sequences: list[list[int]]) -> torch.Tensor:
         """Token-id lists (specials included) -> fp32 logits (n, num_labels) on the CPU."""

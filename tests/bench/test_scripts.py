@@ -33,6 +33,7 @@ def test_gpu_script_smoke(tmp_path: Path) -> None:
     assert data["parity"]["ok"]
     (row,) = data["rows"]
     assert row["workload"] == "traffic" and row["ours_eager"] > 0 and row["hf_sorted"] > 0
+    assert 0 < row["ours_eager_device_busy"] <= 1.05  # the runner's device time over the timed run
     assert {r["budget"] for r in data["budget_sweep"]} == {8192, 16384}
     assert data["latency"]["ours_eager"]["total_ms"] >= data["latency"]["ours_eager"]["launch_ms"] > 0
     assert "aten::" in data["profile_ours_eager"]

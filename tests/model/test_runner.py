@@ -32,7 +32,10 @@ def test_launched_batch_reports_its_device_time(tiny_classifier) -> None:
     t0 = time.perf_counter()
     launched = runner.launch(_seqs([300, 40, 7]))
     wall = time.perf_counter() - t0
-    assert torch.equal(runner.collect(launched), runner.forward(_seqs([300, 40, 7])))
+    before = runner.device_seconds
+    logits = runner.collect(launched)
+    assert runner.device_seconds == before + launched.device_seconds()  # collect keeps the running total
+    assert torch.equal(logits, runner.forward(_seqs([300, 40, 7])))
     assert 0 < launched.device_seconds() <= wall
     assert launched.start is None and launched.end is None  # no CUDA events off the GPU
 
