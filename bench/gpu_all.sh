@@ -7,7 +7,8 @@
 #   2. bench/e2e.py: the same base-shape checkpoint through `python -m service` at 1..128 calls of 16 items in
 #      flight (128 x 16 stays under the default admission bound of 4096 queued items) vs the engine, the same
 #      levels over one ClassifyStream, then 300 one-item calls of 128 tokens (single-item latency);
-#      between the two, the CUDA-only tests (pytest -m gpu). E2E_ITEMS and E2E_LEVELS shrink step 2.
+#      between the two, the CUDA-only tests (pytest -m gpu). E2E_ITEMS and E2E_LEVELS shrink step 2;
+#      E2E_COMPILE=on runs both paths of step 2 compiled (the server's default on CUDA; ~30 s more each).
 # Output: stdout, and JSON under $OUT (gpu.json, e2e.json).
 # Checked on the CPU with: DEVICE=cpu OUT=/tmp/g bash bench/gpu_all.sh --smoke --no-compile --workloads traffic
 set -euo pipefail
@@ -28,4 +29,4 @@ if [ "${DEVICE:-cuda}" = cuda ]; then
 fi
 "$PY" bench/e2e.py --model "$CKPT" --device "${DEVICE:-cuda}" --attention "$ATTN" --items "${E2E_ITEMS:-20000}" \
     --items-per-call 16 --concurrency "${E2E_LEVELS:-1,4,16,64,128}" --latency-calls 300 --stream \
-    --json "$OUT/e2e.json"
+    --compile "${E2E_COMPILE:-off}" --json "$OUT/e2e.json"
