@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -89,6 +90,21 @@ class Rows:
     @staticmethod
     def of(clf: Classifier, logits: torch.Tensor) -> Rows:
         return Rows(logits.tolist(), clf.probabilities(logits).tolist())
+
+
+class _Chunk:
+    """One chunk of an offline `classify`: its items, its batch plan, and the logits read back so far."""
+
+    def __init__(self, encoded: list[Encoded], plan: list[list[int]], windows: int, labels: int) -> None:
+        self.encoded, self.plan = encoded, plan
+        self.logits = torch.empty(windows, labels)
+        self.read = 0  # batches read back
+
+    def add(self, out: torch.Tensor) -> bool:
+        """Store the next batch's logits; True once every batch of the chunk is in."""
+        self.logits[self.plan[self.read]] = out
+        self.read += 1
+        return self.read == len(self.plan)
 
 
 @dataclass
@@ -324,17 +340,31 @@ class Classifier:
         chunk_tokens: int | None = None,
     ) -> list[Result]:
         """Validate, then classify in chunks (`encode_ahead`: the next chunk is tokenized while this one
-        runs); results in item order."""
+        runs); results in item order. The batches of all chunks go to the runner as one stream, so it keeps
+        a batch queued ahead across chunk boundaries: the device does not drain while a finished chunk is
+        read back and aggregated and the next one is planned."""
         items = self.coerce_items(items)
         th = self.resolve_thresholds(thresholds)
+        chunks: deque[_Chunk] = deque()  # planned, not yet fully read back (the runner is one batch ahead)
+
+        def batches() -> Iterator[list[list[int]]]:
+            for encoded in self.encode_ahead(items, chunk_tokens):
+                sequences = [w for e in encoded for w in e.windows]  # every item has a window: never empty
+                plan = self.plan([len(s) for s in sequences])
+                chunk = _Chunk(encoded, plan, len(sequences), len(self.labels))
+                chunks.append(chunk)
+                yield from ([sequences[i] for i in b] for b in chunk.plan)
+
         results: list[Result] = []
-        for encoded in self.encode_ahead(items, chunk_tokens):
-            rows = Rows.of(self, self.run_windows([w for e in encoded for w in e.windows]))
-            k = 0
-            for e in encoded:
-                n = len(e.windows)
-                results.append(self.aggregate_rows(e, rows.logits[k : k + n], rows.probs[k : k + n], th))
-                k += n
+        for out in self.runner.run(batches()):
+            chunk = chunks[0]
+            if chunk.add(out):
+                chunks.popleft()
+                rows, k = Rows.of(self, chunk.logits), 0
+                for e in chunk.encoded:
+                    n = len(e.windows)
+                    results.append(self.aggregate_rows(e, rows.logits[k : k + n], rows.probs[k : k + n], th))
+                    k += n
         return results
 
     def logits(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> torch.Tensor:

@@ -56,3 +56,19 @@ def test_small_inputs_stay_on_the_calling_thread(tiny_classifier, monkeypatch) -
     assert len(clf.classify(_items(3))) == 3
     assert threads == [threading.current_thread().name]
     assert clf.classify([]) == [] and threads == [threading.current_thread().name]
+
+
+def test_the_runner_stays_a_batch_ahead_across_chunks(tiny_classifier, monkeypatch) -> None:
+    """Chunks feed one stream of batches: the next chunk's first batch is launched before the last batch of
+    the current chunk is read back, so the device never drains at a chunk boundary ("CC" — two reads with no
+    launch between them — happens only at the very end)."""
+    runner = tiny_classifier.runner
+    launch, collect, calls = runner.launch, runner.collect, []
+    monkeypatch.setattr(runner, "launch", lambda seqs: calls.append("L") or launch(seqs))
+    monkeypatch.setattr(runner, "collect", lambda launched: calls.append("C") or collect(launched))
+    items = _items(40)
+    chunked = tiny_classifier.classify(items, chunk_tokens=30)
+    pattern = "".join(calls)
+    assert len(list(tiny_classifier.encode_ahead(items, 30))) > 5 and pattern.count("L") > 5
+    assert pattern.startswith("LL") and pattern.endswith("CC") and "CC" not in pattern[:-1], pattern
+    assert [r.id for r in chunked] == [it.id for it in items]
