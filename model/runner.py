@@ -4,7 +4,8 @@ Owns: packed batch (list of token-id lists) -> logits, on the chosen device, wit
 `max_seqlen`) so no device->host sync happens inside a batch; pinned host buffers and non-blocking copies on
 CUDA, on a copy stream of their own so the next batch's transfer overlaps the current batch's compute (the
 compute stream waits for it on the device, never the host); `run` keeps one batch queued ahead so host-side
-packing overlaps device compute; small batches replay a CUDA graph (model/graphs.py) when graphs are on.
+packing overlaps device compute; small batches replay a CUDA graph (model/graphs.py) when graphs are on; each
+batch's device time (CUDA events around its forward), summed in `device_seconds`.
 Must not know: tokenization, windows, thresholds, queues, gRPC or Celery.
 """
 
@@ -62,15 +63,16 @@ class Launched:
     logits: torch.Tensor
     start: torch.cuda.Event | None  # CUDA: recorded on the compute stream around the forward
     end: torch.cuda.Event | None
-    host_seconds: float = 0.0  # CPU: the forward's wall time (it ran inside `launch`)
+    seconds: float = 0.0  # CPU: the forward's wall time (it ran in `launch`); CUDA: the events', read once
 
     def device_seconds(self) -> float:
         """Device time of the forward: the CUDA events' elapsed time (once `collect` has waited for the batch,
         so reading them costs no extra sync; on a busy stream the start fires when the previous batch ends,
         so consecutive batches never count the same time twice), the forward's wall time on the CPU."""
-        if self.start is None or self.end is None:
-            return self.host_seconds
-        return self.start.elapsed_time(self.end) / 1e3
+        if self.start is not None and self.end is not None:  # read once, then kept
+            self.seconds = self.start.elapsed_time(self.end) / 1e3
+            self.start = self.end = None
+        return self.seconds
 
 
 def _record(device: torch.device) -> torch.cuda.Event | None:
