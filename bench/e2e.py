@@ -185,6 +185,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency-calls", type=int, default=0, help="one-item 128-token calls at c=1 afterwards")
     ap.add_argument("--stream", action="store_true", help="also each level over one ClassifyStream")
+    ap.add_argument("--simulate", default=None, metavar="RATE[,LAUNCH_MS]",
+                    help="both paths on a simulated device of RATE tokens/s (bench/simdevice.py): the host "
+                         "side at GPU rates on a CPU-only machine")  # fmt: skip
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -194,6 +197,10 @@ def main() -> None:
 
     backend = None if args.attention == "auto" else args.attention
     clf = load_classifier(args.model, device=args.device, backend=backend, compile=args.compile == "on")
+    if args.simulate:
+        from bench.simdevice import simulate
+
+        clf = simulate(clf, args.simulate)
     if args.compile == "on":
         clf.warmup()
     texts = make_texts(clf, args.mix, args.items, args.seed)
@@ -209,6 +216,12 @@ def main() -> None:
     cmd = [sys.executable, "-m", "service", "--model", model_path, "--device", device,
            "--address", f"127.0.0.1:{port}", "--metrics-address", f"127.0.0.1:{mport}",
            "--log-level", "WARNING", "--compile", args.compile, "--attention", args.attention]  # fmt: skip
+    if args.simulate:
+        rate, _, launch_ms = args.simulate.partition(",")
+        cmd = [sys.executable, "bench/simdevice.py", "serve", "--rate", rate, "--launch-ms", launch_ms or "0",
+               "--model", model_path, "--address", f"127.0.0.1:{port}",
+               "--metrics-address", f"127.0.0.1:{mport}"]  # fmt: skip
+        device = f"simulated ({args.simulate} tokens/s,launch ms)"
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, cwd=root, env=env)

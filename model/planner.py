@@ -8,8 +8,8 @@ points:
   * `plan_batches` — a whole known set (offline `classify`, the worker): every index exactly once;
   * `next_batch`   — one batch for a dynamic scheduler: the most urgent entry plus its nearest neighbours
                      in length, so deadlines and arrival order are honoured without losing bucketing;
-  * `split_work`   — a large offline set cut into consecutive chunks of about a given size, so the next
-                     chunk can be tokenized while the device runs this one.
+  * `chunk_end`    — where the next chunk of a large offline set ends (consecutive items reaching a size), so
+                     the next chunk can be tokenized while the device runs this one.
 """
 
 from __future__ import annotations
@@ -125,18 +125,12 @@ def next_batch(
     return sorted(order[lo:hi], key=lambda i: (lengths[i], i))
 
 
-def split_work(sizes: Sequence[int], target: int) -> list[range]:
-    """Consecutive ranges of `sizes` (estimated tokens per item) of at least `target` each, the last one
-    possibly smaller; every index exactly once, in order. A single item larger than `target` is its own
-    chunk. `target <= 0` or an empty input: one chunk (no split)."""
-    if target <= 0 or not sizes:
-        return [range(len(sizes))] if sizes else []
-    out, start, acc = [], 0, 0
-    for i, n in enumerate(sizes):
-        acc += n
-        if acc >= target:
-            out.append(range(start, i + 1))
-            start, acc = i + 1, 0
-    if start < len(sizes):
-        out.append(range(start, len(sizes)))
-    return out
+def chunk_end(sizes: Sequence[float], start: int, target: float) -> int:
+    """End (exclusive) of the chunk of `sizes` that starts at `start`: the fewest consecutive items, at least
+    one, whose sizes reach `target`; `len(sizes)` when the rest does not."""
+    total = 0.0
+    for i in range(start, len(sizes)):
+        total += sizes[i]
+        if total >= target:
+            return i + 1
+    return len(sizes)

@@ -91,3 +91,14 @@ def test_host_script_stages(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert [r["gil"] for r in stages.values()].count(False) == 1  # only Rust tokenization runs without it
     assert data["gil_us_per_item"] > 0 and data["tokens_per_item"] > 0
     assert "held the GIL, in all" in out
+
+
+def test_e2e_on_a_simulated_device(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """bench/simdevice.py: the real tokenizer, scheduler and gRPC server on a device model of given speed."""
+    run("bench/e2e.py", "--model", str(tiny_model_dir), "--simulate", "2e6,1", "--items", "48",
+        "--concurrency", "1,4", "--items-per-call", "4", "--json", str(tmp_path / "s.json"))  # fmt: skip
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["device"].startswith("simulated")
+    assert all(lv["ok"] == 12 and not lv["errors"] for lv in data["levels"])
+    assert all(0 < lv["device_busy"] <= 1.05 for lv in data["levels"])
+    assert 0 < data["engine"]["device_busy"] <= 1.05 and 0 < data["engine"]["model_only_device_busy"] <= 1.05

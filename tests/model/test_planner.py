@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from model.planner import MAX_PADDING, batch_cost, next_batch, plan_batches, split_work
+from model.planner import MAX_PADDING, batch_cost, chunk_end, next_batch, plan_batches
 
 
 def traffic_lengths(n: int, seed: int = 0) -> list[int]:
@@ -95,13 +95,14 @@ def test_next_batch_respects_budgets_and_drains_everything(padded: bool) -> None
     assert sorted(seen) == list(range(len(lengths)))
 
 
-def test_split_work_cuts_consecutive_chunks_of_at_least_the_target() -> None:
+def test_chunk_end_takes_the_fewest_items_reaching_the_target() -> None:
     sizes = [5, 5, 5, 20, 1, 1, 1, 3]
-    chunks = split_work(sizes, 10)
-    assert chunks == [range(0, 2), range(2, 4), range(4, 8)]
-    assert [i for c in chunks for i in c] == list(range(len(sizes)))
-    assert all(sum(sizes[i] for i in c) >= 10 for c in chunks[:-1])
-    assert split_work([50, 1], 10) == [range(0, 1), range(1, 2)]  # one large item is its own chunk
-    assert split_work(sizes, 0) == [range(len(sizes))]
-    assert split_work(sizes, 10**9) == [range(len(sizes))]
-    assert split_work([], 10) == [] and split_work([], 0) == []
+    ends, start = [], 0
+    while start < len(sizes):
+        start = chunk_end(sizes, start, 10)
+        ends.append(start)
+    assert ends == [2, 4, 8]  # [5, 5] [5, 20] [1, 1, 1, 3]: the last is what is left
+    assert chunk_end([50, 1], 0, 10) == 1  # one large item is its own chunk
+    assert chunk_end(sizes, 3, 0) == 4  # at least one item
+    assert chunk_end(sizes, 0, 10**9) == len(sizes) and chunk_end(sizes, 5, 2.5) == 8
+    assert chunk_end([], 0, 10) == 0
