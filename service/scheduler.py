@@ -409,14 +409,14 @@ class Scheduler:
                             expired = w.req.deadline is not None and now >= w.req.deadline
                             self.metrics.drop("deadline" if expired else "cancelled", 1)
                     self._cond.notify_all()
-                if live and self.in_flight > 1:
-                    self._launched.put(self._launch(live, now))  # the collector reads it back
-                    continue
-                try:
-                    if live:  # one in flight (CPU): read back here, no hand-over between threads
-                        self._collect(self._launch(live, now))
-                finally:
+                if not live:
                     self._in_flight.release()
+                    continue
+                launched = self._launch(live, now)
+                if self.in_flight > 1:
+                    self._launched.put(launched)  # the collector reads it back
+                else:  # one in flight (CPU): read back here, no hand-over between threads
+                    self._collect(launched)
         finally:
             self._launched.put(None)  # the collector finishes what was launched, then stops
 
@@ -434,19 +434,21 @@ class Scheduler:
     def _collect_loop(self) -> None:
         name_os_thread("safety-collect")  # the OS keeps 15 bytes
         while (launched := self._launched.get()) is not None:
-            try:
-                self._collect(launched)
-            finally:
-                self._in_flight.release()
+            self._collect(launched)
 
     def _collect(self, launched: _Launched) -> None:
-        """Read a launched batch's logits (waits for the device) and deliver its finished requests."""
+        """Read a launched batch's logits (waits for the device), free its device slot, and deliver its
+        finished requests."""
         batch, batch_id, waits, tokens = launched.batch, launched.batch_id, launched.waits, launched.tokens
         try:
-            if launched.error is not None:
-                raise launched.error
-            assert launched.handle is not None
-            rows = Rows.of(self.clf, self.clf.collect(launched.handle))
+            try:
+                if launched.error is not None:
+                    raise launched.error
+                assert launched.handle is not None
+                logits = self.clf.collect(launched.handle)
+            finally:  # the device is done with this batch: the runner may queue the next one now, while the
+                self._in_flight.release()  # results are converted, aggregated and delivered below
+            rows = Rows.of(self.clf, logits)
             seconds = launched.handle.device_seconds()
         except Exception as exc:
             log.exception("batch of %d sequences (%d tokens) failed", len(batch), tokens, exc_info=exc)
