@@ -232,6 +232,12 @@ class Classifier:
         )
 
     @property
+    def asynchronous(self) -> bool:
+        """Does `launch` return before the device is done (CUDA)? Then host work overlaps device work: the
+        scheduler keeps two batches in flight and `encode_ahead` starts the device on a small first chunk."""
+        return self.device.startswith("cuda")
+
+    @property
     def padded(self) -> bool:
         """Does the attention kernel pay for padding (so batches should be priced as max x count)?"""
         return self.backend == "sdpa"
@@ -314,21 +320,19 @@ class Classifier:
     def encode_ahead(self, items: Sequence[Item], chunk_tokens: int | None = None) -> Iterator[list[Encoded]]:
         """`encode(items)` in consecutive chunks, each tokenized on a helper thread while the caller runs the
         one before (the tokenizer releases the GIL), so tokenization overlaps the device instead of preceding
-        it. On CUDA chunks grow: the first is a quarter of a token budget, so the device starts after that
-        much is tokenized rather than the whole input; the second is twice that, and each later one twice the
-        last while tokenizing keeps ahead of the caller (the chunk was ready when asked for), up to
-        `chunk_tokens` (default: four budgets, enough for the planner's length buckets; 0: one chunk). On the
-        CPU every chunk is `chunk_tokens`. Sizes are estimated
-        from characters: 4 per token until the chunks encoded so far give this tokenizer's own ratio (a small
-        BPE vocabulary makes 1-2 characters a token). bench/e2e.py --simulate, 20,000 traffic texts:
-        `classify` reached 0.79 of the model alone with fixed chunks of four estimated budgets, 0.96 so."""
+        it. Chunks hold up to `chunk_tokens` (default: four budgets, enough for the planner's length buckets;
+        0: one chunk). On an asynchronous device they grow to it: the first is a quarter of a budget, so the
+        device starts after that much is tokenized rather than the whole input; the second is twice that, and
+        each later one twice the last while tokenizing keeps ahead of the caller (the chunk was ready when
+        asked for). Sizes are estimated from characters, 4 per token until the chunks encoded so far give
+        this tokenizer's own ratio (a small BPE vocabulary makes 1-2 characters a token). On a simulated
+        1.16M tokens/s device (bench/e2e.py --simulate, 20,000 traffic texts) `classify` reached 0.79 of the
+        model alone with fixed chunks of four estimated budgets, 0.96 with these."""
         top = 4 * self.limits.max_batch_tokens if chunk_tokens is None else chunk_tokens
         chars = [len(it.text) + len(it.context or "") + 1 for it in items]
-        # an asynchronous device (CUDA) idles until the first chunk is tokenized: start small; a CPU forward
-        # runs on the cores the tokenizer needs, so small chunks would only cut the planner's length buckets
-        # (bench/worker.py: 3-5% slower on 2 cores with them)
-        asynchronous = self.device.startswith("cuda")
-        target = min(self.limits.max_batch_tokens / 4, top) if asynchronous else top
+        # a CPU forward runs on the cores the tokenizer needs: small chunks would only cut the planner's
+        # length buckets (bench/worker.py: 3-5% slower on 2 cores with them)
+        target = min(self.limits.max_batch_tokens / 4, top) if self.asynchronous else top
         per_char = 0.25  # tokens per character, until measured
         end = planner.chunk_end(chars, 0, target / per_char) if top > 0 else len(items)
         if end >= len(items):  # one chunk: no helper thread

@@ -164,7 +164,7 @@ class Scheduler:
         # device never waits for the host to read results and launch the next batch. CPU: one, read back by
         # the runner itself: a CPU launch computes at once, so there is nothing to overlap (bench/e2e.py on
         # 2 cores: gRPC / engine 0.62-0.83 in nine runs through the collector, 0.76-1.01 in nine inline).
-        self.in_flight = in_flight or (2 if clf.device.startswith("cuda") else 1)
+        self.in_flight = in_flight or (2 if clf.asynchronous else 1)
         self._in_flight = threading.Semaphore(self.in_flight)
         self._launched: queue.SimpleQueue[_Launched | None] = queue.SimpleQueue()
         self._threads = [
