@@ -21,7 +21,6 @@ import asyncio
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from model.packing import pack
-from model.runner import Launched
+from model.runner import Launched, Runner
 
 
 @dataclass(eq=False)
@@ -38,12 +37,14 @@ class SimLaunched(Launched):
     ready_at: float = 0.0  # perf_counter time at which the simulated stream finishes this batch
 
 
-class SimulatedRunner:
-    """Stands in for `model.runner.Runner` (launch / collect / forward / run) with a device of a given speed.
+class SimulatedRunner(Runner):
+    """A `model.runner.Runner` whose `launch` / `collect` are the device model (its `forward` and one-ahead
+    `run` are the real ones, built on those two; nothing of the parent's set-up runs: there is no network).
     Reports itself as a CUDA varlen runner so the scheduler keeps two batches in flight and prices batches
     unpadded, as on a GPU."""
 
     def __init__(self, labels: int, tokens_per_s: float, launch_ms: float = 0.0, seed: int = 0) -> None:
+        # no super().__init__(): it would move a network onto a device
         if tokens_per_s <= 0 or launch_ms < 0:
             raise ValueError("--simulate: the rate must be positive and the launch time not negative")
         self.labels, self.rate, self.launch_s = labels, tokens_per_s, launch_ms / 1e3
@@ -76,19 +77,6 @@ class SimulatedRunner:
             time.sleep(wait)
         self.device_seconds += launched.device_seconds()
         return launched.logits
-
-    def forward(self, sequences: list[list[int]]) -> torch.Tensor:
-        return self.collect(self.launch(sequences))
-
-    def run(self, batches: Iterable[list[list[int]]]) -> Iterator[torch.Tensor]:
-        pending: Launched | None = None
-        for sequences in batches:
-            launched = self.launch(sequences)
-            if pending is not None:
-                yield self.collect(pending)
-            pending = launched
-        if pending is not None:
-            yield self.collect(pending)
 
 
 def simulate(clf, spec: str):
