@@ -84,7 +84,7 @@ def main() -> None:
     import torch
 
     from bench.e2e import make_texts
-    from model import load_classifier
+    from model import Rows, load_classifier
     from model.packing import pack
     from service.scheduler import Outcome
     from service.servicer import items_from_proto, response_from_outcome
@@ -110,9 +110,6 @@ def main() -> None:
     budget = max(args.batch_tokens, clf.limits.max_tokens)
     batches = form_batches(lengths, budget, 2048, args.pending)
     logits = [torch.randn(len(b), clf.config.num_labels) for b in batches]
-    rows = [clf.probabilities(x) for x in logits]
-    from model import Rows
-
     flat = Rows.of(clf, torch.randn(len(windows), clf.config.num_labels))
     owner = [(c, e) for c, enc in enumerate(encoded) for e in enc]
     first = [0]
@@ -141,8 +138,7 @@ def main() -> None:
          lambda: form_batches(lengths, budget, 2048, args.pending)),
         ("pack (flat ids, positions, cu_seqlens)", True,
          lambda: [pack([windows[i] for i in b]) for b in batches]),
-        ("read back (probabilities, tolist)", True,
-         lambda: [(x.tolist(), p.tolist()) for x, p in zip(logits, rows, strict=True)]),
+        ("read back (Rows.of: probabilities, tolist)", True, lambda: [Rows.of(clf, x) for x in logits]),
         ("aggregate_rows", True,
          lambda: [clf.aggregate_rows(e, flat.logits[a:b], flat.probs[a:b], th)
                   for (_, e), a, b in zip(owner, first, first[1:], strict=False)]),
