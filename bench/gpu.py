@@ -12,7 +12,9 @@ no flash-attn, no celery). Steps:
   5. budget sweep: ours eager on traffic and long_var at token budgets around the probed default;
   6. no host-device sync while a batch is packed, copied and queued (sync-debug mode "error");
      CUDA graphs (model/graphs.py): replayed vs ungraphed logits, latency of one 128-token item (host launch
-     time vs the whole forward) and small-batch throughput (1, 4, 16 items per call), graphs off and on;
+     time vs the whole forward) and small-batch calls (1, 4, 16, 64 traffic items) with graphs off, with the
+     first bucket kind (`max_seqlen` = tokens, up to 4,096; capture time and pool reported) and with today's
+     buckets keyed by tokens, `max_seqlen` and slots (up to 16,384);
      the attention kernel alone: local (window 64) vs global on short, traffic and 8192-token batches;
   7. profile: the top device kernels of ours eager (and compiled) on part of the traffic mix;
   8. memory: peak device memory above the loaded baseline for one input of 512 ... 8192 tokens and for one
@@ -42,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.buckets import FIRST_BUCKETS
 from bench.workloads import (
     CLS,
     SEP,
@@ -250,8 +253,21 @@ def graphs_off(clf):
         clf.runner.graphs = saved
 
 
-def small_batches(clf, seqs: list[list[int]], device, sizes=(1, 4, 16), calls: int = 100) -> list[dict]:
-    """Back-to-back `forward` calls of 1, 4, 16 traffic items (each waits for its logits, as one scheduler
+@contextlib.contextmanager
+def graph_buckets(clf, shapes):
+    """The classifier replaying graphs captured for `shapes` instead of its own (restored after)."""
+    saved = clf.runner.graphs
+    try:
+        if not clf.runner.capture_graphs(shapes):
+            raise RuntimeError(f"capture failed: {clf.runner.graph_error}")
+        yield clf
+    finally:
+        clf.runner.graphs = saved
+        torch.cuda.empty_cache()
+
+
+def small_batches(clf, seqs: list[list[int]], device, sizes=(1, 4, 16, 64), calls: int = 100) -> list[dict]:
+    """Back-to-back `forward` calls of 1, 4, 16, 64 traffic items (each waits for its logits, as one scheduler
     batch does): calls/s and tokens/s."""
     rows = []
     for size in sizes:
@@ -311,10 +327,6 @@ def profile(clf, seqs: list[list[int]], device, rows: int = 12) -> str:
         except (AttributeError, KeyError, ValueError):
             continue
     return avg.table(row_limit=rows)
-
-
-def graph_capture_s(clf) -> float:
-    return clf.runner.graphs.capture_s if clf.runner.graphs is not None else 0.0
 
 
 def main() -> None:
@@ -427,12 +439,14 @@ def main() -> None:
                     log(f"# {label}: launch of {size} sequences made no host-device sync")
 
     for label, engine in engines:
-        log(f"# {label}: CUDA graphs {engine.graphs_text} (captured in {graph_capture_s(engine):.1f} s)")
+        log(f"# {label}: CUDA graphs {engine.graphs_text}")
     out["cuda_graphs"] = {label: engine.graphs_text for label, engine in engines}
     graphed = [(label, engine) for label, engine in engines if engine.runner.graphs is not None]
 
     with rep.step("graph parity"):
+        # one item; 16 and 64 traffic items (3k and 11k tokens: buckets of 3,072 and 12,288, max_seqlen 2,048)
         probe_sets = [[[CLS, *([7] * 126), SEP]], workloads["traffic"].sequences()[:16],
+                      workloads["traffic"].sequences()[:64],
                       [[CLS, 9, SEP], [CLS, *range(7, 600), SEP], [CLS, 8, 8, SEP]]]  # fmt: skip
         for label, engine in graphed:
             with graphs_off(engine):
@@ -460,9 +474,15 @@ def main() -> None:
         for label, engine in engines:
             variants = [("off", graphs_off(engine))]
             if engine.runner.graphs is not None:
-                variants.append(("on", contextlib.nullcontext(engine)))
+                variants += [
+                    ("first", graph_buckets(engine, FIRST_BUCKETS)),
+                    ("on", contextlib.nullcontext(engine)),
+                ]
             for mode, ctx in variants:
                 with ctx:
+                    if mode != "off":
+                        out.setdefault("graph_sets", {})[f"{label} {mode}"] = engine.graphs_text
+                        log(f"# {label}: graphs {mode}: {engine.graphs_text}")
                     for row in small_batches(engine, arrival, device, calls=20 if args.smoke else 100):
                         rows_small.append({"engine": label, "graphs": mode, **row})
                         log(f"small batch {label:<14} graphs {mode:<3} {row['items']:>2} items/call: "

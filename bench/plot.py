@@ -120,8 +120,9 @@ def memory(cpu_files: list[Path], gpu_file: Path | None, out: Path) -> None:
 
 
 def graphs(gpu_file: Path, out: Path) -> None:
-    """`graphs.png`: milliseconds per `forward` call of 1, 4, 16 traffic items with CUDA graphs off and on,
-    eager and compiled (bench/gpu.py's "small batches" step)."""
+    """`graphs.png`: milliseconds per `forward` call of 1, 4, 16 (64) traffic items with CUDA graphs off and
+    on (and the first bucket kind, where the run measured it), eager and compiled (bench/gpu.py's "small
+    batches" step)."""
     d = json.loads(gpu_file.read_text())
     rows = d.get("small_batches", [])
     if not rows:
@@ -132,9 +133,10 @@ def graphs(gpu_file: Path, out: Path) -> None:
     width = 0.8 / len(variants)
     for k, (engine, mode) in enumerate(variants):
         per = {r["items"]: r["ms_per_call"] for r in rows if (r["engine"], r["graphs"]) == (engine, mode)}
-        ms = [per[n] for n in sizes]
+        ms = [per.get(n, 0.0) for n in sizes]
         xs = [i + k * width for i in range(len(sizes))]
-        bars = ax.bar(xs, ms, width, label=f"{engine.removeprefix('ours_')}, graphs {mode}")
+        what = {"first": "first graph buckets"}.get(mode, f"graphs {mode}")
+        bars = ax.bar(xs, ms, width, label=f"{engine.removeprefix('ours_')}, {what}")
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(
         [i + width * (len(variants) - 1) / 2 for i in range(len(sizes))], [f"{n} items" for n in sizes]

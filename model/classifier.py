@@ -125,10 +125,11 @@ class Classifier:
 
     @property
     def graphs_text(self) -> str:
-        """Do small batches replay CUDA graphs: "N buckets up to T tokens", "off", or why capture failed."""
+        """Do small batches replay CUDA graphs: "N buckets up to T tokens (captured in S s, M GiB)", "off", or
+        why capture failed."""
         r = self.runner
         if r.graphs is not None:
-            return f"{len(r.graphs.shapes)} buckets up to {r.graphs.shapes[-1].tokens} tokens"
+            return r.graphs.describe()
         return f"off (capture failed: {r.graph_error})" if r.graph_error else "off"
 
     # ---- description --------------------------------------------------------------------------------------
@@ -473,9 +474,11 @@ def load_classifier(
     compile: bool | str = False,
     copy_stream: bool = True,
     graphs: bool | None = None,
+    graph_tokens: int | None = None,
 ) -> Classifier:
     """Load a checkpoint directory (or the bundled default when `path` is None) ready to classify.
-    `graphs`: CUDA graphs for small batches (None: on for CUDA with a varlen kernel; model/graphs.py)."""
+    `graphs`: CUDA graphs for batches under `graph_tokens` tokens (None: on for CUDA with a varlen kernel;
+    model/graphs.py)."""
     dev = resolve_device(device)
     directory = Path(path) if path is not None else default_model_dir()
     if not directory.is_dir():
@@ -488,7 +491,14 @@ def load_classifier(
             f"{config.vocab_size}"
         )
     runner = Runner(
-        net, dev, resolve_dtype(dtype, dev), backend, compile=compile, copy_stream=copy_stream, graphs=graphs
+        net,
+        dev,
+        resolve_dtype(dtype, dev),
+        backend,
+        compile=compile,
+        copy_stream=copy_stream,
+        graphs=graphs,
+        graph_tokens=graph_tokens,
     )
     max_tokens = max_tokens or config.max_position_embeddings
     budget = None

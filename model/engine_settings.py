@@ -1,11 +1,11 @@
 """The engine's settings, shared by `safety serve` and `safety worker`: which checkpoint, where, and how.
 
 Owns: the `SAFETY_*` variables that choose and shape the classifier (model, device, dtype, CPU threads,
-attention kernel, torch.compile, CUDA graphs, batch token and sequence budgets, the character limit of a
-text), their defaults, their validation, and `load()`, which turns them into a `Classifier` (threads set
-first, compile decided from the device). `ServeSettings` and `WorkerSettings` extend this dataclass, so the
-two front ends read the same variables the same way. Must not know: gRPC, Celery, Redis, the error type a
-front end raises (a subclass gives `bad()`).
+attention kernel, torch.compile, CUDA graphs and their largest bucket, batch token and sequence budgets, the
+character limit of a text), their defaults, their validation, and `load()`, which turns them into a
+`Classifier` (threads set first, compile decided from the device). `ServeSettings` and `WorkerSettings`
+extend this dataclass, so the two front ends read the same variables the same way. Must not know: gRPC,
+Celery, Redis, the error type a front end raises (a subclass gives `bad()`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 ATTENTION = ("auto", "flash_attn", "varlen", "sdpa")
 AUTO_ON_OFF = ("auto", "on", "off")  # SAFETY_COMPILE, SAFETY_CUDA_GRAPHS
+SMALLEST_GRAPH = 256  # model.graphs.SMALLEST, restated so that reading settings does not import torch
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,15 @@ class EngineSettings:
         "auto",
         "SAFETY_CUDA_GRAPHS",
         str,
-        "replay CUDA graphs for small batches (up to 4096 tokens), captured when the model loads: auto (on "
-        "for CUDA with a varlen attention kernel) | on | off",
+        "replay CUDA graphs for batches under SAFETY_GRAPH_TOKENS tokens, captured when the model loads: "
+        "auto (on for CUDA with a varlen attention kernel) | on | off",
+    )
+    graph_tokens: int | None = setting(
+        None,
+        "SAFETY_GRAPH_TOKENS",
+        opt_int,
+        f"tokens in the largest CUDA graph bucket, at least {SMALLEST_GRAPH} (unset: 16384): batches under "
+        "it replay a graph; fewer means fewer buckets, a shorter capture and a smaller graph memory pool",
     )
     max_batch_tokens: int | None = setting(
         None,
@@ -102,6 +110,9 @@ class EngineSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or value <= 0):
                 yield name, f"must be a positive integer, got {value!r}"
+        tokens = self.graph_tokens
+        if tokens is not None and (isinstance(tokens, bool) or tokens < SMALLEST_GRAPH):
+            yield "graph_tokens", f"must be an integer >= {SMALLEST_GRAPH}, got {tokens!r}"
         if self.attention not in ATTENTION:
             yield "attention", f"must be auto, flash_attn, varlen or sdpa, got {self.attention!r}"
         for name in ("compile", "cuda_graphs"):
@@ -138,4 +149,5 @@ class EngineSettings:
             backend=None if self.attention == "auto" else self.attention,
             compile=self.wants_compile(),
             graphs={"auto": None, "on": True, "off": False}[self.cuda_graphs],
+            graph_tokens=self.graph_tokens,
         )

@@ -21,7 +21,7 @@ import torch
 
 from model.attention import Attention, pick_backend
 from model.budget import probe_shape
-from model.graphs import GraphSet, graph_shapes
+from model.graphs import LARGEST, GraphSet, GraphShape, graph_shapes
 from model.modernbert import ModernBertForSequenceClassification
 from model.packing import Packed, pack
 
@@ -94,10 +94,12 @@ class Runner:
         compile: bool | str = False,
         copy_stream: bool = True,
         graphs: bool | None = False,
+        graph_tokens: int | None = None,
     ) -> None:
-        """`graphs`: capture CUDA graphs for small batches (None: on when the device is CUDA and the kernel
-        is a varlen one; True refuses a setup that cannot have them). A capture that fails on this device
-        leaves graphs off, with the reason in `graph_error`."""
+        """`graphs`: capture CUDA graphs for batches under `graph_tokens` tokens (None: model.graphs.LARGEST).
+        `graphs` None: on when the device is CUDA and the kernel is a varlen one; True refuses a setup that
+        cannot have them. A capture that fails on this device leaves graphs off, with the reason in
+        `graph_error`."""
         self.device = device
         self.dtype = dtype
         self.backend = pick_backend(device, backend)
@@ -124,16 +126,18 @@ class Runner:
                 f"with {self.backend!r}"
             )
         if graphs or (graphs is None and graphable):
-            self.capture_graphs()
+            self.capture_graphs(
+                graph_shapes(net.config.max_position_embeddings, largest=graph_tokens or LARGEST)
+            )
 
     @torch.inference_mode()
-    def capture_graphs(self) -> bool:
-        """Capture the small-batch CUDA graphs (a compiled CUDA runner has already compiled on a large batch).
-        False, with `graph_error` set, when this device cannot capture them: the runner stays ungraphed."""
-        positions = self.net.config.max_position_embeddings
-        shapes = graph_shapes(positions)
+    def capture_graphs(self, shapes: list[GraphShape]) -> bool:
+        """Capture CUDA graphs for `shapes` (a compiled CUDA runner has already compiled on a large batch),
+        replacing any captured before. False, with `graph_error` set, when there are no shapes or this device
+        cannot capture them: the runner stays ungraphed."""
+        self.graphs = None
         if not shapes:
-            self.graph_error = f"max_position_embeddings ({positions}) is below the smallest graph bucket"
+            self.graph_error = "no graph buckets (graph_tokens is below the smallest bucket, 256 tokens)"
             return False
         graphs = GraphSet(lambda batch: self.net(batch, self.attn), shapes, self.device)
         try:

@@ -43,6 +43,16 @@ def test_gpu_script_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()  # kept for bench/e2e.py
 
 
+def test_bucket_coverage_script(tmp_path: Path) -> None:
+    run("bench/buckets.py", "--batches", "50", "--items", "1,16,64", "--json", str(tmp_path / "b.json"))
+    data = json.loads((tmp_path / "b.json").read_text())
+    rows = {(r["items"], r["set"]): r for r in data["rows"]}
+    assert data["buckets"]["first"] == 5 and data["buckets"]["today"] > 5
+    assert rows[1, "first"]["graphed"] == rows[1, "today"]["graphed"] == 1.0
+    assert rows[64, "first"]["graphed"] == 0.0 < rows[64, "today"]["graphed"]
+    assert rows[16, "today"]["blocks"] < rows[16, "first"]["blocks"]
+
+
 @pytest.mark.slow
 def test_cpu_script_all_engines_and_memory(tmp_path: Path) -> None:
     out = run(

@@ -17,11 +17,20 @@ from model.engine_settings import EngineSettings
         ("threads", 0, "must be a positive integer"),
         ("max_batch_sequences", -4, "must be a positive integer"),
         ("max_text_chars", True, "must be a positive integer"),
+        ("graph_tokens", 128, "must be an integer >= 256"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(field: str, value: object, why: str) -> None:
     with pytest.raises(ValueError, match=f"^{field}: {why}"):
         EngineSettings(**{field: value})
+
+
+def test_the_graph_bucket_floor_is_the_engines() -> None:
+    from model.engine_settings import SMALLEST_GRAPH
+    from model.graphs import SMALLEST
+
+    assert SMALLEST_GRAPH == SMALLEST
+    assert EngineSettings(graph_tokens=SMALLEST).graph_tokens == SMALLEST
 
 
 def test_compile_auto_means_cuda_only() -> None:
