@@ -172,13 +172,14 @@ class GraphSet:
         self.device = device
         self.graphs: dict[GraphShape, Captured] = {}
         self.capture_s = 0.0
-        self.pool_bytes = 0  # device memory the captures reserved (shared pool and static buffers)
+        self.pool_bytes = 0  # device memory the graphs hold (their shared pool and static buffers)
 
     def capture(self, warmups: int = 2) -> float:
         """Warm each bucket up on a side stream (compiles and autotunes outside the capture), then capture
         it into the shared pool, largest first so the smaller graphs reuse its memory. Returns the seconds
         taken."""
         t0 = time.perf_counter()
+        torch.cuda.empty_cache()  # so the reserved-memory difference below is what the graphs hold
         reserved = torch.cuda.memory_reserved(self.device)
         pool = torch.cuda.graph_pool_handle()
         for shape in sorted(self.shapes, key=lambda s: (s.tokens, s.seqs, s.max_seqlen), reverse=True):
@@ -195,6 +196,7 @@ class GraphSet:
             self.graphs[shape] = Captured(graph, inputs, logits)
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t0
+        torch.cuda.empty_cache()  # the warm-ups' cached blocks; the graphs' pool and buffers stay
         self.pool_bytes = torch.cuda.memory_reserved(self.device) - reserved
         return self.capture_s
 

@@ -164,6 +164,23 @@ def test_graph_replay_equals_the_ungraphed_forward(tiny_model_dir: Path, compile
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_graphs_sharing_one_pool_replay_in_any_order(tiny_model_dir: Path) -> None:
+    """Every graph's activations live in one pool: replays of different buckets, queued back to back in an
+    order unlike the capture's (largest first), each still return their own batch's logits."""
+    graphed = load_classifier(tiny_model_dir, device="cuda", graphs=True)
+    plain = load_classifier(tiny_model_dir, device="cuda", graphs=False)
+    graphs = graphed.runner.graphs
+    assert graphs is not None and graphs.pool_bytes > 0 and "buckets up to 16384 tokens" in graphs.describe()
+    batches = [_seqs(n) for n in ([3], [1000] * 7, [200, 7], [1000] * 15, [5] * 40, [3])]
+    picked = {pick_shape(graphs.shapes, sum(map(len, b)), len(b), max(map(len, b))) for b in batches}
+    assert None not in picked and len(picked) == 5
+    launched = [graphed.launch(b) for b in batches]
+    for x, b in zip(launched, batches, strict=True):
+        assert torch.allclose(graphed.collect(x), plain.forward(b), atol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_device_time_of_graphed_and_ungraphed_batches(tiny_model_dir: Path) -> None:
     """CUDA events time each batch on its stream: positive for a replay and an ungraphed forward alike, and
     batches queued back to back never count the same time twice (their sum fits in the wall time)."""
