@@ -9,7 +9,8 @@ no flash-attn, no celery). Steps:
      stay within 2x HF-bf16's own error + 0.02 (the bound tests/model/test_compile_gpu.py states);
   4. each workload: HF arrival order and length-sorted (padded batches of the anchor's size), ours eager and
      ours compiled; real tokens/s, peak GiB, ratios measured here;
-  5. budget sweep: ours eager on traffic and long_var at token budgets around the probed default;
+  5. budget sweep: ours eager on traffic and long_var at token budgets around the probed default, and at
+     12,288 tokens, where every batch replays a CUDA graph (the share of graphed batches is printed);
   6. no host-device sync while a batch is packed, copied and queued (sync-debug mode "error");
      CUDA graphs (model/graphs.py): replayed vs ungraphed logits, latency of one 128-token item (host launch
      time vs the whole forward) and small-batch calls (1, 4, 16, 64 traffic items) with graphs off, with the
@@ -213,12 +214,15 @@ def budget_sweep(clf, workloads: list[Workload], budgets: list[int], device, row
                 clf.limits = dataclasses.replace(default, max_batch_tokens=max(budget, default.max_tokens))
                 clf.run_windows(seqs[:64])
                 reset_peak(device)
+                launches, replays = clf.runner.launches, clf.runner.replays
                 sec = timed(lambda s=seqs: clf.run_windows(s), device)
-                batches = len(clf.plan([len(s) for s in seqs]))
+                batches = clf.runner.launches - launches
+                graphed = (clf.runner.replays - replays) / batches
+                peak = peak_gib(device)
                 rows.append({"workload": wl.name, "budget": budget, "tokens_per_s": wl.tokens / sec,
-                             "peak_gib": peak_gib(device), "batches": batches})  # fmt: skip
+                             "peak_gib": peak, "batches": batches, "graphed": graphed})  # fmt: skip
                 log(f"budget {budget:>7} {wl.name:<10} {wl.tokens / sec / 1e3:8.1f}k tok/s  "
-                    f"peak {peak_gib(device):6.2f} GiB  {rows[-1]['batches']} batches")  # fmt: skip
+                    f"peak {peak:6.2f} GiB  {batches} batches, {graphed:.0%} graphed")  # fmt: skip
     finally:
         clf.limits = default
 
@@ -417,7 +421,8 @@ def main() -> None:
 
     with rep.step("budget sweep"):
         top = clf.limits.max_batch_tokens
-        budgets = [top // 2, top] if args.smoke else sorted({32768, 65536, top, 2 * top})
+        # 12,288: every batch under the top graph bucket, so it replays (graphed vs large ungraphed batches)
+        budgets = [top // 2, top] if args.smoke else sorted({12288, 32768, 65536, top, 2 * top})
         sweep = [workloads[n] for n in ("traffic", "long_var") if n in args.workloads.split(",")]
         budget_sweep(clf, sweep, budgets, device, out.setdefault("budget_sweep", []))
 

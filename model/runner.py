@@ -64,6 +64,7 @@ class Launched:
     start: torch.cuda.Event | None  # CUDA: recorded on the compute stream around the forward
     end: torch.cuda.Event | None
     seconds: float = 0.0  # CPU: the forward's wall time (it ran in `launch`); CUDA: the events', read once
+    graphed: bool = False  # replayed a CUDA graph
 
     def device_seconds(self) -> float:
         """Device time of the forward: the CUDA events' elapsed time (once `collect` has waited for the batch,
@@ -113,6 +114,7 @@ class Runner:
         self._copy_stream = torch.cuda.Stream(device) if use_stream else None
         self.compiled = bool(compile)
         self.device_seconds = 0.0  # device time of every batch collected so far (utilization = its rate)
+        self.launches = self.replays = 0  # batches launched, and how many of them replayed a CUDA graph
         if compile:
             self._compile(None if compile is True else compile)
             if device.type == "cuda":
@@ -179,10 +181,12 @@ class Runner:
         for this one). CPU: computed when this returns."""
         batch = pack(sequences)
         prepared = self.graphs.prepare(batch) if self.graphs is not None else None
+        self.launches += 1
         if prepared is not None:
             with self._lock:
+                self.replays += 1
                 start = _record(self.device)
-                return Launched(GraphSet.replay(prepared), start, _record(self.device))
+                return Launched(GraphSet.replay(prepared), start, _record(self.device), graphed=True)
         cuda = self.device.type == "cuda"
         pinned = batch.pin_memory() if cuda else None
         with self._lock:

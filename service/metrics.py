@@ -75,6 +75,12 @@ class Metrics:
             "device time spent on batches; its rate is the share of time the device is busy",
             registry=r,
         )
+        self.graph_replays = Counter(
+            "safety_graph_replays",
+            "batches that replayed a CUDA graph instead of launching kernel by kernel (over "
+            "safety_batch_size_count: the share; SAFETY_GRAPH_TOKENS sets how large a batch can be graphed)",
+            registry=r,
+        )
         self.dropped = Counter(
             "safety_dropped_windows", "windows dropped before compute", ["reason"], registry=r
         )
@@ -92,8 +98,10 @@ class Metrics:
     def tokenized(self, seconds: float) -> None:
         self.tokenize_seconds.observe(seconds)
 
-    def batch(self, sequences: int, tokens: int, seconds: float, waits: list[float]) -> None:
+    def batch(self, sequences: int, tokens: int, seconds: float, waits: list[float], graphed: bool) -> None:
         self.batch_size.observe(sequences)
+        if graphed:
+            self.graph_replays.inc()
         self.batch_tokens.observe(tokens)
         self.inference_seconds.observe(seconds)
         self.device_seconds.inc(seconds)

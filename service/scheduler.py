@@ -49,7 +49,9 @@ log = logging.getLogger("safety.service.scheduler")
 class SchedulerMetrics(Protocol):
     def queue_depth(self, items: int, tokens: int) -> None: ...
     def tokenized(self, seconds: float) -> None: ...
-    def batch(self, sequences: int, tokens: int, seconds: float, waits: list[float]) -> None: ...
+    def batch(
+        self, sequences: int, tokens: int, seconds: float, waits: list[float], graphed: bool
+    ) -> None: ...
     def drop(self, reason: str, windows: int) -> None: ...
 
 
@@ -60,7 +62,7 @@ class _NoMetrics:
     def tokenized(self, seconds: float) -> None:
         pass
 
-    def batch(self, sequences: int, tokens: int, seconds: float, waits: list[float]) -> None:
+    def batch(self, sequences: int, tokens: int, seconds: float, waits: list[float], graphed: bool) -> None:
         pass
 
     def drop(self, reason: str, windows: int) -> None:
@@ -449,7 +451,7 @@ class Scheduler:
             finally:  # the device is done with this batch: the runner may queue the next one now, while the
                 self._in_flight.release()  # results are converted, aggregated and delivered below
             rows = Rows.of(self.clf, logits)
-            seconds = launched.handle.device_seconds()
+            seconds, graphed = launched.handle.device_seconds(), launched.handle.graphed
         except Exception as exc:
             log.exception("batch of %d sequences (%d tokens) failed", len(batch), tokens, exc_info=exc)
             if device_failed(exc):
@@ -460,7 +462,7 @@ class Scheduler:
             return
         self.batches_run += 1
         self.sequences_run += len(batch)
-        self.metrics.batch(len(batch), tokens, seconds, waits)
+        self.metrics.batch(len(batch), tokens, seconds, waits, graphed)
         finished = []
         with self._cond:
             for w, logit_row, prob_row, wait in zip(batch, rows.logits, rows.probs, waits, strict=True):

@@ -175,6 +175,7 @@ def test_graphs_sharing_one_pool_replay_in_any_order(tiny_model_dir: Path) -> No
     picked = {pick_shape(graphs.shapes, sum(map(len, b)), len(b), max(map(len, b))) for b in batches}
     assert None not in picked and len(picked) == 5
     launched = [graphed.launch(b) for b in batches]
+    assert all(x.graphed for x in launched) and graphed.runner.replays >= len(batches)
     for x, b in zip(launched, batches, strict=True):
         assert torch.allclose(graphed.collect(x), plain.forward(b), atol=0.05)
 
@@ -193,6 +194,7 @@ def test_device_time_of_graphed_and_ungraphed_batches(tiny_model_dir: Path) -> N
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     launched = [clf.launch(s) for s in (small, large, small, large)]
+    assert [x.graphed for x in launched] == [True, False, True, False]
     for x in launched:
         clf.collect(x)
     wall = time.perf_counter() - t0

@@ -38,6 +38,7 @@ def test_launched_batch_reports_its_device_time(tiny_classifier) -> None:
     assert torch.equal(logits, runner.forward(_seqs([300, 40, 7])))
     assert 0 < launched.device_seconds() <= wall
     assert launched.start is None and launched.end is None  # no CUDA events off the GPU
+    assert not launched.graphed and runner.replays == 0 and runner.launches >= 2
 
 
 def test_run_windows_across_many_batches_matches_single_forwards(tiny_model_dir: Path) -> None:

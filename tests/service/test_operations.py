@@ -130,6 +130,7 @@ def test_metrics_after_calls(server: SafetyServer, stub: Any) -> None:
     assert metric_value(text, "safety_inference_seconds_count") >= 1
     device = metric_value(text, "safety_device_seconds_total")  # the sum of the batches' device times
     assert device > 0 and device == pytest.approx(metric_value(text, "safety_inference_seconds_sum"))
+    assert metric_value(text, "safety_graph_replays_total") == 0  # no CUDA graphs on the CPU
     assert metric_value(text, "safety_tokenize_seconds_count") >= 1
     assert metric_value(text, "safety_queue_items") == 0
     assert 'safety_request_duration_seconds_bucket{le="0.005",method="Classify"}' in text
