@@ -113,10 +113,10 @@ def pad_packed(batch: Packed, shape: GraphShape) -> Packed:
         raise ValueError(
             f"a batch of {B} sequences and {T} tokens, the longest {batch.max_seqlen}, does not fit {shape}"
         )
-    pads = pad_lengths(shape.tokens - T, shape)
-    pad_lens = np.asarray(pads, dtype=np.int64)
-    pad_starts = np.cumsum(pad_lens) - pad_lens  # (K,) offsets inside the padding
     pad_total = shape.tokens - T
+    pads = pad_lengths(pad_total, shape)
+    pad_lens = np.asarray(pads, dtype=np.int64)  # (K,)
+    pad_starts = np.cumsum(pad_lens) - pad_lens  # (K,) offsets inside the padding
     cu = batch.cu_seqlens.numpy()
     return Packed(
         input_ids=torch.from_numpy(np.concatenate([batch.input_ids.numpy(), np.zeros(pad_total, np.int64)])),
