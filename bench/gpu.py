@@ -20,7 +20,9 @@ no flash-attn, no celery). Steps:
   7. profile: the top device kernels of ours eager (and compiled) on part of the traffic mix;
   8. memory: peak device memory above the loaded baseline for one input of 512 ... 8192 tokens and for one
      full default token budget of 512-token inputs, ours and HF; GiB per 1k tokens shows linear growth;
-  9. a markdown table on stdout and JSON in $OUT (or --out), rewritten after every step.
+  9. a probe, last (a kernel fault would end the process's CUDA context): cuDNN's ragged attention on the
+     same packs as step 6, global, against the flash kernel (time and largest difference);
+ 10. a markdown table on stdout and JSON in $OUT (or --out), rewritten after every step.
 Every step is guarded: an exception is printed, recorded under "errors" and the next step runs, so one
 failing step (a compile error, say) never costs the rest of a GPU call; if our engine fails to load or run
 with the default kernel, it is measured again with the SDPA backend.
@@ -284,34 +286,79 @@ def small_batches(clf, seqs: list[list[int]], device, sizes=(1, 4, 16, 64), call
     return rows
 
 
-def attention_kernels(device, window: int, heads: int = 12, head_dim: int = 64) -> list[dict]:
-    """The varlen kernel alone, local (window, window) vs global, on packs of one length mix: ms per call
-    and TFLOP/s counted as full attention (4 S^2 D per head): whether local layers skip far key blocks."""
-    from torch.nn.attention.varlen import varlen_attn
+def cuda_ms(fn, repeat: int = 10) -> float:
+    """Milliseconds per call of `fn` on the current stream (CUDA events; one untimed call first)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeat
 
+
+def attention_kernels(window: int, cudnn: bool = False, heads: int = 12, head_dim: int = 64) -> list[dict]:
+    """The varlen kernel alone, local (window, window) vs global, on packs of one length mix: ms per call
+    and TFLOP/s counted as full attention (4 S^2 D per head): whether local layers skip far key blocks.
+    `cudnn`: instead, cuDNN's packed (ragged) attention on the same packs, global only (it takes no window),
+    with its largest difference from the flash kernel's output — newer torch releases prefer it to flash for
+    varlen attention on Hopper, and the global layers (8 of 22) could use it. A probe: run it last, as a
+    kernel fault would end the process's CUDA context."""
     from bench.workloads import anchor_workloads
 
     mixes = {"1024 x 128": [128] * 1024, "traffic[:2048]": anchor_workloads()["traffic"].lengths[:2048],
              "16 x 8192": [8192] * 16}  # fmt: skip
     rows = []
     for name, lengths in mixes.items():
-        T = sum(lengths)
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-        q, k, v = (torch.randn(T, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
-        flops = sum(4 * n * n * head_dim * heads for n in lengths)
-        S = max(lengths)
-        for label, w in (("global", -1), ("local", window)):
-            varlen_attn(q, k, v, cu, cu, S, S, window_size=(w, w))
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                varlen_attn(q, k, v, cu, cu, S, S, window_size=(w, w))
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end) / 10
-            rows.append({"mix": name, "kind": label, "tokens": T, "ms": ms, "full_tflops": flops / ms / 1e9})
-            log(f"attention {name:<16} {label:<6} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s (as full)")
+        rows += (cudnn_rows if cudnn else flash_rows)(name, lengths, window, heads, head_dim)
     return rows
+
+
+def _pack(lengths: list[int], heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """Random bf16 q, k, v (T, H, D) and int32 offsets for a pack of `lengths`."""
+    T = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(T, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    return q, k, v, cu
+
+
+def flash_rows(name: str, lengths: list[int], window: int, heads: int, head_dim: int) -> list[dict]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v, cu = _pack(lengths, heads, head_dim)
+    S, flops = max(lengths), sum(4 * n * n * head_dim * heads for n in lengths)
+    rows = []
+    for label, w in (("global", -1), ("local", window)):
+        ms = cuda_ms(lambda w=w: varlen_attn(q, k, v, cu, cu, S, S, window_size=(w, w)))
+        rows.append(
+            {"mix": name, "kind": label, "tokens": sum(lengths), "ms": ms, "full_tflops": flops / ms / 1e9}
+        )
+        log(f"attention {name:<16} {label:<6} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s (as full)")
+    return rows
+
+
+def cudnn_rows(name: str, lengths: list[int], window: int, heads: int, head_dim: int) -> list[dict]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v, cu = _pack(lengths, heads, head_dim)
+    S, flops = max(lengths), sum(4 * n * n * head_dim * heads for n in lengths)
+
+    def cudnn() -> torch.Tensor:
+        """cuDNN's ragged attention on (T, H, D) with offsets, as newer torch's varlen_attn calls it."""
+        out = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, S, S, False, 0.0, False, False)
+        return out[0]
+
+    try:
+        diff = float((cudnn().float() - varlen_attn(q, k, v, cu, cu, S, S).float()).abs().max())
+        ms = cuda_ms(cudnn)
+    except Exception as e:  # not in this torch or cuDNN: say so
+        log(f"attention {name:<16} cudnn global: unavailable ({type(e).__name__}: {str(e)[:200]})")
+        return []
+    log(f"attention {name:<16} cudnn global {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s (as full)  "
+        f"max |Δ| vs flash {diff:.4f}  (cuDNN {torch.backends.cudnn.version()})")  # fmt: skip
+    return [{"mix": name, "kind": "cudnn global", "tokens": sum(lengths), "ms": ms,
+             "full_tflops": flops / ms / 1e9, "max_abs_diff_vs_flash": diff}]  # fmt: skip
 
 
 def profile(clf, seqs: list[list[int]], device, rows: int = 12) -> str:
@@ -495,7 +542,7 @@ def main() -> None:
 
     if device.type == "cuda" and clf.backend == "varlen":
         with rep.step("attention kernels"):
-            out["attention_kernels"] = attention_kernels(device, clf.config.window)
+            out["attention_kernels"] = attention_kernels(clf.config.window)
 
     traffic = workloads["traffic"].sequences()[: 64 if args.smoke else 2048]
     for label, engine in engines:
@@ -507,6 +554,10 @@ def main() -> None:
         out["memory"] = memory(
             hf16, clf, device, [64, 128, 256] if args.smoke else [512, 1024, 2048, 4096, 8192]
         )
+
+    if device.type == "cuda" and clf.backend == "varlen":
+        with rep.step("cudnn attention (probe)"):
+            out["attention_kernels_cudnn"] = attention_kernels(clf.config.window, cudnn=True)
 
     log("\n| workload | HF arrival | HF sorted | ours eager | ours compiled | ours / HF sorted | peak GiB |")
     log("|---|---|---|---|---|---|---|")
