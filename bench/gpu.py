@@ -262,13 +262,13 @@ def graphs_off(clf):
 @contextlib.contextmanager
 def graph_buckets(clf, shapes):
     """The classifier replaying graphs captured for `shapes` instead of its own (restored after)."""
-    saved = clf.runner.graphs
+    saved = clf.runner.graphs, clf.runner.graph_error
     try:
         if not clf.runner.capture_graphs(shapes):
             raise RuntimeError(f"capture failed: {clf.runner.graph_error}")
         yield clf
     finally:
-        clf.runner.graphs = saved
+        clf.runner.graphs, clf.runner.graph_error = saved
         torch.cuda.empty_cache()
 
 
