@@ -59,6 +59,10 @@ class GraphShape:
     def fits(self, num_tokens: int, num_seqs: int, max_seqlen: int) -> bool:
         return num_tokens < self.tokens and num_seqs <= self.seqs and max_seqlen <= self.max_seqlen
 
+    def cost(self) -> tuple[int, int, int]:
+        """Sort key, cheapest first: fewest tokens (compute), then fewest query blocks, then fewest slots."""
+        return self.tokens, self.blocks, self.seqs
+
 
 def token_levels(smallest: int = SMALLEST, largest: int = LARGEST) -> list[int]:
     """Bucket sizes: doubling from `smallest`, with a 1.5x step between from 2,048 up (padding a batch of a
@@ -85,7 +89,7 @@ def graph_shapes(max_positions: int, smallest: int = SMALLEST, largest: int = LA
                 shape = GraphShape(tokens, seqs, seqlen)
                 if seqs * seqlen >= tokens // 2 and shape.blocks <= max(64, tokens * BLOCKS_PER_TOKEN):
                     shapes.append(shape)
-    return sorted(shapes, key=lambda s: (s.tokens, s.blocks, s.seqs))
+    return sorted(shapes, key=GraphShape.cost)
 
 
 def pick_shape(
@@ -168,7 +172,7 @@ class GraphSet:
         self, forward: Callable[[Packed], torch.Tensor], shapes: list[GraphShape], device: torch.device
     ) -> None:
         self.forward = forward
-        self.shapes = shapes
+        self.shapes = sorted(shapes, key=GraphShape.cost)  # `prepare` takes the first that fits
         self.device = device
         self.graphs: dict[GraphShape, Captured] = {}
         self.capture_s = 0.0

@@ -21,7 +21,7 @@ import torch
 
 from model.attention import Attention, pick_backend
 from model.budget import probe_shape
-from model.graphs import LARGEST, GraphSet, GraphShape, graph_shapes
+from model.graphs import LARGEST, SMALLEST, GraphSet, GraphShape, graph_shapes
 from model.modernbert import ModernBertForSequenceClassification
 from model.packing import Packed, pack
 
@@ -139,7 +139,9 @@ class Runner:
         cannot capture them: the runner stays ungraphed."""
         self.graphs = None
         if not shapes:
-            self.graph_error = "no graph buckets (graph_tokens is below the smallest bucket, 256 tokens)"
+            self.graph_error = (
+                f"no graph buckets (graph_tokens is below the smallest bucket, {SMALLEST} tokens)"
+            )
             return False
         graphs = GraphSet(lambda batch: self.net(batch, self.attn), shapes, self.device)
         try:
