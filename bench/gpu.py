@@ -9,6 +9,11 @@ no flash-attn, no celery). Steps:
      stay within 2x HF-bf16's own error + 0.02 (the bound tests/model/test_compile_gpu.py states);
   4. each workload: HF arrival order and length-sorted (padded batches of the anchor's size), ours eager and
      ours compiled; real tokens/s, peak GiB, ratios measured here;
+  4b. the fused Triton GEMMs (model/fused.py, SAFETY_FUSED_GEMM), where Triton can run: Wqkv + RoPE and
+     Wi + GeGLU alone at 4k / 16k / 131k tokens against cuBLAS + the eager and the compiled elementwise ops
+     (ms, TFLOP/s, largest difference, the autotuner's blocks), then the network with them, eager and
+     compiled: parity against HF fp32 (same bound), our rows again as a ratio to the unfused ones above, and
+     the compiled one's profile in step 7;
   5. budget sweep: ours eager on traffic and long_var at token budgets around the probed default, and at
      12,288 tokens, where every batch replays a CUDA graph (the share of graphed batches is printed);
   6. no host-device sync while a batch is packed, copied and queued (sync-debug mode "error");
@@ -178,6 +183,20 @@ def workload_row(wl: Workload, hf16, engines, device) -> dict:
         except torch.OutOfMemoryError:
             row[label] = float("nan")
             torch.cuda.empty_cache()
+    engine_rates(wl, seqs, engines, device, row)
+    best = max(row.get("ours_compiled", 0.0), row.get("ours_eager", 0.0))
+    k = {key: row.get(key, 0.0) / 1e3 for key in ("hf_arrival", "hf_sorted", "ours_eager", "ours_compiled")}
+    log(f"{wl.name:<12} HF arrival {k['hf_arrival']:8.1f}k  HF sorted {k['hf_sorted']:8.1f}k  "
+        f"ours eager {k['ours_eager']:8.1f}k  ours compiled {k['ours_compiled']:8.1f}k  "
+        f"best/HF-sorted {best / row['hf_sorted']:.2f}x  "
+        f"peak GiB ours {row.get('ours_eager_gib', 0):.2f}  GPU busy eager "
+        f"{row.get('ours_eager_device_busy', 0):.0%} compiled "
+        f"{row.get('ours_compiled_device_busy', 0):.0%}")  # fmt: skip
+    return row
+
+
+def engine_rates(wl: Workload, seqs: list[list[int]], engines, device, row: dict) -> None:
+    """Our engines on one workload: tokens/s, peak GiB and the GPU's busy share, into `row` (label keys)."""
     for label, engine in engines:
         try:  # one engine failing on this workload (a compile error, say) keeps HF's and the other's numbers
             engine.run_windows(seqs[: min(len(seqs), 64)])  # warm-up
@@ -194,15 +213,78 @@ def workload_row(wl: Workload, hf16, engines, device) -> dict:
         row[label] = wl.tokens / sec
         row[label + "_gib"] = peak_gib(device)
         row[label + "_device_busy"] = busy
-    best = max(row.get("ours_compiled", 0.0), row.get("ours_eager", 0.0))
-    k = {key: row.get(key, 0.0) / 1e3 for key in ("hf_arrival", "hf_sorted", "ours_eager", "ours_compiled")}
-    log(f"{wl.name:<12} HF arrival {k['hf_arrival']:8.1f}k  HF sorted {k['hf_sorted']:8.1f}k  "
-        f"ours eager {k['ours_eager']:8.1f}k  ours compiled {k['ours_compiled']:8.1f}k  "
-        f"best/HF-sorted {best / row['hf_sorted']:.2f}x  "
-        f"peak GiB ours {row.get('ours_eager_gib', 0):.2f}  GPU busy eager "
-        f"{row.get('ours_eager_device_busy', 0):.0%} compiled "
-        f"{row.get('ours_compiled_device_busy', 0):.0%}")  # fmt: skip
-    return row
+
+
+def fused_kernel_rows(config, tokens: list[int], device, dtype) -> list[dict]:
+    """model/fused.py's two GEMMs alone, against what the network runs without them: cuBLAS + the eager
+    elementwise ops, and cuBLAS + torch.compile's fused elementwise kernel. ms per call (CUDA events),
+    TFLOP/s of the GEMM, largest difference to the compiled plain path, and the block sizes the autotuner
+    chose (fused.tuned_config)."""
+    import torch.nn.functional as F
+
+    from model import fused
+    from model.modernbert import activation, apply_rope
+
+    d, heads, inter, D = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.head_dim,
+    )
+    g = torch.Generator(device=device).manual_seed(3)
+    w_qkv = torch.randn(3 * d, d, device=device, generator=g).mul(d**-0.5).to(dtype)
+    w_i = torch.randn(2 * inter, d, device=device, generator=g).mul(d**-0.5).to(dtype)
+    act_name = config.hidden_activation
+    act = activation(act_name)
+
+    def plain_qkv(x, cos, sin):
+        T = x.shape[0]
+        qkv = F.linear(x, w_qkv).view(T, 3, heads, D)  # (T, 3, H, D)
+        return apply_rope(qkv[:, :2].transpose(0, 1), cos, sin), qkv[:, 2].contiguous()
+
+    def plain_mlp(x):
+        a, gate = F.linear(x, w_i).chunk(2, dim=-1)
+        return act(a) * gate
+
+    compiled_qkv = torch.compile(plain_qkv, dynamic=True)
+    compiled_mlp = torch.compile(plain_mlp, dynamic=True)
+    rows = []
+    for T in tokens:
+        x = torch.randn(T, d, device=device, generator=g).to(dtype)
+        angles = torch.rand(T, 1, D // 2, device=device, generator=g) * 100
+        cos, sin = angles.cos(), angles.sin()
+        with torch.inference_mode():
+            qk, v = compiled_qkv(x, cos, sin)
+            qkv = fused.qkv_rope(x, w_qkv, None, cos, sin, heads)
+            qkv_diff = max((qkv[:2] - qk).abs().max().item(), (qkv[2] - v).abs().max().item())
+            mlp_diff = (
+                (fused.geglu(x, w_i, None, config.hidden_activation) - compiled_mlp(x)).abs().max().item()
+            )
+            qkv_args = (x, cos, sin)
+            cases = {
+                "qkv+rope": (3 * d, qkv_diff, {
+                    "cublas+eager": lambda a=qkv_args: plain_qkv(*a),
+                    "cublas+compiled": lambda a=qkv_args: compiled_qkv(*a),
+                    "fused": lambda a=qkv_args: fused.qkv_rope(a[0], w_qkv, None, a[1], a[2], heads),
+                }),
+                "wi+geglu": (2 * inter, mlp_diff, {
+                    "cublas+eager": lambda x=x: plain_mlp(x),
+                    "cublas+compiled": lambda x=x: compiled_mlp(x),
+                    "fused": lambda x=x: fused.geglu(x, w_i, None, act_name),
+                }),
+            }  # fmt: skip
+            for op, (n_out, diff, paths) in cases.items():
+                row = {"op": op, "tokens": T, "max_diff_vs_compiled": diff}
+                for path, fn in paths.items():
+                    row[f"{path}_ms"] = ms = cuda_ms(fn) if device.type == "cuda" else timed(fn, device) * 1e3
+                    row[f"{path}_tflops"] = fused.flops(T, d, n_out) / ms / 1e9
+                row["fused_config"] = fused.tuned_config("qkv_rope" if op == "qkv+rope" else "geglu")
+                rows.append(row)
+                log(f"fused {op:<9} {T:>7} tokens: cuBLAS+eager {row['cublas+eager_ms']:7.3f} ms  "
+                    f"cuBLAS+compiled {row['cublas+compiled_ms']:7.3f} ms  fused {row['fused_ms']:7.3f} ms "
+                    f"({row['fused_tflops']:.0f} TFLOP/s)  max |Δ| {diff:.4f}  "
+                    f"{row['fused_config']}")  # fmt: skip
+    return rows
 
 
 def budget_sweep(clf, workloads: list[Workload], budgets: list[int], device, rows: list[dict]) -> None:
@@ -380,6 +462,61 @@ def profile(clf, seqs: list[list[int]], device, rows: int = 12) -> str:
     return avg.table(row_limit=rows)
 
 
+def fused_steps(rep, args, ckpt, config, opts, hf32, hf16, lengths, workloads, rows, device, dtype) -> list:
+    """model/fused.py's GEMMs (SAFETY_FUSED_GEMM): the kernels alone, then the network with them, eager and
+    compiled: parity against HF fp32 (the same bound), and our rows again, each against the unfused engine's
+    row measured above in this run. Returns the fused engines, for the profile."""
+    from model import fused, load_classifier
+
+    out = rep.data
+    why = fused.unsupported(device, config.hidden_activation, config.head_dim)
+    if why is not None:
+        out["fused"] = f"skipped: {why}"
+        log(f"# fused GEMMs: skipped ({why})")
+        return []
+    with rep.step("fused GEMMs: kernels"):
+        tokens = [40] if args.smoke else [4096, 16384, 131072]
+        out["fused_kernels"] = fused_kernel_rows(config, tokens, device, dtype)
+    engines = []
+    with rep.step("fused GEMMs: eager engine + parity"):
+        engine = load_classifier(ckpt, **opts, fused_gemm=True)
+        short = [n for n in lengths if n <= 129] if args.smoke else lengths  # smoke: Triton's interpreter
+        out["fused_parity"] = p = parity(hf32, hf16, engine, device, short)
+        log(f"# fused eager: parity vs HF fp32 {p['ours_err']:.4f} (bound {p['bound']:.4f}) -> "
+            f"{'OK' if p['ok'] else 'FAIL'}; graphs {engine.graphs_text}")  # fmt: skip
+        engines.append(("fused_eager", engine))
+    if not args.no_compile:
+        with rep.step("fused GEMMs: compiled engine"):
+            t = time.perf_counter()
+            engine = load_classifier(ckpt, **opts, compile=args.compile_mode or True, fused_gemm=True)
+            engine.warmup()
+            out["fused_compile_s"] = time.perf_counter() - t
+            probe = [[CLS, *range(7, 7 + 300), SEP], [CLS, 7, 8, SEP]]
+            diff = (
+                float((engine.forward(probe) - engines[0][1].forward(probe)).abs().max()) if engines else None
+            )
+            out["fused_compiled_vs_eager"] = diff
+            log(f"# fused compiled: compile + warm-up {out['fused_compile_s']:.1f} s, vs fused eager {diff}")
+            engines.append(("fused_compiled", engine))
+    fused_rows = out["fused_rows"] = []
+    for name in args.workloads.split(","):
+        with rep.step(f"fused GEMMs: workload {name}"):
+            wl = workloads[name]
+            if args.smoke:  # Triton's interpreter on the CPU: a few sequences
+                wl = wl.head(3)
+            row = {"workload": name, "sequences": len(wl.lengths), "tokens": wl.tokens}
+            engine_rates(wl, wl.sequences(), engines, device, row)
+            fused_rows.append(row)
+            base = next((r for r in rows if r["workload"] == name), {})
+            parts = []
+            for path in ("eager", "compiled"):
+                if f"fused_{path}" in row:
+                    ratio = row[f"fused_{path}"] / base.get(f"ours_{path}", float("nan"))
+                    parts.append(f"{path} {row[f'fused_{path}'] / 1e3:8.1f}k ({ratio:.2f}x unfused)")
+            log(f"fused {name:<12} " + "  ".join(parts))
+    return engines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="tiny model, few sequences, CPU allowed")
@@ -440,7 +577,6 @@ def main() -> None:
             break  # the fallbacks only differ on CUDA
     if clf is None:
         sys.exit("bench/gpu.py: our engine failed to load or run with every backend (see errors above)")
-    del hf32
 
     compiled = None
     if not args.no_compile:
@@ -465,6 +601,11 @@ def main() -> None:
     for name in args.workloads.split(","):
         with rep.step(f"workload {name}"):
             rows.append(workload_row(workloads[name], hf16, engines, device))
+
+    fused_engines = fused_steps(
+        rep, args, tmp, clf.runner.net.config, opts, hf32, hf16, lengths, workloads, rows, device, dtype
+    )
+    del hf32
 
     with rep.step("budget sweep"):
         top = clf.limits.max_batch_tokens
@@ -549,6 +690,12 @@ def main() -> None:
         with rep.step(f"profile {label}"):
             out[f"profile_{label}"] = table = profile(engine, traffic, device)
             log(table)
+
+    for label, engine in fused_engines[-1:] if not args.smoke else []:  # the last (fastest): where time goes
+        with rep.step(f"profile {label}"):
+            out[f"profile_{label}"] = table = profile(engine, traffic, device)
+            log(table)
+    del fused_engines
 
     with rep.step("memory"), graphs_off(clf):  # a replay allocates nothing new: measure the plain forward
         out["memory"] = memory(

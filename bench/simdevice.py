@@ -52,6 +52,7 @@ class SimulatedRunner(Runner):
         self.dtype = torch.bfloat16
         self.backend = "varlen"
         self.compiled = False
+        self.fused_gemm = False
         self.graphs = None
         self.graph_error = None
         self.device_seconds = 0.0

@@ -170,6 +170,7 @@ class Classifier:
             "dtype": self.dtype,
             "backend": self.backend,
             "cuda_graphs": self.graphs_text,
+            "fused_gemm": self.runner.fused_gemm,
             "version": VERSION,
         }
 
@@ -475,10 +476,11 @@ def load_classifier(
     copy_stream: bool = True,
     graphs: bool | None = None,
     graph_tokens: int | None = None,
+    fused_gemm: bool = False,
 ) -> Classifier:
     """Load a checkpoint directory (or the bundled default when `path` is None) ready to classify.
     `graphs`: CUDA graphs for batches under `graph_tokens` tokens (None: on for CUDA with a varlen kernel;
-    model/graphs.py)."""
+    model/graphs.py). `fused_gemm`: Wqkv + RoPE and Wi + GeGLU as fused Triton GEMMs (model/fused.py)."""
     dev = resolve_device(device)
     directory = Path(path) if path is not None else default_model_dir()
     if not directory.is_dir():
@@ -499,6 +501,7 @@ def load_classifier(
         copy_stream=copy_stream,
         graphs=graphs,
         graph_tokens=graph_tokens,
+        fused_gemm=fused_gemm,
     )
     max_tokens = max_tokens or config.max_position_embeddings
     budget = None

@@ -1,11 +1,11 @@
 """The engine's settings, shared by `safety serve` and `safety worker`: which checkpoint, where, and how.
 
 Owns: the `SAFETY_*` variables that choose and shape the classifier (model, device, dtype, CPU threads,
-attention kernel, torch.compile, CUDA graphs and their largest bucket, batch token and sequence budgets, the
-character limit of a text), their defaults, their validation, and `load()`, which turns them into a
-`Classifier` (threads set first, compile decided from the device). `ServeSettings` and `WorkerSettings`
-extend this dataclass, so the two front ends read the same variables the same way. Must not know: gRPC,
-Celery, Redis, the error type a front end raises (a subclass gives `bad()`).
+attention kernel, torch.compile, CUDA graphs and their largest bucket, fused GEMM kernels, batch token and
+sequence budgets, the character limit of a text), their defaults, their validation, and `load()`, which
+turns them into a `Classifier` (threads set first, compile decided from the device). `ServeSettings` and
+`WorkerSettings` extend this dataclass, so the two front ends read the same variables the same way. Must
+not know: gRPC, Celery, Redis, the error type a front end raises (a subclass gives `bad()`).
 """
 
 from __future__ import annotations
@@ -75,6 +75,14 @@ class EngineSettings:
         f"tokens in the largest CUDA graph bucket, at least {SMALLEST_GRAPH} (unset: 16384): batches under "
         "it replay a graph; fewer means fewer buckets, a shorter capture and a smaller graph memory pool",
     )
+    fused_gemm: str = setting(
+        "off",
+        "SAFETY_FUSED_GEMM",
+        str,
+        "Wqkv + RoPE and Wi + GeGLU as Triton GEMMs with the elementwise work fused into them (CUDA, bf16 or "
+        "fp16; needs triton, which CUDA builds of torch bring): on | off (off until a GPU run measures it "
+        "faster than cuBLAS + torch.compile's kernels; docs/benchmarks.md)",
+    )
     max_batch_tokens: int | None = setting(
         None,
         "SAFETY_MAX_BATCH_TOKENS",
@@ -118,6 +126,8 @@ class EngineSettings:
         for name in ("compile", "cuda_graphs"):
             if getattr(self, name) not in AUTO_ON_OFF:
                 yield name, f"must be auto, on or off, got {getattr(self, name)!r}"
+        if self.fused_gemm not in ("on", "off"):
+            yield "fused_gemm", f"must be on or off, got {self.fused_gemm!r}"
 
     def wants_compile(self, cuda_available: bool | None = None) -> bool:
         """SAFETY_COMPILE: auto compiles on CUDA only (on CPU, compiled and eager measured the same speed)."""
@@ -150,4 +160,5 @@ class EngineSettings:
             compile=self.wants_compile(),
             graphs={"auto": None, "on": True, "off": False}[self.cuda_graphs],
             graph_tokens=self.graph_tokens,
+            fused_gemm=self.fused_gemm == "on",
         )

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import fused
 from model.attention import Attention, AttentionContext
 from model.config import ModernBertConfig
 from model.packing import Packed
@@ -84,11 +85,15 @@ class ModernBertAttention(nn.Module):
         self.local = not config.is_global(layer)
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.fused = False  # Wqkv + RoPE as one Triton kernel (model/fused.py); see fuse_epilogues
 
     def project(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(T, d) -> rotated q, k and v, each (T, H, D)."""
+        if self.fused:
+            qkv = fused.qkv_rope(x, self.Wqkv.weight, self.Wqkv.bias, *rope, self.n_heads)  # (3, T, H, D)
+            return qkv[0], qkv[1], qkv[2]
         T = x.shape[0]
         qkv = self.Wqkv(x).view(T, 3, self.n_heads, self.head_dim)  # (T, 3, H, D)
         qk = apply_rope(qkv[:, :2].transpose(0, 1), *rope)  # q and k together: (2, T, H, D), contiguous
@@ -101,8 +106,12 @@ class ModernBertMLP(nn.Module):
         self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = activation(config.hidden_activation)
+        self.activation = config.hidden_activation
+        self.fused = False  # Wi + GeGLU as one Triton kernel (model/fused.py); see fuse_epilogues
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.Wo(fused.geglu(x, self.Wi.weight, self.Wi.bias, self.activation))  # (T, I) -> (T, d)
         a, gate = self.Wi(x).chunk(2, dim=-1)  # first half is the activated input, second half the gate
         return self.Wo(self.act(a) * gate)
 
@@ -190,6 +199,13 @@ class ModernBertForSequenceClassification(nn.Module):
         self.model = ModernBertModel(config)
         self.head = ModernBertPredictionHead(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def fuse_epilogues(self, on: bool = True) -> None:
+        """Compute Wqkv + RoPE and Wi + GeGLU as fused Triton GEMMs (inference; the same weights, the same
+        results up to rounding — the epilogues act on the fp32 accumulator). The caller checks
+        `fused.unsupported` first; a compiled network must be compiled after this."""
+        for layer in self.model.layers:
+            layer.attn.fused = layer.mlp.fused = on
 
     def pool(self, x: torch.Tensor, batch: Packed) -> torch.Tensor:
         """(T, d) pre-final-norm hidden states -> (B, d) pooled, final-normed states."""

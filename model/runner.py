@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model import fused
 from model.attention import Attention, pick_backend
 from model.budget import probe_shape
 from model.graphs import LARGEST, SMALLEST, GraphSet, GraphShape, graph_shapes
@@ -96,11 +97,13 @@ class Runner:
         copy_stream: bool = True,
         graphs: bool | None = False,
         graph_tokens: int | None = None,
+        fused_gemm: bool = False,
     ) -> None:
         """`graphs`: capture CUDA graphs for batches under `graph_tokens` tokens (None: model.graphs.LARGEST).
         `graphs` None: on when the device is CUDA and the kernel is a varlen one; True refuses a setup that
         cannot have them. A capture that fails on this device leaves graphs off, with the reason in
-        `graph_error`."""
+        `graph_error`. `fused_gemm`: Wqkv + RoPE and Wi + GeGLU as fused Triton GEMMs (model/fused.py;
+        CUDA with bf16 or fp16, or Triton's interpreter)."""
         self.device = device
         self.dtype = dtype
         self.backend = pick_backend(device, backend)
@@ -108,6 +111,14 @@ class Runner:
             raise ValueError(f"dtype: backend {self.backend!r} needs bfloat16 or float16, not float32")
         self.net = net.to(device=device, dtype=dtype).eval()
         self.net.model.reset_rope(device)
+        self.fused_gemm = fused_gemm
+        if fused_gemm:
+            why = fused.unsupported(device, net.config.hidden_activation, net.config.head_dim)
+            if why is None and device.type == "cuda" and dtype == torch.float32:
+                why = "they need bfloat16 or float16 (Triton's fp32 dot is TF32)"
+            if why is not None:
+                raise ValueError(f"fused_gemm: {why}")
+            self.net.fuse_epilogues()
         self.attn = Attention(self.backend, net.config.window)
         self._lock = threading.Lock()  # one batch on the device at a time
         use_stream = copy_stream and device.type == "cuda"

@@ -185,6 +185,7 @@ class SafetyServer:
                 "max_batch_tokens": clf.limits.max_batch_tokens,
                 "budget": clf.budget_text,
                 "cuda_graphs": clf.graphs_text,
+                "fused_gemm": clf.runner.fused_gemm,
             },
         )
 

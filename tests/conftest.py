@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA, Triton (model/fused.py's kernels) runs in its interpreter. Triton reads this when it is first
+# imported, so it is set here, before any test module loads; subprocesses the tests start inherit it (so
+# `bench/gpu.py --smoke` runs its fused-GEMM steps too). Nothing else here uses Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.checkpoints import SAFETY_LABELS, make_checkpoint
 

@@ -69,9 +69,11 @@ class ClassifierTask(Task):
         if clf.runner.compiled:
             clf.warmup()  # every bucket shape compiles now, not inside the first chunks
         log.info(
-            "loaded model %s on %s (%s, %s attention, %s, CUDA graphs %s, %d CPU threads) in %.1fs",
+            "loaded model %s on %s (%s, %s attention, %s, CUDA graphs %s, fused GEMMs %s, %d CPU threads) "
+            "in %.1fs",
             clf.name, clf.device, clf.dtype, clf.backend, "compiled" if clf.runner.compiled else "eager",
-            clf.graphs_text, torch.get_num_threads(), time.perf_counter() - started,
+            clf.graphs_text, "on" if clf.runner.fused_gemm else "off", torch.get_num_threads(),
+            time.perf_counter() - started,
         )  # fmt: skip
         return clf
 

@@ -18,6 +18,7 @@ from model.engine_settings import EngineSettings
         ("max_batch_sequences", -4, "must be a positive integer"),
         ("max_text_chars", True, "must be a positive integer"),
         ("graph_tokens", 128, "must be an integer >= 256"),
+        ("fused_gemm", "auto", "must be on or off"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(field: str, value: object, why: str) -> None:

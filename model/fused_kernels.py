@@ -1,0 +1,101 @@
+"""The Triton kernels behind model/fused.py (read that module's docstring for what they compute and why).
+
+Imported only by model/fused.py, on first use: `triton.jit` reads TRITON_INTERPRET when this module loads,
+and Triton resolves the helpers a kernel calls among this module's globals.
+Must not know: torch modules, checkpoints, packing, batching.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(pid, M, tiles_n, GROUP_M: tl.constexpr, BM: tl.constexpr):
+    """Grouped launch order: GROUP_M row tiles share their column tiles' weights in L2."""
+    tiles_m = tl.cdiv(M, BM)
+    in_group = GROUP_M * tiles_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
+@triton.jit
+def _two_dots(
+    x_ptr, w_ptr, stride_x, M, rm, rows_a, rows_b,
+    K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """acc_a = x[rm] @ W[rows_a]^T and acc_b = x[rm] @ W[rows_b]^T, fp32, one x tile for both."""
+    rk = tl.arange(0, BK)
+    x_ptrs = x_ptr + (rm % M)[:, None] * stride_x + rk[None, :]  # out-of-range rows read row r % M
+    a_ptrs = w_ptr + rows_a[None, :] * K + rk[:, None]  # (BK, BN): W is (N, K) row-major
+    b_ptrs = w_ptr + rows_b[None, :] * K + rk[:, None]
+    acc_a = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_b = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, K // BK):
+        x = tl.load(x_ptrs)
+        acc_a = tl.dot(x, tl.load(a_ptrs), acc_a)
+        acc_b = tl.dot(x, tl.load(b_ptrs), acc_b)
+        x_ptrs += BK
+        a_ptrs += BK
+        b_ptrs += BK
+    return acc_a, acc_b
+
+
+@triton.jit
+def qkv_rope_kernel(
+    x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, out_ptr, M, stride_x, stride_cs,
+    K: tl.constexpr, HEADS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M_BIG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # column tile n covers heads [n·G, (n+1)·G) of q, k or v (G = BN / HALF heads): acc_lo holds their
+    # first halves, acc_hi their second halves; RoPE pairs column i of one with column i of the other
+    G: tl.constexpr = BN // HALF
+    D: tl.constexpr = 2 * HALF
+    pid_m, pid_n = _tile(tl.program_id(0), M, 3 * HEADS // G, GROUP_M, BM)
+    rm = pid_m * BM + tl.arange(0, BM)
+    j = tl.arange(0, BN)
+    col = (pid_n * G + j // HALF) * D + j % HALF  # column of Wqkv's output (and of out's row) for lo
+    acc_lo, acc_hi = _two_dots(x_ptr, w_ptr, stride_x, M, rm, col, col + HALF, K, BM, BN, BK)
+    if HAS_BIAS:
+        acc_lo += tl.load(bias_ptr + col).to(tl.float32)[None, :]
+        acc_hi += tl.load(bias_ptr + col + HALF).to(tl.float32)[None, :]
+    which = (pid_n * G) // HEADS  # 0 q, 1 k, 2 v: a tile never straddles two (HEADS % G == 0)
+    if which < 2:
+        cs = (rm % M)[:, None] * stride_cs + (j % HALF)[None, :]
+        cos = tl.load(cos_ptr + cs)
+        sin = tl.load(sin_ptr + cs)
+        lo = acc_lo * cos - acc_hi * sin
+        acc_hi = acc_hi * cos + acc_lo * sin
+        acc_lo = lo
+    d_model = HEADS * D
+    out = out_ptr + which * M * d_model + rm[:, None] * d_model + (col - which * d_model)[None, :]
+    keep = (rm < M)[:, None]
+    tl.store(out, acc_lo.to(out_ptr.dtype.element_ty), mask=keep)
+    tl.store(out + HALF, acc_hi.to(out_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def geglu_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, M, stride_x,
+    K: tl.constexpr, INTER: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M_BIG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # column tile n: intermediate columns [n·BN, (n+1)·BN), i.e. Wi's input rows there and gate rows + INTER
+    pid_m, pid_n = _tile(tl.program_id(0), M, INTER // BN, GROUP_M, BM)
+    rm = pid_m * BM + tl.arange(0, BM)
+    col = pid_n * BN + tl.arange(0, BN)
+    a, g = _two_dots(x_ptr, w_ptr, stride_x, M, rm, col, col + INTER, K, BM, BN, BK)
+    if HAS_BIAS:
+        a += tl.load(bias_ptr + col).to(tl.float32)[None, :]
+        g += tl.load(bias_ptr + col + INTER).to(tl.float32)[None, :]
+    if ACT == 0:  # exact GELU, as F.gelu
+        a = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+    elif ACT == 1:  # tanh GELU: tanh(u) = 2·sigmoid(2u) − 1
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        a = a * tl.sigmoid(2.0 * u)
+    elif ACT == 2:
+        a = tl.maximum(a, 0.0)
+    else:
+        a = a * tl.sigmoid(a)
+    out = out_ptr + rm[:, None] * INTER + col[None, :]
+    tl.store(out, (a * g).to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None])
