@@ -9,11 +9,12 @@ no flash-attn, no celery). Steps:
      stay within 2x HF-bf16's own error + 0.02 (the bound tests/model/test_compile_gpu.py states);
   4. each workload: HF arrival order and length-sorted (padded batches of the anchor's size), ours eager and
      ours compiled; real tokens/s, peak GiB, ratios measured here;
-  4b. the fused Triton GEMMs (model/fused.py, SAFETY_FUSED_GEMM), where Triton can run: Wqkv + RoPE and
-     Wi + GeGLU alone at 4k / 16k / 131k tokens against cuBLAS + the eager and the compiled elementwise ops
-     (ms, TFLOP/s, largest difference, the autotuner's blocks), then the network with them, eager and
-     compiled: parity against HF fp32 (same bound), our rows again as a ratio to the unfused ones above, and
-     the compiled one's profile in step 7;
+  4b. our Triton kernels, where Triton can run: the fused GEMMs (model/fused.py, SAFETY_FUSED_GEMM) alone,
+     Wqkv + RoPE and Wi + GeGLU at 4k / 16k / 131k tokens against cuBLAS + the eager and the compiled
+     elementwise ops (ms, TFLOP/s, largest difference, the autotuner's blocks); then four engines at the
+     same token budget — fused GEMMs and Triton attention (model/triton_attention.py,
+     SAFETY_ATTENTION=triton), each eager and compiled: parity against HF fp32 (same bound), our rows again
+     as a ratio to the plain engine's above, and the compiled ones' profiles in step 7;
   5. budget sweep: ours eager on traffic and long_var at token budgets around the probed default, and at
      12,288 tokens, where every batch replays a CUDA graph (the share of graphed batches is printed);
   6. no host-device sync while a batch is packed, copied and queued (sync-debug mode "error");
@@ -21,7 +22,8 @@ no flash-attn, no celery). Steps:
      time vs the whole forward) and small-batch calls (1, 4, 16, 64 traffic items) with graphs off, with the
      first bucket kind (`max_seqlen` = tokens, up to 4,096; capture time and pool reported) and with today's
      buckets keyed by tokens, `max_seqlen` and slots (up to 16,384);
-     the attention kernel alone: local (window 64) vs global on short, traffic and 8192-token batches;
+     the attention kernel alone: local (window 64) vs global on short, traffic and 8192-token batches,
+     flash (FA2) and our Triton kernel (with its largest difference from flash and its tile);
   7. profile: the top device kernels of ours eager (and compiled) on part of the traffic mix;
   8. memory: peak device memory above the loaded baseline for one input of 512 ... 8192 tokens and for one
      full default token budget of 512-token inputs, ours and HF; GiB per 1k tokens shows linear growth;
@@ -394,6 +396,8 @@ def attention_kernels(window: int, cudnn: bool = False, heads: int = 12, head_di
     rows = []
     for name, lengths in mixes.items():
         rows += (cudnn_rows if cudnn else flash_rows)(name, lengths, window, heads, head_dim)
+        if not cudnn:
+            rows += triton_rows(name, lengths, window, heads, head_dim)
     return rows
 
 
@@ -417,6 +421,36 @@ def flash_rows(name: str, lengths: list[int], window: int, heads: int, head_dim:
             {"mix": name, "kind": label, "tokens": sum(lengths), "ms": ms, "full_tflops": flops / ms / 1e9}
         )
         log(f"attention {name:<16} {label:<6} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s (as full)")
+    return rows
+
+
+def triton_rows(name: str, lengths: list[int], window: int, heads: int, head_dim: int) -> list[dict]:
+    """model/triton_attention.py's kernel on the same packs, global and local, with its largest difference
+    from the flash kernel's output and the tile the autotuner chose."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    from model import fused, triton_attention
+
+    if fused.unsupported(torch.device("cuda"), "gelu", head_dim) is not None:
+        return []
+    q, k, v, cu = _pack(lengths, heads, head_dim)
+    S, flops = max(lengths), sum(4 * n * n * head_dim * heads for n in lengths)
+    rows = []
+    for label, w in (("global", -1), ("local", window)):
+        try:
+            fn = lambda w=w: triton_attention.varlen_attention(q, k, v, cu, S, w)  # noqa: E731
+            ref = varlen_attn(q, k, v, cu, cu, S, S, window_size=(w, w))
+            diff = float((fn().float() - ref.float()).abs().max())
+            ms = cuda_ms(fn)
+        except Exception as e:  # a compile error on this card: say so, keep the other rows
+            log(f"attention {name:<16} triton {label}: failed ({type(e).__name__}: {str(e)[:300]})")
+            continue
+        tile = triton_attention.tuned_config()
+        tflops = flops / ms / 1e9
+        rows.append({"mix": name, "kind": f"triton {label}", "tokens": sum(lengths), "ms": ms,
+                     "full_tflops": tflops, "max_abs_diff_vs_flash": diff, "tile": tile})  # fmt: skip
+        log(f"attention {name:<16} triton {label:<6} {ms:8.3f} ms  {tflops:7.1f} TFLOP/s (as full)  "
+            f"max |Δ| vs flash {diff:.4f}  {tile}")  # fmt: skip
     return rows
 
 
@@ -462,58 +496,72 @@ def profile(clf, seqs: list[list[int]], device, rows: int = 12) -> str:
     return avg.table(row_limit=rows)
 
 
-def fused_steps(rep, args, ckpt, config, opts, hf32, hf16, lengths, workloads, rows, device, dtype) -> list:
-    """model/fused.py's GEMMs (SAFETY_FUSED_GEMM): the kernels alone, then the network with them, eager and
-    compiled: parity against HF fp32 (the same bound), and our rows again, each against the unfused engine's
-    row measured above in this run. Returns the fused engines, for the profile."""
+# Our Triton kernels as engine variants: (label, load_classifier options, compiled). Each row is compared with
+# the plain engine of the same compile mode measured above in this run.
+TRITON_VARIANTS = (
+    ("fused_eager", {"fused_gemm": True}, False),
+    ("fused_compiled", {"fused_gemm": True}, True),
+    ("triton_attn_eager", {"backend": "triton"}, False),
+    ("triton_attn_compiled", {"backend": "triton"}, True),
+)
+
+
+def triton_steps(rep, args, ckpt, config, opts, hf32, hf16, lengths, workloads, rows, device, dtype) -> list:
+    """Our Triton kernels, where Triton can run: model/fused.py's GEMMs (SAFETY_FUSED_GEMM) alone, then the
+    network with them and with model/triton_attention.py's attention (SAFETY_ATTENTION=triton), eager and
+    compiled: parity against HF fp32 (the same bound), and our rows again, each against the plain engine's
+    row measured above in this run. Returns the engines, for the profile."""
     from model import fused, load_classifier
 
     out = rep.data
     why = fused.unsupported(device, config.hidden_activation, config.head_dim)
     if why is not None:
-        out["fused"] = f"skipped: {why}"
-        log(f"# fused GEMMs: skipped ({why})")
+        out["triton"] = f"skipped: {why}"
+        log(f"# Triton kernels: skipped ({why})")
         return []
     with rep.step("fused GEMMs: kernels"):
         tokens = [40] if args.smoke else [4096, 16384, 131072]
         out["fused_kernels"] = fused_kernel_rows(config, tokens, device, dtype)
     engines = []
-    with rep.step("fused GEMMs: eager engine + parity"):
-        engine = load_classifier(ckpt, **opts, fused_gemm=True)
-        short = [n for n in lengths if n <= 129] if args.smoke else lengths  # smoke: Triton's interpreter
-        out["fused_parity"] = p = parity(hf32, hf16, engine, device, short)
-        log(f"# fused eager: parity vs HF fp32 {p['ours_err']:.4f} (bound {p['bound']:.4f}) -> "
-            f"{'OK' if p['ok'] else 'FAIL'}; graphs {engine.graphs_text}")  # fmt: skip
-        engines.append(("fused_eager", engine))
-    if not args.no_compile:
-        with rep.step("fused GEMMs: compiled engine"):
+    short = [n for n in lengths if n <= 129] if args.smoke else lengths  # smoke: Triton's interpreter
+    probe = [[CLS, *range(7, 7 + (40 if args.smoke else 300)), SEP], [CLS, 7, 8, SEP]]
+    for label, extra, compiled in TRITON_VARIANTS:
+        if compiled and args.no_compile:
+            continue
+        with rep.step(f"triton: {label} engine + parity"):
             t = time.perf_counter()
-            engine = load_classifier(ckpt, **opts, compile=args.compile_mode or True, fused_gemm=True)
-            engine.warmup()
-            out["fused_compile_s"] = time.perf_counter() - t
-            probe = [[CLS, *range(7, 7 + 300), SEP], [CLS, 7, 8, SEP]]
-            diff = (
-                float((engine.forward(probe) - engines[0][1].forward(probe)).abs().max()) if engines else None
+            engine = load_classifier(
+                ckpt, **{**opts, **extra}, compile=(args.compile_mode or True) if compiled else False
             )
-            out["fused_compiled_vs_eager"] = diff
-            log(f"# fused compiled: compile + warm-up {out['fused_compile_s']:.1f} s, vs fused eager {diff}")
-            engines.append(("fused_compiled", engine))
-    fused_rows = out["fused_rows"] = []
+            if compiled:
+                engine.warmup()
+            out.setdefault("triton_load_s", {})[label] = load_s = time.perf_counter() - t
+            out.setdefault("triton_parity", {})[label] = p = parity(hf32, hf16, engine, device, short)
+            log(f"# {label}: loaded in {load_s:.1f} s; parity vs HF fp32 {p['ours_err']:.4f} "
+                f"(bound {p['bound']:.4f}) -> {'OK' if p['ok'] else 'FAIL'}; "
+                f"graphs {engine.graphs_text}")  # fmt: skip
+            engines.append((label, engine))
+    with rep.step("triton: engines against each other"):
+        first = engines[0][1].forward(probe)
+        diffs = {label: float((e.forward(probe) - first).abs().max()) for label, e in engines[1:]}
+        out["triton_vs_first"] = diffs
+        log(f"# max |Δ logit| against {engines[0][0]} on a probe: {diffs}")
+    triton_rows = out["triton_rows"] = []
     for name in args.workloads.split(","):
-        with rep.step(f"fused GEMMs: workload {name}"):
+        with rep.step(f"triton: workload {name}"):
             wl = workloads[name]
-            if args.smoke:  # Triton's interpreter on the CPU: a few sequences
-                wl = wl.head(3)
+            if args.smoke:  # Triton's interpreter on the CPU: a few short sequences
+                wl = dataclasses.replace(wl, lengths=[min(n, 64) for n in wl.lengths[:3]])
             row = {"workload": name, "sequences": len(wl.lengths), "tokens": wl.tokens}
             engine_rates(wl, wl.sequences(), engines, device, row)
-            fused_rows.append(row)
+            triton_rows.append(row)
             base = next((r for r in rows if r["workload"] == name), {})
             parts = []
-            for path in ("eager", "compiled"):
-                if f"fused_{path}" in row:
-                    ratio = row[f"fused_{path}"] / base.get(f"ours_{path}", float("nan"))
-                    parts.append(f"{path} {row[f'fused_{path}'] / 1e3:8.1f}k ({ratio:.2f}x unfused)")
-            log(f"fused {name:<12} " + "  ".join(parts))
+            for label, _, compiled in TRITON_VARIANTS:
+                if label in row:
+                    plain = base.get("ours_compiled" if compiled else "ours_eager", float("nan"))
+                    parts.append(f"{label} {row[label] / 1e3:.1f}k ({row[label] / plain:.2f}x plain)")
+            log(f"triton {name:<12} " + "  ".join(parts))
     return engines
 
 
@@ -602,8 +650,20 @@ def main() -> None:
         with rep.step(f"workload {name}"):
             rows.append(workload_row(workloads[name], hf16, engines, device))
 
-    fused_engines = fused_steps(
-        rep, args, tmp, clf.runner.net.config, opts, hf32, hf16, lengths, workloads, rows, device, dtype
+    same_budget = {**opts, "max_batch_tokens": clf.limits.max_batch_tokens}  # rows comparable with ours
+    triton_engines = triton_steps(
+        rep,
+        args,
+        tmp,
+        clf.runner.net.config,
+        same_budget,
+        hf32,
+        hf16,
+        lengths,
+        workloads,
+        rows,
+        device,
+        dtype,
     )
     del hf32
 
@@ -691,11 +751,12 @@ def main() -> None:
             out[f"profile_{label}"] = table = profile(engine, traffic, device)
             log(table)
 
-    for label, engine in fused_engines[-1:] if not args.smoke else []:  # the last (fastest): where time goes
+    profiled = [] if args.smoke else [e for e in triton_engines if e[0].endswith("_compiled")]
+    for label, engine in profiled:  # where the time goes with each of our Triton kernels
         with rep.step(f"profile {label}"):
             out[f"profile_{label}"] = table = profile(engine, traffic, device)
             log(table)
-    del fused_engines
+    del triton_engines
 
     with rep.step("memory"), graphs_off(clf):  # a replay allocates nothing new: measure the plain forward
         out["memory"] = memory(

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Everything a GPU session measures, in one `device` call (prepare here first: `make gpu-site`; carry
 # .cache/gpu-site and service/_proto):  bash bench/gpu_all.sh
-#   1. bench/gpu.py: parity, the five workloads (HF arrival/sorted, ours eager/compiled), the fused Triton
-#      GEMMs (kernels alone, parity, our rows again with them), budget sweep, no-sync check, CUDA graphs
-#      (replay parity, latency, small batches), the attention kernel alone, profiler top kernels, memory;
+#   1. bench/gpu.py: parity, the five workloads (HF arrival/sorted, ours eager/compiled), our Triton kernels
+#      (fused GEMMs alone; fused-GEMM and Triton-attention engines: parity, our rows again), budget sweep,
+#      no-sync check, CUDA graphs (replay parity, latency, small batches), the attention kernels alone (FA2
+#      and ours), profiler top kernels, memory;
 #   2. bench/e2e.py: the same base-shape checkpoint through `python -m service` at 1..128 calls of 16 items in
 #      flight (128 x 16 stays under the default admission bound of 4096 queued items) vs the engine, the same
 #      levels over one ClassifyStream, then 300 one-item calls of 128 tokens (single-item latency);
-#      between the two, the CUDA-only tests (pytest -m gpu; all of tests/model/test_fused.py, bf16 on CUDA).
-#      E2E_ITEMS and E2E_LEVELS shrink step 2; E2E_COMPILE=on runs both paths of step 2 compiled (the server's default on CUDA; ~30 s more each).
+#      between the two, the CUDA-only tests (pytest -m gpu; all of test_fused.py and test_triton_attention.py,
+#      bf16 on CUDA). E2E=off skips step 2, E2E_ITEMS and E2E_LEVELS shrink it; E2E_COMPILE=on runs both
+#      paths of step 2 compiled (the server's default on CUDA; ~30 s more each).
 # Output: stdout, and JSON under $OUT (gpu.json, e2e.json).
 # Checked on the CPU with: DEVICE=cpu OUT=/tmp/g bash bench/gpu_all.sh --smoke --no-compile --workloads traffic
 set -euo pipefail
@@ -26,10 +28,11 @@ ATTN="$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1])).get('backe
 if [ "${DEVICE:-cuda}" = cuda ]; then
     timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/model/test_graphs.py \
         tests/model/test_compile_gpu.py || echo "# GPU tests exited with $?"
-    # the fused Triton GEMMs: every test of the file runs on CUDA (bf16, autotuned kernels)
+    # our Triton kernels: every test of these files runs on CUDA (bf16, autotuned kernels)
     timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -q -p no:cacheprovider tests/model/test_fused.py \
-        || echo "# fused-GEMM tests exited with $?"
+        tests/model/test_triton_attention.py || echo "# Triton kernel tests exited with $?"
 fi
+[ "${E2E:-on}" = on ] || exit 0
 "$PY" bench/e2e.py --model "$CKPT" --device "${DEVICE:-cuda}" --attention "$ATTN" --items "${E2E_ITEMS:-20000}" \
     --items-per-call 16 --concurrency "${E2E_LEVELS:-1,4,16,64,128}" --latency-calls 300 --stream \
     --compile "${E2E_COMPILE:-off}" --json "$OUT/e2e.json"

@@ -4,7 +4,9 @@ Owns: the three ways we compute bidirectional attention on unpadded batches, beh
   * "flash_attn": flash-attn's `flash_attn_varlen_func` (CUDA, when the package is importable);
   * "varlen":     PyTorch's own flash varlen kernel `torch.nn.attention.varlen.varlen_attn` (CUDA);
   * "sdpa":       `scaled_dot_product_attention` on a (B, S) padded view of the stream (CPU, or any device),
-                  with a key-padding mask and, on local layers, the |i - j| <= window band mask.
+                  with a key-padding mask and, on local layers, the |i - j| <= window band mask;
+  * "triton":     our own varlen kernel with small tiles (model/triton_attention.py; CUDA, or Triton's
+                  interpreter), chosen only when asked for until a GPU run measures it against FA2.
 A local layer sees keys with |i - j| <= window (ModernBERT: local_attention // 2 = 64), i.e. flash's
 `window_size=(window, window)`. Must not know: weights, tokenizers, batching policy.
 """
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 
 from model.packing import Packed, pad_index
 
-BACKENDS = ("flash_attn", "varlen", "sdpa")
+BACKENDS = ("flash_attn", "varlen", "sdpa", "triton")
+VARLEN = ("flash_attn", "varlen", "triton")  # the kernels that take the packed stream as it is
 
 
 def has_flash_attn() -> bool:
@@ -45,6 +48,13 @@ def pick_backend(device: torch.device, requested: str | None = None) -> str:
             raise ValueError("backend: 'flash_attn' requested but the flash_attn package is not installed")
         if requested == "varlen" and not has_torch_varlen():
             raise ValueError("backend: 'varlen' requested but torch.nn.attention.varlen is not available")
+        if requested == "triton":
+            from model.fused import has_triton, interpreting
+
+            if not has_triton():
+                raise ValueError("backend: 'triton' requested but the triton package is not installed")
+            if device.type != "cuda" and not interpreting():
+                raise ValueError(f"backend: 'triton' needs a CUDA device, got {device}")
         return requested
     if device.type == "cuda":
         if has_flash_attn():
@@ -91,6 +101,10 @@ class Attention:
             from torch.nn.attention.varlen import varlen_attn
 
             self._varlen = varlen_attn
+        elif name == "triton":
+            from model.triton_attention import varlen_attention
+
+            self._triton = varlen_attention
 
     def prepare(self, batch: Packed) -> AttentionContext:
         ctx = AttentionContext(batch=batch, window=self.window)
@@ -134,6 +148,8 @@ class Attention:
             return self._varlen(
                 q, k, v, b.cu_seqlens, b.cu_seqlens, b.max_seqlen, b.max_seqlen, window_size=(w, w)
             )
+        if self.name == "triton":
+            return self._triton(q, k, v, b.cu_seqlens, b.max_seqlen, w)
         assert ctx.index is not None and ctx.valid is not None
         T, H, D = q.shape
         if ctx.dense:  # equal lengths: the stream is already the (B, S) grid; no gather, no scatter back

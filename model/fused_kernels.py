@@ -1,6 +1,7 @@
-"""The Triton kernels behind model/fused.py (read that module's docstring for what they compute and why).
+"""The Triton kernels behind model/fused.py (GEMMs with fused epilogues) and model/triton_attention.py
+(varlen attention with 64-row tiles); those modules' docstrings say what they compute and why.
 
-Imported only by model/fused.py, on first use: `triton.jit` reads TRITON_INTERPRET when this module loads,
+Imported only by those two, on first use: `triton.jit` reads TRITON_INTERPRET when this module loads,
 and Triton resolves the helpers a kernel calls among this module's globals.
 Must not know: torch modules, checkpoints, packing, batching.
 """
@@ -99,3 +100,54 @@ def geglu_kernel(
         a = a * tl.sigmoid(a)
     out = out_ptr + rm[:, None] * INTER + col[None, :]
     tl.store(out, (a * g).to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None])
+
+
+@triton.jit
+def varlen_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, stride_t, sm_scale,
+    HEADS: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr, SEQ_BIG: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    # program (m, b, h): query rows [m·BM, (m+1)·BM) of sequence b, head h; rows past the sequence exit at
+    # once. A query sees the keys of its own sequence, within |i - j| <= WINDOW when WINDOW >= 0 (local).
+    pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(cu_ptr + b)
+    length = tl.load(cu_ptr + b + 1) - start
+    m0 = pid_m * BM
+    if m0 < length:
+        rows = m0 + tl.arange(0, BM)
+        dims = tl.arange(0, D)
+        base = start.to(tl.int64) * stride_t + h * D
+        q = tl.load(q_ptr + base + rows[:, None] * stride_t + dims[None, :], mask=(rows < length)[:, None])
+        lo = 0
+        hi = length
+        if WINDOW >= 0:
+            lo = tl.maximum(m0 - WINDOW, 0) // BN * BN
+            hi = tl.minimum(m0 + BM + WINDOW, length)
+        m_i = tl.full((BM,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BM,), tl.float32)
+        acc = tl.zeros((BM, D), tl.float32)
+        scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x · log2 e)
+        for n0 in range(lo, hi, BN):
+            cols = n0 + tl.arange(0, BN)
+            inside = cols < length
+            kt = tl.load(
+                k_ptr + base + cols[None, :] * stride_t + dims[:, None], mask=inside[None, :]
+            )  # (D, BN)
+            s = tl.dot(q, kt) * scale  # (BM, BN)
+            seen = inside[None, :]
+            if WINDOW >= 0:
+                gap = rows[:, None] - cols[None, :]
+                seen = seen & (gap <= WINDOW) & (gap >= -WINDOW)
+            s = tl.where(seen, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key seen yet stays empty
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + base + cols[:, None] * stride_t + dims[None, :], mask=inside[:, None])
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # 0 only on rows past the end (not stored)
+        tl.store(o_ptr + base + rows[:, None] * stride_t + dims[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=(rows < length)[:, None])  # fmt: skip

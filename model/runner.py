@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from model import fused
-from model.attention import Attention, pick_backend
+from model.attention import VARLEN, Attention, pick_backend
 from model.budget import probe_shape
 from model.graphs import LARGEST, SMALLEST, GraphSet, GraphShape, graph_shapes
 from model.modernbert import ModernBertForSequenceClassification
@@ -107,7 +107,7 @@ class Runner:
         self.device = device
         self.dtype = dtype
         self.backend = pick_backend(device, backend)
-        if self.backend in ("flash_attn", "varlen") and dtype == torch.float32:
+        if self.backend in VARLEN and dtype == torch.float32 and device.type == "cuda":
             raise ValueError(f"dtype: backend {self.backend!r} needs bfloat16 or float16, not float32")
         self.net = net.to(device=device, dtype=dtype).eval()
         self.net.model.reset_rope(device)
@@ -132,7 +132,7 @@ class Runner:
                 self._first_compile_on_a_large_batch()
         self.graphs: GraphSet | None = None
         self.graph_error: str | None = None
-        graphable = device.type == "cuda" and self.backend in ("flash_attn", "varlen")
+        graphable = device.type == "cuda" and self.backend in VARLEN
         if graphs and not graphable:
             raise ValueError(
                 f"cuda_graphs: CUDA graphs need a CUDA device and a varlen attention kernel, got {device} "

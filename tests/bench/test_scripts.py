@@ -41,12 +41,16 @@ def test_gpu_script_smoke(tmp_path: Path) -> None:
     cases = {(m["engine"], m["case"]) for m in data["memory"]}
     assert ("ours", "1 x 256") in cases and ("hf", "1 x 256") in cases
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()  # kept for bench/e2e.py
-    # the fused-GEMM steps, here in Triton's interpreter (tests/conftest.py): kernels alone, parity, a row
+    # our Triton kernels' steps, here in Triton's interpreter (tests/conftest.py): the fused GEMMs alone, then
+    # the fused-GEMM and Triton-attention engines (eager: --no-compile), parity and a row each
     assert {r["op"] for r in data["fused_kernels"]} == {"qkv+rope", "wi+geglu"}
     assert all(r["max_diff_vs_compiled"] < 1e-4 for r in data["fused_kernels"])
-    assert data["fused_parity"]["ok"]
-    (fused_row,) = data["fused_rows"]
-    assert fused_row["workload"] == "traffic" and fused_row["fused_eager"] > 0
+    assert set(data["triton_parity"]) == {"fused_eager", "triton_attn_eager"}
+    assert all(p["ok"] for p in data["triton_parity"].values())
+    assert data["triton_vs_first"]["triton_attn_eager"] < 1e-4
+    (triton_row,) = data["triton_rows"]
+    assert triton_row["workload"] == "traffic"
+    assert triton_row["fused_eager"] > 0 and triton_row["triton_attn_eager"] > 0
 
 
 def test_bucket_coverage_script(tmp_path: Path) -> None:

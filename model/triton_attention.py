@@ -1,0 +1,77 @@
+"""Varlen attention over a packed stream as a Triton kernel with small tiles: the "triton" attention backend.
+
+Why: FA2 (torch's varlen kernel) tiles a sequence in 128 × 128 blocks. A local layer (|i - j| <= 64) needs
+129 keys per query, but a 128-row query block spans 3 such key blocks, so on the traffic mix only ~31% of
+the local layers' tile work is inside the window (64 × 64 tiles: ~60%; `bench/gpu.py` prints both rates),
+and on an H100 the local layers cost as much as the global ones there (docs/benchmarks.md). 14 of
+ModernBERT's 22 layers are local. Whether a Triton kernel's smaller tiles beat FA2's faster inner loop is
+for a GPU run to say; until then no default picks this backend (`SAFETY_ATTENTION=triton` does).
+
+The kernel: one program per (query block, sequence, head), as FA2's varlen grid (so `max_seqlen` sets the
+grid and blocks past a sequence's end exit at once); online softmax in fp32 with exp2; keys outside the
+sequence or the window are masked, and a local query block visits only the key blocks its window touches.
+On CUDA the autotuner picks the tile per (head dim, window, short/long `max_seqlen`); on the CPU it runs in
+Triton's interpreter (tests; TRITON_INTERPRET=1 set before Triton loads). Must not know: weights, packing
+beyond `cu_seqlens`, batching.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+SEQ_BIG = 512  # max_seqlen above which the autotuner keeps a second choice of tiles
+
+
+def _kernel() -> Any:
+    from model import fused_kernels
+
+    return fused_kernels.varlen_attention_kernel
+
+
+@functools.cache
+def _tuned() -> Any:
+    import triton
+
+    configs = [
+        triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages)
+        for bm, bn, warps, stages in (
+            (64, 64, 4, 2),
+            (64, 64, 4, 3),
+            (128, 64, 4, 2),
+            (128, 64, 8, 3),
+            (128, 128, 8, 2),
+            (64, 32, 4, 3),
+        )
+    ]
+    return triton.autotune(configs=configs, key=["D", "WINDOW", "SEQ_BIG"])(_kernel())
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, window: int
+) -> torch.Tensor:
+    """q, k, v: (T, H, D) on the packed stream, `cu_seqlens` int32 (B+1) on the device, `max_seqlen` on the
+    host; `window` >= 0 limits keys to |i - j| <= window, -1 is global. -> (T, H, D), softmax scale D^-1/2."""
+    T, H, D = q.shape
+    if D % 16 or D & (D - 1):
+        raise ValueError(f"triton attention: head_dim {D} must be a power of two, at least 16")
+    q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
+    out = torch.empty_like(q)
+    B = cu_seqlens.numel() - 1
+    if T == 0 or B == 0:
+        return out
+    args = (q, k, v, out, cu_seqlens, H * D, D**-0.5)
+    consts = dict(HEADS=H, D=D, WINDOW=window, SEQ_BIG=max_seqlen > SEQ_BIG)
+    if q.is_cuda:
+        _tuned()[lambda meta: (-(-max_seqlen // meta["BM"]), B, H)](*args, **consts)
+    else:  # Triton's interpreter
+        _kernel()[(-(-max_seqlen // 16), B, H)](*args, **consts, BM=16, BN=16)
+    return out
+
+
+def tuned_config() -> str:
+    """The tile Triton's autotuner chose last, for the benchmarks."""
+    best = getattr(_tuned(), "best_config", None)
+    return str(best) if best is not None else "not tuned yet"
