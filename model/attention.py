@@ -1,6 +1,6 @@
 """Attention backends over a packed token stream.
 
-Owns: the three ways we compute bidirectional attention on unpadded batches, behind one interface —
+Owns: the four ways we compute bidirectional attention on unpadded batches, behind one interface —
   * "flash_attn": flash-attn's `flash_attn_varlen_func` (CUDA, when the package is importable);
   * "varlen":     PyTorch's own flash varlen kernel `torch.nn.attention.varlen.varlen_attn` (CUDA);
   * "sdpa":       `scaled_dot_product_attention` on a (B, S) padded view of the stream (CPU, or any device),

@@ -94,12 +94,18 @@ def _kernels() -> tuple[Any, Any]:
 @functools.cache
 def _tuned() -> tuple[Any, Any]:
     """The kernels behind Triton's autotuner (CUDA), keyed by K, the output width and M's size class."""
+    return autotuned()
+
+
+def autotuned(**options: Any) -> tuple[Any, Any]:
+    """(qkv_rope, geglu) kernels behind a fresh autotuner; `options` go to `triton.autotune` (the tests pass
+    a `do_bench` that runs each config once in the interpreter, where nothing can be timed)."""
     import triton
 
     qkv, geglu = _kernels()
 
     tune = lambda key, prune: triton.autotune(  # noqa: E731
-        configs=_configs(triton), key=key, prune_configs_by={"early_config_prune": prune}
+        configs=_configs(triton), key=key, prune_configs_by={"early_config_prune": prune}, **options
     )
     return (
         tune(["K", "HEADS", "HALF", "M_BIG"], prune_qkv)(qkv),
@@ -131,14 +137,30 @@ def _interpreter_block(k: int, fits) -> tuple[int, int]:
 
 
 def _launch(kernel, tuned, grid_cols, M: int, args: tuple, consts: dict, block: tuple[int, int]) -> None:
-    """Autotuned on CUDA; on the CPU (interpreter) with fixed small blocks."""
+    """Through the autotuner when there is one (CUDA); else (the interpreter) with fixed small blocks."""
     consts = dict(consts, M_BIG=M >= M_LARGE, GROUP_M=8)
-    if args[0].is_cuda:
+    if tuned is not None:
         grid = lambda meta: (_cdiv(M, meta["BM"]) * grid_cols(meta["BN"]),)  # noqa: E731
         tuned[grid](*args, **consts)
     else:
         bn, bk = block
         kernel[(_cdiv(M, 16) * grid_cols(bn),)](*args, **consts, BM=16, BN=bn, BK=bk)
+
+
+_TUNERS: tuple[Any, Any] | None = None  # the tests' autotuners for CPU tensors (`use_autotuners`)
+
+
+def _tuner(x: torch.Tensor, op: int) -> Any:
+    if x.is_cuda:
+        return _tuned()[op]
+    return _TUNERS[op] if _TUNERS is not None else None
+
+
+def use_autotuners(tuners: tuple[Any, Any] | None) -> None:
+    """Route CPU (interpreter) calls through these autotuners instead of fixed blocks (tests: the CUDA path's
+    grid, pruning and keys, every config run once); None restores the fixed blocks."""
+    global _TUNERS
+    _TUNERS = tuners
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -173,7 +195,7 @@ def qkv_rope(
     if T == 0:
         return out
     cos, sin = cos.reshape(T, half), sin.reshape(T, half)
-    kernel, tuned = _kernels()[0], (_tuned()[0] if x.is_cuda else None)
+    kernel, tuned = _kernels()[0], _tuner(x, 0)
     block = _interpreter_block(K, lambda b: _qkv_ok(b, 16, heads, half, 16))
     args = (x, w, w if bias is None else bias, cos, sin, out, T, x.stride(0), cos.stride(0))
     consts = dict(K=K, HEADS=heads, HALF=half, HAS_BIAS=bias is not None)
@@ -196,7 +218,7 @@ def geglu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, activatio
     out = torch.empty(T, inter, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    kernel, tuned = _kernels()[1], (_tuned()[1] if x.is_cuda else None)
+    kernel, tuned = _kernels()[1], _tuner(x, 1)
     block = _interpreter_block(K, lambda b: inter % b == 0)
     args = (x, w, w if bias is None else bias, out, T, x.stride(0))
     consts = dict(K=K, INTER=inter, ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None)

@@ -118,7 +118,9 @@ def varlen_attention_kernel(
         rows = m0 + tl.arange(0, BM)
         dims = tl.arange(0, D)
         base = start.to(tl.int64) * stride_t + h * D
-        q = tl.load(q_ptr + base + rows[:, None] * stride_t + dims[None, :], mask=(rows < length)[:, None])
+        q = tl.load(
+            q_ptr + base + rows[:, None] * stride_t + dims[None, :], mask=(rows < length)[:, None], other=0.0
+        )
         lo = 0
         hi = length
         if WINDOW >= 0:
@@ -132,7 +134,7 @@ def varlen_attention_kernel(
             cols = n0 + tl.arange(0, BN)
             inside = cols < length
             kt = tl.load(
-                k_ptr + base + cols[None, :] * stride_t + dims[:, None], mask=inside[None, :]
+                k_ptr + base + cols[None, :] * stride_t + dims[:, None], mask=inside[None, :], other=0.0
             )  # (D, BN)
             s = tl.dot(q, kt) * scale  # (BM, BN)
             seen = inside[None, :]
@@ -145,7 +147,9 @@ def varlen_attention_kernel(
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + base + cols[:, None] * stride_t + dims[None, :], mask=inside[:, None])
+            v = tl.load(
+                v_ptr + base + cols[:, None] * stride_t + dims[None, :], mask=inside[:, None], other=0.0
+            )
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # 0 only on rows past the end (not stored)

@@ -2,7 +2,7 @@
 
 Why: FA2 (torch's varlen kernel) tiles a sequence in 128 × 128 blocks. A local layer (|i - j| <= 64) needs
 129 keys per query, but a 128-row query block spans 3 such key blocks, so on the traffic mix only ~31% of
-the local layers' tile work is inside the window (64 × 64 tiles: ~60%; `bench/gpu.py` prints both rates),
+the local layers' tile work is inside the window (64 × 64 tiles: ~60%; `bench/tiles.py`),
 and on an H100 the local layers cost as much as the global ones there (docs/benchmarks.md). 14 of
 ModernBERT's 22 layers are local. Whether a Triton kernel's smaller tiles beat FA2's faster inner loop is
 for a GPU run to say; until then no default picks this backend (`SAFETY_ATTENTION=triton` does).
@@ -33,6 +33,12 @@ def _kernel() -> Any:
 
 @functools.cache
 def _tuned() -> Any:
+    return autotuned()
+
+
+def autotuned(**options: Any) -> Any:
+    """The kernel behind a fresh autotuner; `options` go to `triton.autotune` (the tests pass a `do_bench`
+    that runs each config once in the interpreter)."""
     import triton
 
     configs = [
@@ -46,7 +52,16 @@ def _tuned() -> Any:
             (64, 32, 4, 3),
         )
     ]
-    return triton.autotune(configs=configs, key=["D", "WINDOW", "SEQ_BIG"])(_kernel())
+    return triton.autotune(configs=configs, key=["D", "WINDOW", "SEQ_BIG"], **options)(_kernel())
+
+
+_TUNER: Any = None  # the tests' autotuner for CPU tensors (`use_autotuner`)
+
+
+def use_autotuner(tuner: Any) -> None:
+    """Route CPU (interpreter) calls through this autotuner instead of fixed tiles (tests); None undoes it."""
+    global _TUNER
+    _TUNER = tuner
 
 
 def varlen_attention(
@@ -64,8 +79,9 @@ def varlen_attention(
         return out
     args = (q, k, v, out, cu_seqlens, H * D, D**-0.5)
     consts = dict(HEADS=H, D=D, WINDOW=window, SEQ_BIG=max_seqlen > SEQ_BIG)
-    if q.is_cuda:
-        _tuned()[lambda meta: (-(-max_seqlen // meta["BM"]), B, H)](*args, **consts)
+    tuner = _tuned() if q.is_cuda else _TUNER
+    if tuner is not None:
+        tuner[lambda meta: (-(-max_seqlen // meta["BM"]), B, H)](*args, **consts)
     else:  # Triton's interpreter
         _kernel()[(-(-max_seqlen // 16), B, H)](*args, **consts, BM=16, BN=16)
     return out

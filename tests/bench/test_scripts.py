@@ -122,3 +122,13 @@ def test_e2e_on_a_simulated_device(tmp_path: Path, tiny_model_dir: Path) -> None
     assert all(lv["ok"] == 12 and not lv["errors"] for lv in data["levels"])
     assert all(0 < lv["device_busy"] <= 1.05 for lv in data["levels"])
     assert 0 < data["engine"]["device_busy"] <= 1.05 and 0 < data["engine"]["model_only_device_busy"] <= 1.05
+
+
+def test_tile_utilisation_script(tmp_path: Path) -> None:
+    out = run("bench/tiles.py", "--json", str(tmp_path / "t.json"))
+    rows = {r["workload"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    assert rows["short_fixed"]["global_128"] == 1.0  # 512 tokens: whole 128-tiles, nothing wasted
+    for r in rows.values():  # a local layer wastes most of FA2's tiles; 64-row tiles waste less
+        assert r["local_128"] < 0.4 < r["local_64"] < 0.75
+        assert r["global_64"] >= r["global_128"]
+    assert "| traffic |" in out

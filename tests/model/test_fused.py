@@ -154,3 +154,42 @@ def test_fused_gemms_compiled_and_replayed_equal_eager(tiny_model_dir: Path) -> 
     assert launched.graphed
     got, want = both.runner.collect(launched), eager.forward(seqs)
     assert torch.allclose(got, want, atol=0.02 * max(1.0, want.abs().max().item()))
+
+
+@pytest.fixture
+def autotuners():
+    """CPU: the ops routed through real Triton autotuners whose benchmark runs each config once (nothing
+    can be timed in the interpreter) — the CUDA path's grid, keys, pruning and every block size."""
+    if CUDA:
+        yield
+        return
+
+    def run_once(kernel_call, quantiles=None):
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    fused.use_autotuners(fused.autotuned(do_bench=run_once))
+    yield
+    fused.use_autotuners(None)
+
+
+@pytest.mark.parametrize("big", [False, True])  # both size classes of M (fused.M_LARGE)
+def test_the_autotuned_path_computes_the_same(autotuners, monkeypatch, big: bool) -> None:
+    T, K, heads, D, inter = 300, 64, 12, 64, 256  # base's heads, K = 64: the pruning keeps most configs
+    if big:
+        monkeypatch.setattr(fused, "M_LARGE", T)
+    torch.manual_seed(T)
+    dtype = DTYPES[-1]
+    x = rand(T, K, dtype=dtype)
+    w = rand(3 * heads * D, K, dtype=dtype, scale=K**-0.5)
+    angles = (torch.rand(T, 1, D // 2) * 50).to(DEVICE)
+    cos, sin = angles.cos(), angles.sin()
+    out = fused.qkv_rope(x, w, None, cos, sin, heads)
+    qkv = F.linear(x.float(), w.float()).view(T, 3, heads, D)
+    want = torch.stack([apply_rope(qkv[:, 0], cos, sin), apply_rope(qkv[:, 1], cos, sin), qkv[:, 2]])
+    assert (out.float() - want).abs().max().item() <= tolerance(dtype, want.abs().max().item())
+    wi = rand(2 * inter, K, dtype=dtype, scale=K**-0.5)
+    h = F.linear(x.float(), wi.float())
+    want = F.gelu(h[:, :inter]) * h[:, inter:]
+    got = fused.geglu(x, wi, None, "gelu").float()
+    assert (got - want).abs().max().item() <= tolerance(dtype, want.abs().max().item())

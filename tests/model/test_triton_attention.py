@@ -84,3 +84,34 @@ def test_triton_backend_replays_in_cuda_graphs(tiny_model_dir: Path) -> None:
     launched = graphed.runner.launch(seqs)
     assert launched.graphed
     assert torch.allclose(graphed.runner.collect(launched), eager.forward(seqs), atol=1e-2)
+
+
+@pytest.fixture
+def autotuner():
+    """CPU: the kernel routed through a real Triton autotuner whose benchmark runs each tile once (nothing
+    can be timed in the interpreter) — the CUDA path's grid, keys and every tile size."""
+    from model import triton_attention
+
+    if CUDA:
+        yield
+        return
+
+    def run_once(kernel_call, quantiles=None):
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    triton_attention.use_autotuner(triton_attention.autotuned(do_bench=run_once))
+    yield
+    triton_attention.use_autotuner(None)
+
+
+@pytest.mark.parametrize("window", [-1, 64])
+@pytest.mark.parametrize("lengths", [(5, 40, 17), (600, 9)], ids=["short", "past SEQ_BIG"])
+def test_the_autotuned_path_computes_the_same(autotuner, window: int, lengths: tuple) -> None:
+    batch = pack([[7] * n for n in lengths]).to(DEVICE)
+    dtype = DTYPES[-1]
+    q, k, v = qkv(sum(lengths), 1, 64, dtype, seed=window)
+    sdpa = Attention("sdpa", 64)
+    want = sdpa.attend(q.float(), k.float(), v.float(), sdpa.prepare(batch), local=window >= 0)
+    got = varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, window)
+    assert (got.float() - want).abs().max().item() <= {torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
