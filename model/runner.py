@@ -109,6 +109,9 @@ class Runner:
         self.backend = pick_backend(device, backend)
         if self.backend in VARLEN and dtype == torch.float32 and device.type == "cuda":
             raise ValueError(f"dtype: backend {self.backend!r} needs bfloat16 or float16, not float32")
+        head_dim = net.config.head_dim
+        if self.backend == "triton" and (head_dim < 16 or head_dim & (head_dim - 1)):
+            raise ValueError(f"backend: 'triton' needs a power-of-two head_dim, at least 16, got {head_dim}")
         self.net = net.to(device=device, dtype=dtype).eval()
         self.net.model.reset_rope(device)
         self.fused_gemm = fused_gemm

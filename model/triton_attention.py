@@ -70,7 +70,7 @@ def varlen_attention(
     """q, k, v: (T, H, D) on the packed stream, `cu_seqlens` int32 (B+1) on the device, `max_seqlen` on the
     host; `window` >= 0 limits keys to |i - j| <= window, -1 is global. -> (T, H, D), softmax scale D^-1/2."""
     T, H, D = q.shape
-    if D % 16 or D & (D - 1):
+    if D < 16 or D & (D - 1):
         raise ValueError(f"triton attention: head_dim {D} must be a power of two, at least 16")
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)

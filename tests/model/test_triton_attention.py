@@ -46,10 +46,15 @@ def test_triton_attention_equals_sdpa_on_the_stream(dtype: torch.dtype, window: 
     assert (got.float() - want).abs().max().item() <= tol
 
 
-def test_head_dims_the_kernel_cannot_tile_are_refused() -> None:
+def test_head_dims_the_kernel_cannot_tile_are_refused(tmp_path: Path) -> None:
     q = torch.zeros(4, 2, 24, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim 24 must be a power of two"):
         varlen_attention(q, q, q, torch.tensor([0, 4], dtype=torch.int32, device=DEVICE), 4, -1)
+    from tests.checkpoints import make_checkpoint
+
+    odd = make_checkpoint(tmp_path / "odd", hidden=72, heads=3, tokenizer=True)  # head_dim 24
+    with pytest.raises(ValueError, match=r"^backend: 'triton' needs a power-of-two head_dim, .* got 24$"):
+        load_classifier(odd, device=str(DEVICE), backend="triton")
 
 
 def test_the_backend_is_chosen_only_when_asked_for() -> None:
