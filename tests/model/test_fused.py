@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from model import fused, load_classifier
 from model.modernbert import apply_rope
+from tests.model.triton_util import autotuners_on_cpu
 
 CUDA = torch.cuda.is_available()  # without it, tests/conftest.py has put Triton in its interpreter
 DEVICE = "cuda" if CUDA else "cpu"
@@ -160,17 +161,8 @@ def test_fused_gemms_compiled_and_replayed_equal_eager(tiny_model_dir: Path) -> 
 def autotuners():
     """CPU: the ops routed through real Triton autotuners whose benchmark runs each config once (nothing
     can be timed in the interpreter) — the CUDA path's grid, keys, pruning and every block size."""
-    if CUDA:
+    with autotuners_on_cpu(fused.use_autotuners, fused.autotuned):
         yield
-        return
-
-    def run_once(kernel_call, quantiles=None):
-        kernel_call()
-        return [1.0, 1.0, 1.0]
-
-    fused.use_autotuners(fused.autotuned(do_bench=run_once))
-    yield
-    fused.use_autotuners(None)
 
 
 @pytest.mark.parametrize("big", [False, True])  # both size classes of M (fused.M_LARGE)

@@ -14,10 +14,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from model import load_classifier
+from model import load_classifier, triton_attention
 from model.attention import Attention, pick_backend
 from model.packing import pack
 from model.triton_attention import varlen_attention
+from tests.model.triton_util import autotuners_on_cpu
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -95,19 +96,8 @@ def test_triton_backend_replays_in_cuda_graphs(tiny_model_dir: Path) -> None:
 def autotuner():
     """CPU: the kernel routed through a real Triton autotuner whose benchmark runs each tile once (nothing
     can be timed in the interpreter) — the CUDA path's grid, keys and every tile size."""
-    from model import triton_attention
-
-    if CUDA:
+    with autotuners_on_cpu(triton_attention.use_autotuner, triton_attention.autotuned):
         yield
-        return
-
-    def run_once(kernel_call, quantiles=None):
-        kernel_call()
-        return [1.0, 1.0, 1.0]
-
-    triton_attention.use_autotuner(triton_attention.autotuned(do_bench=run_once))
-    yield
-    triton_attention.use_autotuner(None)
 
 
 @pytest.mark.parametrize("window", [-1, 64])
