@@ -8,9 +8,9 @@
 #   2. bench/e2e.py: the same base-shape checkpoint through `python -m service` at 1..128 calls of 16 items in
 #      flight (128 x 16 stays under the default admission bound of 4096 queued items) vs the engine, the same
 #      levels over one ClassifyStream, then 300 one-item calls of 128 tokens (single-item latency);
-#      between the two, the CUDA-only tests (pytest -m gpu; all of test_fused.py and test_triton_attention.py,
-#      bf16 on CUDA). E2E=off skips step 2, E2E_ITEMS and E2E_LEVELS shrink it; E2E_COMPILE=on runs both
-#      paths of step 2 compiled (the server's default on CUDA; ~30 s more each).
+#      between the two, the CUDA-only tests (pytest -m gpu, our Triton kernels' included). E2E=off skips
+#      step 2, E2E_ITEMS and E2E_LEVELS shrink it; E2E_COMPILE=on runs both paths of step 2 compiled (the
+#      server's default on CUDA; ~30 s more each).
 # Output: stdout, and JSON under $OUT (gpu.json, e2e.json).
 # Checked on the CPU with: DEVICE=cpu OUT=/tmp/g bash bench/gpu_all.sh --smoke --no-compile --workloads traffic
 set -euo pipefail
@@ -26,11 +26,11 @@ test -f "$CKPT/model.safetensors" || exit 1
 ATTN="$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1])).get('backend', 'auto'))" "$OUT/gpu.json" 2>/dev/null || echo auto)"
 # the CUDA-only tests (skipped on machines without a GPU, so CI never runs them)
 if [ "${DEVICE:-cuda}" = cuda ]; then
+    # (the Triton kernel files' other tests also run on CUDA, in bf16, but autotune every shape they try:
+    # minutes of Triton compiles; gpu.py checks the same kernels against cuBLAS/FA2 and HF at full size)
     timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/model/test_graphs.py \
-        tests/model/test_compile_gpu.py || echo "# GPU tests exited with $?"
-    # our Triton kernels: every test of these files runs on CUDA (bf16, autotuned kernels)
-    timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -q -p no:cacheprovider tests/model/test_fused.py \
-        tests/model/test_triton_attention.py || echo "# Triton kernel tests exited with $?"
+        tests/model/test_compile_gpu.py tests/model/test_fused.py tests/model/test_triton_attention.py \
+        || echo "# GPU tests exited with $?"
 fi
 [ "${E2E:-on}" = on ] || exit 0
 "$PY" bench/e2e.py --model "$CKPT" --device "${DEVICE:-cuda}" --attention "$ATTN" --items "${E2E_ITEMS:-20000}" \

@@ -2,7 +2,8 @@
 
 Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py), in fp32 and fp16, which checks
 the grid, the masks (sequence ends, the local window, query blocks past a sequence) and the online softmax;
-on CUDA the same tests run the autotuned kernel in bf16 (`bench/gpu_all.sh` runs this file there).
+on CUDA the same tests run the autotuned kernel in bf16 (`bench/gpu_all.sh` runs the `gpu`-marked one; the
+rest autotune every shape they try, so they are for a call with time to spare).
 """
 
 from __future__ import annotations
