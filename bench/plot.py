@@ -7,7 +7,9 @@
 Writes `throughput.png` (tokens/s per engine and workload, ours vs HF, one panel per file),
 `latency.png` (p50/p90/p99 latency against achieved throughput from bench/grpc_load.py) and `memory.png`
 (peak memory of one input against its length, ours vs HF, from the memory tables of bench/cpu.py and
-bench/gpu.py) and, with `--graphs gpu.json`, `graphs.png` (small-batch call time, CUDA graphs off vs on).
+bench/gpu.py) and, with `--graphs gpu.json`, `graphs.png` (small-batch call time, CUDA graphs off vs on), and
+with `--kernels gpu.json`, `kernels.png` (our Triton kernels: the engines with them against the plain ones per
+workload, and the fused GEMMs alone against cuBLAS + the compiled elementwise ops).
 """
 
 from __future__ import annotations
@@ -148,12 +150,65 @@ def graphs(gpu_file: Path, out: Path) -> None:
     fig.savefig(out / "graphs.png", dpi=120)
 
 
+def kernels(gpu_file: Path, out: Path) -> None:
+    """`kernels.png`: tokens/s of the engines with our Triton kernels (fused GEMMs, Triton attention) next to
+    the plain engine of the same mode, per workload, each bar labelled with its ratio to that plain engine
+    (bench/gpu.py's step 4b); and the fused GEMMs alone, ms per call against cuBLAS + compiled elementwise."""
+    d = json.loads(gpu_file.read_text())
+    plain = {r["workload"]: r for r in d.get("rows", [])}
+    rows = d.get("triton_rows", [])
+    if not rows:
+        return
+    ops = d.get("fused_kernels", [])
+    fig, axes = plt.subplots(1, 2 if ops else 1, figsize=(13 if ops else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    labels = [k for k in ("fused_eager", "triton_attn_eager", "fused_compiled", "triton_attn_compiled")
+              if any(k in r for r in rows)]  # fmt: skip
+    series = [("ours_eager", "ours_eager")] + [(k, k) for k in labels if k.endswith("eager")]
+    if any("ours_compiled" in r for r in plain.values()):
+        series += [("ours_compiled", "ours_compiled")] + [(k, k) for k in labels if k.endswith("compiled")]
+    width = 0.8 / len(series)
+    workloads = [r["workload"] for r in rows]
+    for j, (label, key) in enumerate(series):
+        ys = []
+        for r in rows:
+            src = plain.get(r["workload"], {}) if key.startswith("ours_") else r
+            ys.append(src.get(key, 0.0) / 1e3)
+        xs = [i + j * width for i in range(len(workloads))]
+        bars = ax.bar(xs, ys, width, label=label.replace("ours_", "plain "))
+        base = "ours_compiled" if key.endswith("compiled") else "ours_eager"
+        ratios = [
+            f"{y * 1e3 / plain[w][base]:.2f}x" if y and plain.get(w, {}).get(base) else ""
+            for y, w in zip(ys, workloads, strict=True)
+        ]
+        ax.bar_label(bars, ratios, fontsize=6)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(workloads))], workloads)
+    ax.set_ylabel("thousand real tokens / s")
+    ax.set_title(f"Our Triton kernels in the network, {d['card']} (ratio to the plain engine)", fontsize=9)
+    ax.legend(fontsize=7)
+    if ops:
+        ax = axes[0][1]
+        names = [f"{r['op']}\n{r['tokens']} tokens" for r in ops]
+        for j, path in enumerate(("cublas+eager", "cublas+compiled", "fused")):
+            xs = [i + j * 0.27 for i in range(len(ops))]
+            bars = ax.bar(xs, [r[f"{path}_ms"] for r in ops], 0.27, label=path)
+            ax.bar_label(bars, fmt="%.2f", fontsize=6)
+        ax.set_xticks([i + 0.27 for i in range(len(ops))], names, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per call (log)")
+        ax.set_title("The fused GEMMs alone", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "kernels.png", dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cpu", nargs="*", type=Path, default=[])
     ap.add_argument("--gpu", type=Path, default=None)
     ap.add_argument("--grpc", type=Path, nargs="+", default=None, help="grpc_load.py or e2e.py JSON files")
     ap.add_argument("--graphs", type=Path, default=None, help="a gpu.py JSON with the small-batch step")
+    ap.add_argument("--kernels", type=Path, default=None, help="a gpu.py JSON with our Triton kernels' step")
     ap.add_argument("--out", type=Path, default=Path("docs/img"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -164,6 +219,8 @@ def main() -> None:
         latency(args.grpc, args.out)
     if args.graphs:
         graphs(args.graphs, args.out)
+    if args.kernels:
+        kernels(args.kernels, args.out)
 
 
 if __name__ == "__main__":

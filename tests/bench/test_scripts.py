@@ -51,6 +51,8 @@ def test_gpu_script_smoke(tmp_path: Path) -> None:
     (triton_row,) = data["triton_rows"]
     assert triton_row["workload"] == "traffic"
     assert triton_row["fused_eager"] > 0 and triton_row["triton_attn_eager"] > 0
+    run("bench/plot.py", "--kernels", str(tmp_path / "gpu.json"), "--out", str(tmp_path))
+    assert (tmp_path / "kernels.png").stat().st_size > 10_000
 
 
 def test_bucket_coverage_script(tmp_path: Path) -> None:
