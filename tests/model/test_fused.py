@@ -132,6 +132,19 @@ def test_the_network_with_fused_gemms_gives_the_same_logits(tiny_model_dir: Path
     assert torch.allclose(got, want, atol=atol), (got - want).abs().max()
 
 
+@pytest.mark.skipif(CUDA, reason="CUDA: test_fused_gemms_compiled_and_replayed_equal_eager")
+def test_torch_compile_traces_the_fused_ops(tiny_model_dir: Path) -> None:
+    """The custom ops inside torch.compile's regions (their fake shapes, dynamic T) give the plain logits,
+    also for a new batch shape after the first compile (CPU: inductor calls the interpreted kernels)."""
+    plain = load_classifier(tiny_model_dir, device="cpu")
+    compiled = load_classifier(tiny_model_dir, device="cpu", compile=True, fused_gemm=True)
+    for seqs in (
+        [[1, *([7 + n % 50] * n), 2] for n in (3, 50, 140, 17)],
+        [[1, *([9] * n), 2] for n in (5, 80)],
+    ):
+        assert torch.allclose(compiled.forward(seqs), plain.forward(seqs), atol=1e-4)
+
+
 def test_the_runner_refuses_fused_gemms_it_cannot_run(tiny_model_dir: Path, monkeypatch) -> None:
     if not CUDA:
         monkeypatch.delenv("TRITON_INTERPRET")
