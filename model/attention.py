@@ -49,12 +49,10 @@ def pick_backend(device: torch.device, requested: str | None = None) -> str:
         if requested == "varlen" and not has_torch_varlen():
             raise ValueError("backend: 'varlen' requested but torch.nn.attention.varlen is not available")
         if requested == "triton":
-            from model.fused import has_triton, interpreting
+            from model.fused import triton_missing
 
-            if not has_triton():
-                raise ValueError("backend: 'triton' requested but the triton package is not installed")
-            if device.type != "cuda" and not interpreting():
-                raise ValueError(f"backend: 'triton' needs a CUDA device, got {device}")
+            if why := triton_missing(device, "its kernels"):
+                raise ValueError(f"backend: 'triton' requested, but {why}")
         return requested
     if device.type == "cuda":
         if has_flash_attn():

@@ -52,12 +52,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def unsupported(device: torch.device, activation: str, head_dim: int) -> str | None:
-    """Why the fused kernels cannot serve this setup, or None when they can."""
+def triton_missing(device: torch.device, kernels: str) -> str | None:
+    """Why Triton kernels cannot run on `device` here (`kernels` names them in the message), or None: they
+    need the triton package and CUDA, or Triton's interpreter (tests). model/triton_attention.py's backend
+    asks the same."""
     if not has_triton():
         return "the triton package is not installed"
     if device.type != "cuda" and not interpreting():
-        return f"the fused kernels need a CUDA device, got {device}"
+        return f"{kernels} need a CUDA device, got {device}"
+    return None
+
+
+def unsupported(device: torch.device, activation: str, head_dim: int) -> str | None:
+    """Why the fused kernels cannot serve this setup, or None when they can."""
+    if why := triton_missing(device, "the fused kernels"):
+        return why
     if activation not in ACTIVATIONS:
         return f"hidden_activation {activation!r} has no fused kernel (supported: {sorted(ACTIVATIONS)})"
     if head_dim % 16:
@@ -129,22 +138,20 @@ def _qkv_ok(bn: int, bk: int, heads: int, half: int, k: int) -> bool:
     return bn % half == 0 and heads % (bn // half) == 0 and k % bk == 0
 
 
-def _interpreter_block(k: int, fits) -> tuple[int, int]:
-    """(BN, BK) for the interpreter: the widest of 64/32/16 columns that fits, BK likewise on K."""
-    bn = next(b for b in (64, 32, 16) if fits(b))
-    bk = next(b for b in (64, 32, 16) if k % b == 0)
-    return bn, bk
-
-
-def _launch(kernel, tuned, grid_cols, M: int, args: tuple, consts: dict, block: tuple[int, int]) -> None:
-    """Through the autotuner when there is one (CUDA); else (the interpreter) with fixed small blocks."""
+def _launch(op: int, x: torch.Tensor, grid_cols, fits, args: tuple, consts: dict) -> None:
+    """Kernel `op` (0 qkv_rope, 1 geglu) over x's rows: through the autotuner when there is one (CUDA);
+    else (the interpreter) with fixed small blocks — the widest of 64/32/16 columns that `fits`, BK
+    likewise on K."""
+    M, K = x.shape
     consts = dict(consts, M_BIG=M >= M_LARGE, GROUP_M=8)
-    if tuned is not None:
+    tuner = _tuner(x, op)
+    if tuner is not None:
         grid = lambda meta: (_cdiv(M, meta["BM"]) * grid_cols(meta["BN"]),)  # noqa: E731
-        tuned[grid](*args, **consts)
-    else:
-        bn, bk = block
-        kernel[(_cdiv(M, 16) * grid_cols(bn),)](*args, **consts, BM=16, BN=bn, BK=bk)
+        tuner[grid](*args, **consts)
+        return
+    bn = next(b for b in (64, 32, 16) if fits(b))
+    bk = next(b for b in (64, 32, 16) if K % b == 0)
+    _kernels()[op][(_cdiv(M, 16) * grid_cols(bn),)](*args, **consts, BM=16, BN=bn, BK=bk)
 
 
 _TUNERS: tuple[Any, Any] | None = None  # the tests' autotuners for CPU tensors (`use_autotuners`)
@@ -195,11 +202,10 @@ def qkv_rope(
     if T == 0:
         return out
     cos, sin = cos.reshape(T, half), sin.reshape(T, half)
-    kernel, tuned = _kernels()[0], _tuner(x, 0)
-    block = _interpreter_block(K, lambda b: _qkv_ok(b, 16, heads, half, 16))
     args = (x, w, w if bias is None else bias, cos, sin, out, T, x.stride(0), cos.stride(0))
     consts = dict(K=K, HEADS=heads, HALF=half, HAS_BIAS=bias is not None)
-    _launch(kernel, tuned, lambda bn: 3 * heads // (bn // half), T, args, consts, block)
+    grid_cols = lambda bn: 3 * heads // (bn // half)  # noqa: E731
+    _launch(0, x, grid_cols, lambda b: _qkv_ok(b, 16, heads, half, 16), args, consts)
     return out
 
 
@@ -218,11 +224,9 @@ def geglu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, activatio
     out = torch.empty(T, inter, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    kernel, tuned = _kernels()[1], _tuner(x, 1)
-    block = _interpreter_block(K, lambda b: inter % b == 0)
     args = (x, w, w if bias is None else bias, out, T, x.stride(0))
     consts = dict(K=K, INTER=inter, ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None)
-    _launch(kernel, tuned, lambda bn: inter // bn, T, args, consts, block)
+    _launch(1, x, lambda bn: inter // bn, lambda b: inter % b == 0, args, consts)
     return out
 
 
@@ -238,8 +242,3 @@ def tuned_config(op: str) -> str:
     tuner = _tuned()[0 if op == "qkv_rope" else 1]
     best = getattr(tuner, "best_config", None)
     return str(best) if best is not None else "not tuned yet"
-
-
-def flops(tokens: int, d_in: int, d_out: int) -> float:
-    """FLOPs of one (tokens, d_in) @ (d_in, d_out) GEMM: for the benchmarks' TFLOP/s."""
-    return 2.0 * tokens * d_in * d_out

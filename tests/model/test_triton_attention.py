@@ -59,9 +59,15 @@ def test_head_dims_the_kernel_cannot_tile_are_refused(tmp_path: Path) -> None:
         load_classifier(odd, device=str(DEVICE), backend="triton")
 
 
-def test_the_backend_is_chosen_only_when_asked_for() -> None:
+def test_the_backend_is_chosen_only_when_asked_for(monkeypatch) -> None:
     assert pick_backend(DEVICE) != "triton"
     assert pick_backend(DEVICE, "triton") == "triton"
+    if not CUDA:  # outside the interpreter the CPU cannot run it: refused, saying why
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(
+            ValueError, match=r"^backend: 'triton' requested, but its kernels need a CUDA device"
+        ):
+            pick_backend(DEVICE, "triton")
 
 
 def test_the_network_on_the_triton_backend_gives_the_same_logits(tiny_model_dir: Path) -> None:
