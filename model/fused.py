@@ -77,7 +77,7 @@ def unsupported(device: torch.device, activation: str, head_dim: int) -> str | N
 # ---- the kernels, defined on first use (TRITON_INTERPRET is read when `triton.jit` runs) -----------------
 
 
-def _configs(triton: Any) -> list:
+def configs(triton: Any) -> list:
     """Block sizes the autotuner tries on CUDA: BM rows × BN columns per accumulator (two accumulators)."""
     out = []
     for bm, bn, bk, stages, warps in (
@@ -114,7 +114,7 @@ def autotuned(**options: Any) -> tuple[Any, Any]:
     qkv, geglu = _kernels()
 
     tune = lambda key, prune: triton.autotune(  # noqa: E731
-        configs=_configs(triton), key=key, prune_configs_by={"early_config_prune": prune}, **options
+        configs=configs(triton), key=key, prune_configs_by={"early_config_prune": prune}, **options
     )
     return (
         tune(["K", "HEADS", "HALF", "M_BIG"], prune_qkv)(qkv),

@@ -36,12 +36,9 @@ def _tuned() -> Any:
     return autotuned()
 
 
-def autotuned(**options: Any) -> Any:
-    """The kernel behind a fresh autotuner; `options` go to `triton.autotune` (the tests pass a `do_bench`
-    that runs each config once in the interpreter)."""
-    import triton
-
-    configs = [
+def configs(triton: Any) -> list:
+    """Tiles the autotuner tries on CUDA: BM query rows × BN keys per step."""
+    return [
         triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages)
         for bm, bn, warps, stages in (
             (64, 64, 4, 2),
@@ -52,7 +49,14 @@ def autotuned(**options: Any) -> Any:
             (64, 32, 4, 3),
         )
     ]
-    return triton.autotune(configs=configs, key=["D", "WINDOW", "SEQ_BIG"], **options)(_kernel())
+
+
+def autotuned(**options: Any) -> Any:
+    """The kernel behind a fresh autotuner; `options` go to `triton.autotune` (the tests pass a `do_bench`
+    that runs each config once in the interpreter)."""
+    import triton
+
+    return triton.autotune(configs=configs(triton), key=["D", "WINDOW", "SEQ_BIG"], **options)(_kernel())
 
 
 _TUNER: Any = None  # the tests' autotuner for CPU tensors (`use_autotuner`)

@@ -102,7 +102,7 @@ def test_the_autotuner_only_tries_blocks_that_fit() -> None:
     intermediate width); Triton passes the constexpr arguments as keywords, apart from `named_args`."""
     import triton
 
-    configs = fused._configs(triton)
+    configs = fused.configs(triton)
     base = dict(K=768, M_BIG=True)
     qkv = fused.prune_qkv(configs, {"x_ptr": None}, **base, HEADS=12, HALF=32)
     assert qkv and all(12 % (c.kwargs["BN"] // 32) == 0 and c.kwargs["BN"] % 32 == 0 for c in qkv)
