@@ -503,14 +503,16 @@ TRITON_VARIANTS = (
     ("fused_compiled", {"fused_gemm": True}, True),
     ("triton_attn_eager", {"backend": "triton"}, False),
     ("triton_attn_compiled", {"backend": "triton"}, True),
+    ("triton_local_compiled", {"backend": "triton_local"}, True),  # ours on local layers, FA2 on global
 )
 
 
 def triton_steps(rep, args, ckpt, config, opts, hf32, hf16, lengths, workloads, rows, device, dtype) -> list:
     """Our Triton kernels, where Triton can run: model/fused.py's GEMMs (SAFETY_FUSED_GEMM) alone, then the
-    network with them and with model/triton_attention.py's attention (SAFETY_ATTENTION=triton), eager and
-    compiled: parity against HF fp32 (the same bound), and our rows again, each against the plain engine's
-    row measured above in this run. Returns the engines, for the profile."""
+    network with them and with model/triton_attention.py's attention (SAFETY_ATTENTION=triton, and
+    triton_local: ours on the local layers only), eager and compiled: parity against HF fp32 (the same
+    bound), and our rows again, each against the plain engine's row measured above in this run. Returns the
+    engines, for the profile."""
     from model import fused, load_classifier
 
     out = rep.data
@@ -530,9 +532,14 @@ def triton_steps(rep, args, ckpt, config, opts, hf32, hf16, lengths, workloads, 
             continue
         with rep.step(f"triton: {label} engine + parity"):
             t = time.perf_counter()
-            engine = load_classifier(
-                ckpt, **{**opts, **extra}, compile=(args.compile_mode or True) if compiled else False
-            )
+            try:
+                engine = load_classifier(
+                    ckpt, **{**opts, **extra}, compile=(args.compile_mode or True) if compiled else False
+                )
+            except ValueError as e:  # e.g. triton_local without a CUDA flash kernel for its global layers
+                out.setdefault("triton_skipped", {})[label] = str(e)
+                log(f"# {label}: skipped ({e})")
+                continue
             if compiled:
                 engine.warmup()
             out.setdefault("triton_load_s", {})[label] = load_s = time.perf_counter() - t

@@ -6,7 +6,9 @@ Owns: the four ways we compute bidirectional attention on unpadded batches, behi
   * "sdpa":       `scaled_dot_product_attention` on a (B, S) padded view of the stream (CPU, or any device),
                   with a key-padding mask and, on local layers, the |i - j| <= window band mask;
   * "triton":     our own varlen kernel with small tiles (model/triton_attention.py; CUDA, or Triton's
-                  interpreter), chosen only when asked for until a GPU run measures it against FA2.
+                  interpreter), chosen only when asked for until a GPU run measures it against FA2;
+  * "triton_local": our kernel on the local layers only, the global ones through flash (flash-attn, else
+                  torch's varlen; CUDA) — for where small tiles pay only inside the ±window band.
 A local layer sees keys with |i - j| <= window (ModernBERT: local_attention // 2 = 64), i.e. flash's
 `window_size=(window, window)`. Must not know: weights, tokenizers, batching policy.
 """
@@ -14,6 +16,7 @@ A local layer sees keys with |i - j| <= window (ModernBERT: local_attention // 2
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +24,10 @@ import torch.nn.functional as F
 
 from model.packing import Packed, pad_index
 
-BACKENDS = ("flash_attn", "varlen", "sdpa", "triton")
-VARLEN = ("flash_attn", "varlen", "triton")  # the kernels that take the packed stream as it is
+BACKENDS = ("flash_attn", "varlen", "sdpa", "triton", "triton_local")
+# the kernels that take the packed stream as it is
+VARLEN = ("flash_attn", "varlen", "triton", "triton_local")
+TRITON = ("triton", "triton_local")  # the backends that run model/triton_attention.py's kernel
 
 
 def has_flash_attn() -> bool:
@@ -48,11 +53,16 @@ def pick_backend(device: torch.device, requested: str | None = None) -> str:
             raise ValueError("backend: 'flash_attn' requested but the flash_attn package is not installed")
         if requested == "varlen" and not has_torch_varlen():
             raise ValueError("backend: 'varlen' requested but torch.nn.attention.varlen is not available")
-        if requested == "triton":
+        if requested in TRITON:
             from model.fused import triton_missing
 
             if why := triton_missing(device, "its kernels"):
-                raise ValueError(f"backend: 'triton' requested, but {why}")
+                raise ValueError(f"backend: {requested!r} requested, but {why}")
+        flash = device.type == "cuda" and (has_flash_attn() or has_torch_varlen())
+        if requested == "triton_local" and not flash:
+            raise ValueError(
+                f"backend: 'triton_local' runs its global layers on a CUDA flash kernel, none on {device}"
+            )
         return requested
     if device.type == "cuda":
         if has_flash_attn():
@@ -91,15 +101,18 @@ class Attention:
             raise ValueError(f"backend: unknown attention backend {name!r}")
         self.name = name
         self.window = window
-        if name == "flash_attn":
+        # flash_attn's or torch's flash varlen kernel (triton_local: its global layers), and our Triton kernel
+        self._flash: Callable | None = None
+        self._triton: Callable | None = None
+        if name == "flash_attn" or (name == "triton_local" and has_flash_attn()):
             from flash_attn import flash_attn_varlen_func
 
             self._flash = flash_attn_varlen_func
-        elif name == "varlen":
+        elif name in ("varlen", "triton_local"):
             from torch.nn.attention.varlen import varlen_attn
 
-            self._varlen = varlen_attn
-        elif name == "triton":
+            self._flash = varlen_attn
+        if name in TRITON:
             from model.triton_attention import varlen_attention
 
             self._triton = varlen_attention
@@ -138,16 +151,12 @@ class Attention:
         b = ctx.batch
         # a window that spans every sequence of the batch masks nothing: the unwindowed kernel is faster
         w = ctx.window if local and b.max_seqlen > ctx.window + 1 else -1
-        if self.name == "flash_attn":
+        if self._triton is not None and (self._flash is None or w >= 0):
+            return self._triton(q, k, v, b.cu_seqlens, b.max_seqlen, w)
+        if self._flash is not None:
             return self._flash(
                 q, k, v, b.cu_seqlens, b.cu_seqlens, b.max_seqlen, b.max_seqlen, window_size=(w, w)
             )
-        if self.name == "varlen":
-            return self._varlen(
-                q, k, v, b.cu_seqlens, b.cu_seqlens, b.max_seqlen, b.max_seqlen, window_size=(w, w)
-            )
-        if self.name == "triton":
-            return self._triton(q, k, v, b.cu_seqlens, b.max_seqlen, w)
         assert ctx.index is not None and ctx.valid is not None
         T, H, D = q.shape
         if ctx.dense:  # equal lengths: the stream is already the (B, S) grid; no gather, no scatter back

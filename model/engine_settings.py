@@ -19,7 +19,7 @@ from model.settings_base import opt_int, opt_str, setting
 if TYPE_CHECKING:
     from model.classifier import Classifier
 
-ATTENTION = ("auto", "flash_attn", "varlen", "sdpa", "triton")
+ATTENTION = ("auto", "flash_attn", "varlen", "sdpa", "triton", "triton_local")
 AUTO_ON_OFF = ("auto", "on", "off")  # SAFETY_COMPILE, SAFETY_CUDA_GRAPHS
 SMALLEST_GRAPH = 256  # model.graphs.SMALLEST, restated so that reading settings does not import torch
 
@@ -52,7 +52,8 @@ class EngineSettings:
         "SAFETY_ATTENTION",
         str,
         "attention kernel: auto (flash-attn if installed, else torch's varlen flash kernel on CUDA; SDPA on "
-        "CPU) | flash_attn | varlen | sdpa | triton (our small-tile varlen kernel, CUDA; not measured yet)",
+        "CPU) | flash_attn | varlen | sdpa | triton (our small-tile varlen kernel, CUDA; not measured yet) | "
+        "triton_local (that kernel on the local layers, flash on the global ones)",
     )
     compile: str = setting(
         "auto",
@@ -122,7 +123,8 @@ class EngineSettings:
         if tokens is not None and (isinstance(tokens, bool) or tokens < SMALLEST_GRAPH):
             yield "graph_tokens", f"must be an integer >= {SMALLEST_GRAPH}, got {tokens!r}"
         if self.attention not in ATTENTION:
-            yield "attention", f"must be auto, flash_attn, varlen, sdpa or triton, got {self.attention!r}"
+            names = f"{', '.join(ATTENTION[:-1])} or {ATTENTION[-1]}"
+            yield "attention", f"must be {names}, got {self.attention!r}"
         for name in ("compile", "cuda_graphs"):
             if getattr(self, name) not in AUTO_ON_OFF:
                 yield name, f"must be auto, on or off, got {getattr(self, name)!r}"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from model import fused
-from model.attention import VARLEN, Attention, pick_backend
+from model.attention import TRITON, VARLEN, Attention, pick_backend
 from model.budget import probe_shape
 from model.graphs import LARGEST, SMALLEST, GraphSet, GraphShape, graph_shapes
 from model.modernbert import ModernBertForSequenceClassification
@@ -110,8 +110,10 @@ class Runner:
         if self.backend in VARLEN and dtype == torch.float32 and device.type == "cuda":
             raise ValueError(f"dtype: backend {self.backend!r} needs bfloat16 or float16, not float32")
         head_dim = net.config.head_dim
-        if self.backend == "triton" and (head_dim < 16 or head_dim & (head_dim - 1)):
-            raise ValueError(f"backend: 'triton' needs a power-of-two head_dim, at least 16, got {head_dim}")
+        if self.backend in TRITON and (head_dim < 16 or head_dim & (head_dim - 1)):
+            raise ValueError(
+                f"backend: {self.backend!r} needs a power-of-two head_dim, at least 16, got {head_dim}"
+            )
         self.net = net.to(device=device, dtype=dtype).eval()
         self.net.model.reset_rope(device)
         self.fused_gemm = fused_gemm

@@ -12,7 +12,7 @@ from model.engine_settings import EngineSettings
 @pytest.mark.parametrize(
     ("field", "value", "why"),
     [
-        ("attention", "flash", "must be auto, flash_attn, varlen, sdpa or triton"),
+        ("attention", "flash", "must be auto, flash_attn, varlen, sdpa, triton or triton_local"),
         ("compile", "yes", "must be auto, on or off"),
         ("threads", 0, "must be a positive integer"),
         ("max_batch_sequences", -4, "must be a positive integer"),

@@ -1,4 +1,5 @@
-"""The "triton" attention backend (model/triton_attention.py) against SDPA on the same packed batches.
+"""The "triton" attention backend (model/triton_attention.py) against SDPA on the same packed batches, and
+"triton_local" (that kernel on the local layers, flash on the global ones).
 
 Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py), in fp32 and fp16, which checks
 the grid, the masks (sequence ends, the local window, query blocks past a sequence) and the online softmax;
@@ -70,17 +71,55 @@ def test_the_backend_is_chosen_only_when_asked_for(monkeypatch) -> None:
             pick_backend(DEVICE, "triton")
 
 
-def test_the_network_on_the_triton_backend_gives_the_same_logits(tiny_model_dir: Path) -> None:
+def test_triton_local_sends_only_windowed_layers_to_the_kernel() -> None:
+    """Local layers whose window cuts a sequence run our kernel; global layers, and local ones whose window
+    spans every sequence, go to the flash kernel (recorded here: it needs CUDA, and answers with SDPA)."""
+    attn = Attention("triton_local", 16)
+    sdpa = Attention("sdpa", 16)
+    calls = []
+
+    def flash(q, k, v, cu_q, cu_k, max_q, max_k, window_size):
+        calls.append(window_size)
+        return sdpa.attend(q, k, v, sdpa.prepare(batch), local=window_size[0] >= 0)
+
+    attn._flash = flash
+    batch = pack([[7] * n for n in (5, 40, 17)]).to(DEVICE)
+    q, k, v = qkv(batch.num_tokens, 2, 32, DTYPES[0], seed=3)
+    ctx = attn.prepare(batch)
+    want = sdpa.attend(q, k, v, sdpa.prepare(batch), local=True)
+    assert (attn.attend(q, k, v, ctx, local=True) - want).abs().max().item() <= 4e-3
+    assert calls == []
+    attn.attend(q, k, v, ctx, local=False)
+    assert calls == [(-1, -1)]
+    batch = pack([[7] * n for n in (5, 17)]).to(DEVICE)  # max_seqlen 17 = window + 1: nothing is cut
+    q, k, v = qkv(batch.num_tokens, 2, 32, DTYPES[0], seed=4)
+    attn.attend(q, k, v, attn.prepare(batch), local=True)
+    assert calls == [(-1, -1), (-1, -1)]
+
+
+def test_triton_local_needs_a_cuda_flash_kernel() -> None:
+    if CUDA:
+        assert pick_backend(DEVICE, "triton_local") == "triton_local"
+        return
+    with pytest.raises(ValueError, match=r"^backend: 'triton_local' runs its global layers on a CUDA flash"):
+        pick_backend(DEVICE, "triton_local")
+
+
+BACKENDS = ["triton", pytest.param("triton_local", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_network_on_the_triton_backend_gives_the_same_logits(tiny_model_dir: Path, backend: str) -> None:
     """Global and local (16-token window) layers through the kernel: the logits of the default backend."""
     if CUDA:
-        triton_clf = load_classifier(tiny_model_dir, device="cuda", backend="triton", graphs=False)
+        triton_clf = load_classifier(tiny_model_dir, device="cuda", backend=backend, graphs=False)
         plain = load_classifier(tiny_model_dir, device="cuda", graphs=False)
         atol = 0.05
     else:
-        triton_clf = load_classifier(tiny_model_dir, device="cpu", backend="triton")
+        triton_clf = load_classifier(tiny_model_dir, device="cpu", backend=backend)
         plain = load_classifier(tiny_model_dir, device="cpu")
         atol = 1e-4
-    assert triton_clf.backend == "triton"
+    assert triton_clf.backend == backend
     seqs = [[1, *([7 + n % 50] * n), 2] for n in (3, 50, 140, 17)]
     got, want = triton_clf.forward(seqs), plain.forward(seqs)
     assert torch.allclose(got, want, atol=atol * max(1.0, want.abs().max().item())), (got - want).abs().max()
@@ -88,10 +127,11 @@ def test_the_network_on_the_triton_backend_gives_the_same_logits(tiny_model_dir:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_triton_backend_replays_in_cuda_graphs(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("backend", ["triton", "triton_local"])
+def test_triton_backend_replays_in_cuda_graphs(tiny_model_dir: Path, backend: str) -> None:
     """CUDA: graph buckets capture the kernel (autotuned in the warm-ups) and replay the eager logits."""
-    eager = load_classifier(tiny_model_dir, device="cuda", backend="triton", graphs=False)
-    graphed = load_classifier(tiny_model_dir, device="cuda", backend="triton", graphs=True)
+    eager = load_classifier(tiny_model_dir, device="cuda", backend=backend, graphs=False)
+    graphed = load_classifier(tiny_model_dir, device="cuda", backend=backend, graphs=True)
     assert graphed.runner.graphs is not None, graphed.runner.graph_error
     seqs = [[1, *([7 + n % 50] * n), 2] for n in (3, 50, 140, 17)]
     launched = graphed.runner.launch(seqs)
