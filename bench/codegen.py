@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class Row:
     registers: int = 0
     spill_bytes: int = 0  # per thread: stack frame and local memory (register spills)
     loop_spills: int = 0  # spill stores and loads (STL/LDL) inside a loop of the SASS: the costly ones
+    loop_instructions: list[int] = field(default_factory=list)  # SASS per iteration, each tensor-core loop
     shared_kib: float = 0.0
     mma: str = ""  # "wgmma", "mma.sync" or "none"
     pipelined: bool = False  # the loop's loads go through async copies (cp.async or TMA)
@@ -86,9 +87,8 @@ def resources(cubin: bytes) -> tuple[int, int]:
     return n("REG"), n("STACK") + n("LOCAL")
 
 
-def loop_spills(cubin: bytes) -> int:
-    """STL/LDL instructions inside loops of the kernel's SASS (a loop: a branch back to an earlier address).
-    Spills around the main loop cost a few hundred cycles per tile; inside it, every iteration pays."""
+def sass_loops(cubin: bytes) -> list[list[str]]:
+    """The SASS of every loop in the kernel (a loop: a branch back to an earlier address)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -96,13 +96,25 @@ def loop_spills(cubin: bytes) -> int:
             [_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
         )
     code = [(int(m.group(1), 16), line) for line in sass.stdout.splitlines() if (m := ADDRESS.search(line))]
-    loops = [
-        (int(b.group(1), 16), at)
-        for at, line in code
-        if (b := BRANCH.search(line)) and int(b.group(1), 16) < at
-    ]
-    spills = [at for at, line in code if re.search(r"\b(STL|LDL)\b", line)]
-    return sum(any(lo <= at <= hi for lo, hi in loops) for at in spills)
+    loops = sorted(
+        {
+            (int(b.group(1), 16), at)
+            for at, line in code
+            if (b := BRANCH.search(line)) and int(b.group(1), 16) < at
+        }
+    )
+    return [[line for at, line in code if lo <= at <= hi] for lo, hi in loops]
+
+
+def loop_stats(cubin: bytes) -> tuple[int, list[int]]:
+    """(spill instructions, STL/LDL, inside loops; SASS instructions per iteration of each loop that holds
+    tensor-core instructions). Spills around the main loop cost a few hundred cycles per tile; inside it,
+    every iteration pays. Per-iteration counts are the non-MMA work a tile step issues (softmax, masks,
+    address arithmetic), which competes with the tensor cores for issue slots."""
+    loops = sass_loops(cubin)
+    spills = sum(bool(re.search(r"\b(STL|LDL)\b", line)) for body in loops for line in body)
+    mma = [len(body) for body in loops if any(re.search(r"\b(HGMMA|HMMA)\b", line) for line in body)]
+    return spills, mma
 
 
 def build(fn: Any, args: dict[str, Any], consts: dict[str, Any], warps: int, stages: int, arch: int) -> Any:
@@ -136,6 +148,7 @@ def build(fn: Any, args: dict[str, Any], consts: dict[str, Any], warps: int, sta
 def inspect(kernel: Any, warps: int, arch: int) -> dict[str, Any]:
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     regs, spill = resources(kernel.asm["cubin"])
+    spills_in_loops, per_iteration = loop_stats(kernel.asm["cubin"])
     shared = kernel.metadata.shared
     smem_per_sm, threads_per_sm = SM_LIMITS.get(arch, SM_LIMITS[90])
     threads = 32 * warps
@@ -145,7 +158,8 @@ def inspect(kernel: Any, warps: int, arch: int) -> dict[str, Any]:
     return dict(
         registers=regs,
         spill_bytes=spill,
-        loop_spills=loop_spills(kernel.asm["cubin"]) if spill else 0,
+        loop_spills=spills_in_loops,
+        loop_instructions=per_iteration,
         shared_kib=round(shared / 1024, 1),
         mma="wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none",
         pipelined=any(op in ttgir for op in ASYNC_LOADS),
@@ -229,7 +243,7 @@ def format_row(r: Row) -> str:
         f"{head} regs {r.registers:>3}  spill {r.spill_bytes:>4} B ({r.loop_spills} in loops)  "
         f"smem {r.shared_kib:>6.1f} KiB  "
         f"{r.mma:<8} {'pipelined' if r.pipelined else 'NOT pipelined':<13}  {r.blocks_per_sm} blocks/SM  "
-        f"({r.seconds:.1f} s)"
+        f"loop {'/'.join(map(str, r.loop_instructions))} instr  ({r.seconds:.1f} s)"
     )
 
 

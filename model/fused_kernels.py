@@ -103,6 +103,42 @@ def geglu_kernel(
 
 
 @triton.jit
+def _attend_blocks(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, lo, hi, length, stride_t, qk_scale,
+    MASKED: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over key blocks [lo, hi) of one sequence. MASKED: some key of a block may lie past the
+    sequence or outside a row's window (else none does: no masks, no guards)."""
+    for n0 in range(lo, hi, BN):
+        cols = n0 + tl.arange(0, BN)
+        if MASKED:
+            inside = cols < length
+            kt = tl.load(k_ptrs + n0 * stride_t, mask=inside[None, :], other=0.0)  # (D, BN)
+        else:
+            kt = tl.load(k_ptrs + n0 * stride_t)
+        s = tl.dot(q, kt)  # (BM, BN) raw scores; the scale is folded into exp2's argument (one FMA)
+        if MASKED:
+            seen = inside[None, :]
+            if WINDOW >= 0:
+                gap = rows[:, None] - cols[None, :]
+                seen = seen & (gap <= WINDOW) & (gap >= -WINDOW)
+            s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if MASKED:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key seen yet stays empty
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs + n0 * stride_t, mask=inside[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs + n0 * stride_t)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def varlen_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, stride_t, sm_scale,
     HEADS: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr, SEQ_BIG: tl.constexpr,
@@ -121,37 +157,24 @@ def varlen_attention_kernel(
         q = tl.load(
             q_ptr + base + rows[:, None] * stride_t + dims[None, :], mask=(rows < length)[:, None], other=0.0
         )
-        lo = 0
-        hi = length
-        if WINDOW >= 0:
-            lo = tl.maximum(m0 - WINDOW, 0) // BN * BN
-            hi = tl.minimum(m0 + BM + WINDOW, length)
+        k_ptrs = k_ptr + base + tl.arange(0, BN)[None, :] * stride_t + dims[:, None]  # (D, BN) at key 0
+        v_ptrs = v_ptr + base + tl.arange(0, BN)[:, None] * stride_t + dims[None, :]  # (BN, D)
         m_i = tl.full((BM,), float("-inf"), tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
         acc = tl.zeros((BM, D), tl.float32)
-        scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x · log2 e)
-        for n0 in range(lo, hi, BN):
-            cols = n0 + tl.arange(0, BN)
-            inside = cols < length
-            kt = tl.load(
-                k_ptr + base + cols[None, :] * stride_t + dims[:, None], mask=inside[None, :], other=0.0
-            )  # (D, BN)
-            s = tl.dot(q, kt) * scale  # (BM, BN)
-            seen = inside[None, :]
-            if WINDOW >= 0:
-                gap = rows[:, None] - cols[None, :]
-                seen = seen & (gap <= WINDOW) & (gap >= -WINDOW)
-            s = tl.where(seen, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key seen yet stays empty
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                v_ptr + base + cols[:, None] * stride_t + dims[None, :], mask=inside[:, None], other=0.0
-            )
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
+        qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x · log2 e)
+        if WINDOW >= 0:  # local: the key blocks this query block's windows touch, masked
+            lo = tl.maximum(m0 - WINDOW, 0) // BN * BN
+            hi = tl.minimum(m0 + BM + WINDOW, length)
+            acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, lo, hi, length, stride_t,
+                                           qk_scale, True, WINDOW, BN)  # fmt: skip
+        else:  # global: whole key blocks inside the sequence unmasked, then the ragged last one
+            full = length // BN * BN
+            acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, 0, full, length, stride_t,
+                                           qk_scale, False, WINDOW, BN)  # fmt: skip
+            if full < length:
+                acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, full, length, length,
+                                               stride_t, qk_scale, True, WINDOW, BN)  # fmt: skip
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # 0 only on rows past the end (not stored)
         tl.store(o_ptr + base + rows[:, None] * stride_t + dims[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=(rows < length)[:, None])  # fmt: skip

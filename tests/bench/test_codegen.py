@@ -52,3 +52,8 @@ def test_every_kernel_config_compiles_for_sm90_to_pipelined_wgmma(tmp_path: Path
         assert r["spill_bytes"] <= 256, where
         assert 0 < r["registers"] <= 255, where
         assert 1 <= r["blocks_per_sm"], where  # fits one SM's shared memory and registers
+        assert r["loop_instructions"], where  # a main loop with tensor-core instructions
+        if r["kernel"] == "attention" and r["case"] == "global":
+            # whole key blocks run with no masks: a second, shorter loop before the masked last block
+            unmasked, masked = r["loop_instructions"]
+            assert unmasked < 0.85 * masked, where

@@ -35,7 +35,9 @@ def qkv(T: int, H: int, D: int, dtype: torch.dtype, seed: int) -> list[torch.Ten
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [-1, 16, 64])
 @pytest.mark.parametrize(
-    "lengths", [(1,), (5, 40, 17), (150, 3, 70), (33,) * 6], ids=["one token", "mixed", "long", "equal"]
+    "lengths",
+    [(1,), (5, 40, 17), (150, 3, 70), (33,) * 6, (64, 16, 128)],
+    ids=["one token", "mixed", "long", "equal", "whole blocks"],
 )
 def test_triton_attention_equals_sdpa_on_the_stream(dtype: torch.dtype, window: int, lengths: tuple) -> None:
     batch = pack([[7] * n for n in lengths]).to(DEVICE)
