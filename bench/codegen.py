@@ -195,7 +195,8 @@ def cases(shape: str) -> list[tuple[str, Any, str, dict[str, Any], dict[str, Any
     out.append(("geglu", fused_kernels.geglu_kernel, f"K={K} inter={inter}", geglu_args, geglu_consts, keep))
     attn_args = {
         "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "cu_ptr": "*i32",
-        "stride_t": ("i32", H * D % 16 == 0), "sm_scale": ("fp32", False),
+        "seq_ptr": "*i64", "T": ("i32", False), "stride_t": ("i32", H * D % 16 == 0),
+        "sm_scale": ("fp32", False),
     }  # fmt: skip
     for window in (-1, WINDOW):
         for big in (False, True):

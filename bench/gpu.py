@@ -390,9 +390,14 @@ def attention_kernels(window: int, cudnn: bool = False, heads: int = 12, head_di
     varlen attention on Hopper, and the global layers (8 of 22) could use it. A probe: run it last, as a
     kernel fault would end the process's CUDA context."""
     from bench.workloads import anchor_workloads
+    from model.planner import plan_batches
 
-    mixes = {"1024 x 128": [128] * 1024, "traffic[:2048]": anchor_workloads()["traffic"].lengths[:2048],
-             "16 x 8192": [8192] * 16}  # fmt: skip
+    traffic = anchor_workloads()["traffic"].lengths
+    # the engine's batches are length-sorted (model/planner.py): the traffic mix's middle one, as it runs
+    batches = plan_batches(traffic, 131072, 2048)
+    planned = [traffic[i] for i in batches[len(batches) // 2]]
+    mixes = {"1024 x 128": [128] * 1024, "traffic[:2048]": traffic[:2048],
+             f"traffic batch ({len(planned)})": planned, "16 x 8192": [8192] * 16}  # fmt: skip
     rows = []
     for name, lengths in mixes.items():
         rows += (cudnn_rows if cudnn else flash_rows)(name, lengths, window, heads, head_dim)
@@ -434,11 +439,14 @@ def triton_rows(name: str, lengths: list[int], window: int, heads: int, head_dim
     if not fused.has_triton():
         return []
     q, k, v, cu = _pack(lengths, heads, head_dim)
+    seq = torch.repeat_interleave(
+        torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda")
+    )
     S, flops = max(lengths), sum(4 * n * n * head_dim * heads for n in lengths)
     rows = []
     for label, w in (("global", -1), ("local", window)):
         try:
-            fn = lambda w=w: triton_attention.varlen_attention(q, k, v, cu, S, w)  # noqa: E731
+            fn = lambda w=w: triton_attention.varlen_attention(q, k, v, cu, seq, S, w)  # noqa: E731
             ref = varlen_attn(q, k, v, cu, cu, S, S, window_size=(w, w))
             diff = float((fn().float() - ref.float()).abs().max())
             ms = cuda_ms(fn)

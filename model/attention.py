@@ -152,7 +152,7 @@ class Attention:
         # a window that spans every sequence of the batch masks nothing: the unwindowed kernel is faster
         w = ctx.window if local and b.max_seqlen > ctx.window + 1 else -1
         if self._triton is not None and (self._flash is None or w >= 0):
-            return self._triton(q, k, v, b.cu_seqlens, b.max_seqlen, w)
+            return self._triton(q, k, v, b.cu_seqlens, b.seq_index, b.max_seqlen, w)
         if self._flash is not None:
             return self._flash(
                 q, k, v, b.cu_seqlens, b.cu_seqlens, b.max_seqlen, b.max_seqlen, window_size=(w, w)

@@ -104,24 +104,24 @@ def geglu_kernel(
 
 @triton.jit
 def _attend_blocks(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, lo, hi, length, stride_t, qk_scale,
-    MASKED: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, key_lo, key_hi, lo, hi, stride_t, qk_scale,
+    MASKED: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over key blocks [lo, hi) of one sequence. MASKED: some key of a block may lie past the
-    sequence or outside a row's window (else none does: no masks, no guards)."""
-    for n0 in range(lo, hi, BN):
-        cols = n0 + tl.arange(0, BN)
+    """Online softmax over the stream's keys [lo, hi) (k_ptrs, v_ptrs point at key `lo`). MASKED: row i sees
+    only keys [key_lo[i], key_hi[i]) (its sequence, cut to its window); else every key of the range is every
+    row's (no masks, no guards)."""
+    for off in range(0, hi - lo, BN):
         if MASKED:
-            inside = cols < length
-            kt = tl.load(k_ptrs + n0 * stride_t, mask=inside[None, :], other=0.0)  # (D, BN)
+            cols = lo + off + tl.arange(0, BN)
+            inside = cols < hi
+            kt = tl.load(k_ptrs + off * stride_t, mask=inside[None, :], other=0.0)  # (D, BN)
         else:
-            kt = tl.load(k_ptrs + n0 * stride_t)
+            kt = tl.load(k_ptrs + off * stride_t)
         s = tl.dot(q, kt)  # (BM, BN) raw scores; the scale is folded into exp2's argument (one FMA)
         if MASKED:
-            seen = inside[None, :]
-            if WINDOW >= 0:
-                gap = rows[:, None] - cols[None, :]
-                seen = seen & (gap <= WINDOW) & (gap >= -WINDOW)
+            # key_lo <= col < key_hi, counted from this block's first key (the column index is a constant)
+            j = tl.arange(0, BN)[None, :]
+            seen = (j >= (key_lo - (lo + off))[:, None]) & (j < (key_hi - (lo + off))[:, None])
             s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         if MASKED:
@@ -130,9 +130,9 @@ def _attend_blocks(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
-            v = tl.load(v_ptrs + n0 * stride_t, mask=inside[:, None], other=0.0)
+            v = tl.load(v_ptrs + off * stride_t, mask=inside[:, None], other=0.0)
         else:
-            v = tl.load(v_ptrs + n0 * stride_t)
+            v = tl.load(v_ptrs + off * stride_t)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -140,41 +140,48 @@ def _attend_blocks(
 
 @triton.jit
 def varlen_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, stride_t, sm_scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, seq_ptr, T, stride_t, sm_scale,
     HEADS: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr, SEQ_BIG: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    # program (m, b, h): query rows [m·BM, (m+1)·BM) of sequence b, head h; rows past the sequence exit at
-    # once. A query sees the keys of its own sequence, within |i - j| <= WINDOW when WINDOW >= 0 (local).
-    pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(cu_ptr + b)
-    length = tl.load(cu_ptr + b + 1) - start
+    # program (m, h): rows [m·BM, (m+1)·BM) of the packed stream, head h. The grid tiles the stream, not
+    # each sequence, so no program is empty (a per-sequence grid launches max_seqlen / BM blocks for every
+    # sequence). A block may hold the end of one sequence and the start of the next: each row sees only its
+    # own sequence's keys, within |i - j| <= WINDOW when WINDOW >= 0 (local).
+    pid_m, h = tl.program_id(0), tl.program_id(1)
     m0 = pid_m * BM
-    if m0 < length:
-        rows = m0 + tl.arange(0, BM)
-        dims = tl.arange(0, D)
-        base = start.to(tl.int64) * stride_t + h * D
-        q = tl.load(
-            q_ptr + base + rows[:, None] * stride_t + dims[None, :], mask=(rows < length)[:, None], other=0.0
-        )
-        k_ptrs = k_ptr + base + tl.arange(0, BN)[None, :] * stride_t + dims[:, None]  # (D, BN) at key 0
-        v_ptrs = v_ptr + base + tl.arange(0, BN)[:, None] * stride_t + dims[None, :]  # (BN, D)
-        m_i = tl.full((BM,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BM,), tl.float32)
-        acc = tl.zeros((BM, D), tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x · log2 e)
-        if WINDOW >= 0:  # local: the key blocks this query block's windows touch, masked
-            lo = tl.maximum(m0 - WINDOW, 0) // BN * BN
-            hi = tl.minimum(m0 + BM + WINDOW, length)
-            acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, lo, hi, length, stride_t,
-                                           qk_scale, True, WINDOW, BN)  # fmt: skip
-        else:  # global: whole key blocks inside the sequence unmasked, then the ragged last one
-            full = length // BN * BN
-            acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, 0, full, length, stride_t,
-                                           qk_scale, False, WINDOW, BN)  # fmt: skip
-            if full < length:
-                acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, full, length, length,
-                                               stride_t, qk_scale, True, WINDOW, BN)  # fmt: skip
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # 0 only on rows past the end (not stored)
-        tl.store(o_ptr + base + rows[:, None] * stride_t + dims[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=(rows < length)[:, None])  # fmt: skip
+    rows = m0 + tl.arange(0, BM)
+    live = rows < T
+    seq = tl.load(seq_ptr + tl.minimum(rows, T - 1))  # (BM,) rows past the stream take the last sequence
+    key_lo = tl.load(cu_ptr + seq)  # (BM,) row i sees keys [key_lo[i], key_hi[i]): its sequence ...
+    key_hi = tl.load(cu_ptr + seq + 1)
+    one_seq = tl.min(key_lo, 0) == tl.max(key_lo, 0)
+    if WINDOW >= 0:  # ... cut to its window
+        key_lo = tl.maximum(key_lo, rows - WINDOW)
+        key_hi = tl.minimum(key_hi, rows + WINDOW + 1)
+    lo = tl.min(key_lo, 0)  # the keys any row of the block sees: [lo, hi)
+    hi = tl.max(key_hi, 0)
+    dims = tl.arange(0, D)
+    head = h * D
+    q = tl.load(
+        q_ptr + head + rows.to(tl.int64)[:, None] * stride_t + dims[None, :], mask=live[:, None], other=0.0
+    )
+    m_i = tl.full((BM,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, D), tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x · log2 e)
+    k_ptrs = (
+        k_ptr + head + (lo.to(tl.int64) + tl.arange(0, BN))[None, :] * stride_t + dims[:, None]
+    )  # (D, BN)
+    v_ptrs = (
+        v_ptr + head + (lo.to(tl.int64) + tl.arange(0, BN))[:, None] * stride_t + dims[None, :]
+    )  # (BN, D)
+    full = 0  # keys [lo, lo + full) every row sees: a global block inside one sequence, its whole key blocks
+    if WINDOW < 0:
+        full = tl.where(one_seq, (hi - lo) // BN * BN, 0)
+        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, key_lo, key_hi, lo, lo + full,
+                                       stride_t, qk_scale, False, BN)  # fmt: skip
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_ptrs + full * stride_t, v_ptrs + full * stride_t,
+                                   key_lo, key_hi, lo + full, hi, stride_t, qk_scale, True, BN)  # fmt: skip
+    out = (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + head + rows.to(tl.int64)[:, None] * stride_t + dims[None, :], out, mask=live[:, None])

@@ -7,11 +7,14 @@ and on an H100 the local layers cost as much as the global ones there (docs/benc
 ModernBERT's 22 layers are local. Whether a Triton kernel's smaller tiles beat FA2's faster inner loop is
 for a GPU run to say; until then no default picks this backend (`SAFETY_ATTENTION=triton` does).
 
-The kernel: one program per (query block, sequence, head), as FA2's varlen grid (so `max_seqlen` sets the
-grid and blocks past a sequence's end exit at once); online softmax in fp32 with exp2, the softmax scale
-folded into exp2's argument (one FMA per score); a local query block visits only the key blocks its window
-touches, masked; a global one runs the key blocks wholly inside its sequence with no mask at all, then the
-ragged last block masked (30% fewer instructions per key block in the SASS: `bench/codegen.py`).
+The kernel: one program per (block of BM rows of the packed stream, head). FA2's varlen grid is (query
+block, sequence, head), sized by `max_seqlen`: on the traffic mix ~95% of its programs find their sequence
+already ended and exit (`bench/tiles.py`); tiling the stream instead launches only programs with rows to
+compute, and a block holding the end of one sequence and the start of the next masks each row to its own
+sequence's keys. Online softmax in fp32 with exp2, the softmax scale folded into exp2's argument (one FMA
+per score). A local block visits only the keys its rows' windows touch, masked; a global block inside one
+sequence runs that sequence's whole key blocks with no mask at all, then the ragged last one masked (30%
+fewer instructions per key block in the SASS: `bench/codegen.py`).
 On CUDA the autotuner picks the tile per (head dim, window, short/long `max_seqlen`); on the CPU it runs in
 Triton's interpreter (tests; TRITON_INTERPRET=1 set before Triton loads). Must not know: weights, packing
 beyond `cu_seqlens`, batching.
@@ -71,25 +74,31 @@ def use_autotuner(tuner: Any) -> None:
 
 
 def varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, window: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seq_index: torch.Tensor,
+    max_seqlen: int,
+    window: int,
 ) -> torch.Tensor:
-    """q, k, v: (T, H, D) on the packed stream, `cu_seqlens` int32 (B+1) on the device, `max_seqlen` on the
-    host; `window` >= 0 limits keys to |i - j| <= window, -1 is global. -> (T, H, D), softmax scale D^-1/2."""
+    """q, k, v: (T, H, D) on the packed stream; `cu_seqlens` int32 (B+1) and `seq_index` (T,) (each token's
+    sequence) on the device, `max_seqlen` on the host (it picks the autotuner's tile class only); `window`
+    >= 0 limits keys to |i - j| <= window, -1 is global. -> (T, H, D), softmax scale D^-1/2."""
     T, H, D = q.shape
     if D < 16 or D & (D - 1):
         raise ValueError(f"triton attention: head_dim {D} must be a power of two, at least 16")
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)
-    B = cu_seqlens.numel() - 1
-    if T == 0 or B == 0:
+    if T == 0:
         return out
-    args = (q, k, v, out, cu_seqlens, H * D, D**-0.5)
+    args = (q, k, v, out, cu_seqlens, seq_index, T, H * D, D**-0.5)
     consts = dict(HEADS=H, D=D, WINDOW=window, SEQ_BIG=max_seqlen > SEQ_BIG)
     tuner = _tuned() if q.is_cuda else _TUNER
     if tuner is not None:
-        tuner[lambda meta: (-(-max_seqlen // meta["BM"]), B, H)](*args, **consts)
+        tuner[lambda meta: (-(-T // meta["BM"]), H)](*args, **consts)
     else:  # Triton's interpreter
-        _kernel()[(-(-max_seqlen // 16), B, H)](*args, **consts, BM=16, BN=16)
+        _kernel()[(-(-T // 16), H)](*args, **consts, BM=16, BN=16)
     return out
 
 

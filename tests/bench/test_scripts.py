@@ -134,3 +134,16 @@ def test_tile_utilisation_script(tmp_path: Path) -> None:
         assert r["local_128"] < 0.4 < r["local_64"] < 0.75
         assert r["global_64"] >= r["global_128"]
     assert "| traffic |" in out
+    grids = {
+        (g["workload"], g["batches"], g["block"]): g
+        for g in json.loads((tmp_path / "t.json").read_text())["grids"]
+    }
+    # one unsorted pack of the traffic mix: FA2's grid is sized by its longest sequence, so nearly every
+    # program is empty; the planner's length-sorted batches keep most busy; the stream grid has none empty
+    # and launches fewer programs than FA2's grid has working ones on any mixed-length batch
+    assert grids["traffic", "one pack of 2,048", 128]["seq_grid_working"] < 0.1
+    assert grids["traffic", "planner batches", 128]["seq_grid_working"] > 0.6
+    for g in grids.values():
+        assert g["stream_programs"] <= g["seq_grid_programs"] * g["seq_grid_working"] + 1e-9
+        assert 0 < g["stream_local"] <= 1 and 0 < g["stream_global"] <= 1
+    assert grids["long_fixed", "planner batches", 64]["stream_global"] == 1.0  # 8,192: whole blocks

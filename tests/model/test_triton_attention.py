@@ -45,7 +45,7 @@ def test_triton_attention_equals_sdpa_on_the_stream(dtype: torch.dtype, window: 
     q, k, v = qkv(sum(lengths), H, D, dtype, seed=len(lengths) + window)
     sdpa = Attention("sdpa", window if window >= 0 else 64)  # global: the window is not used
     want = sdpa.attend(q.float(), k.float(), v.float(), sdpa.prepare(batch), local=window >= 0)
-    got = varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, window)
+    got = varlen_attention(q, k, v, batch.cu_seqlens, batch.seq_index, batch.max_seqlen, window)
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     assert got.shape == q.shape and got.dtype == dtype
     assert (got.float() - want).abs().max().item() <= tol
@@ -54,7 +54,8 @@ def test_triton_attention_equals_sdpa_on_the_stream(dtype: torch.dtype, window: 
 def test_head_dims_the_kernel_cannot_tile_are_refused(tmp_path: Path) -> None:
     q = torch.zeros(4, 2, 24, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim 24 must be a power of two"):
-        varlen_attention(q, q, q, torch.tensor([0, 4], dtype=torch.int32, device=DEVICE), 4, -1)
+        cu, seq = torch.tensor([0, 4], dtype=torch.int32), torch.zeros(4, dtype=torch.long)
+        varlen_attention(q, q, q, cu.to(DEVICE), seq.to(DEVICE), 4, -1)
     from tests.checkpoints import make_checkpoint
 
     odd = make_checkpoint(tmp_path / "odd", hidden=72, heads=3, tokenizer=True)  # head_dim 24
@@ -157,5 +158,5 @@ def test_the_autotuned_path_computes_the_same(autotuner, window: int, lengths: t
     q, k, v = qkv(sum(lengths), 1, 64, dtype, seed=window)
     sdpa = Attention("sdpa", 64)
     want = sdpa.attend(q.float(), k.float(), v.float(), sdpa.prepare(batch), local=window >= 0)
-    got = varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, window)
+    got = varlen_attention(q, k, v, batch.cu_seqlens, batch.seq_index, batch.max_seqlen, window)
     assert (got.float() - want).abs().max().item() <= {torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
