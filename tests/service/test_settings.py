@@ -104,7 +104,7 @@ def test_both_front_ends_read_the_engine_variables_the_same_way() -> None:
 @pytest.mark.parametrize(
     ("variable", "value", "why"),
     [
-        ("SAFETY_ATTENTION", "flash", "must be auto, flash_attn, varlen, sdpa or triton"),
+        ("SAFETY_ATTENTION", "flash", "must be auto, flash_attn, varlen, sdpa, triton or triton_local"),
         ("SAFETY_COMPILE", "yes", "must be auto, on or off"),
         ("SAFETY_THREADS", "0", "must be a positive integer"),
         ("SAFETY_MAX_BATCH_SEQUENCES", "-4", "must be a positive integer"),
