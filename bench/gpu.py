@@ -504,6 +504,10 @@ def profile(clf, seqs: list[list[int]], device, rows: int = 12) -> str:
     return avg.table(row_limit=rows)
 
 
+# Steps a call may leave out (--skip) when its device time is short: what earlier runs measured already.
+OPTIONAL = ("triton", "attention", "budget", "nosync", "graphs", "profiles", "memory", "cudnn")
+
+
 # Our Triton kernels as engine variants: (label, load_classifier options, compiled). Each row is compared with
 # the plain engine of the same compile mode measured above in this run.
 TRITON_VARIANTS = (
@@ -536,7 +540,7 @@ def triton_steps(rep, args, ckpt, config, opts, hf32, hf16, lengths, workloads, 
     short = [n for n in lengths if n <= 129] if args.smoke else lengths  # smoke: Triton's interpreter
     probe = [[CLS, *range(7, 7 + (40 if args.smoke else 300)), SEP], [CLS, 7, 8, SEP]]
     for label, extra, compiled in TRITON_VARIANTS:
-        if compiled and args.no_compile:
+        if (compiled and args.no_compile) or label not in args.triton_variants.split(","):
             continue
         with rep.step(f"triton: {label} engine + parity"):
             t = time.perf_counter()
@@ -580,6 +584,58 @@ def triton_steps(rep, args, ckpt, config, opts, hf32, hf16, lengths, workloads, 
     return engines
 
 
+def graph_steps(rep, engines, workloads, device, smoke: bool) -> None:
+    """CUDA graphs: replay parity against the plain forward, one-item latency with graphs off and on, and
+    back-to-back small batches with graphs off, with the first bucket kind and with today's."""
+    out = rep.data
+    graphed = [(label, engine) for label, engine in engines if engine.runner.graphs is not None]
+
+    with rep.step("graph parity"):
+        # one item; 16 and 64 traffic items (3k and 11k tokens: buckets of 3,072 and 12,288, max_seqlen 2,048)
+        probe_sets = [[[CLS, *([7] * 126), SEP]], workloads["traffic"].sequences()[:16],
+                      workloads["traffic"].sequences()[:64],
+                      [[CLS, 9, SEP], [CLS, *range(7, 600), SEP], [CLS, 8, 8, SEP]]]  # fmt: skip
+        for label, engine in graphed:
+            with graphs_off(engine):
+                plain = [engine.forward(p) for p in probe_sets]
+            diff = max(
+                float((engine.forward(p) - q).abs().max()) for p, q in zip(probe_sets, plain, strict=True)
+            )
+            out.setdefault("graph_vs_plain", {})[label] = diff
+            log(f"# {label}: graphed vs ungraphed max |Δ logit| {diff:.4f}")
+
+    with rep.step("latency"):
+        lat = out["latency"] = {}
+        for label, engine in engines:
+            with graphs_off(engine):
+                lat[label] = latency(engine, device)
+            if engine.runner.graphs is not None:
+                lat[label + "_graphs"] = latency(engine, device)
+        for label, row in lat.items():
+            log(f"latency {label:<21} 1 x 128 tokens: launch {row['launch_ms']:.2f} ms of "
+                f"{row['total_ms']:.2f} ms")  # fmt: skip
+
+    rows_small = out["small_batches"] = []
+    arrival = workloads["traffic"].sequences()
+    for label, engine in engines:
+        variants = [("off", graphs_off(engine))]
+        if engine.runner.graphs is not None:
+            variants += [
+                ("on", contextlib.nullcontext(engine)),
+                ("first", graph_buckets(engine, FIRST_BUCKETS)),
+            ]
+        for mode, ctx in variants:  # a step each: a failed recapture of the first buckets costs only its rows
+            with rep.step(f"small batches {label} graphs {mode}"), ctx:
+                if mode != "off":
+                    out.setdefault("graph_sets", {})[f"{label} {mode}"] = engine.graphs_text
+                    log(f"# {label}: graphs {mode}: {engine.graphs_text}")
+                for row in small_batches(engine, arrival, device, calls=20 if smoke else 100):
+                    rows_small.append({"engine": label, "graphs": mode, **row})
+                    log(f"small batch {label:<14} graphs {mode:<3} {row['items']:>2} items/call: "
+                        f"{row['ms_per_call']:7.2f} ms/call  "
+                        f"{row['tokens_per_s'] / 1e3:8.1f}k tok/s")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="tiny model, few sequences, CPU allowed")
@@ -590,7 +646,18 @@ def main() -> None:
     ap.add_argument(
         "--model-dir", default=None, help="write the benchmark checkpoint here (for bench/e2e.py)"
     )
+    ap.add_argument(
+        "--skip", default="", help=f"comma-separated optional steps to leave out, of {', '.join(OPTIONAL)}"
+    )
+    ap.add_argument(
+        "--triton-variants",
+        default=",".join(v[0] for v in TRITON_VARIANTS),
+        help="which of our Triton kernels' engines to load and time",
+    )
     args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    if unknown := skip - set(OPTIONAL):
+        sys.exit(f"--skip: unknown steps {sorted(unknown)}; choose from {', '.join(OPTIONAL)}")
 
     import transformers
     from transformers import ModernBertForSequenceClassification
@@ -666,30 +733,38 @@ def main() -> None:
             rows.append(workload_row(workloads[name], hf16, engines, device))
 
     same_budget = {**opts, "max_batch_tokens": clf.limits.max_batch_tokens}  # rows comparable with ours
-    triton_engines = triton_steps(
-        rep,
-        args,
-        tmp,
-        clf.runner.net.config,
-        same_budget,
-        hf32,
-        hf16,
-        lengths,
-        workloads,
-        rows,
-        device,
-        dtype,
-    )
+    triton_engines = []
+    if "triton" not in skip:
+        triton_engines = triton_steps(
+            rep,
+            args,
+            tmp,
+            clf.runner.net.config,
+            same_budget,
+            hf32,
+            hf16,
+            lengths,
+            workloads,
+            rows,
+            device,
+            dtype,
+        )
     del hf32
 
-    with rep.step("budget sweep"):
-        top = clf.limits.max_batch_tokens
-        # 12,288: every batch under the top graph bucket, so it replays (graphed vs large ungraphed batches)
-        budgets = [top // 2, top] if args.smoke else sorted({12288, 32768, 65536, top, 2 * top})
-        sweep = [workloads[n] for n in ("traffic", "long_var") if n in args.workloads.split(",")]
-        budget_sweep(clf, sweep, budgets, device, out.setdefault("budget_sweep", []))
+    # the attention kernels alone (FA2 and ours): cheap, and what decides our kernel's future
+    if device.type == "cuda" and clf.backend == "varlen" and "attention" not in skip:
+        with rep.step("attention kernels"):
+            out["attention_kernels"] = attention_kernels(clf.config.window)
 
-    if device.type == "cuda":
+    if "budget" not in skip:
+        with rep.step("budget sweep"):
+            top = clf.limits.max_batch_tokens
+            # 12,288: every batch under the top graph bucket, so it replays (graphed vs large ungraphed ones)
+            budgets = [top // 2, top] if args.smoke else sorted({12288, 32768, 65536, top, 2 * top})
+            sweep = [workloads[n] for n in ("traffic", "long_var") if n in args.workloads.split(",")]
+            budget_sweep(clf, sweep, budgets, device, out.setdefault("budget_sweep", []))
+
+    if device.type == "cuda" and "nosync" not in skip:
         with rep.step("no sync in launch"):
             # lengths and max_seqlen are host values: queueing a batch must not wait for the device
             # (256 sequences run ungraphed; 4 replay a CUDA graph when graphs are on)
@@ -709,76 +784,24 @@ def main() -> None:
     for label, engine in engines:
         log(f"# {label}: CUDA graphs {engine.graphs_text}")
     out["cuda_graphs"] = {label: engine.graphs_text for label, engine in engines}
-    graphed = [(label, engine) for label, engine in engines if engine.runner.graphs is not None]
-
-    with rep.step("graph parity"):
-        # one item; 16 and 64 traffic items (3k and 11k tokens: buckets of 3,072 and 12,288, max_seqlen 2,048)
-        probe_sets = [[[CLS, *([7] * 126), SEP]], workloads["traffic"].sequences()[:16],
-                      workloads["traffic"].sequences()[:64],
-                      [[CLS, 9, SEP], [CLS, *range(7, 600), SEP], [CLS, 8, 8, SEP]]]  # fmt: skip
-        for label, engine in graphed:
-            with graphs_off(engine):
-                plain = [engine.forward(p) for p in probe_sets]
-            diff = max(
-                float((engine.forward(p) - q).abs().max()) for p, q in zip(probe_sets, plain, strict=True)
-            )
-            out.setdefault("graph_vs_plain", {})[label] = diff
-            log(f"# {label}: graphed vs ungraphed max |Δ logit| {diff:.4f}")
-
-    with rep.step("latency"):
-        lat = out["latency"] = {}
-        for label, engine in engines:
-            with graphs_off(engine):
-                lat[label] = latency(engine, device)
-            if engine.runner.graphs is not None:
-                lat[label + "_graphs"] = latency(engine, device)
-        for label, row in lat.items():
-            log(f"latency {label:<21} 1 x 128 tokens: launch {row['launch_ms']:.2f} ms of "
-                f"{row['total_ms']:.2f} ms")  # fmt: skip
-
-    rows_small = out["small_batches"] = []
-    arrival = workloads["traffic"].sequences()
-    for label, engine in engines:
-        variants = [("off", graphs_off(engine))]
-        if engine.runner.graphs is not None:
-            variants += [
-                ("on", contextlib.nullcontext(engine)),
-                ("first", graph_buckets(engine, FIRST_BUCKETS)),
-            ]
-        for mode, ctx in variants:  # a step each: a failed recapture of the first buckets costs only its rows
-            with rep.step(f"small batches {label} graphs {mode}"), ctx:
-                if mode != "off":
-                    out.setdefault("graph_sets", {})[f"{label} {mode}"] = engine.graphs_text
-                    log(f"# {label}: graphs {mode}: {engine.graphs_text}")
-                for row in small_batches(engine, arrival, device, calls=20 if args.smoke else 100):
-                    rows_small.append({"engine": label, "graphs": mode, **row})
-                    log(f"small batch {label:<14} graphs {mode:<3} {row['items']:>2} items/call: "
-                        f"{row['ms_per_call']:7.2f} ms/call  "
-                        f"{row['tokens_per_s'] / 1e3:8.1f}k tok/s")  # fmt: skip
-
-    if device.type == "cuda" and clf.backend == "varlen":
-        with rep.step("attention kernels"):
-            out["attention_kernels"] = attention_kernels(clf.config.window)
+    if "graphs" not in skip:
+        graph_steps(rep, engines, workloads, device, args.smoke)
 
     traffic = workloads["traffic"].sequences()[: 64 if args.smoke else 2048]
-    for label, engine in engines:
-        with rep.step(f"profile {label}"):
-            out[f"profile_{label}"] = table = profile(engine, traffic, device)
-            log(table)
-
-    profiled = [] if args.smoke else [e for e in triton_engines if e[0].endswith("_compiled")]
-    for label, engine in profiled:  # where the time goes with each of our Triton kernels
+    profiled = engines + ([] if args.smoke else [e for e in triton_engines if e[0].endswith("_compiled")])
+    for label, engine in [] if "profiles" in skip else profiled:  # where the time goes, kernel by kernel
         with rep.step(f"profile {label}"):
             out[f"profile_{label}"] = table = profile(engine, traffic, device)
             log(table)
     del triton_engines
 
-    with rep.step("memory"), graphs_off(clf):  # a replay allocates nothing new: measure the plain forward
-        out["memory"] = memory(
-            hf16, clf, device, [64, 128, 256] if args.smoke else [512, 1024, 2048, 4096, 8192]
-        )
+    if "memory" not in skip:
+        with rep.step("memory"), graphs_off(clf):  # a replay allocates nothing new: measure the plain forward
+            out["memory"] = memory(
+                hf16, clf, device, [64, 128, 256] if args.smoke else [512, 1024, 2048, 4096, 8192]
+            )
 
-    if device.type == "cuda" and clf.backend == "varlen":
+    if device.type == "cuda" and clf.backend == "varlen" and "cudnn" not in skip:
         with rep.step("cudnn attention (probe)"):
             out["attention_kernels_cudnn"] = attention_kernels(clf.config.window, cudnn=True)
 
