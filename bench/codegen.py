@@ -42,6 +42,7 @@ WINDOW = 64
 # TTGIR ops of loads issued ahead of their use: cp.async, TMA
 ASYNC_LOADS = ("async_copy_global_to_local", "async_tma_copy", "descriptor_load")
 ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/")  # a SASS instruction's address, as cuobjdump prints it
+MMA_SHAPE = re.compile(r"\bH(?:G)?MMA\.(\d+x\d+x\d+)")  # HGMMA.64x256x16.F32.BF16, HMMA.16816...
 BRANCH = re.compile(r"\bBRA\b[^;]*?0x([0-9a-f]+)")
 # per SM, by compute capability: shared memory (bytes; one block may take 1 KiB less) and threads; every one
 # of these has 64k 32-bit registers per SM and 255 per thread at most
@@ -63,6 +64,7 @@ class Row:
     loop_instructions: list[int] = field(default_factory=list)  # SASS per iteration, each tensor-core loop
     shared_kib: float = 0.0
     mma: str = ""  # "wgmma", "mma.sync" or "none"
+    mma_shape: str = ""  # the main loop's tensor-core instruction, M x N x K (SASS), e.g. 64x256x16
     pipelined: bool = False  # the loop's loads go through async copies (cp.async or TMA)
     blocks_per_sm: int = 0
     seconds: float = 0.0
@@ -106,15 +108,19 @@ def sass_loops(cubin: bytes) -> list[list[str]]:
     return [[line for at, line in code if lo <= at <= hi] for lo, hi in loops]
 
 
-def loop_stats(cubin: bytes) -> tuple[int, list[int]]:
+def loop_stats(cubin: bytes) -> tuple[int, list[int], str]:
     """(spill instructions, STL/LDL, inside loops; SASS instructions per iteration of each loop that holds
-    tensor-core instructions). Spills around the main loop cost a few hundred cycles per tile; inside it,
-    every iteration pays. Per-iteration counts are the non-MMA work a tile step issues (softmax, masks,
-    address arithmetic), which competes with the tensor cores for issue slots."""
+    tensor-core instructions; the first such loop's tensor-core instruction shape). Spills around the main
+    loop cost a few hundred cycles per tile; inside it, every iteration pays. Per-iteration counts are the
+    non-MMA work a tile step issues (softmax, masks, address arithmetic), which competes with the tensor
+    cores for issue slots."""
     loops = sass_loops(cubin)
     spills = sum(bool(re.search(r"\b(STL|LDL)\b", line)) for body in loops for line in body)
-    mma = [len(body) for body in loops if any(re.search(r"\b(HGMMA|HMMA)\b", line) for line in body)]
-    return spills, mma
+    mma_loops = [body for body in loops if any(MMA_SHAPE.search(line) for line in body)]
+    shape = (
+        next((m.group(1) for line in mma_loops[0] if (m := MMA_SHAPE.search(line))), "") if mma_loops else ""
+    )
+    return spills, [len(body) for body in mma_loops], shape
 
 
 def build(fn: Any, args: dict[str, Any], consts: dict[str, Any], warps: int, stages: int, arch: int) -> Any:
@@ -148,7 +154,7 @@ def build(fn: Any, args: dict[str, Any], consts: dict[str, Any], warps: int, sta
 def inspect(kernel: Any, warps: int, arch: int) -> dict[str, Any]:
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     regs, spill = resources(kernel.asm["cubin"])
-    spills_in_loops, per_iteration = loop_stats(kernel.asm["cubin"])
+    spills_in_loops, per_iteration, shape = loop_stats(kernel.asm["cubin"])
     shared = kernel.metadata.shared
     smem_per_sm, threads_per_sm = SM_LIMITS.get(arch, SM_LIMITS[90])
     threads = 32 * warps
@@ -162,6 +168,7 @@ def inspect(kernel: Any, warps: int, arch: int) -> dict[str, Any]:
         loop_instructions=per_iteration,
         shared_kib=round(shared / 1024, 1),
         mma="wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none",
+        mma_shape=shape,
         pipelined=any(op in ttgir for op in ASYNC_LOADS),
         blocks_per_sm=min(fits) if shared <= smem_per_sm - 1024 else 0,
     )
@@ -243,7 +250,8 @@ def format_row(r: Row) -> str:
     return (
         f"{head} regs {r.registers:>3}  spill {r.spill_bytes:>4} B ({r.loop_spills} in loops)  "
         f"smem {r.shared_kib:>6.1f} KiB  "
-        f"{r.mma:<8} {'pipelined' if r.pipelined else 'NOT pipelined':<13}  {r.blocks_per_sm} blocks/SM  "
+        f"{r.mma} {r.mma_shape:<10} {'pipelined' if r.pipelined else 'NOT pipelined':<13}  "
+        f"{r.blocks_per_sm} blocks/SM  "
         f"loop {'/'.join(map(str, r.loop_instructions))} instr  ({r.seconds:.1f} s)"
     )
 

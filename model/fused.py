@@ -8,7 +8,8 @@ docs/benchmarks.md). Applied to the fp32 accumulator before the GEMM writes anyt
 How, with no weight reordering: each kernel computes two accumulator tiles of the same rows with one shared
 input tile — for Wqkv the first and second halves of a group of heads (RoPE's NeoX pairs are x[i] and
 x[i + D/2], i.e. the same column of the two tiles), for Wi the input and gate rows of the same intermediate
-columns. So the epilogue is elementwise on the two tiles:
+columns. Both tiles come from one product per K step over W's rows loaded interleaved (a0, b0, a1, …; a
+wgmma twice as wide), split after the loop. So the epilogue is elementwise on the two tiles:
     RoPE:  lo' = lo·cos − hi·sin,  hi' = hi·cos + lo·sin  (v tiles are stored as they are)
     GeGLU: h = act(a) · g
 and the outputs land in HF's order: q, k, v as (3, T, H, D), h as (T, intermediate).

@@ -1,7 +1,7 @@
 """`bench/codegen.py`: every Triton kernel × every autotuner config compiles for the H100 (sm_90) here, with
 no GPU, and the code it compiles to is what a fast kernel needs: tensor-core dots as Hopper's wgmma, the
-main loop's loads pipelined, no register spill inside a loop (the Wqkv + RoPE kernel's big tiles spill
-~100 bytes around it, in the epilogue, where RoPE's cos and sin tiles join the two accumulators), shared
+main loop's loads pipelined, the GEMMs' two products as one wgmma of twice the width, no register spill
+inside a loop (the Wqkv + RoPE kernel's widest tiles spill a few bytes around it, in the epilogue), shared
 memory within one SM's. A config that failed to
 compile would crash Triton's autotuner on the card, in a GPU call this machine cannot rerun.
 """
@@ -53,6 +53,9 @@ def test_every_kernel_config_compiles_for_sm90_to_pipelined_wgmma(tmp_path: Path
         assert 0 < r["registers"] <= 255, where
         assert 1 <= r["blocks_per_sm"], where  # fits one SM's shared memory and registers
         assert r["loop_instructions"], where  # a main loop with tensor-core instructions
+        if r["kernel"] != "attention":  # acc_a and acc_b come from one (BM, 2·BN) product: N = 2·BN
+            bn = int(r["config"].split("BN")[1].split()[0])
+            assert r["mma_shape"].split("x")[1] == str(min(2 * bn, 256)), where
         if r["kernel"] == "attention" and r["case"] == "global":
             # whole key blocks run with no masks: a second, shorter loop before the masked last block
             unmasked, masked = r["loop_instructions"]
