@@ -8,16 +8,17 @@ ModernBERT's 22 layers are local. Whether a Triton kernel's smaller tiles beat F
 for a GPU run to say; until then no default picks this backend (`SAFETY_ATTENTION=triton` does).
 
 The kernel: one program per (block of BM rows of the packed stream, head). FA2's varlen grid is (query
-block, sequence, head), sized by `max_seqlen`: on the traffic mix ~95% of its programs find their sequence
-already ended and exit (`bench/tiles.py`); tiling the stream instead launches only programs with rows to
-compute, and a block holding the end of one sequence and the start of the next masks each row to its own
-sequence's keys. Online softmax in fp32 with exp2, the softmax scale folded into exp2's argument (one FMA
-per score). A local block visits only the keys its rows' windows touch, masked; a global block inside one
-sequence runs that sequence's whole key blocks with no mask at all, then the ragged last one masked (30%
-fewer instructions per key block in the SASS: `bench/codegen.py`).
+block, sequence, head), sized by `max_seqlen`: on an unsorted pack of the traffic mix ~95% of its programs
+find their sequence already ended and exit, on the planner's length-sorted batches ~21% (`bench/tiles.py`);
+tiling the stream instead launches only programs with rows to compute, and a block holding the end of one
+sequence and the start of the next masks each row to its own sequence's keys. Online softmax in fp32 with
+exp2, the softmax scale folded into exp2's argument (one FMA per score). A local block visits only the keys
+its rows' windows touch, masked; a global block inside one sequence runs that sequence's whole key blocks
+with no mask at all, then the ragged last one masked (30% fewer instructions per key block in the SASS:
+`bench/codegen.py`).
 On CUDA the autotuner picks the tile per (head dim, window, short/long `max_seqlen`); on the CPU it runs in
 Triton's interpreter (tests; TRITON_INTERPRET=1 set before Triton loads). Must not know: weights, packing
-beyond `cu_seqlens`, batching.
+beyond `cu_seqlens` and `seq_index`, batching.
 """
 
 from __future__ import annotations
