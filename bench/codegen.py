@@ -42,7 +42,7 @@ WINDOW = 64
 # TTGIR ops of loads issued ahead of their use: cp.async, TMA
 ASYNC_LOADS = ("async_copy_global_to_local", "async_tma_copy", "descriptor_load")
 ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/")  # a SASS instruction's address, as cuobjdump prints it
-MMA_SHAPE = re.compile(r"\bH(?:G)?MMA\.(\d+x\d+x\d+)")  # HGMMA.64x256x16.F32.BF16, HMMA.16816...
+MMA_SHAPE = re.compile(r"\bHG?MMA\.(\d+x\d+x\d+)")  # HGMMA.64x256x16.F32.BF16, HMMA.16816...
 BRANCH = re.compile(r"\bBRA\b[^;]*?0x([0-9a-f]+)")
 # per SM, by compute capability: shared memory (bytes; one block may take 1 KiB less) and threads; every one
 # of these has 64k 32-bit registers per SM and 255 per thread at most
@@ -76,14 +76,18 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def resources(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, stack + local bytes per thread) from cuobjdump's resource usage of a kernel."""
+def cuobjdump(cubin: bytes, *flags: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run(
-            [_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        return subprocess.run(
+            [_tool("cuobjdump"), *flags, f.name], capture_output=True, text=True, check=True
         ).stdout
+
+
+def resources(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack + local bytes per thread) from cuobjdump's resource usage of a kernel."""
+    out = cuobjdump(cubin, "--dump-resource-usage")
     fn = out[out.index("Function") :]
     n = lambda field: int(m.group(1)) if (m := re.search(rf"{field}:(\d+)", fn)) else 0  # noqa: E731
     return n("REG"), n("STACK") + n("LOCAL")
@@ -91,13 +95,8 @@ def resources(cubin: bytes) -> tuple[int, int]:
 
 def sass_loops(cubin: bytes) -> list[list[str]]:
     """The SASS of every loop in the kernel (a loop: a branch back to an earlier address)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run(
-            [_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
-        )
-    code = [(int(m.group(1), 16), line) for line in sass.stdout.splitlines() if (m := ADDRESS.search(line))]
+    sass = cuobjdump(cubin, "-sass").splitlines()
+    code = [(int(m.group(1), 16), line) for line in sass if (m := ADDRESS.search(line))]
     loops = sorted(
         {
             (int(b.group(1), 16), at)
