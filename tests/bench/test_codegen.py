@@ -57,6 +57,6 @@ def test_every_kernel_config_compiles_for_sm90_to_pipelined_wgmma(tmp_path: Path
             bn = int(r["config"].split("BN")[1].split()[0])
             assert r["mma_shape"].split("x")[1] == str(min(2 * bn, 256)), where
         if r["kernel"] == "attention" and r["case"] == "global":
-            # whole key blocks run with no masks: a second, shorter loop before the masked last block
+            # whole key blocks run in an unmasked loop, shorter than the masked one after it
             unmasked, masked = r["loop_instructions"]
             assert unmasked < 0.85 * masked, where
