@@ -206,7 +206,7 @@ def cases(shape: str) -> list[tuple[str, Any, str, dict[str, Any], dict[str, Any
     }  # fmt: skip
     for window in (-1, WINDOW):
         for big in (False, True):
-            consts = dict(HEADS=H, D=D, WINDOW=window, SEQ_BIG=big)
+            consts = dict(D=D, WINDOW=window, SEQ_BIG=big)
             case = f"{'global' if window < 0 else f'window {window}'}, max_seqlen {'>' if big else '<='} 512"
             kernel = fused_kernels.varlen_attention_kernel
             out.append(("attention", kernel, case, attn_args, consts, triton_attention.configs(triton)))

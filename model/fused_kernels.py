@@ -139,7 +139,7 @@ def _attend_blocks(
 @triton.jit
 def varlen_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, seq_ptr, T, stride_t, sm_scale,
-    HEADS: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr, SEQ_BIG: tl.constexpr,
+    D: tl.constexpr, WINDOW: tl.constexpr, SEQ_BIG: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     # program (m, h): rows [m·BM, (m+1)·BM) of the packed stream, head h. The grid tiles the stream, not

@@ -94,7 +94,7 @@ def varlen_attention(
     if T == 0:
         return out
     args = (q, k, v, out, cu_seqlens, seq_index, T, H * D, D**-0.5)
-    consts = dict(HEADS=H, D=D, WINDOW=window, SEQ_BIG=max_seqlen > SEQ_BIG)
+    consts = dict(D=D, WINDOW=window, SEQ_BIG=max_seqlen > SEQ_BIG)
     tuner = _tuned() if q.is_cuda else _TUNER
     if tuner is not None:
         tuner[lambda meta: (-(-T // meta["BM"]), H)](*args, **consts)
