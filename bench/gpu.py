@@ -259,9 +259,7 @@ def fused_kernel_rows(config, tokens: list[int], device, dtype) -> list[dict]:
             qk, v = compiled_qkv(x, cos, sin)
             qkv = fused.qkv_rope(x, w_qkv, None, cos, sin, heads)
             qkv_diff = max((qkv[:2] - qk).abs().max().item(), (qkv[2] - v).abs().max().item())
-            mlp_diff = (
-                (fused.geglu(x, w_i, None, config.hidden_activation) - compiled_mlp(x)).abs().max().item()
-            )
+            mlp_diff = (fused.geglu(x, w_i, None, act_name) - compiled_mlp(x)).abs().max().item()
             qkv_args = (x, cos, sin)
             cases = {
                 "qkv+rope": (3 * d, qkv_diff, {
@@ -528,7 +526,7 @@ def triton_steps(rep, args, ckpt, config, opts, hf32, hf16, lengths, workloads, 
     from model import fused, load_classifier
 
     out = rep.data
-    why = fused.unsupported(device, config.hidden_activation, config.head_dim)
+    why = fused.unsupported(device, dtype, config.hidden_activation, config.head_dim)
     if why is not None:
         out["triton"] = f"skipped: {why}"
         log(f"# Triton kernels: skipped ({why})")

@@ -64,7 +64,7 @@ def triton_missing(device: torch.device, kernels: str) -> str | None:
     return None
 
 
-def unsupported(device: torch.device, activation: str, head_dim: int) -> str | None:
+def unsupported(device: torch.device, dtype: torch.dtype, activation: str, head_dim: int) -> str | None:
     """Why the fused kernels cannot serve this setup, or None when they can."""
     if why := triton_missing(device, "the fused kernels"):
         return why
@@ -72,6 +72,8 @@ def unsupported(device: torch.device, activation: str, head_dim: int) -> str | N
         return f"hidden_activation {activation!r} has no fused kernel (supported: {sorted(ACTIVATIONS)})"
     if head_dim % 16:
         return f"head_dim {head_dim} is not a multiple of 16"
+    if device.type == "cuda" and dtype == torch.float32:
+        return "they need bfloat16 or float16 (Triton's fp32 dot is TF32)"
     return None
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import fused
+from model import fused, triton_attention
 from model.attention import TRITON, VARLEN, Attention, pick_backend
 from model.budget import probe_shape
 from model.graphs import LARGEST, SMALLEST, GraphSet, GraphShape, graph_shapes
@@ -110,7 +110,7 @@ class Runner:
         if self.backend in VARLEN and dtype == torch.float32 and device.type == "cuda":
             raise ValueError(f"dtype: backend {self.backend!r} needs bfloat16 or float16, not float32")
         head_dim = net.config.head_dim
-        if self.backend in TRITON and (head_dim < 16 or head_dim & (head_dim - 1)):
+        if self.backend in TRITON and not triton_attention.tileable(head_dim):
             raise ValueError(
                 f"backend: {self.backend!r} needs a power-of-two head_dim, at least 16, got {head_dim}"
             )
@@ -118,10 +118,7 @@ class Runner:
         self.net.model.reset_rope(device)
         self.fused_gemm = fused_gemm
         if fused_gemm:
-            why = fused.unsupported(device, net.config.hidden_activation, net.config.head_dim)
-            if why is None and device.type == "cuda" and dtype == torch.float32:
-                why = "they need bfloat16 or float16 (Triton's fp32 dot is TF32)"
-            if why is not None:
+            if why := fused.unsupported(device, dtype, net.config.hidden_activation, net.config.head_dim):
                 raise ValueError(f"fused_gemm: {why}")
             self.net.fuse_epilogues()
         self.attn = Attention(self.backend, net.config.window)

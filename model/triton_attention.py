@@ -31,6 +31,11 @@ import torch
 SEQ_BIG = 512  # max_seqlen above which the autotuner keeps a second choice of tiles
 
 
+def tileable(head_dim: int) -> bool:
+    """The kernel tiles a head with tl.arange(0, D): a power of two, at least 16 (tl.dot's smallest K)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def _kernel() -> Any:
     from model import fused_kernels
 
@@ -87,7 +92,7 @@ def varlen_attention(
     sequence) on the device, `max_seqlen` on the host (it picks the autotuner's tile class only); `window`
     >= 0 limits keys to |i - j| <= window, -1 is global. -> (T, H, D), softmax scale D^-1/2."""
     T, H, D = q.shape
-    if D < 16 or D & (D - 1):
+    if not tileable(D):
         raise ValueError(f"triton attention: head_dim {D} must be a power of two, at least 16")
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)

@@ -92,9 +92,11 @@ def test_empty_batches_and_shapes_that_do_not_multiply() -> None:
 
 
 def test_what_has_no_fused_kernel_is_named() -> None:
-    assert fused.unsupported(torch.device(DEVICE), "gelu", 64) is None
-    assert "hidden_activation 'mish'" in fused.unsupported(torch.device(DEVICE), "mish", 64)
-    assert "head_dim 24" in fused.unsupported(torch.device(DEVICE), "gelu", 24)
+    dev, dtype = torch.device(DEVICE), DTYPES[0]
+    assert fused.unsupported(dev, dtype, "gelu", 64) is None
+    assert "hidden_activation 'mish'" in fused.unsupported(dev, dtype, "mish", 64)
+    assert "head_dim 24" in fused.unsupported(dev, dtype, "gelu", 24)
+    assert "bfloat16 or float16" in fused.unsupported(torch.device("cuda"), torch.float32, "gelu", 64)
 
 
 def test_the_autotuner_only_tries_blocks_that_fit() -> None:
