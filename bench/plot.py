@@ -162,9 +162,8 @@ def kernels(gpu_file: Path, out: Path) -> None:
     ops = d.get("fused_kernels", [])
     fig, axes = plt.subplots(1, 2 if ops else 1, figsize=(13 if ops else 7, 4), squeeze=False)
     ax = axes[0][0]
-    labels = [k for k in ("fused_eager", "triton_attn_eager", "fused_compiled", "triton_attn_compiled",
-                                 "triton_local_compiled")
-              if any(k in r for r in rows)]  # fmt: skip
+    # the engines gpu.py loaded (its TRITON_VARIANTS that ran), in its order, from their parity records
+    labels = [k for k in d.get("triton_parity", {}) if any(k in r for r in rows)]
     series = [("ours_eager", "ours_eager")] + [(k, k) for k in labels if k.endswith("eager")]
     if any("ours_compiled" in r for r in plain.values()):
         series += [("ours_compiled", "ours_compiled")] + [(k, k) for k in labels if k.endswith("compiled")]
