@@ -169,6 +169,7 @@ class Classifier:
             "device": self.device,
             "dtype": self.dtype,
             "backend": self.backend,
+            "compiled": self.runner.compiled,
             "cuda_graphs": self.graphs_text,
             "fused_gemm": self.runner.fused_gemm,
             "version": VERSION,
@@ -545,7 +546,9 @@ def check_limits(lim: Limits, config: ModernBertConfig, tok: TextTokenizer) -> N
     room = lim.max_tokens - tok.template.pair_extra - lim.max_context_tokens
     if room <= lim.window_overlap:
         raise ConfigError(
-            f"must be smaller than max_tokens - max_context_tokens - special tokens = {room}",
+            f"{lim.window_overlap} must be smaller than max_tokens {lim.max_tokens} - max_context_tokens "
+            f"{lim.max_context_tokens} - {tok.template.pair_extra} special tokens = {room}; lower "
+            "max_context_tokens or window_overlap for a model this short",
             field="window_overlap",
             file=src,
         )

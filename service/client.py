@@ -49,6 +49,8 @@ def build_request(
 
 def build_items(items: Iterable[ItemLike]) -> list[Any]:
     """Texts or dicts {id?, text, role? ("prompt" | "response"), context?} -> [pb2.Item]."""
+    if isinstance(items, str | bytes):  # would be classified character by character
+        raise TypeError("items: a list of texts or dicts, not one string (wrap it: [text])")
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
@@ -140,6 +142,10 @@ def info_to_dict(response: Any) -> dict[str, Any]:
         "backend": response.backend,
         "version": response.version,
         "multi_label": response.multi_label,
+        "compiled": response.compiled,
+        "cuda_graphs": response.cuda_graphs,
+        "fused_gemm": response.fused_gemm,
+        "budget": response.budget,
     }
 
 

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from model.errors import DeadlineExceededError, InvalidInputError, NotFoundError, UnsupportedError
+from model.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    NotFoundError,
+    UnavailableError,
+    UnsupportedError,
+)
 from service.settings import ServeSettings
 from service.stubs import pb2
 
@@ -132,10 +138,17 @@ def default_job_client(settings: ServeSettings) -> JobClientFactory:
 class JobService:
     """What the job RPCs do, given a job-client factory. Thread pool and client are created on first use."""
 
-    def __init__(self, factory: JobClientFactory, thresholds: Callable[[str], Mapping[str, float]]) -> None:
-        """`thresholds(model_name)`: the default thresholds to report for a job's model ({} if unknown)."""
+    def __init__(
+        self,
+        factory: JobClientFactory,
+        thresholds: Callable[[str], Mapping[str, float]],
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """`thresholds(model_name)`: the default thresholds to report for a job's model ({} if unknown).
+        `draining()`: is the server draining (open result streams then end, saying where to resume)?"""
         self.factory = factory
         self.thresholds = thresholds
+        self.draining = draining
         self._client: JobClient | None = None
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -200,6 +213,12 @@ class JobService:
         thresholds = self.thresholds(status.model) if status.model else None
         saw_finished = False  # a read that began after the job was seen finished must find every result
         while index < total:
+            if self.draining():
+                sent = index - request.start_index
+                raise UnavailableError(
+                    f"server is draining: this stream sent {sent} results; resume with start_index {index} "
+                    "on another replica"
+                )
             lines, gap = await self._run(_page, client, job_id, index)
             if lines and thresholds is None:  # the model is known once the first chunk is written
                 model = gap.model if gap is not None else (await self._run(client.status, job_id)).model

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from service.deadlines import deadline_passed
 from service.handlers import with_behavior
 from service.settings import split_address
 
@@ -42,7 +43,7 @@ class Metrics:
         )
         self.items = Counter("safety_items", "items classified", registry=r)
         self.tokens = Counter(
-            "safety_tokens", "tokens classified (all windows, special tokens included)", registry=r
+            "safety_tokens", "content tokens classified (no context or special tokens)", registry=r
         )
         self.flagged = Counter("safety_flagged_items", "items flagged by any label", registry=r)
         self.batch_size = Histogram(
@@ -189,24 +190,23 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     @contextlib.contextmanager
     def _observed(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
         start = time.perf_counter()
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
         code = "OK"
         try:
             yield
         except BaseException:
-            code = _final_code(context)
+            code = _final_code(context, deadline)
             raise
         finally:
             self.metrics.requests.labels(method=method, code=code).inc()
             self.metrics.request_seconds.labels(method=method).observe(time.perf_counter() - start)
 
 
-def _final_code(context: grpc.aio.ServicerContext) -> str:
-    """The status a call that raised ends with: the one the handler set (abort), else DEADLINE_EXCEEDED or
-    CANCELLED."""
+def _final_code(context: grpc.aio.ServicerContext, deadline: float | None) -> str:
+    """The status a call that raised ends with: the one the handler set (abort), else DEADLINE_EXCEEDED (at
+    or near the call's `deadline`, time.monotonic()) or CANCELLED."""
     set_code = context.code()
     if set_code is not None:
         return set_code.name
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        return "DEADLINE_EXCEEDED"
-    return "CANCELLED"
+    return "DEADLINE_EXCEEDED" if deadline_passed(deadline, time.monotonic()) else "CANCELLED"

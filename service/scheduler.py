@@ -42,6 +42,7 @@ from model.errors import (
 from model.planner import next_batch
 from model.runner import Launched
 from model.threads import name_os_thread
+from service.deadlines import deadline_passed
 
 log = logging.getLogger("safety.service.scheduler")
 
@@ -216,7 +217,7 @@ class Scheduler:
         try:
             return await req.future
         except asyncio.CancelledError:
-            self._abandon(req, "cancelled")
+            self._abandon(req, "deadline" if deadline_passed(req.deadline, time.monotonic()) else "cancelled")
             raise
 
     def _admit_items(self, n: int) -> None:
@@ -408,8 +409,8 @@ class Scheduler:
                     live = [w for w in batch if not w.req.done]
                     for w in batch:
                         if w.req.done:  # cancelled or expired while in the slot: not computed
-                            expired = w.req.deadline is not None and now >= w.req.deadline
-                            self.metrics.drop("deadline" if expired else "cancelled", 1)
+                            why = "deadline" if deadline_passed(w.req.deadline, now) else "cancelled"
+                            self.metrics.drop(why, 1)
                     self._cond.notify_all()
                 if not live:
                     self._in_flight.release()

@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import logging
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ ClassifierSource = Classifier | Callable[[], Classifier] | None
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+STOP_GRACE_S = 1.0  # after the drain: for calls that hold no work (health watches, reflection) to see the end
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -51,13 +53,15 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     <key>`; others are refused with UnauthenticatedError's status code."""
 
     def __init__(self, api_key: str) -> None:
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
 
     def _authorized(self, metadata: Any) -> bool:
         for key, value in metadata or ():
             if key == "authorization":
                 given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)
+                scheme, _, credentials = given.partition(b" ")
+                # RFC 7235: the scheme is case-insensitive
+                return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, self._expected)
         return False
 
     async def intercept_service(
@@ -191,7 +195,9 @@ class SafetyServer:
 
     async def drain(self, grace: float | None = None) -> None:
         """NOT_SERVING and UNAVAILABLE for new calls (the server still answers, so load balancers see the
-        state), wait up to `grace` seconds for in-flight calls, then stop everything. Idempotent."""
+        state), wait up to `grace` seconds for in-flight calls (classify calls, stream requests, job RPCs;
+        open ClassifyStreams and job result streams end early, saying where to resume), then stop everything,
+        giving what is left (health watches, reflection) at most STOP_GRACE_S. Idempotent."""
         if self._stopped.is_set():
             return
         loop = asyncio.get_running_loop()
@@ -202,7 +208,8 @@ class SafetyServer:
         self.servicer.start_draining()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.servicer.idle.wait(), grace)
-        await self.server.stop(max(0.0, deadline - loop.time()))
+        # What is still open now never ends by itself (Health.Watch, a reflection stream): cut it short.
+        await self.server.stop(min(STOP_GRACE_S, max(0.0, deadline - loop.time())))
         if self.scheduler is not None:
             await loop.run_in_executor(None, self.scheduler.close)
         await loop.run_in_executor(None, self.servicer.jobs.close)
@@ -212,6 +219,25 @@ class SafetyServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def tls_credentials(cert: str, key: str) -> grpc.ServerCredentials:
+    """Server credentials from PEM files, checked first: grpc reports a bad pair only as "Failed to bind",
+    which would send an operator rotating certificates looking for a port conflict."""
+    pem = {}
+    for var, path in (("SAFETY_TLS_CERT", cert), ("SAFETY_TLS_KEY", key)):
+        try:
+            pem[var] = Path(path).read_bytes()
+        except OSError as e:
+            raise OSError(f"{var} {path}: cannot read ({e.strerror or e})") from None
+    try:  # password=b"": an encrypted key fails here instead of prompting on the terminal
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=b"")
+    except ssl.SSLError as e:
+        raise OSError(
+            f"SAFETY_TLS_CERT {cert}, SAFETY_TLS_KEY {key}: not a PEM certificate chain and the unencrypted "
+            f"private key that matches it ({e.reason or e})"
+        ) from None
+    return grpc.ssl_server_credentials([(pem["SAFETY_TLS_KEY"], pem["SAFETY_TLS_CERT"])])
 
 
 async def create_server(
@@ -238,10 +264,12 @@ async def create_server(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
+    credentials = None
+    if settings.tls_cert and settings.tls_key:
+        credentials = tls_credentials(settings.tls_cert, settings.tls_key)
     try:
-        if settings.tls_cert and settings.tls_key:
-            key, cert = Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes()
-            port = server.add_secure_port(settings.address, grpc.ssl_server_credentials([(key, cert)]))
+        if credentials is not None:
+            port = server.add_secure_port(settings.address, credentials)
         else:
             port = server.add_insecure_port(settings.address)
     except RuntimeError as e:  # grpc: "Failed to bind to address ..."
@@ -289,4 +317,4 @@ async def serve(settings: ServeSettings, classifier: ClassifierSource = None) ->
     return 1 if app.device_failed.is_set() else 0
 
 
-__all__ = ["ApiKeyInterceptor", "SafetyServer", "create_server", "pb2", "serve", "warm_up"]
+__all__ = ["ApiKeyInterceptor", "SafetyServer", "create_server", "pb2", "serve", "tls_credentials", "warm_up"]

@@ -123,6 +123,10 @@ def info_response(clf: Classifier, settings: ServeSettings, scheduler: Scheduler
         backend=info["backend"],
         version=info["version"],
         multi_label=info["multi_label"],
+        compiled=info["compiled"],
+        cuda_graphs=info["cuda_graphs"],
+        fused_gemm=info["fused_gemm"],
+        budget=info["budget"],
     )
 
 
@@ -137,11 +141,13 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         `SAFETY_*` environment, see service/jobs.py)."""
         self.settings = settings
         self.observer = observer or ClassifiedObserver()
-        self.jobs = JobService(job_client or default_job_client(settings), self.job_thresholds)
+        self.jobs = JobService(
+            job_client or default_job_client(settings), self.job_thresholds, draining=lambda: self.draining
+        )
         self.clf: Classifier | None = None
         self.scheduler: Scheduler | None = None
         self.draining = False
-        self.active = 0  # Classify calls and ClassifyStream requests in flight
+        self.active = 0  # Classify calls, ClassifyStream requests and job RPCs in flight
         self.idle = asyncio.Event()  # set while nothing is in flight
         self.idle.set()
         self._stream_readers: set[asyncio.Task[None]] = set()  # one per open ClassifyStream
@@ -189,7 +195,7 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         ends with a status only when the model is not ready, or after a drain stopped its reading."""
         clf, scheduler = self._ready()
         window = asyncio.Semaphore(self.settings.max_stream_inflight)
-        order: asyncio.Queue[asyncio.Task[Any] | None] = asyncio.Queue()
+        order: asyncio.Queue[tuple[asyncio.Task[Any], float] | None] = asyncio.Queue()  # (task, read at)
         drained = False
 
         async def classify(request: Any, start: float) -> Any:
@@ -204,7 +210,8 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
                     if self.draining:
                         drained = True
                         return
-                    order.put_nowait(asyncio.create_task(classify(request, time.perf_counter())))
+                    start = time.perf_counter()
+                    order.put_nowait((asyncio.create_task(classify(request, start)), start))
             except asyncio.CancelledError:  # start_draining: stop reading, answer what was read
                 drained = True
             finally:
@@ -214,8 +221,8 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         self._stream_readers.add(reader)
         sequence = 0
         try:
-            while (task := await order.get()) is not None:
-                message = await self._stream_message(task, sequence)
+            while (entry := await order.get()) is not None:
+                message = await self._stream_message(*entry, sequence)
                 yield message
                 window.release()
                 sequence += 1
@@ -224,8 +231,8 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
             self._stream_readers.discard(reader)
             reader.cancel()
             while not order.empty():
-                if (task := order.get_nowait()) is not None:
-                    task.cancel()
+                if (entry := order.get_nowait()) is not None:
+                    entry[0].cancel()
         if drained:
             rest = f"the ones after sequence {sequence - 1}" if sequence else "all of them"
             raise UnavailableError(
@@ -233,9 +240,9 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
                 "another replica"
             )
 
-    async def _stream_message(self, task: asyncio.Task[Any], sequence: int) -> Any:
-        """A ClassifyStreamResponse: the request's response, or the error Classify would have answered."""
-        start = time.perf_counter()
+    async def _stream_message(self, task: asyncio.Task[Any], start: float, sequence: int) -> Any:
+        """A ClassifyStreamResponse: the request's response, or the error Classify would have answered.
+        `start`: when the request was read (time.perf_counter()), where its latency counts from."""
         try:
             response = await task
         except Exception as exc:
@@ -287,14 +294,24 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         return self.jobs
 
     async def SubmitJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._jobs().submit(request)
+        jobs = self._jobs()
+        with self._in_flight():
+            return await jobs.submit(request)
 
     async def GetJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._jobs().get(request)
+        jobs = self._jobs()
+        with self._in_flight():
+            return await jobs.get(request)
 
     async def CancelJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._jobs().cancel(request)
+        jobs = self._jobs()
+        with self._in_flight():
+            return await jobs.cancel(request)
 
     async def StreamJobResults(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async for result in self._jobs().stream(request):
-            yield result
+        """In flight until it ends; a drain ends it at its next page or poll with UNAVAILABLE and the
+        start_index to resume from (service/jobs.py)."""
+        jobs = self._jobs()
+        with self._in_flight():
+            async for result in jobs.stream(request):
+                yield result

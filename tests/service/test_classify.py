@@ -93,6 +93,10 @@ def test_info(stub: Any, server: Any, tiny_classifier: Any) -> None:
     assert info.limits.max_queue_tokens == server.scheduler.max_queue_tokens
     assert info.device == "cpu" and info.backend == tiny_classifier.backend
     assert info.multi_label and info.version
+    # the engine's state, as the startup log says it
+    engine = tiny_classifier.info()
+    assert (info.compiled, info.cuda_graphs, info.fused_gemm) == (False, "off", False)
+    assert (info.cuda_graphs, info.budget) == (engine["cuda_graphs"], engine["budget"])
 
 
 def test_64_concurrent_calls_are_batched_without_cross_talk(
@@ -153,3 +157,12 @@ def test_remote_classify_reports_status_and_message(server: Any) -> None:
 
     with pytest.raises(SystemExit, match=r"INVALID_ARGUMENT: items\[0\]\.text"):
         remote_classify(f"127.0.0.1:{server.port}", [{"text": "   "}])
+
+
+def test_the_client_refuses_one_bare_string_instead_of_one_item_per_character(server: Any) -> None:
+    from service.client import SafetyClient
+
+    with SafetyClient(f"127.0.0.1:{server.port}", timeout=10) as client:
+        with pytest.raises(TypeError, match=r"items: a list of texts or dicts, not one string"):
+            client.classify("one text")
+        assert len(client.classify(["one text"])) == 1

@@ -156,3 +156,12 @@ def test_message_over_the_size_limit_is_refused_by_grpc(start_server: Any, stub_
     app = start_server(max_message_bytes=1024)
     err = call_error(stub_for(app), request("x" * 2000))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_cancellation_at_the_deadline_counts_as_the_deadline_the_client_saw() -> None:
+    """The client's deadline fires first and cancels: the server sees it a network trip early."""
+    from service.deadlines import DEADLINE_SLACK_S, deadline_passed
+
+    assert not deadline_passed(None, 1e9)
+    assert deadline_passed(10.0, 10.0) and deadline_passed(10.0, 10.0 - DEADLINE_SLACK_S / 2)
+    assert not deadline_passed(10.0, 10.0 - 2 * DEADLINE_SLACK_S)

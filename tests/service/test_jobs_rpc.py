@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import SafetyClient
 from service.server import SafetyServer, create_server
@@ -190,6 +193,45 @@ def test_a_finished_job_with_a_lost_result_ends_the_stream_with_not_found(
     assert (job["state"], job["failed"], job["finished_at"]) == ("failed", 3, 1.0)
     assert code == grpc.StatusCode.NOT_FOUND and "result 1 is missing" in details, details
     assert got == [{**dict.fromkeys(RESULT_FIELDS), "index": 0, "id": "0", "error": "why"}]
+
+
+def test_a_drain_ends_waiting_result_and_health_streams_at_once_saying_where_to_resume(
+    start_jobs_server: StartServer, redis_server: RedisServer, loop_thread: Any
+) -> None:
+    """Open StreamJobResults(wait=true) and Health.Watch streams never end by themselves: the drain ends the
+    first with the start_index to resume from and gives the second a short grace, not the whole drain's."""
+    app = start_jobs_server(job_client(redis_server.url, queue=IDLE))
+    direct = JobClient(WorkerSettings(redis_url=redis_server.url))
+    got: list[dict[str, Any]] = []
+    ended: list[grpc.RpcError] = []
+
+    def follow() -> None:
+        try:
+            got.extend(client.stream_job_results("drained-job", wait=True))
+        except grpc.RpcError as e:
+            ended.append(e)
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{app.port}")
+    with connect(app) as client, contextlib.closing(direct), channel:
+        client.submit_job(["a", "b", "c"], job_id="drained-job")
+        direct.store.write("drained-job", [(0, json.dumps(failed_line(0, "0", "why")), True)], 1.0)
+        follower = threading.Thread(target=follow)
+        follower.start()
+        wait_until(lambda: len(got) == 1, what="the written result streamed")
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        start = time.monotonic()
+        loop_thread.run(app.drain(30))
+        took = time.monotonic() - start
+        follower.join(10)
+        statuses: list[int] = []
+        with pytest.raises(grpc.RpcError) as watch_end:
+            statuses.extend(m.status for m in watch)
+    assert took < 5, f"the drain took {took:.1f} s of its 30 s grace"
+    assert [e.code() for e in ended] == [grpc.StatusCode.UNAVAILABLE]
+    assert "sent 1 results; resume with start_index 1" in ended[0].details()
+    assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    assert watch_end.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_unknown_jobs_are_not_found_and_bad_requests_invalid(

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from service.client import SafetyClient
-from service.server import SafetyServer, create_server
+from service.server import SafetyServer, create_server, tls_credentials
 from service.settings import ServeSettings
 from service.stubs import SERVICE_NAME, pb2, pb2_grpc
 from tests.service.helpers import in_queue, request, wait_until
@@ -147,6 +147,15 @@ def test_api_key(start_server: Any) -> None:
     with SafetyClient(target, api_key="s3cret") as client:
         assert len(client.classify(["hi"])) == 1
         assert client.info()["labels"]
+    stub = pb2_grpc.SafetyClassifierStub(grpc.insecure_channel(target))
+    headers = {"bearer s3cret": True, "BEARER s3cret": True, "Basic s3cret": False, "s3cret": False}
+    for header, ok in headers.items():  # RFC 7235: the scheme is case-insensitive
+        try:
+            stub.Info(pb2.InfoRequest(), metadata=[("authorization", header)], timeout=5)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            code = e.code()
+        assert code == (grpc.StatusCode.OK if ok else grpc.StatusCode.UNAUTHENTICATED), header
     assert health_status(app.port) == SERVING  # probes carry no key
     with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as err:
         ProtoReflectionDescriptorDatabase(channel).get_services()
@@ -177,6 +186,36 @@ def test_tls(start_server: Any, self_signed: tuple[Path, Path]) -> None:
     with SafetyClient(f"127.0.0.1:{app.port}", timeout=5) as plain, pytest.raises(grpc.RpcError) as err:
         plain.classify(["no TLS"])
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_bad_tls_pair_is_refused_naming_the_settings_not_the_address(
+    loop_thread: Any, self_signed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """grpc says only "Failed to bind" for a certificate and key that don't match: we say which files."""
+    cert, key = self_signed
+    other_key = tmp_path / "other.pem"
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-out", str(other_key)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    cases = {
+        (cert, other_key): r"SAFETY_TLS_CERT .*cert.pem, SAFETY_TLS_KEY .*other.pem: not a PEM certificate",
+        (key, cert): r"SAFETY_TLS_CERT .*key.pem, SAFETY_TLS_KEY .*cert.pem: not a PEM",  # swapped
+        (garbage, garbage): r"garbage.pem: not a PEM",
+        (cert, tmp_path / "missing.pem"): r"SAFETY_TLS_KEY .*missing.pem: cannot read \(No such file",
+    }
+    for (c, k), message in cases.items():
+        with pytest.raises(OSError, match=message) as err:
+            tls_credentials(str(c), str(k))
+        assert "bind" not in str(err.value)
+    settings = ServeSettings(
+        address="127.0.0.1:0", metrics_address=None, tls_cert=str(cert), tls_key=str(other_key)
+    )
+    with pytest.raises(OSError, match="SAFETY_TLS_CERT"):
+        loop_thread.run(create_server(settings, lambda: None))
 
 
 @pytest.fixture(scope="module")

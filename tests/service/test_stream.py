@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -185,6 +186,29 @@ def test_streams_and_their_requests_are_counted(start_server: Any) -> None:
         == 1
     )
     assert metric_value(text, "safety_items_total") == 3
+
+
+def test_a_failed_request_waiting_behind_a_slow_one_is_timed_from_when_it_was_read(
+    start_server: Any, stub_for: Any
+) -> None:
+    """Its error goes out after the response ahead of it: its latency is that wait, like a success's."""
+    app = start_server()
+    app.scheduler.hold_runner()
+    try:
+        stream = stub_for(app).ClassifyStream(iter([request("held"), pb2.ClassifyRequest()]), timeout=30)
+        wait_until(lambda: in_queue(app) == 1, what="the first request queued")
+        held = 0.3
+        time.sleep(held)  # the time both requests wait: what the histogram must show for each
+    finally:
+        app.scheduler.release_runner()
+    answers = list(stream)
+    assert [a.HasField("response") for a in answers] == [True, False]
+    assert answers[1].error.status == "INVALID_ARGUMENT"
+    text = scrape(app)
+    name = "safety_request_duration_seconds"
+    assert metric_value(text, f'{name}_count{{method="ClassifyStream.request"}}') == 2
+    assert metric_value(text, f'{name}_bucket{{le="0.25",method="ClassifyStream.request"}}') == 0
+    assert metric_value(text, f'{name}_sum{{method="ClassifyStream.request"}}') >= 2 * held
 
 
 def test_the_asyncio_client_streams_from_an_async_iterable(server: SafetyServer) -> None:
