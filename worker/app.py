@@ -47,8 +47,9 @@ def create_app(settings: WorkerSettings) -> Celery:
         task_default_queue=settings.queue,
         task_routes={TASK_NAME: {"queue": settings.queue}},
         worker_prefetch_multiplier=1,
-        # With REMAP_SIGTERM=SIGQUIT (set by `safety worker`), SIGTERM gives a running chunk this long, then
-        # hands it back to the queue at once instead of leaving it to the visibility timeout.
+        # With REMAP_SIGTERM=SIGQUIT (set by `safety worker` for the prefork pool), SIGTERM gives a running
+        # chunk this long, then hands it back to the queue at once instead of leaving it to the visibility
+        # timeout. The solo and threads pools keep the warm shutdown: the chunk in hand finishes.
         worker_soft_shutdown_timeout=settings.drain_grace_s,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
@@ -80,6 +81,9 @@ def send_chunk(app: Celery, job_id: str, chunk: int, queue: str, producer: Produ
         queue=queue,
         producer=producer,
         retry=True,
+        # results live in the job store: no result-channel SUBSCRIBE per chunk, and no UNSUBSCRIBE in the
+        # AsyncResult's __del__, where a Ctrl-C during `safety submit` is swallowed ("Exception ignored")
+        ignore_result=True,
     )
 
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,9 +122,14 @@ def run_worker(args: argparse.Namespace) -> int:
             # limit), not the node's core count; prefork children each run their own torch: split them.
             per_process = concurrency if "--pool=prefork" in argv else 1
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // per_process)))
-            # SIGTERM (Kubernetes) = Celery's cold shutdown after SAFETY_DRAIN_GRACE_S: the running chunk is
-            # requeued at once rather than after the visibility timeout. Read by billiard when Celery starts.
-            os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+            if "--pool=prefork" in argv:
+                # SIGTERM (Kubernetes) = Celery's cold shutdown after SAFETY_DRAIN_GRACE_S: the running chunk
+                # is requeued at once rather than after the visibility timeout. Read by billiard at start.
+                os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+            # solo and threads: SIGTERM stays Celery's warm shutdown, which lets the chunk in hand finish.
+            # Their cold shutdown would wait out the grace inside the signal handler, on the thread running
+            # the chunk (solo), then cancel it through a pool that cannot cancel (NotImplementedError: a
+            # failed attempt).
             if settings.metrics_port:
                 metrics_dir = serve_metrics(settings.metrics_port, prefork="--pool=prefork" in argv)
             from worker.app import app
@@ -190,13 +196,15 @@ def run_submit(args: argparse.Namespace) -> int:
     from worker.jobs import JobClient
 
     client = None
-    job_id = args.job_id
+    job_id = args.job_id or uuid.uuid4().hex  # known before anything is sent, so an interrupt can name it
     try:
         with _errors("submit"):
             try:
                 items, lines = read_items(args.input)
             except OSError as e:
                 raise InvalidInputError(f"cannot read {args.input}: {e.strerror}", field="input") from None
+            if args.wait:
+                _check_out(args.out)  # before the job runs, not after it finished
             client = JobClient.from_env()
             try:
                 submitted = client.submit(items, job_id=job_id)
@@ -258,6 +266,17 @@ def _write_results(client: Any, job_id: str, out: str | None, timeout: float | N
     return count
 
 
+def _check_out(out: str | None) -> None:
+    """Refuse an --out that cannot be written, naming it (exit 2, like any bad argument)."""
+    if out is None or out == "-":
+        return
+    parent = Path(out).parent
+    if not parent.is_dir():
+        raise InvalidInputError(f"cannot write {out}: {parent} is not a directory", field="out")
+    if not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"cannot write {out}: no write permission in {parent}", field="out")
+
+
 @contextmanager
 def _output(out: str | None) -> Iterator[IO[str]]:
     if out is None or out == "-":
@@ -267,7 +286,11 @@ def _output(out: str | None) -> Iterator[IO[str]]:
     target = Path(out)
     partial = target.with_name(target.name + ".partial")
     try:
-        with open(partial, "w", encoding="utf-8") as stream:
+        try:
+            stream = open(partial, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+        except OSError as e:
+            raise InvalidInputError(f"cannot write {partial}: {e.strerror}", field="out") from None
+        with stream:
             yield stream
         partial.replace(target)
     finally:
@@ -285,6 +308,7 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 def run_results(args: argparse.Namespace) -> int:
     def results(client: Any) -> int:
+        _check_out(args.out)
         _write_results(client, args.job_id, args.out, args.timeout)
         status = client.status(args.job_id)
         return EXIT_OK if status.state == "done" and status.failed == 0 else EXIT_FAILED

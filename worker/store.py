@@ -154,7 +154,14 @@ for i = 3, #ARGV, 3 do
 end
 local pttl = redis.call('PTTL', job)
 if pttl > 0 then redis.call('PEXPIRE', KEYS[3], pttl) end
-if ARGV[2] ~= '' then redis.call('HSETNX', job, 'model', ARGV[2]) end
+if ARGV[2] ~= '' and ok + bad > 0 then  -- the models whose results the job holds, ' + ' between them
+  local models = redis.call('HGET', job, 'model')
+  if not models then
+    redis.call('HSET', job, 'model', ARGV[2])
+  elseif string.find(' + ' .. models .. ' + ', ' + ' .. ARGV[2] .. ' + ', 1, true) == nil then
+    redis.call('HSET', job, 'model', models .. ' + ' .. ARGV[2])
+  end
+end
 local done = redis.call('HINCRBY', job, 'done', ok)
 local failed = redis.call('HINCRBY', job, 'failed', bad)
 redis.call('HSET', job, 'updated', ARGV[1])
@@ -353,4 +360,6 @@ class JobStore:
         self.record_error(job_id, chunk, error, dead=True)
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        if limit <= 0:  # LRANGE 0 -1 would be the whole list
+            return []
         return [json.loads(e) for e in self.client.lrange(DEAD_LETTER, 0, limit - 1)]

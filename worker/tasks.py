@@ -23,6 +23,7 @@ import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import redis
 from celery import Task
 from celery.exceptions import Reject
 
@@ -99,8 +100,9 @@ def deliver(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
     except Exception as e:  # Redis unreachable, or a bug: never ack a chunk whose results are unwritten
         log.exception("job %s chunk %d: requeued after an unexpected error", job_id, chunk)
         error = f"{type(e).__name__}: {e}"
-        with contextlib.suppress(Exception):  # so a later give-up names the cause (if Redis is reachable)
-            task.store.record_error(job_id, chunk, error)
+        if not isinstance(e, redis.RedisError):  # a Redis blip is not the chunk's fault: keep its last error
+            with contextlib.suppress(Exception):  # so a later give-up names the cause (if Redis is reachable)
+                task.store.record_error(job_id, chunk, error)
         _count(task, "retried", began)
         raise Reject(error, requeue=True) from e
     outcome = CHUNK_OUTCOMES.get(done["action"], "skipped")
@@ -171,10 +173,10 @@ def run_chunk(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
         error = f"{type(e).__name__}: {e}"
         if device_failed(e):  # every later chunk would fail here too: this process is done, the chunk is not
             stop_worker(task, f"the device failed in job {job_id} chunk {chunk}: {error}")
+        store.record_error(job_id, chunk, error)  # a give-up on a later delivery names it
         if start.attempt >= max_attempts:
             error = f"gave up after {max_attempts} attempts: {error}"
             return give_up(store, job_id, chunk, start.attempt, indices, items, error)
-        store.record_error(job_id, chunk, error)
         log.warning("job %s chunk %d attempt %d failed, requeued: %s", job_id, chunk, start.attempt, error)
         raise Reject(error, requeue=True) from e
     written = store.write(
@@ -224,12 +226,17 @@ def give_up(
     items: list[dict[str, str]],
     error: str,
 ) -> dict[str, Any]:
-    """Dead-letter the chunk and mark its unwritten items failed, so the rest of the job still finishes."""
-    log.error("job %s chunk %d: dead-lettered: %s", job_id, chunk, error)
-    store.dead_letter(job_id, chunk, attempts, error, time.time())
+    """Mark the chunk's unwritten items failed, so the rest of the job still finishes, then dead-letter it.
+
+    In that order, and only when this delivery wrote them: a write that fails (Redis unreachable) hands the
+    chunk back and the next delivery gives up again, and a chunk is never dead-lettered twice. (A failure
+    between the two leaves the items failed, with the reason, and no dead-letter entry; the log has it.)"""
     lines = [
         (i, json.dumps(failed_line(i, item.get("id"), error)), True)
         for i, item in zip(indices, items, strict=True)
     ]
     written = store.write(job_id, lines, time.time())
+    if written.ok + written.failed:
+        log.error("job %s chunk %d: dead-lettered: %s", job_id, chunk, error)
+        store.dead_letter(job_id, chunk, attempts, error, time.time())
     return {"job_id": job_id, "chunk": chunk, "action": "dead-lettered", "failed": written.failed}

@@ -51,7 +51,13 @@ def test_job_ids_are_checked(job_id: str, redis_server: RedisServer, job_client:
 
 def test_submit_queues_one_json_task_per_chunk(redis_server: RedisServer, job_client: Client) -> None:
     client = job_client(redis_server.url, queue="q", chunk_size=10)
+
+    def subscribes() -> int:
+        return redis_server.client().info("commandstats").get("cmdstat_subscribe", {}).get("calls", 0)
+
+    before = subscribes()
     submitted = client.submit(make_items(25), job_id="j1")
+    assert subscribes() == before  # results live in the job store: no result channel per chunk
     st = submitted.status
     assert (st.state, st.total, st.done, st.failed, st.chunks, submitted.sent) == ("queued", 25, 0, 0, 3, 3)
     messages = queued_messages(redis_server, "q")
@@ -118,6 +124,18 @@ def test_redelivered_results_count_once_and_the_job_finishes(
     assert [line["index"] for line in lines] == [0, 1, 2, 3, 4]
     assert lines[0]["id"] == "first" and lines[4]["error"] == "why"
     assert not redis_server.client().exists(JobKeys("idem").items)  # item texts are dropped once finished
+
+
+def test_a_job_classified_across_a_model_rollout_names_both_models(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    client.submit(make_items(6), job_id="rollout")
+    store = client.store
+    for chunk, model in ((0, "guard-2026-10"), (1, "guard-2026-11"), (2, "guard-2026-10")):
+        store.write("rollout", [(i, fake_result(i), False) for i in (2 * chunk, 2 * chunk + 1)], 1.0, model)
+    st = client.status("rollout")
+    assert (st.state, st.done, st.model) == ("done", 6, "guard-2026-10 + guard-2026-11")
 
 
 def test_all_items_failed_means_the_job_failed(redis_server: RedisServer, job_client: Client) -> None:

@@ -100,3 +100,36 @@ def test_each_delivery_is_counted_by_outcome_and_items_once(
     assert (items("ok"), items("failed")) == (status.done, status.failed)
     # Every delivery that did work is timed (done 2, retried 2, dead-lettered 1); a skipped one is not.
     assert metrics.registry.get_sample_value("safety_worker_chunk_seconds_count") == 5
+
+
+class BlipOnce(JobStore):
+    """The real store, whose next write fails once as if Redis dropped the connection."""
+
+    blips = 1
+
+    def write(self, *args: Any, **kwargs: Any) -> Any:
+        if self.blips:
+            self.blips -= 1
+            raise redis.ConnectionError("blip")
+        return super().write(*args, **kwargs)
+
+
+def test_a_give_up_interrupted_by_redis_is_done_again_once_naming_the_real_cause(
+    redis_server: RedisServer, job_client: Callable[..., JobClient]
+) -> None:
+    client = job_client(redis_server.url, queue="blip-unconsumed", chunk_size=3)
+    job = client.submit(make_items(3, prefix="b"), job_id="blip-job").status.job_id
+    store = BlipOnce(client.store.client)
+    task = SimpleNamespace(
+        settings=WorkerSettings(max_attempts=1), store=store, metrics=Metrics(), classifier=Broken()
+    )
+    before = len(store.dead_letters(10_000))
+    with pytest.raises(Reject):  # the give-up's write failed: the chunk goes back to the queue
+        deliver(task, job, 0)
+    assert len(store.dead_letters(10_000)) == before  # nothing dead-lettered without its items written
+    assert deliver(task, job, 0)["action"] == "dead-lettered"  # the redelivery gives up again
+    entries = [e for e in store.dead_letters(10_000) if e["job_id"] == job]
+    assert len(entries) == 1 and entries[0]["error"].endswith("RuntimeError: the device fell over")
+    lines = list(client.results(job, timeout=5))
+    assert [line["error"] for line in lines] == [entries[0]["error"]] * 3
+    assert client.status(job).state == "failed"

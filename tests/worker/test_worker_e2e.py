@@ -89,6 +89,14 @@ def test_cli_submit_wait_then_status_results_cancel(
     assert cancel.returncode == 0 and json.loads(cancel.stdout)["state"] == "done"  # too late to cancel
     missing = run(["job", "status", "no-such-job"], env)
     assert missing.returncode == 2 and "not found" in missing.stderr
+    nowhere = tmp_path / "no-such-dir" / "out.jsonl"
+    unwritable = run(["job", "results", "cli-job", "--out", str(nowhere)], env)
+    assert unwritable.returncode == 2 and f"out: cannot write {nowhere}: " in unwritable.stderr
+    r = module_redis.client()
+    before = r.llen(QUEUE)
+    refused = run(["submit", str(src), "--wait", "--out", str(nowhere), "--job-id", "never"], env)
+    assert refused.returncode == 2 and "no-such-dir is not a directory" in refused.stderr, refused.stderr
+    assert not r.exists(JobKeys("never").job) and r.llen(QUEUE) == before
 
 
 def test_cli_refuses_a_bad_line_before_queueing(
@@ -136,6 +144,34 @@ def test_interrupted_submit_resumes_with_the_same_job_id(
     assert finished.returncode == 0, finished.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert_job_output(lines, expected_lines(tiny_classifier, items, 10), tiny_classifier.thresholds)
+
+
+def test_a_submit_interrupted_while_queueing_names_the_job_it_made(
+    module_redis: RedisServer, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Without --job-id, the id is chosen before anything is sent: Ctrl-C in the middle says how to resume."""
+    env = worker_env(module_redis.url, tiny_model_dir, queue="interrupted", chunk_size=1)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(it) + "\n" for it in make_items(3000, prefix="i")))
+    r = module_redis.client()
+    known = set(r.scan_iter("safety:job:*"))
+    proc = subprocess.Popen([SAFETY, "submit", str(src)], env=env, stderr=subprocess.PIPE, text=True)
+
+    def queueing() -> bool:
+        return any(r.hget(k, "state") == "submitting" for k in set(r.scan_iter("safety:job:*")) - known)
+
+    poll(queueing, 60, "the job to be queueing its 3,000 chunks", interval=0.005)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 130
+    said = proc.stderr.read()
+    hint = re.search(r"interrupted; job (\w+) goes on\. Resume with: safety submit \S+ --job-id (\w+)", said)
+    assert hint is not None and hint[1] == hint[2]
+    assert r.hget(JobKeys(hint[1]).job, "state") == "submitting"
+    again = run(["submit", str(src), "--job-id", hint[1]], env)
+    assert again.returncode == 0 and f"resumed job {hint[1]}: 3000 items" in again.stderr, again.stderr
+    # each chunk queued once, but for one the interrupt may have caught between publish and mark (a harmless
+    # second delivery: the first result written per item wins)
+    assert 3000 <= r.llen("interrupted") <= 3001
 
 
 def test_results_expire_after_the_ttl(

@@ -130,6 +130,35 @@ def test_sigterm_hands_the_running_chunk_back_after_the_drain_grace(
     assert attempts(redis_server, job)[1] == 2
 
 
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_sigterm_lets_a_solo_or_threads_worker_finish_its_chunk_past_the_grace(
+    pool: str,
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+    tmp_path: Path,
+) -> None:
+    """These pools cannot cancel a running chunk: SIGTERM is a warm shutdown there. The chunk in hand
+    finishes, however long past the grace, on its first attempt; nothing further is taken; exit 0."""
+    client = job_client(redis_server.url, queue="q", chunk_size=30)
+    items, job = make_items(90, prefix=f"term-{pool}"), f"sigterm-{pool}"
+    settings = {"visibility_timeout_s": 3600, "drain_grace_s": 1}
+    worker = start_worker(redis_server.url, pool=pool, queue="q", **settings, **hang(job, 1, tmp_path))
+    client.submit(items, job_id=job)
+    marker = tmp_path / f"{job}.1.hang"
+    poll(marker.exists, 120, "the worker to be inside chunk 1")
+    worker.proc.send_signal(signal.SIGTERM)
+    poll(lambda: "warm shutdown" in worker.text().lower(), 30, "the warm shutdown to begin")
+    assert worker.proc.poll() is None  # still finishing chunk 1, past the 1 s grace
+    marker.unlink()  # chunk 1 goes on
+    assert worker.proc.wait(60) == 0, worker.text()
+    assert attempts(redis_server, job) == {0: 1, 1: 1}  # chunk 2 was left in the queue for another worker
+    assert client.status(job).done == 60 and not redis_server.client().hgetall(JobKeys(job).errors)
+    start_worker(redis_server.url, pool=pool, queue="q", **settings)
+    check_complete(client, job, items, 30, tiny_classifier)
+
+
 def test_chunks_that_always_fail_are_dead_lettered_and_the_job_still_finishes(
     redis_server: RedisServer,
     start_worker: Callable[..., Worker],
