@@ -133,7 +133,7 @@ class Attention:
             # stride instead of a (B, 1, S, S) mask
             ctx.global_mask = key_ok
         block = 2 * self.window
-        if S >= 2 * (block + 2 * self.window):
+        if block and S >= 2 * (block + 2 * self.window):  # (window 0, local_attention 1: the band below)
             # long bucket: a local layer costs S x 4w per head in query blocks instead of S x S
             ctx.block = block
             ctx.block_mask = blocked_band_mask(batch.lengths, self.window, block, device)

@@ -143,6 +143,13 @@ class ModernBertConfig:
 
         global_theta = raw.get("global_rope_theta", 160_000.0)
         local_theta = raw.get("local_rope_theta", 10_000.0)
+        legacy = raw.get("rope_scaling")  # the pre-5.x key, which transformers still applies to every layer
+        if legacy is not None:
+            if not isinstance(legacy, dict):
+                raise bad("rope_scaling", "must be an object or null")
+            kind = legacy.get("rope_type", legacy.get("type", "default"))
+            if kind != "default":
+                raise bad("rope_scaling.rope_type", f"only 'default' RoPE is supported, got {kind!r}")
         rope = raw.get("rope_parameters")
         if rope is not None:
             if not isinstance(rope, dict):

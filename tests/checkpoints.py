@@ -56,8 +56,13 @@ def make_checkpoint(
     thresholds: dict[str, float] | None = None,
     tokenizer: bool = True,
     extra: dict | None = None,
+    sharp: bool = False,
 ) -> Path:
-    """A random ModernBertForSequenceClassification saved with HF's `save_pretrained` (safetensors)."""
+    """A random ModernBertForSequenceClassification saved with HF's `save_pretrained` (safetensors).
+
+    `sharp`: attention logits and MLP outputs scaled up. At HF's initial scale (std 0.02) attention is
+    nearly uniform, so logits hardly depend on positions: a RoPE theta 4x off moves them by ~2e-5, under the
+    parity tolerance. Sharp weights make RoPE and the local window matter (tests/model/test_parity.py)."""
     from transformers import ModernBertConfig, ModernBertForSequenceClassification
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -94,6 +99,10 @@ def make_checkpoint(
                 p.add_(0.1 * torch.randn_like(p))
             if name.startswith(("head", "classifier")):
                 p.normal_(0, 0.3)
+            if sharp and name.endswith("attn.Wqkv.weight"):
+                p.mul_(15.0)
+            elif sharp and name.endswith(("attn.Wo.weight", "mlp.Wi.weight", "mlp.Wo.weight")):
+                p.mul_(5.0)
     model.save_pretrained(directory, safe_serialization=True)
     if tokenizer:
         write_tokenizer(directory, vocab_size=min(vocab_size, 512))

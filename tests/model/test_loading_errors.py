@@ -83,6 +83,9 @@ def test_missing_and_corrupt_files(tmp_path: Path, tiny_model_dir: Path) -> None
             {"rope_parameters": {"full_attention": {"rope_type": "yarn"}}},
             "rope_parameters.full_attention.rope_type",
         ),
+        # the pre-5.x key, which transformers still applies to every layer
+        ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope_scaling.rope_type"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
     ],
 )
 def test_bad_config_fields_are_named(tmp_path: Path, tiny_model_dir: Path, change: dict, field: str) -> None:
@@ -164,7 +167,7 @@ def test_invalid_thresholds(tiny_classifier) -> None:
 def test_bad_limits(tiny_model_dir: Path) -> None:
     with pytest.raises(ConfigError, match="max_tokens"):
         load_classifier(tiny_model_dir, device="cpu", max_tokens=4096)  # over max_position_embeddings 1024
-    with pytest.raises(ConfigError, match="window_overlap"):
+    with pytest.raises(ConfigError, match=r"'window_overlap': 100 must be .* = 97"):
         load_classifier(
             tiny_model_dir, device="cpu", max_tokens=300, max_context_tokens=200, window_overlap=100
         )

@@ -56,6 +56,7 @@ CASES = [
     dict(pooling="mean", num_labels=1, multi_label=True),
     dict(pooling="cls", num_labels=2, multi_label=False),
     dict(pooling="mean", num_labels=2, multi_label=False, layers=5, heads=2, local_attention=32),
+    dict(pooling="mean", num_labels=3, multi_label=True, local_attention=1),  # window 0: each token itself
 ]
 
 
@@ -63,7 +64,7 @@ CASES = [
 def test_forward_matches_hf(tmp_path: Path, case: dict) -> None:
     case = dict(case)
     labels = [f"l{i}" for i in range(case.pop("num_labels"))]
-    d = make_checkpoint(tmp_path, labels=labels, **case, seed=len(labels))
+    d = make_checkpoint(tmp_path, labels=labels, **case, seed=len(labels), sharp=True)
     clf = load_classifier(d, device="cpu")
     ref_model = hf_model(d)
     assert clf.labels == labels
@@ -75,6 +76,24 @@ def test_forward_matches_hf(tmp_path: Path, case: dict) -> None:
     assert (ours - ref).abs().max().item() <= TOL
     # Planned (length-bucketed) execution gives the same logits as the single pack.
     assert (clf.run_windows(seqs) - ref).abs().max().item() <= TOL
+
+
+def test_the_parity_checkpoints_would_see_a_rope_or_window_error(tmp_path: Path) -> None:
+    """A port with a RoPE theta or a local window off must fail the parity tests above: on these sharp
+    checkpoints such an error moves the logits by far more than TOL."""
+    d = make_checkpoint(tmp_path, labels=["a", "b", "c"], sharp=True)
+    seqs = random_ids(LENGTHS, 512)
+    ref = load_classifier(d, device="cpu").forward(seqs)
+    raw = json.loads((d / "config.json").read_text())
+    rope = raw["rope_parameters"]
+    wrong = [
+        {"rope_parameters": {kind: {**p, "rope_theta": 4 * p["rope_theta"]} for kind, p in rope.items()}},
+        {"local_attention": raw["local_attention"] + 2},  # the window one token wider on each side
+    ]
+    for change in wrong:
+        (d / "config.json").write_text(json.dumps({**raw, **change}))
+        moved = (load_classifier(d, device="cpu").forward(seqs) - ref).abs().max().item()
+        assert moved > 100 * TOL, (change, moved)
 
 
 def test_text_and_pair_parity_with_hf_tokenizer(tiny_model_dir: Path, tiny_classifier) -> None:
@@ -115,7 +134,9 @@ def test_token_ids_equal_hf_fast_tokenizer(tiny_model_dir: Path, tiny_classifier
 
 def test_v4_config_form(tmp_path: Path) -> None:
     """transformers 4.4x configs: global_attn_every_n_layers + global/local_rope_theta, no layer_types."""
-    d = make_checkpoint(tmp_path, layers=6, extra=dict(global_rope_theta=80000.0, local_rope_theta=5000.0))
+    d = make_checkpoint(
+        tmp_path, layers=6, extra=dict(global_rope_theta=80000.0, local_rope_theta=5000.0), sharp=True
+    )
     raw = json.loads((d / "config.json").read_text())
     raw.pop("layer_types"), raw.pop("rope_parameters")
     raw.update(global_attn_every_n_layers=3, global_rope_theta=80000.0, local_rope_theta=5000.0)
