@@ -19,7 +19,7 @@ $(PY):
 
 # torch first, pinned, so no dependency can pull a CUDA build; then the project in editable mode.
 $(STAMP): $(PY) pyproject.toml
-	$(PIP) install --quiet "$(TORCH)"
+	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)
 
