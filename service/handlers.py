@@ -1,7 +1,8 @@
 """Rebuilding a gRPC method handler around a new behaviour: the one piece the server's interceptors share.
 
 Owns: `kind(handler)` (which of the four call shapes a handler has) and `with_behavior(handler, behavior)`, a
-handler of the same kind with the same (de)serializers and `behavior` in place of the original's. Must not
+handler of the same kind with the same (de)serializers (or another request deserializer) and `behavior` in
+place of the original's. Must not
 know: what the interceptors do (errors, metrics, auth).
 """
 
@@ -25,10 +26,15 @@ def kind(handler: grpc.RpcMethodHandler) -> str:
     return next(name for name in FACTORIES if getattr(handler, name) is not None)
 
 
-def with_behavior(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    """A handler of `handler`'s kind and (de)serializers that runs `behavior`."""
+def with_behavior(
+    handler: grpc.RpcMethodHandler,
+    behavior: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind and (de)serializers that runs `behavior` (and parses requests with
+    `request_deserializer`, when given)."""
     return FACTORIES[kind(handler)](
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from model import Classifier, Item
 from model.errors import SafetyError, UnauthenticatedError
 from service import logs
+from service.decoding import DecodeInterceptor
 from service.errors import ErrorInterceptor, abort_for
 from service.handlers import with_behavior
 from service.jobs import JobClientFactory
@@ -254,6 +255,7 @@ async def create_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics), ErrorInterceptor()]
     if settings.api_key:
         interceptors.append(ApiKeyInterceptor(settings.api_key))
+    interceptors.append(DecodeInterceptor())  # innermost: the others keep its request deserializer
     server = grpc.aio.server(interceptors=interceptors, options=_server_options(settings))
     pb2_grpc.add_SafetyClassifierServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

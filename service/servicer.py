@@ -22,6 +22,7 @@ import grpc
 from model import Classifier, Item
 from model.errors import InvalidInputError, UnavailableError
 from model.items import check_length
+from service.decoding import check_decoded
 from service.errors import describe
 from service.jobs import JobClientFactory, JobService, default_job_client
 from service.scheduler import Outcome, Scheduler
@@ -261,6 +262,7 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         context: grpc.aio.ServicerContext,
         start: float,
     ) -> Any:
+        request = check_decoded(request)  # a ClassifyStream request that did not parse: its own error
         items = clf.coerce_items(
             items_from_proto(request, self.settings.max_items, self.settings.max_text_chars)
         )

@@ -165,3 +165,28 @@ def test_a_cancellation_at_the_deadline_counts_as_the_deadline_the_client_saw() 
     assert not deadline_passed(None, 1e9)
     assert deadline_passed(10.0, 10.0) and deadline_passed(10.0, 10.0 - DEADLINE_SLACK_S / 2)
     assert not deadline_passed(10.0, 10.0 - 2 * DEADLINE_SLACK_S)
+
+
+def test_a_request_that_does_not_parse_is_invalid_argument_and_counted(start_server: Any) -> None:
+    """proto3 strings must be UTF-8; grpc alone would answer UNKNOWN before any handler or metric saw it."""
+    app = start_server()
+    text = b"\xff\xfeinvalid utf-8"
+    item = b"\x12" + bytes([len(text)]) + text  # Item.text = 2
+    raw = b"\x0a" + bytes([len(item)]) + item  # ClassifyRequest.items = 1
+    good = pb2.ClassifyRequest(items=[pb2.Item(text="fine")]).SerializeToString()
+    identity = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary("/safety.v1.SafetyClassifier/Classify", **identity)(raw, timeout=10)
+        assert err.value.code() == INVALID
+        assert err.value.details().startswith("request: not a valid Classify request message (")
+        stream = channel.stream_stream("/safety.v1.SafetyClassifier/ClassifyStream", **identity)
+        replies = stream(iter([good, raw, good]), timeout=10)
+        answers = [pb2.ClassifyStreamResponse.FromString(m) for m in replies]
+    assert [a.WhichOneof("outcome") for a in answers] == ["response", "error", "response"]
+    error = answers[1].error
+    assert error.status == "INVALID_ARGUMENT" and "ClassifyStream request" in error.message
+    counted = app.metrics.registry.get_sample_value(
+        "safety_requests_total", {"method": "Classify", "code": "INVALID_ARGUMENT"}
+    )
+    assert counted == 1
