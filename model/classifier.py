@@ -434,6 +434,9 @@ class Classifier:
 
 
 def read_thresholds(directory: Path, labels: list[str]) -> dict[str, float]:
+    """thresholds.json: label -> a probability in [0, 1] that flags, or null: the label is scored but never
+    flags (threshold infinity), for the benign class of a softmax classifier such as {0: safe, 1: unsafe},
+    whose probabilities sum to 1 so one of them always reaches 0.5. Labels it leaves out take 0.5."""
     th = dict.fromkeys(labels, 0.5)
     path = directory / "thresholds.json"
     if not path.exists():
@@ -447,8 +450,12 @@ def read_thresholds(directory: Path, labels: list[str]) -> dict[str, float]:
     for label, value in raw.items():
         if label not in th:
             raise ConfigError(f"unknown label; labels are {labels}", field=label, file=str(path))
+        if value is None:
+            th[label] = math.inf
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-            raise ConfigError(f"must be a number in [0, 1], got {value!r}", field=label, file=str(path))
+            why = f"must be a number in [0, 1] or null (never flags), got {value!r}"
+            raise ConfigError(why, field=label, file=str(path))
         th[label] = float(value)
     return th
 

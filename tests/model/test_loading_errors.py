@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from model import Item, load_classifier
 from model.config import ModernBertConfig
 from model.errors import CheckpointError, ConfigError, InvalidInputError, ModelNotFoundError
 from model.loading import load_model
+from tests.checkpoints import make_checkpoint
 
 
 def copy_dir(src: Path, dst: Path) -> Path:
@@ -123,6 +125,24 @@ def test_thresholds_file(tmp_path: Path, tiny_model_dir: Path) -> None:
     (d / "thresholds.json").write_text(json.dumps({"hate": 1.5}))
     with pytest.raises(ConfigError, match="hate"):
         load_classifier(d, device="cpu")
+
+
+def test_a_null_threshold_scores_a_label_that_never_flags(tmp_path: Path) -> None:
+    """A binary softmax classifier {safe, unsafe}: one of two probabilities always reaches 0.5, so without a
+    null threshold on `safe` every item would be flagged."""
+    d = make_checkpoint(tmp_path / "binary", labels=["safe", "unsafe"], multi_label=False)
+    texts = [f"text number {i}" for i in range(12)]
+    flagged = {r.id: r.flagged_labels for r in load_classifier(d, device="cpu").classify(
+        [{"id": t, "text": t} for t in texts])}  # fmt: skip
+    assert all(flagged.values())  # the footgun: every item flags one label or the other
+    (d / "thresholds.json").write_text(json.dumps({"safe": None, "unsafe": 0.5}))
+    clf = load_classifier(d, device="cpu")
+    assert clf.thresholds == {"safe": math.inf, "unsafe": 0.5}
+    for r in clf.classify([{"id": t, "text": t} for t in texts]):
+        assert r.flagged_labels == [lab for lab in flagged[r.id] if lab == "unsafe"]
+        assert r.flagged == (r.scores["unsafe"] >= 0.5) and "safe" in r.scores
+    # a call may still set a number for it
+    assert clf.classify([{"text": "x"}], thresholds={"safe": 0.0})[0].flagged_labels[0] == "safe"
 
 
 def test_no_default_model_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
