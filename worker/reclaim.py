@@ -4,12 +4,12 @@ Owns: the sweep. kombu's Redis transport takes a message off the queue with BRPO
 records it as unacknowledged; a worker killed between the two (kill -9, the OOM killer) loses the message
 for good: no visibility timeout brings it back (celery/kombu#305), and its job would stay `running` forever.
 Every `safety worker` runs a `Sweeper` thread in its main process. Each round, under a Redis lock (one
-sweeper at a time across workers), it looks at the active jobs (`safety:jobs:active`); a job that has made
+sweeper at a time across workers), it looks at the open jobs (`safety:jobs:open`); a job that has made
 no progress for `stall_s` and still has enqueued chunks without all their results gets its broker checked:
 a chunk whose message is neither in the queue's lists nor in the unacknowledged hash is re-sent. The chunk
 task is idempotent (the first result written per item wins), so the rare false positive — a message caught
 in that same BRPOP gap of a live worker — costs one redundant delivery, never a duplicate result.
-Finished or expired jobs leave the active set. Must not know: torch, the model.
+Finished or expired jobs leave that list. Must not know: torch, the model.
 """
 
 from __future__ import annotations

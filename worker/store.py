@@ -15,9 +15,10 @@ Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
   safety:job:{id}:errors    hash   chunk -> the last error a delivery raised
   safety:job:{id}:enqueued  set    chunks already sent to the queue (a resumed submit skips them)
   safety:dead_letter        list   JSON {job_id, chunk, attempts, error, at}, newest first, capped
-  safety:jobs:active        set    ids of submitted jobs not yet seen finished (the lost-chunk sweeper's
-                                   list, `worker.reclaim`); a job leaves it once the sweeper sees it finished
-                                   or expired
+  safety:jobs:open          list   ids of submitted jobs not yet seen finished, each once (the lost-chunk
+                                   sweeper's list, `worker.reclaim`; a list so that KEDA, which reads list
+                                   lengths, keeps a worker while it is not empty); a job leaves it once the
+                                   sweeper sees it finished or expired
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ STATES = ("submitting", "queued", "running", "done", "failed", "cancelled")
 FINISHED = frozenset({"done", "failed", "cancelled"})
 DEAD_LETTER = "safety:dead_letter"
 DEAD_LETTER_MAX = 10_000
-ACTIVE_JOBS = "safety:jobs:active"
+ACTIVE_JOBS = "safety:jobs:open"
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # The keys of `model.Result.to_dict()` (a test keeps them in step); a result line adds `index` and `error`.
 RESULT_FIELDS = ("id", "scores", "logits", "flagged", "flagged_labels", "tokens", "windows", "spans")
@@ -211,6 +212,12 @@ return 1
 """
 
 
+# KEYS = [ACTIVE_JOBS]; ARGV = [job id]. Appends the id unless it is there (a resumed submit).
+_OPEN = """
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then redis.call('RPUSH', KEYS[1], ARGV[1]) end
+"""
+
+
 # KEYS = JobKeys.all(). -> the enqueued chunks that still miss a result for at least one of their items.
 _INCOMPLETE = (
     _CHUNK_LUA
@@ -257,6 +264,7 @@ class JobStore:
         self._seal = client.register_script(_SEAL)
         self._note = client.register_script(_NOTE)
         self._incomplete = client.register_script(_INCOMPLETE)
+        self._open = client.register_script(_OPEN)
 
     @classmethod
     def for_worker(cls, url: str) -> JobStore:
@@ -296,13 +304,13 @@ class JobStore:
         pipe.execute()
 
     def mark_active(self, job_id: str) -> None:
-        self.client.sadd(ACTIVE_JOBS, job_id)
+        self._open(keys=[ACTIVE_JOBS], args=[job_id])
 
     def active(self) -> list[str]:
-        return sorted(self.client.smembers(ACTIVE_JOBS))
+        return sorted(self.client.lrange(ACTIVE_JOBS, 0, -1))
 
     def forget_active(self, job_id: str) -> None:
-        self.client.srem(ACTIVE_JOBS, job_id)
+        self.client.lrem(ACTIVE_JOBS, 0, job_id)
 
     def incomplete_chunks(self, job_id: str) -> list[int]:
         """Enqueued chunks with at least one item still without a result (ascending)."""

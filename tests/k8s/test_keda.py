@@ -17,6 +17,7 @@ import pytest
 from kubernetes_validate.utils import validate as k8s_validate
 
 from tests.k8s.render import Rendered
+from worker.store import ACTIVE_JOBS
 
 SCHEMA = json.loads((Path(__file__).parent / "keda-scaledobject.schema.json").read_text())
 # Keys the KEDA redis (list) scaler reads; a literal `password` would put a secret in the manifest.
@@ -85,18 +86,27 @@ def test_targets_the_worker_deployment(keda: Rendered, scaled: dict[str, Any]) -
     assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
 
 
-def test_redis_trigger_reads_the_worker_queue(keda: Rendered, scaled: dict[str, Any]) -> None:
+def test_redis_triggers_read_the_worker_queue_and_the_open_jobs(
+    keda: Rendered, scaled: dict[str, Any]
+) -> None:
+    """The queue sizes the workers; the open-jobs list keeps one while any job is unfinished, so a chunk lost
+    with its worker (in the broker's unacked hash, not the queue) is still restored or re-sent."""
     config = keda.config()
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis"
-    meta = trigger["metadata"]
-    assert set(meta) <= REDIS_SCALER_KEYS, f"unknown redis scaler keys: {set(meta) - REDIS_SCALER_KEYS}"
-    assert meta["listName"] == config["SAFETY_QUEUE"], "KEDA must watch the queue the workers consume"
-    assert int(meta["listLength"]) >= 1 and int(meta.get("activationListLength", "0")) >= 0
+    queue, open_jobs = scaled["spec"]["triggers"]
+    assert queue["metadata"]["listName"] == config["SAFETY_QUEUE"], (
+        "KEDA must watch the queue the workers consume"
+    )
+    assert open_jobs["metadata"]["listName"] == ACTIVE_JOBS
+    assert int(open_jobs["metadata"]["listLength"]) >= 100_000  # one replica from this trigger, never more
     url = urlsplit(config["SAFETY_REDIS_URL"])
-    host, _, port = meta["address"].rpartition(":")
     namespace = scaled["metadata"]["namespace"]
-    # The settings use the in-namespace short name; KEDA runs in its own namespace and needs the FQDN.
-    assert host in (f"{url.hostname}.{namespace}.svc.cluster.local", f"{url.hostname}.{namespace}.svc")
-    assert int(port) == (url.port or 6379)
-    assert meta.get("databaseIndex", "0") == (url.path.strip("/") or "0")
+    for trigger in (queue, open_jobs):
+        assert trigger["type"] == "redis"
+        meta = trigger["metadata"]
+        assert set(meta) <= REDIS_SCALER_KEYS, f"unknown redis scaler keys: {set(meta) - REDIS_SCALER_KEYS}"
+        assert int(meta["listLength"]) >= 1 and int(meta.get("activationListLength", "0")) == 0
+        host, _, port = meta["address"].rpartition(":")
+        # The settings use the in-namespace short name; KEDA runs in its own namespace and needs the FQDN.
+        assert host in (f"{url.hostname}.{namespace}.svc.cluster.local", f"{url.hostname}.{namespace}.svc")
+        assert int(port) == (url.port or 6379)
+        assert meta.get("databaseIndex", "0") == (url.path.strip("/") or "0")

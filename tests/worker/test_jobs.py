@@ -14,7 +14,7 @@ from model.errors import DeadlineExceededError, InvalidInputError, NotFoundError
 from tests.worker.harness import RedisServer, free_port, make_items
 from worker.app import TASK_NAME
 from worker.jobs import JobClient
-from worker.store import DEAD_LETTER, JobKeys, failed_line, result_line
+from worker.store import ACTIVE_JOBS, DEAD_LETTER, JobKeys, failed_line, result_line
 
 Client = Callable[..., JobClient]
 
@@ -85,6 +85,7 @@ def test_resubmitting_resumes_and_never_queues_a_chunk_twice(
     resumed = client.submit(items, job_id="j2")
     assert resumed.resumed and resumed.sent == 1
     assert sorted(m["headers"]["id"] for m in queued_messages(redis_server, "q")) == ["j2.0", "j2.1", "j2.2"]
+    assert r.lrange(ACTIVE_JOBS, 0, -1).count("j2") == 1  # open once, however often it was submitted
     with pytest.raises(InvalidInputError, match="already exists with different items") as e:
         client.submit(make_items(25, prefix="other"), job_id="j2")
     assert e.value.field == "job_id"
