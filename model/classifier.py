@@ -180,13 +180,12 @@ class Classifier:
         """Items or mappings -> validated Items (`model.items`: the same rules as every front end)."""
         out = []
         for i, raw in enumerate(items):
-            if isinstance(raw, Item):
-                check_item(Fields(raw.text, raw.role, raw.context, raw.id), i)
-                out.append(raw)
+            if isinstance(raw, Item):  # read like a mapping's fields: an empty role or context is unset
+                f = Fields(raw.text, raw.role or "prompt", raw.context or None, raw.id)
             else:
                 f = fields_of(raw, i)
-                check_item(f, i)
-                out.append(Item(text=f.text, role=f.role, context=f.context, id=f.id))
+            check_item(f, i)
+            out.append(Item(text=f.text, role=f.role, context=f.context, id=f.id))
         return out
 
     def resolve_thresholds(self, overrides: Mapping[str, float] | None = None) -> dict[str, float]:

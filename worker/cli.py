@@ -14,11 +14,12 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -197,6 +198,16 @@ def run_submit(args: argparse.Namespace) -> int:
 
     client = None
     job_id = args.job_id or uuid.uuid4().hex  # known before anything is sent, so an interrupt can name it
+    sent = False  # from the first write to Redis on, an interrupt leaves a job behind
+    interrupted = False
+
+    def interrupt(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
         with _errors("submit"):
             try:
@@ -207,6 +218,7 @@ def run_submit(args: argparse.Namespace) -> int:
                 _check_out(args.out)  # before the job runs, not after it finished
             client = JobClient.from_env()
             try:
+                sent = True
                 submitted = client.submit(items, job_id=job_id)
             except InvalidInputError as e:
                 if e.index is not None and e.index < len(lines):
@@ -229,16 +241,22 @@ def run_submit(args: argparse.Namespace) -> int:
             summary = f"{status.done} done, {status.failed} failed; {written} lines to {where}"
             print(f"job {job_id} {status.state}: {summary}", file=sys.stderr)
             return EXIT_OK if status.state == "done" and status.failed == 0 else EXIT_FAILED
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        if job_id:
-            again = f"safety submit {args.input} --job-id {job_id}" + (" --wait" if args.wait else "")
-            again += f" --out {args.out}" if args.out else ""
-            print(f"\ninterrupted; job {job_id} goes on. Resume with: {again}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        if not interrupted:
+            return EXIT_ERROR
+    except BaseException:
+        # Ctrl-C, or an error it caused while unwinding (a Redis connection cut mid-command): an interrupt
+        if not interrupted:
+            raise
     finally:
+        signal.signal(signal.SIGINT, previous)
         if client is not None:
-            client.close()
+            with suppress(Exception):  # a connection the interrupt left mid-command
+                client.close()
+    if sent:
+        again = f"safety submit {args.input} --job-id {job_id}" + (" --wait" if args.wait else "")
+        again += f" --out {args.out}" if args.out else ""
+        print(f"\ninterrupted; job {job_id} goes on. Resume with: {again}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _wait_with_progress(client: Any, job_id: str, timeout: float | None, progress: bool) -> Any:

@@ -175,6 +175,16 @@ def test_invalid_items_name_index_and_field(tiny_classifier, item, field: str) -
     assert f"items[1].{field}" in str(e.value)
 
 
+def test_items_and_mappings_read_an_empty_role_or_context_alike(tiny_classifier) -> None:
+    as_items = tiny_classifier.classify(
+        [Item("hi", role="", context=""), Item("yo", role="response", context="")]
+    )
+    as_dicts = tiny_classifier.classify(
+        [{"text": "hi", "role": "", "context": ""}, {"text": "yo", "role": "response", "context": ""}]
+    )
+    assert [r.scores for r in as_items] == [r.scores for r in as_dicts]
+
+
 def test_invalid_thresholds(tiny_classifier) -> None:
     with pytest.raises(InvalidInputError, match=r"thresholds\.nope"):
         tiny_classifier.classify([{"text": "x"}], thresholds={"nope": 0.2})

@@ -154,16 +154,16 @@ def test_a_submit_interrupted_while_queueing_names_the_job_it_made(
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(it) + "\n" for it in make_items(3000, prefix="i")))
     r = module_redis.client()
-    known = set(r.scan_iter("safety:job:*"))
+    known = set(r.scan_iter("safety:job:{*}"))  # job records only (the other keys of a job have suffixes)
     proc = subprocess.Popen([SAFETY, "submit", str(src)], env=env, stderr=subprocess.PIPE, text=True)
 
     def queueing() -> bool:
-        return any(r.hget(k, "state") == "submitting" for k in set(r.scan_iter("safety:job:*")) - known)
+        return any(r.hget(k, "state") == "submitting" for k in set(r.scan_iter("safety:job:{*}")) - known)
 
     poll(queueing, 60, "the job to be queueing its 3,000 chunks", interval=0.005)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(30) == 130
-    said = proc.stderr.read()
+    code, said = proc.wait(30), proc.stderr.read()
+    assert code == 130, said
     hint = re.search(r"interrupted; job (\w+) goes on\. Resume with: safety submit \S+ --job-id (\w+)", said)
     assert hint is not None and hint[1] == hint[2]
     assert r.hget(JobKeys(hint[1]).job, "state") == "submitting"
