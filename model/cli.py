@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from model.cliargs import add_threshold_option
@@ -78,12 +79,18 @@ def register_classify(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=classify_command)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `safety` parser. Given the command line, only the named command's entry point is loaded: the
+    others may import torch (train, eval), which would cost `safety job status` seconds."""
     parser = argparse.ArgumentParser(prog="safety", description="Content-safety classification (ModernBERT).")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_classify(sub)
-    for ep in sorted(entry_points(group="safety.commands"), key=lambda e: e.name):
+    commands = sorted(entry_points(group="safety.commands"), key=lambda e: e.name)
+    named = _command(argv)
+    if any(ep.name == named for ep in commands):
+        commands = [ep for ep in commands if ep.name == named]
+    for ep in commands:
         if ep.name == "classify":
             continue
         try:
@@ -107,8 +114,18 @@ def _unavailable(sub: argparse._SubParsersAction, name: str, error: ImportError)
     p.set_defaults(func=fail)
 
 
+def _command(argv: Sequence[str] | None) -> str | None:
+    """The command word of a `safety` command line (after the global --log-level), if any."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    while words and words[0].startswith("-"):
+        option = words.pop(0)
+        if option == "--log-level" and words:
+            words.pop(0)
+    return words[0] if words else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -31,6 +31,13 @@ EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """`safety worker`, `safety submit` and `safety job` (each also its own entry point)."""
+    register_worker(subparsers)
+    register_submit(subparsers)
+    register_job(subparsers)
+
+
+def register_worker(subparsers: argparse._SubParsersAction) -> None:
     w = subparsers.add_parser(
         "worker",
         help="run a Celery worker that classifies batch-job chunks",
@@ -52,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--loglevel", help="default SAFETY_LOG_LEVEL")
     w.set_defaults(func=run_worker)
 
+
+def register_submit(subparsers: argparse._SubParsersAction) -> None:
     s = subparsers.add_parser(
         "submit",
         help="submit a JSONL file of items as a batch job",
@@ -68,6 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run_submit)
 
+
+def register_job(subparsers: argparse._SubParsersAction) -> None:
     j = subparsers.add_parser("job", help="status, results or cancellation of a batch job")
     commands = j.add_subparsers(dest="job_command", required=True, metavar="{status,results,cancel}")
     status = commands.add_parser("status", help="state and counts of a job (JSON)")

@@ -90,12 +90,27 @@ def test_pool_is_solo_on_cuda_and_prefork_on_cpu() -> None:
 
 def test_the_safety_command_discovers_the_batch_subcommands() -> None:
     eps = {ep.name: ep.value for ep in entry_points(group="safety.commands")}
-    assert eps.get("worker") == "worker.cli:register"
+    assert {name: eps.get(name) for name in ("worker", "submit", "job")} == {
+        "worker": "worker.cli:register_worker",
+        "submit": "worker.cli:register_submit",
+        "job": "worker.cli:register_job",
+    }
     out = subprocess.run(
         [sys.executable, "-m", "model.cli", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("worker", "submit", "job"):
+    for command in ("worker", "submit", "job", "train", "eval", "serve"):
         assert command in out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv", [["job", "status", "x"], ["--log-level", "INFO", "submit", "in.jsonl"], ["worker", "-c", "2"]]
+)
+def test_the_batch_commands_start_without_torch(argv: list[str]) -> None:
+    """Only the named command's entry point loads: `safety job status` must not pay for torch (~3 s)."""
+    code = f"import sys; from model.cli import build_parser; build_parser({argv!r}).parse_args({argv!r}); "
+    code += "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def _imports_torch(module: str) -> bool:
