@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from model.errors import InvalidInputError
-from service.handlers import with_behavior
+from service.handlers import Memo, with_behavior
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, prefix: str = "/safety.") -> None:
         self.prefix = prefix
+        self._memo = Memo()
 
     async def intercept_service(
         self,
@@ -67,17 +68,21 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        if not handler_call_details.method.startswith(self.prefix):
+        full = handler_call_details.method
+        if not full.startswith(self.prefix):
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        behavior: Callable[..., Any]
-        if handler.unary_unary is not None:
-            behavior = _checked_unary(handler.unary_unary)
-        elif handler.unary_stream is not None:
-            behavior = _checked_stream(handler.unary_stream)
-        else:  # a stream of requests checks each one as it reads it (servicer.ClassifyStream)
-            behavior = handler.stream_stream or handler.stream_unary
-        return with_behavior(handler, behavior, tolerant(handler.request_deserializer, method))
+        return self._memo.get(full, handler, lambda: _tolerant_handler(handler, full.rsplit("/", 1)[-1]))
+
+
+def _tolerant_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    behavior: Callable[..., Any]
+    if handler.unary_unary is not None:
+        behavior = _checked_unary(handler.unary_unary)
+    elif handler.unary_stream is not None:
+        behavior = _checked_stream(handler.unary_stream)
+    else:  # a stream of requests checks each one as it reads it (servicer.ClassifyStream)
+        behavior = handler.stream_stream or handler.stream_unary
+    return with_behavior(handler, behavior, tolerant(handler.request_deserializer, method))
 
 
 def _checked_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

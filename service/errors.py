@@ -29,7 +29,7 @@ from model.errors import (
     UnavailableError,
     UnsupportedError,
 )
-from service.handlers import with_behavior
+from service.handlers import Memo, with_behavior
 
 log = logging.getLogger("safety.service")
 
@@ -82,6 +82,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, prefix: str = "/safety.") -> None:
         self.prefix = prefix
+        self._memo = Memo()
 
     async def intercept_service(
         self,
@@ -91,12 +92,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self.prefix):
             return handler
-        if handler.unary_unary is not None:
-            return with_behavior(handler, _wrap_unary(handler.unary_unary))
-        stream = handler.unary_stream or handler.stream_stream
-        if stream is not None:
-            return with_behavior(handler, _wrap_stream(stream))
-        return handler
+        return self._memo.get(handler_call_details.method, handler, lambda: _wrapped(handler))
+
+
+def _wrapped(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    if handler.unary_unary is not None:
+        return with_behavior(handler, _wrap_unary(handler.unary_unary))
+    stream = handler.unary_stream or handler.stream_stream
+    if stream is not None:
+        return with_behavior(handler, _wrap_stream(stream))
+    return handler
 
 
 def _passthrough(exc: BaseException) -> bool:

@@ -32,7 +32,7 @@ from model.errors import SafetyError, UnauthenticatedError
 from service import logs
 from service.decoding import DecodeInterceptor
 from service.errors import ErrorInterceptor, abort_for
-from service.handlers import with_behavior
+from service.handlers import Memo, with_behavior
 from service.jobs import JobClientFactory
 from service.metrics import Metrics, MetricsInterceptor
 from service.scheduler import Scheduler
@@ -55,6 +55,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, api_key: str) -> None:
         self._expected = api_key.encode()
+        self._memo = Memo()  # one refusal handler per method
 
     def _authorized(self, metadata: Any) -> bool:
         for key, value in metadata or ():
@@ -77,12 +78,12 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             or self._authorized(handler_call_details.invocation_metadata)
         ):
             return handler
-        error = UnauthenticatedError("missing or wrong API key; send metadata `authorization: Bearer <key>`")
+        return self._memo.get(handler_call_details.method, handler, lambda: with_behavior(handler, _deny))
 
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await abort_for(error, context)
 
-        return with_behavior(handler, deny)
+async def _deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    error = UnauthenticatedError("missing or wrong API key; send metadata `authorization: Bearer <key>`")
+    await abort_for(error, context)
 
 
 def _server_options(settings: ServeSettings) -> list[tuple[str, Any]]:

@@ -1,32 +1,39 @@
-"""A rebuilt handler keeps its kind and (de)serializers and runs the new behaviour."""
+"""service.handlers.Memo: an interceptor's wrapper is built once per method, and never kept without bound."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
-import pytest
 
-from service.handlers import FACTORIES, kind, with_behavior
-
-
-def _ser(x: bytes) -> bytes:
-    return x
+from service.handlers import MEMO_SIZE, Memo, with_behavior
 
 
-def _de(x: bytes) -> bytes:
-    return x
+async def behavior(request: Any, context: Any) -> Any:
+    return request
 
 
-@pytest.mark.parametrize("name", list(FACTORIES))
-def test_with_behavior_keeps_kind_and_serializers(name: str) -> None:
-    def old(*args: object) -> None:
-        return None
+def handler() -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(behavior)
 
-    def new(*args: object) -> None:
-        return None
 
-    handler = FACTORIES[name](old, request_deserializer=_de, response_serializer=_ser)
-    assert kind(handler) == name
-    rebuilt = with_behavior(handler, new)
-    assert kind(rebuilt) == name and getattr(rebuilt, name) is new
-    assert rebuilt.request_deserializer is _de and rebuilt.response_serializer is _ser
-    assert isinstance(rebuilt, grpc.RpcMethodHandler)
+def test_the_same_handler_is_wrapped_once_per_method() -> None:
+    memo, built = Memo(), []
+
+    def build(h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        built.append(h)
+        return with_behavior(h, behavior)
+
+    h = handler()
+    first = memo.get("/s/A", h, lambda: build(h))
+    assert all(memo.get("/s/A", h, lambda: build(h)) is first for _ in range(10))
+    assert memo.get("/s/B", h, lambda: build(h)) is not first  # another method, its own wrapper
+    assert len(built) == 2
+
+
+def test_a_handler_new_on_every_call_is_wrapped_every_time_and_the_memo_stays_bounded() -> None:
+    memo = Memo()
+    kept = [handler() for _ in range(MEMO_SIZE + 50)]  # alive, so no id is reused
+    wrapped = [memo.get("/s/A", h, lambda h=h: with_behavior(h, behavior)) for h in kept]
+    assert len({id(w) for w in wrapped}) == len(kept)
+    assert len(memo._built) == MEMO_SIZE
