@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from model.errors import InvalidInputError
-from service.handlers import Memo, with_behavior
+from service.handlers import WrappingInterceptor, with_behavior
 
 
 @dataclass(frozen=True)
@@ -53,36 +53,25 @@ def tolerant(deserialize: Callable[[bytes], Any], method: str) -> Callable[[byte
     return parse
 
 
-class DecodeInterceptor(grpc.aio.ServerInterceptor):
+class DecodeInterceptor(WrappingInterceptor):
     """Our services' (`prefix`) handlers with a tolerant request deserializer; unary requests checked."""
 
     def __init__(self, prefix: str = "/safety.") -> None:
+        super().__init__()
         self.prefix = prefix
-        self._memo = Memo()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        full = handler_call_details.method
-        if not full.startswith(self.prefix):
-            return handler
-        return self._memo.get(full, handler, lambda: _tolerant_handler(handler, full.rsplit("/", 1)[-1]))
+    def applies(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> bool:
+        return handler.request_deserializer is not None and details.method.startswith(self.prefix)
 
-
-def _tolerant_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    behavior: Callable[..., Any]
-    if handler.unary_unary is not None:
-        behavior = _checked_unary(handler.unary_unary)
-    elif handler.unary_stream is not None:
-        behavior = _checked_stream(handler.unary_stream)
-    else:  # a stream of requests checks each one as it reads it (servicer.ClassifyStream)
-        behavior = handler.stream_stream or handler.stream_unary
-    return with_behavior(handler, behavior, tolerant(handler.request_deserializer, method))
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        behavior: Callable[..., Any]
+        if handler.unary_unary is not None:
+            behavior = _checked_unary(handler.unary_unary)
+        elif handler.unary_stream is not None:
+            behavior = _checked_stream(handler.unary_stream)
+        else:  # a stream of requests checks each one as it reads it (servicer.ClassifyStream)
+            behavior = handler.stream_stream or handler.stream_unary
+        return with_behavior(handler, behavior, tolerant(handler.request_deserializer, method))
 
 
 def _checked_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

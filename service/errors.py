@@ -29,7 +29,7 @@ from model.errors import (
     UnavailableError,
     UnsupportedError,
 )
-from service.handlers import Memo, with_behavior
+from service.handlers import WrappingInterceptor, with_behavior
 
 log = logging.getLogger("safety.service")
 
@@ -76,32 +76,24 @@ async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> No
     await context.abort(*describe(exc))
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(WrappingInterceptor):
     """Wraps the unary-unary, unary-stream and stream-stream handlers of our own services (`prefix`) in
     `abort_for`; the health and reflection services keep their own behaviour."""
 
     def __init__(self, prefix: str = "/safety.") -> None:
+        super().__init__()
         self.prefix = prefix
-        self._memo = Memo()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self.prefix):
-            return handler
-        return self._memo.get(handler_call_details.method, handler, lambda: _wrapped(handler))
+    def applies(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> bool:
+        return details.method.startswith(self.prefix)
 
-
-def _wrapped(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    if handler.unary_unary is not None:
-        return with_behavior(handler, _wrap_unary(handler.unary_unary))
-    stream = handler.unary_stream or handler.stream_stream
-    if stream is not None:
-        return with_behavior(handler, _wrap_stream(stream))
-    return handler
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is not None:
+            return with_behavior(handler, _wrap_unary(handler.unary_unary))
+        stream = handler.unary_stream or handler.stream_stream
+        if stream is not None:
+            return with_behavior(handler, _wrap_stream(stream))
+        return handler
 
 
 def _passthrough(exc: BaseException) -> bool:

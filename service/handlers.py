@@ -2,13 +2,14 @@
 
 Owns: `kind(handler)` (which of the four call shapes a handler has) and `with_behavior(handler, behavior)`, a
 handler of the same kind with the same (de)serializers (or another request deserializer) and `behavior` in
-place of the original's; and `Memo`, which builds an interceptor's wrapper once per method instead of once
-per call. Must not know: what the interceptors do (errors, metrics, auth).
+place of the original's; `Memo`, which builds an interceptor's wrapper once per method instead of once per
+call; and `WrappingInterceptor`, the base of every interceptor of ours. Must not know: what the interceptors
+do (errors, metrics, auth, decoding).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -63,3 +64,29 @@ class Memo:
         if len(self._built) < MEMO_SIZE:
             self._built[key] = (handler, wrapped)  # holding `handler` keeps its id from being reused
         return wrapped
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """The shape every interceptor of ours has: the handler of a call it `applies` to, wrapped by `wrap`
+    (once per method, through a Memo); any other call's handler as it is."""
+
+    def __init__(self) -> None:
+        self._memo = Memo()
+
+    def applies(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> bool:
+        return True
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """`handler` around a new behaviour; `method` is the bare method name ("Classify")."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not self.applies(handler, handler_call_details):
+            return handler
+        full = handler_call_details.method
+        return self._memo.get(full, handler, lambda: self.wrap(handler, full.rsplit("/", 1)[-1]))

@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from service.deadlines import deadline_passed
-from service.handlers import Memo, with_behavior
+from service.handlers import WrappingInterceptor, with_behavior
 from service.settings import split_address
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -151,27 +151,16 @@ class Metrics:
             self._http = None
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(WrappingInterceptor):
     """Outermost interceptor: counts each unary-unary, unary-stream and stream-stream call (Classify,
     SubmitJob, StreamJobResults, ClassifyStream, ...) by method and the status code it ended with, and
     observes its wall time; a stream is counted once, when it ends."""
 
     def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
         self.metrics = metrics
-        self._memo = Memo()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        full = handler_call_details.method
-        return self._memo.get(full, handler, lambda: self._wrap(handler, full.rsplit("/", 1)[-1]))
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 

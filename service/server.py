@@ -32,7 +32,7 @@ from model.errors import SafetyError, UnauthenticatedError
 from service import logs
 from service.decoding import DecodeInterceptor
 from service.errors import ErrorInterceptor, abort_for
-from service.handlers import Memo, with_behavior
+from service.handlers import WrappingInterceptor, with_behavior
 from service.jobs import JobClientFactory
 from service.metrics import Metrics, MetricsInterceptor
 from service.scheduler import Scheduler
@@ -49,13 +49,13 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 STOP_GRACE_S = 1.0  # after the drain: for calls that hold no work (health watches, reflection) to see the end
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+class ApiKeyInterceptor(WrappingInterceptor):
     """Every call except health checks (Kubernetes probes send no metadata) needs `authorization: Bearer
     <key>`; others are refused with UnauthenticatedError's status code."""
 
     def __init__(self, api_key: str) -> None:
+        super().__init__()
         self._expected = api_key.encode()
-        self._memo = Memo()  # one refusal handler per method
 
     def _authorized(self, metadata: Any) -> bool:
         for key, value in metadata or ():
@@ -66,19 +66,14 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
                 return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, self._expected)
         return False
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if (
-            handler is None
-            or handler_call_details.method.startswith(HEALTH_PREFIX)
-            or self._authorized(handler_call_details.invocation_metadata)
-        ):
-            return handler
-        return self._memo.get(handler_call_details.method, handler, lambda: with_behavior(handler, _deny))
+    def applies(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> bool:
+        """Refuse this call?"""
+        if details.method.startswith(HEALTH_PREFIX):  # Kubernetes probes send no metadata
+            return False
+        return not self._authorized(details.invocation_metadata)
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return with_behavior(handler, _deny)  # one refusal handler per method
 
 
 async def _deny(request: Any, context: grpc.aio.ServicerContext) -> Any:

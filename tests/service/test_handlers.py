@@ -1,12 +1,44 @@
-"""service.handlers.Memo: an interceptor's wrapper is built once per method, and never kept without bound."""
+"""A rebuilt handler keeps its kind and (de)serializers and runs the new behaviour; an interceptor's wrapper
+is built once per method (Memo), and never kept without bound."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import grpc
+import pytest
 
-from service.handlers import MEMO_SIZE, Memo, with_behavior
+from service.handlers import FACTORIES, MEMO_SIZE, Memo, kind, with_behavior
+
+
+def _ser(x: bytes) -> bytes:
+    return x
+
+
+def _de(x: bytes) -> bytes:
+    return x
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_with_behavior_keeps_kind_and_serializers(name: str) -> None:
+    def old(*args: object) -> None:
+        return None
+
+    def new(*args: object) -> None:
+        return None
+
+    handler = FACTORIES[name](old, request_deserializer=_de, response_serializer=_ser)
+    assert kind(handler) == name
+    rebuilt = with_behavior(handler, new)
+    assert kind(rebuilt) == name and getattr(rebuilt, name) is new
+    assert rebuilt.request_deserializer is _de and rebuilt.response_serializer is _ser
+    assert isinstance(rebuilt, grpc.RpcMethodHandler)
+
+
+def test_with_behavior_can_swap_the_request_deserializer() -> None:
+    handler = FACTORIES["unary_unary"](_ser, request_deserializer=_de, response_serializer=_ser)
+    rebuilt = with_behavior(handler, _ser, request_deserializer=_ser)
+    assert rebuilt.request_deserializer is _ser and rebuilt.response_serializer is _ser
 
 
 async def behavior(request: Any, context: Any) -> Any:
