@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -218,7 +219,8 @@ def run_submit(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, interrupt)
+    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
+    previous = signal.signal(signal.SIGINT, interrupt) if main_thread else None
     try:
         with _errors("submit"):
             try:
@@ -259,7 +261,8 @@ def run_submit(args: argparse.Namespace) -> int:
         if not interrupted:
             raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread and previous is not None:  # None: a handler not set from Python, left as it was
+            signal.signal(signal.SIGINT, previous)
         if client is not None:
             with suppress(Exception):  # a connection the interrupt left mid-command
                 client.close()
