@@ -200,8 +200,8 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         drained = False
 
         async def classify(request: Any, start: float) -> Any:
-            with self._in_flight():
-                return await self._classify(clf, scheduler, request, context, start)
+            with self._in_flight():  # a request that did not parse is its own StreamError (service.decoding)
+                return await self._classify(clf, scheduler, check_decoded(request), context, start)
 
         async def read() -> None:
             nonlocal drained
@@ -262,7 +262,6 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         context: grpc.aio.ServicerContext,
         start: float,
     ) -> Any:
-        request = check_decoded(request)  # a ClassifyStream request that did not parse: its own error
         items = clf.coerce_items(
             items_from_proto(request, self.settings.max_items, self.settings.max_text_chars)
         )
