@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from model import Classifier, Item
 from model.errors import SafetyError, UnauthenticatedError
 from service import logs
-from service.decoding import DecodeInterceptor
+from service.decoding import DecodeInterceptor, grpc_receive_limit
 from service.errors import ErrorInterceptor, abort_for
 from service.handlers import WrappingInterceptor, with_behavior
 from service.jobs import JobClientFactory
@@ -83,7 +83,8 @@ async def _deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
 
 def _server_options(settings: ServeSettings) -> list[tuple[str, Any]]:
     return [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # our own limit is checked where requests are parsed (service.decoding): INVALID_ARGUMENT, counted
+        ("grpc.max_receive_message_length", grpc_receive_limit(settings.max_message_bytes)),
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
         # Gateways keep long-lived channels with keepalive pings; accept pings every 10 s (default: 5 min,
@@ -251,7 +252,8 @@ async def create_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics), ErrorInterceptor()]
     if settings.api_key:
         interceptors.append(ApiKeyInterceptor(settings.api_key))
-    interceptors.append(DecodeInterceptor())  # innermost: the others keep its request deserializer
+    # innermost: the others keep its request deserializer
+    interceptors.append(DecodeInterceptor(max_bytes=settings.max_message_bytes))
     server = grpc.aio.server(interceptors=interceptors, options=_server_options(settings))
     pb2_grpc.add_SafetyClassifierServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -49,7 +49,10 @@ class ServeSettings(EngineSettings):
         "until its oldest response is sent (HTTP/2 flow control pushes back on the client)",
     )
     max_message_bytes: int = setting(
-        64 * 1024 * 1024, "SAFETY_MAX_MESSAGE_BYTES", int, "largest request message accepted, in bytes"
+        64 * 1024 * 1024,
+        "SAFETY_MAX_MESSAGE_BYTES",
+        int,
+        "largest request message accepted, in bytes (larger: INVALID_ARGUMENT)",
     )
     encode_threads: int = setting(
         min(4, os.cpu_count() or 1), "SAFETY_ENCODE_THREADS", int, "tokenizer threads (off the event loop)"

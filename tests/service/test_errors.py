@@ -11,7 +11,7 @@ import pytest
 
 from service.errors import STATUS_CODES, status_for
 from service.stubs import pb2
-from tests.service.helpers import request
+from tests.service.helpers import request, wait_until
 
 MAX_ITEMS, MAX_CHARS = 4, 1000
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -152,10 +152,46 @@ def test_one_table_maps_the_hierarchy() -> None:
             assert any(issubclass(cls, c) for c, _ in STATUS_CODES), cls
 
 
-def test_message_over_the_size_limit_is_refused_by_grpc(start_server: Any, stub_for: Any) -> None:
+def test_a_message_over_the_size_limit_is_invalid_argument_naming_the_limit_and_counted(
+    start_server: Any, stub_for: Any
+) -> None:
+    """Not grpc's RESOURCE_EXHAUSTED (our API's "back off and retry"), which would also end a whole stream and
+    reach the metrics as CANCELLED; grpc's own limit stays at twice ours, as the memory guard."""
     app = start_server(max_message_bytes=1024)
-    err = call_error(stub_for(app), request("x" * 2000))
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    big = request("x" * 2000)
+    size = big.ByteSize()
+    err = call_error(stub_for(app), big)
+    assert err.code() == INVALID
+    assert err.details() == (
+        f"request: the Classify request message has {size:,} bytes, more than the limit of 1,024 "
+        "(SAFETY_MAX_MESSAGE_BYTES); send them in several requests"
+    )
+    labels = {"method": "Classify", "code": "INVALID_ARGUMENT"}
+    registry = app.metrics.registry
+    wait_until(lambda: registry.get_sample_value("safety_requests_total", labels) == 1, what="the count")
+    # in a stream, that request's error; the stream goes on
+    requests = [request("fine"), big, request("fine too")]
+    replies = list(stub_for(app).ClassifyStream(iter(requests), timeout=10))
+    assert [r.WhichOneof("outcome") for r in replies] == ["response", "error", "response"]
+    assert replies[1].error.status == "INVALID_ARGUMENT"
+    assert "ClassifyStream request message has" in replies[1].error.message
+    # beyond twice the limit, grpc's own guard (never parsed, never held past its limit)
+    assert call_error(stub_for(app), request("x" * 3000)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_an_oversized_message_is_never_parsed_and_its_error_says_how_to_split_it() -> None:
+    from service.decoding import Oversized, check_decoded, grpc_receive_limit, tolerant
+
+    def parse(data: bytes) -> Any:
+        raise AssertionError("an oversized message must not be parsed")
+
+    oversized = tolerant(parse, "SubmitJob", 4)(b"12345")
+    assert oversized == Oversized("SubmitJob", 5, 4)
+    with pytest.raises(Exception, match="split its items over several jobs") as err:
+        check_decoded(oversized)
+    assert getattr(err.value, "field", None) == "request"
+    assert tolerant(lambda data: data, "Classify", 4)(b"1234") == b"1234"  # at the limit: parsed
+    assert grpc_receive_limit(64 << 20) == 128 << 20 and grpc_receive_limit(2**31) == 2**31 - 1
 
 
 def test_a_cancellation_at_the_deadline_counts_as_the_deadline_the_client_saw() -> None:
