@@ -17,11 +17,12 @@
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 ARG BUILD_IMAGE=${BASE_IMAGE}
+ARG TORCH_VARIANT=cpu
 
 # ---- build: a virtualenv at /opt/venv with torch, the package, its extras and the generated stubs -------
 FROM ${BUILD_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_VARIANT=cpu
+ARG TORCH_VARIANT
 ARG FLASH_ATTN=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 # CUDA bases (Ubuntu) have no Python of their own; the Python base images do.
@@ -54,8 +55,16 @@ RUN cd / && safety --help >/dev/null \
 
 # ---- runtime: the venv on a clean base, a non-root user, a read-only-friendly layout ---------------------
 FROM ${BASE_IMAGE} AS runtime
+ARG TORCH_VARIANT
+# CUDA builds: torch.compile (SAFETY_COMPILE=auto is on for CUDA) runs Triton, which compiles its CUDA driver
+# module (driver.c) with a C compiler against Python.h when a process first uses it.
 RUN if ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 \
+        $([ "${TORCH_VARIANT}" = cpu ] || echo python3-dev) \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && if [ "${TORCH_VARIANT}" != cpu ]; then \
+      apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
       && rm -rf /var/lib/apt/lists/*; \
     fi \
     && groupadd --system --gid 10001 safety \

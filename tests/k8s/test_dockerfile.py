@@ -169,3 +169,14 @@ def test_build_context_carries_the_package() -> None:
     assert not any(x.startswith(("model", "**/default")) for x in excluded), (
         "the bundled model must not be excluded"
     )
+
+
+def test_the_cuda_runtime_image_can_build_triton_launchers() -> None:
+    """SAFETY_COMPILE=auto compiles on CUDA; Triton builds its CUDA driver module (driver.c) with a C compiler
+    and Python.h at first use, in every fresh pod (its cache is the /tmp emptyDir)."""
+    steps = instructions()
+    runtime = steps[max(i for i, (word, _) in enumerate(steps) if word == "FROM") :]
+    run = " ".join(rest for word, rest in runtime if word == "RUN")
+    assert ("ARG", "TORCH_VARIANT") in runtime, "the runtime stage must see the variant"
+    assert 'if [ "${TORCH_VARIANT}" != cpu ]' in run and "gcc" in run and "libc6-dev" in run
+    assert "python3-dev" in run  # Python.h on a CUDA (Ubuntu) base; the python images have it

@@ -372,8 +372,40 @@ def test_cpu_overlay(rendered: dict[str, Rendered], name: str) -> None:
     assert r.config()["SAFETY_DEVICE"] == "cpu"
     for _, container in ours(r):
         assert "nvidia.com/gpu" not in container["resources"]["limits"]
-        threads = {e["name"]: e for e in container["env"]}["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        if container["name"] == "worker":
+            # `safety worker` divides the CPU limit among its prefork processes; a pinned OMP_NUM_THREADS
+            # would give each of them the whole limit
+            assert "OMP_NUM_THREADS" not in env
+            continue
+        threads = env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]
         assert threads["resource"] == "limits.cpu" and threads["containerName"] == container["name"]
+
+
+@pytest.mark.parametrize("name", ["gpu", "keda", "gpu+grafana-dashboard"])
+def test_gpu_overlays_run_the_cuda_image(rendered: dict[str, Rendered], name: str) -> None:
+    """The GPU overlays set SAFETY_DEVICE=cuda: the CPU-torch image (tag 0.1.0) would exit at start-up
+    with "device: 'cuda' requested but CUDA is not available"."""
+    r = rendered[name]
+    assert r.config()["SAFETY_DEVICE"] == "cuda"
+    for _, container in ours(r):
+        assert container["image"] == f"{IMAGE_NAME}:0.1.0-cuda", container["image"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_autoscaled_deployments_leave_replicas_to_the_autoscaler(
+    rendered: dict[str, Rendered], name: str
+) -> None:
+    """`kubectl apply` of a Deployment that names spec.replicas scales it back to that number, whatever the
+    HPA (or KEDA's HPA) had scaled it to (kubernetes.io, HPA: "Migrating Deployments ... to horizontal
+    autoscaling")."""
+    r = rendered[name]
+    targets = {h["spec"]["scaleTargetRef"]["name"] for h in r.of_kind("HorizontalPodAutoscaler")}
+    targets |= {s["spec"]["scaleTargetRef"]["name"] for s in r.of_kind("ScaledObject")}
+    assert "safety-grpc" in targets
+    for d in r.of_kind("Deployment"):
+        if d["metadata"]["name"] in targets:
+            assert "replicas" not in d["spec"], f"{d['metadata']['name']}: replicas fights its autoscaler"
 
 
 def test_dev_overlay_has_its_redis(rendered: dict[str, Rendered]) -> None:
