@@ -24,7 +24,7 @@ from model import planner
 from model.budget import CPU_BUDGET, Budget, device_budget
 from model.config import ModernBertConfig
 from model.errors import CheckpointError, ConfigError, InvalidInputError, ModelNotFoundError
-from model.items import Fields, check_item, fields_of
+from model.items import Fields, check_item, check_unicode, fields_of, unset_or
 from model.loading import LoadReport, load_model
 from model.runner import Launched, Runner, resolve_device, resolve_dtype
 from model.threads import name_os_thread
@@ -181,7 +181,7 @@ class Classifier:
         out = []
         for i, raw in enumerate(items):
             if isinstance(raw, Item):  # read like a mapping's fields: an empty role or context is unset
-                f = Fields(raw.text, raw.role or "prompt", raw.context or None, raw.id)
+                f = Fields(raw.text, unset_or(raw.role, "prompt"), unset_or(raw.context, None), raw.id)
             else:
                 f = fields_of(raw, i)
             check_item(f, i)
@@ -190,6 +190,10 @@ class Classifier:
 
     def resolve_thresholds(self, overrides: Mapping[str, float] | None = None) -> dict[str, float]:
         th = dict(self.thresholds)
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise InvalidInputError(
+                f"must be a mapping of label to threshold, got {type(overrides).__name__}", field="thresholds"
+            )
         for label, value in (overrides or {}).items():
             if label not in th:
                 raise InvalidInputError(
@@ -261,8 +265,8 @@ class Classifier:
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
 
     def aggregate(self, enc: Encoded, window_logits: torch.Tensor, thresholds: Mapping[str, float]) -> Result:
-        """Per-label max over windows; the span of the window that gave each label its max.
-        window_logits: (W, L) for the item's W windows."""
+        """Per label, the window with the highest probability (ties: the higher logit, then the first): its
+        probability, logit and span. window_logits: (W, L) for the item's W windows."""
         rows = Rows.of(self, window_logits)
         return self.aggregate_rows(enc, rows.logits, rows.probs, thresholds)
 
@@ -278,11 +282,12 @@ class Classifier:
         labels = self.labels
         if len(prob_rows) == 1:
             scores, best_logit, arg = list(prob_rows[0]), list(logit_rows[0]), [0] * len(labels)
-        else:  # the first window reaching each label's max, as torch.max(dim=0) picks
-            windows = range(len(prob_rows))
-            arg = [max(windows, key=lambda w, j=j: prob_rows[w][j]) for j in range(len(labels))]
-            scores = [prob_rows[arg[j]][j] for j in range(len(labels))]
-            best_logit = [max(row[j] for row in logit_rows) for j in range(len(labels))]
+        else:  # per label, the window of the highest probability (ties: the higher logit, then the first):
+            # score, logit and span all come from it (a sigmoid's is also the highest logit, saturated or not)
+            windows, columns = range(len(prob_rows)), range(len(labels))
+            arg = [max(windows, key=lambda w, j=j: (prob_rows[w][j], logit_rows[w][j])) for j in columns]
+            scores = [prob_rows[arg[j]][j] for j in columns]
+            best_logit = [logit_rows[arg[j]][j] for j in columns]
         flagged = [lab for lab, p in zip(labels, scores, strict=True) if p >= thresholds[lab]]
         return Result(
             id=enc.id,
@@ -403,9 +408,11 @@ class Classifier:
         """HF-exact logits for `tokenizer(texts, pairs)` (no context cut); longer inputs: max over windows."""
         if pairs is not None and len(pairs) != len(texts):
             raise InvalidInputError(f"has {len(pairs)} entries for {len(texts)} texts", field="pairs")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise InvalidInputError(f"must be a string, got {type(t).__name__}", index=i, field="text")
+        for name, values in (("text", texts), ("pairs", pairs or ())):
+            for i, t in enumerate(values):
+                if not isinstance(t, str):
+                    raise InvalidInputError(f"must be a string, got {type(t).__name__}", index=i, field=name)
+                check_unicode(t, i, name)
         lim, tpl = self.limits, self.tokenizer.template
         a_ids = self.tokenizer.encode_batch(list(texts))
         b_ids = self.tokenizer.encode_batch(list(pairs)) if pairs is not None else None
@@ -474,8 +481,8 @@ def load_classifier(
     dtype: str | torch.dtype | None = None,
     *,
     max_tokens: int | None = None,
-    window_overlap: int = 64,
-    max_context_tokens: int = 256,
+    window_overlap: int | None = None,
+    max_context_tokens: int | None = None,
     max_batch_tokens: int | None = None,
     max_batch_sequences: int | None = None,
     backend: str | None = None,
@@ -487,7 +494,9 @@ def load_classifier(
 ) -> Classifier:
     """Load a checkpoint directory (or the bundled default when `path` is None) ready to classify.
     `graphs`: CUDA graphs for batches under `graph_tokens` tokens (None: on for CUDA with a varlen kernel;
-    model/graphs.py). `fused_gemm`: Wqkv + RoPE and Wi + GeGLU as fused Triton GEMMs (model/fused.py)."""
+    model/graphs.py). `fused_gemm`: Wqkv + RoPE and Wi + GeGLU as fused Triton GEMMs (model/fused.py).
+    `max_tokens`, `max_context_tokens`, `window_overlap` unset: `max_position_embeddings`, and
+    `window_defaults`."""
     dev = resolve_device(device)
     directory = Path(path) if path is not None else default_model_dir()
     if not directory.is_dir():
@@ -510,7 +519,11 @@ def load_classifier(
         graph_tokens=graph_tokens,
         fused_gemm=fused_gemm,
     )
-    max_tokens = max_tokens or config.max_position_embeddings
+    if max_tokens is None:
+        max_tokens = config.max_position_embeddings
+    max_context_tokens, window_overlap = window_defaults(
+        max_tokens, tokenizer.template.pair_extra, max_context_tokens, window_overlap
+    )
     budget = None
     # unset: fixed on the CPU, sized to the free memory on CUDA (model/budget.py); a max_tokens out of range
     # is left to check_limits, which names the field
@@ -535,6 +548,26 @@ def load_classifier(
         report=report,
         budget=budget,
     )
+
+
+CONTEXT_TOKENS, OVERLAP_TOKENS = 256, 64  # the defaults, where a window has room for them
+
+
+def window_defaults(
+    max_tokens: int, pair_extra: int, context: int | None = None, overlap: int | None = None
+) -> tuple[int, int]:
+    """(max_context_tokens, window_overlap), each as given or else its default: 256 context tokens and 64
+    tokens of overlap wherever the window has room for both beside a response (any window of 324 tokens or
+    more with ModernBERT's 3 specials), else at most half the window for the context and at most half of the
+    rest for the overlap. A window too short for even that is left to `check_limits`, which names it."""
+    free = max_tokens - pair_extra
+    if context is None:
+        wanted = OVERLAP_TOKENS if overlap is None else overlap
+        context = CONTEXT_TOKENS if free - CONTEXT_TOKENS > wanted else max(0, free // 2)
+    if overlap is None:
+        room = free - context
+        overlap = OVERLAP_TOKENS if room > OVERLAP_TOKENS else max(0, (room - 1) // 2)
+    return context, overlap
 
 
 def check_limits(lim: Limits, config: ModernBertConfig, tok: TextTokenizer) -> None:

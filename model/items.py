@@ -1,8 +1,10 @@
 """The rules of an item, in one place and without torch, for every front end.
 
-Owns: an item's fields (id, text, role, context), their defaults (role "prompt"; empty context or role read
-as unset), the roles, the context-only-on-responses rule, and the optional edge limit on characters per
-text and per context, each broken rule an `InvalidInputError` naming the item's index and field. The engine
+Owns: an item's fields (id, text, role, context), their defaults (role "prompt"; a missing, null or empty
+context or role is unset, any other value is checked), the roles, the context-only-on-responses rule, valid
+Unicode (no lone surrogates: JSON's `\ud800` escapes, or a command-line argument that was not UTF-8), and the
+optional edge limit on characters per text and per context, each broken rule an `InvalidInputError` naming
+the item's index and field. The engine
 (`Classifier.coerce_items`), the job client (`worker.items`) and the gRPC servicer all call these, so a
 bad item gets the same verdict and message wherever it arrives. Must not know: torch, gRPC, Celery.
 """
@@ -17,6 +19,12 @@ from model.errors import InvalidInputError
 FIELDS = ("id", "text", "role", "context")
 ROLES = ("prompt", "response")
 LIMIT_SETTING = "SAFETY_MAX_TEXT_CHARS"
+
+
+def unset_or(value: Any, default: Any) -> Any:
+    """`default` for a role or context that is missing, null or empty; anything else as given (checked later:
+    0, False or [] is a wrong type, not "unset")."""
+    return default if value is None or (isinstance(value, str) and not value) else value
 
 
 class Fields(NamedTuple):
@@ -36,13 +44,25 @@ def fields_of(raw: Any, index: int) -> Fields:
         raise InvalidInputError(f"unknown field(s) {unknown}", index=index, field=str(unknown[0]))
     if "text" not in raw:
         raise InvalidInputError("is required", index=index, field="text")
-    return Fields(raw["text"], raw.get("role") or "prompt", raw.get("context") or None, raw.get("id"))
+    return Fields(
+        raw["text"], unset_or(raw.get("role"), "prompt"), unset_or(raw.get("context"), None), raw.get("id")
+    )
 
 
 def check_length(value: str, index: int, field: str, max_chars: int | None) -> None:
     if max_chars is not None and len(value) > max_chars:
         message = f"has {len(value)} characters, the limit is {max_chars} ({LIMIT_SETTING})"
         raise InvalidInputError(message, index=index, field=field)
+
+
+def check_unicode(value: str, index: int | None, field: str) -> None:
+    """A Python str may hold lone surrogates (JSON's "\ud800", `surrogateescape` argv): no UTF-8 for them,
+    and the tokenizer, Redis and protobuf all refuse such a string."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        message = f"has a lone surrogate {value[e.start]!r} at character {e.start}; it must be valid Unicode"
+        raise InvalidInputError(message, index=index, field=field) from None
 
 
 def check_item(f: Fields, index: int, max_chars: int | None = None) -> None:
@@ -52,6 +72,7 @@ def check_item(f: Fields, index: int, max_chars: int | None = None) -> None:
     if not f.text.strip():
         raise InvalidInputError("must not be empty", index=index, field="text")
     check_length(f.text, index, "text", max_chars)
+    check_unicode(f.text, index, "text")
     if f.role not in ROLES:
         raise InvalidInputError(f"must be one of {ROLES}, got {f.role!r}", index=index, field="role")
     if f.context is not None:
@@ -62,5 +83,8 @@ def check_item(f: Fields, index: int, max_chars: int | None = None) -> None:
         if f.role == "prompt":
             raise InvalidInputError("is only allowed on role 'response'", index=index, field="context")
         check_length(f.context, index, "context", max_chars)
-    if f.id is not None and not isinstance(f.id, str):
-        raise InvalidInputError(f"must be a string, got {type(f.id).__name__}", index=index, field="id")
+        check_unicode(f.context, index, "context")
+    if f.id is not None:
+        if not isinstance(f.id, str):
+            raise InvalidInputError(f"must be a string, got {type(f.id).__name__}", index=index, field="id")
+        check_unicode(f.id, index, "id")

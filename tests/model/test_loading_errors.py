@@ -166,6 +166,15 @@ def test_no_default_model_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_
         ({"text": "hi", "id": 7}, "id"),
         ({"text": "hi", "colour": "red"}, "colour"),
         ("just a string", "item"),
+        # a falsy value of the wrong type is not "unset": only a missing, null or empty role or context is
+        ({"text": "hi", "role": "response", "context": 0}, "context"),
+        ({"text": "hi", "context": []}, "context"),
+        ({"text": "hi", "role": False}, "role"),
+        ({"text": "hi", "role": 0}, "role"),
+        # lone surrogates: JSON's "\ud800", or an argv that was not UTF-8 (surrogateescape)
+        ({"text": "ok \ud800 text"}, "text"),
+        ({"text": "ok", "role": "response", "context": "\udcff"}, "context"),
+        ({"text": "ok", "id": "a\udc80"}, "id"),
     ],
 )
 def test_invalid_items_name_index_and_field(tiny_classifier, item, field: str) -> None:
@@ -185,7 +194,22 @@ def test_items_and_mappings_read_an_empty_role_or_context_alike(tiny_classifier)
     assert [r.scores for r in as_items] == [r.scores for r in as_dicts]
 
 
+def test_lone_surrogates_are_named_before_the_tokenizer_sees_them(tiny_classifier) -> None:
+    with pytest.raises(
+        InvalidInputError, match=r"items\[0\]\.text: has a lone surrogate '\\ud800' at character 3"
+    ):
+        tiny_classifier.classify([json.loads('{"text": "ok \\ud800 text"}')])
+    with pytest.raises(InvalidInputError, match=r"items\[0\]\.pairs: has a lone surrogate"):
+        tiny_classifier.logits(["fine"], ["\udcff"])
+    with pytest.raises(InvalidInputError, match=r"items\[1\]\.pairs: must be a string, got NoneType"):
+        tiny_classifier.logits(["fine", "too"], ["a prompt", None])  # type: ignore[list-item]
+
+
 def test_invalid_thresholds(tiny_classifier) -> None:
+    with pytest.raises(
+        InvalidInputError, match=r"thresholds: must be a mapping of label to threshold, got list"
+    ):
+        tiny_classifier.classify([{"text": "x"}], thresholds=[("hate", 0.5)])  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match=r"thresholds\.nope"):
         tiny_classifier.classify([{"text": "x"}], thresholds={"nope": 0.2})
     with pytest.raises(InvalidInputError, match=r"thresholds\.hate"):
@@ -201,12 +225,37 @@ def test_bad_limits(tiny_model_dir: Path) -> None:
         load_classifier(
             tiny_model_dir, device="cpu", max_tokens=300, max_context_tokens=200, window_overlap=100
         )
+    with pytest.raises(ConfigError, match="max_tokens"):
+        load_classifier(tiny_model_dir, device="cpu", max_tokens=0)  # not "the default"
     with pytest.raises(ConfigError, match="max_batch_tokens"):
         load_classifier(tiny_model_dir, device="cpu", max_batch_tokens=100)
     with pytest.raises(ValueError, match="device"):
         load_classifier(tiny_model_dir, device="tpu")
     with pytest.raises(ValueError, match="backend"):
         load_classifier(tiny_model_dir, device="cpu", backend="varlen")
+
+
+def test_window_defaults_fit_any_window() -> None:
+    """256 context and 64 overlap tokens where a window has room for them beside a response; shorter windows
+    (a `--max-tokens 300`, a checkpoint of 256 positions) get smaller defaults instead of a refusal."""
+    from model.classifier import window_defaults
+
+    assert window_defaults(8192, 3) == window_defaults(512, 3) == window_defaults(324, 3) == (256, 64)
+    assert window_defaults(323, 3) == (160, 64)
+    assert window_defaults(300, 3) == (148, 64)
+    assert window_defaults(64, 3) == (30, 15)
+    assert window_defaults(4, 3) == (0, 0)
+    assert window_defaults(300, 3, context=10) == (10, 64) and window_defaults(300, 3, overlap=8) == (256, 8)
+    for max_tokens in range(4, 600):
+        context, overlap = window_defaults(max_tokens, 3)
+        assert 0 <= overlap < max_tokens - 3 - context, max_tokens  # what check_limits asks
+
+
+def test_a_short_window_loads_with_the_defaults(tiny_model_dir: Path) -> None:
+    clf = load_classifier(tiny_model_dir, device="cpu", max_tokens=64)
+    assert (clf.limits.max_tokens, clf.limits.max_context_tokens, clf.limits.window_overlap) == (64, 30, 15)
+    (result,) = clf.classify([{"text": "word " * 200, "role": "response", "context": "a prompt " * 50}])
+    assert result.windows > 1
 
 
 def test_empty_request_and_logits_shape(tiny_classifier) -> None:

@@ -123,11 +123,37 @@ def test_aggregate_on_rows_equals_the_tensor_reductions(short_clf, problem_type:
     best_p, arg = probs.max(dim=0)
     # exact equality: the same fp32 values, read with tolist() instead of float()
     assert res.scores == {lab: float(best_p[j]) for j, lab in enumerate(clf.labels)}
-    assert res.logits == {lab: float(window_logits[:, j].max()) for j, lab in enumerate(clf.labels)}
+    # score, logit and span of a label come from one window
+    assert res.logits == {lab: float(window_logits[int(arg[j]), j]) for j, lab in enumerate(clf.labels)}
+    if clf.multi_label:  # a sigmoid's highest probability is its highest logit
+        assert res.logits == {lab: float(window_logits[:, j].max()) for j, lab in enumerate(clf.labels)}
     assert res.spans == {lab: enc.spans[int(arg[j])] for j, lab in enumerate(clf.labels)}
     assert res.spans[clf.labels[0]] == (0, 5)
     assert res.flagged_labels == [lab for lab in clf.labels if res.scores[lab] >= 0.3]
     assert (res.windows, res.tokens, res.id) == (4, 17, "x")
+
+
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "single_label_classification"])
+def test_a_label_s_score_logit_and_span_come_from_one_window(short_clf, problem_type: str) -> None:
+    """Sigmoid: two windows whose probabilities both round to 1.0 are told apart by their logits (the span
+    and logit of the stronger one). Softmax: a label's highest logit need not be in the window of its highest
+    probability; the logit reported is that window's, not a maximum taken from another window."""
+    config = dataclasses.replace(short_clf.config, problem_type=problem_type)
+    clf = dataclasses.replace(short_clf, config=config)
+    L = len(clf.labels)
+    rows = torch.zeros(2, L)
+    if clf.multi_label:
+        rows[0, 0], rows[1, 0] = 20.0, 30.0  # sigmoid: 1.0 in fp32 both
+        want = 1
+    else:
+        rows[0, 0], rows[1, 0], rows[1, 1] = 2.0, 3.0, 9.0  # label 0: p .55 in window 0, .0025 in 1
+        want = 0
+    enc = Encoded(id="x", windows=[[1]] * 2, spans=[(0, 5), (5, 9)], tokens=9)
+    res = clf.aggregate(enc, rows, dict.fromkeys(clf.labels, 0.5))
+    label = clf.labels[0]
+    assert res.spans[label] == enc.spans[want]
+    assert res.logits[label] == float(rows[want, 0])
+    assert res.scores[label] == float(clf.probabilities(rows)[want, 0])
 
 
 def test_token_spans_match_the_offsets_of_every_range(tiny_classifier) -> None:
