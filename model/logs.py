@@ -1,7 +1,8 @@
-"""Structured logging for `safety serve`: one JSON object per line (or plain text), to stderr.
+"""Structured logging for `safety serve` and `safety worker`: one JSON object per line (or plain text).
 
 Owns: the log format. Records carry `ts`, `level`, `logger`, `msg`, any `extra={...}` fields (e.g.
-`error_id`) and `exc` with the traceback. Must not know: gRPC or the model.
+`error_id`, a worker's `task_id`) and `exc` with the traceback. `configure` sets up the root logger (serve);
+the worker hands `JsonFormatter` to Celery's own handlers. Must not know: gRPC, Celery or the model.
 """
 
 from __future__ import annotations

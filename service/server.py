@@ -27,9 +27,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from model import Classifier, Item
+from model import Classifier, Item, logs
 from model.errors import SafetyError, UnauthenticatedError
-from service import logs
 from service.decoding import DecodeInterceptor, grpc_receive_limit
 from service.errors import ErrorInterceptor, abort_for
 from service.handlers import WrappingInterceptor, with_behavior

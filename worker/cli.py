@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -149,6 +150,9 @@ def run_worker(args: argparse.Namespace) -> int:
             from worker.reclaim import start_sweeper
             from worker.tasks import worker_failed
 
+            if settings.log_format == "json":
+                json_logs(settings.log_level)
+                argv = ["--quiet", *argv]  # no banner: every line of the log is a JSON object
             sweeper = start_sweeper(settings)  # re-sends chunks the broker lost (worker.reclaim)
             try:
                 code = app.start(argv) or EXIT_OK
@@ -162,6 +166,34 @@ def run_worker(args: argparse.Namespace) -> int:
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def json_logs(level: str) -> None:
+    """SAFETY_LOG_FORMAT=json: Celery sets up its handlers (level, stdout redirection) as usual, then each
+    gets our JSON formatter; a record logged inside a task carries its `task_id` and `task_name`. Until
+    Celery's handlers exist, a JSON root handler takes what comes earlier, Python warnings included (Celery
+    warns before it sets up logging, e.g. when run as root)."""
+    from celery import signals
+    from celery._state import get_current_task  # what Celery's own TaskFormatter reads
+
+    from model.logs import JsonFormatter, configure
+
+    configure(level, "json")
+    logging.captureWarnings(True)
+
+    class CeleryJsonFormatter(JsonFormatter):
+        def format(self, record: logging.LogRecord) -> str:
+            task = get_current_task()
+            if task is not None and task.request.id is not None:
+                record.task_id, record.task_name = task.request.id, task.name
+            return super().format(record)
+
+    def use_json(logger: logging.Logger, **_: Any) -> None:
+        for handler in logger.handlers:
+            handler.setFormatter(CeleryJsonFormatter())
+
+    signals.after_setup_logger.connect(use_json, weak=False)
+    signals.after_setup_task_logger.connect(use_json, weak=False)
 
 
 def serve_metrics(port: int, *, prefork: bool) -> str | None:

@@ -49,6 +49,9 @@ class WorkerSettings(EngineSettings):
         "handed back to the queue"
     )  # fmt: skip
     log_level: str = setting("INFO", "SAFETY_LOG_LEVEL", str, "DEBUG | INFO | WARNING | ERROR")
+    log_format: str = setting(
+        "text", "SAFETY_LOG_FORMAT", str, "text (Celery's own lines) | json (one object per line, no banner)"
+    )
     metrics_port: int = setting(
         9101, "SAFETY_WORKER_METRICS_PORT", int, "Prometheus /metrics port of `safety worker` (0: none)"
     )
@@ -71,6 +74,8 @@ class WorkerSettings(EngineSettings):
             raise _bad("redis_url", f"must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
         if not self.queue or any(c.isspace() for c in self.queue):
             raise _bad("queue", f"must be a non-empty name without spaces, got {self.queue!r}")
+        if self.log_format not in ("json", "text"):
+            raise _bad("log_format", f"must be json or text, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise _bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 

@@ -194,3 +194,24 @@ def test_results_expire_after_the_ttl(
     assert module_redis.client().keys(f"safety:job:{{{job}}}*") == []
     with pytest.raises(NotFoundError, match="expired"):
         list(client.results(job))
+
+
+def test_json_logs_are_one_object_per_line_with_the_task_id(
+    module_redis: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+) -> None:
+    """SAFETY_LOG_FORMAT=json (what the Kubernetes config sets): no banner, no Celery text line; a record
+    logged inside a chunk carries the chunk's task id."""
+    w = start_worker(module_redis.url, pool="solo", queue="json-logs", log_format="json")
+    client = job_client(module_redis.url, queue="json-logs", chunk_size=8)
+    job = client.submit(make_items(8)).status.job_id
+    assert client.wait(job, timeout=120).state == "done"
+    poll(lambda: "loaded model" in w.text(), timeout=10, what="the model's load record")
+    w.stop()
+    lines = [line for line in w.text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line: raises on the first that is not JSON
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    assert any("ready" in r["msg"] for r in records), "Celery's own records go through the same formatter"
+    in_task = [r for r in records if r.get("task_id") == f"{job}.0"]
+    assert in_task and all(r["task_name"] == "worker.tasks.classify_chunk" for r in in_task)
