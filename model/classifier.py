@@ -24,7 +24,7 @@ from model import planner
 from model.budget import CPU_BUDGET, Budget, device_budget
 from model.config import ModernBertConfig
 from model.errors import CheckpointError, ConfigError, InvalidInputError, ModelNotFoundError
-from model.items import Fields, check_item, check_unicode, fields_of, unset_or
+from model.items import Fields, check_item, check_unicode, fields_of, item_id, unset_or
 from model.loading import LoadReport, load_model
 from model.runner import Launched, Runner, resolve_device, resolve_dtype
 from model.threads import name_os_thread
@@ -185,7 +185,7 @@ class Classifier:
             else:
                 f = fields_of(raw, i)
             check_item(f, i)
-            out.append(Item(text=f.text, role=f.role, context=f.context, id=f.id))
+            out.append(Item(text=f.text, role=f.role, context=f.context, id=item_id(f.id, i)))
         return out
 
     def resolve_thresholds(self, overrides: Mapping[str, float] | None = None) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """The rules of an item, in one place and without torch, for every front end.
 
 Owns: an item's fields (id, text, role, context), their defaults (role "prompt"; a missing, null or empty
-context or role is unset, any other value is checked), the roles, the context-only-on-responses rule, valid
+context or role is unset, any other value is checked; a result's id is the item's, else its index as a
+string: `item_id`), the roles, the context-only-on-responses rule, valid
 Unicode (no lone surrogates: JSON's `\ud800` escapes, or a command-line argument that was not UTF-8), and the
 optional edge limit on characters per text and per context, each broken rule an `InvalidInputError` naming
 the item's index and field. The engine
@@ -47,6 +48,12 @@ def fields_of(raw: Any, index: int) -> Fields:
     return Fields(
         raw["text"], unset_or(raw.get("role"), "prompt"), unset_or(raw.get("context"), None), raw.get("id")
     )
+
+
+def item_id(given: str | None, index: int) -> str:
+    """The id a result carries, whatever the front end: the item's own, else (missing, null or empty) its
+    index in the request or job, as a string."""
+    return given if given else str(index)
 
 
 def check_length(value: str, index: int, field: str, max_chars: int | None) -> None:

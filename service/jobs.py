@@ -26,6 +26,7 @@ from model.errors import (
     UnavailableError,
     UnsupportedError,
 )
+from model.items import item_id
 from service.settings import ServeSettings
 from service.stubs import pb2
 
@@ -61,7 +62,7 @@ def job_items_from_proto(request: Any) -> list[dict[str, str]]:
             raise InvalidInputError(
                 f"unknown role {it.role}; use ROLE_PROMPT or ROLE_RESPONSE", index=i, field="role"
             )
-        item = {"id": it.id or str(i), "text": it.text, "role": role}
+        item = {"id": item_id(it.id, i), "text": it.text, "role": role}
         if it.context:
             item["context"] = it.context
         items.append(item)
@@ -96,9 +97,10 @@ def job_to_proto(status: JobStatus) -> Any:
 def job_result_to_proto(line: Mapping[str, Any], thresholds: Mapping[str, float]) -> Any:
     """A worker result line ({index, <Result.to_dict()>, error}) -> JobResult; `thresholds` fills
     LabelScore.threshold (labels it lacks get 0)."""
-    index, item_id, error = line["index"], line.get("id") or "", line.get("error")
+    index, error = line["index"], line.get("error")
+    result_id = item_id(line.get("id"), index)  # lines written before ids defaulted to the index: null
     if error:
-        return pb2.JobResult(index=index, id=item_id, error=error)
+        return pb2.JobResult(index=index, id=result_id, error=error)
     flagged = set(line["flagged_labels"])
     scores = [
         pb2.LabelScore(
@@ -112,14 +114,14 @@ def job_result_to_proto(line: Mapping[str, Any], thresholds: Mapping[str, float]
         for label, score in line["scores"].items()
     ]
     result = pb2.Result(
-        id=item_id,
+        id=result_id,
         flagged=line["flagged"],
         scores=scores,
         tokens=line["tokens"],
         windows=line["windows"],
         flagged_labels=line["flagged_labels"],
     )
-    return pb2.JobResult(index=index, id=item_id, result=result)
+    return pb2.JobResult(index=index, id=result_id, result=result)
 
 
 def default_job_client(settings: ServeSettings) -> JobClientFactory:

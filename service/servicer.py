@@ -21,7 +21,7 @@ import grpc
 
 from model import Classifier, Item
 from model.errors import InvalidInputError, UnavailableError
-from model.items import check_length
+from model.items import check_length, item_id
 from service.decoding import check_decoded
 from service.errors import describe
 from service.jobs import JobClientFactory, JobService, default_job_client
@@ -63,7 +63,7 @@ def items_from_proto(request: Any, max_items: int, max_text_chars: int) -> list[
             raise InvalidInputError(
                 f"unknown role {it.role}; use ROLE_PROMPT or ROLE_RESPONSE", index=i, field="role"
             )
-        items.append(Item(text=it.text, role=role, context=it.context or None, id=it.id or str(i)))
+        items.append(Item(text=it.text, role=role, context=it.context or None, id=item_id(it.id, i)))
     return items
 
 

@@ -28,6 +28,7 @@ from celery import Task
 from celery.exceptions import Reject
 
 from model.errors import InvalidInputError, device_failed
+from model.items import item_id
 from worker import faults
 from worker.app import TASK_NAME, app
 from worker.metrics import Metrics, process_metrics
@@ -200,7 +201,10 @@ def classify_lines(
     clf: Classifier, indices: list[int], items: list[dict[str, str]]
 ) -> list[tuple[int, dict[str, Any], bool]]:
     """(index, result line, failed?) per item; an item the engine refuses fails alone, with its reason."""
-    pending = list(zip(indices, items, strict=True))
+    # ids first, from the index in the job (the engine would number the items of this chunk from 0)
+    pending = [
+        (i, {**item, "id": item_id(item.get("id"), i)}) for i, item in zip(indices, items, strict=True)
+    ]
     lines: list[tuple[int, dict[str, Any], bool]] = []
     while pending:
         try:
@@ -210,7 +214,7 @@ def classify_lines(
                 raise
             index, item = pending.pop(e.index)
             reason = f"items[{index}].{e.field}: {e.reason}"
-            lines.append((index, failed_line(index, item.get("id"), reason), True))
+            lines.append((index, failed_line(index, item["id"], reason), True))
             continue
         lines += [(i, result_line(i, r.to_dict()), False) for (i, _), r in zip(pending, results, strict=True)]
         break
@@ -232,7 +236,7 @@ def give_up(
     chunk back and the next delivery gives up again, and a chunk is never dead-lettered twice. (A failure
     between the two leaves the items failed, with the reason, and no dead-letter entry; the log has it.)"""
     lines = [
-        (i, json.dumps(failed_line(i, item.get("id"), error)), True)
+        (i, json.dumps(failed_line(i, item_id(item.get("id"), i), error)), True)
         for i, item in zip(indices, items, strict=True)
     ]
     written = store.write(job_id, lines, time.time())

@@ -184,6 +184,12 @@ def test_invalid_items_name_index_and_field(tiny_classifier, item, field: str) -
     assert f"items[1].{field}" in str(e.value)
 
 
+def test_a_result_without_an_id_is_named_by_its_index(tiny_classifier) -> None:
+    """The same rule as Classify, SubmitJob and the job results: the item's id, else its index as a string."""
+    results = tiny_classifier.classify([{"text": "a"}, Item("b", id="x"), {"text": "c", "id": ""}, Item("d")])
+    assert [r.id for r in results] == ["0", "x", "2", "3"]
+
+
 def test_items_and_mappings_read_an_empty_role_or_context_alike(tiny_classifier) -> None:
     as_items = tiny_classifier.classify(
         [Item("hi", role="", context=""), Item("yo", role="response", context="")]

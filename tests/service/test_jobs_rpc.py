@@ -311,3 +311,12 @@ def test_without_the_worker_extra_jobs_are_unimplemented_while_classify_answers(
             code, details = code_of(call)
             assert code == grpc.StatusCode.UNIMPLEMENTED and "worker extra" in details, details
         assert len(client.classify(["still classifying"])) == 1
+
+
+def test_a_result_line_without_an_id_reads_as_its_index() -> None:
+    """Lines written before workers named id-less items by their index hold `id: null`: JobResult.id gives the
+    index, as Classify does, not ""."""
+    from service.jobs import job_result_to_proto
+
+    assert job_result_to_proto({"index": 7, "id": None, "error": "cancelled"}, {}).id == "7"
+    assert job_result_to_proto({"index": 7, "id": "msg-8", "error": "cancelled"}, {}).id == "msg-8"

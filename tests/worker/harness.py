@@ -182,7 +182,9 @@ def expected_lines(clf: Any, items: list[dict[str, str]], chunk_size: int) -> li
     out = []
     for lo in range(0, len(items), chunk_size):
         for k, r in enumerate(clf.classify(items[lo : lo + chunk_size])):
-            out.append({"index": lo + k, **r.to_dict(), "error": None})
+            out.append(
+                {"index": lo + k, **r.to_dict(), "id": items[lo + k].get("id") or str(lo + k), "error": None}
+            )
     return out
 
 

@@ -58,6 +58,14 @@ class Broken:
         raise RuntimeError("the device fell over")
 
 
+def test_an_item_without_an_id_is_named_by_its_index_in_the_job(tiny_classifier: Any) -> None:
+    """As Classify and SubmitJob name it: the index in the job, not in the chunk (the engine's own numbering
+    starts at each chunk's first item)."""
+    items = [{"text": "first"}, {"text": "  "}, {"text": "third", "id": ""}, {"text": "fourth", "id": "d"}]
+    lines = sorted(classify_lines(tiny_classifier, [256, 257, 258, 259], items), key=lambda x: x[0])
+    assert [line["id"] for _, line, _ in lines] == ["256", "257", "258", "d"]
+
+
 def test_each_delivery_is_counted_by_outcome_and_items_once(
     redis_server: RedisServer, job_client: Callable[..., JobClient], tiny_classifier: Any
 ) -> None:
