@@ -28,6 +28,7 @@ import grpc
 from service.stubs import pb2, pb2_grpc
 
 ItemLike = str | Mapping[str, Any]
+ITEM_FIELDS = ("id", "text", "role", "context")
 ROLES = {None: pb2.ROLE_UNSPECIFIED, "": pb2.ROLE_UNSPECIFIED, "prompt": pb2.ROLE_PROMPT,
          "response": pb2.ROLE_RESPONSE}  # fmt: skip
 CHANNEL_OPTIONS = [
@@ -48,7 +49,11 @@ def build_request(
 
 
 def build_items(items: Iterable[ItemLike]) -> list[Any]:
-    """Texts or dicts {id?, text, role? ("prompt" | "response"), context?} -> [pb2.Item]."""
+    """Texts or dicts {id?, text, role? ("prompt" | "response"), context?} -> [pb2.Item].
+
+    What a pb2.Item cannot carry raises ValueError naming `items[i].field` before anything is sent (not a
+    text or dict, a missing text, an unknown field, a value that is not a string, an unknown role); the
+    rest (an empty text, a context on a prompt, the limits) is the server's to refuse, as INVALID_ARGUMENT."""
     if isinstance(items, str | bytes):  # would be classified character by character
         raise TypeError("items: a list of texts or dicts, not one string (wrap it: [text])")
     out = []
@@ -56,8 +61,19 @@ def build_items(items: Iterable[ItemLike]) -> list[Any]:
         if isinstance(item, str):
             out.append(pb2.Item(text=item))
             continue
+        if not isinstance(item, Mapping):
+            raise ValueError(f"items[{i}]: must be a text or a dict, got {type(item).__name__}")
+        unknown = sorted(set(item) - set(ITEM_FIELDS), key=str)
+        if unknown:
+            raise ValueError(f"items[{i}].{unknown[0]}: unknown field; an item has {', '.join(ITEM_FIELDS)}")
+        if "text" not in item:
+            raise ValueError(f"items[{i}].text: is required")
+        for name in ("id", "text", "context"):
+            value = item.get(name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"items[{i}].{name}: must be a string, got {type(value).__name__}")
         role = item.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str | None) or role not in ROLES:
             raise ValueError(f"items[{i}].role: must be 'prompt' or 'response', got {role!r}")
         out.append(
             pb2.Item(

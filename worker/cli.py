@@ -230,9 +230,8 @@ def read_items(path: str) -> tuple[list[Any], list[int]]:
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise InvalidInputError(
-                    f"line {number}: not valid JSON ({e.msg})", index=len(items), field="json"
-                ) from None
+                where = f"{'stdin' if path == '-' else path} line {number}"
+                raise InvalidInputError(f"not valid JSON ({e.msg})", field=where) from None
             lines.append(number)
     return items, lines
 
@@ -266,10 +265,9 @@ def run_submit(args: argparse.Namespace) -> int:
                 sent = True
                 submitted = client.submit(items, job_id=job_id)
             except InvalidInputError as e:
-                if e.index is not None and e.index < len(lines):
-                    raise InvalidInputError(
-                        f"{args.input} line {lines[e.index]}: {e}", field=e.field
-                    ) from None
+                if e.index is not None and e.index < len(lines):  # "FILE line 3: items[1].role: ..."
+                    where = f"{'stdin' if args.input == '-' else args.input} line {lines[e.index]}"
+                    raise InvalidInputError(str(e), field=where) from None
                 raise
             job_id = submitted.status.job_id
             verb = "resumed" if submitted.resumed else "submitted"

@@ -159,6 +159,30 @@ def test_remote_classify_reports_status_and_message(server: Any) -> None:
         remote_classify(f"127.0.0.1:{server.port}", [{"text": "   "}])
 
 
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        (42, "items[1]: must be a text or a dict, got int"),
+        ({"txt": "a"}, "items[1].txt: unknown field; an item has id, text, role, context"),
+        ({"text": "a", "colour": "red"}, "items[1].colour: unknown field"),
+        ({"role": "prompt"}, "items[1].text: is required"),
+        ({"text": "a", "id": 5}, "items[1].id: must be a string, got int"),
+        ({"text": b"a"}, "items[1].text: must be a string, got bytes"),
+        ({"text": "a", "role": "assistant"}, "items[1].role: must be 'prompt' or 'response', got 'assis"),
+        ({"text": "a", "role": ["prompt"]}, "items[1].role: must be 'prompt' or 'response'"),
+    ],
+)
+def test_the_client_names_what_an_item_message_cannot_carry(item: Any, message: str) -> None:
+    """Before anything is sent, as ValueError naming the field (not KeyError, AttributeError or protobuf's
+    TypeError); what the message can carry is the server's to judge (INVALID_ARGUMENT)."""
+    from service.client import build_items
+
+    with pytest.raises(ValueError) as err:
+        build_items(["fine", item])
+    assert str(err.value).startswith(message)
+    build_items(["fine", {"text": "", "role": "prompt", "context": "x"}])  # the server refuses these
+
+
 def test_the_client_refuses_one_bare_string_instead_of_one_item_per_character(server: Any) -> None:
     from service.client import SafetyClient
 

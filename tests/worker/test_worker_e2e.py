@@ -107,10 +107,10 @@ def test_cli_refuses_a_bad_line_before_queueing(
     src.write_text('{"text": "fine"}\n\n{"text": "x", "role": "narrator"}\n')
     bad = run(["submit", str(src), "--job-id", "refused"], env)
     assert bad.returncode == 2
-    assert "line 3" in bad.stderr and "items[1].role" in bad.stderr
+    assert f"safety submit: {src} line 3: items[1].role: must be one of" in bad.stderr
     src.write_text('{"text": "fine"}\n{"text": \n')
     broken = run(["submit", str(src), "--job-id", "refused"], env)
-    assert broken.returncode == 2 and "line 2: not valid JSON" in broken.stderr
+    assert broken.returncode == 2 and f"safety submit: {src} line 2: not valid JSON (" in broken.stderr
     r = module_redis.client()
     assert r.llen("refused") == 0 and not r.exists(JobKeys("refused").job)
 
