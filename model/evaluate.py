@@ -251,17 +251,19 @@ def one_line(path: str, m: dict) -> str:
 
 def summary_text(m: dict) -> str:
     lines = [one_line(m["data"], m), ""]
-    head = f"{'label':<12} {'pos':>4} {'AUROC':>6} {'thr':>5} {'prec':>5} {'rec':>5} {'F1':>5}"
+    head = f"{'label':<12} {'pos':>4} {'AUROC':>6} {'AP':>6} {'thr':>5} {'prec':>5} {'rec':>5} {'F1':>5}"
     lines.append(head)
     fmt = lambda x: "  –  " if x is None else f"{x:.3f}"  # noqa: E731
     for label, r in m["labels"].items():
         lines.append(
-            f"{label:<12} {r['support']:>4} {fmt(r['auroc']):>6} {r['threshold']:>5.2f} "
+            f"{label:<12} {r['support']:>4} {fmt(r['auroc']):>6} {fmt(r['average_precision']):>6} "
+            f"{r['threshold']:>5.2f} "
             f"{r['precision']:>5.2f} {r['recall']:>5.2f} {r['f1']:>5.2f}"
         )
     mac = m["macro"]
     lines.append(
-        f"{'macro':<12} {'':>4} {fmt(mac['auroc']):>6} {'':>5} {fmt(mac['precision']):>5} "
+        f"{'macro':<12} {'':>4} {fmt(mac['auroc']):>6} {fmt(mac['average_precision']):>6} {'':>5} "
+        f"{fmt(mac['precision']):>5} "
         f"{fmt(mac['recall']):>5} {fmt(mac['f1']):>5}"
     )
     c = m["confusion"]

@@ -214,7 +214,9 @@ def test_deterministic_for_a_seed(corpus: dict[str, Path], trained: Path, tmp_pa
         assert (again / name).read_bytes() == (trained / name).read_bytes(), name
 
 
-def test_eval_writes_metrics_and_png(trained: Path, corpus: dict[str, Path], tmp_path: Path) -> None:
+def test_eval_writes_metrics_and_png(
+    trained: Path, corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pairs = write_jsonl(
         tmp_path / "pairs.jsonl",
         [
@@ -236,6 +238,8 @@ def test_eval_writes_metrics_and_png(trained: Path, corpus: dict[str, Path], tmp
         out = tmp_path / f"eval-{data.stem}"
         assert main(["eval", "--model", str(trained), "--data", str(data), "--out", str(out)]) == 0
         m = json.loads((out / "metrics.json").read_text())
+        printed = capsys.readouterr().out  # the table docs/model.md promises: AUROC, AP, P/R/F1 per label
+        assert "label         pos  AUROC     AP   thr  prec   rec    F1" in printed
         assert set(m["labels"]) == set(SAFETY_LABELS)
         for r in m["labels"].values():
             assert {"auroc", "precision", "recall", "f1", "threshold", "support"} <= set(r)
