@@ -1,14 +1,16 @@
 """Dynamic batching: one queue of token windows from concurrent requests, one batch former, one runner.
 
-Owns: admission (bounds on queued items and tokens -> `OverloadedError` at once), tokenization off the event
-loop (a thread pool running `clf.encode`), the pending queue, batch formation with the engine's planner
-(`model.planner.next_batch`: the oldest window plus its nearest neighbours in length under the token budget;
-an idle device waits at most `max_wait_ms` for a fuller batch, and only while other calls are still being
-tokenized; a busy device lets the queue fill meanwhile), the runner thread (`clf.launch`: pack and queue a
-batch on the device, while the former prepares the next), the collector thread (`clf.collect`: wait for a
-batch's logits and deliver its finished requests, so the runner can queue the next batch on the device before
-the previous one is read back: two batches in flight on CUDA, one on the CPU), dropping windows of cancelled
-or expired requests before compute, and reassembling per-request results with `clf.aggregate`.
+Owns: admission (bounds on queued items and tokens -> `OverloadedError` at once; the tokens of calls still
+being tokenized count, estimated from their characters), tokenization off the event loop (a thread pool
+running `clf.encode` on pieces of a call's items, which stops between pieces when the caller is gone, the
+server closes, or the call has passed the whole queue bound), the pending queue, batch formation with the
+engine's planner (`model.planner.next_batch`: the oldest window plus its nearest neighbours in length under
+the token budget; an idle device waits at most `max_wait_ms` for a fuller batch, and only while other calls
+are still being tokenized; a busy device lets the queue fill meanwhile), the runner thread (`clf.launch`: pack
+and queue a batch on the device, while the former prepares the next), the collector thread (`clf.collect`:
+wait for a batch's logits and deliver its finished requests, so the runner can queue the next batch on the
+device before the previous one is read back: two batches in flight on CUDA, one on the CPU), dropping windows
+of cancelled or expired requests before compute, and reassembling per-request results with `clf.aggregate`.
 
 Threads: the event loop calls `submit`; the former, the runner and (with two batches in flight) the collector
 are daemon threads sharing one condition variable (runner -> collector through a queue); results go back to
@@ -45,6 +47,13 @@ from model.threads import name_os_thread
 from service.deadlines import deadline_passed
 
 log = logging.getLogger("safety.service.scheduler")
+
+PIECE_CHARS = 262_144  # tokenized at a time (~0.1 s on one core): how soon a stop or the bound is seen
+TOKENS_PER_CHAR = 0.25  # the admission estimate until real calls have measured this tokenizer's ratio
+
+
+class _Stopped(Exception):
+    """Tokenization stopped between pieces: the caller is gone (its own error is already on its way)."""
 
 
 class SchedulerMetrics(Protocol):
@@ -151,6 +160,8 @@ class Scheduler:
         self._slot: list[_Window] | None = None  # the next batch, formed while the runner computes
         self._queued_items = 0  # admitted items not yet handed to the runner (tokenizing included)
         self._tokenizing = 0  # admitted items still being tokenized: they will join the queue shortly
+        self._reserved_tokens = 0  # estimated tokens of the calls being tokenized (admission counts them)
+        self._seen = [0, 0]  # characters and tokens tokenized so far: this tokenizer's ratio
         # Heap of (deadline, tie-breaker, weak reference to the request): finished requests are not kept.
         self._deadlines: list[tuple[float, int, weakref.ref[_Request]]] = []
         self._sequence = 0  # tie-breaker for the heap
@@ -192,11 +203,14 @@ class Scheduler:
         n = len(items)
         if not n:
             return Outcome([], 0.0, 0.0, 0.0)
-        self._admit_items(n)
+        chars = [len(it.text) + len(it.context or "") for it in items]
+        estimate = self._admit_items(n, sum(chars))
         loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        job = self._pool.submit(self._encode, list(items), chars, stop)
         try:
             start = time.perf_counter()
-            encoded = await loop.run_in_executor(self._pool, self.clf.encode, list(items))
+            encoded = await asyncio.wrap_future(job)
             tokenize_s = time.perf_counter() - start
             self.metrics.tokenized(tokenize_s)
             req = _Request(
@@ -210,9 +224,11 @@ class Scheduler:
                 remaining=sum(len(e.windows) for e in encoded),
                 queued_windows=[len(e.windows) for e in encoded],
             )
-            self._enqueue(req)
+            self._enqueue(req, estimate)
         except BaseException:
-            self._release_items(n)
+            # a piece being tokenized still holds its admission: released when it ends (at once when none)
+            stop.set()
+            job.add_done_callback(lambda _: self._release_items(n, estimate))
             raise
         try:
             return await req.future
@@ -220,7 +236,9 @@ class Scheduler:
             self._abandon(req, "deadline" if deadline_passed(req.deadline, time.monotonic()) else "cancelled")
             raise
 
-    def _admit_items(self, n: int) -> None:
+    def _admit_items(self, n: int, chars: int) -> int:
+        """Admit `n` items of `chars` characters, or refuse at once; returns the tokens reserved for them
+        until they are tokenized (an estimate from this tokenizer's characters per token so far)."""
         if n > self.max_queue_items:
             raise InvalidInputError(
                 f"{n} items, more than the server's whole queue bound ({self.max_queue_items})",
@@ -229,30 +247,62 @@ class Scheduler:
         with self._cond:
             if not self._accepting:
                 raise UnavailableError("server is shutting down; retry on another replica")
-            if self._queued_items + n > self.max_queue_items or self._queued_tokens >= self.max_queue_tokens:
+            tokens = self._queued_tokens + self._reserved_tokens  # queued, and on their way to the queue
+            if self._queued_items + n > self.max_queue_items or tokens >= self.max_queue_tokens:
                 raise OverloadedError(
-                    f"queue full ({self._queued_items} items, {self._queued_tokens} tokens queued; bounds "
-                    f"{self.max_queue_items} items, {self.max_queue_tokens} tokens); retry with backoff"
+                    f"queue full ({self._queued_items} items, {self._queued_tokens} tokens queued and about "
+                    f"{self._reserved_tokens} being tokenized; bounds {self.max_queue_items} items, "
+                    f"{self.max_queue_tokens} tokens); retry with backoff"
                 )
+            seen_chars, seen_tokens = self._seen
+            estimate = round(chars * (seen_tokens / seen_chars if seen_chars else TOKENS_PER_CHAR))
             self._queued_items += n
             self._tokenizing += n
+            self._reserved_tokens += estimate
             self._report_depth_locked()
+            return estimate
 
-    def _release_items(self, n: int) -> None:
+    def _release_items(self, n: int, reserved: int) -> None:
         with self._cond:
             self._queued_items -= n
             self._tokenizing -= n
+            self._reserved_tokens -= reserved
             self._report_depth_locked()
             self._cond.notify_all()
 
-    def _enqueue(self, req: _Request) -> None:
+    def _encode(self, items: list[Item], chars: list[int], stop: threading.Event) -> list[Encoded]:
+        """`clf.encode` a piece of at most PIECE_CHARS characters at a time (a longer item alone), in an
+        encode thread; between pieces, stop when the caller is gone or the server closes, and refuse a call
+        already past the whole queue bound instead of tokenizing the rest of it."""
+        out: list[Encoded] = []
+        tokens = start = 0
+        while start < len(items):
+            end, size = start + 1, chars[start]
+            while end < len(items) and size + chars[end] <= PIECE_CHARS:
+                size += chars[end]
+                end += 1
+            if stop.is_set():
+                raise _Stopped
+            if self._closing:
+                raise UnavailableError("server is shutting down; retry on another replica")
+            piece = self.clf.encode(items[start:end])
+            out += piece
+            tokens += sum(len(w) for e in piece for w in e.windows)
+            if tokens > self.max_queue_tokens:
+                raise InvalidInputError(
+                    f"the request has more than {tokens} tokens (its first {end} items), more than the "
+                    f"server's whole queue bound ({self.max_queue_tokens}); send fewer or shorter items, "
+                    "or use a batch job",
+                    field="items",
+                )
+            start = end
+        with self._cond:  # this tokenizer's characters per token, for the next estimates
+            self._seen[0] += sum(chars)
+            self._seen[1] += tokens
+        return out
+
+    def _enqueue(self, req: _Request, reserved: int) -> None:
         tokens = sum(len(w) for e in req.encoded for w in e.windows)
-        if tokens > self.max_queue_tokens:
-            raise InvalidInputError(
-                f"the request has {tokens} tokens, more than the server's whole queue bound "
-                f"({self.max_queue_tokens}); send fewer or shorter items, or use a batch job",
-                field="items",
-            )
         now = time.monotonic()
         if req.deadline is not None and now >= req.deadline:
             raise DeadlineExceededError("deadline passed during tokenization")
@@ -273,6 +323,7 @@ class Scheduler:
             self._queued_tokens += tokens
             self._pending_tokens += tokens
             self._tokenizing -= len(req.encoded)
+            self._reserved_tokens -= reserved
             if req.deadline is not None:
                 self._sequence += 1
                 heapq.heappush(self._deadlines, (req.deadline, self._sequence, weakref.ref(req)))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from model import Item
-from model.errors import DeadlineExceededError, UnavailableError
+from model.errors import DeadlineExceededError, InvalidInputError, OverloadedError, UnavailableError
 from service.scheduler import Scheduler
 from tests.service.helpers import queued, wait_until
 
@@ -183,3 +183,119 @@ def test_failed_batch_fails_its_calls_and_the_scheduler_goes_on(
         assert scheduler.stats()["queued_items"] == 0
     finally:
         scheduler.close()
+
+
+class GatedEncode:
+    """`clf.encode` that records each piece and waits for `gate` before tokenizing it."""
+
+    def __init__(self, clf: Any) -> None:
+        self.clf, self.encode_real = clf, clf.encode
+        self.pieces: list[int] = []
+        self.started = threading.Semaphore(0)
+        self.gate = threading.Semaphore(0)
+
+    def __call__(self, items: list[Item]) -> Any:
+        self.pieces.append(len(items))
+        self.started.release()
+        assert self.gate.acquire(timeout=30)
+        return self.encode_real(items)
+
+
+@pytest.fixture
+def gated(tiny_classifier: Any, monkeypatch: pytest.MonkeyPatch) -> GatedEncode:
+    import service.scheduler
+
+    monkeypatch.setattr(service.scheduler, "PIECE_CHARS", 20)  # items of 10 characters: two a piece
+    gate = GatedEncode(tiny_classifier)
+    monkeypatch.setattr(tiny_classifier, "encode", gate)
+    return gate
+
+
+ITEMS = [Item(text=f"item {i:05d}") for i in range(8)]  # 10 characters each: four pieces of two
+
+
+def test_a_cancelled_call_stops_tokenizing_and_holds_its_admission_until_its_piece_ends(
+    gated: GatedEncode, tiny_classifier: Any
+) -> None:
+    """A large call whose caller is gone must not keep the tokenizer threads busy (or its memory) with
+    pieces nobody will read, and the piece still running counts against the bounds until it ends."""
+    scheduler = Scheduler(tiny_classifier, encode_threads=1)
+    th = tiny_classifier.resolve_thresholds(None)
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.submit(ITEMS, th))
+        assert await asyncio.to_thread(gated.started.acquire, timeout=10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert scheduler.stats()["tokenizing_items"] == 8  # the first piece is still being tokenized
+        gated.gate.release()
+        await until(lambda: scheduler.stats()["tokenizing_items"] == 0)
+
+    try:
+        asyncio.run(main())
+        assert gated.pieces == [2]  # not the other three
+        assert scheduler.stats()["queued_items"] == 0 and scheduler._reserved_tokens == 0
+    finally:
+        scheduler.close()
+
+
+def test_a_call_past_the_whole_queue_bound_is_refused_without_tokenizing_the_rest(
+    gated: GatedEncode, tiny_classifier: Any
+) -> None:
+    (one,) = gated.encode_real([ITEMS[0]])
+    scheduler = Scheduler(tiny_classifier, encode_threads=1, max_queue_tokens=3 * len(one.windows[0]))
+    th = tiny_classifier.resolve_thresholds(None)
+    for _ in range(8):
+        gated.gate.release()
+    try:
+        with pytest.raises(
+            InvalidInputError, match=r"items: the request has more than \d+ tokens \(its first 4"
+        ):
+            asyncio.run(scheduler.submit(ITEMS, th))
+        assert gated.pieces == [2, 2]
+        assert scheduler.stats()["queued_items"] == 0 and scheduler._reserved_tokens == 0
+    finally:
+        scheduler.close()
+
+
+def test_admission_counts_the_tokens_of_calls_still_being_tokenized(
+    gated: GatedEncode, tiny_classifier: Any
+) -> None:
+    """A burst must be refused at once, not after each call waited its turn to be tokenized (and often ran
+    past its deadline there): calls being tokenized reserve their estimated tokens."""
+    scheduler = Scheduler(tiny_classifier, encode_threads=1, max_queue_tokens=20)  # 8 x 10 chars: ~20
+    th = tiny_classifier.resolve_thresholds(None)
+
+    async def main() -> None:
+        first = asyncio.create_task(scheduler.submit(ITEMS, th))
+        assert await asyncio.to_thread(gated.started.acquire, timeout=10)
+        with pytest.raises(OverloadedError, match=r"about 20 being tokenized"):
+            await scheduler.submit([Item(text="a burst")], th)
+        first.cancel()
+        gated.gate.release()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+    try:
+        asyncio.run(main())
+    finally:
+        scheduler.close()
+
+
+def test_close_stops_a_call_being_tokenized_between_pieces(gated: GatedEncode, tiny_classifier: Any) -> None:
+    """A drain must not wait for the rest of a large call's tokenization (the process cannot exit while an
+    encode thread runs)."""
+    scheduler = Scheduler(tiny_classifier, encode_threads=1)
+    th = tiny_classifier.resolve_thresholds(None)
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.submit(ITEMS, th))
+        assert await asyncio.to_thread(gated.started.acquire, timeout=10)
+        await asyncio.to_thread(scheduler.close)
+        gated.gate.release()
+        with pytest.raises(UnavailableError, match="shutting down"):
+            await task
+
+    asyncio.run(main())
+    assert gated.pieces == [2]

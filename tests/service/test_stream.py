@@ -108,9 +108,9 @@ def test_admission_refuses_single_requests_of_a_stream(start_server: Any, stub_f
     refusals: list[int] = []
     admit = app.scheduler._admit_items
 
-    def counting_admit(n: int) -> None:
+    def counting_admit(n: int, chars: int) -> int:
         try:
-            admit(n)
+            return admit(n, chars)
         except OverloadedError:
             refusals.append(n)
             raise
