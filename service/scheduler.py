@@ -256,6 +256,9 @@ class Scheduler:
                 )
             seen_chars, seen_tokens = self._seen
             estimate = round(chars * (seen_tokens / seen_chars if seen_chars else TOKENS_PER_CHAR))
+            # a call estimated past the whole bound is most likely refused after its first pieces: it must
+            # not shut every other call out meanwhile
+            estimate = min(estimate, self.max_queue_tokens // 4)
             self._queued_items += n
             self._tokenizing += n
             self._reserved_tokens += estimate

@@ -264,18 +264,48 @@ def test_admission_counts_the_tokens_of_calls_still_being_tokenized(
 ) -> None:
     """A burst must be refused at once, not after each call waited its turn to be tokenized (and often ran
     past its deadline there): calls being tokenized reserve their estimated tokens."""
-    scheduler = Scheduler(tiny_classifier, encode_threads=1, max_queue_tokens=20)  # 8 x 10 chars: ~20
+    scheduler = Scheduler(tiny_classifier, encode_threads=1, max_queue_tokens=80)  # 8 x 10 chars: ~20 each
     th = tiny_classifier.resolve_thresholds(None)
 
     async def main() -> None:
-        first = asyncio.create_task(scheduler.submit(ITEMS, th))
-        assert await asyncio.to_thread(gated.started.acquire, timeout=10)
-        with pytest.raises(OverloadedError, match=r"about 20 being tokenized"):
+        burst = [asyncio.create_task(scheduler.submit(ITEMS, th)) for _ in range(4)]
+        assert await asyncio.to_thread(gated.started.acquire, timeout=10)  # one tokenizing, three waiting
+        with pytest.raises(OverloadedError, match=r"0 tokens queued and about 80 being tokenized"):
             await scheduler.submit([Item(text="a burst")], th)
-        first.cancel()
+        for task in burst:
+            task.cancel()
         gated.gate.release()
-        with pytest.raises(asyncio.CancelledError):
-            await first
+        for task in burst:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await until(lambda: scheduler.stats()["tokenizing_items"] == 0)
+        assert scheduler._reserved_tokens == 0
+
+    try:
+        asyncio.run(main())
+        assert gated.pieces == [2]
+    finally:
+        scheduler.close()
+
+
+def test_one_huge_call_reserves_at_most_a_quarter_of_the_token_bound(
+    gated: GatedEncode, tiny_classifier: Any
+) -> None:
+    """It will most likely be refused after its first pieces; meanwhile the other calls are admitted."""
+    scheduler = Scheduler(tiny_classifier, encode_threads=1, max_queue_tokens=80)
+    th = tiny_classifier.resolve_thresholds(None)
+    huge = [Item(text="x" * 10_000)]  # ~2,500 tokens estimated, more than the whole bound
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.submit(huge, th))
+        assert await asyncio.to_thread(gated.started.acquire, timeout=10)
+        assert scheduler._reserved_tokens == 20
+        small = asyncio.create_task(scheduler.submit([Item(text="admitted")], th))
+        await until(lambda: scheduler.stats()["queued_items"] == 2)  # admitted, waiting for the tokenizer
+        for t in (task, small):
+            t.cancel()
+        gated.gate.release()
+        await until(lambda: scheduler.stats()["queued_items"] == 0)
 
     try:
         asyncio.run(main())
