@@ -28,6 +28,9 @@ def create_app(settings: WorkerSettings) -> Celery:
         # tenth of the visibility timeout (1-10 s) so a dead worker's chunk comes back on time.
         "unacked_restore_interval": max(1, min(10, vt // 10)),
         "unacked_restore_throttle": 1,
+        # the lock around that sweep outlives a worker killed while holding it (kombu's default: 300 s, the
+        # sweep frozen that long, e.g. after a Redis restart from its AOF); a sweep takes far less than this
+        "unacked_mutex_expire": max(5, min(300, vt)),
         "socket_connect_timeout": 5,
         "socket_timeout": 30,
         "socket_keepalive": True,

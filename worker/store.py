@@ -31,7 +31,7 @@ from typing import Any
 
 import redis
 
-from model.errors import InvalidInputError
+from model.errors import InvalidInputError, NotFoundError
 
 STATES = ("submitting", "queued", "running", "done", "failed", "cancelled")
 FINISHED = frozenset({"done", "failed", "cancelled"})
@@ -95,13 +95,30 @@ class JobKeys:
         return [self.job, self.items, self.results, self.attempts, self.errors, self.enqueued]
 
 
-# KEYS = JobKeys.all(); ARGV = field/value pairs. Returns 1 when created, else the existing digest.
+# KEYS = JobKeys.all(); ARGV = field/value pairs. Returns 1 when created, else the existing digest. A new
+# record starts with no items, results, attempts, errors or sent chunks: keys left by a job whose record was
+# lost (Redis restarted without persistence while it was being submitted) must not pass for this one's.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return redis.call('HGET', KEYS[1], 'digest') or ''
 end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('HSET', KEYS[1], unpack(ARGV))
 redis.call('EXPIRE', KEYS[1], tonumber(redis.call('HGET', KEYS[1], 'ttl_s')))
+return 1
+"""
+
+# KEYS = [record, key]; ARGV = [expire_at_ms, kind ('hash' | 'set'), then field/value pairs or members].
+# Adds to the job's items or sent chunks only while its record exists: 0 when it is gone (a Redis restart
+# without persistence in the middle of a submit), and nothing is written.
+_ADD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[2] == 'hash' then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+else
+  redis.call('SADD', KEYS[2], unpack(ARGV, 3))
+end
+redis.call('PEXPIREAT', KEYS[2], ARGV[1])
 return 1
 """
 
@@ -258,6 +275,7 @@ class JobStore:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._create = client.register_script(_CREATE)
+        self._add = client.register_script(_ADD)
         self._start = client.register_script(_START_CHUNK)
         self._write = client.register_script(_WRITE_RESULTS)
         self._cancel = client.register_script(_CANCEL)
@@ -287,21 +305,26 @@ class JobStore:
         return record or None
 
     def upload(self, job_id: str, first: int, items: Sequence[str], expire_at_ms: int) -> None:
+        """Store items `first`, `first + 1`, ...; NotFoundError when the job record is gone."""
         keys = JobKeys(job_id)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(keys.items, mapping={str(first + k): item for k, item in enumerate(items)})
-        pipe.pexpireat(keys.items, expire_at_ms)
-        pipe.execute()
+        pairs = [x for k, item in enumerate(items) for x in (str(first + k), item)]
+        self._added(job_id, self._add(keys=[keys.job, keys.items], args=[expire_at_ms, "hash", *pairs]))
 
     def enqueued(self, job_id: str) -> set[int]:
         return {int(c) for c in self.client.smembers(JobKeys(job_id).enqueued)}
 
     def mark_enqueued(self, job_id: str, chunk: int, expire_at_ms: int) -> None:
+        """Record that `chunk` was sent; NotFoundError when the job record is gone."""
         keys = JobKeys(job_id)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.sadd(keys.enqueued, chunk)
-        pipe.pexpireat(keys.enqueued, expire_at_ms)
-        pipe.execute()
+        self._added(job_id, self._add(keys=[keys.job, keys.enqueued], args=[expire_at_ms, "set", chunk]))
+
+    @staticmethod
+    def _added(job_id: str, out: int) -> None:
+        if not out:
+            raise NotFoundError(
+                f"job {job_id!r} disappeared while it was being submitted (Redis restarted without "
+                "persistence?); submit it again"
+            )
 
     def mark_active(self, job_id: str) -> None:
         self._open(keys=[ACTIVE_JOBS], args=[job_id])

@@ -33,7 +33,7 @@ from worker import faults
 from worker.app import TASK_NAME, app
 from worker.metrics import Metrics, process_metrics
 from worker.settings import WorkerSettings
-from worker.store import JobStore, failed_line, result_line
+from worker.store import FINISHED, JobStore, failed_line, result_line
 
 if TYPE_CHECKING:
     from model import Classifier
@@ -159,8 +159,15 @@ def run_chunk(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
         if r is None
     ]
     items = store.items(job_id, indices)
-    if any(item is None for item in items):  # the job finished or expired between the two reads
-        return {"job_id": job_id, "chunk": chunk, "action": "gone"}
+    if any(item is None for item in items):
+        record = store.get(job_id)
+        if record is None or record.get("state") in FINISHED:  # finished or expired between the two reads
+            return {"job_id": job_id, "chunk": chunk, "action": "gone"}
+        # the job is open but its items are not there (evicted, or lost with a Redis restart): no attempt
+        # brings them back; fail them now with the reason, rather than redeliver the chunk for ever
+        error = "its items are missing from Redis (evicted, or lost in a restart); submit the job again"
+        found = [item or {} for item in items]
+        return give_up(store, job_id, chunk, start.attempt, indices, found, error)
     if start.attempt > max_attempts:
         error = f"gave up after {max_attempts} attempts: {start.last_error or WORKER_LOST}"
         return give_up(store, job_id, chunk, start.attempt - 1, indices, items, error)

@@ -63,6 +63,14 @@ def test_celery_is_json_only_late_ack_and_one_visibility_timeout() -> None:
         * conf.broker_transport_options["unacked_restore_throttle"]
         <= 12
     )
+    # its lock, left by a worker killed while sweeping, must not freeze the sweep for kombu's 300 s
+    assert conf.broker_transport_options["unacked_mutex_expire"] == 120
+    assert (
+        create_app(WorkerSettings(visibility_timeout_s=2)).conf.broker_transport_options[
+            "unacked_mutex_expire"
+        ]
+        == 5
+    )
     assert conf.task_routes[TASK_NAME] == {"queue": "q1"}
 
 

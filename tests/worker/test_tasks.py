@@ -11,12 +11,12 @@ import pytest
 import redis
 from celery.exceptions import Reject
 
-from model.errors import InvalidInputError
+from model.errors import InvalidInputError, NotFoundError
 from tests.worker.harness import RedisServer, free_port, make_items
 from worker.jobs import JobClient
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
-from worker.store import RESULT_FIELDS, JobStore, failed_line
+from worker.store import RESULT_FIELDS, JobKeys, JobStore, failed_line
 from worker.tasks import classify_lines, deliver
 
 
@@ -108,6 +108,53 @@ def test_each_delivery_is_counted_by_outcome_and_items_once(
     assert (items("ok"), items("failed")) == (status.done, status.failed)
     # Every delivery that did work is timed (done 2, retried 2, dead-lettered 1); a skipped one is not.
     assert metrics.registry.get_sample_value("safety_worker_chunk_seconds_count") == 5
+
+
+def test_a_submit_stops_when_redis_lost_the_job_and_a_new_one_starts_clean(
+    redis_server: RedisServer, job_client: Callable[..., JobClient]
+) -> None:
+    """Redis restarted without persistence in the middle of a submit: the rest of the submit must not
+    recreate the job's items and sent chunks, and the re-submit must not take those left over for its own
+    (it skipped their chunks, and the job stayed `running` for ever)."""
+    client = job_client(redis_server.url, queue="lost-unconsumed", chunk_size=2)
+    r = redis_server.client()
+    keys = JobKeys("lost-job")
+    r.hset(keys.items, "0", "stale")  # what a lost job's submit left behind
+    r.sadd(keys.enqueued, 0, 1)
+    r.hset(keys.attempts, "0", 19)
+    submitted = client.submit(make_items(6, prefix="l"), job_id="lost-job")
+    assert (submitted.resumed, submitted.sent) == (False, 3)  # every chunk, none skipped
+    assert r.hget(keys.attempts, "0") is None and r.hget(keys.items, "0") != "stale"
+
+    r.delete(keys.job)  # the record is gone (the restart), the submit goes on
+    with pytest.raises(NotFoundError, match="disappeared while it was being submitted"):
+        client.store.upload("lost-job", 0, ["x"], 10**13)
+    with pytest.raises(NotFoundError, match="disappeared"):
+        client.store.mark_enqueued("lost-job", 0, 10**13)
+
+
+def test_a_chunk_whose_items_are_missing_from_an_open_job_fails_them_instead_of_looping(
+    redis_server: RedisServer, job_client: Callable[..., JobClient], tiny_classifier: Any
+) -> None:
+    """No redelivery brings the items back: the chunk's items fail at once with the reason (before, the
+    chunk said `gone` while its job stayed open, and the lost-chunk sweeper re-sent it for ever)."""
+    client = job_client(redis_server.url, queue="missing-unconsumed", chunk_size=2)
+    job = client.submit(make_items(4, prefix="g"), job_id="missing-items").status.job_id
+    redis_server.client().hdel(JobKeys(job).items, "2")  # chunk 1 loses an item
+    task = SimpleNamespace(
+        settings=WorkerSettings(max_attempts=3),
+        store=client.store,
+        metrics=Metrics(),
+        classifier=tiny_classifier,
+    )
+    assert deliver(task, job, 0)["action"] == "classified"
+    assert deliver(task, job, 1)["action"] == "dead-lettered"
+    status = client.status(job)
+    assert (status.state, status.done, status.failed) == ("done", 2, 2)
+    lines = list(client.results(job, timeout=10))
+    assert [line["error"] is None for line in lines] == [True, True, False, False]
+    assert "items are missing from Redis" in lines[2]["error"]
+    assert [line["id"] for line in lines] == ["g-0", "g-1", "2", "g-3"]  # the lost item: its index
 
 
 class BlipOnce(JobStore):
