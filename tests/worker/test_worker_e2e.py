@@ -196,15 +196,17 @@ def test_results_expire_after_the_ttl(
         list(client.results(job))
 
 
+@pytest.mark.parametrize("pool", ["solo", "prefork"])  # prefork: the pool processes log too
 def test_json_logs_are_one_object_per_line_with_the_task_id(
     module_redis: RedisServer,
     start_worker: Callable[..., Worker],
     job_client: Callable[..., JobClient],
+    pool: str,
 ) -> None:
     """SAFETY_LOG_FORMAT=json (what the Kubernetes config sets): no banner, no Celery text line; a record
     logged inside a chunk carries the chunk's task id."""
-    w = start_worker(module_redis.url, pool="solo", queue="json-logs", log_format="json")
-    client = job_client(module_redis.url, queue="json-logs", chunk_size=8)
+    w = start_worker(module_redis.url, pool=pool, queue=f"json-logs-{pool}", log_format="json")
+    client = job_client(module_redis.url, queue=f"json-logs-{pool}", chunk_size=8)
     job = client.submit(make_items(8)).status.job_id
     assert client.wait(job, timeout=120).state == "done"
     poll(lambda: "loaded model" in w.text(), timeout=10, what="the model's load record")
