@@ -2,12 +2,12 @@
 
 Owns: an item's fields (id, text, role, context), their defaults (role "prompt"; a missing, null or empty
 context or role is unset, any other value is checked; a result's id is the item's, else its index as a
-string: `item_id`), the roles, the context-only-on-responses rule, valid
-Unicode (no lone surrogates: JSON's `\ud800` escapes, or a command-line argument that was not UTF-8), and the
-optional edge limit on characters per text and per context, each broken rule an `InvalidInputError` naming
-the item's index and field. The engine
-(`Classifier.coerce_items`), the job client (`worker.items`) and the gRPC servicer all call these, so a
-bad item gets the same verdict and message wherever it arrives. Must not know: torch, gRPC, Celery.
+string: `item_id`), the roles, the context-only-on-responses rule, valid Unicode (no lone surrogates: JSON's
+`\ud800` escapes, or a command-line argument that was not UTF-8), and the optional edge limit on characters
+per text and per context, each broken rule an `InvalidInputError` naming the item's index and field. The
+engine (`Classifier.coerce_items`), the job client (`worker.items`), the gRPC servicer and the Python client
+(`FIELDS`) all use these, so a bad item gets the same verdict and message wherever it arrives. Must not
+know: torch, gRPC, Celery.
 """
 
 from __future__ import annotations

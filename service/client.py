@@ -25,10 +25,10 @@ from typing import Any
 
 import grpc
 
+from model.items import FIELDS  # torch-free: the item's fields, one definition for every front end
 from service.stubs import pb2, pb2_grpc
 
 ItemLike = str | Mapping[str, Any]
-ITEM_FIELDS = ("id", "text", "role", "context")
 ROLES = {None: pb2.ROLE_UNSPECIFIED, "": pb2.ROLE_UNSPECIFIED, "prompt": pb2.ROLE_PROMPT,
          "response": pb2.ROLE_RESPONSE}  # fmt: skip
 CHANNEL_OPTIONS = [
@@ -63,9 +63,9 @@ def build_items(items: Iterable[ItemLike]) -> list[Any]:
             continue
         if not isinstance(item, Mapping):
             raise ValueError(f"items[{i}]: must be a text or a dict, got {type(item).__name__}")
-        unknown = sorted(set(item) - set(ITEM_FIELDS), key=str)
+        unknown = sorted(set(item) - set(FIELDS), key=str)
         if unknown:
-            raise ValueError(f"items[{i}].{unknown[0]}: unknown field; an item has {', '.join(ITEM_FIELDS)}")
+            raise ValueError(f"items[{i}].{unknown[0]}: unknown field; an item has {', '.join(FIELDS)}")
         if "text" not in item:
             raise ValueError(f"items[{i}].text: is required")
         for name in ("id", "text", "context"):

@@ -210,7 +210,7 @@ class Scheduler:
         job = self._pool.submit(self._encode, list(items), chars, stop)
         try:
             start = time.perf_counter()
-            encoded = await asyncio.wrap_future(job)
+            encoded, tokens = await asyncio.wrap_future(job)
             tokenize_s = time.perf_counter() - start
             self.metrics.tokenized(tokenize_s)
             req = _Request(
@@ -224,7 +224,7 @@ class Scheduler:
                 remaining=sum(len(e.windows) for e in encoded),
                 queued_windows=[len(e.windows) for e in encoded],
             )
-            self._enqueue(req, estimate)
+            self._enqueue(req, tokens, estimate)
         except BaseException:
             # a piece being tokenized still holds its admission: released when it ends (at once when none)
             stop.set()
@@ -273,10 +273,12 @@ class Scheduler:
             self._report_depth_locked()
             self._cond.notify_all()
 
-    def _encode(self, items: list[Item], chars: list[int], stop: threading.Event) -> list[Encoded]:
-        """`clf.encode` a piece of at most PIECE_CHARS characters at a time (a longer item alone), in an
-        encode thread; between pieces, stop when the caller is gone or the server closes, and refuse a call
-        already past the whole queue bound instead of tokenizing the rest of it."""
+    def _encode(
+        self, items: list[Item], chars: list[int], stop: threading.Event
+    ) -> tuple[list[Encoded], int]:
+        """(the call's windows, their tokens): `clf.encode` on a piece of at most PIECE_CHARS characters at a
+        time (a longer item alone), in an encode thread; between pieces, stop when the caller is gone or the
+        server closes, and refuse a call already past the whole queue bound instead of tokenizing the rest."""
         out: list[Encoded] = []
         tokens = start = 0
         while start < len(items):
@@ -302,10 +304,10 @@ class Scheduler:
         with self._cond:  # this tokenizer's characters per token, for the next estimates
             self._seen[0] += sum(chars)
             self._seen[1] += tokens
-        return out
+        return out, tokens
 
-    def _enqueue(self, req: _Request, reserved: int) -> None:
-        tokens = sum(len(w) for e in req.encoded for w in e.windows)
+    def _enqueue(self, req: _Request, tokens: int, reserved: int) -> None:
+        """Queue the windows of a tokenized call (`tokens` in all), which held `reserved` estimated tokens."""
         now = time.monotonic()
         if req.deadline is not None and now >= req.deadline:
             raise DeadlineExceededError("deadline passed during tokenization")

@@ -219,6 +219,11 @@ def serve_metrics(port: int, *, prefork: bool) -> str | None:
 
 
 # ---- safety submit ---------------------------------------------------------------------------------------
+def _source(path: str) -> str:
+    """How an error names the items file ("-": standard input)."""
+    return "stdin" if path == "-" else path
+
+
 def read_items(path: str) -> tuple[list[Any], list[int]]:
     """Items of a JSONL file and the line number of each (blank lines are skipped, not items)."""
     stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
@@ -230,7 +235,7 @@ def read_items(path: str) -> tuple[list[Any], list[int]]:
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as e:
-                where = f"{'stdin' if path == '-' else path} line {number}"
+                where = f"{_source(path)} line {number}"
                 raise InvalidInputError(f"not valid JSON ({e.msg})", field=where) from None
             lines.append(number)
     return items, lines
@@ -266,7 +271,7 @@ def run_submit(args: argparse.Namespace) -> int:
                 submitted = client.submit(items, job_id=job_id)
             except InvalidInputError as e:
                 if e.index is not None and e.index < len(lines):  # "FILE line 3: items[1].role: ..."
-                    where = f"{'stdin' if args.input == '-' else args.input} line {lines[e.index]}"
+                    where = f"{_source(args.input)} line {lines[e.index]}"
                     raise InvalidInputError(str(e), field=where) from None
                 raise
             job_id = submitted.status.job_id
