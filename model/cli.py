@@ -124,16 +124,23 @@ def _command(argv: Sequence[str] | None) -> str | None:
     return words[0] if words else None
 
 
+EXIT_INTERRUPTED = 130  # a shell's code for a process stopped by SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(argv).parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    command = _command(sys.argv[1:] if argv is None else argv) or ""
     try:
+        args = build_parser(argv).parse_args(argv)
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         return int(args.func(args) or 0)
     except SafetyError as e:
-        print(f"safety {args.command}: {e}", file=sys.stderr)
+        print(f"safety {command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a command set its own handler (while it still imports)
+        print(f"\nsafety {command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

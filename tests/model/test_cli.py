@@ -53,3 +53,16 @@ def test_classify_errors_are_reported(tmp_path: Path, tiny_model_dir: Path) -> N
     assert p.returncode == 2 and "missing.jsonl: file not found" in p.stderr, p.stderr
     p = run("classify", "--model", str(tiny_model_dir), "--threshold", "hate", "text")
     assert p.returncode == 2 and "--threshold: expects LABEL=VALUE" in p.stderr, p.stderr
+
+
+def test_an_interrupt_before_the_command_handles_it_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
+    """Ctrl-C while a command still imports (before `safety submit` sets its own handler) ends the
+    command with the shell's SIGINT code and one line, not a KeyboardInterrupt traceback."""
+    from model import cli
+
+    def interrupted(args) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "classify_command", interrupted)
+    assert cli.main(["--log-level", "INFO", "classify", "text"]) == 130
+    assert capsys.readouterr().err == "\nsafety classify: interrupted\n"
