@@ -47,7 +47,7 @@ class Item:
 class Result:
     id: str | None
     scores: dict[str, float]  # label -> probability (max over windows)
-    logits: dict[str, float]  # label -> raw logit (max over windows)
+    logits: dict[str, float]  # label -> raw logit of the window that gave its score (not the max logit)
     flagged: bool
     flagged_labels: list[str]
     tokens: int  # content tokens of the text (context and special tokens not counted)
@@ -405,7 +405,8 @@ class Classifier:
         return results
 
     def logits(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> torch.Tensor:
-        """HF-exact logits for `tokenizer(texts, pairs)` (no context cut); longer inputs: max over windows."""
+        """HF-exact logits for `tokenizer(texts, pairs)` (no context cut); longer inputs: the elementwise max
+        over windows (classify's `Result.logits` instead takes each label's from the window of its score)."""
         if pairs is not None and len(pairs) != len(texts):
             raise InvalidInputError(f"has {len(pairs)} entries for {len(texts)} texts", field="pairs")
         for name, values in (("text", texts), ("pairs", pairs or ())):

@@ -14,8 +14,12 @@ from typing import Any
 
 from model.errors import ConfigError
 
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
-PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+ACTIVATIONS = (
+    "gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate", "quick_gelu",
+    "relu", "relu6", "silu", "swish", "mish", "tanh", "sigmoid", "linear",
+)  # fmt: skip
+# regression heads give unbounded values, not probabilities a threshold in [0, 1] could judge: refused
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -56,8 +60,9 @@ class ModernBertConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings", "local_attention"):  # fmt: skip
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise bad(name, f"must be a positive integer, got {value!r}")
+            least = 0 if name == "local_attention" else 1  # 0 and 1 both mean a window of 0 (itself only)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise bad(name, f"must be an integer >= {least}, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise bad("num_attention_heads", f"must divide hidden_size {self.hidden_size}")
         if self.head_dim % 2:
@@ -74,6 +79,12 @@ class ModernBertConfig:
                 raise bad(name, f"unsupported activation {getattr(self, name)!r}; supported: {ACTIVATIONS}")
         if self.classifier_pooling not in ("cls", "mean"):
             raise bad("classifier_pooling", f"must be 'cls' or 'mean', got {self.classifier_pooling!r}")
+        if self.problem_type == "regression":
+            raise bad(
+                "problem_type",
+                "'regression' heads give unbounded values, not probabilities that per-label thresholds in "
+                "[0, 1] could judge; use single_label_classification or multi_label_classification",
+            )
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise bad("problem_type", f"must be one of {PROBLEM_TYPES} or null, got {self.problem_type!r}")
         if not self.id2label or sorted(self.id2label) != list(range(len(self.id2label))):
@@ -81,8 +92,11 @@ class ModernBertConfig:
         if len(set(self.id2label.values())) != len(self.id2label):
             raise bad("id2label", "label names must be unique")
         for name in ("global_rope_theta", "local_rope_theta", "norm_eps"):
-            if not isinstance(getattr(self, name), int | float) or getattr(self, name) <= 0:
-                raise bad(name, f"must be a positive number, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            least_ok = value >= 0 if name == "norm_eps" else value > 0  # LayerNorm takes eps 0, as HF does
+            if not isinstance(value, int | float) or isinstance(value, bool) or not least_ok:
+                kind = "a non-negative" if name == "norm_eps" else "a positive"
+                raise bad(name, f"must be {kind} number, got {value!r}")
 
     @property
     def head_dim(self) -> int:
@@ -143,7 +157,9 @@ class ModernBertConfig:
 
         global_theta = raw.get("global_rope_theta", 160_000.0)
         local_theta = raw.get("local_rope_theta", 10_000.0)
-        legacy = raw.get("rope_scaling")  # the pre-5.x key, which transformers still applies to every layer
+        # the pre-5.x key, which transformers still merges into every layer type's parameters, over
+        # rope_parameters' own: its rope_theta (if any) is both layers' theta
+        legacy = raw.get("rope_scaling")
         if legacy is not None:
             if not isinstance(legacy, dict):
                 raise bad("rope_scaling", "must be an object or null")
@@ -164,12 +180,17 @@ class ModernBertConfig:
                     )
             global_theta = (rope.get("full_attention") or {}).get("rope_theta", global_theta)
             local_theta = (rope.get("sliding_attention") or {}).get("rope_theta", local_theta)
+        if legacy is not None and "rope_theta" in legacy:
+            global_theta = local_theta = legacy["rope_theta"]
 
         if "id2label" in raw:
             try:
                 id2label = {int(k): str(v) for k, v in raw["id2label"].items()}
             except (AttributeError, ValueError) as e:
                 raise bad("id2label", f"must map integer ids to names ({e})") from None
+            n = raw.get("num_labels")
+            if n is not None and n != len(id2label):
+                raise bad("num_labels", f"is {n!r}, but id2label names {len(id2label)} labels")
         else:
             n = raw.get("num_labels", 2)
             if not isinstance(n, int) or n <= 0:
@@ -183,6 +204,18 @@ class ModernBertConfig:
             "classifier_pooling", "problem_type",
         }  # fmt: skip
         kwargs = {k: raw[k] for k in known if k in raw}
+        window = raw.get("sliding_window")  # transformers' setter: local_attention = 2 × it, over the key
+        if window is not None:
+            if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+                raise bad("sliding_window", f"must be an integer >= 0, got {window!r}")
+            kwargs["local_attention"] = 2 * window
+        head_dim = raw.get("head_dim")  # transformers derives it; one that disagrees is a broken file
+        hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
+        derived = (
+            hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+        )
+        if head_dim is not None and derived is not None and head_dim != derived:
+            raise bad("head_dim", f"is {head_dim!r}, but hidden_size / num_attention_heads = {derived}")
         for name in ("pad_token_id", "cls_token_id", "sep_token_id"):
             if raw.get(name) is not None:
                 kwargs[name] = raw[name]

@@ -33,7 +33,9 @@ import torch
 
 ACTIVATIONS = {
     "gelu": 0,
+    "gelu_python": 0,
     "gelu_new": 1,
+    "gelu_accurate": 1,
     "gelu_pytorch_tanh": 1,
     "gelu_fast": 1,
     "relu": 2,
@@ -64,37 +66,53 @@ def triton_missing(device: torch.device, kernels: str) -> str | None:
     return None
 
 
-def unsupported(device: torch.device, dtype: torch.dtype, activation: str, head_dim: int) -> str | None:
-    """Why the fused kernels cannot serve this setup, or None when they can."""
+def unsupported(
+    device: torch.device, dtype: torch.dtype, activation: str, hidden: int, heads: int, inter: int
+) -> str | None:
+    """Why the fused kernels cannot serve this setup (hidden_size, attention heads, intermediate_size), or
+    None when they can: some block size the launch can pick must tile both products."""
     if why := triton_missing(device, "the fused kernels"):
         return why
     if activation not in ACTIVATIONS:
         return f"hidden_activation {activation!r} has no fused kernel (supported: {sorted(ACTIVATIONS)})"
-    if head_dim % 16:
-        return f"head_dim {head_dim} is not a multiple of 16"
+    head_dim = hidden // heads
+    if head_dim % 16 or hidden % 16:
+        return f"head_dim {head_dim} and hidden_size {hidden} must be multiples of 16"
     if device.type == "cuda" and dtype == torch.float32:
         return "they need bfloat16 or float16 (Triton's fp32 dot is TF32)"
+    tiles = [(bn, bk) for _, bn, bk, _, _ in TILES] if device.type == "cuda" else INTERPRETER_TILES
+    widths = sorted({bn for bn, _ in tiles})
+    if not any(_qkv_ok(bn, bk, heads, head_dim // 2, hidden) for bn, bk in tiles):
+        return f"no column tile of {widths} holds whole half-heads of {head_dim // 2} columns"
+    if not any(inter % bn == 0 and hidden % bk == 0 for bn, bk in tiles):
+        return f"intermediate_size {inter} is not a multiple of a column tile of {widths}"
     return None
 
 
 # ---- the kernels, defined on first use (TRITON_INTERPRET is read when `triton.jit` runs) -----------------
 
 
+# Block sizes the autotuner tries on CUDA: BM rows × BN columns per accumulator (two accumulators), BK,
+# stages, warps; the interpreter takes the widest of 64/32/16 columns that fits, and the same for BK.
+TILES = (
+    (128, 64, 64, 4, 4),
+    (128, 64, 64, 3, 8),
+    (128, 128, 64, 3, 8),
+    (64, 128, 64, 4, 4),
+    (256, 64, 64, 3, 8),
+    (128, 32, 64, 4, 4),
+    (128, 64, 32, 4, 4),  # K not a multiple of 64 (small models)
+    (64, 32, 32, 4, 4),
+)
+INTERPRETER_TILES = [(bn, bk) for bn in (64, 32, 16) for bk in (64, 32, 16)]
+
+
 def configs(triton: Any) -> list:
-    """Block sizes the autotuner tries on CUDA: BM rows × BN columns per accumulator (two accumulators)."""
-    out = []
-    for bm, bn, bk, stages, warps in (
-        (128, 64, 64, 4, 4),
-        (128, 64, 64, 3, 8),
-        (128, 128, 64, 3, 8),
-        (64, 128, 64, 4, 4),
-        (256, 64, 64, 3, 8),
-        (128, 32, 64, 4, 4),
-        (128, 64, 32, 4, 4),  # K not a multiple of 64 (small models)
-        (64, 32, 32, 4, 4),
-    ):
-        out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_stages=stages, num_warps=warps))
-    return out
+    """TILES as the autotuner's configs."""
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_stages=stages, num_warps=warps)
+        for bm, bn, bk, stages, warps in TILES
+    ]
 
 
 def _kernels() -> tuple[Any, Any]:

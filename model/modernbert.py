@@ -20,14 +20,27 @@ from model.packing import Packed
 
 
 def activation(name: str):
-    if name == "gelu":
-        return F.gelu  # exact erf GELU, as HF's ACT2FN["gelu"]
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
+    """HF's ACT2FN[name] for the names model.config.ACTIVATIONS accepts."""
+    if name in ("gelu", "gelu_python"):
+        return F.gelu  # exact erf GELU
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate"):
+        return lambda x: F.gelu(x, approximate="tanh")  # the same tanh formula, written four ways in HF
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
     if name == "relu":
         return F.relu
+    if name == "relu6":
+        return F.relu6
     if name in ("silu", "swish"):
         return F.silu
+    if name == "mish":
+        return F.mish
+    if name == "tanh":
+        return torch.tanh
+    if name == "sigmoid":
+        return torch.sigmoid
+    if name == "linear":
+        return lambda x: x
     raise ValueError(f"unsupported activation {name!r}")
 
 

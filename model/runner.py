@@ -118,7 +118,11 @@ class Runner:
         self.net.model.reset_rope(device)
         self.fused_gemm = fused_gemm
         if fused_gemm:
-            if why := fused.unsupported(device, dtype, net.config.hidden_activation, net.config.head_dim):
+            c = net.config
+            why = fused.unsupported(
+                device, dtype, c.hidden_activation, c.hidden_size, c.num_attention_heads, c.intermediate_size
+            )
+            if why:
                 raise ValueError(f"fused_gemm: {why}")
             self.net.fuse_epilogues()
         self.attn = Attention(self.backend, net.config.window)

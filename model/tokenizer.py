@@ -9,11 +9,13 @@ Must not know: windows, models, devices.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Encoding, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from model.errors import CheckpointError
 
@@ -101,6 +103,7 @@ class TextTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TextTokenizer:
+        """tokenizer.json, with what transformers takes from a tokenizer_config.json beside it."""
         path = Path(path)
         if not path.exists():
             raise CheckpointError(f"{path}: tokenizer.json is missing")
@@ -108,6 +111,9 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
             raise CheckpointError(f"{path}: not a valid tokenizers file ({e})") from None
+        config = path.with_name("tokenizer_config.json")
+        if config.exists():
+            apply_tokenizer_config(tok, config)
         return cls(tok, str(path))
 
     def encode_batch(self, texts: Sequence[str]) -> list[Tokens]:
@@ -118,6 +124,70 @@ class TextTokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
+
+
+ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def apply_tokenizer_config(tok: Tokenizer, path: Path) -> None:
+    """What transformers' fast tokenizer applies over tokenizer.json from tokenizer_config.json, so our ids
+    stay HF's: the tokens of `added_tokens_decoder` whose content or flags (lstrip, ...) tokenizer.json
+    does not declare the same way, then the named special tokens (`cls_token`, ...) missing from its added
+    tokens, are added in that order (a token already in the vocabulary keeps its id and takes the new flags;
+    a new one gets the next id); `split_special_tokens: true` makes typed special tokens plain text."""
+    where = str(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{where}: cannot read it ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: must be a JSON object")
+    have = tok.get_added_tokens_decoder().values()
+    declared = {_key(t) for t in have}
+    contents = {t.content for t in have}
+    new: list[AddedToken] = []
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise CheckpointError(f"{where}: added_tokens_decoder must be an object of id -> token")
+    try:
+        entries = sorted((int(k), v) for k, v in decoder.items())
+    except ValueError:
+        raise CheckpointError(f"{where}: added_tokens_decoder's keys must be token ids") from None
+    for index, entry in entries:
+        token = _added_token(entry, f"{where}: added_tokens_decoder.{index}")
+        if _key(token) not in declared:
+            new.append(token)
+    listed = contents | {t.content for t in new}
+    for name in SPECIAL_KEYS:
+        value = config.get(name)
+        if value is None:
+            continue
+        token = _added_token(value, f"{where}: {name}", special=True)
+        if token.content not in listed:
+            new.append(token)
+            listed.add(token.content)
+    if new:
+        tok.add_tokens(new)
+    if config.get("split_special_tokens"):
+        tok.encode_special_tokens = True
+
+
+def _added_token(value: Any, where: str, special: bool | None = None) -> AddedToken:
+    """An AddedToken from a string or a serialized {"content", flags...} object (`special` forced if
+    given)."""
+    if isinstance(value, str):
+        return AddedToken(value, special=bool(special))
+    if not isinstance(value, dict) or not isinstance(value.get("content"), str):
+        raise CheckpointError(f"{where}: must be a string or an object with a string 'content'")
+    flags = {f: bool(value[f]) for f in ADDED_TOKEN_FLAGS if f in value}
+    if special is not None:
+        flags["special"] = special
+    return AddedToken(value["content"], **flags)
+
+
+def _key(token: AddedToken) -> tuple:
+    return (token.content, *(getattr(token, f) for f in ADDED_TOKEN_FLAGS))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:

@@ -613,6 +613,8 @@ def train_command(args: argparse.Namespace) -> int:
                 f"{src}: tokenizer has {tokenizer.vocab_size} tokens, vocab_size is {model.config.vocab_size}"
             )
         tok_json = (src / "tokenizer.json").read_text(encoding="utf-8")
+        if (src / "tokenizer_config.json").exists():  # what it applied over tokenizer.json goes into ours
+            tok_json = tokenizer.tok.to_str(pretty=True)
         origin = (
             f"fine-tuned from {src} ({report.kind} checkpoint"
             + (f"; new: {', '.join(report.initialized)}" if report.initialized else "")

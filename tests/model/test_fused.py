@@ -93,10 +93,14 @@ def test_empty_batches_and_shapes_that_do_not_multiply() -> None:
 
 def test_what_has_no_fused_kernel_is_named() -> None:
     dev, dtype = torch.device(DEVICE), DTYPES[0]
-    assert fused.unsupported(dev, dtype, "gelu", 64) is None
-    assert "hidden_activation 'mish'" in fused.unsupported(dev, dtype, "mish", 64)
-    assert "head_dim 24" in fused.unsupported(dev, dtype, "gelu", 24)
-    assert "bfloat16 or float16" in fused.unsupported(torch.device("cuda"), torch.float32, "gelu", 64)
+    assert fused.unsupported(dev, dtype, "gelu", 256, 4, 384) is None  # head_dim 64
+    assert "hidden_activation 'mish'" in fused.unsupported(dev, dtype, "mish", 256, 4, 384)
+    assert "head_dim 24" in fused.unsupported(dev, dtype, "gelu", 96, 4, 384)
+    cuda = torch.device("cuda")
+    assert "bfloat16 or float16" in fused.unsupported(cuda, torch.float32, "gelu", 256, 4, 384)
+    # shapes no block size tiles (they passed the check, then the first launch raised StopIteration)
+    assert "half-heads of 48 columns" in fused.unsupported(dev, dtype, "gelu", 384, 4, 384)  # head_dim 96
+    assert "intermediate_size 40" in fused.unsupported(dev, dtype, "gelu", 256, 4, 40)
 
 
 def test_the_autotuner_only_tries_blocks_that_fit() -> None:

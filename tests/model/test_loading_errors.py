@@ -77,7 +77,12 @@ def test_missing_and_corrupt_files(tmp_path: Path, tiny_model_dir: Path) -> None
         ({"hidden_size": 63}, "num_attention_heads"),
         ({"classifier_pooling": "max"}, "classifier_pooling"),
         ({"problem_type": "ranking"}, "problem_type"),
-        ({"hidden_activation": "mish"}, "hidden_activation"),
+        ({"hidden_activation": "prelu"}, "hidden_activation"),
+        ({"problem_type": "regression"}, "problem_type"),  # unbounded values, not probabilities
+        ({"num_labels": 3}, "num_labels"),  # id2label names 7
+        ({"head_dim": 32}, "head_dim"),  # 64 / 4 = 16
+        ({"sliding_window": -1}, "sliding_window"),
+        ({"local_attention": -2}, "local_attention"),
         ({"layer_types": ["full_attention"]}, "layer_types"),
         ({"id2label": {"0": "a", "2": "b"}}, "id2label"),
         ({"model_type": "bert"}, "model_type"),

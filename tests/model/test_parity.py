@@ -96,6 +96,58 @@ def test_the_parity_checkpoints_would_see_a_rope_or_window_error(tmp_path: Path)
         assert moved > 100 * TOL, (change, moved)
 
 
+# config.json keys transformers reads that the checkpoints above never write: each moves the logits far past
+# TOL on these sharp weights when ignored (rope_scaling's theta and sliding_window by ~2-4)
+HF_KEYS = [
+    {"rope_scaling": {"rope_type": "default", "rope_theta": 55.0}},  # over rope_parameters' thetas
+    {"sliding_window": 4},  # transformers' setter: local_attention = 8, over the key
+    {"local_attention": 0},  # a window of 0, as 1
+    {"hidden_activation": "gelu_python", "classifier_activation": "quick_gelu"},
+    {"hidden_activation": "tanh", "classifier_activation": "linear"},
+    {"hidden_activation": "mish", "classifier_activation": "relu6"},
+    {"norm_eps": 0.0},
+]
+
+
+@pytest.mark.parametrize("change", HF_KEYS, ids=lambda c: "-".join(c))
+def test_config_keys_read_as_transformers_reads_them(tmp_path: Path, change: dict) -> None:
+    d = make_checkpoint(tmp_path, labels=["a", "b", "c"], sharp=True, seed=5)
+    raw = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**raw, **change}))
+    seqs = random_ids(LENGTHS, 512, seed=3)
+    ours = load_classifier(d, device="cpu").forward(seqs)
+    assert (ours - hf_logits(hf_model(d), seqs, pad_id=3)).abs().max().item() <= TOL
+
+
+def test_tokenizer_config_applies_over_tokenizer_json_as_in_transformers(tmp_path: Path) -> None:
+    """transformers' fast tokenizer re-adds the tokens tokenizer_config.json's added_tokens_decoder declares
+    otherwise ([MASK] with lstrip, as ModernBERT's files set it) or newly, and the named special tokens its
+    tokenizer.json lacks; split_special_tokens makes typed specials plain text. Ours must give HF's ids."""
+    from transformers import AutoTokenizer
+
+    from model.tokenizer import TextTokenizer
+    from tests.checkpoints import write_tokenizer
+
+    texts = ["Paris is the [MASK] of France.", "a  [MASK] b", "x <|sys|> y", "<mask> and </s>", "[CLS] hi"]
+    flags = dict(rstrip=False, normalized=False, single_word=False, special=True)
+    decoder = {"4": {"content": "[MASK]", "lstrip": True, **flags}, "900": {"content": "<|sys|>", **flags}}
+    for extra in ({}, {"mask_token": "<mask>", "eos_token": "</s>"}, {"split_special_tokens": True}):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        write_tokenizer(d)
+        names = dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "added_tokens_decoder": decoder}
+        config.update(extra)
+        (d / "tokenizer_config.json").write_text(json.dumps(config))
+        hf, ours = AutoTokenizer.from_pretrained(d), TextTokenizer.from_file(d / "tokenizer.json")
+        for text, tokens in zip(texts, ours.encode_batch(texts), strict=True):
+            assert tokens.ids == hf(text, add_special_tokens=False)["input_ids"], (extra, text)
+        assert ours.vocab_size == len(hf)
+    assert (
+        ours.encode_batch(["a  [MASK] b"])[0].ids != hf("a [MASK] b", add_special_tokens=False)["input_ids"]
+    )
+
+
 def test_text_and_pair_parity_with_hf_tokenizer(tiny_model_dir: Path, tiny_classifier) -> None:
     tok, ref_model = hf_tokenizer(tiny_model_dir), hf_model(tiny_model_dir)
     texts = [

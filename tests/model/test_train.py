@@ -15,6 +15,7 @@ from model.cli import main
 from model.errors import InvalidInputError
 from model.loading import load_model
 from model.metrics import auroc, pr_curve, tune_threshold
+from model.tokenizer import TextTokenizer
 from tests.checkpoints import SAFETY_LABELS, write_tokenizer
 
 TOL = 1e-4
@@ -289,6 +290,10 @@ def make_mlm(directory: Path, vocab: int = 512) -> Path:
 
 def test_fine_tune_from_mlm_checkpoint(corpus: dict[str, Path], tmp_path: Path) -> None:
     mlm = make_mlm(tmp_path / "mlm")
+    # as ModernBERT's files: [MASK] strips the space before it in tokenizer_config.json, not tokenizer.json
+    mask = {"content": "[MASK]", "lstrip": True, "rstrip": False, "normalized": False, "single_word": False}
+    added = {"added_tokens_decoder": {"4": {**mask, "special": True}}}
+    (mlm / "tokenizer_config.json").write_text(json.dumps(added))
     out = tmp_path / "ft"
     run_train(
         "--data", str(corpus["train"]), "--valid", str(corpus["valid"]), "--init", str(mlm), "--out", str(out)
@@ -296,7 +301,15 @@ def test_fine_tune_from_mlm_checkpoint(corpus: dict[str, Path], tmp_path: Path) 
     summary = json.loads((out / "train_metrics.json").read_text())
     assert "mlm checkpoint" in summary["origin"] and "classifier.weight" in summary["origin"]
     assert summary["recipe"]["lr"] == 5e-5
-    assert (out / "tokenizer.json").read_text() == (mlm / "tokenizer.json").read_text()
+    # the fine-tuned model tokenizes as its init did (which its own tokenizer_config.json no longer says)
+    masked = ["a  [MASK] b", "the [MASK]"]
+
+    def ids(d: Path) -> list[list[int]]:
+        return [t.ids for t in TextTokenizer.from_file(d / "tokenizer.json").encode_batch(masked)]
+
+    assert ids(out) == ids(mlm)
+    (mlm / "tokenizer_config.json").unlink()
+    assert ids(out) != ids(mlm)
     clf = load_classifier(out, device="cpu")
     assert clf.labels == SAFETY_LABELS
     texts = [BENIGN[1], HARMFUL["hate"][0]]
