@@ -12,6 +12,7 @@ know: torch, gRPC, Celery.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -62,6 +63,12 @@ def check_length(value: str, index: int, field: str, max_chars: int | None) -> N
         raise InvalidInputError(message, index=index, field=field)
 
 
+def blank(text: str) -> bool:
+    """Empty, or only whitespace and invisible format characters (zero-width space and joiners, BOM, word
+    joiner: Unicode category Cf), which carry no content to score."""
+    return not text.strip() or all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
+
+
 def check_unicode(value: str, index: int | None, field: str) -> None:
     """A Python str may hold lone surrogates (JSON's "\ud800", `surrogateescape` argv): no UTF-8 for them,
     and the tokenizer, Redis and protobuf all refuse such a string."""
@@ -76,7 +83,7 @@ def check_item(f: Fields, index: int, max_chars: int | None = None) -> None:
     """The value rules, in the order their errors are reported; `max_chars` None: no edge limit."""
     if not isinstance(f.text, str):
         raise InvalidInputError(f"must be a string, got {type(f.text).__name__}", index=index, field="text")
-    if not f.text.strip():
+    if blank(f.text):
         raise InvalidInputError("must not be empty", index=index, field="text")
     check_length(f.text, index, "text", max_chars)
     check_unicode(f.text, index, "text")

@@ -176,6 +176,9 @@ def test_no_default_model_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_
         ({"text": "hi", "context": []}, "context"),
         ({"text": "hi", "role": False}, "role"),
         ({"text": "hi", "role": 0}, "role"),
+        # blank: nothing but whitespace and invisible format characters (zero-width space, joiner, BOM)
+        ({"text": "\u200b"}, "text"),
+        ({"text": " \u200d\ufeff\u2060 \n"}, "text"),
         # lone surrogates: JSON's "\ud800", or an argv that was not UTF-8 (surrogateescape)
         ({"text": "ok \ud800 text"}, "text"),
         ({"text": "ok", "role": "response", "context": "\udcff"}, "context"),
@@ -273,3 +276,9 @@ def test_empty_request_and_logits_shape(tiny_classifier) -> None:
     assert tiny_classifier.classify([]) == []
     assert tiny_classifier.logits(["a", "b"]).shape == (2, 7)
     assert torch.isfinite(tiny_classifier.logits(["a", "b"])).all()
+
+
+def test_invisible_characters_beside_content_are_scored(tiny_classifier) -> None:
+    """Only a text with nothing visible is blank: zero-width characters inside a word stay, and are scored."""
+    [r] = tiny_classifier.classify([{"text": "kill\u200byou"}])
+    assert r.tokens > 0
