@@ -9,6 +9,7 @@ know: gRPC, the model's internals; the server receives a finished `ServeSettings
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -93,10 +94,10 @@ class ServeSettings(EngineSettings):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise _bad(name, f"must be a positive integer, got {value}")
-        if self.max_wait_ms < 0:
-            raise _bad("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}")
-        if self.drain_grace_s < 0:
-            raise _bad("drain_grace_s", f"must be >= 0, got {self.drain_grace_s}")
+        for name in ("max_wait_ms", "drain_grace_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):  # nan >= 0 is False, but so is nan < 0
+                raise _bad(name, f"must be a finite number >= 0, got {value}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise _bad("tls_cert", "TLS needs both SAFETY_TLS_CERT and SAFETY_TLS_KEY")
         if self.log_format not in ("json", "text"):
@@ -107,8 +108,9 @@ class ServeSettings(EngineSettings):
             object.__setattr__(self, "metrics_address", None)
         for name in ("address", "metrics_address"):
             value = getattr(self, name)
-            if value and not split_address(value)[1].isdigit():
-                raise _bad(name, f"must be HOST:PORT, got {value!r}")
+            port = split_address(value)[1] if value else ""
+            if value and not (port.isascii() and port.isdigit() and int(port) <= MAX_PORT):
+                raise _bad(name, f"must be HOST:PORT with a port in 0-{MAX_PORT}, got {value!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServeSettings:
@@ -119,6 +121,7 @@ class ServeSettings(EngineSettings):
 
 
 DEST_PREFIX = "setting_"
+MAX_PORT = 65535  # grpc and http.server would take a larger number modulo 65536 (99999 -> 34463)
 
 
 def _bad(name: str, message: str) -> ValueError:

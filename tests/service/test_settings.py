@@ -61,6 +61,39 @@ def test_invalid_values_name_the_variable(env: dict[str, str], named: str) -> No
         ServeSettings.from_env(env)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SAFETY_ADDRESS", "127.0.0.1:99999"),  # grpc bound 99999 % 65536 = 34463
+        ("SAFETY_ADDRESS", "[::]:65536"),
+        ("SAFETY_METRICS_ADDRESS", "0.0.0.0:99999"),
+        ("SAFETY_METRICS_ADDRESS", "0.0.0.0:-1"),
+    ],
+)
+def test_a_port_out_of_range_is_refused_naming_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"^{variable}: must be HOST:PORT with a port in 0-65535, got"):
+        ServeSettings.from_env({variable: value})
+    with pytest.raises(ValueError, match=f"^{variable}: "):  # a flag's value is checked the same way
+        flag = "--" + variable.removeprefix("SAFETY_").lower().replace("_", "-")
+        from_args(parse(flag, value), {})
+
+
+def test_ports_at_the_ends_of_the_range_are_accepted() -> None:
+    s = ServeSettings.from_env({"SAFETY_ADDRESS": "127.0.0.1:0", "SAFETY_METRICS_ADDRESS": "[::]:65535"})
+    assert (s.address, s.metrics_address) == ("127.0.0.1:0", "[::]:65535")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+@pytest.mark.parametrize("variable", ["SAFETY_MAX_WAIT_MS", "SAFETY_DRAIN_GRACE_S"])
+def test_a_float_setting_must_be_finite(variable: str, value: str) -> None:
+    """float() parses 'nan' and 'inf', and nan passes a `< 0` check: a NaN drain grace never ends."""
+    with pytest.raises(ValueError, match=f"^{variable}: must be a finite number >= 0, got"):
+        ServeSettings.from_env({variable: value})
+    if variable == "SAFETY_DRAIN_GRACE_S":  # the worker's own drain grace
+        with pytest.raises(ConfigError, match=f"{variable}.*must be a finite number >= 0"):
+            WorkerSettings.from_env({variable: value})
+
+
 def test_help_documents_every_variable() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
