@@ -3,6 +3,7 @@ and draining — each against a real server on port 0."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import threading
@@ -160,6 +161,42 @@ def test_api_key(start_server: Any) -> None:
     with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as err:
         ProtoReflectionDescriptorDatabase(channel).get_services()
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def answer_code(port: int, key: str) -> grpc.StatusCode:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb2_grpc.SafetyClassifierStub(channel)
+        try:
+            stub.Info(pb2.InfoRequest(), metadata=[("authorization", f"Bearer {key}")], timeout=5)
+        except grpc.RpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+
+def test_api_keys_with_whitespace_and_several_of_them(
+    start_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SAFETY_API_KEY="k1-secret\n" (a Secret made from an echo'd file) used to lock every client out."""
+    caplog.set_level(logging.INFO, "safety.service")
+    app = start_server(api_key="k1-secret\n, k2-secret")
+    ok, refused = grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED
+    codes = {key: answer_code(app.port, key) for key in ("k1-secret", "k2-secret", "k1-secret,k2-secret")}
+    assert codes == {"k1-secret": ok, "k2-secret": ok, "k1-secret,k2-secret": refused}
+    [serving] = [r for r in caplog.records if r.getMessage() == "serving"]
+    assert serving.auth == "API keys from SAFETY_API_KEY (2)" and serving.tls is False
+
+
+def test_a_rotated_key_file_takes_effect_without_a_restart(start_server: Any, tmp_path: Path) -> None:
+    path = tmp_path / "api-keys"
+    path.write_text("# current\nk1-secret\n")
+    app = start_server(api_key_file=str(path))
+    assert answer_code(app.port, "k1-secret") == grpc.StatusCode.OK
+    assert answer_code(app.port, "k2-secret") == grpc.StatusCode.UNAUTHENTICATED
+    new = tmp_path / "api-keys.new"  # as a Secret volume does: a new file swapped in
+    new.write_text("k2-secret\n")
+    new.replace(path)
+    wait_until(lambda: answer_code(app.port, "k2-secret") == grpc.StatusCode.OK, 10, "the new key")
+    assert answer_code(app.port, "k1-secret") == grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,34 @@ def test_a_bad_engine_value_names_its_variable_in_each_front_ends_error(variable
         ServeSettings.from_env({variable: value})
     with pytest.raises(ConfigError, match=f"{variable}.*{why}"):
         WorkerSettings.from_env({variable: value})
+
+
+def test_api_keys_are_stripped_and_may_be_several() -> None:
+    assert ServeSettings.from_env({"SAFETY_API_KEY": "k1-secret\n"}).api_key == "k1-secret"
+    assert ServeSettings.from_env({"SAFETY_API_KEY": " k1, k2\n"}).api_key == "k1,k2"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SAFETY_API_KEY": "k1-secret,,k2"}, "^SAFETY_API_KEY: key 2 is empty"),
+        ({"SAFETY_API_KEY": "\n"}, "^SAFETY_API_KEY: key 1 is empty"),
+        ({"SAFETY_API_KEY": "k1 secret"}, "^SAFETY_API_KEY: key 1 contains whitespace"),
+        ({"SAFETY_API_KEY": "k1", "SAFETY_API_KEY_FILE": "/k"}, "^SAFETY_API_KEY: set either"),
+        ({"SAFETY_API_KEY_FILE": "/nonexistent/keys"}, "^SAFETY_API_KEY_FILE: /nonexistent/keys: cannot"),
+    ],
+)
+def test_bad_api_key_settings_are_refused_without_showing_a_key(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message) as err:
+        ServeSettings.from_env(env)
+    assert "secret" not in str(err.value)
+
+
+def test_an_api_key_file_must_hold_a_key(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("# no key yet\n\n")
+    with pytest.raises(ValueError, match=r"^SAFETY_API_KEY_FILE: .*keys: no key in it"):
+        ServeSettings.from_env({"SAFETY_API_KEY_FILE": str(path)})
+    path.write_text("k1\n")
+    s = from_args(parse("--api-key-file", str(path)), {})
+    assert s.api_key_file == str(path) and s.api_key is None
