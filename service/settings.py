@@ -82,7 +82,7 @@ class ServeSettings(EngineSettings):
         "0.0.0.0:9090",
         "SAFETY_METRICS_ADDRESS",
         opt_str,
-        "Prometheus /metrics HTTP address ('' or off: none)",
+        "Prometheus /metrics HTTP address (off: none; empty, like every setting: the default)",
     )
     drain_grace_s: float = setting(
         20.0,

@@ -181,3 +181,15 @@ def test_an_api_key_file_must_hold_a_key(tmp_path: Path) -> None:
     path.write_text("k1\n")
     s = from_args(parse("--api-key-file", str(path)), {})
     assert s.api_key_file == str(path) and s.api_key is None
+
+
+def test_metrics_address_off_disables_it_and_empty_means_the_default_as_for_every_setting() -> None:
+    """--help said "('' or off: none)", but an empty value, flag or variable, is unset (settings_base)."""
+    assert from_args(parse("--metrics-address", "off"), {}).metrics_address is None
+    assert from_args(parse("--metrics-address", "OFF"), {}).metrics_address is None
+    assert from_args(parse("--metrics-address", ""), {}).metrics_address == "0.0.0.0:9090"
+    assert ServeSettings.from_env({"SAFETY_METRICS_ADDRESS": ""}).metrics_address == "0.0.0.0:9090"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    [action] = [a for a in parser._actions if a.dest == "setting_metrics_address"]
+    assert "off: none" in action.help and "''" not in action.help
