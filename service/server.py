@@ -148,8 +148,6 @@ class SafetyServer:
     async def start(self) -> None:
         """Start serving (health NOT_SERVING), load and warm the model off the loop, then SERVING."""
         await self.server.start()
-        if self.settings.metrics_address:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_address)
         log.info("listening", extra={"port": self.port, "metrics_port": self.metrics_port})
         s, source = self.settings, self.source
         if isinstance(source, Classifier):
@@ -298,7 +296,17 @@ async def create_server(
         raise OSError(f"SAFETY_ADDRESS {settings.address}: cannot bind ({e})") from None
     if not port:
         raise OSError(f"SAFETY_ADDRESS {settings.address}: cannot bind")
-    return SafetyServer(settings, server, port, servicer, health_servicer, metrics, classifier)
+    metrics_port = None
+    if settings.metrics_address:  # bound here too, so that a taken port fails before the model loads
+        try:
+            metrics_port = metrics.serve(settings.metrics_address)
+        except (OSError, OverflowError) as e:  # port taken, unknown host
+            reason = getattr(e, "strerror", None) or e
+            address = settings.metrics_address
+            raise OSError(f"SAFETY_METRICS_ADDRESS {address}: cannot bind ({reason})") from None
+    return SafetyServer(
+        settings, server, port, servicer, health_servicer, metrics, classifier, metrics_port=metrics_port
+    )
 
 
 async def serve(settings: ServeSettings, classifier: ClassifierSource = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import subprocess
 import threading
 import urllib.request
@@ -253,6 +254,20 @@ def test_a_bad_tls_pair_is_refused_naming_the_settings_not_the_address(
     )
     with pytest.raises(OSError, match="SAFETY_TLS_CERT"):
         loop_thread.run(create_server(settings, lambda: None))
+
+
+def test_a_taken_metrics_port_is_refused_naming_the_setting_before_the_model_loads(loop_thread: Any) -> None:
+    loaded = []
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        settings = ServeSettings(address="127.0.0.1:0", metrics_address=address)
+        with pytest.raises(
+            OSError, match=rf"^SAFETY_METRICS_ADDRESS {address}: cannot bind \(Address already"
+        ):
+            loop_thread.run(create_server(settings, lambda: loaded.append(1)))
+    assert not loaded
 
 
 @pytest.fixture(scope="module")

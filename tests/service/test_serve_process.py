@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -94,3 +95,47 @@ def test_attention_setting_reaches_the_engine(tiny_model_dir: Path) -> None:
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, res.stderr[-2000:]
     assert "startup failed: backend: 'varlen' needs a CUDA device" in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--device", "tpu"], {}, "SAFETY_DEVICE: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["--dtype", "float8"], {}, "SAFETY_DTYPE: must be float32, bfloat16 or float16"),
+        (["--address", "127.0.0.1:99999"], {}, "SAFETY_ADDRESS: must be HOST:PORT with a port in 0-65535"),
+        ([], {"SAFETY_DRAIN_GRACE_S": "nan"}, "SAFETY_DRAIN_GRACE_S: must be a finite number"),
+        ([], {"SAFETY_API_KEY": "k1 secret"}, "SAFETY_API_KEY: key 1 contains whitespace"),
+        (["--api-key-file", "/nonexistent/keys"], {}, "SAFETY_API_KEY_FILE: /nonexistent/keys: cannot read"),
+    ],
+    ids=["device", "dtype", "port", "nan", "api-key", "api-key-file"],
+)
+def test_a_bad_setting_exits_2_with_one_line(args: list[str], env: dict[str, str], message: str) -> None:
+    cmd = [*safety_command(), "serve", "--address", "127.0.0.1:0", "--metrics-address", "off", *args]
+    res = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.startswith(f"safety serve: {message}"), res.stderr[-2000:]
+    assert res.stderr.count("\n") == 1 and not res.stdout  # one line, no traceback
+
+
+def test_start_up_failures_of_the_host_are_one_line_without_a_traceback(tiny_model_dir: Path) -> None:
+    """A taken metrics port (named, before the model loads) and --device cuda without CUDA: exit 1."""
+    import torch
+
+    base = [*safety_command(), "serve", "--model", str(tiny_model_dir), "--address", "127.0.0.1:0"]
+    env = {**os.environ, "SAFETY_LOG_FORMAT": "text"}
+    cases = [
+        (["--metrics-address", "127.0.0.1:{taken}"], "SAFETY_METRICS_ADDRESS 127.0.0.1:{taken}: cannot bind")
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--metrics-address", "off", "--device", "cuda"], "CUDA is not available"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, message in cases:
+            cmd = [*base, *(a.format(taken=port) for a in args)]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            output = res.stderr + res.stdout
+            assert res.returncode == 1 and "Traceback" not in output, output[-3000:]
+            [failed] = [line for line in output.splitlines() if "startup failed" in line]
+            assert message.format(taken=port) in failed, output[-3000:]

@@ -143,6 +143,8 @@ def test_both_front_ends_read_the_engine_variables_the_same_way() -> None:
         ("SAFETY_MAX_BATCH_SEQUENCES", "-4", "must be a positive integer"),
         ("SAFETY_MAX_TEXT_CHARS", "0", "must be a positive integer"),
         ("SAFETY_MAX_BATCH_TOKENS", "lots", "cannot parse 'lots'"),
+        ("SAFETY_DEVICE", "tpu", "must be auto, cpu, cuda or cuda:N"),
+        ("SAFETY_DTYPE", "float8", "must be float32, bfloat16 or float16"),
     ],
 )
 def test_a_bad_engine_value_names_its_variable_in_each_front_ends_error(variable: str, value: str, why: str):
