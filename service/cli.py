@@ -66,6 +66,7 @@ def remote_classify(
     shape of the engine's `Result.to_dict()`. A failed call exits with the status code and message."""
     import grpc
 
+    from model.errors import InvalidInputError
     from service.client import SafetyClient
 
     try:
@@ -75,3 +76,7 @@ def remote_classify(
             return c.classify(items, thresholds)
     except grpc.RpcError as e:
         raise SystemExit(f"safety classify --remote {target}: {e.code().name}: {e.details()}") from None
+    except InvalidInputError as e:
+        if e.field != "ca":
+            raise
+        raise InvalidInputError(e.reason, field="--ca") from None  # the flag: `safety classify` exits 2

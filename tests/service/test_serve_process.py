@@ -139,3 +139,13 @@ def test_start_up_failures_of_the_host_are_one_line_without_a_traceback(tiny_mod
             assert res.returncode == 1 and "Traceback" not in output, output[-3000:]
             [failed] = [line for line in output.splitlines() if "startup failed" in line]
             assert message.format(taken=port) in failed, output[-3000:]
+
+
+def test_classify_remote_with_an_unreadable_ca_names_the_flag(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    cmd = [*safety_command(), "classify", "--remote", "127.0.0.1:1", "--tls", "--ca", str(missing), "hi"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr == (
+        f"safety classify: --ca: cannot read the CA certificate {missing} (No such file or directory)\n"
+    )
