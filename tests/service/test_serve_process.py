@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def safety_command() -> list[str]:
@@ -149,3 +152,45 @@ def test_classify_remote_with_an_unreadable_ca_names_the_flag(tmp_path: Path) ->
     assert res.stderr == (
         f"safety classify: --ca: cannot read the CA certificate {missing} (No such file or directory)\n"
     )
+
+
+def test_grpc_cores_own_log_lines_stay_out_of_the_json_log(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A plaintext connection to a TLS port made gRPC core log `I1127 ... ssl_transport_security.cc ...
+    Handshake failed` in its own format: `safety serve` defaults GRPC_VERBOSITY to ERROR."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    env.update(SAFETY_LOG_FORMAT="json", SAFETY_METRICS_ADDRESS="off", SAFETY_DEVICE="cpu")
+    proc = subprocess.Popen(
+        [*safety_command(), "serve", "--model", str(tiny_model_dir), "--address", "127.0.0.1:0",
+         "--tls-cert", str(cert), "--tls-key", str(key), "--drain-grace-s", "1"],
+        env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=read_lines, args=(proc.stderr, lines), daemon=True)
+    reader.start()
+    seen: list[dict[str, Any]] = []
+    try:
+        serving = wait_for_log(lines, "serving", seen, timeout=60)
+        assert serving["tls"] is True and serving["auth"] == "off"
+        port = next(r["port"] for r in seen if r.get("msg") == "listening")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as err:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the server refused the handshake
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        wait_for_log(lines, "stopped", seen, timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(10)  # the process has exited: its stderr is at its end
+    rest = [lines.get() for _ in range(lines.qsize())]
+    plain = [r["raw"] for r in seen if "raw" in r] + [line for line in rest if not line.startswith("{")]
+    assert not plain, f"lines that are not JSON: {plain}"
