@@ -10,6 +10,7 @@ not know: gRPC, Celery, Redis, the error type a front end raises (a subclass giv
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 
 ATTENTION = ("auto", "flash_attn", "varlen", "sdpa", "triton", "triton_local")
 AUTO_ON_OFF = ("auto", "on", "off")  # SAFETY_COMPILE, SAFETY_CUDA_GRAPHS
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what model.runner.resolve_device accepts
+DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # model.runner.DTYPES, without torch
 SMALLEST_GRAPH = 256  # model.graphs.SMALLEST, restated so that reading settings does not import torch
 
 
@@ -38,7 +41,7 @@ class EngineSettings:
         None,
         "SAFETY_DTYPE",
         opt_str,
-        "float32 | bfloat16 | float16 (unset: float32 on CPU, bfloat16 on CUDA)",
+        "float32 | bfloat16 | float16, or fp32 | bf16 | fp16 (unset: float32 on CPU, bfloat16 on CUDA)",
     )
     threads: int | None = setting(
         None,
@@ -130,6 +133,10 @@ class EngineSettings:
                 yield name, f"must be auto, on or off, got {getattr(self, name)!r}"
         if self.fused_gemm not in ("on", "off"):
             yield "fused_gemm", f"must be on or off, got {self.fused_gemm!r}"
+        if not DEVICE.fullmatch(self.device):
+            yield "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+        if self.dtype is not None and self.dtype not in DTYPES:
+            yield "dtype", f"must be float32, bfloat16 or float16 (or fp32, bf16, fp16), got {self.dtype!r}"
 
     def wants_compile(self, cuda_available: bool | None = None) -> bool:
         """SAFETY_COMPILE: auto compiles on CUDA only (on CPU, compiled and eager measured the same speed)."""

@@ -22,6 +22,7 @@ import torch
 from model import fused, triton_attention
 from model.attention import TRITON, VARLEN, Attention, pick_backend
 from model.budget import probe_shape
+from model.errors import UnsupportedError
 from model.graphs import LARGEST, SMALLEST, GraphSet, GraphShape, graph_shapes
 from model.modernbert import ModernBertForSequenceClassification
 from model.packing import Packed, pack
@@ -39,8 +40,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"device: unsupported device {device!r}; use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and not torch.cuda.is_available():  # this machine, not the setting: no traceback
+        raise UnsupportedError(f"device: {device!r} requested but CUDA is not available")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device: unsupported device {device!r}; use auto, cpu or cuda")
     return dev

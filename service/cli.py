@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,11 +21,15 @@ Health: grpc.health.v1 on the same port (NOT_SERVING until the model is loaded a
 draining). Metrics: Prometheus text format at http://METRICS_ADDRESS/metrics. SIGTERM: NOT_SERVING, finish
 in-flight calls within --drain-grace-s, exit 0. Batch-job RPCs (SubmitJob, GetJob, StreamJobResults,
 CancelJob) use SAFETY_REDIS_URL, SAFETY_QUEUE, SAFETY_CHUNK_SIZE and SAFETY_RESULT_TTL_S, as the workers do
-(docs/jobs.md).
+(docs/jobs.md). gRPC core's own (plain-text) log lines: GRPC_VERBOSITY, ERROR unless it is set.
 """
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    # gRPC core logs on its own (e.g. "ssl_transport_security.cc ... Handshake failed" for every plaintext
+    # connection to a TLS port), in plain text that breaks the JSON-lines log: errors only, unless the
+    # operator set GRPC_VERBOSITY. Read when grpc's core initialises: before service.server imports grpc.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from service.server import serve
     from service.settings import from_args
 
@@ -66,6 +71,7 @@ def remote_classify(
     shape of the engine's `Result.to_dict()`. A failed call exits with the status code and message."""
     import grpc
 
+    from model.errors import InvalidInputError
     from service.client import SafetyClient
 
     try:
@@ -75,3 +81,7 @@ def remote_classify(
             return c.classify(items, thresholds)
     except grpc.RpcError as e:
         raise SystemExit(f"safety classify --remote {target}: {e.code().name}: {e.details()}") from None
+    except InvalidInputError as e:
+        if e.field != "ca":
+            raise
+        raise InvalidInputError(e.reason, field="--ca") from None  # the flag: `safety classify` exits 2

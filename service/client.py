@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from model.errors import InvalidInputError
 from model.items import FIELDS  # torch-free: the item's fields, one definition for every front end
 from service.stubs import pb2, pb2_grpc
 
@@ -168,7 +169,11 @@ def info_to_dict(response: Any) -> dict[str, Any]:
 def _credentials(tls: bool, ca: str | Path | bytes | None) -> grpc.ChannelCredentials | None:
     if not tls and ca is None:
         return None
-    root = Path(ca).read_bytes() if isinstance(ca, str | Path) else ca
+    try:
+        root = Path(ca).read_bytes() if isinstance(ca, str | Path) else ca
+    except OSError as e:
+        message = f"cannot read the CA certificate {ca} ({e.strerror or e})"
+        raise InvalidInputError(message, field="ca") from None
     return grpc.ssl_channel_credentials(root_certificates=root)
 
 

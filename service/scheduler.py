@@ -241,7 +241,8 @@ class Scheduler:
         until they are tokenized (an estimate from this tokenizer's characters per token so far)."""
         if n > self.max_queue_items:
             raise InvalidInputError(
-                f"{n} items, more than the server's whole queue bound ({self.max_queue_items})",
+                f"{n} items, more than the server's whole queue bound of {self.max_queue_items} "
+                "(SAFETY_MAX_QUEUE_ITEMS); split it or use a batch job",
                 field="items",
             )
         with self._cond:
@@ -296,8 +297,8 @@ class Scheduler:
             if tokens > self.max_queue_tokens:
                 raise InvalidInputError(
                     f"the request has more than {tokens} tokens (its first {end} items), more than the "
-                    f"server's whole queue bound ({self.max_queue_tokens}); send fewer or shorter items, "
-                    "or use a batch job",
+                    f"server's whole queue bound of {self.max_queue_tokens} (SAFETY_MAX_QUEUE_TOKENS); send "
+                    "fewer or shorter items, or use a batch job",
                     field="items",
                 )
             start = end

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import signal
 import ssl
@@ -29,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from model import Classifier, Item, logs
 from model.errors import SafetyError, UnauthenticatedError
+from service.apikeys import ApiKeys, parse_keys
 from service.decoding import DecodeInterceptor, grpc_receive_limit
 from service.errors import ErrorInterceptor, abort_for
 from service.handlers import WrappingInterceptor, with_behavior
@@ -50,11 +50,11 @@ STOP_GRACE_S = 1.0  # after the drain: for calls that hold no work (health watch
 
 class ApiKeyInterceptor(WrappingInterceptor):
     """Every call except health checks (Kubernetes probes send no metadata) needs `authorization: Bearer
-    <key>`; others are refused with UnauthenticatedError's status code."""
+    <key>` with one of the accepted keys; others are refused with UnauthenticatedError's status code."""
 
-    def __init__(self, api_key: str) -> None:
+    def __init__(self, keys: ApiKeys) -> None:
         super().__init__()
-        self._expected = api_key.encode()
+        self._keys = keys
 
     def _authorized(self, metadata: Any) -> bool:
         for key, value in metadata or ():
@@ -62,7 +62,7 @@ class ApiKeyInterceptor(WrappingInterceptor):
                 given = value.encode() if isinstance(value, str) else value
                 scheme, _, credentials = given.partition(b" ")
                 # RFC 7235: the scheme is case-insensitive
-                return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, self._expected)
+                return scheme.lower() == b"bearer" and self._keys.matches(credentials)
         return False
 
     def applies(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> bool:
@@ -148,8 +148,6 @@ class SafetyServer:
     async def start(self) -> None:
         """Start serving (health NOT_SERVING), load and warm the model off the loop, then SERVING."""
         await self.server.start()
-        if self.settings.metrics_address:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_address)
         log.info("listening", extra={"port": self.port, "metrics_port": self.metrics_port})
         s, source = self.settings, self.source
         if isinstance(source, Classifier):
@@ -187,6 +185,8 @@ class SafetyServer:
                 "budget": clf.budget_text,
                 "cuda_graphs": clf.graphs_text,
                 "fused_gemm": clf.runner.fused_gemm,
+                "auth": _auth_text(s),
+                "tls": bool(s.tls_cert),
             },
         )
 
@@ -218,6 +218,15 @@ class SafetyServer:
         await self._stopped.wait()
 
 
+def _auth_text(settings: ServeSettings) -> str:
+    """How calls are authenticated, for the 'serving' log line (never a key)."""
+    if settings.api_key_file:
+        return f"API keys from SAFETY_API_KEY_FILE {settings.api_key_file}"
+    if settings.api_key:
+        return f"API keys from SAFETY_API_KEY ({len(settings.api_key.split(','))})"
+    return "off"
+
+
 def tls_credentials(cert: str, key: str) -> grpc.ServerCredentials:
     """Server credentials from PEM files, checked first: grpc reports a bad pair only as "Failed to bind",
     which would send an operator rotating certificates looking for a port conflict."""
@@ -237,6 +246,17 @@ def tls_credentials(cert: str, key: str) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(pem["SAFETY_TLS_KEY"], pem["SAFETY_TLS_CERT"])])
 
 
+def api_keys(settings: ServeSettings) -> ApiKeys | None:
+    """The keys of SAFETY_API_KEY or SAFETY_API_KEY_FILE (None: no auth). The settings checked the file; an
+    OSError if it changed for the worse since."""
+    if settings.api_key_file:
+        try:
+            return ApiKeys.from_file(settings.api_key_file)
+        except ValueError as e:
+            raise OSError(f"SAFETY_API_KEY_FILE: {e}") from None
+    return ApiKeys(parse_keys(settings.api_key)) if settings.api_key else None
+
+
 async def create_server(
     settings: ServeSettings, classifier: ClassifierSource = None, job_client: JobClientFactory | None = None
 ) -> SafetyServer:
@@ -249,8 +269,9 @@ async def create_server(
     metrics = Metrics()
     servicer = SafetyServicer(settings, observer=metrics, job_client=job_client)
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics), ErrorInterceptor()]
-    if settings.api_key:
-        interceptors.append(ApiKeyInterceptor(settings.api_key))
+    keys = api_keys(settings)
+    if keys is not None:
+        interceptors.append(ApiKeyInterceptor(keys))
     # innermost: the others keep its request deserializer
     interceptors.append(DecodeInterceptor(max_bytes=settings.max_message_bytes))
     server = grpc.aio.server(interceptors=interceptors, options=_server_options(settings))
@@ -275,7 +296,17 @@ async def create_server(
         raise OSError(f"SAFETY_ADDRESS {settings.address}: cannot bind ({e})") from None
     if not port:
         raise OSError(f"SAFETY_ADDRESS {settings.address}: cannot bind")
-    return SafetyServer(settings, server, port, servicer, health_servicer, metrics, classifier)
+    metrics_port = None
+    if settings.metrics_address:  # bound here too, so that a taken port fails before the model loads
+        try:
+            metrics_port = metrics.serve(settings.metrics_address)
+        except (OSError, OverflowError) as e:  # port taken, unknown host
+            reason = getattr(e, "strerror", None) or e
+            address = settings.metrics_address
+            raise OSError(f"SAFETY_METRICS_ADDRESS {address}: cannot bind ({reason})") from None
+    return SafetyServer(
+        settings, server, port, servicer, health_servicer, metrics, classifier, metrics_port=metrics_port
+    )
 
 
 async def serve(settings: ServeSettings, classifier: ClassifierSource = None) -> int:

@@ -51,7 +51,8 @@ def items_from_proto(request: Any, max_items: int, max_text_chars: int) -> list[
         raise InvalidInputError("at least one item is required", field="items")
     if n > max_items:
         raise InvalidInputError(
-            f"{n} items, more than the limit of {max_items} per request; split it or use a batch job",
+            f"{n} items, more than the limit of {max_items} per request (SAFETY_MAX_ITEMS); split it or use "
+            "a batch job",
             field="items",
         )
     items = []

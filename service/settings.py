@@ -1,14 +1,16 @@
 """Settings of `safety serve`: one dataclass, filled from command-line flags with `SAFETY_*` env fallbacks.
 
 Owns: every knob of the gRPC server, its environment variable, its flag, its default and its validation (a
-`ValueError` naming the variable). The field table below is the single source for `safety serve --help` and
-the README. The field factory and the reading of the environment are model/settings_base.py's. Must not
-know: gRPC, the model's internals; the server receives a finished `ServeSettings`.
+`ValueError` naming the variable; an API key file is read once here to check it, service/apikeys.py owns
+its syntax). The field table below is the single source for `safety serve --help` and the README. The field
+factory and the reading of the environment are model/settings_base.py's. Must not know: gRPC, the model's
+internals; the server receives a finished `ServeSettings`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -16,6 +18,7 @@ from typing import Any
 
 from model.engine_settings import EngineSettings
 from model.settings_base import env_name, opt_int, opt_str, setting, values_from_env
+from service.apikeys import parse_keys, read_key_file
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,17 @@ class ServeSettings(EngineSettings):
         None,
         "SAFETY_API_KEY",
         opt_str,
-        "require `authorization: Bearer <key>` on every call except health "
-        "checks (prefer the env var: flags show in `ps`)",
+        "require `authorization: Bearer <key>` on every call except health checks; several keys separated "
+        "by commas are each accepted (rotation), surrounding whitespace is stripped (prefer the env var: "
+        "flags show in `ps`)",
+    )
+    api_key_file: str | None = setting(
+        None,
+        "SAFETY_API_KEY_FILE",
+        opt_str,
+        "file of API keys instead of SAFETY_API_KEY: one per line, blank lines and '#' comments ignored; "
+        "re-read within about a second of a change (a Kubernetes Secret volume rotates keys without a "
+        "restart); if it becomes unreadable or empty, the keys read before stay",
     )
     tls_cert: str | None = setting(None, "SAFETY_TLS_CERT", opt_str, "PEM certificate chain; enables TLS")
     tls_key: str | None = setting(None, "SAFETY_TLS_KEY", opt_str, "PEM private key for --tls-cert")
@@ -70,7 +82,7 @@ class ServeSettings(EngineSettings):
         "0.0.0.0:9090",
         "SAFETY_METRICS_ADDRESS",
         opt_str,
-        "Prometheus /metrics HTTP address ('' or off: none)",
+        "Prometheus /metrics HTTP address (off: none; empty, like every setting: the default)",
     )
     drain_grace_s: float = setting(
         20.0,
@@ -93,22 +105,35 @@ class ServeSettings(EngineSettings):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise _bad(name, f"must be a positive integer, got {value}")
-        if self.max_wait_ms < 0:
-            raise _bad("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}")
-        if self.drain_grace_s < 0:
-            raise _bad("drain_grace_s", f"must be >= 0, got {self.drain_grace_s}")
+        for name in ("max_wait_ms", "drain_grace_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):  # nan >= 0 is False, but so is nan < 0
+                raise _bad(name, f"must be a finite number >= 0, got {value}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise _bad("tls_cert", "TLS needs both SAFETY_TLS_CERT and SAFETY_TLS_KEY")
         if self.log_format not in ("json", "text"):
             raise _bad("log_format", f"must be json or text, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise _bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise _bad("api_key", "set either SAFETY_API_KEY or SAFETY_API_KEY_FILE, not both")
+        if self.api_key is not None:
+            try:  # normalised: the stripped keys, comma-separated
+                object.__setattr__(self, "api_key", ",".join(parse_keys(self.api_key)))
+            except ValueError as e:
+                raise _bad("api_key", f"{e} (keys are separated by commas)") from None
+        if self.api_key_file is not None:
+            try:
+                read_key_file(self.api_key_file)
+            except ValueError as e:
+                raise _bad("api_key_file", str(e)) from None
         if self.metrics_address and self.metrics_address.lower() == "off":
             object.__setattr__(self, "metrics_address", None)
         for name in ("address", "metrics_address"):
             value = getattr(self, name)
-            if value and not split_address(value)[1].isdigit():
-                raise _bad(name, f"must be HOST:PORT, got {value!r}")
+            port = split_address(value)[1] if value else ""
+            if value and not (port.isascii() and port.isdigit() and int(port) <= MAX_PORT):
+                raise _bad(name, f"must be HOST:PORT with a port in 0-{MAX_PORT}, got {value!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServeSettings:
@@ -119,6 +144,7 @@ class ServeSettings(EngineSettings):
 
 
 DEST_PREFIX = "setting_"
+MAX_PORT = 65535  # grpc and http.server would take a larger number modulo 65536 (99999 -> 34463)
 
 
 def _bad(name: str, message: str) -> ValueError:

@@ -9,6 +9,7 @@ are model/settings_base.py's. Must not know: Celery, Redis, torch; `worker.app`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -68,8 +69,8 @@ class WorkerSettings(EngineSettings):
                 raise _bad(name, f"must be a positive integer, got {value!r}")
         if isinstance(self.metrics_port, bool) or not 0 <= self.metrics_port <= 65535:
             raise _bad("metrics_port", f"must be a port number (0: none), got {self.metrics_port!r}")
-        if self.drain_grace_s < 0:
-            raise _bad("drain_grace_s", f"must be >= 0, got {self.drain_grace_s}")
+        if not (math.isfinite(self.drain_grace_s) and self.drain_grace_s >= 0):
+            raise _bad("drain_grace_s", f"must be a finite number >= 0, got {self.drain_grace_s}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise _bad("redis_url", f"must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
         if not self.queue or any(c.isspace() for c in self.queue):

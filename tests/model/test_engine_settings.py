@@ -19,11 +19,26 @@ from model.engine_settings import EngineSettings
         ("max_text_chars", True, "must be a positive integer"),
         ("graph_tokens", 128, "must be an integer >= 256"),
         ("fused_gemm", "auto", "must be on or off"),
+        ("device", "tpu", "must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        ("device", "cuda:x", "must be auto, cpu, cuda or cuda:N"),
+        ("device", "CPU", "must be auto, cpu, cuda or cuda:N"),
+        ("dtype", "float8", r"must be float32, bfloat16 or float16 \(or fp32, bf16, fp16\), got 'float8'"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(field: str, value: object, why: str) -> None:
     with pytest.raises(ValueError, match=f"^{field}: {why}"):
         EngineSettings(**{field: value})
+
+
+def test_the_devices_and_dtypes_accepted_are_the_runners() -> None:
+    from model.engine_settings import DTYPES
+    from model.runner import DTYPES as RUNNER_DTYPES
+
+    assert set(DTYPES) == set(RUNNER_DTYPES)
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert EngineSettings(device=device).device == device
+    for dtype in (None, *DTYPES):
+        assert EngineSettings(dtype=dtype).dtype == dtype
 
 
 def test_the_graph_bucket_floor_is_the_engines() -> None:

@@ -38,7 +38,7 @@ def call_error(stub: Any, req: Any) -> grpc.RpcError:
     ("req", "where", "words"),
     [
         (pb2.ClassifyRequest(), "items", "at least one item"),
-        (request(*["x"] * (MAX_ITEMS + 1)), "items", f"limit of {MAX_ITEMS}"),
+        (request(*["x"] * (MAX_ITEMS + 1)), "items", f"limit of {MAX_ITEMS} per request (SAFETY_MAX_ITEMS)"),
         (request("ok", ""), "items[1].text", "empty"),
         (request("ok", "   \n"), "items[1].text", "empty"),
         (request("ok", "ok", "y" * (MAX_CHARS + 1)), "items[2].text", f"the limit is {MAX_CHARS}"),
@@ -87,14 +87,20 @@ def test_request_larger_than_the_whole_queue_is_invalid(start_server: Any, stub_
     app = start_server(max_queue_tokens=2048)
     err = call_error(stub_for(app), request("a b c d e f g h " * 600))
     assert err.code() == INVALID
-    assert err.details().startswith("items: ") and "queue bound (2048)" in err.details()
+    assert (
+        err.details().startswith("items: ")
+        and "queue bound of 2048 (SAFETY_MAX_QUEUE_TOKENS)" in err.details()
+    )
 
 
 def test_request_with_more_items_than_the_queue_holds_is_invalid(start_server: Any, stub_for: Any) -> None:
     app = start_server(max_queue_items=2)
     err = call_error(stub_for(app), request("a", "b", "c"))
     assert err.code() == INVALID
-    assert err.details().startswith("items: 3 items") and "queue bound (2)" in err.details()
+    assert (
+        err.details().startswith("items: 3 items")
+        and "queue bound of 2 (SAFETY_MAX_QUEUE_ITEMS)" in err.details()
+    )
 
 
 def test_unexpected_exception_is_internal_with_logged_error_id(

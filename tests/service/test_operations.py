@@ -3,7 +3,9 @@ and draining — each against a real server on port 0."""
 
 from __future__ import annotations
 
+import logging
 import shutil
+import socket
 import subprocess
 import threading
 import urllib.request
@@ -162,6 +164,42 @@ def test_api_key(start_server: Any) -> None:
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def answer_code(port: int, key: str) -> grpc.StatusCode:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb2_grpc.SafetyClassifierStub(channel)
+        try:
+            stub.Info(pb2.InfoRequest(), metadata=[("authorization", f"Bearer {key}")], timeout=5)
+        except grpc.RpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+
+def test_api_keys_with_whitespace_and_several_of_them(
+    start_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SAFETY_API_KEY="k1-secret\n" (a Secret made from an echo'd file) used to lock every client out."""
+    caplog.set_level(logging.INFO, "safety.service")
+    app = start_server(api_key="k1-secret\n, k2-secret")
+    ok, refused = grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED
+    codes = {key: answer_code(app.port, key) for key in ("k1-secret", "k2-secret", "k1-secret,k2-secret")}
+    assert codes == {"k1-secret": ok, "k2-secret": ok, "k1-secret,k2-secret": refused}
+    [serving] = [r for r in caplog.records if r.getMessage() == "serving"]
+    assert serving.auth == "API keys from SAFETY_API_KEY (2)" and serving.tls is False
+
+
+def test_a_rotated_key_file_takes_effect_without_a_restart(start_server: Any, tmp_path: Path) -> None:
+    path = tmp_path / "api-keys"
+    path.write_text("# current\nk1-secret\n")
+    app = start_server(api_key_file=str(path))
+    assert answer_code(app.port, "k1-secret") == grpc.StatusCode.OK
+    assert answer_code(app.port, "k2-secret") == grpc.StatusCode.UNAUTHENTICATED
+    new = tmp_path / "api-keys.new"  # as a Secret volume does: a new file swapped in
+    new.write_text("k2-secret\n")
+    new.replace(path)
+    wait_until(lambda: answer_code(app.port, "k2-secret") == grpc.StatusCode.OK, 10, "the new key")
+    assert answer_code(app.port, "k1-secret") == grpc.StatusCode.UNAUTHENTICATED
+
+
 @pytest.fixture(scope="module")
 def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
@@ -216,6 +254,20 @@ def test_a_bad_tls_pair_is_refused_naming_the_settings_not_the_address(
     )
     with pytest.raises(OSError, match="SAFETY_TLS_CERT"):
         loop_thread.run(create_server(settings, lambda: None))
+
+
+def test_a_taken_metrics_port_is_refused_naming_the_setting_before_the_model_loads(loop_thread: Any) -> None:
+    loaded = []
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        settings = ServeSettings(address="127.0.0.1:0", metrics_address=address)
+        with pytest.raises(
+            OSError, match=rf"^SAFETY_METRICS_ADDRESS {address}: cannot bind \(Address already"
+        ):
+            loop_thread.run(create_server(settings, lambda: loaded.append(1)))
+    assert not loaded
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def safety_command() -> list[str]:
@@ -94,3 +98,99 @@ def test_attention_setting_reaches_the_engine(tiny_model_dir: Path) -> None:
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, res.stderr[-2000:]
     assert "startup failed: backend: 'varlen' needs a CUDA device" in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--device", "tpu"], {}, "SAFETY_DEVICE: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["--dtype", "float8"], {}, "SAFETY_DTYPE: must be float32, bfloat16 or float16"),
+        (["--address", "127.0.0.1:99999"], {}, "SAFETY_ADDRESS: must be HOST:PORT with a port in 0-65535"),
+        ([], {"SAFETY_DRAIN_GRACE_S": "nan"}, "SAFETY_DRAIN_GRACE_S: must be a finite number"),
+        ([], {"SAFETY_API_KEY": "k1 secret"}, "SAFETY_API_KEY: key 1 contains whitespace"),
+        (["--api-key-file", "/nonexistent/keys"], {}, "SAFETY_API_KEY_FILE: /nonexistent/keys: cannot read"),
+    ],
+    ids=["device", "dtype", "port", "nan", "api-key", "api-key-file"],
+)
+def test_a_bad_setting_exits_2_with_one_line(args: list[str], env: dict[str, str], message: str) -> None:
+    cmd = [*safety_command(), "serve", "--address", "127.0.0.1:0", "--metrics-address", "off", *args]
+    res = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.startswith(f"safety serve: {message}"), res.stderr[-2000:]
+    assert res.stderr.count("\n") == 1 and not res.stdout  # one line, no traceback
+
+
+def test_start_up_failures_of_the_host_are_one_line_without_a_traceback(tiny_model_dir: Path) -> None:
+    """A taken metrics port (named, before the model loads) and --device cuda without CUDA: exit 1."""
+    import torch
+
+    base = [*safety_command(), "serve", "--model", str(tiny_model_dir), "--address", "127.0.0.1:0"]
+    env = {**os.environ, "SAFETY_LOG_FORMAT": "text"}
+    cases = [
+        (["--metrics-address", "127.0.0.1:{taken}"], "SAFETY_METRICS_ADDRESS 127.0.0.1:{taken}: cannot bind")
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--metrics-address", "off", "--device", "cuda"], "CUDA is not available"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, message in cases:
+            cmd = [*base, *(a.format(taken=port) for a in args)]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            output = res.stderr + res.stdout
+            assert res.returncode == 1 and "Traceback" not in output, output[-3000:]
+            [failed] = [line for line in output.splitlines() if "startup failed" in line]
+            assert message.format(taken=port) in failed, output[-3000:]
+
+
+def test_classify_remote_with_an_unreadable_ca_names_the_flag(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    cmd = [*safety_command(), "classify", "--remote", "127.0.0.1:1", "--tls", "--ca", str(missing), "hi"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr == (
+        f"safety classify: --ca: cannot read the CA certificate {missing} (No such file or directory)\n"
+    )
+
+
+def test_grpc_cores_own_log_lines_stay_out_of_the_json_log(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A plaintext connection to a TLS port made gRPC core log `I1127 ... ssl_transport_security.cc ...
+    Handshake failed` in its own format: `safety serve` defaults GRPC_VERBOSITY to ERROR."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    env.update(SAFETY_LOG_FORMAT="json", SAFETY_METRICS_ADDRESS="off", SAFETY_DEVICE="cpu")
+    proc = subprocess.Popen(
+        [*safety_command(), "serve", "--model", str(tiny_model_dir), "--address", "127.0.0.1:0",
+         "--tls-cert", str(cert), "--tls-key", str(key), "--drain-grace-s", "1"],
+        env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=read_lines, args=(proc.stderr, lines), daemon=True)
+    reader.start()
+    seen: list[dict[str, Any]] = []
+    try:
+        serving = wait_for_log(lines, "serving", seen, timeout=60)
+        assert serving["tls"] is True and serving["auth"] == "off"
+        port = next(r["port"] for r in seen if r.get("msg") == "listening")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as err:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the server refused the handshake
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        wait_for_log(lines, "stopped", seen, timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(10)  # the process has exited: its stderr is at its end
+    rest = [lines.get() for _ in range(lines.qsize())]
+    plain = [r["raw"] for r in seen if "raw" in r] + [line for line in rest if not line.startswith("{")]
+    assert not plain, f"lines that are not JSON: {plain}"

@@ -61,6 +61,39 @@ def test_invalid_values_name_the_variable(env: dict[str, str], named: str) -> No
         ServeSettings.from_env(env)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SAFETY_ADDRESS", "127.0.0.1:99999"),  # grpc bound 99999 % 65536 = 34463
+        ("SAFETY_ADDRESS", "[::]:65536"),
+        ("SAFETY_METRICS_ADDRESS", "0.0.0.0:99999"),
+        ("SAFETY_METRICS_ADDRESS", "0.0.0.0:-1"),
+    ],
+)
+def test_a_port_out_of_range_is_refused_naming_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"^{variable}: must be HOST:PORT with a port in 0-65535, got"):
+        ServeSettings.from_env({variable: value})
+    with pytest.raises(ValueError, match=f"^{variable}: "):  # a flag's value is checked the same way
+        flag = "--" + variable.removeprefix("SAFETY_").lower().replace("_", "-")
+        from_args(parse(flag, value), {})
+
+
+def test_ports_at_the_ends_of_the_range_are_accepted() -> None:
+    s = ServeSettings.from_env({"SAFETY_ADDRESS": "127.0.0.1:0", "SAFETY_METRICS_ADDRESS": "[::]:65535"})
+    assert (s.address, s.metrics_address) == ("127.0.0.1:0", "[::]:65535")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+@pytest.mark.parametrize("variable", ["SAFETY_MAX_WAIT_MS", "SAFETY_DRAIN_GRACE_S"])
+def test_a_float_setting_must_be_finite(variable: str, value: str) -> None:
+    """float() parses 'nan' and 'inf', and nan passes a `< 0` check: a NaN drain grace never ends."""
+    with pytest.raises(ValueError, match=f"^{variable}: must be a finite number >= 0, got"):
+        ServeSettings.from_env({variable: value})
+    if variable == "SAFETY_DRAIN_GRACE_S":  # the worker's own drain grace
+        with pytest.raises(ConfigError, match=f"{variable}.*must be a finite number >= 0"):
+            WorkerSettings.from_env({variable: value})
+
+
 def test_help_documents_every_variable() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -110,6 +143,8 @@ def test_both_front_ends_read_the_engine_variables_the_same_way() -> None:
         ("SAFETY_MAX_BATCH_SEQUENCES", "-4", "must be a positive integer"),
         ("SAFETY_MAX_TEXT_CHARS", "0", "must be a positive integer"),
         ("SAFETY_MAX_BATCH_TOKENS", "lots", "cannot parse 'lots'"),
+        ("SAFETY_DEVICE", "tpu", "must be auto, cpu, cuda or cuda:N"),
+        ("SAFETY_DTYPE", "float8", "must be float32, bfloat16 or float16"),
     ],
 )
 def test_a_bad_engine_value_names_its_variable_in_each_front_ends_error(variable: str, value: str, why: str):
@@ -117,3 +152,46 @@ def test_a_bad_engine_value_names_its_variable_in_each_front_ends_error(variable
         ServeSettings.from_env({variable: value})
     with pytest.raises(ConfigError, match=f"{variable}.*{why}"):
         WorkerSettings.from_env({variable: value})
+
+
+def test_api_keys_are_stripped_and_may_be_several() -> None:
+    assert ServeSettings.from_env({"SAFETY_API_KEY": "k1-secret\n"}).api_key == "k1-secret"
+    assert ServeSettings.from_env({"SAFETY_API_KEY": " k1, k2\n"}).api_key == "k1,k2"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SAFETY_API_KEY": "k1-secret,,k2"}, "^SAFETY_API_KEY: key 2 is empty"),
+        ({"SAFETY_API_KEY": "\n"}, "^SAFETY_API_KEY: key 1 is empty"),
+        ({"SAFETY_API_KEY": "k1 secret"}, "^SAFETY_API_KEY: key 1 contains whitespace"),
+        ({"SAFETY_API_KEY": "k1", "SAFETY_API_KEY_FILE": "/k"}, "^SAFETY_API_KEY: set either"),
+        ({"SAFETY_API_KEY_FILE": "/nonexistent/keys"}, "^SAFETY_API_KEY_FILE: /nonexistent/keys: cannot"),
+    ],
+)
+def test_bad_api_key_settings_are_refused_without_showing_a_key(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message) as err:
+        ServeSettings.from_env(env)
+    assert "secret" not in str(err.value)
+
+
+def test_an_api_key_file_must_hold_a_key(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("# no key yet\n\n")
+    with pytest.raises(ValueError, match=r"^SAFETY_API_KEY_FILE: .*keys: no key in it"):
+        ServeSettings.from_env({"SAFETY_API_KEY_FILE": str(path)})
+    path.write_text("k1\n")
+    s = from_args(parse("--api-key-file", str(path)), {})
+    assert s.api_key_file == str(path) and s.api_key is None
+
+
+def test_metrics_address_off_disables_it_and_empty_means_the_default_as_for_every_setting() -> None:
+    """--help said "('' or off: none)", but an empty value, flag or variable, is unset (settings_base)."""
+    assert from_args(parse("--metrics-address", "off"), {}).metrics_address is None
+    assert from_args(parse("--metrics-address", "OFF"), {}).metrics_address is None
+    assert from_args(parse("--metrics-address", ""), {}).metrics_address == "0.0.0.0:9090"
+    assert ServeSettings.from_env({"SAFETY_METRICS_ADDRESS": ""}).metrics_address == "0.0.0.0:9090"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    [action] = [a for a in parser._actions if a.dest == "setting_metrics_address"]
+    assert "off: none" in action.help and "''" not in action.help

@@ -1,0 +1,97 @@
+"""API keys: the key syntax, key files, and a key file re-read when it changes (with a fake clock)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from service.apikeys import RECHECK_S, ApiKeys, parse_keys, read_key_file
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def write(path: Path, text: str, mtime_s: int) -> None:
+    """Write `text` and set a distinct modification time (a coarse file system may not tick in between)."""
+    path.write_text(text)
+    os.utime(path, ns=(mtime_s * 10**9, mtime_s * 10**9))
+
+
+def test_keys_are_stripped_and_split_on_commas() -> None:
+    assert parse_keys("k1-secret\n") == ("k1-secret",)  # a Secret made from an echo'd file
+    assert parse_keys(" k1 ,k2,\tk3 ") == ("k1", "k2", "k3")
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [("k1,,k2", "key 2 is empty"), ("\n", "key 1 is empty"), ("k1,", "key 2 is empty"),
+     ("good,bad key", "key 2 contains whitespace")],
+)  # fmt: skip
+def test_bad_keys_are_refused_without_showing_them(value: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why) as err:
+        parse_keys(value)
+    assert "bad key" not in str(err.value) and "good" not in str(err.value)
+
+
+def test_key_file_lines(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("# rotated 2026-11\n\nk-new\n  k-old  \r\n   # k-retired\n")
+    assert read_key_file(str(path)) == ("k-new", "k-old")
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("", "no key in it"), ("# only a comment\n\n", "no key in it"), ("k1\nk 2\n", "line 2 contains")],
+)
+def test_a_key_file_without_usable_keys_is_refused(tmp_path: Path, text: str, why: str) -> None:
+    path = tmp_path / "keys"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=why):
+        read_key_file(str(path))
+    with pytest.raises(ValueError, match=r"missing: cannot read \(No such file"):
+        read_key_file(str(tmp_path / "missing"))
+
+
+def test_any_of_the_keys_matches() -> None:
+    keys = ApiKeys(["k1", "k2"])
+    assert keys.matches(b"k1") and keys.matches(b"k2")
+    assert not keys.matches(b"k3") and not keys.matches(b"k1k2") and not keys.matches(b"")
+
+
+def test_a_changed_key_file_is_re_read_at_most_once_per_recheck_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, clock = tmp_path / "keys", Clock()
+    write(path, "k1\n", 1_000)
+    keys = ApiKeys.from_file(str(path), clock=clock)
+    assert keys.matches(b"k1") and not keys.matches(b"k2")
+
+    write(path, "k2\n# k1 retired\n", 2_000)
+    clock.now += RECHECK_S / 2
+    assert keys.matches(b"k1"), "looked at the file again before the recheck interval"
+    clock.now += RECHECK_S
+    assert keys.matches(b"k2") and not keys.matches(b"k1")
+
+    caplog.set_level(logging.WARNING, "safety.service")
+    path.unlink()  # unreadable now: the last good keys stay, with one warning
+    for _ in range(3):
+        clock.now += RECHECK_S
+        assert keys.matches(b"k2")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "SAFETY_API_KEY_FILE" in warnings[0].getMessage()
+
+    write(path, "", 3_000)  # empty: the same
+    clock.now += RECHECK_S
+    assert keys.matches(b"k2")
+
+    write(path, "k3\n", 4_000)  # usable again
+    clock.now += RECHECK_S
+    assert keys.matches(b"k3") and not keys.matches(b"k2")
