@@ -1,5 +1,6 @@
 """A small Python client for `safety serve`, for gateways: `SafetyClient` (blocking) and
-`AsyncSafetyClient` (asyncio), with a per-call deadline, an API key and TLS.
+`AsyncSafetyClient` (asyncio), with a per-call deadline, an API key and TLS (mutual TLS with `cert` and
+`key`).
 
     from service.client import SafetyClient
     with SafetyClient("localhost:50051", api_key="...", timeout=0.5) as client:
@@ -165,11 +166,23 @@ def info_to_dict(response: Any) -> dict[str, Any]:
     }
 
 
-def _credentials(tls: bool, ca: str | Path | bytes | None) -> grpc.ChannelCredentials | None:
-    if not tls and ca is None:
+PemSource = str | Path | bytes | None
+
+
+def _pem(source: PemSource) -> bytes | None:
+    return Path(source).read_bytes() if isinstance(source, str | Path) else source
+
+
+def _credentials(
+    tls: bool, ca: PemSource, cert: PemSource = None, key: PemSource = None
+) -> grpc.ChannelCredentials | None:
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs both `cert` and `key`")
+    if not tls and ca is None and cert is None:
         return None
-    root = Path(ca).read_bytes() if isinstance(ca, str | Path) else ca
-    return grpc.ssl_channel_credentials(root_certificates=root)
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(ca), private_key=_pem(key), certificate_chain=_pem(cert)
+    )
 
 
 class _Base:
@@ -181,14 +194,18 @@ class _Base:
         ca: str | Path | bytes | None = None,
         timeout: float | None = 5.0,
         server_name: str | None = None,
+        cert: str | Path | bytes | None = None,
+        key: str | Path | bytes | None = None,
     ) -> None:
         """`target`: HOST:PORT. `tls`: use TLS (system roots unless `ca`, a PEM file or bytes, is given;
         `ca` implies TLS). `timeout`: default deadline per call in seconds (None: no deadline).
-        `server_name`: override the TLS host name check (e.g. a certificate issued for another name)."""
+        `server_name`: override the TLS host name check (e.g. a certificate issued for another name).
+        `cert`, `key`: this client's certificate chain and private key (PEM files or bytes), for a server
+        with SAFETY_TLS_CLIENT_CA (mutual TLS); they imply TLS."""
         self.target = target
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._credentials = _credentials(tls, ca)
+        self._credentials = _credentials(tls, ca, cert, key)
         self._options = list(CHANNEL_OPTIONS)
         if server_name:
             self._options.append(("grpc.ssl_target_name_override", server_name))

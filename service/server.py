@@ -14,12 +14,10 @@ import contextlib
 import hmac
 import logging
 import signal
-import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -38,6 +36,7 @@ from service.scheduler import Scheduler
 from service.servicer import SafetyServicer
 from service.settings import ServeSettings
 from service.stubs import SERVICE_NAME, pb2, pb2_grpc
+from service.tls import ReloadingCredentials, TlsFiles, tls_credentials
 
 log = logging.getLogger("safety.service")
 T = TypeVar("T")
@@ -144,6 +143,7 @@ class SafetyServer:
     scheduler: Scheduler | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     device_failed: asyncio.Event = field(default_factory=asyncio.Event)  # the device broke for good
+    tls: ReloadingCredentials | None = None  # the served port's TLS files, re-read when they change
 
     async def start(self) -> None:
         """Start serving (health NOT_SERVING), load and warm the model off the loop, then SERVING."""
@@ -218,25 +218,6 @@ class SafetyServer:
         await self._stopped.wait()
 
 
-def tls_credentials(cert: str, key: str) -> grpc.ServerCredentials:
-    """Server credentials from PEM files, checked first: grpc reports a bad pair only as "Failed to bind",
-    which would send an operator rotating certificates looking for a port conflict."""
-    pem = {}
-    for var, path in (("SAFETY_TLS_CERT", cert), ("SAFETY_TLS_KEY", key)):
-        try:
-            pem[var] = Path(path).read_bytes()
-        except OSError as e:
-            raise OSError(f"{var} {path}: cannot read ({e.strerror or e})") from None
-    try:  # password=b"": an encrypted key fails here instead of prompting on the terminal
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=b"")
-    except ssl.SSLError as e:
-        raise OSError(
-            f"SAFETY_TLS_CERT {cert}, SAFETY_TLS_KEY {key}: not a PEM certificate chain and the unencrypted "
-            f"private key that matches it ({e.reason or e})"
-        ) from None
-    return grpc.ssl_server_credentials([(pem["SAFETY_TLS_KEY"], pem["SAFETY_TLS_CERT"])])
-
-
 async def create_server(
     settings: ServeSettings, classifier: ClassifierSource = None, job_client: JobClientFactory | None = None
 ) -> SafetyServer:
@@ -263,9 +244,10 @@ async def create_server(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    credentials = None
-    if settings.tls_cert and settings.tls_key:
-        credentials = tls_credentials(settings.tls_cert, settings.tls_key)
+    tls = None
+    if settings.tls_cert and settings.tls_key:  # checked now: grpc would say only "Failed to bind"
+        tls = ReloadingCredentials(TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca))
+    credentials = tls.credentials() if tls is not None else None
     try:
         if credentials is not None:
             port = server.add_secure_port(settings.address, credentials)
@@ -275,7 +257,9 @@ async def create_server(
         raise OSError(f"SAFETY_ADDRESS {settings.address}: cannot bind ({e})") from None
     if not port:
         raise OSError(f"SAFETY_ADDRESS {settings.address}: cannot bind")
-    return SafetyServer(settings, server, port, servicer, health_servicer, metrics, classifier)
+    app = SafetyServer(settings, server, port, servicer, health_servicer, metrics, classifier)
+    app.tls = tls
+    return app
 
 
 async def serve(settings: ServeSettings, classifier: ClassifierSource = None) -> int:
