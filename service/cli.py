@@ -18,10 +18,11 @@ EPILOG = """\
 Every flag falls back to the SAFETY_* environment variable named in its help, then to the default.
 Health: grpc.health.v1 on the same port (NOT_SERVING until the model is loaded and warmed, and while
 draining). Metrics: Prometheus text format at http://METRICS_ADDRESS/metrics. SIGTERM: NOT_SERVING, finish
-in-flight calls within --drain-grace-s, exit 0. Batch-job RPCs (SubmitJob, GetJob, StreamJobResults,
+in-flight calls within --drain-grace-s, exit 0 (calls still in flight then are cut: a warning, exit 1; a
+second SIGTERM/SIGINT stops at once). Batch-job RPCs (SubmitJob, GetJob, StreamJobResults,
 CancelJob) use SAFETY_REDIS_URL, SAFETY_QUEUE, SAFETY_CHUNK_SIZE and SAFETY_RESULT_TTL_S, as the workers do
 (docs/jobs.md). TLS: certificate, key and client CA (--tls-client-ca: mutual TLS) are re-read when their
-files change.
+files change; SIGHUP only logs that and re-checks them.
 """
 
 
