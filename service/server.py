@@ -161,6 +161,7 @@ class SafetyServer:
         seconds = await _in_daemon_thread(lambda: warm_up(clf))
         self.metrics.warmup_seconds.set(seconds)
         self.metrics.compiled.set(1 if clf.runner.compiled else 0)
+        self.metrics.serving(clf.name, str(clf.device), str(clf.dtype))
         log.info("warmed up", extra={"seconds": round(seconds, 2), "compiled": clf.runner.compiled})
         self.classifier = clf
         loop = asyncio.get_running_loop()
