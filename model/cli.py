@@ -42,7 +42,8 @@ def classify_command(args: argparse.Namespace) -> int:
             print(need, file=sys.stderr)
             return 2
         results = remote["grpc"].load()(args.remote, items, thresholds=thresholds, api_key=args.api_key,
-                                        tls=args.tls, ca=args.ca, timeout=args.timeout)  # fmt: skip
+                                        tls=args.tls, ca=args.ca, timeout=args.timeout,
+                                        client_cert=args.client_cert, client_key=args.client_key)  # fmt: skip
     else:
         from model import load_classifier
 
@@ -75,6 +76,11 @@ def register_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="with --remote: the server's API key")
     p.add_argument("--tls", action="store_true", help="with --remote: use TLS")
     p.add_argument("--ca", default=None, help="with --remote --tls: CA certificate file")
+    p.add_argument("--client-cert", default=None, metavar="FILE",
+                   help="with --remote: this client's PEM certificate, for a server with "
+                   "SAFETY_TLS_CLIENT_CA (mutual TLS; implies --tls)")  # fmt: skip
+    p.add_argument("--client-key", default=None, metavar="FILE",
+                   help="with --client-cert: its PEM private key")  # fmt: skip
     p.add_argument("--timeout", type=float, default=30.0, help="with --remote: deadline in seconds")
     p.set_defaults(func=classify_command)
 

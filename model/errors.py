@@ -44,7 +44,12 @@ class ModelNotFoundError(CheckpointError):
 
 
 class OverloadedError(SafetyError):
-    """Admission refused: the queue is at its token or item bound. Retry later with backoff."""
+    """Admission refused: the queue is at its token or item bound. Retry later with backoff; `retry_after_ms`,
+    when known, is how long the refusing component expects to need before a retry can be admitted."""
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+        self.retry_after_ms = retry_after_ms
+        super().__init__(message)
 
 
 class DeadlineExceededError(SafetyError):

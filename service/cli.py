@@ -19,9 +19,12 @@ EPILOG = """\
 Every flag falls back to the SAFETY_* environment variable named in its help, then to the default.
 Health: grpc.health.v1 on the same port (NOT_SERVING until the model is loaded and warmed, and while
 draining). Metrics: Prometheus text format at http://METRICS_ADDRESS/metrics. SIGTERM: NOT_SERVING, finish
-in-flight calls within --drain-grace-s, exit 0. Batch-job RPCs (SubmitJob, GetJob, StreamJobResults,
+in-flight calls within --drain-grace-s, exit 0 (calls still in flight then are cut: a warning, exit 1; a
+second SIGTERM/SIGINT stops at once). Batch-job RPCs (SubmitJob, GetJob, StreamJobResults,
 CancelJob) use SAFETY_REDIS_URL, SAFETY_QUEUE, SAFETY_CHUNK_SIZE and SAFETY_RESULT_TTL_S, as the workers do
-(docs/jobs.md). gRPC core's own (plain-text) log lines: GRPC_VERBOSITY, ERROR unless it is set.
+(docs/jobs.md). gRPC core's own (plain-text) log lines: GRPC_VERBOSITY, ERROR unless it is set. TLS:
+certificate, key and client CA (--tls-client-ca: mutual TLS) are re-read when their files change; SIGHUP only
+logs that and re-checks them.
 """
 
 
@@ -66,9 +69,12 @@ def remote_classify(
     ca: str | None = None,
     timeout: float | None = 30.0,
     server_name: str | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
 ) -> list[dict[str, Any]]:
     """Classify `items` on a running `safety serve` at `target` (HOST:PORT); one dict per item, in the
-    shape of the engine's `Result.to_dict()`. A failed call exits with the status code and message."""
+    shape of the engine's `Result.to_dict()`. `client_cert`/`client_key`: for a server that requires client
+    certificates (SAFETY_TLS_CLIENT_CA). A failed call exits with the status code and message."""
     import grpc
 
     from model.errors import InvalidInputError
@@ -76,12 +82,16 @@ def remote_classify(
 
     try:
         with SafetyClient(
-            target, api_key=api_key, tls=tls, ca=ca, timeout=timeout, server_name=server_name
-        ) as c:
+            target, api_key=api_key, tls=tls, ca=ca, timeout=timeout, server_name=server_name,
+            cert=client_cert, key=client_key,
+        ) as c:  # fmt: skip
             return c.classify(items, thresholds)
+    except InvalidInputError as e:  # an unreadable PEM file: named by its flag, `safety classify` exits 2
+        flag = {"ca": "--ca", "cert": "--client-cert", "key": "--client-key"}.get(e.field or "")
+        if flag is None:
+            raise
+        raise InvalidInputError(e.reason, field=flag) from None
+    except (OSError, ValueError) as e:  # a half-given client certificate
+        raise SystemExit(f"safety classify --remote {target}: {e}") from None
     except grpc.RpcError as e:
         raise SystemExit(f"safety classify --remote {target}: {e.code().name}: {e.details()}") from None
-    except InvalidInputError as e:
-        if e.field != "ca":
-            raise
-        raise InvalidInputError(e.reason, field="--ca") from None  # the flag: `safety classify` exits 2

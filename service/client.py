@@ -1,5 +1,6 @@
 """A small Python client for `safety serve`, for gateways: `SafetyClient` (blocking) and
-`AsyncSafetyClient` (asyncio), with a per-call deadline, an API key and TLS.
+`AsyncSafetyClient` (asyncio), with a per-call deadline, an API key and TLS (mutual TLS with `cert` and
+`key`).
 
     from service.client import SafetyClient
     with SafetyClient("localhost:50051", api_key="...", timeout=0.5) as client:
@@ -166,15 +167,31 @@ def info_to_dict(response: Any) -> dict[str, Any]:
     }
 
 
-def _credentials(tls: bool, ca: str | Path | bytes | None) -> grpc.ChannelCredentials | None:
-    if not tls and ca is None:
-        return None
+PemSource = str | Path | bytes | None
+
+
+def _pem(source: PemSource, field: str, what: str) -> bytes | None:
+    """PEM bytes from a file or as given; an unreadable file is an InvalidInputError naming `field`."""
+    if not isinstance(source, str | Path):
+        return source
     try:
-        root = Path(ca).read_bytes() if isinstance(ca, str | Path) else ca
+        return Path(source).read_bytes()
     except OSError as e:
-        message = f"cannot read the CA certificate {ca} ({e.strerror or e})"
-        raise InvalidInputError(message, field="ca") from None
-    return grpc.ssl_channel_credentials(root_certificates=root)
+        raise InvalidInputError(f"cannot read the {what} {source} ({e.strerror or e})", field=field) from None
+
+
+def _credentials(
+    tls: bool, ca: PemSource, cert: PemSource = None, key: PemSource = None
+) -> grpc.ChannelCredentials | None:
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs both `cert` and `key`")
+    if not tls and ca is None and cert is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(ca, "ca", "CA certificate"),
+        private_key=_pem(key, "key", "client key"),
+        certificate_chain=_pem(cert, "cert", "client certificate"),
+    )
 
 
 class _Base:
@@ -186,14 +203,18 @@ class _Base:
         ca: str | Path | bytes | None = None,
         timeout: float | None = 5.0,
         server_name: str | None = None,
+        cert: str | Path | bytes | None = None,
+        key: str | Path | bytes | None = None,
     ) -> None:
         """`target`: HOST:PORT. `tls`: use TLS (system roots unless `ca`, a PEM file or bytes, is given;
         `ca` implies TLS). `timeout`: default deadline per call in seconds (None: no deadline).
-        `server_name`: override the TLS host name check (e.g. a certificate issued for another name)."""
+        `server_name`: override the TLS host name check (e.g. a certificate issued for another name).
+        `cert`, `key`: this client's certificate chain and private key (PEM files or bytes), for a server
+        with SAFETY_TLS_CLIENT_CA (mutual TLS); they imply TLS."""
         self.target = target
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._credentials = _credentials(tls, ca)
+        self._credentials = _credentials(tls, ca, cert, key)
         self._options = list(CHANNEL_OPTIONS)
         if server_name:
             self._options.append(("grpc.ssl_target_name_override", server_name))

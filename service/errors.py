@@ -1,7 +1,8 @@
 """The one mapping from the product's error hierarchy (model.errors) to gRPC status codes.
 
 Owns: `STATUS_CODES` (the table), `status_for(exc)`, `describe(exc)` (status and caller-facing message, also
-for ClassifyStream's per-request errors), and `ErrorInterceptor`, which turns a `SafetyError`
+for ClassifyStream's per-request errors), `trailers_for(exc)` (RESOURCE_EXHAUSTED's `grpc-retry-pushback-ms`),
+and `ErrorInterceptor`, which turns a `SafetyError`
 raised by any handler into its status code and message, and anything unexpected into INTERNAL with an error
 id that is logged together with the traceback (the caller sees the id, never the traceback). Must not know:
 what the handlers do.
@@ -71,9 +72,21 @@ def describe(exc: BaseException) -> tuple[StatusCode, str]:
     return code, f"internal error (error id {error_id}); the server log has the details"
 
 
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry hint (A6), honoured by its retry policy
+
+
+def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata of the status `exc` maps to: an OverloadedError's `retry_after_ms` as
+    `grpc-retry-pushback-ms`."""
+    if isinstance(exc, OverloadedError) and exc.retry_after_ms is not None:
+        return ((RETRY_PUSHBACK, str(max(0, int(exc.retry_after_ms)))),)
+    return ()
+
+
 async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
-    """Abort the call with the status that `exc` maps to (always raises)."""
-    await context.abort(*describe(exc))
+    """Abort the call with the status that `exc` maps to, and its trailers (always raises)."""
+    code, message = describe(exc)
+    await context.abort(code, message, trailing_metadata=trailers_for(exc))
 
 
 class ErrorInterceptor(WrappingInterceptor):

@@ -1,21 +1,33 @@
 """Prometheus metrics of the gRPC server, served by prometheus-client on their own HTTP port.
 
 Owns: the metric names and buckets, a per-server `CollectorRegistry` (so several servers in one process,
-as in tests, don't collide), the HTTP exporter, and `MetricsInterceptor`, which counts every unary and
-streaming call by method and final status code. The scheduler reports through the `SchedulerMetrics`
-methods below and never imports prometheus itself. Must not know: the model.
+as in tests, don't collide) with prometheus-client's process, platform and GC collectors on it (a fresh
+registry has none of the default registry's), `safety_build_info`, the HTTP exporter, and
+`MetricsInterceptor`, which counts every unary and streaming call by method and final status code. The
+scheduler reports through the `SchedulerMetrics` methods below and never imports prometheus itself. Must
+not know: the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 from service.deadlines import deadline_passed
 from service.handlers import WrappingInterceptor, with_behavior
@@ -31,6 +43,16 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # process_* (CPU, memory, open fds, start time), python_info, python_gc_*
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build = Gauge(
+            "safety_build_info",
+            "1, labelled with the package version and the model, device and dtype being served",
+            ["version", "model", "device", "dtype"],
+            registry=r,
+        )
         self._counted: dict[tuple[str, str], Any] = {}  # (method, code) -> safety_requests child
         self._timed: dict[str, Any] = {}  # method -> safety_request_duration_seconds child
         self.requests = Counter(
@@ -93,6 +115,11 @@ class Metrics:
         self.compiled = Gauge("safety_compiled", "1 when the network runs torch.compile'd", registry=r)
         self._http: Any = None
 
+    def serving(self, model: str, device: str, dtype: str) -> None:
+        """The model is loaded: `safety_build_info` = 1 with its labels (one series per server)."""
+        self.build.clear()
+        self.build.labels(version=package_version(), model=model, device=device, dtype=dtype).set(1)
+
     # ---- SchedulerMetrics -------------------------------------------------------------------------------
     def queue_depth(self, items: int, tokens: int) -> None:
         self.queue_items.set(items)
@@ -149,6 +176,13 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("safety-classifier")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "unknown"
 
 
 class MetricsInterceptor(WrappingInterceptor):

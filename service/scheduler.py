@@ -50,6 +50,10 @@ log = logging.getLogger("safety.service.scheduler")
 
 PIECE_CHARS = 262_144  # tokenized at a time (~0.1 s on one core): how soon a stop or the bound is seen
 TOKENS_PER_CHAR = 0.25  # the admission estimate until real calls have measured this tokenizer's ratio
+# grpc-retry-pushback-ms of a RESOURCE_EXHAUSTED refusal: the queue's drain time at the measured device rate,
+# within these bounds (a retry sooner than 50 ms finds the same queue; one later than 5 s had better go
+# elsewhere), and 100 ms before any batch has measured the rate.
+RETRY_MIN_MS, RETRY_MAX_MS, RETRY_DEFAULT_MS = 50, 5000, 100
 
 
 class _Stopped(Exception):
@@ -162,6 +166,7 @@ class Scheduler:
         self._tokenizing = 0  # admitted items still being tokenized: they will join the queue shortly
         self._reserved_tokens = 0  # estimated tokens of the calls being tokenized (admission counts them)
         self._seen = [0, 0]  # characters and tokens tokenized so far: this tokenizer's ratio
+        self._computed = [0.0, 0]  # device seconds and tokens of the batches run: the drain rate
         # Heap of (deadline, tie-breaker, weak reference to the request): finished requests are not kept.
         self._deadlines: list[tuple[float, int, weakref.ref[_Request]]] = []
         self._sequence = 0  # tie-breaker for the heap
@@ -253,7 +258,8 @@ class Scheduler:
                 raise OverloadedError(
                     f"queue full ({self._queued_items} items, {self._queued_tokens} tokens queued and about "
                     f"{self._reserved_tokens} being tokenized; bounds {self.max_queue_items} items, "
-                    f"{self.max_queue_tokens} tokens); retry with backoff"
+                    f"{self.max_queue_tokens} tokens); retry with backoff",
+                    retry_after_ms=self._drain_ms_locked(),
                 )
             seen_chars, seen_tokens = self._seen
             estimate = round(chars * (seen_tokens / seen_chars if seen_chars else TOKENS_PER_CHAR))
@@ -265,6 +271,16 @@ class Scheduler:
             self._reserved_tokens += estimate
             self._report_depth_locked()
             return estimate
+
+    def _drain_ms_locked(self) -> int:
+        """The retry hint of a refusal: how long the device needs for the tokens queued and being tokenized
+        now, at the device seconds per token of the batches run so far (RETRY_DEFAULT_MS before the first),
+        clamped to [RETRY_MIN_MS, RETRY_MAX_MS]."""
+        seconds, tokens = self._computed
+        if not tokens:
+            return RETRY_DEFAULT_MS
+        drain_ms = 1000 * seconds / tokens * (self._queued_tokens + self._reserved_tokens)
+        return int(min(RETRY_MAX_MS, max(RETRY_MIN_MS, drain_ms)))
 
     def _release_items(self, n: int, reserved: int) -> None:
         with self._cond:
@@ -318,7 +334,8 @@ class Scheduler:
             if self._queued_tokens + tokens > self.max_queue_tokens:
                 raise OverloadedError(
                     f"queue full ({self._queued_tokens} + {tokens} tokens over the bound of "
-                    f"{self.max_queue_tokens}); retry with backoff"
+                    f"{self.max_queue_tokens}); retry with backoff",
+                    retry_after_ms=self._drain_ms_locked(),
                 )
             for i, enc in enumerate(req.encoded):
                 if not enc.windows:
@@ -523,6 +540,8 @@ class Scheduler:
         self.metrics.batch(len(batch), tokens, seconds, waits, graphed)
         finished = []
         with self._cond:
+            self._computed[0] += seconds
+            self._computed[1] += tokens
             for w, logit_row, prob_row, wait in zip(batch, rows.logits, rows.probs, waits, strict=True):
                 req = w.req
                 if req.done:

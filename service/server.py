@@ -10,15 +10,12 @@ loop. Must not know: request parsing (servicer), batching (scheduler), status-co
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -38,6 +35,7 @@ from service.scheduler import Scheduler
 from service.servicer import SafetyServicer
 from service.settings import ServeSettings
 from service.stubs import SERVICE_NAME, pb2, pb2_grpc
+from service.tls import ReloadingCredentials, TlsFiles, tls_credentials
 
 log = logging.getLogger("safety.service")
 T = TypeVar("T")
@@ -144,6 +142,9 @@ class SafetyServer:
     scheduler: Scheduler | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     device_failed: asyncio.Event = field(default_factory=asyncio.Event)  # the device broke for good
+    tls: ReloadingCredentials | None = None  # the served port's TLS files, re-read when they change
+    cut: int = 0  # calls still in flight when the drain ended them (grace expired, or forced)
+    _forced: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> None:
         """Start serving (health NOT_SERVING), load and warm the model off the loop, then SERVING."""
@@ -158,6 +159,7 @@ class SafetyServer:
         seconds = await _in_daemon_thread(lambda: warm_up(clf))
         self.metrics.warmup_seconds.set(seconds)
         self.metrics.compiled.set(1 if clf.runner.compiled else 0)
+        self.metrics.serving(clf.name, str(clf.device), str(clf.dtype))
         log.info("warmed up", extra={"seconds": round(seconds, 2), "compiled": clf.runner.compiled})
         self.classifier = clf
         loop = asyncio.get_running_loop()
@@ -194,7 +196,9 @@ class SafetyServer:
         """NOT_SERVING and UNAVAILABLE for new calls (the server still answers, so load balancers see the
         state), wait up to `grace` seconds for in-flight calls (classify calls, stream requests, job RPCs;
         open ClassifyStreams and job result streams end early, saying where to resume), then stop everything,
-        giving what is left (health watches, reflection) at most STOP_GRACE_S. Idempotent."""
+        giving what is left (health watches, reflection) at most STOP_GRACE_S. Idempotent. `force()` (a second
+        signal) ends the wait at once. Calls still in flight at the end are cut (UNAVAILABLE): counted in
+        `cut` and logged as a warning."""
         if self._stopped.is_set():
             return
         loop = asyncio.get_running_loop()
@@ -203,16 +207,29 @@ class SafetyServer:
         log.info("draining", extra={"grace_s": grace, "in_flight": self.servicer.active})
         await self.health.enter_graceful_shutdown()
         self.servicer.start_draining()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.servicer.idle.wait(), grace)
+        waits = {asyncio.ensure_future(self.servicer.idle.wait()), asyncio.ensure_future(self._forced.wait())}
+        await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in waits:
+            waiting.cancel()
+        self.cut = self.servicer.active
+        if self.cut:
+            why = "stopping at once (second signal)" if self._forced.is_set() else "drain grace expired"
+            log.warning("%s: cutting %d calls still in flight", why, self.cut,
+                        extra={"in_flight": self.cut, "grace_s": grace})  # fmt: skip
         # What is still open now never ends by itself (Health.Watch, a reflection stream): cut it short.
-        await self.server.stop(min(STOP_GRACE_S, max(0.0, deadline - loop.time())))
+        stop_grace = 0.0 if self._forced.is_set() else min(STOP_GRACE_S, max(0.0, deadline - loop.time()))
+        await self.server.stop(stop_grace)
         if self.scheduler is not None:
             await loop.run_in_executor(None, self.scheduler.close)
         await loop.run_in_executor(None, self.servicer.jobs.close)
         self.metrics.close()
         self._stopped.set()
         log.info("stopped")
+
+    def force(self) -> None:
+        """Stop draining: cut what is still in flight now (a second SIGTERM/SIGINT)."""
+        log.warning("second signal: stopping at once", extra={"in_flight": self.servicer.active})
+        self._forced.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -225,25 +242,6 @@ def _auth_text(settings: ServeSettings) -> str:
     if settings.api_key:
         return f"API keys from SAFETY_API_KEY ({len(settings.api_key.split(','))})"
     return "off"
-
-
-def tls_credentials(cert: str, key: str) -> grpc.ServerCredentials:
-    """Server credentials from PEM files, checked first: grpc reports a bad pair only as "Failed to bind",
-    which would send an operator rotating certificates looking for a port conflict."""
-    pem = {}
-    for var, path in (("SAFETY_TLS_CERT", cert), ("SAFETY_TLS_KEY", key)):
-        try:
-            pem[var] = Path(path).read_bytes()
-        except OSError as e:
-            raise OSError(f"{var} {path}: cannot read ({e.strerror or e})") from None
-    try:  # password=b"": an encrypted key fails here instead of prompting on the terminal
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=b"")
-    except ssl.SSLError as e:
-        raise OSError(
-            f"SAFETY_TLS_CERT {cert}, SAFETY_TLS_KEY {key}: not a PEM certificate chain and the unencrypted "
-            f"private key that matches it ({e.reason or e})"
-        ) from None
-    return grpc.ssl_server_credentials([(pem["SAFETY_TLS_KEY"], pem["SAFETY_TLS_CERT"])])
 
 
 def api_keys(settings: ServeSettings) -> ApiKeys | None:
@@ -284,9 +282,10 @@ async def create_server(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    credentials = None
-    if settings.tls_cert and settings.tls_key:
-        credentials = tls_credentials(settings.tls_cert, settings.tls_key)
+    tls = None
+    if settings.tls_cert and settings.tls_key:  # checked now: grpc would say only "Failed to bind"
+        tls = ReloadingCredentials(TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca))
+    credentials = tls.credentials() if tls is not None else None
     try:
         if credentials is not None:
             port = server.add_secure_port(settings.address, credentials)
@@ -304,14 +303,29 @@ async def create_server(
             reason = getattr(e, "strerror", None) or e
             address = settings.metrics_address
             raise OSError(f"SAFETY_METRICS_ADDRESS {address}: cannot bind ({reason})") from None
-    return SafetyServer(
+    app = SafetyServer(
         settings, server, port, servicer, health_servicer, metrics, classifier, metrics_port=metrics_port
     )
+    app.tls = tls
+    return app
+
+
+def _reload_hint(app: SafetyServer) -> None:
+    """SIGHUP: nothing to reload by hand. The TLS files are re-read when they change (re-checked now);
+    the other settings need a restart."""
+    log.info(
+        "SIGHUP: TLS certificate, key and client CA are re-read when their files change; "
+        "other settings need a restart"
+    )
+    if app.tls is not None:
+        app.tls.refresh(force=True)
 
 
 async def serve(settings: ServeSettings, classifier: ClassifierSource = None) -> int:
     """The `safety serve` process: serve until SIGTERM/SIGINT, drain within the grace period, return 0; or,
-    if the device fails for good (a sticky CUDA error), drain and return 1 so the orchestrator replaces it."""
+    if the device fails for good (a sticky CUDA error), drain and return 1 so the orchestrator replaces it.
+    A drain that had to cut calls (the grace expired, or a second SIGTERM/SIGINT stopped it at once) also
+    returns 1. SIGHUP only logs (`_reload_hint`)."""
     logs.configure(settings.log_level, settings.log_format)
     try:
         app = await create_server(settings, classifier)
@@ -322,6 +336,7 @@ async def serve(settings: ServeSettings, classifier: ClassifierSource = None) ->
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_hint, app)  # not the default: die without draining
     starting = asyncio.create_task(app.start())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -343,8 +358,12 @@ async def serve(settings: ServeSettings, classifier: ClassifierSource = None) ->
         else:
             failed.cancel()
             log.info("signal received")
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal: stop at once
+        loop.add_signal_handler(sig, app.force)
     await app.drain()
-    return 1 if app.device_failed.is_set() else 0
+    if app.cut:
+        log.warning("stopped with %d calls cut; exiting 1", app.cut)
+    return 1 if app.device_failed.is_set() or app.cut else 0
 
 
 __all__ = ["ApiKeyInterceptor", "SafetyServer", "create_server", "pb2", "serve", "tls_credentials", "warm_up"]

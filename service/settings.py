@@ -78,6 +78,12 @@ class ServeSettings(EngineSettings):
     )
     tls_cert: str | None = setting(None, "SAFETY_TLS_CERT", opt_str, "PEM certificate chain; enables TLS")
     tls_key: str | None = setting(None, "SAFETY_TLS_KEY", opt_str, "PEM private key for --tls-cert")
+    tls_client_ca: str | None = setting(
+        None,
+        "SAFETY_TLS_CLIENT_CA",
+        opt_str,
+        "PEM CA certificate(s); clients must present a certificate it signed (mutual TLS; needs --tls-cert)",
+    )
     metrics_address: str | None = setting(
         "0.0.0.0:9090",
         "SAFETY_METRICS_ADDRESS",
@@ -111,6 +117,8 @@ class ServeSettings(EngineSettings):
                 raise _bad(name, f"must be a finite number >= 0, got {value}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise _bad("tls_cert", "TLS needs both SAFETY_TLS_CERT and SAFETY_TLS_KEY")
+        if self.tls_client_ca and not self.tls_cert:
+            raise _bad("tls_client_ca", "mutual TLS needs SAFETY_TLS_CERT and SAFETY_TLS_KEY as well")
         if self.log_format not in ("json", "text"):
             raise _bad("log_format", f"must be json or text, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

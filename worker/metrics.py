@@ -3,7 +3,9 @@
 Owns: the metric names and buckets (`safety_worker_items_total{outcome}`,
 `safety_worker_chunks_total{outcome}`, `safety_worker_chunks_resent_total` (counted by the lost-chunk
 sweeper in the main process), `safety_worker_chunk_seconds`; the Grafana dashboard's job panels chart
-the first two), the process's one `Metrics` that the chunk task counts into, and the HTTP exporter. With the
+the first two), the process's one `Metrics` that the chunk task counts into, and the HTTP exporter, which
+also serves the serving process's own process_*, python_info and python_gc_* series and
+`safety_worker_build_info{version}`. With the
 solo and threads pools the tasks run in the process that serves, so the exporter serves that `Metrics`'
 registry. With prefork they run in child processes: `safety worker` sets PROMETHEUS_MULTIPROC_DIR before
 anything imports prometheus-client, each child writes its counts to files there, and the exporter in the
@@ -12,12 +14,25 @@ parent serves their sum (prometheus-client's multiprocess mode). Must not know: 
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server, values
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ITEM_OUTCOMES = ("ok", "failed")
@@ -28,10 +43,36 @@ CHUNK_OUTCOMES = ("done", "retried", "dead_lettered", "skipped")
 CHUNK_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
+class BuildInfo(Collector):
+    """`safety_worker_build_info{version}` = 1, computed at scrape time (a Gauge would go through the
+    multiprocess files in a prefork worker's main process)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            version = importlib.metadata.version("safety-classifier")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        family = GaugeMetricFamily(
+            "safety_worker_build_info", "1, labelled with the package version", labels=["version"]
+        )
+        family.add_metric([version], 1)
+        yield family
+
+
+def add_runtime_collectors(registry: CollectorRegistry) -> None:
+    """This process's process_* (CPU, memory, open fds, start time), python_info and python_gc_* series, and
+    the build info: what the default registry would have, which a fresh registry lacks."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    registry.register(BuildInfo())
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        add_runtime_collectors(r)
         self.items = Counter(
             "safety_worker_items",
             "job items written, by outcome: ok (classified) or failed (refused by the engine, or its chunk "
@@ -103,6 +144,7 @@ def serve(port: int, addr: str = "0.0.0.0") -> Any:
             )
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
+        add_runtime_collectors(registry)  # the main process's own
     else:
         registry = process_metrics().registry
     server, _thread = start_http_server(port, addr=addr, registry=registry)

@@ -27,6 +27,7 @@ OVERLAYS = ("cpu", "gpu", "dev", "keda")
 COMPOSITIONS = {
     "cpu+model-volume": ("cpu", ("model-volume",)),
     "gpu+grafana-dashboard": ("gpu", ("grafana-dashboard",)),
+    "cpu+prometheus-rules": ("cpu", ("prometheus-rules",)),
 }
 CHECKOV = Path(os.environ.get("SAFETY_CHECKOV", REPO / ".cache" / "checkov-venv" / "bin" / "checkov"))
 IMAGE_NAME = "registry.example.com/safety-classifier"  # the placeholder the base sets (images: in k8s/base)

@@ -152,6 +152,10 @@ def test_classify_remote_with_an_unreadable_ca_names_the_flag(tmp_path: Path) ->
     assert res.stderr == (
         f"safety classify: --ca: cannot read the CA certificate {missing} (No such file or directory)\n"
     )
+    cmd = [*cmd[:-4], "--client-cert", str(missing), "--client-key", str(missing), "hi"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.startswith("safety classify: --client-key: cannot read the client key"), res.stderr
 
 
 def test_grpc_cores_own_log_lines_stay_out_of_the_json_log(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,165 @@
+"""The prometheus-rules component's PrometheusRule, and the metrics it and the Grafana dashboard query,
+checked against the /metrics of a real server and a real worker exporter.
+
+Owns: the rule's schema (strict, prometheusrule.schema.json: kubernetes-validate has none for this custom
+resource), what every alert carries, and the live cross-check: each metric name a rule or a panel names is
+exported by a running `safety serve` (after Classify and ClassifyStream calls) or a worker's exporter, and
+each `method` label value they filter on is one the running server really reports. Must not know: Prometheus
+beyond the rule file's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from tests.k8s.render import Rendered
+from tests.k8s.test_dashboard import exprs as dashboard_exprs
+
+SCHEMA = json.loads((Path(__file__).parent / "prometheusrule.schema.json").read_text())
+NAMES = re.compile(r"\b((?:safety|process|python)_[a-z0-9_]+)\b")
+METHOD = re.compile(r'method\s*(=~|=)\s*"([^"]+)"')
+
+
+@pytest.fixture(scope="module")
+def rule(rendered: dict[str, Rendered]) -> dict[str, Any]:
+    return rendered["cpu+prometheus-rules"].get("PrometheusRule", "safety-classifier")
+
+
+def alerts(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for g in rule["spec"]["groups"] for r in g["rules"]]
+
+
+def all_exprs(rule: dict[str, Any]) -> list[str]:
+    return [a["expr"] for a in alerts(rule)] + dashboard_exprs()
+
+
+def test_rule_matches_schema(rule: dict[str, Any]) -> None:
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    jsonschema.Draft202012Validator(SCHEMA).validate(rule)
+
+
+@pytest.mark.parametrize(("field", "value"), [("for", "ten minutes"), ("expresion", "up"), ("expr", None)])
+def test_schema_rejects_wrong_shapes(rule: dict[str, Any], field: str, value: Any) -> None:
+    bad = json.loads(json.dumps(rule))
+    bad["spec"]["groups"][0]["rules"][0][field] = value
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(SCHEMA).validate(bad)
+
+
+def test_every_alert_is_named_graded_and_explained(rule: dict[str, Any]) -> None:
+    names = [a["alert"] for a in alerts(rule)]
+    assert len(names) == len(set(names)), names
+    for a in alerts(rule):
+        assert a["labels"]["severity"] in ("warning", "critical"), a["alert"]
+        assert a["annotations"]["summary"] and a["annotations"]["description"], a["alert"]
+        e = a["expr"]
+        assert e.count("(") == e.count(")") and e.count("{") == e.count("}"), a["alert"]
+    covered = "\n".join(a["expr"] for a in alerts(rule))
+    for metric in ("safety_requests_total", "safety_request_duration_seconds_bucket", "safety_queue_items",
+                   'reason="device_failed"', "safety_build_info", 'outcome="dead_lettered"',
+                   "safety_worker_chunks_resent_total"):  # fmt: skip
+        assert metric in covered, metric
+
+
+def test_queue_alert_follows_the_default_bound(rule: dict[str, Any]) -> None:
+    from service.settings import ServeSettings
+
+    [queue] = [a for a in alerts(rule) if a["alert"] == "SafetyQueueNearBound"]
+    threshold = int(re.search(r">\s*(\d+)", queue["expr"]).group(1))
+    assert threshold == int(0.8 * ServeSettings().max_queue_items)
+
+
+# ---- live /metrics ----------------------------------------------------------------------------------------
+def exported_names(text: str) -> set[str]:
+    """Sample names a scrape yields, from the `# TYPE` lines (labelled families without samples yet too)."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",),
+                "summary": ("_count", "_sum", ""), "untyped": ("",), "info": ("_info",)}  # fmt: skip
+    out = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            out |= {name + s if not name.endswith(s) else name for s in suffixes[kind]}
+        elif line and not line.startswith("#"):
+            out.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return out
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_classifier: Any) -> Iterator[str]:
+    """/metrics of a real server after a Classify call and a two-request ClassifyStream."""
+    from service.client import SafetyClient
+    from service.server import create_server
+    from service.settings import ServeSettings
+    from tests.service.helpers import LoopThread
+
+    loop = LoopThread()
+    settings = ServeSettings(address="127.0.0.1:0", metrics_address="127.0.0.1:0")
+    app = loop.run(create_server(settings, tiny_classifier))
+    try:
+        loop.run(app.start())
+        with SafetyClient(f"127.0.0.1:{app.port}", timeout=30) as client:
+            client.classify(["one call"])
+            assert len(list(client.classify_stream([["first"], ["second"]], timeout=30))) == 2
+        with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=5) as r:
+            yield r.read().decode()
+    finally:
+        loop.run(app.drain(0))
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def live_worker() -> str:
+    import os
+
+    from worker import metrics
+
+    assert metrics.MULTIPROC_ENV not in os.environ
+    server = metrics.serve(0, addr="127.0.0.1")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_queries_name_metrics_a_running_server_or_worker_exports(
+    rule: dict[str, Any], live_server: str, live_worker: str
+) -> None:
+    known = exported_names(live_server) | exported_names(live_worker)
+    named = {m for e in all_exprs(rule) for m in NAMES.findall(e)}
+    assert named, "no metric in any query"
+    assert named <= known, f"queries name metrics no live /metrics has: {sorted(named - known)}"
+
+
+def test_method_filters_match_the_methods_a_running_server_reports(
+    rule: dict[str, Any], live_server: str
+) -> None:
+    reported = set(re.findall(r'safety_requests_total\{[^}]*method="([^"]+)"', live_server))
+    assert {"Classify", "ClassifyStream", "ClassifyStream.request"} <= reported, reported
+    filters = [(op, value) for e in all_exprs(rule) for op, value in METHOD.findall(e)]
+    assert filters, "no query filters on method"
+    for op, value in filters:
+        wanted = value.split("|") if op == "=~" else [value]
+        for method in wanted:
+            assert method in reported, f"method {method!r} in a query, the server reports {sorted(reported)}"
+        # a filter picks classification calls only: never the stream as a whole, health checks or jobs
+        assert not {"ClassifyStream", "Check", "Watch"} & set(wanted), value
+    # the request-rate and error-ratio panels filter to the classification calls
+    by_title = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in _panels()}
+    for title in ("Request rate by status code", "Error ratio"):
+        assert by_title[title].count("method=~") == by_title[title].count("safety_requests_total"), title
+
+
+def _panels() -> list[dict[str, Any]]:
+    from tests.k8s.test_dashboard import PANELS
+
+    return PANELS

@@ -1,0 +1,45 @@
+"""RESOURCE_EXHAUSTED carries gRPC's retry hint, the `grpc-retry-pushback-ms` trailer: the queue's drain
+time at the device rate measured so far, clamped (service.scheduler.RETRY_*); a real server on port 0."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from service.errors import RETRY_PUSHBACK
+from service.scheduler import RETRY_DEFAULT_MS, RETRY_MAX_MS, RETRY_MIN_MS
+from service.server import SafetyServer
+from tests.service.helpers import in_queue, request, wait_until
+
+
+def refusal_pushback(app: SafetyServer, stub: Any) -> int:
+    """Fill the held queue to its item bound, then one more call: its pushback in milliseconds."""
+    bound = app.scheduler.max_queue_items
+    app.scheduler.hold_runner()
+    try:
+        admitted = [stub.Classify.future(request(f"queued {i}"), timeout=30) for i in range(bound)]
+        wait_until(lambda: in_queue(app) == bound, what="queue full")
+        try:
+            stub.Classify(request("one too many"), timeout=10)
+            raise AssertionError("admitted past the bound")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            trailers = dict(e.trailing_metadata() or ())
+    finally:
+        app.scheduler.release_runner()
+    for call in admitted:
+        assert call.result(30).results
+    assert RETRY_PUSHBACK in trailers, trailers
+    return int(trailers[RETRY_PUSHBACK])
+
+
+def test_resource_exhausted_carries_a_retry_pushback(start_server: Any, stub_for: Any) -> None:
+    app = start_server(max_queue_items=4)
+    stub = stub_for(app)
+    assert refusal_pushback(app, stub) == RETRY_DEFAULT_MS  # no batch has measured the device yet
+    measured = refusal_pushback(app, stub)  # the first round's batches measured it: a tiny model is fast
+    assert RETRY_MIN_MS <= measured <= RETRY_MAX_MS
+    with app.scheduler._cond:  # a device that needs a second per token: the 4 queued items take seconds
+        app.scheduler._computed = [1.0, 1]
+    assert refusal_pushback(app, stub) == RETRY_MAX_MS
