@@ -526,7 +526,10 @@ def triton_steps(rep, args, ckpt, config, opts, hf32, hf16, lengths, workloads, 
     from model import fused, load_classifier
 
     out = rep.data
-    why = fused.unsupported(device, dtype, config.hidden_activation, config.head_dim)
+    c = config
+    why = fused.unsupported(
+        device, dtype, c.hidden_activation, c.hidden_size, c.num_attention_heads, c.intermediate_size
+    )
     if why is not None:
         out["triton"] = f"skipped: {why}"
         log(f"# Triton kernels: skipped ({why})")
