@@ -35,7 +35,7 @@ from service.scheduler import Scheduler
 from service.servicer import SafetyServicer
 from service.settings import ServeSettings
 from service.stubs import SERVICE_NAME, pb2, pb2_grpc
-from service.tls import ReloadingCredentials, TlsFiles, tls_credentials
+from service.tls import ReloadingCredentials, TlsFiles
 
 log = logging.getLogger("safety.service")
 T = TypeVar("T")
@@ -303,11 +303,9 @@ async def create_server(
             reason = getattr(e, "strerror", None) or e
             address = settings.metrics_address
             raise OSError(f"SAFETY_METRICS_ADDRESS {address}: cannot bind ({reason})") from None
-    app = SafetyServer(
-        settings, server, port, servicer, health_servicer, metrics, classifier, metrics_port=metrics_port
+    return SafetyServer(
+        settings, server, port, servicer, health_servicer, metrics, classifier, metrics_port, tls=tls
     )
-    app.tls = tls
-    return app
 
 
 def _reload_hint(app: SafetyServer) -> None:
@@ -366,4 +364,4 @@ async def serve(settings: ServeSettings, classifier: ClassifierSource = None) ->
     return 1 if app.device_failed.is_set() or app.cut else 0
 
 
-__all__ = ["ApiKeyInterceptor", "SafetyServer", "create_server", "pb2", "serve", "tls_credentials", "warm_up"]
+__all__ = ["ApiKeyInterceptor", "SafetyServer", "create_server", "pb2", "serve", "warm_up"]

@@ -18,9 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from service.client import SafetyClient
-from service.server import SafetyServer, create_server, tls_credentials
+from service.server import SafetyServer, create_server
 from service.settings import ServeSettings
 from service.stubs import SERVICE_NAME, pb2, pb2_grpc
+from service.tls import tls_credentials
 from tests.service.helpers import in_queue, request, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
