@@ -12,7 +12,6 @@ know: torch, gRPC, Celery.
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -63,10 +62,15 @@ def check_length(value: str, index: int, field: str, max_chars: int | None) -> N
         raise InvalidInputError(message, index=index, field=field)
 
 
+# Characters that only join, separate or mark text, with nothing to read: zero-width space, non-joiner and
+# joiner, word joiner, BOM. Not every format character (Unicode category Cf): tag characters (U+E0020-7F)
+# spell hidden instructions ("ASCII smuggling"), and bidi overrides reorder what is shown; those are scored.
+INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff")
+
+
 def blank(text: str) -> bool:
-    """Empty, or only whitespace and invisible format characters (zero-width space and joiners, BOM, word
-    joiner: Unicode category Cf), which carry no content to score."""
-    return not text.strip() or all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
+    """Empty, or only whitespace and the invisible separators of INVISIBLE: no content to score."""
+    return not text.strip() or all(c.isspace() or c in INVISIBLE for c in text)
 
 
 def check_unicode(value: str, index: int | None, field: str) -> None:

@@ -1,7 +1,8 @@
 """Dynamic batching: one queue of token windows from concurrent requests, one batch former, one runner.
 
-Owns: admission (bounds on queued items and tokens -> `OverloadedError` at once; the tokens of calls still
-being tokenized count, estimated from their characters), tokenization off the event loop (a thread pool
+Owns: admission (bounds on queued items and tokens -> `OverloadedError` at once, whose `retry_after_ms` is
+the time the device needs to free room for the call at its recent seconds per token; the tokens of calls
+still being tokenized count, estimated from their characters), tokenization off the event loop (a thread pool
 running `clf.encode` on pieces of a call's items, which stops between pieces when the caller is gone, the
 server closes, or the call has passed the whole queue bound), the pending queue, batch formation with the
 engine's planner (`model.planner.next_batch`: the oldest window plus its nearest neighbours in length under
@@ -50,10 +51,11 @@ log = logging.getLogger("safety.service.scheduler")
 
 PIECE_CHARS = 262_144  # tokenized at a time (~0.1 s on one core): how soon a stop or the bound is seen
 TOKENS_PER_CHAR = 0.25  # the admission estimate until real calls have measured this tokenizer's ratio
-# grpc-retry-pushback-ms of a RESOURCE_EXHAUSTED refusal: the queue's drain time at the measured device rate,
-# within these bounds (a retry sooner than 50 ms finds the same queue; one later than 5 s had better go
-# elsewhere), and 100 ms before any batch has measured the rate.
+# An OverloadedError's retry hint (the front end sends it on): the time the device needs to free room for the
+# refused call at its recent rate, within these bounds (a retry sooner than 50 ms finds the same queue; one
+# later than 5 s had better go elsewhere), and 100 ms before any batch has measured the rate.
 RETRY_MIN_MS, RETRY_MAX_MS, RETRY_DEFAULT_MS = 50, 5000, 100
+RATE_WEIGHT = 0.2  # of the last batch in the moving average of device seconds per token
 
 
 class _Stopped(Exception):
@@ -166,7 +168,7 @@ class Scheduler:
         self._tokenizing = 0  # admitted items still being tokenized: they will join the queue shortly
         self._reserved_tokens = 0  # estimated tokens of the calls being tokenized (admission counts them)
         self._seen = [0, 0]  # characters and tokens tokenized so far: this tokenizer's ratio
-        self._computed = [0.0, 0]  # device seconds and tokens of the batches run: the drain rate
+        self._seconds_per_token: float | None = None  # of recent batches (moving average): the drain rate
         # Heap of (deadline, tie-breaker, weak reference to the request): finished requests are not kept.
         self._deadlines: list[tuple[float, int, weakref.ref[_Request]]] = []
         self._sequence = 0  # tie-breaker for the heap
@@ -254,12 +256,15 @@ class Scheduler:
             if not self._accepting:
                 raise UnavailableError("server is shutting down; retry on another replica")
             tokens = self._queued_tokens + self._reserved_tokens  # queued, and on their way to the queue
-            if self._queued_items + n > self.max_queue_items or tokens >= self.max_queue_tokens:
+            items_over = self._queued_items + n - self.max_queue_items
+            if items_over > 0 or tokens >= self.max_queue_tokens:
+                per_item = tokens / self._queued_items if self._queued_items else 0.0
+                over = max(items_over * per_item, tokens - self.max_queue_tokens + 1)
                 raise OverloadedError(
                     f"queue full ({self._queued_items} items, {self._queued_tokens} tokens queued and about "
                     f"{self._reserved_tokens} being tokenized; bounds {self.max_queue_items} items, "
                     f"{self.max_queue_tokens} tokens); retry with backoff",
-                    retry_after_ms=self._drain_ms_locked(),
+                    retry_after_ms=self._retry_ms_locked(over),
                 )
             seen_chars, seen_tokens = self._seen
             estimate = round(chars * (seen_tokens / seen_chars if seen_chars else TOKENS_PER_CHAR))
@@ -272,15 +277,14 @@ class Scheduler:
             self._report_depth_locked()
             return estimate
 
-    def _drain_ms_locked(self) -> int:
-        """The retry hint of a refusal: how long the device needs for the tokens queued and being tokenized
-        now, at the device seconds per token of the batches run so far (RETRY_DEFAULT_MS before the first),
-        clamped to [RETRY_MIN_MS, RETRY_MAX_MS]."""
-        seconds, tokens = self._computed
-        if not tokens:
+    def _retry_ms_locked(self, over_tokens: float) -> int:
+        """The retry hint of a refusal: how long the device needs to run the `over_tokens` that must leave the
+        queue before the refused call fits, at the recent device seconds per token (RETRY_DEFAULT_MS before
+        the first batch), clamped to [RETRY_MIN_MS, RETRY_MAX_MS]."""
+        if self._seconds_per_token is None:
             return RETRY_DEFAULT_MS
-        drain_ms = 1000 * seconds / tokens * (self._queued_tokens + self._reserved_tokens)
-        return int(min(RETRY_MAX_MS, max(RETRY_MIN_MS, drain_ms)))
+        ms = 1000 * self._seconds_per_token * over_tokens
+        return int(min(RETRY_MAX_MS, max(RETRY_MIN_MS, ms)))
 
     def _release_items(self, n: int, reserved: int) -> None:
         with self._cond:
@@ -331,11 +335,12 @@ class Scheduler:
         with self._cond:
             if not self._accepting:
                 raise UnavailableError("server is shutting down; retry on another replica")
-            if self._queued_tokens + tokens > self.max_queue_tokens:
+            over = self._queued_tokens + tokens - self.max_queue_tokens
+            if over > 0:
                 raise OverloadedError(
                     f"queue full ({self._queued_tokens} + {tokens} tokens over the bound of "
                     f"{self.max_queue_tokens}); retry with backoff",
-                    retry_after_ms=self._drain_ms_locked(),
+                    retry_after_ms=self._retry_ms_locked(over),
                 )
             for i, enc in enumerate(req.encoded):
                 if not enc.windows:
@@ -540,8 +545,9 @@ class Scheduler:
         self.metrics.batch(len(batch), tokens, seconds, waits, graphed)
         finished = []
         with self._cond:
-            self._computed[0] += seconds
-            self._computed[1] += tokens
+            if tokens:
+                rate, last = self._seconds_per_token, seconds / tokens
+                self._seconds_per_token = last if rate is None else rate + RATE_WEIGHT * (last - rate)
             for w, logit_row, prob_row, wait in zip(batch, rows.logits, rows.probs, waits, strict=True):
                 req = w.req
                 if req.done:
