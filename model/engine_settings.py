@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 ATTENTION = ("auto", "flash_attn", "varlen", "sdpa", "triton", "triton_local")
 AUTO_ON_OFF = ("auto", "on", "off")  # SAFETY_COMPILE, SAFETY_CUDA_GRAPHS
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what model.runner.resolve_device accepts
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what model.runner.resolve_device accepts
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # model.runner.DTYPES, without torch
 SMALLEST_GRAPH = 256  # model.graphs.SMALLEST, restated so that reading settings does not import torch
 

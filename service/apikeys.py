@@ -4,22 +4,23 @@ SAFETY_API_KEY_FILE (one per line), which is re-read when it changes so keys rot
 Owns: the key syntax (each key stripped of surrounding whitespace; none empty, none with whitespace or a
 comma inside), `parse_keys` and `read_key_file` (their ValueErrors name the entry or line, never the key), and
 `ApiKeys`, whose `matches(credentials)` compares with `hmac.compare_digest` against every key and, for a
-key file, looks at the file's modification time at most once per `RECHECK_S` and re-reads it when it
-changed (a file that became unreadable or empty keeps the last good keys and logs a warning). Must not know:
-gRPC, the settings dataclass, how a caller sends its key.
+key file, looks at the file (service/watch.py's signature) at most once per `RECHECK_S` and re-reads it when
+it changed (a file that became unreadable or empty keeps the last good keys and logs a warning, once per
+change). Must not know: gRPC, the settings dataclass, how a caller sends its key.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 
+from service import watch
+
 log = logging.getLogger("safety.service")
 
-RECHECK_S = 1.0  # a key file's modification time is looked at no more often than this
+RECHECK_S = 1.0  # a key file is looked at no more often than this
 
 
 def _checked(keys: Iterable[tuple[str, str]]) -> tuple[str, ...]:
@@ -45,7 +46,7 @@ def read_key_file(path: str) -> tuple[str, ...]:
     """The keys of a key file: one per line, surrounding whitespace stripped, blank lines and lines starting
     with '#' ignored. An unreadable file or one without a key raises ValueError."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM an editor wrote is not part of the first key
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -57,37 +58,23 @@ def read_key_file(path: str) -> tuple[str, ...]:
     return keys
 
 
-def _signature(path: str) -> tuple[int, int, int] | None:
-    """What tells a changed file: its modification time, inode (a Kubernetes Secret volume swaps a symlink
-    to a new file) and size. None: cannot stat it."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_ino, st.st_size
-
-
 class ApiKeys:
     """The accepted keys, fixed (`ApiKeys(keys)`) or read from a file (`ApiKeys.from_file(path)`)."""
 
     def __init__(self, keys: Iterable[str], *, clock: Callable[[], float] = time.monotonic) -> None:
         self._keys = tuple(k.encode() for k in keys)
         self._path: str | None = None
-        self._signature: tuple[int, int, int] | None = None
+        self._signature: watch.Signature = ()  # of the file when last read, good or bad
         self._clock = clock
         self._checked_at = 0.0
-        self._failing = False  # a warning was logged for the current bad state of the file
 
     @classmethod
     def from_file(cls, path: str, *, clock: Callable[[], float] = time.monotonic) -> ApiKeys:
         """Keys from `path` (ValueError when it is unreadable or holds none), re-read when it changes."""
-        signature = _signature(path)
+        signature = watch.signature(path)
         keys = cls(read_key_file(path), clock=clock)
         keys._path, keys._signature, keys._checked_at = path, signature, clock()
         return keys
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
     def matches(self, credentials: bytes) -> bool:
         """Is `credentials` one of the keys? Compared with every key in constant time per key."""
@@ -102,17 +89,14 @@ class ApiKeys:
         self._checked_at = now
         path = self._path
         assert path is not None
-        signature = _signature(path)
-        if signature is not None and signature == self._signature:
-            self._failing = False  # e.g. readable again, unchanged
-            return
+        signature = watch.signature(path)
+        if signature == self._signature:
+            return  # unchanged since it was last read (a bad file is not read again until it changes)
+        self._signature = signature
         try:
             keys = read_key_file(path)
         except ValueError as e:
-            if not self._failing:
-                log.warning("SAFETY_API_KEY_FILE: %s; keeping the %d keys read before", e, len(self._keys))
-                self._failing = True
+            log.warning("SAFETY_API_KEY_FILE: %s; keeping the %d keys read before", e, len(self._keys))
             return
-        self._signature, self._failing = signature, False
         self._keys = tuple(k.encode() for k in keys)
         log.info("SAFETY_API_KEY_FILE re-read", extra={"path": path, "keys": len(keys)})

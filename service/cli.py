@@ -80,18 +80,21 @@ def remote_classify(
     from model.errors import InvalidInputError
     from service.client import SafetyClient
 
+    if (client_cert is None) != (client_key is None):  # a usage error: `safety classify` exits 2
+        missing = "--client-cert" if client_cert is None else "--client-key"
+        raise InvalidInputError(
+            "a client certificate needs both --client-cert and --client-key", field=missing
+        )
     try:
-        with SafetyClient(
+        client = SafetyClient(
             target, api_key=api_key, tls=tls, ca=ca, timeout=timeout, server_name=server_name,
             cert=client_cert, key=client_key,
-        ) as c:  # fmt: skip
-            return c.classify(items, thresholds)
-    except InvalidInputError as e:  # an unreadable PEM file: named by its flag, `safety classify` exits 2
-        flag = {"ca": "--ca", "cert": "--client-cert", "key": "--client-key"}.get(e.field or "")
-        if flag is None:
-            raise
+        )  # fmt: skip
+    except InvalidInputError as e:  # an unreadable PEM file: named by its flag
+        flag = {"ca": "--ca", "cert": "--client-cert", "key": "--client-key"}[e.field or ""]
         raise InvalidInputError(e.reason, field=flag) from None
-    except (OSError, ValueError) as e:  # a half-given client certificate
-        raise SystemExit(f"safety classify --remote {target}: {e}") from None
+    try:
+        with client:
+            return client.classify(items, thresholds)
     except grpc.RpcError as e:
         raise SystemExit(f"safety classify --remote {target}: {e.code().name}: {e.details()}") from None

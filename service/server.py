@@ -1,10 +1,13 @@
 """Assembly and lifecycle of the gRPC server: `create_server` (bind) -> `start` (load, warm, SERVING) ->
-`drain` (NOT_SERVING, finish in-flight calls within the grace period, stop). `serve` is the process:
-signals, logging, exit code.
+`drain` (NOT_SERVING, finish in-flight calls within the grace period, stop; what is still in flight then is
+cut, counted and logged). `serve` is the process: signals (SIGTERM/SIGINT drain, a second one stops at once;
+SIGHUP re-checks the TLS files), logging, exit code.
 
-Owns: grpc.aio server options, TLS, the interceptor chain (metrics -> errors -> API key), grpc.health.v1
+Owns: grpc.aio server options, the port's credentials (from service/tls.py, re-read as their files change),
+the interceptor chain (metrics -> errors -> API key, its keys from service/apikeys.py), grpc.health.v1
 states, server reflection, the metrics HTTP exporter's lifetime, model loading and warm-up off the event
-loop. Must not know: request parsing (servicer), batching (scheduler), status-code choices (errors).
+loop. Must not know: request parsing (servicer), batching (scheduler), status-code choices (errors), how TLS
+files or key files are read.
 """
 
 from __future__ import annotations
@@ -323,7 +326,7 @@ async def serve(settings: ServeSettings, classifier: ClassifierSource = None) ->
     """The `safety serve` process: serve until SIGTERM/SIGINT, drain within the grace period, return 0; or,
     if the device fails for good (a sticky CUDA error), drain and return 1 so the orchestrator replaces it.
     A drain that had to cut calls (the grace expired, or a second SIGTERM/SIGINT stopped it at once) also
-    returns 1. SIGHUP only logs (`_reload_hint`)."""
+    returns 1. SIGHUP logs and re-checks the TLS files (`_reload_hint`)."""
     logs.configure(settings.log_level, settings.log_format)
     try:
         app = await create_server(settings, classifier)
@@ -356,8 +359,18 @@ async def serve(settings: ServeSettings, classifier: ClassifierSource = None) ->
         else:
             failed.cancel()
             log.info("signal received")
-    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal: stop at once
-        loop.add_signal_handler(sig, app.force)
+    signalled = stop.is_set()  # a drain after the device failed has had no signal yet
+
+    def on_signal() -> None:  # the second signal of a drain stops it at once
+        nonlocal signalled
+        if signalled:
+            app.force()
+        else:
+            signalled = True
+            log.info("signal received while draining")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
     await app.drain()
     if app.cut:
         log.warning("stopped with %d calls cut; exiting 1", app.cut)

@@ -13,17 +13,17 @@ server's lifecycle, settings parsing, signals.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-log = logging.getLogger("safety.service")
+from service import watch
 
-Signature = tuple[tuple[int, int, int, int] | None, ...]
+log = logging.getLogger("safety.service")
 
 
 @dataclass(frozen=True)
@@ -52,36 +52,46 @@ def load(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
         except OSError as e:
             raise OSError(f"{var} {path}: cannot read ({e.strerror or e})") from None
     cert, key = files.cert, files.key
-    try:  # password=b"": an encrypted key fails here instead of prompting on the terminal
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=b"")
+    try:
+        _check_pair(pem["SAFETY_TLS_CERT"], pem["SAFETY_TLS_KEY"])
     except ssl.SSLError as e:
         raise OSError(
             f"SAFETY_TLS_CERT {cert}, SAFETY_TLS_KEY {key}: not a PEM certificate chain and the unencrypted "
             f"private key that matches it ({e.reason or e})"
         ) from None
     if files.client_ca:
-        try:
-            ssl.create_default_context(cadata=pem["SAFETY_TLS_CLIENT_CA"].decode("ascii"))
+        where = f"SAFETY_TLS_CLIENT_CA {files.client_ca}"
+        if not pem[
+            "SAFETY_TLS_CLIENT_CA"
+        ].strip():  # empty, or caught mid-write: it would lock every client out
+            raise OSError(f"{where}: holds no certificate")
+        try:  # not create_default_context: it takes the system's CAs when cadata is empty
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
+                cadata=pem["SAFETY_TLS_CLIENT_CA"].decode("ascii")
+            )
         except (ssl.SSLError, UnicodeDecodeError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
-            raise OSError(
-                f"SAFETY_TLS_CLIENT_CA {files.client_ca}: not PEM CA certificates ({reason})"
-            ) from None
+            raise OSError(f"{where}: not PEM CA certificates ({reason})") from None
     return grpc.ssl_server_certificate_configuration(
         [(pem["SAFETY_TLS_KEY"], pem["SAFETY_TLS_CERT"])], pem.get("SAFETY_TLS_CLIENT_CA")
     )
 
 
-def _signature(files: TlsFiles) -> Signature:
-    out = []
-    for _, path in files.named():
-        try:
-            st = os.stat(path)  # follows symlinks: a Secret volume's ..data swap changes the inode
-        except OSError:
-            out.append(None)
-        else:
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev))
-    return tuple(out)
+def _check_pair(cert: bytes, key: bytes) -> None:
+    """ssl.SSLError unless `cert` is a PEM chain and `key` its unencrypted private key. The bytes grpc will
+    get, not the files again (a rotation between two reads could pass a pair grpc never sees); ssl reads
+    only files, so they go to a private temporary directory for the check."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        for path, data in zip(paths, (cert, key), strict=True):
+            path.touch(mode=0o600)
+            path.write_bytes(data)
+        # password=b"": an encrypted key fails here instead of prompting on the terminal
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*paths, password=b"")
+
+
+def _signature(files: TlsFiles) -> watch.Signature:
+    return watch.signature(*(path for _, path in files.named()))
 
 
 class ReloadingCredentials:
@@ -94,7 +104,6 @@ class ReloadingCredentials:
         self._signature = _signature(files)
         self._config = load(files)
         self._fresh = False  # a re-read configuration grpc has not been handed yet
-        self.reloads = 0
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
@@ -128,11 +137,5 @@ class ReloadingCredentials:
                 log.warning("TLS files changed but do not load; keeping the certificate in use: %s", e)
                 return False
             self._config, self._fresh = config, True
-            self.reloads += 1
         log.info("TLS files re-read", extra={"files": dict(self.files.named())})
         return True
-
-
-def tls_credentials(cert: str, key: str, client_ca: str | None = None) -> grpc.ServerCredentials:
-    """Server credentials from PEM files, checked first, re-read when they change (`ReloadingCredentials`)."""
-    return ReloadingCredentials(TlsFiles(cert, key, client_ca)).credentials()

@@ -21,7 +21,7 @@ from service.client import SafetyClient
 from service.server import SafetyServer, create_server
 from service.settings import ServeSettings
 from service.stubs import SERVICE_NAME, pb2, pb2_grpc
-from service.tls import tls_credentials
+from service.tls import TlsFiles, load
 from tests.service.helpers import in_queue, request, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -240,15 +240,24 @@ def test_a_bad_tls_pair_is_refused_naming_the_settings_not_the_address(
     )  # fmt: skip
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
     cases = {
-        (cert, other_key): r"SAFETY_TLS_CERT .*cert.pem, SAFETY_TLS_KEY .*other.pem: not a PEM certificate",
-        (key, cert): r"SAFETY_TLS_CERT .*key.pem, SAFETY_TLS_KEY .*cert.pem: not a PEM",  # swapped
-        (garbage, garbage): r"garbage.pem: not a PEM",
-        (cert, tmp_path / "missing.pem"): r"SAFETY_TLS_KEY .*missing.pem: cannot read \(No such file",
+        (
+            cert,
+            other_key,
+            None,
+        ): r"SAFETY_TLS_CERT .*cert.pem, SAFETY_TLS_KEY .*other.pem: not a PEM certificate",
+        (key, cert, None): r"SAFETY_TLS_CERT .*key.pem, SAFETY_TLS_KEY .*cert.pem: not a PEM",  # swapped
+        (garbage, garbage, None): r"garbage.pem: not a PEM",
+        (cert, tmp_path / "missing.pem", None): r"SAFETY_TLS_KEY .*missing.pem: cannot read \(No such file",
+        (cert, key, garbage): r"SAFETY_TLS_CLIENT_CA .*garbage.pem: not PEM CA certificates",
+        # an empty CA file loads in ssl without a word, and then every client is refused at the handshake
+        (cert, key, empty): r"SAFETY_TLS_CLIENT_CA .*empty.pem: holds no certificate",
     }
-    for (c, k), message in cases.items():
+    for (c, k, ca), message in cases.items():
         with pytest.raises(OSError, match=message) as err:
-            tls_credentials(str(c), str(k))
+            load(TlsFiles(str(c), str(k), str(ca) if ca else None))
         assert "bind" not in str(err.value)
     settings = ServeSettings(
         address="127.0.0.1:0", metrics_address=None, tls_cert=str(cert), tls_key=str(other_key)

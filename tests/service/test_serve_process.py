@@ -156,6 +156,12 @@ def test_classify_remote_with_an_unreadable_ca_names_the_flag(tmp_path: Path) ->
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.startswith("safety classify: --client-key: cannot read the client key"), res.stderr
+    res = subprocess.run([*cmd[:-3], "hi"], capture_output=True, text=True, timeout=120)  # no --client-key
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert (
+        res.stderr
+        == "safety classify: --client-key: a client certificate needs both --client-cert and --client-key\n"
+    )
 
 
 def test_grpc_cores_own_log_lines_stay_out_of_the_json_log(tiny_model_dir: Path, tmp_path: Path) -> None:
