@@ -1,8 +1,10 @@
-"""Tokenization through the `tokenizers` library alone, reading a checkpoint's `tokenizer.json`.
+"""Tokenization through the `tokenizers` library alone, reading a checkpoint's `tokenizer.json`, with what
+transformers applies over it from `tokenizer_config.json` / `special_tokens_map.json` (added and special
+tokens, `split_special_tokens`).
 
 Owns: text -> content token ids with character offsets (no specials, no truncation, no padding), and the
 special-token template of the checkpoint (`[CLS] A [SEP]`, `[CLS] A [SEP] B [SEP]`), read off the file's own
-post-processor so our ids equal Hugging Face's fast tokenizer loaded from the same file. Also trains small
+post-processor so our ids equal Hugging Face's fast tokenizer loaded from the same files. Also trains small
 byte-level BPE tokenizers with ModernBERT's specials (for `safety train` and the tests).
 Must not know: windows, models, devices.
 """
@@ -103,7 +105,8 @@ class TextTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TextTokenizer:
-        """tokenizer.json, with what transformers takes from a tokenizer_config.json beside it."""
+        """tokenizer.json, with what transformers applies over it from the tokenizer_config.json and
+        special_tokens_map.json beside it."""
         path = Path(path)
         if not path.exists():
             raise CheckpointError(f"{path}: tokenizer.json is missing")
@@ -111,9 +114,7 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
             raise CheckpointError(f"{path}: not a valid tokenizers file ({e})") from None
-        config = path.with_name("tokenizer_config.json")
-        if config.exists():
-            apply_tokenizer_config(tok, config)
+        apply_hf_tokenizer_files(tok, path.parent)
         return cls(tok, str(path))
 
     def encode_batch(self, texts: Sequence[str]) -> list[Tokens]:
@@ -127,25 +128,47 @@ class TextTokenizer:
 
 
 ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
-SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+EXTRA_KEYS = ("additional_special_tokens", "extra_special_tokens")  # lists (or a name -> token mapping)
+# transformers' own order of the named special tokens (new ones get ids in it); other `*_token` keys follow
+STANDARD_SPECIALS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 
 
-def apply_tokenizer_config(tok: Tokenizer, path: Path) -> None:
-    """What transformers' fast tokenizer applies over tokenizer.json from tokenizer_config.json, so our ids
-    stay HF's: the tokens of `added_tokens_decoder` whose content or flags (lstrip, ...) tokenizer.json
-    does not declare the same way, then the named special tokens (`cls_token`, ...) missing from its added
-    tokens, are added in that order (a token already in the vocabulary keeps its id and takes the new flags;
-    a new one gets the next id); `split_special_tokens: true` makes typed special tokens plain text."""
-    where = str(path)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{where}: cannot read it ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{where}: must be a JSON object")
+def apply_hf_tokenizer_files(tok: Tokenizer, directory: Path) -> None:
+    """What transformers' fast tokenizer applies over tokenizer.json from the tokenizer_config.json beside it
+    (and from special_tokens_map.json, when the former has no `added_tokens_decoder`; the former wins a key
+    both set), so our ids stay HF's. Added in this order: the tokens of `added_tokens_decoder` whose content
+    or flags (lstrip, ...) tokenizer.json does not declare the same way (one that a `*_token` key names is
+    special whatever it says); then the named special tokens (`cls_token`, `image_token`, ...) and the
+    `additional_special_tokens`/`extra_special_tokens` that are not added tokens yet. A token already in the
+    vocabulary keeps its id and takes the new flags, a new one gets the next id. `split_special_tokens: true`
+    makes typed special tokens plain text."""
+    config = read_tokenizer_config(directory)
+    where = str(directory / "tokenizer_config.json")
+    keys = [*STANDARD_SPECIALS, *(k for k in config if k.endswith("_token") and k not in STANDARD_SPECIALS)]
+    named = [
+        _added_token(config[key], f"{where}: {key}", special=True)
+        for key in keys
+        if isinstance(config.get(key), str | dict)
+    ]
+    extras = []
+    for key in EXTRA_KEYS:
+        value = config.get(key) or []
+        values = list(value.values()) if isinstance(value, dict) else value
+        if not isinstance(values, list):
+            raise CheckpointError(f"{where}: {key} must be a list of tokens")
+        extras += [_added_token(v, f"{where}: {key}", special=True) for v in values]
+
     have = tok.get_added_tokens_decoder().values()
     declared = {_key(t) for t in have}
-    contents = {t.content for t in have}
+    listed = {t.content for t in have}
     new: list[AddedToken] = []
     decoder = config.get("added_tokens_decoder") or {}
     if not isinstance(decoder, dict):
@@ -154,16 +177,15 @@ def apply_tokenizer_config(tok: Tokenizer, path: Path) -> None:
         entries = sorted((int(k), v) for k, v in decoder.items())
     except ValueError:
         raise CheckpointError(f"{where}: added_tokens_decoder's keys must be token ids") from None
+    special_names = {t.content for t in named}
     for index, entry in entries:
         token = _added_token(entry, f"{where}: added_tokens_decoder.{index}")
+        if token.content in special_names:
+            token.special = True
         if _key(token) not in declared:
             new.append(token)
-    listed = contents | {t.content for t in new}
-    for name in SPECIAL_KEYS:
-        value = config.get(name)
-        if value is None:
-            continue
-        token = _added_token(value, f"{where}: {name}", special=True)
+            listed.add(token.content)
+    for token in named + extras:
         if token.content not in listed:
             new.append(token)
             listed.add(token.content)
@@ -171,6 +193,35 @@ def apply_tokenizer_config(tok: Tokenizer, path: Path) -> None:
         tok.add_tokens(new)
     if config.get("split_special_tokens"):
         tok.encode_special_tokens = True
+
+
+def read_tokenizer_config(directory: Path) -> dict[str, Any]:
+    """tokenizer_config.json beside tokenizer.json, over special_tokens_map.json when it has no
+    `added_tokens_decoder` (transformers reads the legacy file only then); {} without either."""
+    config: dict[str, Any] = {}
+    if (directory / "tokenizer_config.json").exists():
+        config = _read_object(directory / "tokenizer_config.json")
+    legacy = directory / "special_tokens_map.json"
+    if "added_tokens_decoder" not in config and legacy.exists():
+        config = {**_read_object(legacy), **config}
+    return config
+
+
+def special_token_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a tokenizer config that name special tokens or how they are split (not the added tokens
+    themselves, which a saved tokenizer.json holds)."""
+    keep = (*EXTRA_KEYS, "split_special_tokens")
+    return {k: v for k, v in config.items() if k.endswith("_token") or k in keep}
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read it ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: must be a JSON object")
+    return value
 
 
 def _added_token(value: Any, where: str, special: bool | None = None) -> AddedToken:

@@ -51,7 +51,7 @@ from model.modernbert import (
 from model.packing import Packed, pack
 from model.planner import plan_batches
 from model.runner import resolve_device
-from model.tokenizer import TextTokenizer, train_tokenizer
+from model.tokenizer import TextTokenizer, read_tokenizer_config, special_token_settings, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -613,8 +613,12 @@ def train_command(args: argparse.Namespace) -> int:
                 f"{src}: tokenizer has {tokenizer.vocab_size} tokens, vocab_size is {model.config.vocab_size}"
             )
         tok_json = (src / "tokenizer.json").read_text(encoding="utf-8")
-        if (src / "tokenizer_config.json").exists():  # what it applied over tokenizer.json goes into ours
+        # what the init's tokenizer config applied over its tokenizer.json is baked into ours; its special
+        # token names and split_special_tokens (not kept by a saved tokenizer.json) go into our config
+        init_config = read_tokenizer_config(src)
+        if init_config:
             tok_json = tokenizer.tok.to_str(pretty=True)
+        specials = special_token_settings(init_config)
         origin = (
             f"fine-tuned from {src} ({report.kind} checkpoint"
             + (f"; new: {', '.join(report.initialized)}" if report.initialized else "")
@@ -625,7 +629,7 @@ def train_command(args: argparse.Namespace) -> int:
         lr = args.lr or 5e-5
     else:
         model, tokenizer = scratch_model(args.config, train_rows, labels, args.vocab_size, args.seed)
-        tok_json = tokenizer.tok.to_str(pretty=True)
+        tok_json, specials = tokenizer.tok.to_str(pretty=True), {}
         origin = f"trained from scratch (--config {args.config}, tokenizer of {tokenizer.vocab_size} tokens)"
         lr = args.lr or 1e-3
     config = model.config
@@ -667,7 +671,7 @@ def train_command(args: argparse.Namespace) -> int:
         out,
         result.model,
         tok_json,
-        tokenizer_config(config.max_position_embeddings),
+        {**tokenizer_config(config.max_position_embeddings), **specials},
         thresholds,
         name,
         torch.bfloat16 if args.save_dtype == "bfloat16" else torch.float32,

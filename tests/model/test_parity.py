@@ -119,30 +119,50 @@ def test_config_keys_read_as_transformers_reads_them(tmp_path: Path, change: dic
     assert (ours - hf_logits(hf_model(d), seqs, pad_id=3)).abs().max().item() <= TOL
 
 
-def test_tokenizer_config_applies_over_tokenizer_json_as_in_transformers(tmp_path: Path) -> None:
+TOKENIZER_FILES = [  # (tokenizer_config.json over the base one, special_tokens_map.json or None)
+    ({}, None),
+    ({"mask_token": "<mask>", "eos_token": "</s>"}, None),  # named specials tokenizer.json lacks, HF's order
+    ({"split_special_tokens": True}, None),
+    ({"additional_special_tokens": ["<|a|>"], "image_token": "<|img|>"}, None),
+    ({"extra_special_tokens": {"sys": "<|b|>"}}, None),
+    ({}, {"cls_token": "[CLS]", "additional_special_tokens": ["<|a|>"]}),  # the legacy file
+    # an added token that a *_token key names is special whatever it says: split like the others
+    ({"eos_token": "<|sys|>", "split_special_tokens": True, "drop_special": True}, None),
+]
+
+
+@pytest.mark.parametrize(("extra", "special_map"), TOKENIZER_FILES)
+def test_hf_tokenizer_files_apply_over_tokenizer_json_as_in_transformers(
+    tmp_path: Path, extra: dict, special_map: dict | None
+) -> None:
     """transformers' fast tokenizer re-adds the tokens tokenizer_config.json's added_tokens_decoder declares
-    otherwise ([MASK] with lstrip, as ModernBERT's files set it) or newly, and the named special tokens its
-    tokenizer.json lacks; split_special_tokens makes typed specials plain text. Ours must give HF's ids."""
+    otherwise ([MASK] with lstrip, as ModernBERT's files set it) or newly, then the named and extra special
+    tokens that are not added tokens yet (also from special_tokens_map.json); split_special_tokens makes
+    typed specials plain text. Ours must give HF's ids."""
     from transformers import AutoTokenizer
 
     from model.tokenizer import TextTokenizer
     from tests.checkpoints import write_tokenizer
 
-    texts = ["Paris is the [MASK] of France.", "a  [MASK] b", "x <|sys|> y", "<mask> and </s>", "[CLS] hi"]
-    flags = dict(rstrip=False, normalized=False, single_word=False, special=True)
-    decoder = {"4": {"content": "[MASK]", "lstrip": True, **flags}, "900": {"content": "<|sys|>", **flags}}
-    for extra in ({}, {"mask_token": "<mask>", "eos_token": "</s>"}, {"split_special_tokens": True}):
-        d = tmp_path / str(len(list(tmp_path.iterdir())))
-        d.mkdir()
-        write_tokenizer(d)
-        names = dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "added_tokens_decoder": decoder}
-        config.update(extra)
-        (d / "tokenizer_config.json").write_text(json.dumps(config))
-        hf, ours = AutoTokenizer.from_pretrained(d), TextTokenizer.from_file(d / "tokenizer.json")
-        for text, tokens in zip(texts, ours.encode_batch(texts), strict=True):
-            assert tokens.ids == hf(text, add_special_tokens=False)["input_ids"], (extra, text)
-        assert ours.vocab_size == len(hf)
+    extra = dict(extra)
+    flags = dict(rstrip=False, normalized=False, single_word=False)
+    special = not extra.pop("drop_special", False)
+    decoder = {
+        "4": {"content": "[MASK]", "lstrip": True, **flags, "special": True},
+        "900": {"content": "<|sys|>", "lstrip": False, **flags, "special": special},
+    }
+    write_tokenizer(tmp_path)
+    names = dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "added_tokens_decoder": decoder, **extra}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    if special_map is not None:
+        (tmp_path / "special_tokens_map.json").write_text(json.dumps(special_map))
+    hf, ours = AutoTokenizer.from_pretrained(tmp_path), TextTokenizer.from_file(tmp_path / "tokenizer.json")
+    texts = ["Paris is the [MASK] of France.", "a  [MASK] b", "x <|sys|> y", "<mask> and </s>", "[CLS] hi",
+             "<|a|><|b|> <|img|>"]  # fmt: skip
+    for text, tokens in zip(texts, ours.encode_batch(texts), strict=True):
+        assert tokens.ids == hf(text, add_special_tokens=False)["input_ids"], text
+    assert ours.vocab_size == len(hf)
 
 
 def test_text_and_pair_parity_with_hf_tokenizer(tiny_model_dir: Path, tiny_classifier) -> None:

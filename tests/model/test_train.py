@@ -292,7 +292,8 @@ def test_fine_tune_from_mlm_checkpoint(corpus: dict[str, Path], tmp_path: Path) 
     mlm = make_mlm(tmp_path / "mlm")
     # as ModernBERT's files: [MASK] strips the space before it in tokenizer_config.json, not tokenizer.json
     mask = {"content": "[MASK]", "lstrip": True, "rstrip": False, "normalized": False, "single_word": False}
-    added = {"added_tokens_decoder": {"4": {**mask, "special": True}}}
+    # and with split_special_tokens, typed specials are plain text (a saved tokenizer.json cannot say so)
+    added = {"added_tokens_decoder": {"4": {**mask, "special": True}}, "split_special_tokens": True}
     (mlm / "tokenizer_config.json").write_text(json.dumps(added))
     out = tmp_path / "ft"
     run_train(
@@ -302,12 +303,16 @@ def test_fine_tune_from_mlm_checkpoint(corpus: dict[str, Path], tmp_path: Path) 
     assert "mlm checkpoint" in summary["origin"] and "classifier.weight" in summary["origin"]
     assert summary["recipe"]["lr"] == 5e-5
     # the fine-tuned model tokenizes as its init did (which its own tokenizer_config.json no longer says)
-    masked = ["a  [MASK] b", "the [MASK]"]
+    masked = ["a  [MASK] b", "the [MASK]", "[CLS] typed [SEP]"]
 
     def ids(d: Path) -> list[list[int]]:
         return [t.ids for t in TextTokenizer.from_file(d / "tokenizer.json").encode_batch(masked)]
 
     assert ids(out) == ids(mlm)
+    [saved_mask] = [
+        t for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"] if t["id"] == 4
+    ]
+    assert saved_mask["lstrip"] is True
     (mlm / "tokenizer_config.json").unlink()
     assert ids(out) != ids(mlm)
     clf = load_classifier(out, device="cpu")
