@@ -7,12 +7,24 @@ Knows nothing of gRPC, Celery or Redis. The names load lazily, so torch-free mod
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from model.classifier import Classifier, Encoded, Item, Limits, Result, Rows, load_classifier
 
 __all__ = ["Classifier", "Encoded", "Item", "Limits", "Result", "Rows", "load_classifier"]
+
+
+@functools.cache
+def package_version() -> str:
+    """The installed safety-classifier's version, for the build-info metrics ("unknown" in a source tree that
+    was never installed)."""
+    try:
+        return importlib.metadata.version("safety-classifier")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def __getattr__(name: str) -> Any:

@@ -11,7 +11,6 @@ not know: the model.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -29,6 +28,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from model import package_version
 from service.deadlines import deadline_passed
 from service.handlers import WrappingInterceptor, with_behavior
 from service.settings import split_address
@@ -176,13 +176,6 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
-
-
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("safety-classifier")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
-        return "unknown"
 
 
 class MetricsInterceptor(WrappingInterceptor):

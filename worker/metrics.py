@@ -14,7 +14,6 @@ parent serves their sum (prometheus-client's multiprocess mode). Must not know: 
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import threading
 from collections.abc import Iterator
@@ -34,6 +33,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from model import package_version
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ITEM_OUTCOMES = ("ok", "failed")
 # done: results written; retried: handed back to the queue after an error (the next delivery counts again);
@@ -48,14 +49,10 @@ class BuildInfo(Collector):
     multiprocess files in a prefork worker's main process)."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        try:
-            version = importlib.metadata.version("safety-classifier")
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown"
         family = GaugeMetricFamily(
             "safety_worker_build_info", "1, labelled with the package version", labels=["version"]
         )
-        family.add_metric([version], 1)
+        family.add_metric([package_version()], 1)
         yield family
 
 
