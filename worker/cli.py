@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -334,23 +335,63 @@ def _write_results(client: Any, job_id: str, out: str | None, timeout: float | N
 
 
 def _check_out(out: str | None) -> None:
-    """Refuse an --out that cannot be written, naming it (exit 2, like any bad argument)."""
+    """Refuse an --out that cannot be written, naming it (exit 2, like any bad argument): before the job runs,
+    not after it finished."""
     if out is None or out == "-":
         return
-    parent = Path(out).parent
+    kind = _out_kind(out)
+    if kind == "directory":
+        raise InvalidInputError(f"cannot write {out}: it is a directory; name a file", field="out")
+    if kind == "special":  # a FIFO, a device, /dev/stdout: written in place
+        if not os.access(out, os.W_OK):
+            raise InvalidInputError(f"cannot write {out}: no write permission", field="out")
+        return
+    parent = _real_target(out).parent
     if not parent.is_dir():
         raise InvalidInputError(f"cannot write {out}: {parent} is not a directory", field="out")
     if not os.access(parent, os.W_OK):
         raise InvalidInputError(f"cannot write {out}: no write permission in {parent}", field="out")
 
 
+def _out_kind(out: str) -> str:
+    """What --out names, symlinks followed: "file" (a regular file, or nothing yet), "directory", or
+    "special" (a FIFO, a character or block device, a socket, /dev/stdout's pipe or terminal)."""
+    try:
+        mode = os.stat(out).st_mode
+    except FileNotFoundError:
+        return "file"  # nothing there yet (or a dangling symlink: its target is created)
+    except OSError:
+        return "file"  # e.g. a parent that is not a directory: _check_out names that
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "file" if stat.S_ISREG(mode) else "special"
+
+
+def _real_target(out: str) -> Path:
+    """The file a regular --out finally names: symlinks resolved, so the partial file is written next to the
+    real target and renamed onto it, and the symlink stays a symlink."""
+    return Path(os.path.realpath(out))
+
+
 @contextmanager
 def _output(out: str | None) -> Iterator[IO[str]]:
+    """A regular file is written to `TARGET.partial` next to the real target and renamed onto it when
+    complete, so it is always whole; a FIFO or a device is written in place (it cannot be replaced); a
+    directory is refused."""
     if out is None or out == "-":
         yield sys.stdout
         sys.stdout.flush()
         return
-    target = Path(out)
+    _check_out(out)
+    if _out_kind(out) == "special":
+        try:
+            stream = open(out, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+        except OSError as e:
+            raise InvalidInputError(f"cannot write {out}: {e.strerror}", field="out") from None
+        with stream:
+            yield stream
+        return
+    target = _real_target(out)
     partial = target.with_name(target.name + ".partial")
     try:
         try:

@@ -115,6 +115,20 @@ def test_cli_refuses_a_bad_line_before_queueing(
     assert r.llen("refused") == 0 and not r.exists(JobKeys("refused").job)
 
 
+def test_cli_refuses_a_directory_for_out_before_queueing(
+    module_redis: RedisServer, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """It used to run the whole job, then fail on the rename with an IsADirectoryError traceback (exit 1)."""
+    env = worker_env(module_redis.url, tiny_model_dir, queue="out-dir")
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "fine"}\n')
+    refused = run(["submit", str(src), "--wait", "--out", str(tmp_path), "--job-id", "out-dir"], env)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == f"safety submit: out: cannot write {tmp_path}: it is a directory; name a file\n"
+    r = module_redis.client()
+    assert r.llen("out-dir") == 0 and not r.exists(JobKeys("out-dir").job)
+
+
 def test_interrupted_submit_resumes_with_the_same_job_id(
     module_redis: RedisServer,
     tmp_path: Path,

@@ -1,0 +1,79 @@
+"""The batch command line in process: where result lines go (--out), reading items, argument checks."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from model.errors import InvalidInputError
+from worker.cli import _check_out, _write_results
+
+
+class Lines:
+    """Stands in for the job client: `results` yields `n` result lines."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def results(self, job_id: str, *, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        for i in range(self.n):
+            yield {"index": i, "id": str(i), "error": None}
+
+
+def test_out_through_a_symlink_writes_the_target_and_keeps_the_link(tmp_path: Path) -> None:
+    real = tmp_path / "real.jsonl"
+    real.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to("real.jsonl")
+    assert _write_results(Lines(3), "j", str(link), None) == 3
+    assert link.is_symlink() and os.readlink(link) == "real.jsonl"
+    assert len(real.read_text().splitlines()) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "real.jsonl"]  # no partial left
+
+
+def test_out_a_dangling_symlink_creates_its_target(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(tmp_path / "sub" / "new.jsonl")
+    _write_results(Lines(2), "j", str(link), None)
+    assert link.is_symlink() and len((tmp_path / "sub" / "new.jsonl").read_text().splitlines()) == 2
+
+
+def test_out_a_fifo_is_written_in_place_not_replaced(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    _write_results(Lines(4), "j", str(fifo), None)
+    reader.join(10)
+    assert len(got[0].splitlines()) == 4
+    assert fifo.is_fifo() and not (tmp_path / "pipe.partial").exists()
+
+
+def test_out_a_character_device_stays_a_device(tmp_path: Path) -> None:
+    """`--out /dev/null` as root used to replace the device with a regular file; a device node of the test's
+    own (never the real /dev/null) shows the same."""
+    node = tmp_path / "mynull"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # what /dev/null is
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+    _check_out(str(node))
+    _write_results(Lines(2), "j", str(node), None)
+    assert stat.S_ISCHR(node.stat().st_mode) and not (tmp_path / "mynull.partial").exists()
+
+
+def test_out_a_directory_is_refused_up_front(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match=r"^out: cannot write .*: it is a directory"):
+        _check_out(str(tmp_path))
+    link = tmp_path / "to-dir"
+    link.symlink_to(tmp_path)
+    with pytest.raises(InvalidInputError, match="is a directory"):
+        _check_out(str(link))
