@@ -53,8 +53,8 @@ THREADS = 8  # blocking job-client calls in flight at once (waits happen on the 
 
 
 def job_items_from_proto(request: Any) -> list[dict[str, str]]:
-    """SubmitJobRequest.items -> job items (`worker.jobs` validates them fully before anything is queued).
-    An empty id becomes the item's index, as in Classify."""
+    """SubmitJobRequest.items -> job items (`worker.jobs` validates them fully before anything is queued,
+    and gives an empty id the item's index, as Classify does, in the same place for every front end)."""
     items = []
     for i, it in enumerate(request.items):
         role = ROLES.get(it.role)
@@ -62,7 +62,7 @@ def job_items_from_proto(request: Any) -> list[dict[str, str]]:
             raise InvalidInputError(
                 f"unknown role {it.role}; use ROLE_PROMPT or ROLE_RESPONSE", index=i, field="role"
             )
-        item = {"id": item_id(it.id, i), "text": it.text, "role": role}
+        item = {"id": it.id, "text": it.text, "role": role}
         if it.context:
             item["context"] = it.context
         items.append(item)

@@ -1,6 +1,6 @@
 """Job items checked at submission, so a bad job is refused before anything is queued.
 
-Owns: turning raw items into the canonical dicts a job stores (`text`, `role`, and `id`/`context` only when
+Owns: turning raw items into the canonical dicts a job stores (`text`, `role`, `id`, and `context` only when
 present), with the engine's item rules and the edge limit on characters (`model.items`, shared with the
 engine and the gRPC servicer). Must not know: Redis, Celery, torch.
 """
@@ -11,19 +11,20 @@ from collections.abc import Iterable
 from typing import Any
 
 from model.errors import InvalidInputError
-from model.items import check_item, fields_of
+from model.items import check_item, fields_of, item_id
 
 
 def normalize_item(raw: Any, index: int, *, max_text_chars: int) -> dict[str, str]:
     """One raw item -> a canonical dict. Raises InvalidInputError(index=index, field=...) naming the first
-    offending field."""
+    offending field. The id is always set, by the product rule (`model.items.item_id`: the item's own, else
+    its index in the job as a string), so the same items give the same stored job, and the same digest
+    (resume), from every front end: a gRPC item's empty id, a JSON item's missing, null or empty one."""
     f = fields_of(raw, index)
     check_item(f, index, max_text_chars)
     out = {"text": f.text, "role": f.role}
     if f.context is not None:
         out["context"] = f.context
-    if f.id is not None:
-        out["id"] = f.id
+    out["id"] = item_id(f.id, index)
     return out
 
 

@@ -54,7 +54,7 @@ def test_normalized_items_classify_like_the_raw_ones(tiny_classifier: Any) -> No
     normalized = normalize_items(raw, max_text_chars=100)
     assert normalized == [
         {"text": "a", "role": "prompt", "id": "1"},
-        {"text": "b", "role": "response", "context": "q"},
+        {"text": "b", "role": "response", "context": "q", "id": "1"},  # an id always: its index
     ]
     assert [r.to_dict() for r in tiny_classifier.classify(normalized)] == [
         r.to_dict() for r in tiny_classifier.classify(raw)

@@ -91,6 +91,32 @@ def test_resubmitting_resumes_and_never_queues_a_chunk_twice(
     assert e.value.field == "job_id"
 
 
+def test_the_same_items_resume_from_any_front_end_whatever_form_a_missing_id_takes(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """The CLI stores an item without an id as such, SubmitJob sends its empty id, a JSON item may say
+    `"id": ""` or null: the same job, so a resubmit from another front end resumes (it was refused as
+    "already exists with different items")."""
+    from service.jobs import job_items_from_proto
+    from service.stubs import pb2
+
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    texts = ["one", "two", "three"]
+    first = client.submit([{"text": t} for t in texts], job_id="ids")
+    assert not first.resumed
+    grpc_items = job_items_from_proto(pb2.SubmitJobRequest(items=[pb2.Item(text=t) for t in texts]))
+    forms = [
+        grpc_items,
+        [{"text": t, "id": ""} for t in texts],
+        [{"text": t, "id": None} for t in texts],
+        [{"text": t, "id": str(i)} for i, t in enumerate(texts)],
+    ]
+    for items in forms:
+        again = client.submit(items, job_id="ids")
+        assert again.resumed and again.sent == 0, items
+    assert [item["id"] for item in client.store.items("ids", range(3))] == ["0", "1", "2"]
+
+
 def test_every_key_of_a_job_has_a_ttl(redis_server: RedisServer, job_client: Client) -> None:
     client = job_client(redis_server.url, queue="q", chunk_size=4, result_ttl_s=100)
     client.submit(make_items(10), job_id="ttl")
