@@ -64,6 +64,11 @@ class NotFoundError(SafetyError):
     """A named object (e.g. a job id) does not exist or has expired."""
 
 
+class FailedPreconditionError(SafetyError):
+    """The named object is not in a state that allows the call, and waiting will not change that: e.g. a job
+    whose submission stopped half-way (resume the submit first). The message says what to do."""
+
+
 class UnauthenticatedError(SafetyError):
     """Missing or wrong credentials."""
 

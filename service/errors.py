@@ -22,6 +22,7 @@ from model.errors import (
     CheckpointError,
     ConfigError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidInputError,
     NotFoundError,
     OverloadedError,
@@ -43,6 +44,7 @@ STATUS_CODES: tuple[tuple[type[SafetyError], StatusCode], ...] = (
     (NotFoundError, StatusCode.NOT_FOUND),
     (UnauthenticatedError, StatusCode.UNAUTHENTICATED),
     (UnsupportedError, StatusCode.UNIMPLEMENTED),  # e.g. the jobs API without the worker extra
+    (FailedPreconditionError, StatusCode.FAILED_PRECONDITION),  # e.g. a job whose submit stopped: resume it
     (ConfigError, StatusCode.FAILED_PRECONDITION),  # the server's model/config, not the caller's input
     (CheckpointError, StatusCode.FAILED_PRECONDITION),
 )

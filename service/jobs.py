@@ -237,6 +237,7 @@ class JobService:
                 continue
             if not request.wait:
                 return
+            await self._run(client.check_submission, job_id, gap)  # a submit that stopped: never finishes
             await asyncio.sleep(POLL_S)
 
     def close(self) -> None:

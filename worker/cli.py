@@ -268,13 +268,14 @@ def run_submit(args: argparse.Namespace) -> int:
                 _check_out(args.out)  # before the job runs, not after it finished
             client = JobClient.from_env()
             try:
-                sent = True
-                submitted = client.submit(items, job_id=job_id)
+                prepared = client.prepare(items)  # validation: nothing reaches Redis before it passed
             except InvalidInputError as e:
                 if e.index is not None and e.index < len(lines):  # "FILE line 3: items[1].role: ..."
                     where = f"{_source(args.input)} line {lines[e.index]}"
                     raise InvalidInputError(str(e), field=where) from None
                 raise
+            sent = True
+            submitted = client.send(prepared, job_id=job_id)
             job_id = submitted.status.job_id
             verb = "resumed" if submitted.resumed else "submitted"
             print(
@@ -306,6 +307,8 @@ def run_submit(args: argparse.Namespace) -> int:
         again = f"safety submit {args.input} --job-id {job_id}" + (" --wait" if args.wait else "")
         again += f" --out {args.out}" if args.out else ""
         print(f"\ninterrupted; job {job_id} goes on. Resume with: {again}", file=sys.stderr)
+    else:
+        print("\ninterrupted before anything was sent to Redis: no job was submitted", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 

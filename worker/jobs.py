@@ -4,7 +4,8 @@ Owns: the submission path (validate every item before anything is queued, store 
 task per chunk, resumable with the same job id) and the read path (status, results by index with a poll,
 a clear error for a job that is unknown, expired or lost). Raises only the `model.errors` hierarchy:
 InvalidInputError (bad items or job id), NotFoundError (unknown, expired, or lost in a Redis restart),
-UnavailableError (Redis unreachable), DeadlineExceededError (a wait ran out of time). The CLI and the gRPC
+UnavailableError (Redis unreachable), DeadlineExceededError (a wait ran out of time),
+FailedPreconditionError (waiting on a job whose submission stopped half-way). The CLI and the gRPC
 service call this. Must not know: torch, the model, gRPC; it sends tasks by name and never imports them.
 """
 
@@ -26,7 +27,13 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from model.errors import DeadlineExceededError, InvalidInputError, NotFoundError, UnavailableError
+from model.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidInputError,
+    NotFoundError,
+    UnavailableError,
+)
 from worker.app import create_app, send_chunk
 from worker.items import normalize_items
 from worker.settings import WorkerSettings
@@ -80,6 +87,14 @@ class JobStatus:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """Items validated and serialized for a job, before anything was sent to Redis (`JobClient.prepare`)."""
+
+    lines: list[str]  # the canonical item JSON, in item order
+    digest: str  # of the lines: the same items give the same digest (a resubmit resumes)
+
+
+@dataclass(frozen=True)
 class Submitted:
     status: JobStatus
     resumed: bool  # the job id existed with the same items: only what was missing was sent
@@ -116,14 +131,23 @@ class JobClient:
         Re-running with the same `job_id` and the same items resumes: chunks already sent are not sent
         again, and a finished job is returned as it is. The same id with other items is refused.
         """
+        return self.send(self.prepare(items), job_id=job_id)
+
+    def prepare(self, items: Iterable[Any]) -> Prepared:
+        """Validate and serialize the items, without any Redis call: InvalidInputError for the first bad one.
+        A caller that must tell "nothing was sent" from "a job may exist" calls this, then `send`."""
         lines = [json.dumps(it, ensure_ascii=False, sort_keys=True) for it in self._validate(items)]
+        return Prepared(lines, hashlib.sha256("\n".join(lines).encode()).hexdigest())
+
+    def send(self, prepared: Prepared, *, job_id: str | None = None) -> Submitted:
+        """Store and enqueue prepared items (`submit` = `prepare` + `send`); resumable as `submit` is."""
+        lines, digest = prepared.lines, prepared.digest
         job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
-        digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
         s, now = self.settings, time.time()
         record = {
             "state": "submitting", "total": len(lines), "done": 0, "failed": 0, "chunk_size": s.chunk_size,
             "chunks": math.ceil(len(lines) / s.chunk_size), "ttl_s": s.result_ttl_s, "created": repr(now),
-            "updated": repr(now), "digest": digest, "queue": s.queue,
+            "updated": repr(now), "sent_at": repr(now), "digest": digest, "queue": s.queue,
         }  # fmt: skip
         with self._reachable():
             existing = self.store.create(job_id, record)
@@ -191,6 +215,7 @@ class JobClient:
                 on_progress(status)
             if status.finished:
                 return status
+            self.check_submission(job_id, status)
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceededError(
                     f"job {job_id!r} is still {status.state} after {timeout}s "
@@ -236,8 +261,27 @@ class JobClient:
                     if self.store.results(job_id, index, index + 1)[0] is None:
                         raise NotFoundError(f"job {job_id!r}: result {index} is missing (expired or lost)")
                 continue
+            self.check_submission(job_id, status)
             time.sleep(poll_s)
             status = self._still_there(job_id, status)
+
+    def check_submission(self, job_id: str, status: JobStatus) -> None:
+        """FailedPreconditionError when the job is still `submitting` and its submitter has stored nothing for
+        SUBMIT_STALL_S (an interrupted `safety submit`, a SubmitJob call that died): nothing will finish it
+        but a resumed submit, so a wait on it would never end."""
+        if status.state != "submitting":
+            return
+        with self._reachable():
+            stalled = self.store.stalled_submission(job_id, time.time())
+        if stalled is None:
+            return
+        items, chunks, idle = stalled
+        raise FailedPreconditionError(
+            f"job {job_id!r} is not fully submitted: its submission stopped at {items} of {status.total} "
+            f"items ({chunks} of {status.chunks} chunks queued, nothing stored for {idle:.0f}s); resume it "
+            f"with `safety submit FILE --job-id {job_id}` (or SubmitJob with the same job_id and items), or "
+            "cancel it"
+        )
 
     def _cancelled_lines(self, job_id: str, lo: int, hi: int) -> Iterator[dict[str, Any]]:
         with self._reachable():

@@ -9,7 +9,9 @@ no progress for `stall_s` and still has enqueued chunks without all their result
 a chunk whose message is neither in the queue's lists nor in the unacknowledged hash is re-sent. The chunk
 task is idempotent (the first result written per item wins), so the rare false positive — a message caught
 in that same BRPOP gap of a live worker — costs one redundant delivery, never a duplicate result.
-Finished or expired jobs leave that list. Must not know: torch, the model.
+Finished or expired jobs leave that list, and so does a job whose submission stopped (still `submitting`
+with nothing stored for `SUBMIT_STALL_S`) until a resumed submit puts it back. Must not know: torch, the
+model.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import redis
 
 from worker.settings import WorkerSettings
-from worker.store import FINISHED, JobStore
+from worker.store import FINISHED, SUBMIT_STALL_S, JobStore, last_submit_progress
 
 log = logging.getLogger("safety.worker.reclaim")
 
@@ -99,8 +101,15 @@ def sweep(
         if record is None or record.get("state") in FINISHED:
             store.forget_active(job_id)
             continue
+        if record.get("state") == "submitting":
+            if now - last_submit_progress(record) >= SUBMIT_STALL_S:
+                # its submitter stopped (interrupted, killed): nothing more will be queued until a resumed
+                # submit puts it back on the list, and the list must not keep a KEDA-scaled worker up for it
+                log.info("job %s: its submission stopped; no longer watched until it is resumed", job_id)
+                store.forget_active(job_id)
+            continue  # else its submitter is still sending chunks
         if record.get("state") not in ("queued", "running"):
-            continue  # submitting: its submitter is still sending chunks
+            continue
         last = max(float(record.get(k) or 0) for k in ("created", "started", "updated"))
         if now - last < stall_s:
             continue

@@ -8,7 +8,7 @@ client (`worker.jobs`) and the worker (`worker.tasks`). Must not know: Celery, t
 
 Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
   safety:job:{id}           hash   the job record (state, total, done, failed, chunks, chunk_size, ttl_s,
-                                   created, started, finished, updated, model, digest, queue, error)
+                                   created, started, finished, updated, sent_at, model, digest, queue, error)
   safety:job:{id}:items     hash   index -> item JSON (deleted when the job finishes)
   safety:job:{id}:results   hash   index -> result JSON (exactly one per item)
   safety:job:{id}:attempts  hash   chunk -> deliveries that started classifying it
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,10 @@ FINISHED = frozenset({"done", "failed", "cancelled"})
 DEAD_LETTER = "safety:dead_letter"
 DEAD_LETTER_MAX = 10_000
 ACTIVE_JOBS = "safety:jobs:open"
+# A job still `submitting` whose submitter stored nothing for this long was abandoned (an interrupted or
+# killed `safety submit`, a SubmitJob whose call died): waiting for it is an error, and the sweeper stops
+# watching it. Storing one chunk takes well under a second; this leaves room for a slow link, a large chunk.
+SUBMIT_STALL_S = 120.0
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # The keys of `model.Result.to_dict()` (a test keeps them in step); a result line adds `index` and `error`.
 RESULT_FIELDS = ("id", "scores", "logits", "flagged", "flagged_labels", "tokens", "windows", "spans")
@@ -51,6 +56,11 @@ def result_line(index: int, result: dict[str, Any]) -> dict[str, Any]:
 def failed_line(index: int, item_id: str | None, error: str) -> dict[str, Any]:
     """An item that has no classification: the same keys, null values, and the reason in `error`."""
     return {"index": index, **dict.fromkeys(RESULT_FIELDS), "id": item_id, "error": error}
+
+
+def last_submit_progress(record: dict[str, str]) -> float:
+    """When the submitter of a job last stored something (records made before `sent_at`: their creation)."""
+    return float(record.get("sent_at") or record.get("created") or 0)
 
 
 def check_job_id(job_id: Any) -> str:
@@ -108,17 +118,21 @@ redis.call('EXPIRE', KEYS[1], tonumber(redis.call('HGET', KEYS[1], 'ttl_s')))
 return 1
 """
 
-# KEYS = [record, key]; ARGV = [expire_at_ms, kind ('hash' | 'set'), then field/value pairs or members].
+# KEYS = [record, key]; ARGV = [expire_at_ms, kind ('hash' | 'set'), now, then field/value pairs or members].
 # Adds to the job's items or sent chunks only while its record exists: 0 when it is gone (a Redis restart
-# without persistence in the middle of a submit), and nothing is written.
+# without persistence in the middle of a submit), and nothing is written. Notes the submitter's progress in
+# `sent_at` while the job is being submitted.
 _ADD = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[2] == 'hash' then
-  redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+  redis.call('HSET', KEYS[2], unpack(ARGV, 4))
 else
-  redis.call('SADD', KEYS[2], unpack(ARGV, 3))
+  redis.call('SADD', KEYS[2], unpack(ARGV, 4))
 end
 redis.call('PEXPIREAT', KEYS[2], ARGV[1])
+if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
+  redis.call('HSET', KEYS[1], 'sent_at', ARGV[3])
+end
 return 1
 """
 
@@ -308,7 +322,8 @@ class JobStore:
         """Store items `first`, `first + 1`, ...; NotFoundError when the job record is gone."""
         keys = JobKeys(job_id)
         pairs = [x for k, item in enumerate(items) for x in (str(first + k), item)]
-        self._added(job_id, self._add(keys=[keys.job, keys.items], args=[expire_at_ms, "hash", *pairs]))
+        args = [expire_at_ms, "hash", repr(time.time()), *pairs]
+        self._added(job_id, self._add(keys=[keys.job, keys.items], args=args))
 
     def enqueued(self, job_id: str) -> set[int]:
         return {int(c) for c in self.client.smembers(JobKeys(job_id).enqueued)}
@@ -316,7 +331,8 @@ class JobStore:
     def mark_enqueued(self, job_id: str, chunk: int, expire_at_ms: int) -> None:
         """Record that `chunk` was sent; NotFoundError when the job record is gone."""
         keys = JobKeys(job_id)
-        self._added(job_id, self._add(keys=[keys.job, keys.enqueued], args=[expire_at_ms, "set", chunk]))
+        args = [expire_at_ms, "set", repr(time.time()), chunk]
+        self._added(job_id, self._add(keys=[keys.job, keys.enqueued], args=args))
 
     @staticmethod
     def _added(job_id: str, out: int) -> None:
@@ -338,6 +354,19 @@ class JobStore:
     def incomplete_chunks(self, job_id: str) -> list[int]:
         """Enqueued chunks with at least one item still without a result (ascending)."""
         return sorted(int(c) for c in self._incomplete(keys=JobKeys(job_id).all()))
+
+    def stalled_submission(self, job_id: str, now: float) -> tuple[int, int, float] | None:
+        """For a job still `submitting` whose submitter stored nothing for SUBMIT_STALL_S: (items queued,
+        chunks queued, seconds since its last progress); else None."""
+        record = self.get(job_id)
+        if record is None or record.get("state") != "submitting":
+            return None
+        idle = now - last_submit_progress(record)
+        if idle < SUBMIT_STALL_S:
+            return None
+        size, total = int(record["chunk_size"]), int(record["total"])
+        chunks = self.enqueued(job_id)
+        return sum(min(size, total - c * size) for c in chunks), len(chunks), idle
 
     def seal(self, job_id: str) -> str | None:
         return self._seal(keys=[JobKeys(job_id).job])

@@ -32,7 +32,7 @@ from tests.worker.harness import (
 )
 from worker.jobs import JobClient
 from worker.settings import WorkerSettings
-from worker.store import RESULT_FIELDS, JobKeys, failed_line
+from worker.store import RESULT_FIELDS, SUBMIT_STALL_S, JobKeys, failed_line
 
 QUEUE = "grpc-jobs"  # consumed by the module's worker
 IDLE = "grpc-idle"  # consumed by nobody: jobs stay queued
@@ -145,6 +145,22 @@ def test_cancel_a_queued_job_then_its_items_stream_as_cancelled(
     assert all(line["error"].startswith("cancelled") and line["scores"] is None for line in lines), lines
     assert [line["id"] for line in lines] == [f"idle-{i}" for i in range(6)]
     assert redis_server.client().llen(IDLE) == 2  # each chunk queued once, skipped by a worker later
+
+
+def test_waiting_on_a_job_whose_submission_stopped_is_a_failed_precondition(
+    start_jobs_server: StartServer, redis_server: RedisServer
+) -> None:
+    """A submit that died half-way leaves the job `submitting`: a waiting stream followed it until its
+    deadline. Now it ends FAILED_PRECONDITION, naming how to resume the job."""
+    app = start_jobs_server(job_client(redis_server.url, queue=IDLE, chunk_size=4))
+    keys, r = JobKeys("stopped-job"), redis_server.client()
+    with connect(app) as client:
+        client.submit_job(make_items(6, prefix="stop"), job_id="stopped-job")
+        r.hset(keys.job, mapping={"state": "submitting", "sent_at": repr(time.time() - SUBMIT_STALL_S - 1)})
+        r.srem(keys.enqueued, 1)
+        code, details = code_of(lambda: list(client.stream_job_results("stopped-job", wait=True, timeout=20)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+    assert "stopped at 4 of 6 items" in details and "--job-id stopped-job" in details
 
 
 def test_stream_job_results_is_counted_by_code_like_the_other_calls(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import threading
 from collections.abc import Iterator
@@ -12,7 +13,9 @@ from typing import Any
 import pytest
 
 from model.errors import InvalidInputError
-from worker.cli import _check_out, _write_results
+from tests.worker.harness import RedisServer
+from worker.cli import _check_out, _write_results, main
+from worker.jobs import JobClient
 
 
 class Lines:
@@ -77,3 +80,22 @@ def test_out_a_directory_is_refused_up_front(tmp_path: Path) -> None:
     link.symlink_to(tmp_path)
     with pytest.raises(InvalidInputError, match="is a directory"):
         _check_out(str(link))
+
+
+def test_ctrl_c_during_validation_says_no_job_was_submitted(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """It said "interrupted; job X goes on. Resume with: ..." for a job that did not exist."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "one"}\n{"text": "two"}\n')
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+
+    def ctrl_c(self: JobClient, items: Any) -> Any:  # the user presses Ctrl-C while the items are checked
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("SIGINT did not interrupt")
+
+    monkeypatch.setattr(JobClient, "_validate", ctrl_c)
+    assert main(["submit", str(src), "--job-id", "never-sent"]) == 130
+    said = capsys.readouterr().err
+    assert "no job was submitted" in said and "goes on" not in said and "Resume" not in said, said
+    assert redis_server.client().dbsize() == 0

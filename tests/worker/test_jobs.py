@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -10,11 +11,17 @@ from typing import Any
 
 import pytest
 
-from model.errors import DeadlineExceededError, InvalidInputError, NotFoundError, UnavailableError
+from model.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidInputError,
+    NotFoundError,
+    UnavailableError,
+)
 from tests.worker.harness import RedisServer, free_port, make_items
 from worker.app import TASK_NAME
 from worker.jobs import JobClient
-from worker.store import ACTIVE_JOBS, DEAD_LETTER, JobKeys, failed_line, result_line
+from worker.store import ACTIVE_JOBS, DEAD_LETTER, SUBMIT_STALL_S, JobKeys, failed_line, result_line
 
 Client = Callable[..., JobClient]
 
@@ -115,6 +122,34 @@ def test_the_same_items_resume_from_any_front_end_whatever_form_a_missing_id_tak
         again = client.submit(items, job_id="ids")
         assert again.resumed and again.sent == 0, items
     assert [item["id"] for item in client.store.items("ids", range(3))] == ["0", "1", "2"]
+
+
+def test_waiting_on_a_job_whose_submission_stopped_says_how_to_resume_it(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """An interrupted submit leaves the job `submitting`; `wait` and `results` without a timeout waited for
+    the whole TTL. Chunks 0 and 1 were queued (and classified here), chunk 2 never was."""
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    items = make_items(6)
+    client.submit(items, job_id="half")
+    r, keys = redis_server.client(), JobKeys("half")
+    assert float(r.hget(keys.job, "sent_at")) >= float(r.hget(keys.job, "created"))  # progress noted
+    r.hset(keys.job, "state", "submitting")
+    r.srem(keys.enqueued, 2)
+    client.store.write("half", [(i, fake_result(i), False) for i in range(4)], time.time())
+    with pytest.raises(DeadlineExceededError):  # its submitter may still be at work: wait as asked
+        client.wait("half", timeout=0.3, poll_s=0.05)
+    r.hset(keys.job, "sent_at", repr(time.time() - SUBMIT_STALL_S - 1))  # ... but it stored nothing since
+    message = r"job 'half' is not fully submitted: its submission stopped at 4 of 6 items \(2 of 3 chunks"
+    with pytest.raises(FailedPreconditionError, match=message) as e:
+        client.wait("half", timeout=5, poll_s=0.05)
+    assert "safety submit FILE --job-id half" in str(e.value)
+    stream = client.results("half", timeout=5, poll_s=0.05)
+    assert [line["index"] for line in itertools.islice(stream, 4)] == [0, 1, 2, 3]
+    with pytest.raises(FailedPreconditionError, match=message):
+        next(stream)
+    resumed = client.submit(items, job_id="half")
+    assert (resumed.resumed, resumed.sent, resumed.status.state) == (True, 1, "queued")
 
 
 def test_every_key_of_a_job_has_a_ttl(redis_server: RedisServer, job_client: Client) -> None:

@@ -16,7 +16,7 @@ from worker import reclaim
 from worker.app import chunk_task_id, send_chunk
 from worker.jobs import JobClient
 from worker.reclaim import UNACKED, Resent, Sweeper, broker_task_ids, sweep
-from worker.store import JobKeys, JobStore
+from worker.store import SUBMIT_STALL_S, JobKeys, JobStore
 
 QUEUE = "q"
 
@@ -81,6 +81,26 @@ def test_finished_expired_and_submitting_jobs(
     sent: list[tuple[str, int, str]] = []
     assert stalled_sweep(store, sent) == [] and sent == []
     assert store.active() == ["submitting"]
+
+
+def test_a_job_whose_submission_stopped_leaves_the_open_list_until_it_is_resumed(
+    redis_server: RedisServer, job_client: Callable[..., JobClient]
+) -> None:
+    """An interrupted submit left the job `submitting`: it kept `safety:jobs:open` non-empty (a KEDA-scaled
+    worker up) for the whole TTL. Resubmitting puts it back."""
+    client = job_client(redis_server.url, queue=QUEUE, chunk_size=2)
+    items = make_items(6)
+    client.submit(items, job_id="abandoned")
+    store, r = JobStore(redis_server.client()), redis_server.client()
+    r.hset(JobKeys("abandoned").job, "state", "submitting")  # chunk 2 never sent, its submitter gone
+    r.srem(JobKeys("abandoned").enqueued, 2)
+    sent: list[tuple[str, int, str]] = []
+    assert stalled_sweep(store, sent, later=SUBMIT_STALL_S - 5) == [] and store.active() == ["abandoned"]
+    assert stalled_sweep(store, sent, later=SUBMIT_STALL_S + 5) == [] and sent == []
+    assert store.active() == []
+    resumed = client.submit(items, job_id="abandoned")
+    assert (resumed.resumed, resumed.sent, resumed.status.state) == (True, 1, "queued")
+    assert store.active() == ["abandoned"]
 
 
 def test_one_sweeper_at_a_time(redis_server: RedisServer, job_client: Callable[..., JobClient]) -> None:
