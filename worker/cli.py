@@ -277,9 +277,16 @@ def run_submit(args: argparse.Namespace) -> int:
             sent = True
             submitted = client.send(prepared, job_id=job_id)
             job_id = submitted.status.job_id
+            if submitted.status.state == "cancelled":  # cancelled before (a resume) or during this submit
+                print(
+                    f"job {job_id} was cancelled: this submit sent {_chunks(submitted.sent)} of "
+                    f"{submitted.status.chunks} and stopped; what it classified: safety job results {job_id}",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
             verb = "resumed" if submitted.resumed else "submitted"
             print(
-                f"{verb} job {job_id}: {submitted.status.total} items, {submitted.sent} chunks sent",
+                f"{verb} job {job_id}: {submitted.status.total} items, {_chunks(submitted.sent)} sent",
                 file=sys.stderr,
             )
             if not args.wait:
@@ -310,6 +317,10 @@ def run_submit(args: argparse.Namespace) -> int:
     else:
         print("\ninterrupted before anything was sent to Redis: no job was submitted", file=sys.stderr)
     return EXIT_INTERRUPTED
+
+
+def _chunks(n: int) -> str:
+    return f"{n} chunk" if n == 1 else f"{n} chunks"
 
 
 def _wait_with_progress(client: Any, job_id: str, timeout: float | None, progress: bool) -> Any:

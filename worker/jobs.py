@@ -129,7 +129,8 @@ class JobClient:
         """Validate all items, then store and enqueue them chunk by chunk.
 
         Re-running with the same `job_id` and the same items resumes: chunks already sent are not sent
-        again, and a finished job is returned as it is. The same id with other items is refused.
+        again, and a finished job is returned as it is. The same id with other items is refused. A job
+        cancelled while it is being submitted stops the submit: the status returned says `cancelled`.
         """
         return self.send(self.prepare(items), job_id=job_id)
 
@@ -180,10 +181,12 @@ class JobClient:
                 if chunk in already:
                     continue
                 first = chunk * size
-                self.store.upload(job_id, first, lines[first : first + size], expire_at_ms)
+                if not self.store.upload(job_id, first, lines[first : first + size], expire_at_ms):
+                    break  # cancelled while it was being submitted: stop storing and sending
                 send_chunk(self.app, job_id, chunk, record["queue"], producer)
-                self.store.mark_enqueued(job_id, chunk, expire_at_ms)
-                sent += 1
+                sent += 1  # a worker skips the chunk of a job cancelled in the meantime
+                if not self.store.mark_enqueued(job_id, chunk, expire_at_ms):
+                    break
         return sent
 
     # ---- reading -------------------------------------------------------------------------------------------

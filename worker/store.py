@@ -120,10 +120,12 @@ return 1
 
 # KEYS = [record, key]; ARGV = [expire_at_ms, kind ('hash' | 'set'), now, then field/value pairs or members].
 # Adds to the job's items or sent chunks only while its record exists: 0 when it is gone (a Redis restart
-# without persistence in the middle of a submit), and nothing is written. Notes the submitter's progress in
+# without persistence in the middle of a submit), and nothing is written; 2 when the job was cancelled (the
+# submitter stops; a cancelled job keeps nothing it will never run). Notes the submitter's progress in
 # `sent_at` while the job is being submitted.
 _ADD = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 2 end
 if ARGV[2] == 'hash' then
   redis.call('HSET', KEYS[2], unpack(ARGV, 4))
 else
@@ -318,29 +320,33 @@ class JobStore:
         record = self.client.hgetall(JobKeys(job_id).job)
         return record or None
 
-    def upload(self, job_id: str, first: int, items: Sequence[str], expire_at_ms: int) -> None:
-        """Store items `first`, `first + 1`, ...; NotFoundError when the job record is gone."""
+    def upload(self, job_id: str, first: int, items: Sequence[str], expire_at_ms: int) -> bool:
+        """Store items `first`, `first + 1`, ...; False (nothing stored) when the job was cancelled,
+        NotFoundError when the job record is gone."""
         keys = JobKeys(job_id)
         pairs = [x for k, item in enumerate(items) for x in (str(first + k), item)]
         args = [expire_at_ms, "hash", repr(time.time()), *pairs]
-        self._added(job_id, self._add(keys=[keys.job, keys.items], args=args))
+        return self._added(job_id, self._add(keys=[keys.job, keys.items], args=args))
 
     def enqueued(self, job_id: str) -> set[int]:
         return {int(c) for c in self.client.smembers(JobKeys(job_id).enqueued)}
 
-    def mark_enqueued(self, job_id: str, chunk: int, expire_at_ms: int) -> None:
-        """Record that `chunk` was sent; NotFoundError when the job record is gone."""
+    def mark_enqueued(self, job_id: str, chunk: int, expire_at_ms: int) -> bool:
+        """Record that `chunk` was sent; False when the job was cancelled, NotFoundError when it is gone."""
         keys = JobKeys(job_id)
         args = [expire_at_ms, "set", repr(time.time()), chunk]
-        self._added(job_id, self._add(keys=[keys.job, keys.enqueued], args=args))
+        return self._added(job_id, self._add(keys=[keys.job, keys.enqueued], args=args))
 
     @staticmethod
-    def _added(job_id: str, out: int) -> None:
+    def _added(job_id: str, out: int) -> bool:
+        if out == 2:  # cancelled
+            return False
         if not out:
             raise NotFoundError(
                 f"job {job_id!r} disappeared while it was being submitted (Redis restarted without "
                 "persistence?); submit it again"
             )
+        return True
 
     def mark_active(self, job_id: str) -> None:
         self._open(keys=[ACTIVE_JOBS], args=[job_id])

@@ -16,6 +16,7 @@ from model.errors import InvalidInputError
 from tests.worker.harness import RedisServer
 from worker.cli import _check_out, _write_results, main
 from worker.jobs import JobClient
+from worker.store import JobStore
 
 
 class Lines:
@@ -99,3 +100,27 @@ def test_ctrl_c_during_validation_says_no_job_was_submitted(
     said = capsys.readouterr().err
     assert "no job was submitted" in said and "goes on" not in said and "Resume" not in said, said
     assert redis_server.client().dbsize() == 0
+
+
+def test_a_submit_whose_job_is_cancelled_meanwhile_stops_and_exits_1(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """It uploaded every item anyway, printed "submitted" and exited 0."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(f'{{"text": "item {i}"}}\n' for i in range(5)))
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_CHUNK_SIZE", "1")
+    monkeypatch.setenv("SAFETY_QUEUE", "cli-cancelled")
+    upload = JobStore.upload
+
+    def upload_then_cancel(store: JobStore, job: str, first: int, items: Any, expire_at_ms: int) -> bool:
+        if first == 1:  # `safety job cancel` from another terminal, after chunk 0 was sent
+            store.cancel(job, 0.0)
+        return upload(store, job, first, items, expire_at_ms)
+
+    monkeypatch.setattr(JobStore, "upload", upload_then_cancel)
+    assert main(["submit", str(src), "--job-id", "cancelled-meanwhile", "--wait", "--no-progress"]) == 1
+    out = capsys.readouterr()
+    assert "job cancelled-meanwhile was cancelled: this submit sent 1 chunk of 5 and stopped" in out.err
+    assert out.out == ""
+    assert redis_server.client().llen("cli-cancelled") == 1

@@ -152,6 +152,34 @@ def test_waiting_on_a_job_whose_submission_stopped_says_how_to_resume_it(
     assert (resumed.resumed, resumed.sent, resumed.status.state) == (True, 1, "queued")
 
 
+def cancel_at_chunk(client: JobClient, job_id: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CancelJob arrives (from another client) while the submit is about to store `chunk`."""
+    upload = type(client.store).upload
+    size = client.settings.chunk_size
+
+    def upload_then_cancel(store: Any, job: str, first: int, items: Any, expire_at_ms: int) -> bool:
+        if first == chunk * size:
+            store.cancel(job_id, time.time())
+        return upload(store, job, first, items, expire_at_ms)
+
+    monkeypatch.setattr(type(client.store), "upload", upload_then_cancel)
+
+
+def test_a_cancel_during_the_submit_stops_it(
+    redis_server: RedisServer, job_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submitter uploaded and queued every chunk of a cancelled job anyway, and reported success."""
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    cancel_at_chunk(client, "cut", 2, monkeypatch)
+    submitted = client.submit(make_items(10), job_id="cut")
+    assert (submitted.status.state, submitted.sent) == ("cancelled", 2)
+    r, keys = redis_server.client(), JobKeys("cut")
+    assert r.hlen(keys.items) == 4 and client.store.enqueued("cut") == {0, 1}
+    assert len(queued_messages(redis_server, "q")) == 2
+    again = client.submit(make_items(10), job_id="cut")  # a resume finds it finished: nothing more is sent
+    assert (again.resumed, again.sent, again.status.state) == (True, 0, "cancelled")
+
+
 def test_every_key_of_a_job_has_a_ttl(redis_server: RedisServer, job_client: Client) -> None:
     client = job_client(redis_server.url, queue="q", chunk_size=4, result_ttl_s=100)
     client.submit(make_items(10), job_id="ttl")
