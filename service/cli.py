@@ -21,8 +21,9 @@ Health: grpc.health.v1 on the same port (NOT_SERVING until the model is loaded a
 draining). Metrics: Prometheus text format at http://METRICS_ADDRESS/metrics. SIGTERM: NOT_SERVING, finish
 in-flight calls within --drain-grace-s, exit 0 (calls still in flight then are cut: a warning, exit 1; a
 second SIGTERM/SIGINT stops at once). Batch-job RPCs (SubmitJob, GetJob, StreamJobResults,
-CancelJob) use SAFETY_REDIS_URL, SAFETY_QUEUE, SAFETY_CHUNK_SIZE and SAFETY_RESULT_TTL_S, as the workers do
-(docs/jobs.md). gRPC core's own (plain-text) log lines: GRPC_VERBOSITY, ERROR unless it is set. TLS:
+CancelJob, DeleteJob) use SAFETY_REDIS_URL, SAFETY_QUEUE, SAFETY_CHUNK_SIZE and SAFETY_RESULT_TTL_S, as the
+workers do (docs/jobs.md). gRPC core's own (plain-text) log lines: GRPC_VERBOSITY, ERROR unless it is set.
+TLS:
 certificate, key and client CA (--tls-client-ca: mutual TLS) are re-read when their files change; SIGHUP only
 logs that and re-checks them.
 """

@@ -11,8 +11,8 @@ Results are plain dicts in the shape of the engine's `Result.to_dict()` (id, sco
 flagged_labels, tokens, windows, spans), so `safety classify` prints the same JSON locally and remotely.
 `classify_stream` sends many requests over one ClassifyStream and yields one dict per request, in order:
 its results, or its own error while the stream goes on. Batch jobs (`submit_job`, `get_job`,
-`stream_job_results`, `cancel_job`) return the dicts `safety job status` and `safety job results` print: a
-job's state and counts, and result lines (a result plus `index` and `error`).
+`stream_job_results`, `cancel_job`, `delete_job`) return the dicts `safety job status` and `safety job
+results` print: a job's state and counts, and result lines (a result plus `index` and `error`).
 Errors are `grpc.RpcError`s carrying the server's status code (INVALID_ARGUMENT: fix the input;
 RESOURCE_EXHAUSTED / UNAVAILABLE: back off and retry). Must not know: torch or the model (a gateway
 installs only grpcio and protobuf).
@@ -287,6 +287,12 @@ class SafetyClient(_Base):
             self.stub.CancelJob(pb2.CancelJobRequest(job_id=job_id), **self._call_args(timeout))
         )
 
+    def delete_job(self, job_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Delete a finished or cancelled job's keys (items, results, record); the job as it was."""
+        return job_to_dict(
+            self.stub.DeleteJob(pb2.DeleteJobRequest(job_id=job_id), **self._call_args(timeout))
+        )
+
     def stream_job_results(
         self, job_id: str, start_index: int = 0, wait: bool = False, *, timeout: float | None = None
     ) -> Iterator[dict[str, Any]]:
@@ -369,6 +375,10 @@ class AsyncSafetyClient(_Base):
     async def cancel_job(self, job_id: str, *, timeout: float | None = None) -> dict[str, Any]:
         request = pb2.CancelJobRequest(job_id=job_id)
         return job_to_dict(await self.stub.CancelJob(request, **self._call_args(timeout)))
+
+    async def delete_job(self, job_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        request = pb2.DeleteJobRequest(job_id=job_id)
+        return job_to_dict(await self.stub.DeleteJob(request, **self._call_args(timeout)))
 
     async def stream_job_results(
         self, job_id: str, start_index: int = 0, wait: bool = False, *, timeout: float | None = None

@@ -1,4 +1,4 @@
-"""The job RPCs of `safety.v1.SafetyClassifier`: SubmitJob, GetJob, StreamJobResults, CancelJob.
+"""The job RPCs of `safety.v1.SafetyClassifier`: SubmitJob, GetJob, StreamJobResults, CancelJob, DeleteJob.
 
 Owns: protobuf <-> job-client conversion (`job_items_from_proto`, `job_to_proto`, `job_result_to_proto`),
 the lazy creation of the one `worker.jobs.JobClient` (imported on first use; without the worker extra the
@@ -202,6 +202,12 @@ class JobService:
         client = await self.client()
         status = await self._run(client.cancel, request.job_id)
         log.info("job cancelled", extra={"job_id": status.job_id, "state": status.state})
+        return job_to_proto(status)
+
+    async def delete(self, request: Any) -> Any:
+        client = await self.client()
+        status = await self._run(client.delete, request.job_id)
+        log.info("job deleted", extra={"job_id": status.job_id, "state": status.state})
         return job_to_proto(status)
 
     async def stream(self, request: Any) -> AsyncIterator[Any]:

@@ -310,6 +310,11 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         with self._in_flight():
             return await jobs.cancel(request)
 
+    async def DeleteJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        jobs = self._jobs()
+        with self._in_flight():
+            return await jobs.delete(request)
+
     async def StreamJobResults(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """In flight until it ends; a drain ends it at its next page or poll with UNAVAILABLE and the
         start_index to resume from (service/jobs.py)."""

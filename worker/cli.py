@@ -1,4 +1,4 @@
-"""`safety worker`, `safety submit` and `safety job status|results|cancel`: the batch side's command line.
+"""`safety worker`, `safety submit` and `safety job status|results|cancel|delete`: the batch side's CLI.
 
 Owns: the subcommands (registered through the `safety.commands` entry point `worker = "worker.cli:register"`),
 reading a JSONL file of items, the progress bar while waiting, writing result lines in item order, exit
@@ -83,7 +83,7 @@ def register_submit(subparsers: argparse._SubParsersAction) -> None:
 
 def register_job(subparsers: argparse._SubParsersAction) -> None:
     j = subparsers.add_parser("job", help="status, results or cancellation of a batch job")
-    commands = j.add_subparsers(dest="job_command", required=True, metavar="{status,results,cancel}")
+    commands = j.add_subparsers(dest="job_command", required=True, metavar="{status,results,cancel,delete}")
     status = commands.add_parser("status", help="state and counts of a job (JSON)")
     status.add_argument("job_id")
     status.set_defaults(func=run_status)
@@ -95,6 +95,11 @@ def register_job(subparsers: argparse._SubParsersAction) -> None:
     cancel = commands.add_parser("cancel", help="skip a job's remaining chunks")
     cancel.add_argument("job_id")
     cancel.set_defaults(func=run_cancel)
+    delete = commands.add_parser(
+        "delete", help="delete a finished or cancelled job's items, results and record (frees its id)"
+    )
+    delete.add_argument("job_id")
+    delete.set_defaults(func=run_delete)
 
 
 # ---- safety worker ---------------------------------------------------------------------------------------
@@ -426,6 +431,10 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_cancel(args: argparse.Namespace) -> int:
     return _job_call("cancel", lambda client: _print_json(client.cancel(args.job_id).to_dict()))
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    return _job_call("delete", lambda client: _print_json(client.delete(args.job_id).to_dict()))
 
 
 def run_results(args: argparse.Namespace) -> int:

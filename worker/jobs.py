@@ -1,4 +1,4 @@
-"""The job client: submit a job, read its status, stream its results in item order, cancel it.
+"""The job client: submit a job, read its status, stream its results in item order, cancel or delete it.
 
 Owns: the submission path (validate every item before anything is queued, store the items, send one
 task per chunk, resumable with the same job id) and the read path (status, results by index with a poll,
@@ -312,6 +312,23 @@ class JobClient:
         with self._reachable():
             self.store.cancel(job_id, time.time())
         return self.status(job_id)  # NotFoundError when there was no such job
+
+    def delete(self, job_id: str) -> JobStatus:
+        """Delete every key of a finished (done, failed) or cancelled job: its items, results and record, so
+        its memory is freed and its id can be used again. Returns the job as it was. NotFoundError for an
+        unknown or expired job; FailedPreconditionError for one still submitting, queued or running (cancel
+        it first: its workers and submitter stop, then delete it)."""
+        check_job_id(job_id)
+        with self._reachable():
+            outcome, record = self.store.delete(job_id)
+        if outcome == "gone" or record is None:
+            raise NotFoundError(f"job {job_id!r} not found: never submitted, expired, or already deleted")
+        if outcome == "open":
+            raise FailedPreconditionError(
+                f"job {job_id!r} is {record['state']}: only a finished or cancelled job can be deleted; "
+                "cancel it first"
+            )
+        return JobStatus.from_record(job_id, record)
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest dead-lettered chunks: {job_id, chunk, attempts, error, at}."""

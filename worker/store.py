@@ -222,6 +222,18 @@ for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
 return 'cancelled'
 """
 
+# KEYS = JobKeys.all(). Deletes every key of a finished or cancelled job.
+# -> {'deleted', record field/value...} | {'open', state} (not deleted) | {'gone'}
+_DELETE = """
+local record = redis.call('HGETALL', KEYS[1])
+if #record == 0 then return {'gone'} end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'done' and state ~= 'failed' and state ~= 'cancelled' then return {'open', state} end
+redis.call('DEL', unpack(KEYS))
+table.insert(record, 1, 'deleted')
+return record
+"""
+
 # KEYS = [job]. A fully enqueued job leaves 'submitting'.
 _SEAL = """
 if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
@@ -299,6 +311,7 @@ class JobStore:
         self._note = client.register_script(_NOTE)
         self._incomplete = client.register_script(_INCOMPLETE)
         self._open = client.register_script(_OPEN)
+        self._delete = client.register_script(_DELETE)
 
     @classmethod
     def for_worker(cls, url: str) -> JobStore:
@@ -343,8 +356,8 @@ class JobStore:
             return False
         if not out:
             raise NotFoundError(
-                f"job {job_id!r} disappeared while it was being submitted (Redis restarted without "
-                "persistence?); submit it again"
+                f"job {job_id!r} disappeared while it was being submitted (deleted, or Redis restarted "
+                "without persistence?); submit it again"
             )
         return True
 
@@ -388,6 +401,18 @@ class JobStore:
 
     def cancel(self, job_id: str, now: float) -> str | None:
         return self._cancel(keys=JobKeys(job_id).all(), args=[repr(now)])
+
+    def delete(self, job_id: str) -> tuple[str, dict[str, str] | None]:
+        """Delete every key of a finished or cancelled job, and its entry in the open list: ("deleted",
+        the record as it was); ("open", {"state": ...}) when it is not finished (nothing deleted); ("gone",
+        None) when there is no such job."""
+        out = self._delete(keys=JobKeys(job_id).all())
+        if out[0] == "gone":
+            return "gone", None
+        if out[0] == "open":
+            return "open", {"state": out[1]}
+        self.forget_active(job_id)  # another slot in Redis Cluster: not in the script
+        return "deleted", dict(zip(out[1::2], out[2::2], strict=True))
 
     def ttls(self, job_id: str) -> dict[str, int]:
         """Seconds to live of every existing key of the job (-1: no TTL)."""

@@ -163,6 +163,25 @@ def test_waiting_on_a_job_whose_submission_stopped_is_a_failed_precondition(
     assert "stopped at 4 of 6 items" in details and "--job-id stopped-job" in details
 
 
+def test_delete_job_frees_a_cancelled_job_and_refuses_an_open_one(
+    start_jobs_server: StartServer, redis_server: RedisServer
+) -> None:
+    app = start_jobs_server(job_client(redis_server.url, queue=IDLE, chunk_size=4))
+    r = redis_server.client()
+    with connect(app) as client:
+        client.submit_job(make_items(6, prefix="del"), job_id="delete-me")
+        code, details = code_of(lambda: client.delete_job("delete-me"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "cancel it first" in details, details
+        assert r.exists(JobKeys("delete-me").items)
+        client.cancel_job("delete-me")
+        deleted = client.delete_job("delete-me")
+        assert (deleted["job_id"], deleted["state"], deleted["total"]) == ("delete-me", "cancelled", 6)
+        assert r.keys("safety:job:{delete-me}*") == []
+        assert code_of(lambda: client.get_job("delete-me"))[0] == grpc.StatusCode.NOT_FOUND
+        again = client.submit_job(make_items(3, prefix="other"), job_id="delete-me")  # the id is free
+    assert (again["resumed"], again["total"]) == (False, 3)
+
+
 def test_stream_job_results_is_counted_by_code_like_the_other_calls(
     start_jobs_server: StartServer, redis_server: RedisServer
 ) -> None:
@@ -258,6 +277,7 @@ def test_unknown_jobs_are_not_found_and_bad_requests_invalid(
         for call in (
             lambda: client.get_job("no-such-job"),
             lambda: client.cancel_job("no-such-job"),
+            lambda: client.delete_job("no-such-job"),
             lambda: list(client.stream_job_results("no-such-job", wait=True)),
         ):
             code, details = code_of(call)
@@ -303,6 +323,7 @@ def test_redis_down_jobs_unavailable_while_classify_answers_and_the_key_is_requi
             "SubmitJob": lambda c: c.submit_job(["hello"]),
             "GetJob": lambda c: c.get_job("some-job"),
             "CancelJob": lambda c: c.cancel_job("some-job"),
+            "DeleteJob": lambda c: c.delete_job("some-job"),
             "StreamJobResults": lambda c: list(c.stream_job_results("some-job", wait=True)),
         }
         for name, call in calls.items():

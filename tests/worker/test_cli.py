@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -124,3 +125,22 @@ def test_a_submit_whose_job_is_cancelled_meanwhile_stops_and_exits_1(
     assert "job cancelled-meanwhile was cancelled: this submit sent 1 chunk of 5 and stopped" in out.err
     assert out.out == ""
     assert redis_server.client().llen("cli-cancelled") == 1
+
+
+def test_job_delete_prints_the_deleted_job_and_refuses_an_open_one(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "cli-delete")
+    client = JobClient.from_env()
+    client.submit([{"text": "one"}], job_id="cli-del")
+    assert main(["job", "delete", "cli-del"]) == 2
+    assert (
+        "safety job delete: job 'cli-del' is queued: only a finished or cancelled job"
+        in capsys.readouterr().err
+    )
+    client.cancel("cli-del")
+    assert main(["job", "delete", "cli-del"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "cancelled"
+    assert main(["job", "delete", "cli-del"]) == 2 and "not found" in capsys.readouterr().err
+    client.close()

@@ -180,6 +180,31 @@ def test_a_cancel_during_the_submit_stops_it(
     assert (again.resumed, again.sent, again.status.state) == (True, 0, "cancelled")
 
 
+def test_delete_removes_every_key_of_a_finished_or_cancelled_job_only(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """A cancelled job kept all its item texts for the TTL; there was no way to free a job's results after
+    downloading them, or to reuse its id."""
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    r = redis_server.client()
+    client.submit(make_items(4), job_id="open")
+    with pytest.raises(FailedPreconditionError, match=r"'open' is queued: .* cancel it first"):
+        client.delete("open")
+    assert r.hlen(JobKeys("open").items) == 4  # nothing deleted
+    client.cancel("open")
+    assert client.delete("open").state == "cancelled"
+    assert r.keys("safety:job:{open}*") == [] and "open" not in r.lrange(ACTIVE_JOBS, 0, -1)
+    with pytest.raises(NotFoundError, match="already deleted"):
+        client.delete("open")
+
+    client.submit(make_items(2), job_id="done")
+    client.store.write("done", [(i, fake_result(i), False) for i in range(2)], time.time())
+    assert (client.delete("done").state, r.keys("safety:job:{done}*")) == ("done", [])
+    assert not client.submit(make_items(3, prefix="new"), job_id="done").resumed  # the id is free again
+    with pytest.raises(InvalidInputError):
+        client.delete("{bad}")
+
+
 def test_every_key_of_a_job_has_a_ttl(redis_server: RedisServer, job_client: Client) -> None:
     client = job_client(redis_server.url, queue="q", chunk_size=4, result_ttl_s=100)
     client.submit(make_items(10), job_id="ttl")
