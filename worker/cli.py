@@ -150,6 +150,7 @@ def run_worker(args: argparse.Namespace) -> int:
             # Their cold shutdown would wait out the grace inside the signal handler, on the thread running
             # the chunk (solo), then cancel it through a pool that cannot cancel (NotImplementedError: a
             # failed attempt).
+            check_redis(settings)  # a wrong SAFETY_REDIS_URL stops here: Celery would retry it for ever
             if settings.metrics_port:
                 metrics_dir = serve_metrics(settings.metrics_port, prefork="--pool=prefork" in argv)
             from worker.app import app
@@ -172,6 +173,21 @@ def run_worker(args: argparse.Namespace) -> int:
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def check_redis(settings: WorkerSettings) -> None:
+    """ConfigError when SAFETY_REDIS_URL names something Redis refuses (a DB index out of range, a wrong
+    password) or a server that is not Redis. Redis not answering yet is fine: Celery waits for it."""
+    from model.errors import UnavailableError
+    from worker.jobs import JobClient
+
+    client = JobClient(settings)
+    try:
+        client.ping()
+    except UnavailableError:
+        pass
+    finally:
+        client.close()
 
 
 def json_logs(level: str) -> None:

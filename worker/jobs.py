@@ -4,9 +4,10 @@ Owns: the submission path (validate every item before anything is queued, store 
 task per chunk, resumable with the same job id) and the read path (status, results by index with a poll,
 a clear error for a job that is unknown, expired or lost). Raises only the `model.errors` hierarchy:
 InvalidInputError (bad items or job id), NotFoundError (unknown, expired, or lost in a Redis restart),
-UnavailableError (Redis unreachable), DeadlineExceededError (a wait ran out of time),
-FailedPreconditionError (waiting on a job whose submission stopped half-way). The CLI and the gRPC
-service call this. Must not know: torch, the model, gRPC; it sends tasks by name and never imports them.
+UnavailableError (Redis unreachable), ConfigError (SAFETY_REDIS_URL names a DB, password or server that
+Redis refuses), DeadlineExceededError (a wait ran out of time), FailedPreconditionError (waiting on a job
+whose submission stopped half-way; deleting an open job). The CLI and the gRPC service call this. Must not
+know: torch, the model, gRPC; it sends tasks by name and never imports them.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from typing import Any
 import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
+from redis.exceptions import InvalidResponse
 
 from model.errors import (
+    ConfigError,
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidInputError,
@@ -36,10 +39,12 @@ from model.errors import (
 )
 from worker.app import create_app, send_chunk
 from worker.items import normalize_items
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, env_name
 from worker.store import FINISHED, JobStore, check_job_id, failed_line
 
 CANCELLED = "cancelled: the job was cancelled before this item was classified"
+# Errors Redis answers while a connection is set up (SELECT of the URL's DB, AUTH): SAFETY_REDIS_URL is wrong.
+SETUP_REFUSED = ("DB index", "SELECT is not allowed", "NOAUTH", "WRONGPASS", "invalid password")
 _READ_BATCH = 512
 
 
@@ -335,10 +340,28 @@ class JobClient:
         with self._reachable():
             return self.store.dead_letters(limit)
 
+    def ping(self) -> None:
+        """Check SAFETY_REDIS_URL: ConfigError when the server there refuses this configuration (a DB index
+        out of range, a wrong password) or is not Redis; UnavailableError when nothing answers."""
+        with self._reachable():
+            self.client.ping()
+
     @contextmanager
     def _reachable(self) -> Iterator[None]:
+        url = re.sub(r"//[^@/]*@", "//***@", self.settings.redis_url)
         try:
             yield
+        except redis.AuthenticationError as e:  # a ConnectionError, but retrying will not help
+            raise self._bad_url(f"Redis at {url} refused the credentials: {e}") from e
         except (redis.ConnectionError, redis.TimeoutError, OperationalError) as e:
-            url = re.sub(r"//[^@/]*@", "//***@", self.settings.redis_url)
             raise UnavailableError(f"Redis at {url} is unreachable: {e}") from e
+        except redis.ResponseError as e:
+            if not any(m in str(e) for m in SETUP_REFUSED):
+                raise  # a command's own error: a bug, not the configuration
+            raise self._bad_url(f"Redis at {url} refused the connection's setup: {e}") from e
+        except InvalidResponse as e:
+            raise self._bad_url(f"the server at {url} does not answer as Redis does ({e})") from e
+
+    @staticmethod
+    def _bad_url(message: str) -> ConfigError:
+        return ConfigError(message, field=env_name("redis_url"), file="environment")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +147,61 @@ def test_job_delete_prints_the_deleted_job_and_refuses_an_open_one(
     assert json.loads(capsys.readouterr().out)["state"] == "cancelled"
     assert main(["job", "delete", "cli-del"]) == 2 and "not found" in capsys.readouterr().err
     client.close()
+
+
+@pytest.fixture
+def not_redis() -> Iterator[str]:
+    """A TCP server that answers like an HTTP server: the URL of something that is not Redis."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+def test_a_redis_url_redis_refuses_is_one_line_naming_the_variable_exit_2(
+    redis_server: RedisServer,
+    not_redis: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A DB index out of range (ResponseError) or a server that is not Redis (InvalidResponse) crashed
+    with a traceback, exit 1."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "one"}\n')
+    db99 = redis_server.url.rsplit("/", 1)[0] + "/99"
+    for url, why in ((db99, "DB index is out of range"), (not_redis, "does not answer as Redis does")):
+        monkeypatch.setenv("SAFETY_REDIS_URL", url)
+        for argv in (["job", "status", "x"], ["submit", str(src)], ["job", "results", "x"]):
+            assert main(argv) == 2, (url, argv)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "field 'SAFETY_REDIS_URL'" in err and why in err, (argv, err)
+
+
+def test_a_worker_given_a_redis_url_redis_refuses_exits_2_at_once(redis_server: RedisServer) -> None:
+    """It retried "Cannot connect" for ever."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFETY_")}
+    env.update(SAFETY_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/99", SAFETY_WORKER_METRICS_PORT="0")
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "worker", "--pool=solo"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "safety worker: environment: field 'SAFETY_REDIS_URL': " in done.stderr
+    assert "DB index is out of range" in done.stderr
