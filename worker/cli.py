@@ -2,7 +2,8 @@
 
 Owns: the subcommands (registered through the `safety.commands` entry point `worker = "worker.cli:register"`),
 reading a JSONL file of items, the progress bar while waiting, writing result lines in item order, exit
-codes (0 done, 1 finished with failed items or cancelled, 2 an error, 130 interrupted), the choice of
+codes (0 done, 1 finished with failed items or cancelled, 2 an error, 130 interrupted, 141 the output's
+reader went away), the choice of
 Celery pool (solo per GPU on CUDA, prefork on CPU), and starting the metrics exporter (`worker.metrics`)
 and the lost-chunk sweeper (`worker.reclaim`) in the worker's main process. Must not know: the model,
 Redis keys; it drives `worker.jobs.JobClient` and starts the Celery worker of `worker.app`.
@@ -31,6 +32,11 @@ from model.threads import available_cpus
 from worker.settings import WorkerSettings, env_name
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of the output went away (`| head`), as a process SIGPIPE kills
+
+
+class OutputClosed(Exception):
+    """The reader of the result lines (a pipe, a FIFO) went away; stdout then points at /dev/null."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -314,7 +320,10 @@ def run_submit(args: argparse.Namespace) -> int:
                 print(job_id)
                 return EXIT_OK
             status = _wait_with_progress(client, job_id, args.timeout, not args.no_progress)
-            written = _write_results(client, job_id, args.out, args.timeout)
+            try:
+                written = _write_results(client, job_id, args.out, args.timeout)
+            except OutputClosed:
+                return EXIT_PIPE
             where = args.out or "stdout"
             summary = f"{status.done} done, {status.failed} failed; {written} lines to {where}"
             print(f"job {job_id} {status.state}: {summary}", file=sys.stderr)
@@ -360,12 +369,20 @@ def _wait_with_progress(client: Any, job_id: str, timeout: float | None, progres
 
 
 def _write_results(client: Any, job_id: str, out: str | None, timeout: float | None) -> int:
-    """Stream result lines in item order; a file is written whole or not at all (temp file + rename)."""
-    with _output(out) as stream:
-        count = 0
-        for line in client.results(job_id, timeout=timeout):
-            stream.write(json.dumps(line, ensure_ascii=False) + "\n")
-            count += 1
+    """Stream result lines in item order; a file is written whole or not at all (temp file + rename).
+    OutputClosed when the reader of stdout (or of a FIFO) went away."""
+    try:
+        with _output(out) as stream:
+            count = 0
+            for line in client.results(job_id, timeout=timeout):
+                stream.write(json.dumps(line, ensure_ascii=False) + "\n")
+                count += 1
+    except BrokenPipeError:
+        if out is None or out == "-":  # what is still buffered must not fail again at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        raise OutputClosed from None
     return count
 
 
@@ -456,7 +473,10 @@ def run_delete(args: argparse.Namespace) -> int:
 def run_results(args: argparse.Namespace) -> int:
     def results(client: Any) -> int:
         _check_out(args.out)
-        _write_results(client, args.job_id, args.out, args.timeout)
+        try:
+            _write_results(client, args.job_id, args.out, args.timeout)
+        except OutputClosed:
+            return EXIT_PIPE
         status = client.status(args.job_id)
         return EXIT_OK if status.state == "done" and status.failed == 0 else EXIT_FAILED
 

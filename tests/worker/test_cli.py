@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from model.errors import InvalidInputError
 from tests.worker.harness import RedisServer
 from worker.cli import _check_out, _write_results, main
 from worker.jobs import JobClient
+from worker.settings import WorkerSettings
 from worker.store import JobStore
 
 
@@ -205,3 +207,40 @@ def test_a_worker_given_a_redis_url_redis_refuses_exits_2_at_once(redis_server: 
     assert done.returncode == 2, done.stderr[-2000:]
     assert "safety worker: environment: field 'SAFETY_REDIS_URL': " in done.stderr
     assert "DB index is out of range" in done.stderr
+
+
+@pytest.mark.parametrize("wait", [False, True])
+def test_results_into_a_pipe_closed_early_stop_quietly_with_141(
+    redis_server: RedisServer, tmp_path: Path, wait: bool
+) -> None:
+    """`safety job results J | head -1` (and `submit --wait | head`) ended in a BrokenPipeError traceback,
+    exit 1."""
+    client = JobClient(WorkerSettings(redis_url=redis_server.url, queue="pipe", chunk_size=5000))
+    items = [{"text": f"item {i}"} for i in range(3000)]  # 3000 lines: far more than a pipe buffers
+    client.submit(items, job_id="piped")
+    line = json.dumps({"index": 0, "scores": {"x": 0.5}, "padding": "x" * 100})
+    client.store.write("piped", [(i, line, False) for i in range(3000)], time.time())
+    client.close()
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(it) + "\n" for it in items))
+    argv = (
+        ["submit", str(src), "--job-id", "piped", "--wait", "--no-progress"]
+        if wait
+        else ["job", "results", "piped"]
+    )
+    env = {
+        **os.environ,
+        "SAFETY_REDIS_URL": redis_server.url,
+        "SAFETY_QUEUE": "pipe",
+        "SAFETY_CHUNK_SIZE": "5000",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", *argv],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["index"] == 0
+    proc.stdout.close()  # what `head -1` does after its line
+    assert proc.wait(60) == 141
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
