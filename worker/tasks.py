@@ -9,7 +9,8 @@ were never written. The classifier is loaded once per worker process, lazily on 
 prefork parent, so CUDA is initialised only after fork) and before that delivery counts as an attempt: a
 worker that cannot load its model hands the chunk back uncounted and shuts down; one whose device breaks for
 good (a sticky CUDA error) hands the chunk back (that attempt counted) and shuts down too. Each delivery's
-outcome (done, retried, dead_lettered, skipped), its wall time and the items it wrote are counted in
+outcome (done, retried, dead_lettered, skipped: also a chunk whose job was cancelled or went away while it
+ran, whose results are discarded), its wall time and the items it wrote are counted in
 `worker.metrics`. Must not know: the job client's submission path, gRPC, how metrics are exported.
 """
 
@@ -190,6 +191,10 @@ def run_chunk(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
     written = store.write(
         job_id, [(i, json.dumps(line), failed) for i, line, failed in lines], time.time(), clf.name
     )
+    if written.state in ("cancelled", "gone"):  # cancelled, deleted or lost while it ran: nothing written
+        log.info("job %s chunk %d: the job was %s meanwhile; its results are discarded", job_id, chunk,
+                 written.state)  # fmt: skip
+        return {"job_id": job_id, "chunk": chunk, "action": written.state}
     log.info(
         "job %s chunk %d: %d items in %.2fs (attempt %d), job %s",
         job_id, chunk, len(lines), time.perf_counter() - began, start.attempt, written.state,

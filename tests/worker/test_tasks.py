@@ -188,3 +188,41 @@ def test_a_give_up_interrupted_by_redis_is_done_again_once_naming_the_real_cause
     lines = list(client.results(job, timeout=5))
     assert [line["error"] for line in lines] == [entries[0]["error"]] * 3
     assert client.status(job).state == "failed"
+
+
+class CancelsMidChunk:
+    """The real classifier; the job is cancelled (or deleted) by someone else while the chunk runs."""
+
+    def __init__(self, clf: Any, during: Callable[[], Any]) -> None:
+        self.clf, self.during, self.name = clf, during, clf.name
+
+    def classify(self, items: Any) -> Any:
+        results = self.clf.classify(items)
+        self.during()
+        return results
+
+
+@pytest.mark.parametrize("what", ["cancelled", "gone"])
+def test_a_chunk_whose_job_is_cancelled_or_gone_mid_flight_counts_as_skipped(
+    what: str, redis_server: RedisServer, job_client: Callable[..., JobClient], tiny_classifier: Any
+) -> None:
+    """It was counted `done` though it wrote no result."""
+    client = job_client(redis_server.url, queue="mid-flight-unconsumed", chunk_size=2)
+    job = client.submit(make_items(4, prefix="f"), job_id=f"mid-flight-{what}").status.job_id
+    if what == "cancelled":
+        during: Callable[[], Any] = lambda: client.cancel(job)  # noqa: E731
+    else:
+        during = lambda: redis_server.client().delete(*JobKeys(job).all())  # noqa: E731
+    metrics = Metrics()
+    task = SimpleNamespace(
+        settings=WorkerSettings(), store=client.store, metrics=metrics,
+        classifier=CancelsMidChunk(tiny_classifier, during),
+    )  # fmt: skip
+    assert deliver(task, job, 0)["action"] == what
+
+    def chunks(outcome: str) -> float:
+        return metrics.registry.get_sample_value("safety_worker_chunks_total", {"outcome": outcome})
+
+    assert (chunks("done"), chunks("skipped")) == (0, 1)
+    assert metrics.registry.get_sample_value("safety_worker_items_total", {"outcome": "ok"}) == 0
+    assert redis_server.client().hlen(JobKeys(job).results) == 0
