@@ -15,13 +15,15 @@ class SafetyError(Exception):
 
 class InvalidInputError(SafetyError, ValueError):
     """Bad caller input. `index` is the item's position in the request (None for request-level fields);
-    `field` names the offending field (e.g. "text", "role", "thresholds.hate")."""
+    `field` names the offending field (e.g. "text", "role", "thresholds.hate"), or is "" when the item
+    itself is wrong (`items[3]: must be an object`)."""
 
     def __init__(self, message: str, *, field: str, index: int | None = None) -> None:
         self.field = field
         self.index = index
         self.reason = message  # what is wrong, without where
-        where = f"items[{index}].{field}" if index is not None else field
+        item = f"items[{index}]"
+        where = field if index is None else f"{item}.{field}" if field else item
         self.where = where
         super().__init__(f"{where}: {message}")
 

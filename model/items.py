@@ -39,7 +39,7 @@ def fields_of(raw: Any, index: int) -> Fields:
     """A raw item (a mapping) -> its four fields with defaults applied; unknown fields and a missing text
     are refused. The values are checked by `check_item`."""
     if not isinstance(raw, Mapping):
-        raise InvalidInputError(f"must be an object, got {type(raw).__name__}", index=index, field="item")
+        raise InvalidInputError(f"must be an object, got {type(raw).__name__}", index=index, field="")
     unknown = sorted(set(raw) - set(FIELDS), key=str)
     if unknown:
         raise InvalidInputError(f"unknown field(s) {unknown}", index=index, field=str(unknown[0]))

@@ -60,13 +60,27 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument(
         "-c",
         "--concurrency",
-        type=int,
+        type=positive_int,
         help="worker processes (prefork); default SAFETY_WORKER_CONCURRENCY or 1",
     )
     w.add_argument("-n", "--hostname", help="Celery node name (default celery@HOSTNAME)")
-    w.add_argument("--max-tasks-per-child", type=int, help="replace a prefork process after this many chunks")
+    w.add_argument(
+        "--max-tasks-per-child", type=positive_int, help="replace a prefork process after this many chunks"
+    )
     w.add_argument("--loglevel", help="default SAFETY_LOG_LEVEL")
     w.set_defaults(func=run_worker)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a wrong value is refused naming its flag, exit 2 (Celery's own check of -c is a
+    click traceback, and 0 meant 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def register_submit(subparsers: argparse._SubParsersAction) -> None:
@@ -254,10 +268,13 @@ def _source(path: str) -> str:
 
 def read_items(path: str) -> tuple[list[Any], list[int]]:
     """Items of a JSONL file and the line number of each (blank lines are skipped, not items)."""
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    # utf-8-sig: a byte order mark (Windows editors write one) is not part of the first line
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8-sig")  # noqa: SIM115
     items, lines = [], []
     with stream:
         for number, line in enumerate(stream, 1):
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # stdin is not opened here
             if not line.strip():
                 continue
             try:
@@ -287,6 +304,12 @@ def run_submit(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, interrupt) if main_thread else None
     try:
         with _errors("submit"):
+            if args.out is not None and not args.wait:  # without --wait there are no results to write
+                raise InvalidInputError(
+                    "needs --wait; or read the results later with: "
+                    f"safety job results JOB_ID --out {args.out}",
+                    field="--out",
+                )
             try:
                 items, lines = read_items(args.input)
             except OSError as e:

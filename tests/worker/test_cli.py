@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import os
 import signal
@@ -19,7 +21,7 @@ import pytest
 
 from model.errors import InvalidInputError
 from tests.worker.harness import RedisServer
-from worker.cli import _check_out, _write_results, main
+from worker.cli import _check_out, _write_results, main, read_items, register
 from worker.jobs import JobClient
 from worker.settings import WorkerSettings
 from worker.store import JobStore
@@ -244,3 +246,46 @@ def test_results_into_a_pipe_closed_early_stop_quietly_with_141(
     assert proc.wait(60) == 141
     err = proc.stderr.read()
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_byte_order_mark_before_the_first_item_is_not_part_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows editors write one; the first line was refused as "not valid JSON"."""
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf{"text": "one"}\n{"text": "two"}\n')
+    assert read_items(str(src)) == ([{"text": "one"}, {"text": "two"}], [1, 2])
+    monkeypatch.setattr(sys, "stdin", io.StringIO('\ufeff{"text": "one"}\n'))
+    assert read_items("-") == ([{"text": "one"}], [1])
+
+
+def test_submit_refuses_out_without_wait_before_anything_is_sent(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """--out was silently ignored without --wait."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "one"}\n')
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    assert main(["submit", str(src), "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert capsys.readouterr().err.startswith("safety submit: --out: needs --wait")
+    assert redis_server.client().dbsize() == 0
+
+
+def test_an_item_that_is_not_an_object_is_named_without_a_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('"a bare string"\n')
+    assert main(["submit", str(src)]) == 2  # refused before Redis is needed
+    assert capsys.readouterr().err == f"safety submit: {src} line 1: items[0]: must be an object, got str\n"
+
+
+@pytest.mark.parametrize(("flag", "value"), [("-c", "0"), ("-c", "-2"), ("--max-tasks-per-child", "0")])
+def test_worker_counts_must_be_positive(flag: str, value: str, capsys: pytest.CaptureFixture) -> None:
+    """-c -2 was Celery's click traceback, -c 0 silently meant 1."""
+    parser = argparse.ArgumentParser(prog="safety")
+    register(parser.add_subparsers(dest="command", required=True))
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["worker", flag, value])
+    assert e.value.code == 2
+    assert f"must be a positive integer, got {value}" in capsys.readouterr().err
