@@ -37,6 +37,7 @@ from model.errors import (
     NotFoundError,
     UnavailableError,
 )
+from model.items import item_id
 from worker.app import create_app, send_chunk
 from worker.items import normalize_items
 from worker.settings import WorkerSettings, env_name
@@ -297,7 +298,9 @@ class JobClient:
             items = self.store.items(job_id, range(lo, hi))
         for index, raw, item in zip(range(lo, hi), written, items, strict=True):
             yield (
-                json.loads(raw) if raw is not None else failed_line(index, (item or {}).get("id"), CANCELLED)
+                json.loads(raw)
+                if raw is not None  # an item never stored (a submit cancelled midway) is named by its index
+                else failed_line(index, item_id((item or {}).get("id"), index), CANCELLED)
             )
 
     def _still_there(self, job_id: str, last: JobStatus) -> JobStatus:

@@ -178,6 +178,9 @@ def test_a_cancel_during_the_submit_stops_it(
     assert len(queued_messages(redis_server, "q")) == 2
     again = client.submit(make_items(10), job_id="cut")  # a resume finds it finished: nothing more is sent
     assert (again.resumed, again.sent, again.status.state) == (True, 0, "cancelled")
+    # every item has a 'cancelled' line; those never stored are named by their index (the id rule), not null
+    lines = list(client.results("cut", timeout=10))
+    assert [line["id"] for line in lines] == [f"item-{i}" for i in range(4)] + [str(i) for i in range(4, 10)]
 
 
 def test_delete_removes_every_key_of_a_finished_or_cancelled_job_only(
