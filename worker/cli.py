@@ -310,6 +310,10 @@ def run_submit(args: argparse.Namespace) -> int:
                     f"safety job results JOB_ID --out {args.out}",
                     field="--out",
                 )
+            if args.timeout is not None and not args.wait:  # nothing to wait for
+                raise InvalidInputError(
+                    "needs --wait (submitting does not wait for the job)", field="--timeout"
+                )
             try:
                 items, lines = read_items(args.input)
             except OSError as e:

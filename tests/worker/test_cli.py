@@ -259,15 +259,17 @@ def test_a_byte_order_mark_before_the_first_item_is_not_part_of_it(
     assert read_items("-") == ([{"text": "one"}], [1])
 
 
-def test_submit_refuses_out_without_wait_before_anything_is_sent(
+def test_submit_refuses_out_or_timeout_without_wait_before_anything_is_sent(
     redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    """--out was silently ignored without --wait."""
+    """--out and --timeout were silently ignored without --wait."""
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "one"}\n')
     monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
     assert main(["submit", str(src), "--out", str(tmp_path / "r.jsonl")]) == 2
     assert capsys.readouterr().err.startswith("safety submit: --out: needs --wait")
+    assert main(["submit", str(src), "--timeout", "5"]) == 2  # as silently ignored
+    assert capsys.readouterr().err.startswith("safety submit: --timeout: needs --wait")
     assert redis_server.client().dbsize() == 0
 
 
