@@ -4,7 +4,8 @@ Owns: protobuf <-> job-client conversion (`job_items_from_proto`, `job_to_proto`
 the lazy creation of the one `worker.jobs.JobClient` (imported on first use; without the worker extra the
 RPCs raise UnsupportedError), running its blocking Redis calls in a small thread pool off the event loop,
 and streaming results page by page (waiting with asyncio, never in a thread). Errors are the job client's
-`model.errors` (UnavailableError when Redis is unreachable, NotFoundError, InvalidInputError);
+`model.errors` (UnavailableError when Redis is unreachable, ConfigError when it refuses SAFETY_REDIS_URL,
+NotFoundError, InvalidInputError, FailedPreconditionError for a stopped submission or deleting an open job);
 service/errors.py maps them. Must not know: Celery, Redis keys, torch, the model (it never imports them).
 """
 

@@ -344,7 +344,10 @@ def run_submit(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             if not args.wait:
-                print(job_id)
+                try:
+                    _stdout(job_id)
+                except OutputClosed:
+                    return EXIT_PIPE
                 return EXIT_OK
             status = _wait_with_progress(client, job_id, args.timeout, not args.no_progress)
             try:
@@ -372,7 +375,10 @@ def run_submit(args: argparse.Namespace) -> int:
         again += f" --out {args.out}" if args.out else ""
         print(f"\ninterrupted; job {job_id} goes on. Resume with: {again}", file=sys.stderr)
     else:
-        print("\ninterrupted before anything was sent to Redis: no job was submitted", file=sys.stderr)
+        said = "\ninterrupted before this run sent anything to Redis: it submitted nothing"
+        if args.job_id:  # it may exist from an earlier run, which this one did not touch
+            said += f" (job {job_id}, if an earlier run made it, is as it was)"
+        print(said, file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
@@ -405,12 +411,26 @@ def _write_results(client: Any, job_id: str, out: str | None, timeout: float | N
                 stream.write(json.dumps(line, ensure_ascii=False) + "\n")
                 count += 1
     except BrokenPipeError:
-        if out is None or out == "-":  # what is still buffered must not fail again at exit
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+        if out is None or out == "-":
+            _silence_stdout()
         raise OutputClosed from None
     return count
+
+
+def _stdout(text: str) -> None:
+    """Print `text` on stdout; OutputClosed when its reader went away (`safety job status J | head -1`)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _silence_stdout()
+        raise OutputClosed from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered must not fail again at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _check_out(out: str | None) -> None:
@@ -420,21 +440,23 @@ def _check_out(out: str | None) -> None:
         return
     kind = _out_kind(out)
     if kind == "directory":
-        raise InvalidInputError(f"cannot write {out}: it is a directory; name a file", field="out")
+        raise InvalidInputError(f"cannot write {out}: it is a directory; name a file", field="--out")
     if kind == "special":  # a FIFO, a device, /dev/stdout: written in place
         if not os.access(out, os.W_OK):
-            raise InvalidInputError(f"cannot write {out}: no write permission", field="out")
+            raise InvalidInputError(f"cannot write {out}: no write permission", field="--out")
         return
     parent = _real_target(out).parent
     if not parent.is_dir():
-        raise InvalidInputError(f"cannot write {out}: {parent} is not a directory", field="out")
+        raise InvalidInputError(f"cannot write {out}: {parent} is not a directory", field="--out")
     if not os.access(parent, os.W_OK):
-        raise InvalidInputError(f"cannot write {out}: no write permission in {parent}", field="out")
+        raise InvalidInputError(f"cannot write {out}: no write permission in {parent}", field="--out")
 
 
 def _out_kind(out: str) -> str:
     """What --out names, symlinks followed: "file" (a regular file, or nothing yet), "directory", or
     "special" (a FIFO, a character or block device, a socket, /dev/stdout's pipe or terminal)."""
+    if out.startswith(("/dev/", "/proc/")):  # /dev/stdout, /dev/fd/N: the caller's descriptor, whatever it is
+        return "special"
     try:
         mode = os.stat(out).st_mode
     except FileNotFoundError:
@@ -464,9 +486,11 @@ def _output(out: str | None) -> Iterator[IO[str]]:
     _check_out(out)
     if _out_kind(out) == "special":
         try:
-            stream = open(out, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+            # appended: /dev/stdout redirected with >> to a file keeps what the file had (a FIFO or device
+            # is the same either way)
+            stream = open(out, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
         except OSError as e:
-            raise InvalidInputError(f"cannot write {out}: {e.strerror}", field="out") from None
+            raise InvalidInputError(f"cannot write {out}: {e.strerror}", field="--out") from None
         with stream:
             yield stream
         return
@@ -476,7 +500,7 @@ def _output(out: str | None) -> Iterator[IO[str]]:
         try:
             stream = open(partial, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
         except OSError as e:
-            raise InvalidInputError(f"cannot write {partial}: {e.strerror}", field="out") from None
+            raise InvalidInputError(f"cannot write {partial}: {e.strerror}", field="--out") from None
         with stream:
             yield stream
         partial.replace(target)
@@ -511,7 +535,7 @@ def run_results(args: argparse.Namespace) -> int:
 
 
 def _print_json(obj: dict[str, Any]) -> None:
-    print(json.dumps(obj, indent=2))
+    _stdout(json.dumps(obj, indent=2))
 
 
 def _job_call(command: str, fn: Any) -> int:
@@ -525,6 +549,8 @@ def _job_call(command: str, fn: Any) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except OutputClosed:
+        return EXIT_PIPE
     finally:
         if client is not None:
             client.close()

@@ -83,7 +83,7 @@ def test_out_a_character_device_stays_a_device(tmp_path: Path) -> None:
 
 
 def test_out_a_directory_is_refused_up_front(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInputError, match=r"^out: cannot write .*: it is a directory"):
+    with pytest.raises(InvalidInputError, match=r"^--out: cannot write .*: it is a directory"):
         _check_out(str(tmp_path))
     link = tmp_path / "to-dir"
     link.symlink_to(tmp_path)
@@ -91,7 +91,7 @@ def test_out_a_directory_is_refused_up_front(tmp_path: Path) -> None:
         _check_out(str(link))
 
 
-def test_ctrl_c_during_validation_says_no_job_was_submitted(
+def test_ctrl_c_during_validation_says_nothing_was_submitted(
     redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """It said "interrupted; job X goes on. Resume with: ..." for a job that did not exist."""
@@ -106,7 +106,7 @@ def test_ctrl_c_during_validation_says_no_job_was_submitted(
     monkeypatch.setattr(JobClient, "_validate", ctrl_c)
     assert main(["submit", str(src), "--job-id", "never-sent"]) == 130
     said = capsys.readouterr().err
-    assert "no job was submitted" in said and "goes on" not in said and "Resume" not in said, said
+    assert "it submitted nothing" in said and "goes on" not in said and "Resume" not in said, said
     assert redis_server.client().dbsize() == 0
 
 
@@ -291,3 +291,48 @@ def test_worker_counts_must_be_positive(flag: str, value: str, capsys: pytest.Ca
         parser.parse_args(["worker", flag, value])
     assert e.value.code == 2
     assert f"must be a positive integer, got {value}" in capsys.readouterr().err
+
+
+def test_json_and_job_id_output_into_a_closed_pipe_stop_quietly_with_141(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`safety job status J | head -c0` and `safety submit F | ...` (the job id on stdout) printed a
+    BrokenPipeError traceback, exit 1; for `job delete` the job was gone all the same."""
+    client = JobClient(WorkerSettings(redis_url=redis_server.url, queue="closed", chunk_size=10))
+    client.submit([{"text": "one"}], job_id="known")
+    client.close()
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "two"}\n')
+    env = {**os.environ, "SAFETY_REDIS_URL": redis_server.url, "SAFETY_QUEUE": "closed"}
+    for argv in (["job", "status", "known"], ["submit", str(src), "--job-id", "printed"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before anything is written
+        proc = subprocess.run(
+            [sys.executable, "-m", "worker.cli", *argv], env=env, stdout=write, stderr=subprocess.PIPE,
+            text=True, timeout=60,
+        )  # fmt: skip
+        os.close(write)
+        assert proc.returncode == 141, (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_out_dev_stdout_redirected_to_a_file_appends_to_it(redis_server: RedisServer, tmp_path: Path) -> None:
+    """`--out /dev/stdout >> all.jsonl`: /dev/stdout resolves to the file behind the descriptor, which was
+    treated as a regular --out and replaced (its earlier lines lost, a new inode)."""
+    client = JobClient(WorkerSettings(redis_url=redis_server.url, queue="devout", chunk_size=10))
+    client.submit([{"text": f"item {i}"} for i in range(3)], job_id="devout")
+    client.store.write("devout", [(i, json.dumps({"index": i}), False) for i in range(3)], time.time())
+    client.close()
+    target = tmp_path / "all.jsonl"
+    target.write_text('{"earlier": true}\n')
+    inode = target.stat().st_ino
+    env = {**os.environ, "SAFETY_REDIS_URL": redis_server.url, "SAFETY_QUEUE": "devout"}
+    with open(target, "a") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "job", "results", "devout", "--out", "/dev/stdout"],
+            env=env, stdout=out, stderr=subprocess.PIPE, text=True, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert lines == [{"earlier": True}] + [{"index": i} for i in range(3)]
+    assert target.stat().st_ino == inode

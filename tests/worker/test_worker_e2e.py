@@ -91,7 +91,7 @@ def test_cli_submit_wait_then_status_results_cancel(
     assert missing.returncode == 2 and "not found" in missing.stderr
     nowhere = tmp_path / "no-such-dir" / "out.jsonl"
     unwritable = run(["job", "results", "cli-job", "--out", str(nowhere)], env)
-    assert unwritable.returncode == 2 and f"out: cannot write {nowhere}: " in unwritable.stderr
+    assert unwritable.returncode == 2 and f"--out: cannot write {nowhere}: " in unwritable.stderr
     r = module_redis.client()
     before = r.llen(QUEUE)
     refused = run(["submit", str(src), "--wait", "--out", str(nowhere), "--job-id", "never"], env)
@@ -124,7 +124,8 @@ def test_cli_refuses_a_directory_for_out_before_queueing(
     src.write_text('{"text": "fine"}\n')
     refused = run(["submit", str(src), "--wait", "--out", str(tmp_path), "--job-id", "out-dir"], env)
     assert refused.returncode == 2, refused.stderr
-    assert refused.stderr == f"safety submit: out: cannot write {tmp_path}: it is a directory; name a file\n"
+    said = f"safety submit: --out: cannot write {tmp_path}: it is a directory; name a file\n"
+    assert refused.stderr == said
     r = module_redis.client()
     assert r.llen("out-dir") == 0 and not r.exists(JobKeys("out-dir").job)
 
