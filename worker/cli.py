@@ -485,27 +485,26 @@ def _output(out: str | None) -> Iterator[IO[str]]:
         return
     _check_out(out)
     if _out_kind(out) == "special":
-        try:
-            # appended: /dev/stdout redirected with >> to a file keeps what the file had (a FIFO or device
-            # is the same either way)
-            stream = open(out, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
-        except OSError as e:
-            raise InvalidInputError(f"cannot write {out}: {e.strerror}", field="--out") from None
-        with stream:
+        # appended: /dev/stdout redirected with >> to a file keeps what the file had (a FIFO or a device is
+        # the same either way)
+        with _open_out(out, "a") as stream:
             yield stream
         return
     target = _real_target(out)
     partial = target.with_name(target.name + ".partial")
     try:
-        try:
-            stream = open(partial, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
-        except OSError as e:
-            raise InvalidInputError(f"cannot write {partial}: {e.strerror}", field="--out") from None
-        with stream:
+        with _open_out(partial, "w") as stream:
             yield stream
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _open_out(path: str | Path, mode: str) -> IO[str]:
+    try:
+        return open(path, mode, encoding="utf-8")
+    except OSError as e:
+        raise InvalidInputError(f"cannot write {path}: {e.strerror}", field="--out") from None
 
 
 # ---- safety job ------------------------------------------------------------------------------------------

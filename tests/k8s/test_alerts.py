@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pytest
 
 from tests.k8s.render import Rendered
 from tests.k8s.test_dashboard import exprs as dashboard_exprs
+from tests.prometheus import metrics_text
 
 SCHEMA = json.loads((Path(__file__).parent / "prometheusrule.schema.json").read_text())
 NAMES = re.compile(r"\b((?:safety|process|python)_[a-z0-9_]+)\b")
@@ -108,8 +108,7 @@ def live_server(tiny_classifier: Any) -> Iterator[str]:
         with SafetyClient(f"127.0.0.1:{app.port}", timeout=30) as client:
             client.classify(["one call"])
             assert len(list(client.classify_stream([["first"], ["second"]], timeout=30))) == 2
-        with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=5) as r:
-            yield r.read().decode()
+        yield metrics_text(app.metrics_port)
     finally:
         loop.run(app.drain(0))
         loop.close()
@@ -124,8 +123,7 @@ def live_worker() -> str:
     assert metrics.MULTIPROC_ENV not in os.environ
     server = metrics.serve(0, addr="127.0.0.1")
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5) as r:
-            return r.read().decode()
+        return metrics_text(server.server_port)
     finally:
         server.shutdown()
         server.server_close()

@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from service.server import SafetyServer, create_server
 from service.settings import ServeSettings
 from service.stubs import SERVICE_NAME, pb2, pb2_grpc
 from service.tls import TlsFiles, load
+from tests.prometheus import metrics_text
 from tests.service.helpers import in_queue, request, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -35,8 +35,7 @@ def health_status(port: int, service: str = "") -> int:
 
 
 def scrape(app: SafetyServer) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=5) as r:
-        return r.read().decode()
+    return metrics_text(app.metrics_port)
 
 
 def metric_value(text: str, name: str) -> float:

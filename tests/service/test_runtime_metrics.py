@@ -4,20 +4,13 @@ collectors) and `safety_build_info` for the model being served: a real server on
 from __future__ import annotations
 
 import importlib.metadata
-import urllib.request
 
 from service.server import SafetyServer
+from tests.prometheus import scrape
 
 
 def samples(app: SafetyServer) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+    return scrape(app.metrics_port)
 
 
 def test_runtime_metrics_and_build_info(server: SafetyServer) -> None:

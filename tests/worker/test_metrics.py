@@ -7,27 +7,16 @@ import socket
 import subprocess
 import sys
 import textwrap
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.prometheus import scrape
 from tests.worker.harness import REPO, RedisServer, Worker, free_port, make_items, poll, worker_env
 from worker import metrics
 from worker.jobs import JobClient
 from worker.metrics import CHUNK_OUTCOMES, ITEM_OUTCOMES, MULTIPROC_ENV, Metrics
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
 
 
 def test_every_series_exists_at_zero_and_outcomes_are_checked() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.prometheus import scrape
 from tests.worker.harness import REPO
-from tests.worker.test_metrics import scrape
 from worker import metrics
 from worker.metrics import MULTIPROC_ENV
 
