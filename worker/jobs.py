@@ -2,12 +2,13 @@
 
 Owns: the submission path (validate every item before anything is queued, store the items, send one
 task per chunk, resumable with the same job id) and the read path (status, results by index with a poll,
-a clear error for a job that is unknown, expired or lost). Raises only the `model.errors` hierarchy:
-InvalidInputError (bad items or job id), NotFoundError (unknown, expired, or lost in a Redis restart),
-UnavailableError (Redis unreachable), ConfigError (SAFETY_REDIS_URL names a DB, password or server that
-Redis refuses), DeadlineExceededError (a wait ran out of time), FailedPreconditionError (waiting on a job
-whose submission stopped half-way; deleting an open job). The CLI and the gRPC service call this. Must not
-know: torch, the model, gRPC; it sends tasks by name and never imports them.
+a clear error for a job that is unknown, expired, deleted or lost). Raises only the `model.errors`
+hierarchy: InvalidInputError (bad items or job id, the id of a deleted job), NotFoundError (unknown,
+expired, deleted, or lost in a Redis restart), UnavailableError (Redis unreachable), ConfigError
+(SAFETY_REDIS_URL names a DB, password or server that Redis refuses), DeadlineExceededError (a wait ran out
+of time), FailedPreconditionError (waiting on a job whose submission stopped half-way; deleting an open
+job). The CLI and the gRPC service call this. Must not know: torch, the model, gRPC; it sends tasks by name
+and never imports them.
 """
 
 from __future__ import annotations
@@ -201,11 +202,19 @@ class JobClient:
         with self._reachable():
             record = self.store.get(job_id)
         if record is None:
-            raise NotFoundError(
+            raise self._deleted(job_id) or NotFoundError(
                 f"job {job_id!r} not found: never submitted, expired (jobs are kept "
                 f"{self.settings.result_ttl_s}s), or lost when Redis restarted without persistence"
             )
         return JobStatus.from_record(job_id, record)
+
+    def _deleted(self, job_id: str) -> NotFoundError | None:
+        """NotFoundError for a deleted job whose id is still reserved (its tombstone); None otherwise."""
+        with self._reachable():
+            until = self.store.deleted_until(job_id)
+        if until is None:
+            return None
+        return NotFoundError(f"job {job_id!r} not found: it was deleted; its id stays reserved until {until}")
 
     def wait(
         self,
@@ -306,7 +315,9 @@ class JobClient:
     def _still_there(self, job_id: str, last: JobStatus) -> JobStatus:
         try:
             return self.status(job_id)
-        except NotFoundError:
+        except NotFoundError as e:
+            if (deleted := self._deleted(job_id)) is not None:
+                raise deleted from e
             raise NotFoundError(
                 f"job {job_id!r} disappeared while {last.state} ({last.completed}/{last.total} items): Redis "
                 "lost its data (a restart without persistence, a flush or an eviction) or the job expired; "
@@ -323,14 +334,18 @@ class JobClient:
 
     def delete(self, job_id: str) -> JobStatus:
         """Delete every key of a finished (done, failed) or cancelled job: its items, results and record, so
-        its memory is freed and its id can be used again. Returns the job as it was. NotFoundError for an
-        unknown or expired job; FailedPreconditionError for one still submitting, queued or running (cancel
-        it first: its workers and submitter stop, then delete it)."""
+        its memory is freed. Its id stays reserved (a new job of that id is refused) until the job would
+        have expired: chunk messages of a cancelled job may still be queued, and must never act on a new
+        job. Returns the job as it was. NotFoundError for an unknown, expired or already deleted job;
+        FailedPreconditionError for one still submitting, queued or running (cancel it first: its workers
+        and submitter stop, then delete it)."""
         check_job_id(job_id)
         with self._reachable():
             outcome, record = self.store.delete(job_id)
         if outcome == "gone" or record is None:
-            raise NotFoundError(f"job {job_id!r} not found: never submitted, expired, or already deleted")
+            raise self._deleted(job_id) or NotFoundError(
+                f"job {job_id!r} not found: never submitted, expired, or deleted"
+            )
         if outcome == "open":
             raise FailedPreconditionError(
                 f"job {job_id!r} is {record['state']}: only a finished or cancelled job can be deleted; "

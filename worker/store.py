@@ -14,6 +14,8 @@ Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
   safety:job:{id}:attempts  hash   chunk -> deliveries that started classifying it
   safety:job:{id}:errors    hash   chunk -> the last error a delivery raised
   safety:job:{id}:enqueued  set    chunks already sent to the queue (a resumed submit skips them)
+  safety:job:{id}:deleted   string a deleted job's tombstone: its id stays reserved for the job's remaining
+                                   TTL, so the job's leftover chunk messages never act on a new job
   safety:dead_letter        list   JSON {job_id, chunk, attempts, error, at}, newest first, capped
   safety:jobs:open          list   ids of submitted jobs not yet seen finished, each once (the lost-chunk
                                    sweeper's list, `worker.reclaim`; a list so that KEDA, which reads list
@@ -28,6 +30,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -61,6 +64,12 @@ def failed_line(index: int, item_id: str | None, error: str) -> dict[str, Any]:
 def last_submit_progress(record: dict[str, str]) -> float:
     """When the submitter of a job last stored something (records made before `sent_at`: their creation)."""
     return float(record.get("sent_at") or record.get("created") or 0)
+
+
+def reserved_until(epoch_s: str | float) -> str:
+    """A tombstone's expiry (epoch seconds, Redis's clock), as a UTC time a person reads."""
+    when = datetime.fromtimestamp(float(epoch_s), tz=UTC)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def check_job_id(job_id: Any) -> str:
@@ -100,18 +109,27 @@ class JobKeys:
     def enqueued(self) -> str:
         return self.job + ":enqueued"
 
+    @property
+    def deleted(self) -> str:
+        """The tombstone `delete` leaves: the id stays reserved until the deleted job would have expired."""
+        return self.job + ":deleted"
+
     def all(self) -> list[str]:
-        """Every key of the job, the record first (the order the scripts expect)."""
+        """Every key of the job, the record first (the order the scripts expect); not its tombstone."""
         return [self.job, self.items, self.results, self.attempts, self.errors, self.enqueued]
 
 
-# KEYS = JobKeys.all(); ARGV = field/value pairs. Returns 1 when created, else the existing digest. A new
-# record starts with no items, results, attempts, errors or sent chunks: keys left by a job whose record was
-# lost (Redis restarted without persistence while it was being submitted) must not pass for this one's.
+# KEYS = JobKeys.all() + [tombstone]; ARGV = field/value pairs. -> 1 when created, {'exists', digest} when the
+# record exists, {'deleted', reserved until (epoch s)} when the id belongs to a deleted job (its leftover
+# chunk messages and a still-running submitter must never act on a new job of the same id). A new record
+# starts with no items, results, attempts, errors or sent chunks: keys left by a job whose record was lost
+# (Redis restarted without persistence while it was being submitted) must not pass for this one's.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return redis.call('HGET', KEYS[1], 'digest') or ''
+  return {'exists', redis.call('HGET', KEYS[1], 'digest') or ''}
 end
+local reserved = redis.call('GET', KEYS[7])
+if reserved then return {'deleted', reserved} end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('HSET', KEYS[1], unpack(ARGV))
 redis.call('EXPIRE', KEYS[1], tonumber(redis.call('HGET', KEYS[1], 'ttl_s')))
@@ -222,14 +240,22 @@ for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
 return 'cancelled'
 """
 
-# KEYS = JobKeys.all(). Deletes every key of a finished or cancelled job.
+# KEYS = JobKeys.all() + [tombstone]. Deletes every key of a finished or cancelled job and leaves its
+# tombstone (with the record's remaining TTL; its value: until when, in Redis's clock, epoch seconds), so the
+# id cannot be reused while the deleted job's chunk messages may still be queued. The open list is in another
+# Redis Cluster slot: `JobStore.delete` removes the id from it after this script.
 # -> {'deleted', record field/value...} | {'open', state} (not deleted) | {'gone'}
 _DELETE = """
 local record = redis.call('HGETALL', KEYS[1])
 if #record == 0 then return {'gone'} end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'done' and state ~= 'failed' and state ~= 'cancelled' then return {'open', state} end
-redis.call('DEL', unpack(KEYS))
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl <= 0 then pttl = 1000 * tonumber(redis.call('HGET', KEYS[1], 'ttl_s')) end
+local t = redis.call('TIME')
+local reserved = tonumber(t[1]) + math.ceil(pttl / 1000)
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('SET', KEYS[7], tostring(reserved), 'PX', pttl)
 table.insert(record, 1, 'deleted')
 return record
 """
@@ -324,14 +350,29 @@ class JobStore:
 
     # ---- the job client's side -----------------------------------------------------------------------------
     def create(self, job_id: str, record: dict[str, Any]) -> str | None:
-        """Create the job record (with its TTL) unless it exists: None when created, else its digest."""
+        """Create the job record (with its TTL) unless it exists: None when created, else its digest.
+        InvalidInputError (field job_id) when the id is a deleted job's, still reserved."""
+        keys = JobKeys(job_id)
         argv = [str(x) for kv in record.items() for x in kv]
-        out = self._create(keys=JobKeys(job_id).all(), args=argv)
-        return None if out == 1 else str(out)
+        out = self._create(keys=[*keys.all(), keys.deleted], args=argv)
+        if out == 1:
+            return None
+        if out[0] == "deleted":
+            raise InvalidInputError(
+                f"job {job_id!r} was deleted; its id stays reserved until {reserved_until(out[1])} "
+                "(when the deleted job would have expired) — use a new id",
+                field="job_id",
+            )
+        return str(out[1])
 
     def get(self, job_id: str) -> dict[str, str] | None:
         record = self.client.hgetall(JobKeys(job_id).job)
         return record or None
+
+    def deleted_until(self, job_id: str) -> str | None:
+        """For a deleted job whose id is still reserved: until when (UTC, readable); else None."""
+        until = self.client.get(JobKeys(job_id).deleted)
+        return None if until is None else reserved_until(until)
 
     def upload(self, job_id: str, first: int, items: Sequence[str], expire_at_ms: int) -> bool:
         """Store items `first`, `first + 1`, ...; False (nothing stored) when the job was cancelled,
@@ -403,15 +444,19 @@ class JobStore:
         return self._cancel(keys=JobKeys(job_id).all(), args=[repr(now)])
 
     def delete(self, job_id: str) -> tuple[str, dict[str, str] | None]:
-        """Delete every key of a finished or cancelled job, and its entry in the open list: ("deleted",
-        the record as it was); ("open", {"state": ...}) when it is not finished (nothing deleted); ("gone",
-        None) when there is no such job."""
-        out = self._delete(keys=JobKeys(job_id).all())
+        """Delete every key of a finished or cancelled job, leave its tombstone (the id stays reserved for
+        the job's remaining TTL), and drop its entry in the open list: ("deleted", the record as it was);
+        ("open", {"state": ...}) when it is not finished (nothing deleted); ("gone", None) when there is no
+        such job."""
+        keys = JobKeys(job_id)
+        out = self._delete(keys=[*keys.all(), keys.deleted])
         if out[0] == "gone":
             return "gone", None
         if out[0] == "open":
             return "open", {"state": out[1]}
-        self.forget_active(job_id)  # another slot in Redis Cluster: not in the script
+        # The open list is another slot in Redis Cluster, so not in the script. No resubmit can slip in
+        # between and lose its entry: the tombstone refuses the id.
+        self.forget_active(job_id)
         return "deleted", dict(zip(out[1::2], out[2::2], strict=True))
 
     def ttls(self, job_id: str) -> dict[str, int]:

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -196,16 +197,55 @@ def test_delete_removes_every_key_of_a_finished_or_cancelled_job_only(
     assert r.hlen(JobKeys("open").items) == 4  # nothing deleted
     client.cancel("open")
     assert client.delete("open").state == "cancelled"
-    assert r.keys("safety:job:{open}*") == [] and "open" not in r.lrange(ACTIVE_JOBS, 0, -1)
-    with pytest.raises(NotFoundError, match="already deleted"):
+    # only the tombstone is left, which reserves the id
+    assert r.keys("safety:job:{open}*") == [JobKeys("open").deleted]
+    assert "open" not in r.lrange(ACTIVE_JOBS, 0, -1)
+    with pytest.raises(NotFoundError, match="'open' not found: it was deleted"):
         client.delete("open")
 
     client.submit(make_items(2), job_id="done")
     client.store.write("done", [(i, fake_result(i), False) for i in range(2)], time.time())
-    assert (client.delete("done").state, r.keys("safety:job:{done}*")) == ("done", [])
-    assert not client.submit(make_items(3, prefix="new"), job_id="done").resumed  # the id is free again
+    assert (client.delete("done").state, r.keys("safety:job:{done}*")) == ("done", [JobKeys("done").deleted])
     with pytest.raises(InvalidInputError):
         client.delete("{bad}")
+
+
+def test_a_deleted_jobs_id_stays_reserved_so_its_leftover_work_never_hits_a_new_job(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """Delete freed the id at once: the deleted job's chunk messages, still queued after its cancel, then ran
+    against a new job of the same id (its items failed as "missing from Redis", dead letters, the new job
+    classified on the old texts)."""
+    from worker.tasks import run_chunk
+
+    client = job_client(redis_server.url, queue="q", chunk_size=2, result_ttl_s=1000)
+    r = redis_server.client()
+    client.submit(make_items(6, prefix="old"), job_id="reuse")
+    client.cancel("reuse")
+    client.delete("reuse")
+    assert len(queued_messages(redis_server, "q")) == 3  # the cancelled job's chunks are still queued
+
+    until = r"its id stays reserved until 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+    with pytest.raises(InvalidInputError, match=rf"job 'reuse' was deleted; {until} .*use a new id") as e:
+        client.submit(make_items(6, prefix="new"), job_id="reuse")
+    assert e.value.field == "job_id"
+    with pytest.raises(NotFoundError, match=rf"job 'reuse' not found: it was deleted; {until}"):
+        client.status("reuse")
+    tombstone = "safety:job:{reuse}:deleted"
+    assert 990 < r.ttl(tombstone) <= 1000  # the job's remaining TTL
+    assert r.keys("safety:job:{reuse}*") == [tombstone]  # the refused submit stored nothing
+
+    # a worker takes one of the deleted job's messages: skipped, nothing written, no dead letter
+    task = SimpleNamespace(store=client.store, settings=client.settings, classifier=None)
+    assert run_chunk(task, "reuse", 1) == {"job_id": "reuse", "chunk": 1, "action": "gone"}
+    assert r.keys("safety:job:{reuse}*") == [tombstone] and r.llen(DEAD_LETTER) == 0
+    # and a submitter of the deleted job still storing is stopped, writing nothing
+    with pytest.raises(NotFoundError, match="disappeared while it was being submitted"):
+        client.store.upload("reuse", 2, ['{"text": "old"}'], int((time.time() + 100) * 1000))
+    assert r.keys("safety:job:{reuse}*") == [tombstone]
+
+    r.delete(tombstone)  # the deleted job would have expired by now: the id is free
+    assert not client.submit(make_items(2, prefix="new"), job_id="reuse").resumed
 
 
 def test_every_key_of_a_job_has_a_ttl(redis_server: RedisServer, job_client: Client) -> None:
