@@ -290,7 +290,7 @@ class JobClient:
         if status.state != "submitting":
             return
         with self._reachable():
-            stalled = self.store.stalled_submission(job_id, time.time())
+            stalled = self.store.stalled_submission(job_id)  # in Redis's clock, as `sent_at` is stamped
         if stalled is None:
             return
         items, chunks, idle = stalled

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -171,7 +170,7 @@ class Sweeper:
         if not client.set(LOCK, self.token, nx=True, px=lock_ms) and client.get(LOCK) != self.token:
             return []
         client.pexpire(LOCK, lock_ms)
-        now = time.time()
+        now = self.store.server_time()  # the clock `sent_at` is stamped in (a submitter's may be off)
         resent = sweep(
             self.store, self.resend, now=now, stall_s=self.stall_s, task_id=self.task_id,
             may_scan=lambda n: self._may_scan(n, now),

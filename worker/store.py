@@ -8,7 +8,8 @@ client (`worker.jobs`) and the worker (`worker.tasks`). Must not know: Celery, t
 
 Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
   safety:job:{id}           hash   the job record (state, total, done, failed, chunks, chunk_size, ttl_s,
-                                   created, started, finished, updated, sent_at, model, digest, queue, error)
+                                   created, started, finished, updated, sent_at, model, digest, queue, error;
+                                   sent_at in Redis's clock, the other times in their writer's)
   safety:job:{id}:items     hash   index -> item JSON (deleted when the job finishes)
   safety:job:{id}:results   hash   index -> result JSON (exactly one per item)
   safety:job:{id}:attempts  hash   chunk -> deliveries that started classifying it
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,7 +62,8 @@ def failed_line(index: int, item_id: str | None, error: str) -> dict[str, Any]:
 
 
 def last_submit_progress(record: dict[str, str]) -> float:
-    """When the submitter of a job last stored something (records made before `sent_at`: their creation)."""
+    """When the submitter of a job last stored something, in Redis's clock (`JobStore.server_time`); records
+    made before `sent_at`: their creation, in the submitter's clock."""
     return float(record.get("sent_at") or record.get("created") or 0)
 
 
@@ -119,12 +120,23 @@ class JobKeys:
         return [self.job, self.items, self.results, self.attempts, self.errors, self.enqueued]
 
 
+# Lua shared by the scripts that note a submitter's progress: now in Redis's clock (epoch seconds), so that
+# `sent_at` is stamped and compared (`JobStore.server_time`) on one clock, never two machines'.
+_NOW_LUA = """
+local function redis_now()
+  local t = redis.call('TIME')
+  return t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+end
+"""
+
 # KEYS = JobKeys.all() + [tombstone]; ARGV = field/value pairs. -> 1 when created, {'exists', digest} when the
 # record exists, {'deleted', reserved until (epoch s)} when the id belongs to a deleted job (its leftover
 # chunk messages and a still-running submitter must never act on a new job of the same id). A new record
 # starts with no items, results, attempts, errors or sent chunks: keys left by a job whose record was lost
 # (Redis restarted without persistence while it was being submitted) must not pass for this one's.
-_CREATE = """
+_CREATE = (
+    _NOW_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'exists', redis.call('HGET', KEYS[1], 'digest') or ''}
 end
@@ -132,29 +144,34 @@ local reserved = redis.call('GET', KEYS[7])
 if reserved then return {'deleted', reserved} end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('HSET', KEYS[1], 'sent_at', redis_now())
 redis.call('EXPIRE', KEYS[1], tonumber(redis.call('HGET', KEYS[1], 'ttl_s')))
 return 1
 """
+)
 
-# KEYS = [record, key]; ARGV = [expire_at_ms, kind ('hash' | 'set'), now, then field/value pairs or members].
+# KEYS = [record, key]; ARGV = [expire_at_ms, kind ('hash' | 'set'), then field/value pairs or members].
 # Adds to the job's items or sent chunks only while its record exists: 0 when it is gone (a Redis restart
 # without persistence in the middle of a submit), and nothing is written; 2 when the job was cancelled (the
 # submitter stops; a cancelled job keeps nothing it will never run). Notes the submitter's progress in
-# `sent_at` while the job is being submitted.
-_ADD = """
+# `sent_at` (Redis's clock) while the job is being submitted.
+_ADD = (
+    _NOW_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 2 end
 if ARGV[2] == 'hash' then
-  redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+  redis.call('HSET', KEYS[2], unpack(ARGV, 3))
 else
-  redis.call('SADD', KEYS[2], unpack(ARGV, 4))
+  redis.call('SADD', KEYS[2], unpack(ARGV, 3))
 end
 redis.call('PEXPIREAT', KEYS[2], ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
-  redis.call('HSET', KEYS[1], 'sent_at', ARGV[3])
+  redis.call('HSET', KEYS[1], 'sent_at', redis_now())
 end
 return 1
 """
+)
 
 # Lua shared by the scripts below: a chunk's item range, and whether any of its items lacks a result.
 _CHUNK_LUA = """
@@ -379,7 +396,7 @@ class JobStore:
         NotFoundError when the job record is gone."""
         keys = JobKeys(job_id)
         pairs = [x for k, item in enumerate(items) for x in (str(first + k), item)]
-        args = [expire_at_ms, "hash", repr(time.time()), *pairs]
+        args = [expire_at_ms, "hash", *pairs]
         return self._added(job_id, self._add(keys=[keys.job, keys.items], args=args))
 
     def enqueued(self, job_id: str) -> set[int]:
@@ -388,7 +405,7 @@ class JobStore:
     def mark_enqueued(self, job_id: str, chunk: int, expire_at_ms: int) -> bool:
         """Record that `chunk` was sent; False when the job was cancelled, NotFoundError when it is gone."""
         keys = JobKeys(job_id)
-        args = [expire_at_ms, "set", repr(time.time()), chunk]
+        args = [expire_at_ms, "set", chunk]
         return self._added(job_id, self._add(keys=[keys.job, keys.enqueued], args=args))
 
     @staticmethod
@@ -415,13 +432,18 @@ class JobStore:
         """Enqueued chunks with at least one item still without a result (ascending)."""
         return sorted(int(c) for c in self._incomplete(keys=JobKeys(job_id).all()))
 
-    def stalled_submission(self, job_id: str, now: float) -> tuple[int, int, float] | None:
+    def server_time(self) -> float:
+        """Now in Redis's clock (epoch seconds): the clock `sent_at` is stamped in, whatever this host's."""
+        seconds, micros = self.client.time()
+        return seconds + micros / 1e6
+
+    def stalled_submission(self, job_id: str, now: float | None = None) -> tuple[int, int, float] | None:
         """For a job still `submitting` whose submitter stored nothing for SUBMIT_STALL_S: (items queued,
-        chunks queued, seconds since its last progress); else None."""
+        chunks queued, seconds since its last progress); else None. `now` defaults to Redis's clock."""
         record = self.get(job_id)
         if record is None or record.get("state") != "submitting":
             return None
-        idle = now - last_submit_progress(record)
+        idle = (self.server_time() if now is None else now) - last_submit_progress(record)
         if idle < SUBMIT_STALL_S:
             return None
         size, total = int(record["chunk_size"]), int(record["total"])

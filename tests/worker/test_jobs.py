@@ -153,6 +153,35 @@ def test_waiting_on_a_job_whose_submission_stopped_says_how_to_resume_it(
     assert (resumed.resumed, resumed.sent, resumed.status.state) == (True, 1, "queued")
 
 
+def test_submit_progress_is_stamped_and_read_in_redis_clock_not_the_hosts(
+    redis_server: RedisServer, job_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sent_at` was the submitter's time.time() and the readers compared it with their own: a submitter whose
+    clock is 5 minutes behind made its live job look stopped at once (wait/results refused it, the sweeper
+    dropped it from the open list); one ahead hid a stopped submit for as long."""
+    from worker.app import chunk_task_id
+    from worker.reclaim import Sweeper
+
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    r, keys = redis_server.client(), JobKeys("skew")
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() - 300)  # the submitter's host
+    client.submit(make_items(6), job_id="skew")
+    monkeypatch.setattr(time, "time", real_time)
+    seconds, micros = r.time()
+    assert abs(float(r.hget(keys.job, "sent_at")) - (seconds + micros / 1e6)) < 5
+    r.hset(keys.job, "state", "submitting")  # its submitter is still at work, storing the last chunk
+    with pytest.raises(DeadlineExceededError):  # not FailedPreconditionError: it is not stalled
+        client.wait("skew", timeout=0.2, poll_s=0.05)
+    sweeper = Sweeper(client.store, lambda *a: None, chunk_task_id, stall_s=60.0, interval_s=30.0)
+    assert sweeper.run_once() == [] and client.store.active() == ["skew"]  # still watched
+
+    monkeypatch.setattr(time, "time", lambda: real_time() + 300)  # now the reader's host is ahead
+    with pytest.raises(DeadlineExceededError):
+        client.wait("skew", timeout=0.2, poll_s=0.05)
+    assert sweeper.run_once() == [] and client.store.active() == ["skew"]
+
+
 def cancel_at_chunk(client: JobClient, job_id: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """CancelJob arrives (from another client) while the submit is about to store `chunk`."""
     upload = type(client.store).upload
