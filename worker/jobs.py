@@ -166,13 +166,16 @@ class JobClient:
                         f"job {job_id!r} already exists with different items; choose another job id",
                         field="job_id",
                     )
-                stored = self.store.get(job_id) or record
+                stored = self.store.resume(job_id) or record  # notes the progress of a `submitting` job
                 if stored["state"] in FINISHED:
                     return Submitted(JobStatus.from_record(job_id, stored), resumed=True, sent=0)
                 record = {**record, **stored}
             self.store.mark_active(job_id)  # the lost-chunk sweeper watches it from now on
             sent = self._enqueue(job_id, lines, record)
-            self.store.seal(job_id)
+            if self.store.seal(job_id) in ("queued", "running"):
+                # again: the sweeper drops a submit that paused over SUBMIT_STALL_S (Ctrl-Z, a sleeping
+                # laptop) from the list; a submit that went on since must be watched (a no-op if listed)
+                self.store.mark_active(job_id)
         return Submitted(self.status(job_id), resumed=resumed, sent=sent)
 
     def _validate(self, items: Iterable[Any]) -> list[dict[str, str]]:

@@ -277,6 +277,19 @@ table.insert(record, 1, 'deleted')
 return record
 """
 
+# KEYS = [job]. A resumed submit: notes its progress (`sent_at`, Redis's clock) if the job is still
+# 'submitting', so the sweeper does not take it for stopped between the resume and its first upload.
+# -> the record, field/value pairs (empty when the job is gone).
+_RESUME = (
+    _NOW_LUA
+    + """
+if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
+  redis.call('HSET', KEYS[1], 'sent_at', redis_now())
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
 # KEYS = [job]. A fully enqueued job leaves 'submitting'.
 _SEAL = """
 if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
@@ -351,6 +364,7 @@ class JobStore:
         self._write = client.register_script(_WRITE_RESULTS)
         self._cancel = client.register_script(_CANCEL)
         self._seal = client.register_script(_SEAL)
+        self._resume = client.register_script(_RESUME)
         self._note = client.register_script(_NOTE)
         self._incomplete = client.register_script(_INCOMPLETE)
         self._open = client.register_script(_OPEN)
@@ -385,6 +399,12 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, str] | None:
         record = self.client.hgetall(JobKeys(job_id).job)
         return record or None
+
+    def resume(self, job_id: str) -> dict[str, str] | None:
+        """The record of a job a submit resumes (None when it is gone), its progress noted if it is still
+        `submitting`: the resume counts as the submitter's progress."""
+        out = self._resume(keys=[JobKeys(job_id).job])
+        return dict(zip(out[::2], out[1::2], strict=True)) or None
 
     def deleted_until(self, job_id: str) -> str | None:
         """For a deleted job whose id is still reserved: until when (UTC, readable); else None."""
