@@ -108,6 +108,27 @@ class Submitted:
     sent: int  # chunks sent to the queue by this call
 
 
+def _line(item: dict[str, str]) -> str:
+    return json.dumps(item, ensure_ascii=False, sort_keys=True)
+
+
+def _digest(lines: list[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def legacy_digest(lines: list[str]) -> str:
+    """The digest the previous release's CLI and JobClient gave these items: they stored an item without an id
+    without one, where every item now has its id (its own, else its index as a string). A resume of a job
+    they started is accepted on either digest (this one is computed only when the current one differs)."""
+    old = []
+    for index, line in enumerate(lines):
+        item = json.loads(line)
+        if item.get("id") == str(index):
+            del item["id"]
+        old.append(_line(item))
+    return _digest(old)
+
+
 class JobClient:
     """Talks to Redis (job store) and to the Celery broker (the chunk queue). Thread-safe."""
 
@@ -144,8 +165,8 @@ class JobClient:
     def prepare(self, items: Iterable[Any]) -> Prepared:
         """Validate and serialize the items, without any Redis call: InvalidInputError for the first bad one.
         A caller that must tell "nothing was sent" from "a job may exist" calls this, then `send`."""
-        lines = [json.dumps(it, ensure_ascii=False, sort_keys=True) for it in self._validate(items)]
-        return Prepared(lines, hashlib.sha256("\n".join(lines).encode()).hexdigest())
+        lines = [_line(it) for it in self._validate(items)]
+        return Prepared(lines, _digest(lines))
 
     def send(self, prepared: Prepared, *, job_id: str | None = None) -> Submitted:
         """Store and enqueue prepared items (`submit` = `prepare` + `send`); resumable as `submit` is."""
@@ -161,7 +182,7 @@ class JobClient:
             existing = self.store.create(job_id, record)
             resumed = existing is not None
             if resumed:
-                if existing != digest:
+                if existing != digest and existing != legacy_digest(lines):
                     raise InvalidInputError(
                         f"job {job_id!r} already exists with different items; choose another job id",
                         field="job_id",

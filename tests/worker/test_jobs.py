@@ -125,6 +125,37 @@ def test_the_same_items_resume_from_any_front_end_whatever_form_a_missing_id_tak
     assert [item["id"] for item in client.store.items("ids", range(3))] == ["0", "1", "2"]
 
 
+def test_a_job_started_by_the_previous_release_without_item_ids_resumes(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """The previous release's CLI/JobClient stored an item without an id without one, so its digest differs
+    from this release's (which stores the index as the id): its interrupted job was refused on resume as
+    "already exists with different items"."""
+    import hashlib
+
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    texts = ["one", "two", "three", "four", "five"]
+    items = [{"text": t} for t in texts[:4]] + [{"text": texts[4], "id": "own"}]
+    client.submit(items, job_id="old")
+    # what the previous release stored: no id where none was given, and the digest of those lines
+    old_lines = [json.dumps({"role": "prompt", "text": t}, sort_keys=True) for t in texts[:4]]
+    old_lines.append(json.dumps({"id": "own", "role": "prompt", "text": texts[4]}, sort_keys=True))
+    r, keys = redis_server.client(), JobKeys("old")
+    r.hset(keys.items, mapping={str(i): line for i, line in enumerate(old_lines[:4])})
+    r.hset(
+        keys.job,
+        mapping={"state": "submitting", "digest": hashlib.sha256("\n".join(old_lines).encode()).hexdigest()},
+    )
+    r.srem(keys.enqueued, 2)  # interrupted before its last chunk
+
+    resumed = client.submit(items, job_id="old")
+    assert (resumed.resumed, resumed.sent, resumed.status.state) == (True, 1, "queued")
+    # the items it stored keep no id; every result line still names them by the product rule
+    assert [it.get("id") for it in client.store.items("old", range(5))] == [None, None, None, None, "own"]
+    with pytest.raises(InvalidInputError, match="already exists with different items"):
+        client.submit([{"text": t} for t in texts], job_id="old")  # the last item's id differs: other items
+
+
 def test_waiting_on_a_job_whose_submission_stopped_says_how_to_resume_it(
     redis_server: RedisServer, job_client: Client
 ) -> None:
