@@ -309,8 +309,8 @@ class JobClient:
 
     def check_submission(self, job_id: str, status: JobStatus) -> None:
         """FailedPreconditionError when the job is still `submitting` and its submitter has stored nothing for
-        SUBMIT_STALL_S (an interrupted `safety submit`, a SubmitJob call that died): nothing will finish it
-        but a resumed submit, so a wait on it would never end."""
+        SUBMIT_STALL_S (an interrupted `safety submit`, a server that crashed during a SubmitJob): nothing
+        will finish it but a resumed submit, so a wait on it would never end."""
         if status.state != "submitting":
             return
         with self._reachable():

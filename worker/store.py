@@ -10,7 +10,8 @@ Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
   safety:job:{id}           hash   the job record (state, total, done, failed, chunks, chunk_size, ttl_s,
                                    created, started, finished, updated, sent_at, model, digest, queue, error;
                                    sent_at in Redis's clock, the other times in their writer's)
-  safety:job:{id}:items     hash   index -> item JSON (deleted when the job finishes)
+  safety:job:{id}:items     hash   index -> item JSON (deleted when the job finishes done or failed; a
+                                   cancelled job keeps it, for its `cancelled` lines, until delete or the TTL)
   safety:job:{id}:results   hash   index -> result JSON (exactly one per item)
   safety:job:{id}:attempts  hash   chunk -> deliveries that started classifying it
   safety:job:{id}:errors    hash   chunk -> the last error a delivery raised
@@ -21,7 +22,8 @@ Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
   safety:jobs:open          list   ids of submitted jobs not yet seen finished, each once (the lost-chunk
                                    sweeper's list, `worker.reclaim`; a list so that KEDA, which reads list
                                    lengths, keeps a worker while it is not empty); a job leaves it once the
-                                   sweeper sees it finished or expired
+                                   sweeper sees it finished or expired, or its submission stopped (until a
+                                   resumed submit puts it back), and when it is deleted
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ DEAD_LETTER = "safety:dead_letter"
 DEAD_LETTER_MAX = 10_000
 ACTIVE_JOBS = "safety:jobs:open"
 # A job still `submitting` whose submitter stored nothing for this long was abandoned (an interrupted or
-# killed `safety submit`, a SubmitJob whose call died): waiting for it is an error, and the sweeper stops
-# watching it. Storing one chunk takes well under a second; this leaves room for a slow link, a large chunk.
+# killed `safety submit`, a gRPC server that crashed during a SubmitJob): waiting for it is an error, and the
+# sweeper stops watching it. Storing one chunk takes well under a second; this leaves room for a slow link,
+# a large chunk.
 SUBMIT_STALL_S = 120.0
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # The keys of `model.Result.to_dict()` (a test keeps them in step); a result line adds `index` and `error`.
