@@ -116,7 +116,9 @@ def register_job(subparsers: argparse._SubParsersAction) -> None:
     cancel.add_argument("job_id")
     cancel.set_defaults(func=run_cancel)
     delete = commands.add_parser(
-        "delete", help="delete a finished or cancelled job's items, results and record (frees its id)"
+        "delete",
+        help="delete a finished or cancelled job's items, results and record "
+        "(its id stays reserved until the job's TTL ends)",
     )
     delete.add_argument("job_id")
     delete.set_defaults(func=run_delete)

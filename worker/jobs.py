@@ -2,12 +2,13 @@
 
 Owns: the submission path (validate every item before anything is queued, store the items, send one
 task per chunk, resumable with the same job id) and the read path (status, results by index with a poll,
-a clear error for a job that is unknown, expired or lost). Raises only the `model.errors` hierarchy:
-InvalidInputError (bad items or job id), NotFoundError (unknown, expired, or lost in a Redis restart),
-UnavailableError (Redis unreachable), ConfigError (SAFETY_REDIS_URL names a DB, password or server that
-Redis refuses), DeadlineExceededError (a wait ran out of time), FailedPreconditionError (waiting on a job
-whose submission stopped half-way; deleting an open job). The CLI and the gRPC service call this. Must not
-know: torch, the model, gRPC; it sends tasks by name and never imports them.
+a clear error for a job that is unknown, expired, deleted or lost). Raises only the `model.errors`
+hierarchy: InvalidInputError (bad items or job id, the id of a deleted job), NotFoundError (unknown,
+expired, deleted, or lost in a Redis restart), UnavailableError (Redis unreachable), ConfigError
+(SAFETY_REDIS_URL names a DB, password or server that Redis refuses), DeadlineExceededError (a wait ran out
+of time), FailedPreconditionError (waiting on a job whose submission stopped half-way; deleting an open
+job). The CLI and the gRPC service call this. Must not know: torch, the model, gRPC; it sends tasks by name
+and never imports them.
 """
 
 from __future__ import annotations
@@ -107,6 +108,27 @@ class Submitted:
     sent: int  # chunks sent to the queue by this call
 
 
+def _line(item: dict[str, str]) -> str:
+    return json.dumps(item, ensure_ascii=False, sort_keys=True)
+
+
+def _digest(lines: list[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def legacy_digest(lines: list[str]) -> str:
+    """The digest the previous release's CLI and JobClient gave these items: they stored an item without an id
+    without one, where every item now has its id (its own, else its index as a string). A resume of a job
+    they started is accepted on either digest (this one is computed only when the current one differs)."""
+    old = []
+    for index, line in enumerate(lines):
+        item = json.loads(line)
+        if item.get("id") == str(index):
+            del item["id"]
+        old.append(_line(item))
+    return _digest(old)
+
+
 class JobClient:
     """Talks to Redis (job store) and to the Celery broker (the chunk queue). Thread-safe."""
 
@@ -143,8 +165,8 @@ class JobClient:
     def prepare(self, items: Iterable[Any]) -> Prepared:
         """Validate and serialize the items, without any Redis call: InvalidInputError for the first bad one.
         A caller that must tell "nothing was sent" from "a job may exist" calls this, then `send`."""
-        lines = [json.dumps(it, ensure_ascii=False, sort_keys=True) for it in self._validate(items)]
-        return Prepared(lines, hashlib.sha256("\n".join(lines).encode()).hexdigest())
+        lines = [_line(it) for it in self._validate(items)]
+        return Prepared(lines, _digest(lines))
 
     def send(self, prepared: Prepared, *, job_id: str | None = None) -> Submitted:
         """Store and enqueue prepared items (`submit` = `prepare` + `send`); resumable as `submit` is."""
@@ -160,18 +182,21 @@ class JobClient:
             existing = self.store.create(job_id, record)
             resumed = existing is not None
             if resumed:
-                if existing != digest:
+                if existing != digest and existing != legacy_digest(lines):
                     raise InvalidInputError(
                         f"job {job_id!r} already exists with different items; choose another job id",
                         field="job_id",
                     )
-                stored = self.store.get(job_id) or record
+                stored = self.store.resume(job_id) or record  # notes the progress of a `submitting` job
                 if stored["state"] in FINISHED:
                     return Submitted(JobStatus.from_record(job_id, stored), resumed=True, sent=0)
                 record = {**record, **stored}
             self.store.mark_active(job_id)  # the lost-chunk sweeper watches it from now on
             sent = self._enqueue(job_id, lines, record)
-            self.store.seal(job_id)
+            if self.store.seal(job_id) in ("queued", "running"):
+                # again: the sweeper drops a submit that paused over SUBMIT_STALL_S (Ctrl-Z, a sleeping
+                # laptop) from the list; a submit that went on since must be watched (a no-op if listed)
+                self.store.mark_active(job_id)
         return Submitted(self.status(job_id), resumed=resumed, sent=sent)
 
     def _validate(self, items: Iterable[Any]) -> list[dict[str, str]]:
@@ -201,11 +226,19 @@ class JobClient:
         with self._reachable():
             record = self.store.get(job_id)
         if record is None:
-            raise NotFoundError(
+            raise self._deleted(job_id) or NotFoundError(
                 f"job {job_id!r} not found: never submitted, expired (jobs are kept "
                 f"{self.settings.result_ttl_s}s), or lost when Redis restarted without persistence"
             )
         return JobStatus.from_record(job_id, record)
+
+    def _deleted(self, job_id: str) -> NotFoundError | None:
+        """NotFoundError for a deleted job whose id is still reserved (its tombstone); None otherwise."""
+        with self._reachable():
+            until = self.store.deleted_until(job_id)
+        if until is None:
+            return None
+        return NotFoundError(f"job {job_id!r} not found: it was deleted; its id stays reserved until {until}")
 
     def wait(
         self,
@@ -276,12 +309,12 @@ class JobClient:
 
     def check_submission(self, job_id: str, status: JobStatus) -> None:
         """FailedPreconditionError when the job is still `submitting` and its submitter has stored nothing for
-        SUBMIT_STALL_S (an interrupted `safety submit`, a SubmitJob call that died): nothing will finish it
-        but a resumed submit, so a wait on it would never end."""
+        SUBMIT_STALL_S (an interrupted `safety submit`, a server that crashed during a SubmitJob): nothing
+        will finish it but a resumed submit, so a wait on it would never end."""
         if status.state != "submitting":
             return
         with self._reachable():
-            stalled = self.store.stalled_submission(job_id, time.time())
+            stalled = self.store.stalled_submission(job_id)  # in Redis's clock, as `sent_at` is stamped
         if stalled is None:
             return
         items, chunks, idle = stalled
@@ -306,7 +339,9 @@ class JobClient:
     def _still_there(self, job_id: str, last: JobStatus) -> JobStatus:
         try:
             return self.status(job_id)
-        except NotFoundError:
+        except NotFoundError as e:
+            if (deleted := self._deleted(job_id)) is not None:
+                raise deleted from e
             raise NotFoundError(
                 f"job {job_id!r} disappeared while {last.state} ({last.completed}/{last.total} items): Redis "
                 "lost its data (a restart without persistence, a flush or an eviction) or the job expired; "
@@ -323,14 +358,18 @@ class JobClient:
 
     def delete(self, job_id: str) -> JobStatus:
         """Delete every key of a finished (done, failed) or cancelled job: its items, results and record, so
-        its memory is freed and its id can be used again. Returns the job as it was. NotFoundError for an
-        unknown or expired job; FailedPreconditionError for one still submitting, queued or running (cancel
-        it first: its workers and submitter stop, then delete it)."""
+        its memory is freed. Its id stays reserved (a new job of that id is refused) until the job would
+        have expired: chunk messages of a cancelled job may still be queued, and must never act on a new
+        job. Returns the job as it was. NotFoundError for an unknown, expired or already deleted job;
+        FailedPreconditionError for one still submitting, queued or running (cancel it first: its workers
+        and submitter stop, then delete it)."""
         check_job_id(job_id)
         with self._reachable():
             outcome, record = self.store.delete(job_id)
         if outcome == "gone" or record is None:
-            raise NotFoundError(f"job {job_id!r} not found: never submitted, expired, or already deleted")
+            raise self._deleted(job_id) or NotFoundError(
+                f"job {job_id!r} not found: never submitted, expired, or deleted"
+            )
         if outcome == "open":
             raise FailedPreconditionError(
                 f"job {job_id!r} is {record['state']}: only a finished or cancelled job can be deleted; "

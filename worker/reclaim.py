@@ -10,7 +10,8 @@ a chunk whose message is neither in the queue's lists nor in the unacknowledged 
 task is idempotent (the first result written per item wins), so the rare false positive — a message caught
 in that same BRPOP gap of a live worker — costs one redundant delivery, never a duplicate result.
 Finished or expired jobs leave that list, and so does a job whose submission stopped (still `submitting`
-with nothing stored for `SUBMIT_STALL_S`) until a resumed submit puts it back. Must not know: torch, the
+with nothing stored for `SUBMIT_STALL_S`, in Redis's clock) until a resumed submit puts it back; a job is
+read again after its removal and put back if a submit (re)started it meanwhile. Must not know: torch, the
 model.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -99,14 +99,14 @@ def sweep(
     for job_id in store.active():
         record = store.get(job_id)
         if record is None or record.get("state") in FINISHED:
-            store.forget_active(job_id)
+            unwatch(store, job_id, now)
             continue
         if record.get("state") == "submitting":
             if now - last_submit_progress(record) >= SUBMIT_STALL_S:
                 # its submitter stopped (interrupted, killed): nothing more will be queued until a resumed
                 # submit puts it back on the list, and the list must not keep a KEDA-scaled worker up for it
                 log.info("job %s: its submission stopped; no longer watched until it is resumed", job_id)
-                store.forget_active(job_id)
+                unwatch(store, job_id, now)
             continue  # else its submitter is still sending chunks
         if record.get("state") not in ("queued", "running"):
             continue
@@ -131,6 +131,27 @@ def sweep(
                 resend(job_id, chunk, queue)
                 resent.append(Resent(job_id, chunk))
     return resent
+
+
+def watched(record: dict[str, str] | None, now: float) -> bool:
+    """Whether a job belongs on the open list: queued, running, or being submitted by a live submitter."""
+    if record is None:
+        return False
+    state = record.get("state")
+    if state == "submitting":
+        return now - last_submit_progress(record) < SUBMIT_STALL_S
+    return state in ("queued", "running")
+
+
+def unwatch(store: JobStore, job_id: str, now: float) -> None:
+    """Take a job off the open list, then read it again and put it back if it belongs there after all: a
+    submit that (re)started it between our read and the removal found the id still listed, so its own
+    `mark_active` was a no-op (the record and the list are in different Redis Cluster slots: no one script
+    can check one and change the other)."""
+    store.forget_active(job_id)
+    if watched(store.get(job_id), now):
+        log.info("job %s: submitted again meanwhile; still watched", job_id)
+        store.mark_active(job_id)
 
 
 class Sweeper:
@@ -171,7 +192,7 @@ class Sweeper:
         if not client.set(LOCK, self.token, nx=True, px=lock_ms) and client.get(LOCK) != self.token:
             return []
         client.pexpire(LOCK, lock_ms)
-        now = time.time()
+        now = self.store.server_time()  # the clock `sent_at` is stamped in (a submitter's may be off)
         resent = sweep(
             self.store, self.resend, now=now, stall_s=self.stall_s, task_id=self.task_id,
             may_scan=lambda n: self._may_scan(n, now),

@@ -8,26 +8,31 @@ client (`worker.jobs`) and the worker (`worker.tasks`). Must not know: Celery, t
 
 Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
   safety:job:{id}           hash   the job record (state, total, done, failed, chunks, chunk_size, ttl_s,
-                                   created, started, finished, updated, sent_at, model, digest, queue, error)
-  safety:job:{id}:items     hash   index -> item JSON (deleted when the job finishes)
+                                   created, started, finished, updated, sent_at, model, digest, queue, error;
+                                   sent_at in Redis's clock, the other times in their writer's)
+  safety:job:{id}:items     hash   index -> item JSON (deleted when the job finishes done or failed; a
+                                   cancelled job keeps it, for its `cancelled` lines, until delete or the TTL)
   safety:job:{id}:results   hash   index -> result JSON (exactly one per item)
   safety:job:{id}:attempts  hash   chunk -> deliveries that started classifying it
   safety:job:{id}:errors    hash   chunk -> the last error a delivery raised
   safety:job:{id}:enqueued  set    chunks already sent to the queue (a resumed submit skips them)
+  safety:job:{id}:deleted   string a deleted job's tombstone: its id stays reserved for the job's remaining
+                                   TTL, so the job's leftover chunk messages never act on a new job
   safety:dead_letter        list   JSON {job_id, chunk, attempts, error, at}, newest first, capped
   safety:jobs:open          list   ids of submitted jobs not yet seen finished, each once (the lost-chunk
                                    sweeper's list, `worker.reclaim`; a list so that KEDA, which reads list
                                    lengths, keeps a worker while it is not empty); a job leaves it once the
-                                   sweeper sees it finished or expired
+                                   sweeper sees it finished or expired, or its submission stopped (until a
+                                   resumed submit puts it back), and when it is deleted
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -40,8 +45,9 @@ DEAD_LETTER = "safety:dead_letter"
 DEAD_LETTER_MAX = 10_000
 ACTIVE_JOBS = "safety:jobs:open"
 # A job still `submitting` whose submitter stored nothing for this long was abandoned (an interrupted or
-# killed `safety submit`, a SubmitJob whose call died): waiting for it is an error, and the sweeper stops
-# watching it. Storing one chunk takes well under a second; this leaves room for a slow link, a large chunk.
+# killed `safety submit`, a gRPC server that crashed during a SubmitJob): waiting for it is an error, and the
+# sweeper stops watching it. Storing one chunk takes well under a second; this leaves room for a slow link,
+# a large chunk.
 SUBMIT_STALL_S = 120.0
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # The keys of `model.Result.to_dict()` (a test keeps them in step); a result line adds `index` and `error`.
@@ -59,8 +65,15 @@ def failed_line(index: int, item_id: str | None, error: str) -> dict[str, Any]:
 
 
 def last_submit_progress(record: dict[str, str]) -> float:
-    """When the submitter of a job last stored something (records made before `sent_at`: their creation)."""
+    """When the submitter of a job last stored something, in Redis's clock (`JobStore.server_time`); records
+    made before `sent_at`: their creation, in the submitter's clock."""
     return float(record.get("sent_at") or record.get("created") or 0)
+
+
+def reserved_until(epoch_s: str | float) -> str:
+    """A tombstone's expiry (epoch seconds, Redis's clock), as a UTC time a person reads."""
+    when = datetime.fromtimestamp(float(epoch_s), tz=UTC)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def check_job_id(job_id: Any) -> str:
@@ -100,43 +113,68 @@ class JobKeys:
     def enqueued(self) -> str:
         return self.job + ":enqueued"
 
+    @property
+    def deleted(self) -> str:
+        """The tombstone `delete` leaves: the id stays reserved until the deleted job would have expired."""
+        return self.job + ":deleted"
+
     def all(self) -> list[str]:
-        """Every key of the job, the record first (the order the scripts expect)."""
+        """Every key of the job, the record first (the order the scripts expect); not its tombstone."""
         return [self.job, self.items, self.results, self.attempts, self.errors, self.enqueued]
 
 
-# KEYS = JobKeys.all(); ARGV = field/value pairs. Returns 1 when created, else the existing digest. A new
-# record starts with no items, results, attempts, errors or sent chunks: keys left by a job whose record was
-# lost (Redis restarted without persistence while it was being submitted) must not pass for this one's.
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return redis.call('HGET', KEYS[1], 'digest') or ''
+# Lua shared by the scripts that note a submitter's progress: now in Redis's clock (epoch seconds), so that
+# `sent_at` is stamped and compared (`JobStore.server_time`) on one clock, never two machines'.
+_NOW_LUA = """
+local function redis_now()
+  local t = redis.call('TIME')
+  return t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 end
+"""
+
+# KEYS = JobKeys.all() + [tombstone]; ARGV = field/value pairs. -> 1 when created, {'exists', digest} when the
+# record exists, {'deleted', reserved until (epoch s)} when the id belongs to a deleted job (its leftover
+# chunk messages and a still-running submitter must never act on a new job of the same id). A new record
+# starts with no items, results, attempts, errors or sent chunks: keys left by a job whose record was lost
+# (Redis restarted without persistence while it was being submitted) must not pass for this one's.
+_CREATE = (
+    _NOW_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'exists', redis.call('HGET', KEYS[1], 'digest') or ''}
+end
+local reserved = redis.call('GET', KEYS[7])
+if reserved then return {'deleted', reserved} end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('HSET', KEYS[1], 'sent_at', redis_now())
 redis.call('EXPIRE', KEYS[1], tonumber(redis.call('HGET', KEYS[1], 'ttl_s')))
 return 1
 """
+)
 
-# KEYS = [record, key]; ARGV = [expire_at_ms, kind ('hash' | 'set'), now, then field/value pairs or members].
+# KEYS = [record, key]; ARGV = [expire_at_ms, kind ('hash' | 'set'), then field/value pairs or members].
 # Adds to the job's items or sent chunks only while its record exists: 0 when it is gone (a Redis restart
 # without persistence in the middle of a submit), and nothing is written; 2 when the job was cancelled (the
 # submitter stops; a cancelled job keeps nothing it will never run). Notes the submitter's progress in
-# `sent_at` while the job is being submitted.
-_ADD = """
+# `sent_at` (Redis's clock) while the job is being submitted.
+_ADD = (
+    _NOW_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 2 end
 if ARGV[2] == 'hash' then
-  redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+  redis.call('HSET', KEYS[2], unpack(ARGV, 3))
 else
-  redis.call('SADD', KEYS[2], unpack(ARGV, 4))
+  redis.call('SADD', KEYS[2], unpack(ARGV, 3))
 end
 redis.call('PEXPIREAT', KEYS[2], ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
-  redis.call('HSET', KEYS[1], 'sent_at', ARGV[3])
+  redis.call('HSET', KEYS[1], 'sent_at', redis_now())
 end
 return 1
 """
+)
 
 # Lua shared by the scripts below: a chunk's item range, and whether any of its items lacks a result.
 _CHUNK_LUA = """
@@ -222,17 +260,38 @@ for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
 return 'cancelled'
 """
 
-# KEYS = JobKeys.all(). Deletes every key of a finished or cancelled job.
+# KEYS = JobKeys.all() + [tombstone]. Deletes every key of a finished or cancelled job and leaves its
+# tombstone (with the record's remaining TTL; its value: until when, in Redis's clock, epoch seconds), so the
+# id cannot be reused while the deleted job's chunk messages may still be queued. The open list is in another
+# Redis Cluster slot: `JobStore.delete` removes the id from it after this script.
 # -> {'deleted', record field/value...} | {'open', state} (not deleted) | {'gone'}
 _DELETE = """
 local record = redis.call('HGETALL', KEYS[1])
 if #record == 0 then return {'gone'} end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'done' and state ~= 'failed' and state ~= 'cancelled' then return {'open', state} end
-redis.call('DEL', unpack(KEYS))
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl <= 0 then pttl = 1000 * tonumber(redis.call('HGET', KEYS[1], 'ttl_s')) end
+local t = redis.call('TIME')
+local reserved = tonumber(t[1]) + math.ceil(pttl / 1000)
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('SET', KEYS[7], tostring(reserved), 'PX', pttl)
 table.insert(record, 1, 'deleted')
 return record
 """
+
+# KEYS = [job]. A resumed submit: notes its progress (`sent_at`, Redis's clock) if the job is still
+# 'submitting', so the sweeper does not take it for stopped between the resume and its first upload.
+# -> the record, field/value pairs (empty when the job is gone).
+_RESUME = (
+    _NOW_LUA
+    + """
+if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
+  redis.call('HSET', KEYS[1], 'sent_at', redis_now())
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+)
 
 # KEYS = [job]. A fully enqueued job leaves 'submitting'.
 _SEAL = """
@@ -308,6 +367,7 @@ class JobStore:
         self._write = client.register_script(_WRITE_RESULTS)
         self._cancel = client.register_script(_CANCEL)
         self._seal = client.register_script(_SEAL)
+        self._resume = client.register_script(_RESUME)
         self._note = client.register_script(_NOTE)
         self._incomplete = client.register_script(_INCOMPLETE)
         self._open = client.register_script(_OPEN)
@@ -324,21 +384,42 @@ class JobStore:
 
     # ---- the job client's side -----------------------------------------------------------------------------
     def create(self, job_id: str, record: dict[str, Any]) -> str | None:
-        """Create the job record (with its TTL) unless it exists: None when created, else its digest."""
+        """Create the job record (with its TTL) unless it exists: None when created, else its digest.
+        InvalidInputError (field job_id) when the id is a deleted job's, still reserved."""
+        keys = JobKeys(job_id)
         argv = [str(x) for kv in record.items() for x in kv]
-        out = self._create(keys=JobKeys(job_id).all(), args=argv)
-        return None if out == 1 else str(out)
+        out = self._create(keys=[*keys.all(), keys.deleted], args=argv)
+        if out == 1:
+            return None
+        if out[0] == "deleted":
+            raise InvalidInputError(
+                f"job {job_id!r} was deleted; its id stays reserved until {reserved_until(out[1])} "
+                "(when the deleted job would have expired) — use a new id",
+                field="job_id",
+            )
+        return str(out[1])
 
     def get(self, job_id: str) -> dict[str, str] | None:
         record = self.client.hgetall(JobKeys(job_id).job)
         return record or None
+
+    def resume(self, job_id: str) -> dict[str, str] | None:
+        """The record of a job a submit resumes (None when it is gone), its progress noted if it is still
+        `submitting`: the resume counts as the submitter's progress."""
+        out = self._resume(keys=[JobKeys(job_id).job])
+        return dict(zip(out[::2], out[1::2], strict=True)) or None
+
+    def deleted_until(self, job_id: str) -> str | None:
+        """For a deleted job whose id is still reserved: until when (UTC, readable); else None."""
+        until = self.client.get(JobKeys(job_id).deleted)
+        return None if until is None else reserved_until(until)
 
     def upload(self, job_id: str, first: int, items: Sequence[str], expire_at_ms: int) -> bool:
         """Store items `first`, `first + 1`, ...; False (nothing stored) when the job was cancelled,
         NotFoundError when the job record is gone."""
         keys = JobKeys(job_id)
         pairs = [x for k, item in enumerate(items) for x in (str(first + k), item)]
-        args = [expire_at_ms, "hash", repr(time.time()), *pairs]
+        args = [expire_at_ms, "hash", *pairs]
         return self._added(job_id, self._add(keys=[keys.job, keys.items], args=args))
 
     def enqueued(self, job_id: str) -> set[int]:
@@ -347,7 +428,7 @@ class JobStore:
     def mark_enqueued(self, job_id: str, chunk: int, expire_at_ms: int) -> bool:
         """Record that `chunk` was sent; False when the job was cancelled, NotFoundError when it is gone."""
         keys = JobKeys(job_id)
-        args = [expire_at_ms, "set", repr(time.time()), chunk]
+        args = [expire_at_ms, "set", chunk]
         return self._added(job_id, self._add(keys=[keys.job, keys.enqueued], args=args))
 
     @staticmethod
@@ -374,13 +455,18 @@ class JobStore:
         """Enqueued chunks with at least one item still without a result (ascending)."""
         return sorted(int(c) for c in self._incomplete(keys=JobKeys(job_id).all()))
 
-    def stalled_submission(self, job_id: str, now: float) -> tuple[int, int, float] | None:
+    def server_time(self) -> float:
+        """Now in Redis's clock (epoch seconds): the clock `sent_at` is stamped in, whatever this host's."""
+        seconds, micros = self.client.time()
+        return seconds + micros / 1e6
+
+    def stalled_submission(self, job_id: str, now: float | None = None) -> tuple[int, int, float] | None:
         """For a job still `submitting` whose submitter stored nothing for SUBMIT_STALL_S: (items queued,
-        chunks queued, seconds since its last progress); else None."""
+        chunks queued, seconds since its last progress); else None. `now` defaults to Redis's clock."""
         record = self.get(job_id)
         if record is None or record.get("state") != "submitting":
             return None
-        idle = now - last_submit_progress(record)
+        idle = (self.server_time() if now is None else now) - last_submit_progress(record)
         if idle < SUBMIT_STALL_S:
             return None
         size, total = int(record["chunk_size"]), int(record["total"])
@@ -403,15 +489,19 @@ class JobStore:
         return self._cancel(keys=JobKeys(job_id).all(), args=[repr(now)])
 
     def delete(self, job_id: str) -> tuple[str, dict[str, str] | None]:
-        """Delete every key of a finished or cancelled job, and its entry in the open list: ("deleted",
-        the record as it was); ("open", {"state": ...}) when it is not finished (nothing deleted); ("gone",
-        None) when there is no such job."""
-        out = self._delete(keys=JobKeys(job_id).all())
+        """Delete every key of a finished or cancelled job, leave its tombstone (the id stays reserved for
+        the job's remaining TTL), and drop its entry in the open list: ("deleted", the record as it was);
+        ("open", {"state": ...}) when it is not finished (nothing deleted); ("gone", None) when there is no
+        such job."""
+        keys = JobKeys(job_id)
+        out = self._delete(keys=[*keys.all(), keys.deleted])
         if out[0] == "gone":
             return "gone", None
         if out[0] == "open":
             return "open", {"state": out[1]}
-        self.forget_active(job_id)  # another slot in Redis Cluster: not in the script
+        # The open list is another slot in Redis Cluster, so not in the script. No resubmit can slip in
+        # between and lose its entry: the tombstone refuses the id.
+        self.forget_active(job_id)
         return "deleted", dict(zip(out[1::2], out[2::2], strict=True))
 
     def ttls(self, job_id: str) -> dict[str, int]:

@@ -176,10 +176,13 @@ def test_delete_job_frees_a_cancelled_job_and_refuses_an_open_one(
         client.cancel_job("delete-me")
         deleted = client.delete_job("delete-me")
         assert (deleted["job_id"], deleted["state"], deleted["total"]) == ("delete-me", "cancelled", 6)
-        assert r.keys("safety:job:{delete-me}*") == []
-        assert code_of(lambda: client.get_job("delete-me"))[0] == grpc.StatusCode.NOT_FOUND
-        again = client.submit_job(make_items(3, prefix="other"), job_id="delete-me")  # the id is free
-    assert (again["resumed"], again["total"]) == (False, 3)
+        assert r.keys("safety:job:{delete-me}*") == [JobKeys("delete-me").deleted]  # the tombstone
+        code, details = code_of(lambda: client.get_job("delete-me"))
+        assert code == grpc.StatusCode.NOT_FOUND, details
+        assert "'delete-me' not found: it was deleted" in details
+        # the id stays reserved while the deleted job's chunk messages may still be queued
+        code, details = code_of(lambda: client.submit_job(make_items(3, prefix="other"), job_id="delete-me"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "use a new id" in details, details
 
 
 def test_stream_job_results_is_counted_by_code_like_the_other_calls(

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -124,6 +125,37 @@ def test_the_same_items_resume_from_any_front_end_whatever_form_a_missing_id_tak
     assert [item["id"] for item in client.store.items("ids", range(3))] == ["0", "1", "2"]
 
 
+def test_a_job_started_by_the_previous_release_without_item_ids_resumes(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """The previous release's CLI/JobClient stored an item without an id without one, so its digest differs
+    from this release's (which stores the index as the id): its interrupted job was refused on resume as
+    "already exists with different items"."""
+    import hashlib
+
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    texts = ["one", "two", "three", "four", "five"]
+    items = [{"text": t} for t in texts[:4]] + [{"text": texts[4], "id": "own"}]
+    client.submit(items, job_id="old")
+    # what the previous release stored: no id where none was given, and the digest of those lines
+    old_lines = [json.dumps({"role": "prompt", "text": t}, sort_keys=True) for t in texts[:4]]
+    old_lines.append(json.dumps({"id": "own", "role": "prompt", "text": texts[4]}, sort_keys=True))
+    r, keys = redis_server.client(), JobKeys("old")
+    r.hset(keys.items, mapping={str(i): line for i, line in enumerate(old_lines[:4])})
+    r.hset(
+        keys.job,
+        mapping={"state": "submitting", "digest": hashlib.sha256("\n".join(old_lines).encode()).hexdigest()},
+    )
+    r.srem(keys.enqueued, 2)  # interrupted before its last chunk
+
+    resumed = client.submit(items, job_id="old")
+    assert (resumed.resumed, resumed.sent, resumed.status.state) == (True, 1, "queued")
+    # the items it stored keep no id; every result line still names them by the product rule
+    assert [it.get("id") for it in client.store.items("old", range(5))] == [None, None, None, None, "own"]
+    with pytest.raises(InvalidInputError, match="already exists with different items"):
+        client.submit([{"text": t} for t in texts], job_id="old")  # the last item's id differs: other items
+
+
 def test_waiting_on_a_job_whose_submission_stopped_says_how_to_resume_it(
     redis_server: RedisServer, job_client: Client
 ) -> None:
@@ -150,6 +182,35 @@ def test_waiting_on_a_job_whose_submission_stopped_says_how_to_resume_it(
         next(stream)
     resumed = client.submit(items, job_id="half")
     assert (resumed.resumed, resumed.sent, resumed.status.state) == (True, 1, "queued")
+
+
+def test_submit_progress_is_stamped_and_read_in_redis_clock_not_the_hosts(
+    redis_server: RedisServer, job_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sent_at` was the submitter's time.time() and the readers compared it with their own: a submitter whose
+    clock is 5 minutes behind made its live job look stopped at once (wait/results refused it, the sweeper
+    dropped it from the open list); one ahead hid a stopped submit for as long."""
+    from worker.app import chunk_task_id
+    from worker.reclaim import Sweeper
+
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    r, keys = redis_server.client(), JobKeys("skew")
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() - 300)  # the submitter's host
+    client.submit(make_items(6), job_id="skew")
+    monkeypatch.setattr(time, "time", real_time)
+    seconds, micros = r.time()
+    assert abs(float(r.hget(keys.job, "sent_at")) - (seconds + micros / 1e6)) < 5
+    r.hset(keys.job, "state", "submitting")  # its submitter is still at work, storing the last chunk
+    with pytest.raises(DeadlineExceededError):  # not FailedPreconditionError: it is not stalled
+        client.wait("skew", timeout=0.2, poll_s=0.05)
+    sweeper = Sweeper(client.store, lambda *a: None, chunk_task_id, stall_s=60.0, interval_s=30.0)
+    assert sweeper.run_once() == [] and client.store.active() == ["skew"]  # still watched
+
+    monkeypatch.setattr(time, "time", lambda: real_time() + 300)  # now the reader's host is ahead
+    with pytest.raises(DeadlineExceededError):
+        client.wait("skew", timeout=0.2, poll_s=0.05)
+    assert sweeper.run_once() == [] and client.store.active() == ["skew"]
 
 
 def cancel_at_chunk(client: JobClient, job_id: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,16 +257,55 @@ def test_delete_removes_every_key_of_a_finished_or_cancelled_job_only(
     assert r.hlen(JobKeys("open").items) == 4  # nothing deleted
     client.cancel("open")
     assert client.delete("open").state == "cancelled"
-    assert r.keys("safety:job:{open}*") == [] and "open" not in r.lrange(ACTIVE_JOBS, 0, -1)
-    with pytest.raises(NotFoundError, match="already deleted"):
+    # only the tombstone is left, which reserves the id
+    assert r.keys("safety:job:{open}*") == [JobKeys("open").deleted]
+    assert "open" not in r.lrange(ACTIVE_JOBS, 0, -1)
+    with pytest.raises(NotFoundError, match="'open' not found: it was deleted"):
         client.delete("open")
 
     client.submit(make_items(2), job_id="done")
     client.store.write("done", [(i, fake_result(i), False) for i in range(2)], time.time())
-    assert (client.delete("done").state, r.keys("safety:job:{done}*")) == ("done", [])
-    assert not client.submit(make_items(3, prefix="new"), job_id="done").resumed  # the id is free again
+    assert (client.delete("done").state, r.keys("safety:job:{done}*")) == ("done", [JobKeys("done").deleted])
     with pytest.raises(InvalidInputError):
         client.delete("{bad}")
+
+
+def test_a_deleted_jobs_id_stays_reserved_so_its_leftover_work_never_hits_a_new_job(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """Delete freed the id at once: the deleted job's chunk messages, still queued after its cancel, then ran
+    against a new job of the same id (its items failed as "missing from Redis", dead letters, the new job
+    classified on the old texts)."""
+    from worker.tasks import run_chunk
+
+    client = job_client(redis_server.url, queue="q", chunk_size=2, result_ttl_s=1000)
+    r = redis_server.client()
+    client.submit(make_items(6, prefix="old"), job_id="reuse")
+    client.cancel("reuse")
+    client.delete("reuse")
+    assert len(queued_messages(redis_server, "q")) == 3  # the cancelled job's chunks are still queued
+
+    until = r"its id stays reserved until 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+    with pytest.raises(InvalidInputError, match=rf"job 'reuse' was deleted; {until} .*use a new id") as e:
+        client.submit(make_items(6, prefix="new"), job_id="reuse")
+    assert e.value.field == "job_id"
+    with pytest.raises(NotFoundError, match=rf"job 'reuse' not found: it was deleted; {until}"):
+        client.status("reuse")
+    tombstone = "safety:job:{reuse}:deleted"
+    assert 990 < r.ttl(tombstone) <= 1000  # the job's remaining TTL
+    assert r.keys("safety:job:{reuse}*") == [tombstone]  # the refused submit stored nothing
+
+    # a worker takes one of the deleted job's messages: skipped, nothing written, no dead letter
+    task = SimpleNamespace(store=client.store, settings=client.settings, classifier=None)
+    assert run_chunk(task, "reuse", 1) == {"job_id": "reuse", "chunk": 1, "action": "gone"}
+    assert r.keys("safety:job:{reuse}*") == [tombstone] and r.llen(DEAD_LETTER) == 0
+    # and a submitter of the deleted job still storing is stopped, writing nothing
+    with pytest.raises(NotFoundError, match="disappeared while it was being submitted"):
+        client.store.upload("reuse", 2, ['{"text": "old"}'], int((time.time() + 100) * 1000))
+    assert r.keys("safety:job:{reuse}*") == [tombstone]
+
+    r.delete(tombstone)  # the deleted job would have expired by now: the id is free
+    assert not client.submit(make_items(2, prefix="new"), job_id="reuse").resumed
 
 
 def test_every_key_of_a_job_has_a_ttl(redis_server: RedisServer, job_client: Client) -> None:

@@ -103,6 +103,86 @@ def test_a_job_whose_submission_stopped_leaves_the_open_list_until_it_is_resumed
     assert store.active() == ["abandoned"]
 
 
+def stop_submitting(r: Any, job: str, chunk: int) -> None:
+    """An interrupted submit: `chunk` never sent, its submitter gone for over SUBMIT_STALL_S."""
+    seconds, micros = r.time()
+    stale = repr(seconds + micros / 1e6 - SUBMIT_STALL_S - 1)
+    r.hset(JobKeys(job).job, mapping={"state": "submitting", "sent_at": stale})
+    r.srem(JobKeys(job).enqueued, chunk)
+
+
+def test_a_resumed_submit_is_watched_from_the_start(
+    redis_server: RedisServer, job_client: Callable[..., JobClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep between a resume's `mark_active` (a no-op: the id still listed) and its first upload saw the
+    old `sent_at` and dropped the job from the open list while its chunks were being queued."""
+    client = job_client(redis_server.url, queue=QUEUE, chunk_size=2)
+    items = make_items(6)
+    client.submit(items, job_id="resumed")
+    store, r = JobStore(redis_server.client()), redis_server.client()
+    stop_submitting(r, "resumed", 2)
+    enqueued, during = JobStore.enqueued, []
+
+    def sweep_first(self: JobStore, job_id: str) -> set[int]:  # _enqueue's first call, before any upload
+        sweep(store, lambda *a: None, now=store.server_time(), stall_s=60.0, task_id=chunk_task_id)
+        during.append(store.active())
+        return enqueued(self, job_id)
+
+    monkeypatch.setattr(JobStore, "enqueued", sweep_first)
+    resumed = client.submit(items, job_id="resumed")
+    assert (resumed.resumed, resumed.sent, resumed.status.state) == (True, 1, "queued")
+    assert during == [["resumed"]] and store.active() == ["resumed"]
+
+
+def test_a_submit_that_paused_past_the_stall_limit_is_watched_again_once_it_goes_on(
+    redis_server: RedisServer, job_client: Callable[..., JobClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live submitter paused over SUBMIT_STALL_S (Ctrl-Z, a sleeping laptop) was dropped from the open list
+    and never put back after it went on and sealed the job."""
+    client = job_client(redis_server.url, queue=QUEUE, chunk_size=2)
+    store = JobStore(redis_server.client())
+    upload = JobStore.upload
+
+    def pause_at_chunk_2(self: JobStore, job: str, first: int, items: Any, expire_at_ms: int) -> bool:
+        if first == 4:  # a sweep round 121 s into the pause
+            later = store.server_time() + SUBMIT_STALL_S + 1
+            sweep(store, lambda *a: None, now=later, stall_s=60.0, task_id=chunk_task_id)
+            assert store.active() == []
+        return upload(self, job, first, items, expire_at_ms)
+
+    monkeypatch.setattr(JobStore, "upload", pause_at_chunk_2)
+    submitted = client.submit(make_items(6), job_id="paused")
+    assert (submitted.sent, submitted.status.state) == (3, "queued")
+    assert store.active() == ["paused"]
+
+
+def test_a_job_submitted_again_while_the_sweeper_drops_it_stays_watched(
+    redis_server: RedisServer, job_client: Callable[..., JobClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweeper read a stopped (or expired) job, then a submit resumed (or recreated) it and found the id
+    still listed, then the sweeper removed the id: the running job was off the open list for good."""
+    client = job_client(redis_server.url, queue=QUEUE, chunk_size=2)
+    items = make_items(6)
+    store, r = JobStore(redis_server.client()), redis_server.client()
+    client.submit(items, job_id="stopped")
+    stop_submitting(r, "stopped", 2)
+    client.submit(items, job_id="expired")
+    r.delete(*JobKeys("expired").all())
+    forget = JobStore.forget_active
+
+    def submit_first(self: JobStore, job_id: str) -> None:  # the submit lands between the read and the LREM
+        if job_id == "stopped":
+            r.hset(JobKeys(job_id).job, "sent_at", repr(store.server_time()))  # its resume's progress
+        else:
+            client.store.create(job_id, {"state": "submitting", "sent_at": "0", "ttl_s": 100, "digest": "d"})
+        client.store.mark_active(job_id)  # a no-op: the id is still listed
+        forget(self, job_id)
+
+    monkeypatch.setattr(JobStore, "forget_active", submit_first)
+    sweep(store, lambda *a: None, now=store.server_time(), stall_s=60.0, task_id=chunk_task_id)
+    assert store.active() == ["expired", "stopped"]
+
+
 def test_one_sweeper_at_a_time(redis_server: RedisServer, job_client: Callable[..., JobClient]) -> None:
     client = job_client(redis_server.url, queue=QUEUE, chunk_size=2)
     job = client.submit(make_items(4), job_id="locked").status.job_id
