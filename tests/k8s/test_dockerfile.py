@@ -180,3 +180,12 @@ def test_the_cuda_runtime_image_can_build_triton_launchers() -> None:
     assert ("ARG", "TORCH_VARIANT") in runtime, "the runtime stage must see the variant"
     assert 'if [ "${TORCH_VARIANT}" != cpu ]' in run and "gcc" in run and "libc6-dev" in run
     assert "python3-dev" in run  # Python.h on a CUDA (Ubuntu) base; the python images have it
+
+
+def test_the_runtime_image_caps_glibc_malloc_arenas() -> None:
+    """Measured (docs/benchmarks.md): two arenas keep large requests' memory from lingering in per-thread
+    arenas at no throughput cost; the runtime stage's ENV sets it for serve and worker alike."""
+    steps = instructions()
+    runtime = steps[max(i for i, (word, _) in enumerate(steps) if word == "FROM") :]
+    env = " ".join(rest for word, rest in runtime if word == "ENV")
+    assert re.search(r"(^|\s)MALLOC_ARENA_MAX=2(\s|$)", env), env
