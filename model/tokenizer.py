@@ -95,11 +95,14 @@ class Tokens:
 class TextTokenizer:
     """Thread-safe wrapper: `encode_batch` runs in Rust threads and releases the GIL."""
 
-    def __init__(self, tok: Tokenizer, source: str = "<tokenizer>") -> None:
+    def __init__(
+        self, tok: Tokenizer, source: str = "<tokenizer>", hf_config: dict[str, Any] | None = None
+    ) -> None:
         tok.no_truncation()
         tok.no_padding()
         self.tok = tok
         self.source = source
+        self.hf_config = hf_config or {}  # the tokenizer config applied over tokenizer.json (`from_file`)
         self.template = read_template(tok)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
@@ -114,8 +117,7 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
             raise CheckpointError(f"{path}: not a valid tokenizers file ({e})") from None
-        apply_hf_tokenizer_files(tok, path.parent)
-        return cls(tok, str(path))
+        return cls(tok, str(path), apply_hf_tokenizer_files(tok, path.parent))
 
     def encode_batch(self, texts: Sequence[str]) -> list[Tokens]:
         """Content ids (and spans on demand) per text, without special tokens."""
@@ -141,7 +143,7 @@ STANDARD_SPECIALS = (
 )
 
 
-def apply_hf_tokenizer_files(tok: Tokenizer, directory: Path) -> None:
+def apply_hf_tokenizer_files(tok: Tokenizer, directory: Path) -> dict[str, Any]:
     """What transformers' fast tokenizer applies over tokenizer.json from the tokenizer_config.json beside it
     (and from special_tokens_map.json, when the former has no `added_tokens_decoder`; the former wins a key
     both set), so our ids stay HF's. Added in this order: the tokens of `added_tokens_decoder` whose content
@@ -149,7 +151,7 @@ def apply_hf_tokenizer_files(tok: Tokenizer, directory: Path) -> None:
     special whatever it says); then the named special tokens (`cls_token`, `image_token`, ...) and the
     `additional_special_tokens`/`extra_special_tokens` that are not added tokens yet. A token already in the
     vocabulary keeps its id and takes the new flags, a new one gets the next id. `split_special_tokens: true`
-    makes typed special tokens plain text."""
+    makes typed special tokens plain text. Returns the config it applied (`read_tokenizer_config`)."""
     config = read_tokenizer_config(directory)
     where = str(directory / "tokenizer_config.json")
     keys = [*STANDARD_SPECIALS, *(k for k in config if k.endswith("_token") and k not in STANDARD_SPECIALS)]
@@ -193,6 +195,7 @@ def apply_hf_tokenizer_files(tok: Tokenizer, directory: Path) -> None:
         tok.add_tokens(new)
     if config.get("split_special_tokens"):
         tok.encode_special_tokens = True
+    return config
 
 
 def read_tokenizer_config(directory: Path) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from model.modernbert import (
 from model.packing import Packed, pack
 from model.planner import plan_batches
 from model.runner import resolve_device
-from model.tokenizer import TextTokenizer, read_tokenizer_config, special_token_settings, train_tokenizer
+from model.tokenizer import TextTokenizer, special_token_settings, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -615,7 +615,7 @@ def train_command(args: argparse.Namespace) -> int:
         tok_json = (src / "tokenizer.json").read_text(encoding="utf-8")
         # what the init's tokenizer config applied over its tokenizer.json is baked into ours; its special
         # token names and split_special_tokens (not kept by a saved tokenizer.json) go into our config
-        init_config = read_tokenizer_config(src)
+        init_config = tokenizer.hf_config
         if init_config:
             tok_json = tokenizer.tok.to_str(pretty=True)
         specials = special_token_settings(init_config)

@@ -23,9 +23,8 @@ in-flight calls within --drain-grace-s, exit 0 (calls still in flight then are c
 second SIGTERM/SIGINT stops at once). Batch-job RPCs (SubmitJob, GetJob, StreamJobResults,
 CancelJob, DeleteJob) use SAFETY_REDIS_URL, SAFETY_QUEUE, SAFETY_CHUNK_SIZE and SAFETY_RESULT_TTL_S, as the
 workers do (docs/jobs.md). gRPC core's own (plain-text) log lines: GRPC_VERBOSITY, ERROR unless it is set.
-TLS:
-certificate, key and client CA (--tls-client-ca: mutual TLS) are re-read when their files change; SIGHUP only
-logs that and re-checks them.
+TLS: certificate, key and client CA (--tls-client-ca: mutual TLS) are re-read when their files change;
+SIGHUP only logs that and re-checks them.
 """
 
 
@@ -92,7 +91,9 @@ def remote_classify(
             cert=client_cert, key=client_key,
         )  # fmt: skip
     except InvalidInputError as e:  # an unreadable PEM file: named by its flag
-        flag = {"ca": "--ca", "cert": "--client-cert", "key": "--client-key"}[e.field or ""]
+        flag = {"ca": "--ca", "cert": "--client-cert", "key": "--client-key"}.get(e.field)
+        if flag is None:
+            raise
         raise InvalidInputError(e.reason, field=flag) from None
     try:
         with client:

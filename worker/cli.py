@@ -270,13 +270,13 @@ def _source(path: str) -> str:
 
 def read_items(path: str) -> tuple[list[Any], list[int]]:
     """Items of a JSONL file and the line number of each (blank lines are skipped, not items)."""
-    # utf-8-sig: a byte order mark (Windows editors write one) is not part of the first line
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8-sig")  # noqa: SIM115
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
     items, lines = [], []
     with stream:
         for number, line in enumerate(stream, 1):
             if number == 1:
-                line = line.removeprefix("\ufeff")  # stdin is not opened here
+                # a byte order mark (Windows editors write one) is not part of the first line
+                line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             try:

@@ -176,7 +176,7 @@ class JobClient:
         record = {
             "state": "submitting", "total": len(lines), "done": 0, "failed": 0, "chunk_size": s.chunk_size,
             "chunks": math.ceil(len(lines) / s.chunk_size), "ttl_s": s.result_ttl_s, "created": repr(now),
-            "updated": repr(now), "sent_at": repr(now), "digest": digest, "queue": s.queue,
+            "updated": repr(now), "digest": digest, "queue": s.queue,
         }  # fmt: skip
         with self._reachable():
             existing = self.store.create(job_id, record)

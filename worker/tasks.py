@@ -225,7 +225,7 @@ def classify_lines(
             if e.index is None or not 0 <= e.index < len(pending):
                 raise
             index, item = pending.pop(e.index)
-            reason = f"items[{index}]{'.' + e.field if e.field else ''}: {e.reason}"
+            reason = str(InvalidInputError(e.reason, field=e.field, index=index))  # the job's index
             lines.append((index, failed_line(index, item["id"], reason), True))
             continue
         lines += [(i, result_line(i, r.to_dict()), False) for (i, _), r in zip(pending, results, strict=True)]
