@@ -12,6 +12,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,46 @@ def safety_command() -> list[str]:
 def read_lines(stream: Any, sink: queue.Queue[str]) -> None:
     for line in stream:
         sink.put(line)
+
+
+@dataclass
+class Served:
+    """A `safety serve` process, the lines of its stderr (read in a thread) and the records seen so far."""
+
+    proc: subprocess.Popen
+    lines: queue.Queue[str]
+    reader: threading.Thread
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    def log(self, msg: str, timeout: float = 60) -> dict[str, Any]:
+        return wait_for_log(self.lines, msg, self.seen, timeout)
+
+    def stop(self) -> None:
+        """SIGTERM: exit 0 and a `stopped` line."""
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=30) == 0
+        self.log("stopped", timeout=5)
+
+
+@contextmanager
+def serve_process(args: list[str], env: dict[str, str]) -> Iterator[Served]:
+    """`safety serve ARGS`, killed on the way out if a failed test left it running."""
+    proc = subprocess.Popen(
+        [*safety_command(), "serve", *args],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=read_lines, args=(proc.stderr, lines), daemon=True)
+    reader.start()
+    try:
+        yield Served(proc, lines, reader)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def wait_for_log(
@@ -51,17 +94,10 @@ def wait_for_log(
 @pytest.mark.slow
 def test_serve_classify_remote_and_sigterm(tiny_model_dir: Path) -> None:
     env = {**os.environ, "SAFETY_LOG_FORMAT": "json", "SAFETY_METRICS_ADDRESS": "off", "SAFETY_DEVICE": "cpu"}
-    proc = subprocess.Popen(
-        [*safety_command(), "serve", "--model", str(tiny_model_dir), "--address", "127.0.0.1:0",
-         "--drain-grace-s", "5"],
-        env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=read_lines, args=(proc.stderr, lines), daemon=True).start()
-    seen: list[dict[str, Any]] = []
-    try:
-        port = wait_for_log(lines, "listening", seen, timeout=60)["port"]
-        wait_for_log(lines, "serving", seen, timeout=60)
+    args = ["--model", str(tiny_model_dir), "--address", "127.0.0.1:0", "--drain-grace-s", "5"]
+    with serve_process(args, env) as served:
+        port = served.log("listening")["port"]
+        served.log("serving")
         out = subprocess.run(
             [*safety_command(), "classify", "--remote", f"127.0.0.1:{port}", "How do I bake bread?",
              "--threshold", "hate=0.99"],
@@ -80,14 +116,7 @@ def test_serve_classify_remote_and_sigterm(tiny_model_dir: Path) -> None:
             "spans",
         }
         assert "hate" in result["scores"] and "hate" not in result["flagged_labels"]
-
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        wait_for_log(lines, "stopped", seen, timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        served.stop()
 
 
 def test_attention_setting_reaches_the_engine(tiny_model_dir: Path) -> None:
@@ -177,30 +206,19 @@ def test_grpc_cores_own_log_lines_stay_out_of_the_json_log(tiny_model_dir: Path,
     )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
     env.update(SAFETY_LOG_FORMAT="json", SAFETY_METRICS_ADDRESS="off", SAFETY_DEVICE="cpu")
-    proc = subprocess.Popen(
-        [*safety_command(), "serve", "--model", str(tiny_model_dir), "--address", "127.0.0.1:0",
-         "--tls-cert", str(cert), "--tls-key", str(key), "--drain-grace-s", "1"],
-        env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=read_lines, args=(proc.stderr, lines), daemon=True)
-    reader.start()
-    seen: list[dict[str, Any]] = []
-    try:
-        serving = wait_for_log(lines, "serving", seen, timeout=60)
+    args = ["--model", str(tiny_model_dir), "--address", "127.0.0.1:0", "--tls-cert", str(cert),
+            "--tls-key", str(key), "--drain-grace-s", "1"]  # fmt: skip
+    with serve_process(args, env) as served:
+        serving = served.log("serving")
         assert serving["tls"] is True and serving["auth"] == "off"
-        port = next(r["port"] for r in seen if r.get("msg") == "listening")
+        port = next(r["port"] for r in served.seen if r.get("msg") == "listening")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as err:
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the server refused the handshake
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        wait_for_log(lines, "stopped", seen, timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(10)  # the process has exited: its stderr is at its end
-    rest = [lines.get() for _ in range(lines.qsize())]
-    plain = [r["raw"] for r in seen if "raw" in r] + [line for line in rest if not line.startswith("{")]
+        served.stop()
+    served.reader.join(10)  # the process has exited: its stderr is at its end
+    rest = [served.lines.get() for _ in range(served.lines.qsize())]
+    plain = [r["raw"] for r in served.seen if "raw" in r] + [
+        line for line in rest if not line.startswith("{")
+    ]
     assert not plain, f"lines that are not JSON: {plain}"
