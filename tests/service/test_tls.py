@@ -113,3 +113,28 @@ def test_classify_remote_with_a_client_certificate(start_server: Any, pki: dict[
         [*base, "--tls", "hello"], capture_output=True, text=True, timeout=120, check=False
     )
     assert refused.returncode != 0 and "UNAVAILABLE" in refused.stderr
+
+
+def test_a_rotated_client_ca_is_trusted_instead_of_the_old_one(
+    start_server: Any, pki: dict[str, Pair], tmp_path: Path
+) -> None:
+    """SAFETY_TLS_CLIENT_CA replaced by another CA (a renamed file, as a Secret update does): from the next
+    handshake on, clients with a certificate from the new CA are accepted and those of the old one refused,
+    without a restart."""
+    client_ca = tmp_path / "client-ca.pem"
+    shutil.copy(pki["ca"][0], client_ca)
+    cert, key = pki["server"]
+    app = start_server(tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(client_ca))
+    server_ca = pki["ca"][0]  # the server's own certificate does not change
+    old_client, new_client = pki["client"], pki["intruder"]  # signed by "ca", by "foreign-ca"
+    assert speaks_http2(app.port, server_ca, old_client)
+    assert not speaks_http2(app.port, server_ca, new_client)
+
+    staged = tmp_path / "staged.pem"
+    shutil.copy(pki["foreign"][0], staged)
+    os.replace(staged, client_ca)
+    wait_until(lambda: speaks_http2(app.port, server_ca, new_client), what="the new CA's client accepted")
+    assert not speaks_http2(app.port, server_ca, old_client)
+    assert not speaks_http2(app.port, server_ca)
+    assert classify_code(app.port, pki, new_client) == grpc.StatusCode.OK
+    assert classify_code(app.port, pki, old_client) == grpc.StatusCode.UNAVAILABLE
