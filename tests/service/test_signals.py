@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -51,27 +52,40 @@ def records() -> Iterator[Records]:
     root.handlers[:], root.level = saved
 
 
-def serving(port: int) -> bool:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+def health_status(port: int, ca: Path | None = None) -> Any:
+    """The server's grpc.health.v1 status (over TLS trusting `ca` when given); None if it does not answer."""
+    if ca is None:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    else:
+        channel = grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(ca.read_bytes()))
+    with channel:
         try:
             check = health_pb2_grpc.HealthStub(channel).Check
-            return check(health_pb2.HealthCheckRequest(), timeout=1).status == SERVING
+            return check(health_pb2.HealthCheckRequest(), timeout=1).status
         except grpc.RpcError:
-            return False
+            return None
 
 
-def run_serve(classifier: Any, grace: float, client: Callable[[int], None]) -> int:
-    """serve() on a free port in this (the main) thread, `client(port)` in another once SERVING; serve's
-    exit code."""
+def serving(port: int) -> bool:
+    return health_status(port) == SERVING
+
+
+def run_serve(
+    classifier: Any,
+    grace: float,
+    client: Callable[[int], None],
+    ready: Callable[[int], bool] = serving,
+    **settings: Any,
+) -> int:
+    """serve() on a free port in this (the main) thread, `client(port)` in another once `ready(port)`
+    (default: SERVING over plaintext); serve's exit code. `settings`: more ServeSettings fields (TLS)."""
     port = free_port()
-    settings = ServeSettings(
-        address=f"127.0.0.1:{port}", metrics_address=None, drain_grace_s=grace, log_format="text"
-    )
+    values = {"metrics_address": None, "drain_grace_s": grace, "log_format": "text", **settings}
     failure: list[BaseException] = []
 
     def drive() -> None:
         try:
-            wait_until(lambda: serving(port), timeout=30, what="SERVING")
+            wait_until(lambda: ready(port), timeout=30, what="SERVING")
             client(port)
         except BaseException as e:
             failure.append(e)
@@ -79,10 +93,13 @@ def run_serve(classifier: Any, grace: float, client: Callable[[int], None]) -> i
 
     thread = threading.Thread(target=drive)
     thread.start()
-    try:
-        code = asyncio.run(serve(settings, classifier))
-    finally:
-        thread.join(30)
+    with asyncio.Runner() as runner:
+        try:
+            code = runner.run(serve(ServeSettings(address=f"127.0.0.1:{port}", **values), classifier))
+        finally:
+            # Before the loop closes: until then serve()'s signal handlers stay installed, so a signal the
+            # client sends after serve() returned (a test failing) is ignored instead of killing pytest.
+            thread.join(30)
     if failure:
         raise failure[0]
     return code
