@@ -18,13 +18,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service import watch
+from service.client import SafetyClient
 from service.server import serve
 from service.settings import ServeSettings
 from service.stubs import pb2_grpc
 from tests.service.helpers import request, wait_until
+from tests.service.pki import make_ca, make_leaf, served_serial
 from tests.worker.harness import free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Records(logging.Handler):
@@ -39,6 +43,10 @@ class Records(logging.Handler):
 
     def find(self, text: str) -> logging.LogRecord | None:
         return next((r for r in self.records if text in r.getMessage()), None)
+
+    def index(self, text: str) -> int:
+        """Position of the first record whose message contains `text` (-1: none)."""
+        return next((i for i, r in enumerate(self.records) if text in r.getMessage()), -1)
 
 
 @pytest.fixture
@@ -185,3 +193,105 @@ def test_a_second_signal_stops_the_drain_at_once(
     assert seen["code"] == grpc.StatusCode.UNAVAILABLE and seen["seconds"] < 15  # not the 30 s grace
     assert records.find("second signal: stopping at once") is not None
     assert records.find("stopping at once (second signal): cutting 1 calls") is not None
+
+
+def test_sighup_re_reads_tls_files_the_watch_cannot_tell_changed(
+    tiny_classifier: Any, records: Records, tmp_path: Path
+) -> None:
+    """The TLS files are watched by modification time, size and inode (service/watch.py). A new certificate
+    and key written into the same files, at the same sizes, with their old modification times put back, go
+    unnoticed by the watch; SIGHUP re-reads them at once, and new connections get the new certificate."""
+    ca = make_ca(tmp_path, "ca")
+    old, new = make_leaf(tmp_path, "old", ca, serial=1001), make_leaf(tmp_path, "new", ca, serial=2002)
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    rotated: dict[Path, bytes] = {}
+    for path, before, after in ((cert, old[0], new[0]), (key, old[1], new[1])):
+        pems = before.read_bytes(), after.read_bytes()
+        size = max(map(len, pems))  # PEM readers skip the blank lines that pad the shorter one
+        path.write_bytes(pems[0].ljust(size, b"\n"))
+        rotated[path] = pems[1].ljust(size, b"\n")
+
+    def client(port: int) -> None:
+        assert served_serial(port, ca[0]) == 1001
+        signature = watch.signature(str(cert), str(key))
+        for path, pem in rotated.items():
+            stat = path.stat()
+            with path.open("r+b") as f:  # in place: the same inode
+                f.write(pem)
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert watch.signature(str(cert), str(key)) == signature, "the watch would see this rotation"
+        assert served_serial(port, ca[0]) == 1001  # unnoticed until SIGHUP
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: records.find("TLS files re-read") is not None, what="the TLS files re-read")
+        assert served_serial(port, ca[0]) == 2002
+        with SafetyClient(f"localhost:{port}", ca=ca[0], timeout=10) as c:
+            assert c.classify(["over the new certificate"])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def ready(port: int) -> bool:
+        return health_status(port, ca[0]) == SERVING
+
+    code = run_serve(tiny_classifier, 5.0, client, ready, tls_cert=str(cert), tls_key=str(key))
+    assert code == 0
+    assert records.index("SIGHUP") < records.index("TLS files re-read")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_the_first_signal_after_a_device_failure_lets_its_drain_finish(
+    tiny_classifier: Any, monkeypatch: pytest.MonkeyPatch, records: Records, sig: signal.Signals
+) -> None:
+    """A sticky CUDA error (simulated: no GPU here) makes serve() go NOT_SERVING and drain on its own. A
+    SIGTERM/SIGINT during that drain is the first signal, not a second one: logged, it leaves the drain to
+    finish the calls in flight (none is cut), and serve() exits 1 because the device failed."""
+    tokenizing, release, encode = threading.Event(), threading.Event(), tiny_classifier.encode
+
+    def held_encode(items: Any) -> Any:  # a call in flight during the drain: held while being tokenized
+        if any(item.text == "held" for item in items):
+            tokenizing.set()
+            release.wait(30)
+        return encode(items)
+
+    def broken(sequences: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(tiny_classifier, "encode", held_encode)
+    monkeypatch.setattr(tiny_classifier, "launch", broken)
+    seen: dict[str, Any] = {}
+
+    def client(port: int) -> None:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb2_grpc.SafetyClassifierStub(channel)
+                held = stub.Classify.future(request("held"), timeout=60)
+                assert tokenizing.wait(10), "the held call never reached the tokenizer"
+                with pytest.raises(grpc.RpcError) as failed:
+                    stub.Classify(request("breaks the device"), timeout=10)
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "the device failed" in failed.value.details()
+                drain = "the device failed: NOT_SERVING, draining, exiting 1"
+                wait_until(lambda: records.find(drain) is not None, what="the drain after the device failed")
+                os.kill(os.getpid(), sig)
+                wait_until(lambda: records.find("signal received") is not None, what="the signal logged")
+                assert not held.done()  # the signal cut nothing: the drain still waits for it
+                wait_until(lambda: health_status(port) == NOT_SERVING, what="NOT_SERVING while draining")
+                release.set()
+                try:
+                    held.result(30)
+                    seen["held"] = grpc.StatusCode.OK, ""
+                except grpc.RpcError as e:
+                    seen["held"] = e.code(), e.details()
+        finally:
+            release.set()
+
+    assert run_serve(tiny_classifier, 30.0, client) == 1
+    # the held call was not cut: tokenized, it was refused because a failed device admits nothing more
+    code, details = seen["held"]
+    assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details, details
+    failure = records.find("the device failed: NOT_SERVING, draining, exiting 1")
+    assert failure is not None and failure.levelno == logging.CRITICAL
+    assert records.find("the device failed for good: RuntimeError") is not None  # the scheduler's
+    first = records.find("signal received")
+    assert first is not None and first.getMessage() == "signal received while draining"
+    assert records.index("the device failed: NOT_SERVING") < records.index("signal received while draining")
+    assert records.find("second signal") is None and records.find("cutting") is None
+    assert records.find("stopped with") is None and records.find("stopped") is not None
