@@ -254,7 +254,7 @@ class Scheduler:
             )
         with self._cond:
             if not self._accepting:
-                raise UnavailableError("server is shutting down; retry on another replica")
+                raise self._refusal()
             tokens = self._queued_tokens + self._reserved_tokens  # queued, and on their way to the queue
             items_over = self._queued_items + n - self.max_queue_items
             if items_over > 0 or tokens >= self.max_queue_tokens:
@@ -310,7 +310,7 @@ class Scheduler:
             if stop.is_set():
                 raise _Stopped
             if self._closing:
-                raise UnavailableError("server is shutting down; retry on another replica")
+                raise self._refusal()
             piece = self.clf.encode(items[start:end])
             out += piece
             tokens += sum(len(w) for e in piece for w in e.windows)
@@ -334,7 +334,7 @@ class Scheduler:
             raise DeadlineExceededError("deadline passed during tokenization")
         with self._cond:
             if not self._accepting:
-                raise UnavailableError("server is shutting down; retry on another replica")
+                raise self._refusal()
             over = self._queued_tokens + tokens - self.max_queue_tokens
             if over > 0:
                 raise OverloadedError(
@@ -574,13 +574,10 @@ class Scheduler:
     def _device_failed(self, exc: BaseException, batch: list[_Window]) -> None:
         """The device is broken for this process: fail the batch and everything queued with UnavailableError
         (retry elsewhere), admit nothing more, and tell the owner once (it takes the replica out)."""
-        unavailable = UnavailableError(
-            f"the device failed ({type(exc).__name__}: {str(exc)[:200]}); this replica is restarting, retry "
-            "on another"
-        )
         with self._cond:
             first = self.device_error is None
             self.device_error = exc
+            unavailable = self._refusal()
             self._accepting = False
             self._fail_locked(
                 {w.req for w in batch} | {w.req for w in self._pending}, unavailable, "device_failed"
@@ -589,6 +586,17 @@ class Scheduler:
             log.critical("the device failed for good: %s: %s", type(exc).__name__, exc)
             if self.on_device_failure is not None:
                 self.on_device_failure(exc)
+
+    def _refusal(self) -> UnavailableError:
+        """Why a call is refused or failed once the server stops admitting: the device that failed for good,
+        if it did (the caller learns the replica is restarting), else the shutdown."""
+        exc = self.device_error
+        if exc is None:
+            return UnavailableError("server is shutting down; retry on another replica")
+        return UnavailableError(
+            f"the device failed ({type(exc).__name__}: {str(exc)[:200]}); this replica is restarting, retry "
+            "on another"
+        )
 
     # ---- control --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -619,9 +627,7 @@ class Scheduler:
             self._accepting = False
             self._closing = True
             gone = {w.req for w in self._pending} | {w.req for w in self._slot or []}
-            self._fail_locked(
-                gone, UnavailableError("server is shutting down; retry on another replica"), "shutdown"
-            )
+            self._fail_locked(gone, self._refusal(), "shutdown")
             self._cond.notify_all()
         self._in_flight.release()  # a runner waiting for a device slot sees `_closing`
         for t in self._threads:

@@ -284,9 +284,11 @@ def test_the_first_signal_after_a_device_failure_lets_its_drain_finish(
             release.set()
 
     assert run_serve(tiny_classifier, 30.0, client) == 1
-    # the held call was not cut: tokenized, it was refused because a failed device admits nothing more
+    # the held call was not cut: tokenized, it was refused because a failed device admits nothing more, and
+    # the refusal says so (not a plain "shutting down": the replica is restarting, not being rolled)
     code, details = seen["held"]
-    assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details, details
+    assert code == grpc.StatusCode.UNAVAILABLE, details
+    assert "the device failed (RuntimeError: CUDA error" in details and "restarting" in details, details
     failure = records.find("the device failed: NOT_SERVING, draining, exiting 1")
     assert failure is not None and failure.levelno == logging.CRITICAL
     assert records.find("the device failed for good: RuntimeError") is not None  # the scheduler's
