@@ -75,11 +75,24 @@ def chunk_task_id(job_id: str, chunk: int) -> str:
     return f"{job_id}.{chunk}"
 
 
-def send_chunk(app: Celery, job_id: str, chunk: int, queue: str, producer: Producer | None = None) -> None:
-    """Publish one chunk task (JSON, to the job's queue, retrying the publish on connection errors)."""
+def send_chunk(
+    app: Celery,
+    job_id: str,
+    chunk: int,
+    queue: str,
+    producer: Producer | None = None,
+    nonce: str | None = None,
+) -> None:
+    """Publish one chunk task (JSON, to the job's queue, retrying the publish on connection errors).
+
+    Its args are `[job_id, chunk, nonce]`, the job record's nonce (`worker.store`), so that the worker tells
+    this job from any other that had or will have its id; `[job_id, chunk]` for a record without a nonce
+    (created by the previous release), as that release sent them. A worker of the previous release takes
+    only two args (it fails a three-arg message, and acknowledges it): upgrade the workers before the
+    submitters (docs/jobs.md)."""
     app.send_task(
         TASK_NAME,
-        args=[job_id, chunk],
+        args=[job_id, chunk, nonce] if nonce else [job_id, chunk],
         task_id=chunk_task_id(job_id, chunk),
         queue=queue,
         producer=producer,

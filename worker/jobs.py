@@ -42,7 +42,7 @@ from model.items import item_id
 from worker.app import create_app, send_chunk
 from worker.items import normalize_items
 from worker.settings import WorkerSettings, env_name
-from worker.store import FINISHED, JobStore, check_job_id, failed_line
+from worker.store import FINISHED, JobStore, check_job_id, failed_line, new_nonce
 
 CANCELLED = "cancelled: the job was cancelled before this item was classified"
 # Errors Redis answers while a connection is set up (SELECT of the URL's DB, AUTH): SAFETY_REDIS_URL is wrong.
@@ -176,7 +176,7 @@ class JobClient:
         record = {
             "state": "submitting", "total": len(lines), "done": 0, "failed": 0, "chunk_size": s.chunk_size,
             "chunks": math.ceil(len(lines) / s.chunk_size), "ttl_s": s.result_ttl_s, "created": repr(now),
-            "updated": repr(now), "digest": digest, "queue": s.queue,
+            "updated": repr(now), "digest": digest, "queue": s.queue, "nonce": new_nonce(),
         }  # fmt: skip
         with self._reachable():
             existing = self.store.create(job_id, record)
@@ -190,7 +190,8 @@ class JobClient:
                 stored = self.store.resume(job_id) or record  # notes the progress of a `submitting` job
                 if stored["state"] in FINISHED:
                     return Submitted(JobStatus.from_record(job_id, stored), resumed=True, sent=0)
-                record = {**record, **stored}
+                # the job's own nonce goes into its messages: none for a job the previous release created
+                record = {**record, "nonce": "", **stored}
             self.store.mark_active(job_id)  # the lost-chunk sweeper watches it from now on
             sent = self._enqueue(job_id, lines, record)
             if self.store.seal(job_id) in ("queued", "running"):
@@ -214,7 +215,7 @@ class JobClient:
                 first = chunk * size
                 if not self.store.upload(job_id, first, lines[first : first + size], expire_at_ms):
                     break  # cancelled while it was being submitted: stop storing and sending
-                send_chunk(self.app, job_id, chunk, record["queue"], producer)
+                send_chunk(self.app, job_id, chunk, record["queue"], producer, record["nonce"])
                 sent += 1  # a worker skips the chunk of a job cancelled in the meantime
                 if not self.store.mark_enqueued(job_id, chunk, expire_at_ms):
                     break

@@ -6,9 +6,11 @@ for good: no visibility timeout brings it back (celery/kombu#305), and its job w
 Every `safety worker` runs a `Sweeper` thread in its main process. Each round, under a Redis lock (one
 sweeper at a time across workers), it looks at the open jobs (`safety:jobs:open`); a job that has made
 no progress for `stall_s` and still has enqueued chunks without all their results gets its broker checked:
-a chunk whose message is neither in the queue's lists nor in the unacknowledged hash is re-sent. The chunk
-task is idempotent (the first result written per item wins), so the rare false positive — a message caught
-in that same BRPOP gap of a live worker — costs one redundant delivery, never a duplicate result.
+a chunk whose message is neither in the queue's lists nor in the unacknowledged hash is re-sent, as its
+submitter sent it: with the job record's nonce (`worker.store`; none for a record the previous release
+created), so the message acts on this job and no other of its id. The chunk task is idempotent (the first
+result written per item wins), so the rare false positive — a message caught in that same BRPOP gap of a
+live worker — costs one redundant delivery, never a duplicate result.
 Finished or expired jobs leave that list, and so does a job whose submission stopped (still `submitting`
 with nothing stored for `SUBMIT_STALL_S`, in Redis's clock) until a resumed submit puts it back; a job is
 read again after its removal and put back if a submit (re)started it meanwhile. Must not know: torch, the
@@ -23,11 +25,15 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 
 from worker.settings import WorkerSettings
 from worker.store import FINISHED, SUBMIT_STALL_S, JobStore, last_submit_progress
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 log = logging.getLogger("safety.worker.reclaim")
 
@@ -85,7 +91,7 @@ def backlog(client: redis.Redis, queues: Iterable[str]) -> int:
 
 def sweep(
     store: JobStore,
-    resend: Callable[[str, int, str], None],
+    resend: Callable[[str, int, str, str | None], None],
     *,
     now: float,
     stall_s: float,
@@ -93,9 +99,10 @@ def sweep(
     may_scan: Callable[[int], bool] = lambda backlog: True,
 ) -> list[Resent]:
     """One round: re-send the lost chunks of stalled jobs; drop finished or expired jobs from the active set.
-    `resend(job_id, chunk, queue)` publishes a chunk task; `may_scan(backlog)` can defer reading a long
+    `resend(job_id, chunk, queue, nonce)` publishes a chunk task (`nonce`: the job record's, None when it has
+    none); `may_scan(backlog)` can defer reading a long
     broker backlog (a stalled job behind it is most likely just waiting)."""
-    stalled: list[tuple[str, str, list[int]]] = []
+    stalled: list[tuple[str, str, str | None, list[int]]] = []
     for job_id in store.active():
         record = store.get(job_id)
         if record is None or record.get("state") in FINISHED:
@@ -114,13 +121,13 @@ def sweep(
         if now - last < stall_s:
             continue
         if missing := store.incomplete_chunks(job_id):
-            stalled.append((job_id, record["queue"], missing))
-    queues = {queue for _, queue, _ in stalled}
+            stalled.append((job_id, record["queue"], record.get("nonce") or None, missing))
+    queues = {queue for _, queue, _, _ in stalled}
     if not stalled or not may_scan(backlog(store.client, queues)):
         return []
     present = broker_task_ids(store.client, queues)
     resent = []
-    for job_id, queue, chunks in stalled:
+    for job_id, queue, nonce, chunks in stalled:
         for chunk in chunks:
             if task_id(job_id, chunk) not in present:
                 log.warning(
@@ -128,7 +135,7 @@ def sweep(
                     "lost it (a worker died between taking it and recording it): sent again",
                     job_id, chunk, stall_s,
                 )  # fmt: skip
-                resend(job_id, chunk, queue)
+                resend(job_id, chunk, queue, nonce)
                 resent.append(Resent(job_id, chunk))
     return resent
 
@@ -160,7 +167,7 @@ class Sweeper:
     def __init__(
         self,
         store: JobStore,
-        resend: Callable[[str, int, str], None],
+        resend: Callable[[str, int, str, str | None], None],
         task_id: Callable[[str, int], str],
         *,
         stall_s: float,
@@ -220,17 +227,26 @@ class Sweeper:
                 log.warning("lost-chunk sweep failed; retrying in %.0fs", self.interval_s, exc_info=True)
 
 
+def resender(app: Celery) -> Callable[[str, int, str, str | None], None]:
+    """The sweeper's `resend`: publish a chunk's message again through `app`, as its submitter did (the same
+    args: the job's nonce when its record has one)."""
+    from worker.app import send_chunk
+
+    def resend(job_id: str, chunk: int, queue: str, nonce: str | None) -> None:
+        with app.producer_or_acquire() as producer:
+            send_chunk(app, job_id, chunk, queue, producer, nonce)
+
+    return resend
+
+
 def start_sweeper(settings: WorkerSettings) -> Sweeper:
     """The worker's sweeper: stalled means no progress for one visibility timeout (a live chunk that takes
     longer keeps its message in the unacknowledged hash, so it is never re-sent); a round every quarter of
     it, at least every minute."""
-    from worker.app import app, chunk_task_id, send_chunk
+    from worker.app import app, chunk_task_id
     from worker.metrics import process_metrics
 
-    def resend(job_id: str, chunk: int, queue: str) -> None:
-        with app.producer_or_acquire() as producer:
-            send_chunk(app, job_id, chunk, queue, producer)
-
+    resend = resender(app)
     vt = settings.visibility_timeout_s
     metrics = process_metrics()
     store = JobStore.for_worker(settings.redis_url)

@@ -8,8 +8,8 @@ client (`worker.jobs`) and the worker (`worker.tasks`). Must not know: Celery, t
 
 Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
   safety:job:{id}           hash   the job record (state, total, done, failed, chunks, chunk_size, ttl_s,
-                                   created, started, finished, updated, sent_at, model, digest, queue, error;
-                                   sent_at in Redis's clock, the other times in their writer's)
+                                   created, started, finished, updated, sent_at, model, digest, queue, error,
+                                   nonce; sent_at in Redis's clock, the other times in their writer's)
   safety:job:{id}:items     hash   index -> item JSON (deleted when the job finishes done or failed; a
                                    cancelled job keeps it, for its `cancelled` lines, until delete or the TTL)
   safety:job:{id}:results   hash   index -> result JSON (exactly one per item)
@@ -24,12 +24,24 @@ Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
                                    lengths, keeps a worker while it is not empty); a job leaves it once the
                                    sweeper sees it finished or expired, or its submission stopped (until a
                                    resumed submit puts it back), and when it is deleted
+
+A job's generation: `nonce` (random, written once by the submit that creates the record, never changed) names
+this job among all the jobs that ever had its id. Every chunk message carries it (`worker.app.send_chunk`:
+args `[job_id, chunk, nonce]`), and every script through which a message acts on a job (start, write
+results, note an error) checks it atomically: a message whose nonce is not the record's belongs to an
+earlier job of that id (deleted after its tombstone expired, or expired and the id submitted again) and
+acts on nothing (`stale`). The tombstone alone does not cover a message that outlives the reservation (a
+long backlog), nor a job that expired. Rolling-upgrade compatibility: a message without a nonce (sent by
+the previous release) is not checked, as before; a record without one (created by the previous release) is
+resumed and re-sent with none, so its messages are not checked either; a message with a nonce is stale
+against a record without one (that record is another job's).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -68,6 +80,11 @@ def last_submit_progress(record: dict[str, str]) -> float:
     """When the submitter of a job last stored something, in Redis's clock (`JobStore.server_time`); records
     made before `sent_at`: their creation, in the submitter's clock."""
     return float(record.get("sent_at") or record.get("created") or 0)
+
+
+def new_nonce() -> str:
+    """A new job's generation nonce (its record's `nonce`, carried by its chunk messages)."""
+    return uuid.uuid4().hex
 
 
 def reserved_until(epoch_s: str | float) -> str:
@@ -136,7 +153,9 @@ end
 # record exists, {'deleted', reserved until (epoch s)} when the id belongs to a deleted job (its leftover
 # chunk messages and a still-running submitter must never act on a new job of the same id). A new record
 # starts with no items, results, attempts, errors or sent chunks: keys left by a job whose record was lost
-# (Redis restarted without persistence while it was being submitted) must not pass for this one's.
+# (Redis restarted without persistence while it was being submitted) must not pass for this one's. The
+# fields include the new job's `nonce` (`new_nonce`), so its chunk messages tell it from any other job
+# that had or will have its id.
 _CREATE = (
     _NOW_LUA
     + """
@@ -190,13 +209,23 @@ local function incomplete(results, lo, hi)
 end
 """
 
-# KEYS = JobKeys.all(); ARGV = [chunk, now].
-# -> {'gone'} | {'cancelled'} | {'complete'} | {'run', attempt, lo, hi, last_error}
+# Lua shared by the scripts through which a chunk message acts on its job: whether the message (its nonce,
+# '' for a message of the previous release, which is not checked) belongs to another job of the same id.
+_STALE_LUA = """
+local function stale(job, nonce)
+  return nonce ~= '' and redis.call('HGET', job, 'nonce') ~= nonce
+end
+"""
+
+# KEYS = JobKeys.all(); ARGV = [chunk, now, nonce]. Nothing is counted or written for a stale message.
+# -> {'gone'} | {'stale'} | {'cancelled'} | {'complete'} | {'run', attempt, lo, hi, last_error}
 _START_CHUNK = (
     _CHUNK_LUA
+    + _STALE_LUA
     + """
 local job = KEYS[1]
 if redis.call('EXISTS', job) == 0 then return {'gone'} end
+if stale(job, ARGV[3]) then return {'stale'} end
 local f = redis.call('HMGET', job, 'state', 'total', 'chunk_size')
 local state, total, size = f[1], tonumber(f[2]), tonumber(f[3])
 if state == 'cancelled' then return {'cancelled'} end
@@ -211,15 +240,19 @@ return {'run', attempt, lo, hi, redis.call('HGET', KEYS[5], ARGV[1]) or ''}
 """
 )
 
-# KEYS = JobKeys.all(); ARGV = [now, model, (index, json, failed 0|1)...]. First write of an index wins.
-# -> {state, newly written ok, newly written failed}; state 'gone' when the job no longer exists.
-_WRITE_RESULTS = """
+# KEYS = JobKeys.all(); ARGV = [now, model, nonce, (index, json, failed 0|1)...]. First write of an index
+# wins. -> {state, newly written ok, newly written failed}; state 'gone' when the job no longer exists,
+# 'stale' when the writer's message belongs to another job of that id (replaced while the chunk ran).
+_WRITE_RESULTS = (
+    _STALE_LUA
+    + """
 local job = KEYS[1]
 if redis.call('EXISTS', job) == 0 then return {'gone', 0, 0} end
+if stale(job, ARGV[3]) then return {'stale', 0, 0} end
 local state = redis.call('HGET', job, 'state')
 if state == 'cancelled' then return {'cancelled', 0, 0} end
 local ok, bad = 0, 0
-for i = 3, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) == 1 then
     if ARGV[i + 2] == '1' then bad = bad + 1 else ok = ok + 1 end
   end
@@ -247,6 +280,7 @@ if done + failed >= total and state ~= 'done' and state ~= 'failed' then
 end
 return {state, ok, bad}
 """
+)
 
 # KEYS = JobKeys.all(); ARGV = [now]. -> the state after the call, or false when the job does not exist.
 _CANCEL = """
@@ -306,14 +340,19 @@ return redis.call('HGET', KEYS[1], 'state')
 """
 
 
-# KEYS = JobKeys.all(); ARGV = [chunk, message, dead 0|1]. Never recreates a vanished job.
-_NOTE = """
+# KEYS = JobKeys.all(); ARGV = [chunk, message, dead 0|1, nonce]. Never recreates a vanished job, never
+# notes an error on another job of the same id.
+_NOTE = (
+    _STALE_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if stale(KEYS[1], ARGV[4]) then return 0 end
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[5], math.max(1, redis.call('PTTL', KEYS[1])))
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'error', 'chunk ' .. ARGV[1] .. ': ' .. ARGV[2]) end
 return 1
 """
+)
 
 
 # KEYS = [ACTIVE_JOBS]; ARGV = [job id]. Appends the id unless it is there (a resumed submit).
@@ -340,7 +379,8 @@ return out
 
 @dataclass(frozen=True)
 class ChunkStart:
-    """What a delivery of a chunk should do: `action` is run, complete (skip), cancelled or gone (skip)."""
+    """What a delivery of a chunk should do: `action` is run, or (nothing to do) complete, cancelled, gone or
+    stale (the message belongs to another job of the same id)."""
 
     action: str
     attempt: int = 0
@@ -351,7 +391,7 @@ class ChunkStart:
 
 @dataclass(frozen=True)
 class Written:
-    state: str  # the job's state after the write ('gone' when the job no longer exists)
+    state: str  # the job's state after the write ('gone': it no longer exists; 'stale': another job's now)
     ok: int  # results newly written
     failed: int  # failed-item records newly written
 
@@ -510,27 +550,40 @@ class JobStore:
         return {k: self.client.ttl(k) for k in keys}
 
     # ---- the worker's side ---------------------------------------------------------------------------------
-    def start_chunk(self, job_id: str, chunk: int, now: float) -> ChunkStart:
-        out = self._start(keys=JobKeys(job_id).all(), args=[chunk, repr(now)])
+    def start_chunk(self, job_id: str, chunk: int, now: float, nonce: str | None = None) -> ChunkStart:
+        """Count a delivery of the chunk and say what to do. `nonce`: the message's (None: a message of the
+        previous release, not checked)."""
+        out = self._start(keys=JobKeys(job_id).all(), args=[chunk, repr(now), nonce or ""])
         if out[0] != "run":
             return ChunkStart(action=out[0])
         return ChunkStart("run", attempt=int(out[1]), lo=int(out[2]), hi=int(out[3]), last_error=out[4])
 
     def write(
-        self, job_id: str, records: Sequence[tuple[int, str, bool]], now: float, model: str = ""
+        self,
+        job_id: str,
+        records: Sequence[tuple[int, str, bool]],
+        now: float,
+        model: str = "",
+        nonce: str | None = None,
     ) -> Written:
-        """Write (index, result JSON, failed?) records; indices already written keep their first result."""
-        argv: list[str] = [repr(now), model]
+        """Write (index, result JSON, failed?) records; indices already written keep their first result.
+        Nothing is written when `nonce` (the chunk message's; None: not checked) is not the job's."""
+        argv: list[str] = [repr(now), model, nonce or ""]
         for index, payload, failed in records:
             argv += [str(index), payload, "1" if failed else "0"]
         state, ok, bad = self._write(keys=JobKeys(job_id).all(), args=argv)
         return Written(state=state, ok=int(ok), failed=int(bad))
 
-    def record_error(self, job_id: str, chunk: int, message: str, *, dead: bool = False) -> None:
-        """Remember a chunk's last error (and on the job record, when `dead`), only while the job exists."""
-        self._note(keys=JobKeys(job_id).all(), args=[chunk, message, "1" if dead else "0"])
+    def record_error(
+        self, job_id: str, chunk: int, message: str, *, dead: bool = False, nonce: str | None = None
+    ) -> None:
+        """Remember a chunk's last error (and on the job record, when `dead`), only while the job exists and,
+        given the message's `nonce`, is the message's job."""
+        self._note(keys=JobKeys(job_id).all(), args=[chunk, message, "1" if dead else "0", nonce or ""])
 
-    def dead_letter(self, job_id: str, chunk: int, attempts: int, error: str, now: float) -> None:
+    def dead_letter(
+        self, job_id: str, chunk: int, attempts: int, error: str, now: float, nonce: str | None = None
+    ) -> None:
         entry = json.dumps(
             {"job_id": job_id, "chunk": chunk, "attempts": attempts, "error": error, "at": now}
         )
@@ -538,7 +591,7 @@ class JobStore:
         pipe.lpush(DEAD_LETTER, entry)
         pipe.ltrim(DEAD_LETTER, 0, DEAD_LETTER_MAX - 1)
         pipe.execute()
-        self.record_error(job_id, chunk, error, dead=True)
+        self.record_error(job_id, chunk, error, dead=True, nonce=nonce)
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         if limit <= 0:  # LRANGE 0 -1 would be the whole list

@@ -11,7 +11,10 @@ worker that cannot load its model hands the chunk back uncounted and shuts down;
 good (a sticky CUDA error) hands the chunk back (that attempt counted) and shuts down too. Each delivery's
 outcome (done, retried, dead_lettered, skipped: also a chunk whose job was cancelled or went away while it
 ran, whose results are discarded), its wall time and the items it wrote are counted in
-`worker.metrics`. Must not know: the job client's submission path, gRPC, how metrics are exported.
+`worker.metrics`. A message carries its job's nonce (`worker.store`): one that belongs to another job of the
+same id (an earlier job, deleted or expired, whose id was submitted again) is `stale` and skipped: nothing
+counted, nothing written, acknowledged. A message of the previous release has no nonce (two args) and runs
+unchecked, as it did. Must not know: the job client's submission path, gRPC, how metrics are exported.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 WORKER_LOST = "the worker process died while classifying it (a crash, an OOM kill or kill -9)"
 CHUNK_OUTCOMES = {"classified": "done", "dead-lettered": "dead_lettered"}  # other actions: skipped
+# A write's outcome that discards the chunk's results: the job was cancelled, is gone, or is another job of
+# the same id (`stale`: the message's nonce is not the record's).
+DISCARDED = {
+    "cancelled": "cancelled",
+    "gone": "deleted, expired or lost",
+    "stale": "replaced by another job of its id",
+}
 # Set by a process that stops the worker (no model, a broken device); shared memory made before the prefork
 # pool forks (the app imports this module in the parent), so the parent sees a child's failure.
 WORKER_FAILED = multiprocessing.RawValue("b", 0)
@@ -82,20 +92,21 @@ class ClassifierTask(Task):
 
 
 @app.task(bind=True, base=ClassifierTask, name=TASK_NAME)
-def classify_chunk(self: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
-    return deliver(self, job_id, chunk)
+def classify_chunk(self: ClassifierTask, job_id: str, chunk: int, nonce: str | None = None) -> dict[str, Any]:
+    """args `[job_id, chunk, nonce]`; `[job_id, chunk]` from the previous release, or for a job it created."""
+    return deliver(self, job_id, chunk, nonce)
 
 
-def deliver(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
+def deliver(task: ClassifierTask, job_id: str, chunk: int, nonce: str | None = None) -> dict[str, Any]:
     """One delivery of a chunk: run it, count its outcome in `task.metrics`, and hand the message back to the
-    queue on any error that left results unwritten."""
+    queue on any error that left results unwritten. `nonce`: the job's, from the message (None: unchecked)."""
     began = time.perf_counter()
     try:
         task.classifier  # noqa: B018 -- loaded before the delivery counts as an attempt
     except Exception as e:
         model_unavailable(task, job_id, chunk, e, began)
     try:
-        done = run_chunk(task, job_id, chunk)
+        done = run_chunk(task, job_id, chunk, nonce)
     except Reject:
         _count(task, "retried", began)
         raise
@@ -104,7 +115,7 @@ def deliver(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
         error = f"{type(e).__name__}: {e}"
         if not isinstance(e, redis.RedisError):  # a Redis blip is not the chunk's fault: keep its last error
             with contextlib.suppress(Exception):  # so a later give-up names the cause (if Redis is reachable)
-                task.store.record_error(job_id, chunk, error)
+                task.store.record_error(job_id, chunk, error, nonce=nonce)
         _count(task, "retried", began)
         raise Reject(error, requeue=True) from e
     outcome = CHUNK_OUTCOMES.get(done["action"], "skipped")
@@ -148,9 +159,13 @@ def _count(task: ClassifierTask, outcome: str, began: float, ok: int = 0, failed
         log.warning("could not count a chunk delivery (%s) in the metrics", outcome, exc_info=True)
 
 
-def run_chunk(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
+def run_chunk(task: ClassifierTask, job_id: str, chunk: int, nonce: str | None = None) -> dict[str, Any]:
     store, max_attempts = task.store, task.settings.max_attempts
-    start = store.start_chunk(job_id, chunk, time.time())
+    start = store.start_chunk(job_id, chunk, time.time(), nonce)
+    if start.action == "stale":
+        log.info("job %s chunk %d: the message belongs to an earlier job of this id (deleted or expired, the "
+                 "id submitted again); skipped", job_id, chunk)  # fmt: skip
+        return {"job_id": job_id, "chunk": chunk, "action": "stale"}
     if start.action != "run":  # complete (a redelivery after the write), cancelled, or gone (expired or lost)
         log.info("job %s chunk %d: %s, nothing to do", job_id, chunk, start.action)
         return {"job_id": job_id, "chunk": chunk, "action": start.action}
@@ -168,10 +183,10 @@ def run_chunk(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
         # brings them back; fail them now with the reason, rather than redeliver the chunk for ever
         error = "its items are missing from Redis (evicted, or lost in a restart); submit the job again"
         found = [item or {} for item in items]
-        return give_up(store, job_id, chunk, start.attempt, indices, found, error)
+        return give_up(store, job_id, chunk, start.attempt, indices, found, error, nonce)
     if start.attempt > max_attempts:
         error = f"gave up after {max_attempts} attempts: {start.last_error or WORKER_LOST}"
-        return give_up(store, job_id, chunk, start.attempt - 1, indices, items, error)
+        return give_up(store, job_id, chunk, start.attempt - 1, indices, items, error, nonce)
 
     began = time.perf_counter()
     try:
@@ -182,18 +197,18 @@ def run_chunk(task: ClassifierTask, job_id: str, chunk: int) -> dict[str, Any]:
         error = f"{type(e).__name__}: {e}"
         if device_failed(e):  # every later chunk would fail here too: this process is done, the chunk is not
             stop_worker(task, f"the device failed in job {job_id} chunk {chunk}: {error}")
-        store.record_error(job_id, chunk, error)  # a give-up on a later delivery names it
+        store.record_error(job_id, chunk, error, nonce=nonce)  # a give-up on a later delivery names it
         if start.attempt >= max_attempts:
             error = f"gave up after {max_attempts} attempts: {error}"
-            return give_up(store, job_id, chunk, start.attempt, indices, items, error)
+            return give_up(store, job_id, chunk, start.attempt, indices, items, error, nonce)
         log.warning("job %s chunk %d attempt %d failed, requeued: %s", job_id, chunk, start.attempt, error)
         raise Reject(error, requeue=True) from e
     written = store.write(
-        job_id, [(i, json.dumps(line), failed) for i, line, failed in lines], time.time(), clf.name
+        job_id, [(i, json.dumps(line), failed) for i, line, failed in lines], time.time(), clf.name, nonce
     )
-    if written.state in ("cancelled", "gone"):  # cancelled, deleted or lost while it ran: nothing written
+    if written.state in DISCARDED:  # cancelled, deleted, lost or replaced while it ran: nothing written
         log.info("job %s chunk %d: the job was %s meanwhile; its results are discarded", job_id, chunk,
-                 written.state)  # fmt: skip
+                 DISCARDED[written.state])  # fmt: skip
         return {"job_id": job_id, "chunk": chunk, "action": written.state}
     log.info(
         "job %s chunk %d: %d items in %.2fs (attempt %d), job %s",
@@ -241,18 +256,25 @@ def give_up(
     indices: list[int],
     items: list[dict[str, str]],
     error: str,
+    nonce: str | None = None,
 ) -> dict[str, Any]:
     """Mark the chunk's unwritten items failed, so the rest of the job still finishes, then dead-letter it.
 
     In that order, and only when this delivery wrote them: a write that fails (Redis unreachable) hands the
     chunk back and the next delivery gives up again, and a chunk is never dead-lettered twice. (A failure
-    between the two leaves the items failed, with the reason, and no dead-letter entry; the log has it.)"""
+    between the two leaves the items failed, with the reason, and no dead-letter entry; the log has it.) A
+    job cancelled, gone or replaced by another of its id (the message's `nonce` is not its) meanwhile gets
+    nothing, and the delivery is skipped."""
     lines = [
         (i, json.dumps(failed_line(i, item_id(item.get("id"), i), error)), True)
         for i, item in zip(indices, items, strict=True)
     ]
-    written = store.write(job_id, lines, time.time())
+    written = store.write(job_id, lines, time.time(), nonce=nonce)
+    if written.state in DISCARDED:
+        log.info("job %s chunk %d: the job was %s meanwhile; nothing failed or dead-lettered", job_id, chunk,
+                 DISCARDED[written.state])  # fmt: skip
+        return {"job_id": job_id, "chunk": chunk, "action": written.state}
     if written.ok + written.failed:
         log.error("job %s chunk %d: dead-lettered: %s", job_id, chunk, error)
-        store.dead_letter(job_id, chunk, attempts, error, time.time())
+        store.dead_letter(job_id, chunk, attempts, error, time.time(), nonce)
     return {"job_id": job_id, "chunk": chunk, "action": "dead-lettered", "failed": written.failed}

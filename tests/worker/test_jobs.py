@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -374,6 +376,62 @@ def test_a_write_never_recreates_a_vanished_job(redis_server: RedisServer, job_c
     store.dead_letter("gone", 0, 3, "late", time.time())
     assert redis_server.client().keys("safety:job:*") == []
     assert json.loads(redis_server.client().lindex(DEAD_LETTER, 0))["job_id"] == "gone"
+
+
+def message_args(server: RedisServer, queue: str) -> dict[int, list[Any]]:
+    """chunk -> the args of its queued message."""
+    out = {}
+    for m in queued_messages(server, queue):
+        args = json.loads(base64.b64decode(m["body"]))[0]
+        out[args[1]] = args
+    return out
+
+
+def test_every_chunk_message_carries_its_jobs_nonce(redis_server: RedisServer, job_client: Client) -> None:
+    """A chunk message carried only (job id, chunk): nothing told one job from another that had its id."""
+    client = job_client(redis_server.url, queue="q", chunk_size=2, result_ttl_s=1000)
+    r, keys, items = redis_server.client(), JobKeys("gen"), make_items(6)
+    client.submit(items, job_id="gen")
+    nonce = r.hget(keys.job, "nonce")
+    assert re.fullmatch(r"[0-9a-f]{32}", nonce or "")
+    assert message_args(redis_server, "q") == {c: ["gen", c, nonce] for c in range(3)}
+    r.srem(keys.enqueued, 2)  # an interrupted submit: the resume sends chunk 2 with the job's own nonce
+    r.delete("q")
+    assert client.submit(items, job_id="gen").sent == 1
+    assert message_args(redis_server, "q") == {2: ["gen", 2, nonce]} and r.hget(keys.job, "nonce") == nonce
+    r.delete("q", *keys.all())  # expired: a new job of that id is another generation
+    client.submit(items, job_id="gen")
+    assert r.hget(keys.job, "nonce") not in (None, nonce)
+    assert message_args(redis_server, "q")[0] == ["gen", 0, r.hget(keys.job, "nonce")]
+
+
+def test_a_message_acts_only_on_the_job_of_its_nonce(redis_server: RedisServer, job_client: Client) -> None:
+    """Every script through which a chunk message acts on its job checks the message's nonce: another job's
+    message counts no attempt and writes no result or error. A message without a nonce (the previous
+    release's) is not checked; a record without one (the previous release's) refuses a message with one."""
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    client.submit(make_items(4), job_id="gen")
+    r, keys, store = redis_server.client(), JobKeys("gen"), client.store
+    nonce, other = r.hget(keys.job, "nonce"), "0" * 32
+    assert store.start_chunk("gen", 0, time.time(), other).action == "stale"
+    assert store.write("gen", [(0, fake_result(0), False)], time.time(), "m", other).state == "stale"
+    store.record_error("gen", 0, "not mine", nonce=other)
+    store.dead_letter("gen", 0, 3, "not mine", time.time(), other)
+    assert r.hlen(keys.attempts) == r.hlen(keys.results) == r.hlen(keys.errors) == 0
+    assert "error" not in r.hgetall(keys.job) and r.hget(keys.job, "done") == "0"
+
+    assert store.start_chunk("gen", 0, time.time(), nonce).attempt == 1  # its own
+    assert store.start_chunk("gen", 0, time.time()).attempt == 2  # none: the previous release's, unchecked
+    assert store.write("gen", [(0, fake_result(0), False)], time.time(), "m", nonce).ok == 1
+    assert store.write("gen", [(1, fake_result(1), False)], time.time(), "m").ok == 1
+    store.record_error("gen", 1, "mine", nonce=nonce)
+    assert r.hget(keys.errors, "1") == "mine"
+
+    r.hdel(keys.job, "nonce")  # a record the previous release created
+    assert store.start_chunk("gen", 1, time.time()).action == "run"
+    assert store.start_chunk("gen", 1, time.time(), nonce).action == "stale"
+    assert store.write("gen", [(2, fake_result(2), False)], time.time(), "m", nonce).state == "stale"
+    assert store.write("gen", [(2, fake_result(2), False)], time.time()).ok == 1
 
 
 def test_cancel_skips_the_rest_and_says_so_per_item(redis_server: RedisServer, job_client: Client) -> None:

@@ -4,6 +4,7 @@ sends those chunks again; everything else is left alone. Real Redis, real Celery
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import pytest
 
 from tests.worker.harness import RedisServer, Worker, assert_job_output, expected_lines, make_items, poll
 from worker import reclaim
-from worker.app import chunk_task_id, send_chunk
+from worker.app import chunk_task_id
 from worker.jobs import JobClient
 from worker.reclaim import UNACKED, Resent, Sweeper, broker_task_ids, sweep
 from worker.store import SUBMIT_STALL_S, JobKeys, JobStore
@@ -34,7 +35,7 @@ def take_message(server: RedisServer, job: str, chunk: int) -> str:
 def stalled_sweep(store: JobStore, sent: list[tuple[str, int, str]], *, later: float = 100.0) -> list[Resent]:
     return sweep(
         store,
-        lambda job, chunk, queue: sent.append((job, chunk, queue)),
+        lambda job, chunk, queue, nonce: sent.append((job, chunk, queue)),
         now=time.time() + later,
         stall_s=50.0,
         task_id=chunk_task_id,
@@ -60,11 +61,38 @@ def test_only_a_stalled_chunk_with_no_message_anywhere_is_sent_again(
     assert stalled_sweep(store, sent) == [Resent(job, 1)]
     assert sent == [(job, 1, QUEUE)]
 
-    send_chunk(client.app, job, 1, QUEUE)  # what the worker's sweeper does
+    nonce = r.hget(JobKeys(job).job, "nonce")
+    reclaim.resender(client.app)(job, 1, QUEUE, nonce)  # what the worker's sweeper does
     queued = {json.loads(raw)["headers"]["id"] for raw in r.lrange(QUEUE, 0, -1) if raw.startswith("{")}
     assert queued == {chunk_task_id(job, c) for c in (0, 1, 3)}
     assert json.loads(lost)["headers"]["id"] == chunk_task_id(job, 1)
     assert stalled_sweep(store, sent) == [] and len(sent) == 1  # its message exists again
+
+
+def message_args(raw: str) -> list[Any]:
+    return json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+
+
+def test_a_lost_chunk_is_sent_again_with_its_jobs_nonce(
+    redis_server: RedisServer, job_client: Callable[..., JobClient]
+) -> None:
+    """The sweeper sent a lost chunk again as (job id, chunk), without the nonce that ties the message to its
+    job: re-sent, it would act on any job of that id. A record without a nonce (the previous release's)
+    gets the message that release sent."""
+    client = job_client(redis_server.url, queue=QUEUE, chunk_size=2)
+    for job in ("current", "legacy"):
+        client.submit(make_items(4), job_id=job)
+    r = redis_server.client()
+    r.hdel(JobKeys("legacy").job, "nonce")  # as if created by the previous release
+    take_message(redis_server, "current", 1)
+    take_message(redis_server, "legacy", 0)
+    sweeper = Sweeper(JobStore(r), reclaim.resender(client.app), chunk_task_id, stall_s=-1.0, interval_s=30.0)
+    assert set(sweeper.run_once()) == {Resent("current", 1), Resent("legacy", 0)}
+    sent = {json.loads(raw)["headers"]["id"]: message_args(raw) for raw in r.lrange(QUEUE, 0, 1)}
+    assert sent == {
+        chunk_task_id("current", 1): ["current", 1, r.hget(JobKeys("current").job, "nonce")],
+        chunk_task_id("legacy", 0): ["legacy", 0],
+    }
 
 
 def test_finished_expired_and_submitting_jobs(
@@ -193,7 +221,7 @@ def test_one_sweeper_at_a_time(redis_server: RedisServer, job_client: Callable[.
     def make() -> Sweeper:
         return Sweeper(
             JobStore(redis_server.client()),
-            lambda job, chunk, queue: sent.append((job, chunk, queue)),
+            lambda job, chunk, queue, nonce: sent.append((job, chunk, queue)),
             chunk_task_id,
             stall_s=-1.0,  # everything counts as stalled
             interval_s=30.0,
@@ -237,10 +265,9 @@ def test_a_long_backlog_is_read_at_most_once_per_stall_period(
     r.hset(JobKeys(job).job, mapping={"created": "0", "updated": "0"})  # stalled long ago
     take_message(redis_server, job, 0)
 
-    def resend(job: str, chunk: int, queue: str) -> None:
-        send_chunk(client.app, job, chunk, queue)
-
-    sweeper = Sweeper(JobStore(r), resend, chunk_task_id, stall_s=1000.0, interval_s=30.0)
+    sweeper = Sweeper(
+        JobStore(r), reclaim.resender(client.app), chunk_task_id, stall_s=1000.0, interval_s=30.0
+    )
     assert sweeper.run_once() == [Resent(job, 0)]
     take_message(redis_server, job, 1)  # lost too, but the (long) backlog was read a moment ago
     assert sweeper.run_once() == [] and sweeper.rounds == 2

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -12,7 +14,7 @@ import redis
 from celery.exceptions import Reject
 
 from model.errors import InvalidInputError, NotFoundError
-from tests.worker.harness import RedisServer, free_port, make_items
+from tests.worker.harness import RedisServer, assert_job_output, expected_lines, free_port, make_items, poll
 from worker.jobs import JobClient
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
@@ -226,3 +228,157 @@ def test_a_chunk_whose_job_is_cancelled_or_gone_mid_flight_counts_as_skipped(
     assert (chunks("done"), chunks("skipped")) == (0, 1)
     assert metrics.registry.get_sample_value("safety_worker_items_total", {"outcome": "ok"}) == 0
     assert redis_server.client().hlen(JobKeys(job).results) == 0
+
+
+def queued_args(server: RedisServer, queue: str) -> list[list[Any]]:
+    """The args of every chunk message waiting in `queue`, oldest first (as a worker takes them)."""
+    raws = server.client().lrange(queue, 0, -1)[::-1]  # kombu LPUSHes and BRPOPs
+    return [json.loads(base64.b64decode(json.loads(raw)["body"]))[0] for raw in raws]
+
+
+def chunk_counts(metrics: Metrics) -> dict[str, float]:
+    get = metrics.registry.get_sample_value
+    return {
+        **{
+            o: get("safety_worker_chunks_total", {"outcome": o}) for o in ("done", "skipped", "dead_lettered")
+        },
+        **{f"items_{o}": get("safety_worker_items_total", {"outcome": o}) for o in ("ok", "failed")},
+    }
+
+
+@pytest.mark.parametrize("how", ["deleted", "expired"])
+def test_a_stale_chunk_message_never_acts_on_a_new_job_of_the_same_id(
+    how: str,
+    redis_server: RedisServer,
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job's chunk message outlived the job: deleted (its tombstone expired while the message waited in a
+    long backlog) or expired, and the id was submitted again. The message acted on the new job: delivered
+    while the new job was still being submitted, it found the chunk's items missing with the job open, wrote
+    failed lines ("its items are missing from Redis") for the new job's items and dead-lettered the chunk;
+    the new job's own chunk then found them written (first write wins): its results were lost."""
+    queue = f"stale-{how}-unconsumed"
+    old_client = job_client(redis_server.url, queue=queue, chunk_size=2, result_ttl_s=1)
+    new_client = job_client(redis_server.url, queue=queue, chunk_size=2, result_ttl_s=1000)
+    r, keys = redis_server.client(), JobKeys("reused")
+    old_client.submit(make_items(6, prefix="old"), job_id="reused")
+    if how == "deleted":
+        old_client.cancel("reused")
+        old_client.delete("reused")
+        poll(lambda: not r.exists(keys.deleted), 10, "the deleted job's tombstone to expire")
+    else:
+        poll(lambda: not r.exists(*keys.all()), 10, "the old job to expire")
+    stale = [args for args in queued_args(redis_server, queue) if args[1] == 1]
+    assert len(stale) == 1  # the old job's message for chunk 1, still queued
+
+    metrics = Metrics()
+    task = SimpleNamespace(
+        settings=WorkerSettings(max_attempts=3),
+        store=JobStore(redis_server.client()),
+        metrics=metrics,
+        classifier=tiny_classifier,
+    )
+    during: list[dict[str, Any]] = []
+    upload = JobStore.upload
+
+    def deliver_stale_before_chunk_1(self: JobStore, job: str, first: int, items: Any, expire: int) -> bool:
+        if first == 2:  # the new job is `submitting`, chunk 1's items not stored yet
+            during.append(deliver(task, *stale[0]))
+        return upload(self, job, first, items, expire)
+
+    monkeypatch.setattr(JobStore, "upload", deliver_stale_before_chunk_1)
+    new_items = make_items(6, prefix="new")
+    submitted = new_client.submit(new_items, job_id="reused")
+    monkeypatch.undo()
+    assert (submitted.resumed, submitted.sent) == (False, 3)
+    assert during == [{"job_id": "reused", "chunk": 1, "action": "stale"}]
+    # nothing counted, nothing written, nothing dead-lettered; the delivery is a skip
+    assert r.hlen(keys.results) == 0 and r.hlen(keys.attempts) == 0 and r.hlen(keys.errors) == 0
+    assert new_client.dead_letters() == [] and "error" not in r.hgetall(keys.job)
+    assert chunk_counts(metrics) == dict.fromkeys(chunk_counts(metrics), 0) | {"skipped": 1}
+
+    outcomes = [deliver(task, *args)["action"] for args in queued_args(redis_server, queue)]
+    assert sorted(outcomes) == ["classified"] * 3 + ["stale"] * 3  # the old job's three: skipped
+    status = new_client.status("reused")
+    assert (status.state, status.done, status.failed) == ("done", 6, 0)
+    lines = list(new_client.results("reused", timeout=10))
+    assert_job_output(lines, expected_lines(tiny_classifier, new_items, 2), tiny_classifier.thresholds)
+    assert r.hgetall(keys.attempts) == {"0": "1", "1": "1", "2": "1"}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def start_and_interrupt(client: JobClient, job_id: str, items: list[dict[str, str]]) -> None:
+    """A submit that created its job's record and stopped before it stored any item (still `submitting`)."""
+
+    def interrupted(*args: Any) -> bool:
+        raise Interrupted
+
+    client.store.upload = interrupted  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Interrupted):
+            client.submit(items, job_id=job_id)
+    finally:
+        del client.store.upload
+
+
+class ReplacedBeforeItsItemsAreRead(JobStore):
+    """The real store; `replace()` runs once, after the delivery started and before it reads its items."""
+
+    replace: Callable[[], None] = staticmethod(lambda: None)
+
+    def items(self, *args: Any) -> Any:
+        replace, self.replace = self.replace, lambda: None
+        replace()
+        return super().items(*args)
+
+
+@pytest.mark.parametrize("when", ["before-items", "mid-classify"])
+def test_a_job_replaced_while_its_chunk_runs_gets_nothing_from_that_chunk(
+    when: str, redis_server: RedisServer, job_client: Callable[..., JobClient], tiny_classifier: Any
+) -> None:
+    """The job was cancelled, deleted and its id submitted again (its reservation over) while one of its
+    chunks ran: the delivery wrote the old job's results into the new job ('mid-classify'), or, finding the
+    new job's items not stored yet, failed them and dead-lettered the chunk ('before-items')."""
+    queue = f"replaced-{when}-unconsumed"
+    old_client = job_client(redis_server.url, queue=queue, chunk_size=2, result_ttl_s=1000)
+    new_client = job_client(redis_server.url, queue=queue, chunk_size=2, result_ttl_s=1000)
+    r, keys = redis_server.client(), JobKeys("swap")
+    old_client.submit(make_items(4, prefix="old"), job_id="swap")
+    (old_message,) = [args for args in queued_args(redis_server, queue) if args[1] == 0]
+    new_items = make_items(4, prefix="new")
+
+    def replace() -> None:
+        old_client.cancel("swap")
+        old_client.delete("swap")
+        r.delete(keys.deleted)  # its reservation ran out
+        start_and_interrupt(new_client, "swap", new_items)
+
+    store = ReplacedBeforeItsItemsAreRead(redis_server.client())
+    classifier: Any = tiny_classifier
+    if when == "before-items":
+        store.replace = replace
+    else:
+        classifier = CancelsMidChunk(tiny_classifier, replace)
+    metrics = Metrics()
+    task = SimpleNamespace(settings=WorkerSettings(), store=store, metrics=metrics, classifier=classifier)
+    assert deliver(task, *old_message) == {"job_id": "swap", "chunk": 0, "action": "stale"}
+    assert r.hget(keys.job, "state") == "submitting" and r.hlen(keys.results) == 0
+    assert r.hlen(keys.attempts) == 0 and r.hlen(keys.errors) == 0 and new_client.dead_letters() == []
+    assert chunk_counts(metrics) == dict.fromkeys(chunk_counts(metrics), 0) | {"skipped": 1}
+
+    resumed = new_client.submit(new_items, job_id="swap")  # the new job's submit goes on
+    assert (resumed.resumed, resumed.sent) == (True, 2)
+    task = SimpleNamespace(
+        settings=WorkerSettings(), store=store, metrics=metrics, classifier=tiny_classifier
+    )
+    outcomes = [deliver(task, *args)["action"] for args in queued_args(redis_server, queue)]
+    assert sorted(outcomes) == ["classified"] * 2 + ["stale"] * 2  # the old job's two: skipped
+    status = new_client.status("swap")
+    assert (status.state, status.done, status.failed) == ("done", 4, 0)
+    lines = list(new_client.results("swap", timeout=10))
+    assert_job_output(lines, expected_lines(tiny_classifier, new_items, 2), tiny_classifier.thresholds)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from tests.worker.harness import (
     poll,
     worker_env,
 )
+from worker.app import send_chunk
 from worker.jobs import JobClient
 from worker.store import JobKeys
 
@@ -232,3 +235,59 @@ def test_json_logs_are_one_object_per_line_with_the_task_id(
     assert any("ready" in r["msg"] for r in records), "Celery's own records go through the same formatter"
     in_task = [r for r in records if r.get("task_id") == f"{job}.0"]
     assert in_task and all(r["task_name"] == "worker.tasks.classify_chunk" for r in in_task)
+
+
+def submit_as_previous_release(
+    client: JobClient, items: list[dict[str, str]], job_id: str, chunks: int
+) -> None:
+    """What the previous release's JobClient did for a job's first `chunks` chunks before its submit was
+    interrupted: a record without a nonce, the items stored, messages of two args `[job_id, chunk]`."""
+    s, prepared, now = client.settings, client.prepare(items), time.time()
+    record = {
+        "state": "submitting", "total": len(items), "done": 0, "failed": 0, "chunk_size": s.chunk_size,
+        "chunks": math.ceil(len(items) / s.chunk_size), "ttl_s": s.result_ttl_s, "created": repr(now),
+        "updated": repr(now), "digest": prepared.digest, "queue": s.queue,
+    }  # fmt: skip
+    assert client.store.create(job_id, record) is None
+    client.store.mark_active(job_id)
+    expire_at_ms = int((now + s.result_ttl_s) * 1000)
+    for chunk in range(chunks):
+        first = chunk * s.chunk_size
+        assert client.store.upload(job_id, first, prepared.lines[first : first + s.chunk_size], expire_at_ms)
+        send_chunk(client.app, job_id, chunk, s.queue)
+        assert client.store.mark_enqueued(job_id, chunk, expire_at_ms)
+
+
+def test_a_job_and_messages_of_the_previous_release_still_run(
+    module_redis: RedisServer, worker: Worker, job_client: Callable[..., JobClient], tiny_classifier: Any
+) -> None:
+    """A rolling upgrade: the previous release created the job (a record without a nonce) and sent its first
+    chunks as `[job_id, chunk]`. The new worker classifies them, and the new client resumes the job and
+    sends the rest without a nonce as well (with a nonce the record does not have, the worker would take
+    them for another job's and skip them: the job would never finish)."""
+    client = job_client(module_redis.url, queue=QUEUE, chunk_size=4)
+    items = make_items(12, prefix="prev")
+    submit_as_previous_release(client, items, "prev-release", chunks=2)
+    poll(lambda: client.status("prev-release").completed == 8, 120, "the previous release's two chunks")
+    resumed = client.submit(items, job_id="prev-release")
+    assert (resumed.resumed, resumed.sent) == (True, 1)
+    status = client.wait("prev-release", timeout=120)
+    assert (status.state, status.done, status.failed) == ("done", 12, 0)
+    lines = list(client.results("prev-release", timeout=30))
+    assert_job_output(lines, expected_lines(tiny_classifier, items, 4), tiny_classifier.thresholds)
+    assert module_redis.client().hget(JobKeys("prev-release").job, "nonce") is None
+
+
+def test_a_worker_acknowledges_and_skips_a_message_of_another_job_of_the_id(
+    module_redis: RedisServer, worker: Worker, job_client: Callable[..., JobClient]
+) -> None:
+    client = job_client(module_redis.url, queue=QUEUE, chunk_size=4)
+    client.submit(make_items(8), job_id="other-gen")
+    assert client.wait("other-gen", timeout=120).state == "done"
+    r, keys = module_redis.client(), JobKeys("other-gen")
+    record = r.hgetall(keys.job)
+    send_chunk(client.app, "other-gen", 1, QUEUE, nonce="0" * 32)  # an earlier job's message, say
+    said = "job other-gen chunk 1: the message belongs to an earlier job of this id"
+    poll(lambda: said in worker.text(), 60, "the worker to skip the message")
+    poll(lambda: r.llen(QUEUE) == 0 and r.hlen("unacked") == 0, 30, "the message to be acknowledged")
+    assert r.hgetall(keys.attempts) == {"0": "1", "1": "1"} and r.hgetall(keys.job) == record
