@@ -1,7 +1,8 @@
 """`safety worker`, `safety submit` and `safety job status|results|cancel|delete`: the batch side's CLI.
 
 Owns: the subcommands (registered through the `safety.commands` entry point `worker = "worker.cli:register"`),
-reading a JSONL file of items, the progress bar while waiting, writing result lines in item order, exit
+reading a JSONL file of items (one at a time: `submit` hands them to the job client as a stream, never as a
+list), the progress bar while waiting, writing result lines in item order, exit
 codes (0 done, 1 finished with failed items or cancelled, 2 an error, 130 interrupted, 141 the output's
 reader went away), the choice of
 Celery pool (solo per GPU on CUDA, prefork on CPU), and starting the metrics exporter (`worker.metrics`)
@@ -25,11 +26,14 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from model.errors import ConfigError, InvalidInputError, SafetyError
 from model.threads import available_cpus
 from worker.settings import WorkerSettings, env_name
+
+if TYPE_CHECKING:
+    from worker.jobs import JobClient, Prepared
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of the output went away (`| head`), as a process SIGPIPE kills
@@ -268,24 +272,57 @@ def _source(path: str) -> str:
     return "stdin" if path == "-" else path
 
 
-def read_items(path: str) -> tuple[list[Any], list[int]]:
-    """Items of a JSONL file and the line number of each (blank lines are skipped, not items)."""
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
-    items, lines = [], []
-    with stream:
-        for number, line in enumerate(stream, 1):
+class ItemsFile:
+    """The items of a JSONL file ("-": standard input), parsed one at a time as they are iterated (once),
+    never held together; blank lines are skipped, not items. Opening it raises OSError; a line that is not
+    JSON is InvalidInputError naming the line. A context manager: leaving it closes the file (or stdin)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+        self._last = (-1, 0)  # index and line number of the item read last
+
+    def __enter__(self) -> ItemsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stream.close()
+
+    def __iter__(self) -> Iterator[Any]:
+        index = -1
+        for number, line in enumerate(self.stream, 1):
             if number == 1:
                 # a byte order mark (Windows editors write one) is not part of the first line
                 line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             try:
-                items.append(json.loads(line))
+                item = json.loads(line)
             except json.JSONDecodeError as e:
-                where = f"{_source(path)} line {number}"
+                where = f"{_source(self.path)} line {number}"
                 raise InvalidInputError(f"not valid JSON ({e.msg})", field=where) from None
-            lines.append(number)
-    return items, lines
+            index += 1
+            self._last = (index, number)
+            yield item
+
+    def line_of(self, index: int) -> int | None:
+        """The line number of item `index` if it is the one read last (the item a check just refused)."""
+        last, number = self._last
+        return number if index == last else None
+
+
+def _prepare(client: JobClient, items: ItemsFile) -> Prepared:
+    """Read and check every item, spooled one at a time: nothing reaches Redis before the last one passed.
+    An item's error names its line ("FILE line 3: items[1].role: ...")."""
+    try:
+        return client.prepare(items, spool=True)
+    except InvalidInputError as e:
+        line = None if e.index is None else items.line_of(e.index)
+        if line is None:
+            raise
+        raise InvalidInputError(str(e), field=f"{_source(items.path)} line {line}") from None
+    except OSError as e:
+        raise InvalidInputError(f"cannot read {items.path}: {e.strerror}", field="input") from None
 
 
 def run_submit(args: argparse.Namespace) -> int:
@@ -317,21 +354,17 @@ def run_submit(args: argparse.Namespace) -> int:
                     "needs --wait (submitting does not wait for the job)", field="--timeout"
                 )
             try:
-                items, lines = read_items(args.input)
+                items = ItemsFile(args.input)
             except OSError as e:
                 raise InvalidInputError(f"cannot read {args.input}: {e.strerror}", field="input") from None
-            if args.wait:
-                _check_out(args.out)  # before the job runs, not after it finished
-            client = JobClient.from_env()
-            try:
-                prepared = client.prepare(items)  # validation: nothing reaches Redis before it passed
-            except InvalidInputError as e:
-                if e.index is not None and e.index < len(lines):  # "FILE line 3: items[1].role: ..."
-                    where = f"{_source(args.input)} line {lines[e.index]}"
-                    raise InvalidInputError(str(e), field=where) from None
-                raise
-            sent = True
-            submitted = client.send(prepared, job_id=job_id)
+            with items:
+                if args.wait:
+                    _check_out(args.out)  # before the job runs, not after it finished
+                client = JobClient.from_env()
+                prepared = _prepare(client, items)
+            with prepared:
+                sent = True
+                submitted = client.send(prepared, job_id=job_id)
             job_id = submitted.status.job_id
             if submitted.status.state == "cancelled":  # cancelled before (a resume) or during this submit
                 print(

@@ -2,12 +2,13 @@
 
 Owns: turning raw items into the canonical dicts a job stores (`text`, `role`, `id`, and `context` only when
 present), with the engine's item rules and the edge limit on characters (`model.items`, shared with the
-engine and the gRPC servicer). Must not know: Redis, Celery, torch.
+engine and the gRPC servicer), one item at a time (`iter_normalized`: a job of millions of items is never
+held whole) or as a list. Must not know: Redis, Celery, torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from model.errors import InvalidInputError
@@ -28,9 +29,17 @@ def normalize_item(raw: Any, index: int, *, max_text_chars: int) -> dict[str, st
     return out
 
 
+def iter_normalized(items: Iterable[Any], *, max_text_chars: int) -> Iterator[dict[str, str]]:
+    """Each item normalized as `items` yields it, or InvalidInputError for the first bad one (when it is
+    reached: the caller must not act on the items before the last one came out); an empty job is refused
+    once `items` is exhausted."""
+    index = -1
+    for index, raw in enumerate(items):
+        yield normalize_item(raw, index, max_text_chars=max_text_chars)
+    if index < 0:
+        raise InvalidInputError("a job needs at least one item", field="items")
+
+
 def normalize_items(items: Iterable[Any], *, max_text_chars: int) -> list[dict[str, str]]:
     """Every item normalized, or InvalidInputError for the first bad one; an empty job is refused."""
-    out = [normalize_item(raw, i, max_text_chars=max_text_chars) for i, raw in enumerate(items)]
-    if not out:
-        raise InvalidInputError("a job needs at least one item", field="items")
-    return out
+    return list(iter_normalized(items, max_text_chars=max_text_chars))

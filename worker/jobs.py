@@ -1,14 +1,16 @@
 """The job client: submit a job, read its status, stream its results in item order, cancel or delete it.
 
 Owns: the submission path (validate every item before anything is queued, store the items, send one
-task per chunk, resumable with the same job id) and the read path (status, results by index with a poll,
-a clear error for a job that is unknown, expired, deleted or lost). Raises only the `model.errors`
-hierarchy: InvalidInputError (bad items or job id, the id of a deleted job), NotFoundError (unknown,
-expired, deleted, or lost in a Redis restart), UnavailableError (Redis unreachable), ConfigError
-(SAFETY_REDIS_URL names a DB, password or server that Redis refuses), DeadlineExceededError (a wait ran out
-of time), FailedPreconditionError (waiting on a job whose submission stopped half-way; deleting an open
-job). The CLI and the gRPC service call this. Must not know: torch, the model, gRPC; it sends tasks by name
-and never imports them.
+task per chunk, resumable with the same job id; a job given as a stream of items is checked and spooled to
+an anonymous temporary file one item at a time, then stored chunk by chunk from there, so the client's
+memory is a chunk's, not the job's) and the read path (status, results by index with a poll, a clear
+error for a job that is unknown, expired, deleted or lost). Raises only the `model.errors` hierarchy:
+InvalidInputError (bad items or job id, the id of a deleted job), NotFoundError (unknown, expired,
+deleted, or lost in a Redis restart), UnavailableError (Redis unreachable; the spool file cannot be written
+or read), ConfigError (SAFETY_REDIS_URL names a DB, password or server that Redis refuses),
+DeadlineExceededError (a wait ran out of time), FailedPreconditionError (waiting on a job whose
+submission stopped half-way; deleting an open job). The CLI and the gRPC service call this. Must not know:
+torch, the model, gRPC; it sends tasks by name and never imports them.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import hashlib
 import json
 import math
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Any
+from itertools import islice
+from typing import IO, Any
 
 import redis
 from celery import Celery
@@ -40,7 +44,7 @@ from model.errors import (
 )
 from model.items import item_id
 from worker.app import create_app, send_chunk
-from worker.items import normalize_items
+from worker.items import iter_normalized
 from worker.settings import WorkerSettings, env_name
 from worker.store import FINISHED, JobStore, check_job_id, failed_line, new_nonce
 
@@ -93,12 +97,53 @@ class JobStatus:
         )
 
 
-@dataclass(frozen=True)
 class Prepared:
-    """Items validated and serialized for a job, before anything was sent to Redis (`JobClient.prepare`)."""
+    """Items validated and serialized for a job, before anything was sent to Redis (`JobClient.prepare`):
+    how many, their digest, and their canonical JSON lines in item order, read back as often as needed
+    (`lines`, `chunks`; one reader at a time). The lines are a list, or a spool: an anonymous temporary file
+    (unlinked when made, so the OS frees it whatever happens to this process) that keeps a job of millions
+    of items at a chunk's memory. `close` (or a `with` block) frees the spool."""
 
-    lines: list[str]  # the canonical item JSON, in item order
-    digest: str  # of the lines: the same items give the same digest (a resubmit resumes)
+    def __init__(self, count: int, digest: str, source: list[str] | IO[bytes]) -> None:
+        self.count = count  # items in the job
+        self.digest = digest  # of the lines: the same items give the same digest (a resubmit resumes)
+        self._source = source  # the lines, or the spool: each line UTF-8 and ended by b"\n"
+
+    @classmethod
+    def of_lines(cls, lines: list[str]) -> Prepared:
+        return cls(len(lines), _digest(lines), lines)
+
+    @property
+    def spooled(self) -> bool:
+        return not isinstance(self._source, list)
+
+    def lines(self) -> Iterator[str]:
+        """The canonical lines in item order; UnavailableError when the spool cannot be read."""
+        if isinstance(self._source, list):
+            yield from self._source
+            return
+        try:
+            self._source.seek(0)
+            for raw in self._source:  # canonical JSON has no raw newline; UTF-8 no 0x0A inside a character
+                yield raw[:-1].decode()
+        except OSError as e:
+            raise _spool_error(e, "read") from None
+
+    def chunks(self, size: int) -> Iterator[list[str]]:
+        """The lines in lists of `size` (the last one shorter), in item order."""
+        lines = self.lines()
+        while chunk := list(islice(lines, size)):
+            yield chunk
+
+    def close(self) -> None:
+        if not isinstance(self._source, list):
+            self._source.close()
+
+    def __enter__(self) -> Prepared:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -112,21 +157,51 @@ def _line(item: dict[str, str]) -> str:
     return json.dumps(item, ensure_ascii=False, sort_keys=True)
 
 
-def _digest(lines: list[str]) -> str:
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+class _Digest:
+    """sha256 of the UTF-8 lines joined by newlines, fed one line at a time: every release's digest."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._first = True
+
+    def add(self, line: bytes) -> None:
+        if not self._first:
+            self._sha.update(b"\n")
+        self._first = False
+        self._sha.update(line)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
 
 
-def legacy_digest(lines: list[str]) -> str:
+def _digest(lines: Iterable[str]) -> str:
+    digest = _Digest()
+    for line in lines:
+        digest.add(line.encode())
+    return digest.hexdigest()
+
+
+def legacy_digest(lines: Iterable[str]) -> str:
     """The digest the previous release's CLI and JobClient gave these items: they stored an item without an id
     without one, where every item now has its id (its own, else its index as a string). A resume of a job
     they started is accepted on either digest (this one is computed only when the current one differs)."""
-    old = []
-    for index, line in enumerate(lines):
-        item = json.loads(line)
-        if item.get("id") == str(index):
-            del item["id"]
-        old.append(_line(item))
-    return _digest(old)
+
+    def old() -> Iterator[str]:
+        for index, line in enumerate(lines):
+            item = json.loads(line)
+            if item.get("id") == str(index):
+                del item["id"]
+            yield _line(item)
+
+    return _digest(old())
+
+
+def _spool_error(e: OSError, doing: str) -> UnavailableError:
+    """`doing`: "write" or "read"."""
+    return UnavailableError(
+        f"cannot {doing} the job's items in a temporary file in {tempfile.gettempdir()} (set TMPDIR to a "
+        f"directory with room for about the size of the items): {e.strerror or e}"
+    )
 
 
 class JobClient:
@@ -160,29 +235,62 @@ class JobClient:
         again, and a finished job is returned as it is. The same id with other items is refused. A job
         cancelled while it is being submitted stops the submit: the status returned says `cancelled`.
         """
-        return self.send(self.prepare(items), job_id=job_id)
+        with self.prepare(items) as prepared:
+            return self.send(prepared, job_id=job_id)
 
-    def prepare(self, items: Iterable[Any]) -> Prepared:
+    def prepare(self, items: Iterable[Any], *, spool: bool | None = None) -> Prepared:
         """Validate and serialize the items, without any Redis call: InvalidInputError for the first bad one.
-        A caller that must tell "nothing was sent" from "a job may exist" calls this, then `send`."""
-        lines = [_line(it) for it in self._validate(items)]
-        return Prepared(lines, _digest(lines))
+        A caller that must tell "nothing was sent" from "a job may exist" calls this, then `send`, and closes
+        the Prepared (a `with` block).
+
+        `spool`: take the items one at a time and keep their lines in a temporary file (in TMPDIR; about as
+        large as the items' JSON), not in memory, so a job of any size costs this process a chunk's memory;
+        UnavailableError when that file cannot be written. None: spool unless `items` is a list or a tuple
+        (held in memory already, e.g. a gRPC request's items: their lines only cost about as much again).
+        """
+        if spool is None:
+            spool = not isinstance(items, list | tuple)
+        validated = self._validate(items)
+        if not spool:
+            return Prepared.of_lines([_line(it) for it in validated])
+        try:
+            file = tempfile.TemporaryFile(prefix="safety-submit-")  # noqa: SIM115 (returned open, or closed)
+        except OSError as e:
+            raise _spool_error(e, "write") from None
+        try:
+            digest, count = _Digest(), 0
+            for item in validated:  # an item's error comes before any later item is read
+                line = _line(item).encode()
+                digest.add(line)
+                try:
+                    file.write(line + b"\n")
+                except OSError as e:
+                    raise _spool_error(e, "write") from None
+                count += 1
+            try:
+                file.flush()
+            except OSError as e:
+                raise _spool_error(e, "write") from None
+        except BaseException:
+            file.close()
+            raise
+        return Prepared(count, digest.hexdigest(), file)
 
     def send(self, prepared: Prepared, *, job_id: str | None = None) -> Submitted:
         """Store and enqueue prepared items (`submit` = `prepare` + `send`); resumable as `submit` is."""
-        lines, digest = prepared.lines, prepared.digest
+        count, digest = prepared.count, prepared.digest
         job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
         s, now = self.settings, time.time()
         record = {
-            "state": "submitting", "total": len(lines), "done": 0, "failed": 0, "chunk_size": s.chunk_size,
-            "chunks": math.ceil(len(lines) / s.chunk_size), "ttl_s": s.result_ttl_s, "created": repr(now),
+            "state": "submitting", "total": count, "done": 0, "failed": 0, "chunk_size": s.chunk_size,
+            "chunks": math.ceil(count / s.chunk_size), "ttl_s": s.result_ttl_s, "created": repr(now),
             "updated": repr(now), "digest": digest, "queue": s.queue, "nonce": new_nonce(),
         }  # fmt: skip
         with self._reachable():
             existing = self.store.create(job_id, record)
             resumed = existing is not None
             if resumed:
-                if existing != digest and existing != legacy_digest(lines):
+                if existing != digest and existing != legacy_digest(prepared.lines()):
                     raise InvalidInputError(
                         f"job {job_id!r} already exists with different items; choose another job id",
                         field="job_id",
@@ -193,27 +301,27 @@ class JobClient:
                 # the job's own nonce goes into its messages: none for a job the previous release created
                 record = {**record, "nonce": "", **stored}
             self.store.mark_active(job_id)  # the lost-chunk sweeper watches it from now on
-            sent = self._enqueue(job_id, lines, record)
+            sent = self._enqueue(job_id, prepared, record)
             if self.store.seal(job_id) in ("queued", "running"):
                 # again: the sweeper drops a submit that paused over SUBMIT_STALL_S (Ctrl-Z, a sleeping
                 # laptop) from the list; a submit that went on since must be watched (a no-op if listed)
                 self.store.mark_active(job_id)
         return Submitted(self.status(job_id), resumed=resumed, sent=sent)
 
-    def _validate(self, items: Iterable[Any]) -> list[dict[str, str]]:
-        return normalize_items(items, max_text_chars=self.settings.max_text_chars)
+    def _validate(self, items: Iterable[Any]) -> Iterator[dict[str, str]]:
+        return iter_normalized(items, max_text_chars=self.settings.max_text_chars)
 
-    def _enqueue(self, job_id: str, lines: list[str], record: dict[str, Any]) -> int:
+    def _enqueue(self, job_id: str, prepared: Prepared, record: dict[str, Any]) -> int:
         size, chunks = int(record["chunk_size"]), int(record["chunks"])
         expire_at_ms = int((float(record["created"]) + int(record["ttl_s"])) * 1000)  # with the record
         already = self.store.enqueued(job_id)
         sent = 0
         with self.app.producer_or_acquire() as producer:
-            for chunk in range(chunks):
+            for chunk, lines in zip(range(chunks), prepared.chunks(size), strict=False):
                 if chunk in already:
                     continue
                 first = chunk * size
-                if not self.store.upload(job_id, first, lines[first : first + size], expire_at_ms):
+                if not self.store.upload(job_id, first, lines, expire_at_ms):
                     break  # cancelled while it was being submitted: stop storing and sending
                 send_chunk(self.app, job_id, chunk, record["queue"], producer, record["nonce"])
                 sent += 1  # a worker skips the chunk of a job cancelled in the meantime

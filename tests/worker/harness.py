@@ -12,14 +12,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
 
 REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -175,6 +177,35 @@ def make_items(n: int, prefix: str = "item") -> list[dict[str, str]]:
             item["role"] = "response"
         items.append(item)
     return items
+
+
+def long_items(n: int, *, text_chars: int = 200) -> Iterator[dict[str, str]]:
+    """`n` items of about `text_chars` characters each, made one at a time (never a list): a large job."""
+    for i in range(n):
+        words = " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(text_chars // 5))
+        yield {"id": f"long-{i}", "text": f"{i} {words}"[:text_chars]}
+
+
+def traced_peak(fn: Callable[[], T]) -> tuple[T, int]:
+    """`fn()` and the peak of the memory Python allocated while it ran (tracemalloc, in bytes)."""
+    tracemalloc.start()
+    try:
+        return fn(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def deleted_temp_files() -> set[str]:
+    """The unlinked files this process holds open (a job's spool left open would be one)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if target.endswith(" (deleted)"):
+            found.add(target)
+    return found
 
 
 def expected_lines(clf: Any, items: list[dict[str, str]], chunk_size: int) -> list[dict[str, Any]]:

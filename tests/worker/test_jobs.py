@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import json
 import re
@@ -21,8 +22,16 @@ from model.errors import (
     NotFoundError,
     UnavailableError,
 )
-from tests.worker.harness import RedisServer, free_port, make_items
+from tests.worker.harness import (
+    RedisServer,
+    deleted_temp_files,
+    free_port,
+    long_items,
+    make_items,
+    traced_peak,
+)
 from worker.app import TASK_NAME
+from worker.items import normalize_item
 from worker.jobs import JobClient
 from worker.store import ACTIVE_JOBS, DEAD_LETTER, SUBMIT_STALL_S, JobKeys, failed_line, result_line
 
@@ -156,6 +165,71 @@ def test_a_job_started_by_the_previous_release_without_item_ids_resumes(
     assert [it.get("id") for it in client.store.items("old", range(5))] == [None, None, None, None, "own"]
     with pytest.raises(InvalidInputError, match="already exists with different items"):
         client.submit([{"text": t} for t in texts], job_id="old")  # the last item's id differs: other items
+
+
+def test_a_large_job_is_checked_and_sent_in_a_chunks_memory(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """`prepare` held every normalized item and every canonical line in lists (0.5 to 0.8 GB RSS for a
+    500k-item `safety submit`): the client's memory grew with the job, not with a chunk."""
+    client = job_client(redis_server.url, queue="q", chunk_size=500)
+    client.submit(make_items(1), job_id="warm-up")  # Celery's app, the producer pool, the Lua scripts: once
+    n = 40_000  # ~240 bytes of canonical JSON each: 9.6 MB of lines
+    submitted, peak = traced_peak(lambda: client.submit(long_items(n), job_id="large"))
+    assert (submitted.status.total, submitted.status.chunks, submitted.sent) == (n, 80, 80)
+    assert redis_server.client().hlen(JobKeys("large").items) == n
+    last = next(itertools.islice(long_items(n), n - 1, None))
+    assert client.store.items("large", [n - 1]) == [{"role": "prompt", **last}]
+    # The old lists: 40k lines (~10 MB with their str headers) and 40k normalized dicts with their strs: a
+    # 32 MB peak here. Streaming holds one chunk of 500 lines (~150 KB), its HSET arguments and the encoded
+    # command, a few times that (0.5 MB measured), whatever `n` is: 4 MB leaves room for both sides.
+    assert peak < 4_000_000, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_a_spooled_job_has_every_releases_digest_and_resumes_from_any_path(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """The digest of a job whose items stream through a spool file must be the one the list-based submit
+    gave (sha256 of the canonical lines joined by newlines), so a resume works across paths and releases."""
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    open_before = deleted_temp_files()
+    items = [
+        {"text": "plain"},
+        {"id": "own", "text": "caf\u00e9 \u2028 line separator, \u4e2d\u6587, \U0001f600"},
+        {"text": "answer", "role": "response", "context": "question?"},
+        {"id": "", "text": "empty id"},
+        {"id": "4", "text": "the index as id", "role": None},
+    ]
+    # the old algorithm, as the previous releases computed it
+    old = [json.dumps(normalize_item(it, i, max_text_chars=1000), ensure_ascii=False, sort_keys=True)
+           for i, it in enumerate(items)]  # fmt: skip
+    old_digest = hashlib.sha256("\n".join(old).encode()).hexdigest()
+    with client.prepare(iter(items)) as spooled, client.prepare(items) as listed:
+        assert spooled.spooled and not listed.spooled
+        assert spooled.digest == listed.digest == old_digest
+        assert spooled.count == listed.count == len(items)
+        assert list(spooled.lines()) == list(spooled.lines()) == old  # read back as often as needed
+        assert list(spooled.chunks(2)) == [old[0:2], old[2:4], old[4:]]
+
+    # started by the list path, interrupted before its last chunk, resumed from a stream
+    client.submit(items, job_id="paths")
+    r, keys = redis_server.client(), JobKeys("paths")
+    r.srem(keys.enqueued, 2)
+    r.hdel(keys.items, "4")
+    resumed = client.submit(iter(items), job_id="paths")
+    assert (resumed.resumed, resumed.sent) == (True, 1)
+    assert r.hget(keys.items, "4") == old[4]
+    # and the other way round: started from a stream, resumed from a list
+    client.submit(iter(items), job_id="streamed")
+    assert client.submit(items, job_id="streamed").resumed
+    # a job the release before last started (no id where the item had none): resumed from a stream
+    legacy = [json.dumps({k: v for k, v in json.loads(line).items() if (k, v) != ("id", str(i))},
+                         ensure_ascii=False, sort_keys=True) for i, line in enumerate(old)]  # fmt: skip
+    r.hset(JobKeys("streamed").job, "digest", hashlib.sha256("\n".join(legacy).encode()).hexdigest())
+    assert client.submit(iter(items), job_id="streamed").resumed
+    with pytest.raises(InvalidInputError, match="already exists with different items"):
+        client.submit(iter([*items[:4], {"text": "other"}]), job_id="streamed")
+    assert deleted_temp_files() == open_before  # every spool closed
 
 
 def test_waiting_on_a_job_whose_submission_stopped_says_how_to_resume_it(

@@ -251,9 +251,9 @@ def submit_as_previous_release(
     assert client.store.create(job_id, record) is None
     client.store.mark_active(job_id)
     expire_at_ms = int((now + s.result_ttl_s) * 1000)
-    for chunk in range(chunks):
+    for chunk, lines in zip(range(chunks), prepared.chunks(s.chunk_size), strict=False):
         first = chunk * s.chunk_size
-        assert client.store.upload(job_id, first, prepared.lines[first : first + s.chunk_size], expire_at_ms)
+        assert client.store.upload(job_id, first, lines, expire_at_ms)
         send_chunk(client.app, job_id, chunk, s.queue)
         assert client.store.mark_enqueued(job_id, chunk, expire_at_ms)
 
