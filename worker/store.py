@@ -576,14 +576,21 @@ class JobStore:
 
     def record_error(
         self, job_id: str, chunk: int, message: str, *, dead: bool = False, nonce: str | None = None
-    ) -> None:
+    ) -> bool:
         """Remember a chunk's last error (and on the job record, when `dead`), only while the job exists and,
-        given the message's `nonce`, is the message's job."""
-        self._note(keys=JobKeys(job_id).all(), args=[chunk, message, "1" if dead else "0", nonce or ""])
+        given the message's `nonce`, is the message's job. -> whether it was noted."""
+        args = [chunk, message, "1" if dead else "0", nonce or ""]
+        return bool(self._note(keys=JobKeys(job_id).all(), args=args))
 
     def dead_letter(
         self, job_id: str, chunk: int, attempts: int, error: str, now: float, nonce: str | None = None
-    ) -> None:
+    ) -> bool:
+        """Dead-letter a chunk: its error on the job record, then an entry in the dead-letter list; neither
+        for a job that is gone or, given the message's `nonce`, is another job of that id. -> whether it was
+        dead-lettered. (The list is in another Redis Cluster slot than the job, so the two writes are not
+        one script: a failure between them leaves the job's error without its list entry.)"""
+        if not self.record_error(job_id, chunk, error, dead=True, nonce=nonce):
+            return False
         entry = json.dumps(
             {"job_id": job_id, "chunk": chunk, "attempts": attempts, "error": error, "at": now}
         )
@@ -591,7 +598,7 @@ class JobStore:
         pipe.lpush(DEAD_LETTER, entry)
         pipe.ltrim(DEAD_LETTER, 0, DEAD_LETTER_MAX - 1)
         pipe.execute()
-        self.record_error(job_id, chunk, error, dead=True, nonce=nonce)
+        return True
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         if limit <= 0:  # LRANGE 0 -1 would be the whole list
