@@ -337,6 +337,67 @@ class ReplacedBeforeItsItemsAreRead(JobStore):
         return super().items(*args)
 
 
+class ReplacedThenFails:
+    """The real classifier, except that the job is replaced (`during`) and then the classify raises."""
+
+    def __init__(self, clf: Any, during: Callable[[], Any]) -> None:
+        self.during, self.name = during, clf.name
+
+    def classify(self, items: Any) -> Any:
+        self.during()
+        raise ValueError("the classify failed after the job was replaced")
+
+
+class ReplacedThenBreaks(JobStore):
+    """The real store, except that reading the items replaces the job and then raises a bug (not a Redis
+    error): `deliver`'s own handler notes the error and hands the chunk back."""
+
+    replace: Callable[[], None] = staticmethod(lambda: None)
+
+    def items(self, *args: Any) -> Any:
+        self.replace()
+        raise KeyError("a bug while reading the items")
+
+
+@pytest.mark.parametrize("where", ["classify-retried", "classify-last-attempt", "deliver-handler"])
+def test_an_error_of_a_replaced_jobs_chunk_is_never_noted_on_the_new_job(
+    where: str, redis_server: RedisServer, job_client: Callable[..., JobClient], tiny_classifier: Any
+) -> None:
+    """The job is replaced (cancelled, deleted, its id submitted again) while its chunk runs, and the delivery
+    then fails: the error-noting paths (a classify error that is retried, one that gives up on the last
+    attempt, and `deliver`'s handler for any other error) carry the message's nonce, so the new job gets no
+    error, no dead-letter entry and no failed item from the old job's message."""
+    queue = f"replaced-fails-{where}-unconsumed"
+    old_client = job_client(redis_server.url, queue=queue, chunk_size=2, result_ttl_s=1000)
+    new_client = job_client(redis_server.url, queue=queue, chunk_size=2, result_ttl_s=1000)
+    r, keys = redis_server.client(), JobKeys("swap-fails")
+    old_client.submit(make_items(4, prefix="old"), job_id="swap-fails")
+    (old_message,) = [args for args in queued_args(redis_server, queue) if args[1] == 0]
+    new_items = make_items(4, prefix="new")
+
+    def replace() -> None:
+        old_client.cancel("swap-fails")
+        old_client.delete("swap-fails")
+        r.delete(keys.deleted)  # its reservation ran out
+        new_client.submit(new_items, job_id="swap-fails")
+
+    store: JobStore = JobStore(redis_server.client())
+    classifier: Any = ReplacedThenFails(tiny_classifier, replace)
+    if where == "deliver-handler":
+        store = ReplacedThenBreaks(redis_server.client())
+        store.replace = replace  # type: ignore[attr-defined]
+    settings = WorkerSettings(max_attempts=1 if where == "classify-last-attempt" else 3)
+    task = SimpleNamespace(settings=settings, store=store, metrics=Metrics(), classifier=classifier)
+    if where == "classify-last-attempt":
+        assert deliver(task, *old_message)["action"] == "stale"  # give_up's write found another job
+    else:
+        with pytest.raises(Reject):
+            deliver(task, *old_message)
+    assert r.hget(keys.job, "nonce") != old_message[2]  # the new job
+    assert r.hlen(keys.errors) == 0 and "error" not in r.hgetall(keys.job)
+    assert r.hlen(keys.results) == 0 and new_client.dead_letters() == []
+
+
 @pytest.mark.parametrize("when", ["before-items", "mid-classify"])
 def test_a_job_replaced_while_its_chunk_runs_gets_nothing_from_that_chunk(
     when: str, redis_server: RedisServer, job_client: Callable[..., JobClient], tiny_classifier: Any
