@@ -108,7 +108,7 @@ def register_submit(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_job(subparsers: argparse._SubParsersAction) -> None:
-    j = subparsers.add_parser("job", help="status, results or cancellation of a batch job")
+    j = subparsers.add_parser("job", help="status, results, cancellation or deletion of a batch job")
     commands = j.add_subparsers(dest="job_command", required=True, metavar="{status,results,cancel,delete}")
     status = commands.add_parser("status", help="state and counts of a job (JSON)")
     status.add_argument("job_id")
