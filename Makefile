@@ -6,6 +6,10 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 MODEL  ?=
 STAMP  := $(VENV)/.installed
+# `make run` installs only what serving and the batch workers need (the image's extras, see Dockerfile);
+# `make test` and the other targets install the dev extra (a superset: transformers, triton on Linux, ruff...).
+RUN_EXTRAS ?= service,worker
+RUN_STAMP  := $(VENV)/.installed-run
 # checkov lives in its own virtualenv: its pins (packaging<24, networkx<2.7) clash with the project's.
 CHECKOV      ?= checkov==3.3.30
 CHECKOV_VENV := .cache/checkov-venv
@@ -22,6 +26,11 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+$(RUN_STAMP): $(PY) pyproject.toml
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e ".[$(RUN_EXTRAS)]"
+	touch $(RUN_STAMP)
 
 $(CHECKOV_STAMP):
 	$(PYTHON) -m venv $(CHECKOV_VENV)
@@ -45,7 +54,7 @@ test: lint proto checkov
 	$(VENV)/bin/pytest -q
 
 # Serve the bundled model (or MODEL=dir) on [::]:50051; every flag also reads SAFETY_* (safety serve --help).
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/safety serve $(if $(MODEL),--model $(MODEL))
 
 # Training corpus for the bundled model: .cache/corpus/{train,valid}.jsonl + stats.json (docs/data.md).

@@ -13,9 +13,11 @@ Redis keys; it drives `worker.jobs.JobClient` and starts the Celery worker of `w
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -106,7 +108,7 @@ def register_submit(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_job(subparsers: argparse._SubParsersAction) -> None:
-    j = subparsers.add_parser("job", help="status, results or cancellation of a batch job")
+    j = subparsers.add_parser("job", help="status, results, cancellation or deletion of a batch job")
     commands = j.add_subparsers(dest="job_command", required=True, metavar="{status,results,cancel,delete}")
     status = commands.add_parser("status", help="state and counts of a job (JSON)")
     status.add_argument("job_id")
@@ -275,11 +277,18 @@ def _source(path: str) -> str:
 class ItemsFile:
     """The items of a JSONL file ("-": standard input), parsed one at a time as they are iterated (once),
     never held together; blank lines are skipped, not items. Opening it raises OSError; a line that is not
-    JSON is InvalidInputError naming the line. A context manager: leaving it closes the file (or stdin)."""
+    UTF-8 or not JSON is InvalidInputError naming the line. A context manager: leaving it closes the file
+    (or stdin)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+        # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its own line, which __iter__
+        # refuses by that line's number (a strict decoder raises from a read-ahead chunk, mid-iteration, as
+        # a traceback and without the line)
+        if path == "-":
+            self.stream = _stdin_text()
+        else:
+            self.stream = open(path, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
         self._last = (-1, 0)  # index and line number of the item read last
 
     def __enter__(self) -> ItemsFile:
@@ -296,6 +305,8 @@ class ItemsFile:
                 line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
+            if _UNDECODED.search(line):
+                raise InvalidInputError(_not_utf8(line), field=f"{_source(self.path)} line {number}")
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
@@ -309,6 +320,28 @@ class ItemsFile:
         """The line number of item `index` if it is the one read last (the item a check just refused)."""
         last, number = self._last
         return number if index == last else None
+
+
+# What errors="surrogateescape" makes of a byte that is not UTF-8; a strict UTF-8 decoder never yields these.
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def _stdin_text() -> IO[str]:
+    """Standard input as UTF-8 text with undecodable bytes kept as surrogates (what ItemsFile expects); a
+    stdin without a byte buffer (a StringIO in tests) is already text."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:
+        return sys.stdin
+    return io.TextIOWrapper(buffer, encoding="utf-8", errors="surrogateescape")
+
+
+def _not_utf8(line: str) -> str:
+    """Why `line` (decoded with surrogateescape) is not UTF-8, with the byte offset in the line."""
+    try:
+        line.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    return "not valid UTF-8"
 
 
 def _prepare(client: JobClient, items: ItemsFile) -> Prepared:

@@ -265,6 +265,27 @@ def test_a_byte_order_mark_before_the_first_item_is_not_part_of_it(
         assert items.line_of(0) == 1
 
 
+@pytest.mark.parametrize("source", ["file", "stdin"])
+@pytest.mark.parametrize("good_lines", [1, 2000])
+def test_a_line_that_is_not_utf8_is_refused_by_its_line_without_a_traceback(
+    source: str,
+    good_lines: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A Latin-1 byte in the items was a UnicodeDecodeError traceback (exit 1) from the text stream's
+    read-ahead, which decodes a chunk of 8 KB ahead of the line being parsed (2,000 lines: past the first)."""
+    src = tmp_path / "latin1.jsonl"
+    src.write_bytes(b'{"text": "fine"}\n' * good_lines + b'{"text": "caf\xe9"}\n{"text": "after"}\n')
+    argument, name = items_argument(source, src, monkeypatch)
+    assert main(["submit", argument]) == 2  # refused before Redis is needed
+    assert capsys.readouterr().err == (
+        f"safety submit: {name} line {good_lines + 1}: "
+        "not valid UTF-8 (invalid continuation byte at byte 13)\n"
+    )
+
+
 def write_large_items(path: Path, n: int, *, bad: int | None = None) -> int:
     """`n` items of ~200 characters as JSONL, after a byte order mark, with a blank line before every 1000th
     (line numbers are not indexes); item `bad` gets a role no check lets through. Returns its line number."""
