@@ -299,7 +299,7 @@ class ItemsFile:
 
     def __iter__(self) -> Iterator[Any]:
         index = -1
-        for number, line in enumerate(self.stream, 1):
+        for number, line in self._lines():
             if number == 1:
                 # a byte order mark (Windows editors write one) is not part of the first line
                 line = line.removeprefix("\ufeff")
@@ -315,6 +315,21 @@ class ItemsFile:
             index += 1
             self._last = (index, number)
             yield item
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        """(line number, line); a read that fails (EIO, a vanished network mount) is InvalidInputError
+        naming the input, here where it happens: an OSError later on is not this file's."""
+        lines, number = enumerate(self.stream, 1), 0
+        while True:
+            try:
+                number, line = next(lines)
+            except StopIteration:
+                return
+            except OSError as e:
+                raise InvalidInputError(
+                    f"cannot read {_source(self.path)} after line {number}: {e.strerror or e}", field="input"
+                ) from None
+            yield number, line
 
     def line_of(self, index: int) -> int | None:
         """The line number of item `index` if it is the one read last (the item a check just refused)."""
@@ -354,8 +369,6 @@ def _prepare(client: JobClient, items: ItemsFile) -> Prepared:
         if line is None:
             raise
         raise InvalidInputError(str(e), field=f"{_source(items.path)} line {line}") from None
-    except OSError as e:
-        raise InvalidInputError(f"cannot read {items.path}: {e.strerror}", field="input") from None
 
 
 def run_submit(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ torch, the model, gRPC; it sends tasks by name and never imports them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -198,9 +199,13 @@ def legacy_digest(lines: Iterable[str]) -> str:
 
 def _spool_error(e: OSError, doing: str) -> UnavailableError:
     """`doing`: "write" or "read"."""
+    try:
+        where = f"in {tempfile.gettempdir()}"
+    except OSError:  # no usable temporary directory at all (gettempdir tries to write in each candidate)
+        where = "(no usable temporary directory)"
     return UnavailableError(
-        f"cannot {doing} the job's items in a temporary file in {tempfile.gettempdir()} (set TMPDIR to a "
-        f"directory with room for about the size of the items): {e.strerror or e}"
+        f"cannot {doing} the job's items in a temporary file {where} (set TMPDIR to a directory with room "
+        f"for about the size of the items): {e.strerror or e}"
     )
 
 
@@ -272,7 +277,8 @@ class JobClient:
             except OSError as e:
                 raise _spool_error(e, "write") from None
         except BaseException:
-            file.close()
+            with contextlib.suppress(OSError):  # closing re-flushes what failed: the first error is the one
+                file.close()
             raise
         return Prepared(count, digest.hexdigest(), file)
 

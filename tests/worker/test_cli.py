@@ -7,12 +7,12 @@ import io
 import itertools
 import json
 import os
+import resource
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -379,18 +379,58 @@ def test_submit_stores_a_large_file_or_stdin_in_a_chunks_memory(
     assert peak < PEAK_BOUND, f"peak {peak / 1e6:.1f} MB"
 
 
+def spool_capped(limit: int) -> None:
+    """In the child: files may grow to `limit` bytes (a write past it fails with EFBIG, as on a full TMPDIR,
+    instead of raising SIGXFSZ)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+LIBRARY_SUBMIT = """
+import sys
+from worker.jobs import JobClient
+items = ({"text": "spooled item %d " % i + "x" * 100} for i in range(5000))
+try:
+    JobClient.from_env().submit(items, job_id="spool-full")
+except Exception as e:
+    print(type(e).__module__ + "." + type(e).__name__, e, sep=": ")
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("source", ["file", "stdin", "library"])
 def test_a_temporary_directory_that_cannot_hold_the_items_is_named_before_anything_is_stored(
-    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    source: str, redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    """A spool write that fails (EFBIG here; ENOSPC on a full TMPDIR) is named as such, before anything is
+    stored: it was reported as `cannot read FILE`, and a library caller got a bare OSError (closing the
+    spool re-flushed the failed buffer and replaced the error)."""
     src = tmp_path / "in.jsonl"
-    src.write_text('{"text": "one"}\n')
-    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # what TMPDIR=DIR/missing gives
-    assert main(["submit", str(src)]) == 2
-    assert capsys.readouterr().err == (
-        f"safety submit: cannot write the job's items in a temporary file in {tmp_path / 'missing'} (set "
-        "TMPDIR to a directory with room for about the size of the items): No such file or directory\n"
+    src.write_text(
+        "".join(json.dumps({"text": f"spooled item {i} " + "x" * 100}) + "\n" for i in range(5000))
     )
+    env = {**os.environ, "SAFETY_REDIS_URL": redis_server.url, "SAFETY_QUEUE": "spool-full",
+           "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(tmp_path)}  # fmt: skip
+    argv = {
+        "file": ["-m", "worker.cli", "submit", str(src)],
+        "stdin": ["-m", "worker.cli", "submit", "-"],
+        "library": ["-c", LIBRARY_SUBMIT],
+    }[source]
+    with open(src, "rb") as stdin:
+        done = subprocess.run(
+            [sys.executable, *argv], env=env, stdin=stdin, capture_output=True, text=True, timeout=60,
+            preexec_fn=lambda: spool_capped(64 * 1024),
+        )  # fmt: skip
+    said = (
+        f"cannot write the job's items in a temporary file in {tmp_path} (set TMPDIR to a directory with "
+        "room for about the size of the items): File too large"
+    )
+    if source == "library":
+        assert done.returncode == 3, done.stderr[-2000:]
+        assert done.stdout == f"model.errors.UnavailableError: {said}\n"
+    else:
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr == f"safety submit: {said}\n"
     assert redis_server.client().dbsize() == 0
 
 
