@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.worker.harness import RedisServer, Worker, worker_env
+from tests.worker.harness import RedisServer, Spools, Worker, worker_env
 from worker.jobs import JobClient
 from worker.settings import WorkerSettings
 
@@ -58,3 +58,9 @@ def job_client() -> Iterator[Callable[..., JobClient]]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def spools(monkeypatch: pytest.MonkeyPatch) -> Spools:
+    """The job spools made in this test (`Spools`): a test asserts they were all closed."""
+    return Spools().install(monkeypatch)

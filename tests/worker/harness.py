@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -195,17 +196,24 @@ def traced_peak(fn: Callable[[], T]) -> tuple[T, int]:
         tracemalloc.stop()
 
 
-def deleted_temp_files() -> set[str]:
-    """The unlinked files this process holds open (a job's spool left open would be one)."""
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # the listing's own descriptor, closed by now
-            continue
-        if target.endswith(" (deleted)"):
-            found.add(target)
-    return found
+class Spools(list):
+    """Every spool (`tempfile.TemporaryFile`) made while it is installed, held here: only an explicit close
+    closes one (a file nobody references is closed by the garbage collector, which would hide a leak)."""
+
+    def install(self, monkeypatch: Any) -> Spools:
+        real = tempfile.TemporaryFile
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            file = real(*args, **kwargs)
+            self.append(file)
+            return file
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", spy)
+        return self
+
+    def all_closed(self) -> bool:
+        """At least one spool was made, and every one is closed."""
+        return bool(self) and all(f.closed for f in self)
 
 
 def expected_lines(clf: Any, items: list[dict[str, str]], chunk_size: int) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from model.errors import InvalidInputError
-from tests.worker.harness import RedisServer, deleted_temp_files, long_items, traced_peak
+from tests.worker.harness import RedisServer, Spools, long_items, traced_peak
 from worker.cli import ItemsFile, _check_out, _write_results, main, register
 from worker.jobs import JobClient
 from worker.settings import WorkerSettings
@@ -327,6 +327,7 @@ def test_a_bad_item_late_in_a_large_file_refuses_the_job_by_its_line_with_nothin
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
+    spools: Spools,
 ) -> None:
     """Items are checked as they stream through the spool: the last but two of 40,000 still refuses the whole
     job before anything is stored, naming its line, and leaves no spool open."""
@@ -334,7 +335,6 @@ def test_a_bad_item_late_in_a_large_file_refuses_the_job_by_its_line_with_nothin
     n = 40_000
     bad_line = write_large_items(tmp_path / "in.jsonl", n, bad=n - 3)
     argument, name = items_argument(source, tmp_path / "in.jsonl", monkeypatch)
-    open_before = deleted_temp_files()
     code, peak = traced_peak(lambda: main(["submit", argument, "--job-id", "late"]))
     assert code == 2
     assert capsys.readouterr().err == (
@@ -343,7 +343,7 @@ def test_a_bad_item_late_in_a_large_file_refuses_the_job_by_its_line_with_nothin
     )
     assert bad_line == n - 3 + 1 + (n - 3) // 1000
     assert redis_server.client().dbsize() == 0
-    assert deleted_temp_files() == open_before
+    assert spools.all_closed()
     assert peak < PEAK_BOUND, f"peak {peak / 1e6:.1f} MB"
 
 
@@ -354,6 +354,7 @@ def test_submit_stores_a_large_file_or_stdin_in_a_chunks_memory(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
+    spools: Spools,
 ) -> None:
     monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
     monkeypatch.setenv("SAFETY_QUEUE", "cli-large")
@@ -365,7 +366,6 @@ def test_submit_stores_a_large_file_or_stdin_in_a_chunks_memory(
     write_large_items(tmp_path / "in.jsonl", n)
     argument, _ = items_argument(source, tmp_path / "in.jsonl", monkeypatch)
     capsys.readouterr()
-    open_before = deleted_temp_files()
     code, peak = traced_peak(lambda: main(["submit", argument, "--job-id", "large"]))
     assert code == 0
     said = capsys.readouterr()
@@ -375,7 +375,7 @@ def test_submit_stores_a_large_file_or_stdin_in_a_chunks_memory(
     assert r.hlen(JobKeys("large").items) == n and r.llen("cli-large") == 1 + 40
     last = next(itertools.islice(long_items(n), n - 1, None))
     assert json.loads(r.hget(JobKeys("large").items, str(n - 1))) == {"role": "prompt", **last}
-    assert deleted_temp_files() == open_before
+    assert spools.all_closed()
     assert peak < PEAK_BOUND, f"peak {peak / 1e6:.1f} MB"
 
 

@@ -24,7 +24,7 @@ from model.errors import (
 )
 from tests.worker.harness import (
     RedisServer,
-    deleted_temp_files,
+    Spools,
     free_port,
     long_items,
     make_items,
@@ -187,12 +187,11 @@ def test_a_large_job_is_checked_and_sent_in_a_chunks_memory(
 
 
 def test_a_spooled_job_has_every_releases_digest_and_resumes_from_any_path(
-    redis_server: RedisServer, job_client: Client
+    redis_server: RedisServer, job_client: Client, spools: Spools
 ) -> None:
     """The digest of a job whose items stream through a spool file must be the one the list-based submit
     gave (sha256 of the canonical lines joined by newlines), so a resume works across paths and releases."""
     client = job_client(redis_server.url, queue="q", chunk_size=2)
-    open_before = deleted_temp_files()
     items = [
         {"text": "plain"},
         {"id": "own", "text": "caf\u00e9 \u2028 line separator, \u4e2d\u6587, \U0001f600"},
@@ -229,7 +228,7 @@ def test_a_spooled_job_has_every_releases_digest_and_resumes_from_any_path(
     assert client.submit(iter(items), job_id="streamed").resumed
     with pytest.raises(InvalidInputError, match="already exists with different items"):
         client.submit(iter([*items[:4], {"text": "other"}]), job_id="streamed")
-    assert deleted_temp_files() == open_before  # every spool closed
+    assert spools.all_closed()
 
 
 def test_waiting_on_a_job_whose_submission_stopped_says_how_to_resume_it(
