@@ -16,14 +16,20 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from model.cliargs import add_threshold_option
-from model.errors import SafetyError
+from model.errors import InvalidInputError, SafetyError
+from model.items import check_item, fields_of
 from model.jsonl import read_jsonl
 
 
 def classify_command(args: argparse.Namespace) -> int:
     items: list[dict] = []
     if args.jsonl:
-        items.extend(obj for _, obj in read_jsonl(args.jsonl))
+        for where, obj in read_jsonl(args.jsonl):
+            try:  # here, so an item's error names its line, whichever engine (local, remote) classifies it
+                check_item(fields_of(obj, len(items)), len(items))
+            except InvalidInputError as e:
+                raise InvalidInputError(str(e), field=where) from None
+            items.append(obj)
     for text in args.texts:
         item = {"text": text, "role": args.role}
         if args.context is not None:

@@ -49,6 +49,17 @@ def test_classify_errors_are_reported(tmp_path: Path, tiny_model_dir: Path) -> N
     assert p.returncode == 2 and f"safety classify: {bad}:3: not valid JSON" in p.stderr, p.stderr
     p = run("classify", "--model", str(tiny_model_dir), "--jsonl", "-", stdin='{"text": "a"}\n["b"]\n')
     assert p.returncode == 2 and "<stdin>:2: must be a JSON object" in p.stderr, p.stderr
+    labelled = tmp_path / "labelled.jsonl"  # a field error names the item's line, as a JSON error does
+    labelled.write_text('{"text": "fine"}\n\n{"text": "x", "labels": ["hate"]}\n')
+    p = run("classify", "--model", str(tiny_model_dir), "--jsonl", str(labelled))
+    said = f"safety classify: {labelled}:3: items[1].labels: unknown field(s) ['labels']\n"
+    assert p.returncode == 2 and p.stderr == said, p.stderr
+    p = run(
+        "classify", "--remote", "127.0.0.1:1", "--jsonl", "-", stdin='{"text": "a", "role": "narrator"}\n'
+    )
+    assert p.returncode == 2, p.stderr  # refused before any call: no server needed to name the line
+    narrator = "items[0].role: must be one of ('prompt', 'response'), got 'narrator'"
+    assert p.stderr == f"safety classify: <stdin>:1: {narrator}\n", p.stderr
     p = run("classify", "--model", str(tiny_model_dir), "--jsonl", str(tmp_path / "missing.jsonl"))
     assert p.returncode == 2 and "missing.jsonl: file not found" in p.stderr, p.stderr
     p = run("classify", "--model", str(tiny_model_dir), "--threshold", "hate", "text")
