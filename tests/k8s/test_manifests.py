@@ -7,15 +7,18 @@ Must not know: schemas (test_validate.py) or security lint (test_checkov.py).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 from service.settings import ServeSettings, split_address
-from tests.k8s.render import COMPOSITIONS, DEV_IMAGE, IMAGE_NAME, OVERLAYS, REPO, Rendered
+from tests.k8s.render import COMPOSITIONS, DEV_IMAGE, IMAGE_NAME, K8S, OVERLAYS, REPO, Rendered, kustomize
 from worker.settings import WorkerSettings
 
 ALL = [*OVERLAYS, *COMPOSITIONS]
@@ -451,6 +454,28 @@ def test_the_dev_steps_build_and_load_the_dev_overlays_image() -> None:
     assert f"kind load docker-image {DEV_IMAGE}" in steps, steps
     assert f"minikube image load {DEV_IMAGE}" in steps, steps
     assert "kubectl apply -k k8s/overlays/dev" in steps, steps
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_the_digest_pinning_advice_pins_the_digest(overlay: str, tmp_path: Path) -> None:
+    """k8s/checkov-skips.yaml accepts tag-pinned images because a release overlay pins its digest with the
+    `kustomize edit set image OLD=NEW@sha256:...` it names: the `images:` entry that command writes, in an
+    overlay of ours, must change every container of our image (OLD must be the name the base renamed the
+    image to, not the one its Deployments start from)."""
+    skip = next(s for s in yaml.safe_load((K8S / "checkov-skips.yaml").read_text())["skips"]
+                if s["id"] == "CKV_K8S_43")  # fmt: skip
+    advice = re.search(r"kustomize edit set image\s+(\S+)=(\S+)@sha256:\.\.\.", skip["reason"])
+    assert advice, skip["reason"]
+    old, new = advice.group(1), advice.group(2).replace("REGISTRY", "registry.mycorp.io")
+    digest = "sha256:" + "0123456789abcdef" * 4
+    rel = os.path.relpath(K8S / "overlays" / overlay, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{rel}]\nimages:\n  - name: {old}\n    newName: {new}\n    digest: {digest}\n"
+    )
+    pinned = kustomize(tmp_path, f"{overlay}+digest")
+    images = {c["image"] for w in pinned.workloads() for c in containers(w)}
+    assert images == {f"{new}@{digest}"}, f"`set image {old}=...` left {sorted(images)}"
 
 
 def test_model_volume_component(rendered: dict[str, Rendered]) -> None:
