@@ -4,6 +4,7 @@ collectors) and `safety_build_info` for the model being served: a real server on
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 
 from service.server import SafetyServer
 from tests.prometheus import scrape
@@ -25,3 +26,25 @@ def test_runtime_metrics_and_build_info(server: SafetyServer) -> None:
     labels = f'device="{clf.device}",dtype="{clf.dtype}",model="{clf.name}",version="{version}"'
     assert got[f"safety_build_info{{{labels}}}"] == 1
     assert sum(1 for key in got if key.startswith("safety_build_info")) == 1
+
+
+def test_labelled_series_exist_at_zero_before_any_traffic(start_server: Callable[..., SafetyServer]) -> None:
+    """Prometheus' increase() and rate() take a series' first sample as the baseline: a series that appears
+    only with its first event (a device failure's dropped windows, then the replica exits) never shows an
+    increase, and SafetyDeviceFailed would never fire. So a fresh server, before any call, exports every
+    dropped-window reason, and every status code and the latency of the classification calls, at 0."""
+    from service.metrics import CLASSIFY_METHODS, STATUS_CODES
+    from service.scheduler import DROP_REASONS
+
+    got = samples(start_server())
+    # the reasons the scheduler drops windows for, as docs/api.md lists them
+    assert set(DROP_REASONS) == {"cancelled", "deadline", "shutdown", "batch_failed", "device_failed"}
+    for reason in DROP_REASONS:
+        assert got[f'safety_dropped_windows_total{{reason="{reason}"}}'] == 0, reason
+    assert {"OK", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"} <= set(STATUS_CODES)
+    assert set(CLASSIFY_METHODS) == {"Classify", "ClassifyStream.request"}
+    for method in CLASSIFY_METHODS:
+        for code in STATUS_CODES:
+            assert got[f'safety_requests_total{{code="{code}",method="{method}"}}'] == 0, (method, code)
+        assert got[f'safety_request_duration_seconds_count{{method="{method}"}}'] == 0, method
+        assert got[f'safety_request_duration_seconds_bucket{{le="+Inf",method="{method}"}}'] == 0, method
