@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -47,9 +48,41 @@ CLASSIFY_METHODS = ("Classify", STREAM_REQUEST)
 STATUS_CODES = tuple(code.name for code in grpc.StatusCode)
 
 
+class ScrapedRegistry(CollectorRegistry):
+    """A registry that knows which scrapes it has answered: each collection is numbered as it begins, and
+    `scraped_since(mark)` says whether one that began at or after `mark()` has read every metric. A scrape
+    begun after an event therefore saw its counts. `on_scrape`, when set, is called (in the exporter's
+    thread) after each collection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cond = threading.Condition()
+        self._begun = 0  # collections begun
+        self._latest = -1  # the number of the latest collection begun that has read everything (-1: none)
+        self.on_scrape: Callable[[], None] | None = None
+
+    def collect(self) -> Iterator[Any]:
+        with self._cond:
+            number, self._begun = self._begun, self._begun + 1
+        yield from super().collect()
+        with self._cond:
+            self._latest = max(self._latest, number)
+        listener = self.on_scrape
+        if listener is not None:
+            listener()
+
+    def mark(self) -> int:
+        with self._cond:
+            return self._begun
+
+    def scraped_since(self, mark: int) -> bool:
+        with self._cond:
+            return self._latest >= mark
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+    def __init__(self) -> None:
+        self.registry = ScrapedRegistry()
         r = self.registry
         # process_* (CPU, memory, open fds, start time), python_info, python_gc_*
         ProcessCollector(registry=r)
@@ -121,6 +154,12 @@ class Metrics:
             "safety_warmup_seconds", "model load-time warm-up (torch.compile included when on)", registry=r
         )
         self.compiled = Gauge("safety_compiled", "1 when the network runs torch.compile'd", registry=r)
+        self.device_failed = Gauge(
+            "safety_device_failed",
+            "1 once the device failed for good (a sticky CUDA error): the replica drains, waits within its "
+            "drain grace for a scrape of this, and exits 1",
+            registry=r,
+        )
         self._http: Any = None
         # Every series the alerts and the dashboard select exists from the start, at 0 (see the docstring).
         for reason in DROP_REASONS:

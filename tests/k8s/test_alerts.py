@@ -72,7 +72,7 @@ def test_every_alert_is_named_graded_and_explained(rule: dict[str, Any]) -> None
         assert e.count("(") == e.count(")") and e.count("{") == e.count("}"), a["alert"]
     covered = "\n".join(a["expr"] for a in alerts(rule))
     for metric in ("safety_requests_total", "safety_request_duration_seconds_bucket", "safety_queue_items",
-                   'reason="device_failed"', "safety_build_info", 'outcome="dead_lettered"',
+                   "safety_device_failed", "safety_build_info", 'outcome="dead_lettered"',
                    "safety_worker_chunks_resent_total"):  # fmt: skip
         assert metric in covered, metric
 
