@@ -1,8 +1,9 @@
 """Structured logging for `safety serve` and `safety worker`: one JSON object per line (or plain text).
 
 Owns: the log format. Records carry `ts`, `level`, `logger`, `msg`, any `extra={...}` fields (e.g.
-`error_id`, a worker's `task_id`) and `exc` with the traceback. `configure` sets up the root logger (serve);
-the worker hands `JsonFormatter` to Celery's own handlers. Must not know: gRPC, Celery or the model.
+`error_id`, a worker's `task_id`) and `exc` with the traceback. `configure` sets up the root logger (serve;
+the worker until Celery sets up its own handlers, to which it then hands `JsonFormatter`). Must not know:
+gRPC, Celery or the model.
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(level: str = "INFO", fmt: str = "json") -> None:
+    """The root logger writes `fmt` ("json" or "text") lines to stderr at `level`. With json, Python warnings
+    (a library's deprecation, ...) are records too (logger `py.warnings`), not plain-text lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    if fmt == "json":
+        logging.captureWarnings(True)

@@ -4,14 +4,18 @@ Owns: the metric names and buckets, a per-server `CollectorRegistry` (so several
 as in tests, don't collide) with prometheus-client's process, platform and GC collectors on it (a fresh
 registry has none of the default registry's), `safety_build_info`, the HTTP exporter, and
 `MetricsInterceptor`, which counts every unary and streaming call by method and final status code. The
-scheduler reports through the `SchedulerMetrics` methods below and never imports prometheus itself. Must
-not know: the model.
+scheduler reports through the `SchedulerMetrics` methods below and never imports prometheus itself. The
+labelled series the alerts and the dashboard select (k8s/components) exist from start-up, at 0: every
+dropped-window reason, and every status code and the latency of the classification calls. A series that
+appears only with its first event starts at that count, and Prometheus' increase() and rate() take its first
+sample as the baseline: the event would go unseen. Must not know: the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -31,17 +35,54 @@ from prometheus_client import (
 from model import package_version
 from service.deadlines import deadline_passed
 from service.handlers import WrappingInterceptor, with_behavior
+from service.scheduler import DROP_REASONS
 from service.settings import split_address
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 STREAM_REQUEST = "ClassifyStream.request"  # the `method` label of one request inside a ClassifyStream
+# The classification calls (the `method` values the alerts and the dashboard select), and every status code
+# they can end with: their safety_requests_total and safety_request_duration_seconds series exist from start.
+CLASSIFY_METHODS = ("Classify", STREAM_REQUEST)
+STATUS_CODES = tuple(code.name for code in grpc.StatusCode)
+
+
+class ScrapedRegistry(CollectorRegistry):
+    """A registry that knows which scrapes it has answered: each collection is numbered as it begins, and
+    `scraped_since(mark)` says whether one that began at or after `mark()` has read every metric. A scrape
+    begun after an event therefore saw its counts. `on_scrape`, when set, is called (in the exporter's
+    thread) after each collection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cond = threading.Condition()
+        self._begun = 0  # collections begun
+        self._latest = -1  # the number of the latest collection begun that has read everything (-1: none)
+        self.on_scrape: Callable[[], None] | None = None
+
+    def collect(self) -> Iterator[Any]:
+        with self._cond:
+            number, self._begun = self._begun, self._begun + 1
+        yield from super().collect()
+        with self._cond:
+            self._latest = max(self._latest, number)
+        listener = self.on_scrape
+        if listener is not None:
+            listener()
+
+    def mark(self) -> int:
+        with self._cond:
+            return self._begun
+
+    def scraped_since(self, mark: int) -> bool:
+        with self._cond:
+            return self._latest >= mark
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+    def __init__(self) -> None:
+        self.registry = ScrapedRegistry()
         r = self.registry
         # process_* (CPU, memory, open fds, start time), python_info, python_gc_*
         ProcessCollector(registry=r)
@@ -113,7 +154,20 @@ class Metrics:
             "safety_warmup_seconds", "model load-time warm-up (torch.compile included when on)", registry=r
         )
         self.compiled = Gauge("safety_compiled", "1 when the network runs torch.compile'd", registry=r)
+        self.device_failed = Gauge(
+            "safety_device_failed",
+            "1 once the device failed for good (a sticky CUDA error): the replica drains, waits within its "
+            "drain grace for a scrape of this, and exits 1",
+            registry=r,
+        )
         self._http: Any = None
+        # Every series the alerts and the dashboard select exists from the start, at 0 (see the docstring).
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason=reason)
+        for method in CLASSIFY_METHODS:
+            self._timed[method] = self.request_seconds.labels(method=method)
+            for code in STATUS_CODES:
+                self._counted[method, code] = self.requests.labels(method=method, code=code)
 
     def serving(self, model: str, device: str, dtype: str) -> None:
         """The model is loaded: `safety_build_info` = 1 with its labels (one series per server)."""

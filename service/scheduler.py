@@ -56,6 +56,13 @@ TOKENS_PER_CHAR = 0.25  # the admission estimate until real calls have measured 
 # later than 5 s had better go elsewhere), and 100 ms before any batch has measured the rate.
 RETRY_MIN_MS, RETRY_MAX_MS, RETRY_DEFAULT_MS = 50, 5000, 100
 RATE_WEIGHT = 0.2  # of the last batch in the moving average of device seconds per token
+# Why queued windows are dropped before compute: SchedulerMetrics.drop's `reason`, the label values of
+# safety_dropped_windows_total (each exported from start-up, at 0, so that Prometheus' increase() and rate()
+# see a drop from the first one on).
+DROP_CANCELLED, DROP_DEADLINE, DROP_SHUTDOWN, DROP_BATCH_FAILED, DROP_DEVICE_FAILED = (
+    "cancelled", "deadline", "shutdown", "batch_failed", "device_failed"
+)  # fmt: skip
+DROP_REASONS = (DROP_CANCELLED, DROP_DEADLINE, DROP_SHUTDOWN, DROP_BATCH_FAILED, DROP_DEVICE_FAILED)
 
 
 class _Stopped(Exception):
@@ -240,7 +247,9 @@ class Scheduler:
         try:
             return await req.future
         except asyncio.CancelledError:
-            self._abandon(req, "deadline" if deadline_passed(req.deadline, time.monotonic()) else "cancelled")
+            self._abandon(
+                req, DROP_DEADLINE if deadline_passed(req.deadline, time.monotonic()) else DROP_CANCELLED
+            )
             raise
 
     def _admit_items(self, n: int, chars: int) -> int:
@@ -412,7 +421,7 @@ class Scheduler:
             heapq.heappop(self._deadlines)
         if expired:
             self._fail_locked(
-                expired, DeadlineExceededError("deadline passed while queued; not computed"), "deadline"
+                expired, DeadlineExceededError("deadline passed while queued; not computed"), DROP_DEADLINE
             )
 
     def _full_locked(self) -> bool:
@@ -452,7 +461,7 @@ class Scheduler:
                     self._form_locked()
                 except Exception as exc:  # a planner bug must not wedge the server: fail what is queued
                     log.exception("batch formation failed")
-                    self._fail_locked({w.req for w in self._pending}, exc, "batch_failed")
+                    self._fail_locked({w.req for w in self._pending}, exc, DROP_BATCH_FAILED)
                 self._cond.notify_all()
 
     def _form_locked(self) -> None:
@@ -488,7 +497,7 @@ class Scheduler:
                     live = [w for w in batch if not w.req.done]
                     for w in batch:
                         if w.req.done:  # cancelled or expired while in the slot: not computed
-                            why = "deadline" if deadline_passed(w.req.deadline, now) else "cancelled"
+                            why = DROP_DEADLINE if deadline_passed(w.req.deadline, now) else DROP_CANCELLED
                             self.metrics.drop(why, 1)
                     self._cond.notify_all()
                 if not live:
@@ -538,7 +547,7 @@ class Scheduler:
                 self._device_failed(exc, batch)
                 return
             with self._cond:
-                self._fail_locked({w.req for w in batch}, exc, "batch_failed")
+                self._fail_locked({w.req for w in batch}, exc, DROP_BATCH_FAILED)
             return
         self.batches_run += 1
         self.sequences_run += len(batch)
@@ -580,7 +589,7 @@ class Scheduler:
             unavailable = self._refusal()
             self._accepting = False
             self._fail_locked(
-                {w.req for w in batch} | {w.req for w in self._pending}, unavailable, "device_failed"
+                {w.req for w in batch} | {w.req for w in self._pending}, unavailable, DROP_DEVICE_FAILED
             )
         if first:
             log.critical("the device failed for good: %s: %s", type(exc).__name__, exc)
@@ -627,7 +636,7 @@ class Scheduler:
             self._accepting = False
             self._closing = True
             gone = {w.req for w in self._pending} | {w.req for w in self._slot or []}
-            self._fail_locked(gone, self._refusal(), "shutdown")
+            self._fail_locked(gone, self._refusal(), DROP_SHUTDOWN)
             self._cond.notify_all()
         self._in_flight.release()  # a runner waiting for a device slot sees `_closing`
         for t in self._threads:

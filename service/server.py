@@ -148,6 +148,8 @@ class SafetyServer:
     tls: ReloadingCredentials | None = None  # the served port's TLS files, re-read when they change
     cut: int = 0  # calls still in flight when the drain ended them (grace expired, or forced)
     _forced: asyncio.Event = field(default_factory=asyncio.Event)
+    _interrupted: asyncio.Event = field(default_factory=asyncio.Event)  # a signal during the drain
+    _failure_scrapes: int = 0  # the metrics registry's mark() when the device failed
 
     async def start(self) -> None:
         """Start serving (health NOT_SERVING), load and warm the model off the loop, then SERVING."""
@@ -173,7 +175,7 @@ class SafetyServer:
             max_queue_items=s.max_queue_items,
             encode_threads=s.encode_threads,
             metrics=self.metrics,
-            on_device_failure=lambda exc: loop.call_soon_threadsafe(self.device_failed.set),
+            on_device_failure=lambda exc: loop.call_soon_threadsafe(self._device_broke),
         )
         self.servicer.attach(clf, self.scheduler)
         for name in ("", SERVICE_NAME):
@@ -201,7 +203,8 @@ class SafetyServer:
         open ClassifyStreams and job result streams end early, saying where to resume), then stop everything,
         giving what is left (health watches, reflection) at most STOP_GRACE_S. Idempotent. `force()` (a second
         signal) ends the wait at once. Calls still in flight at the end are cut (UNAVAILABLE): counted in
-        `cut` and logged as a warning."""
+        `cut` and logged as a warning. After a device failure, /metrics stays up (within the grace) until a
+        scrape has read the final counts (`_final_scrape`)."""
         if self._stopped.is_set():
             return
         loop = asyncio.get_running_loop()
@@ -225,9 +228,61 @@ class SafetyServer:
         if self.scheduler is not None:
             await loop.run_in_executor(None, self.scheduler.close)
         await loop.run_in_executor(None, self.servicer.jobs.close)
+        if self.device_failed.is_set() and self.metrics_port is not None:
+            await self._final_scrape(self._failure_scrapes, deadline)
         self.metrics.close()
         self._stopped.set()
         log.info("stopped")
+
+    async def _final_scrape(self, mark: int, deadline: float) -> None:
+        """After a device failure, before /metrics goes: wait until a scrape begun at or after `mark` (when
+        the failure was reported) has read `safety_device_failed` = 1 and the final counts, at the latest
+        until `deadline` (the drain grace). The process exits right after the drain, typically well under a
+        second after the failure: without this Prometheus would most likely never see the failure, and
+        SafetyDeviceFailed would not fire. A signal (`interrupt`, `force`) ends the wait."""
+        loop = asyncio.get_running_loop()
+        registry = self.metrics.registry
+        scraped = asyncio.Event()
+        registry.on_scrape = lambda: loop.call_soon_threadsafe(scraped.set)
+        try:
+            if not registry.scraped_since(mark):
+                log.info(
+                    "the device failed: waiting for a scrape of the final metrics",
+                    extra={
+                        "metrics_port": self.metrics_port,
+                        "within_s": round(max(0.0, deadline - loop.time()), 1),
+                    },
+                )
+            while not registry.scraped_since(mark):
+                remaining = deadline - loop.time()
+                if self._forced.is_set() or self._interrupted.is_set() or remaining <= 0:
+                    why = "a signal" if remaining > 0 else "the drain grace expired"
+                    log.warning("no scrape of the final metrics: %s", why)
+                    return
+                scraped.clear()  # set again (on this loop) by a collection that ends from now on
+                waits = {
+                    asyncio.ensure_future(scraped.wait()),
+                    asyncio.ensure_future(self._forced.wait()),
+                    asyncio.ensure_future(self._interrupted.wait()),
+                }
+                await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                for waiting in waits:
+                    waiting.cancel()
+            log.info("the final metrics were scraped")
+        finally:
+            registry.on_scrape = None
+
+    def _device_broke(self) -> None:
+        """On the loop, told by the scheduler once it has counted the failure's dropped windows:
+        `safety_device_failed` = 1, and a scrape that begins from now on reads it and them."""
+        self.metrics.device_failed.set(1)
+        self._failure_scrapes = self.metrics.registry.mark()
+        self.device_failed.set()
+
+    def interrupt(self) -> None:
+        """A signal during the drain (the first): the drain still finishes the calls in flight, but nothing
+        else waits (the final scrape after a device failure)."""
+        self._interrupted.set()
 
     def force(self) -> None:
         """Stop draining: cut what is still in flight now (a second SIGTERM/SIGINT)."""
@@ -324,7 +379,8 @@ def _reload_hint(app: SafetyServer) -> None:
 
 async def serve(settings: ServeSettings, classifier: ClassifierSource = None) -> int:
     """The `safety serve` process: serve until SIGTERM/SIGINT, drain within the grace period, return 0; or,
-    if the device fails for good (a sticky CUDA error), drain and return 1 so the orchestrator replaces it.
+    if the device fails for good (a sticky CUDA error), drain (and, within the grace, wait for a scrape of
+    /metrics to read `safety_device_failed`) and return 1 so the orchestrator replaces it.
     A drain that had to cut calls (the grace expired, or a second SIGTERM/SIGINT stopped it at once) also
     returns 1. SIGHUP logs and re-checks the TLS files (`_reload_hint`)."""
     logs.configure(settings.log_level, settings.log_format)
@@ -368,6 +424,7 @@ async def serve(settings: ServeSettings, classifier: ClassifierSource = None) ->
         else:
             signalled = True
             log.info("signal received while draining")
+            app.interrupt()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from model.errors import ConfigError, InvalidInputError, SafetyError
+from model.logs import configure as configure_logs
 from model.threads import available_cpus
 from worker.settings import WorkerSettings, env_name
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of the output went away (`| head`), as a process SIGPIPE kills
+log = logging.getLogger("safety.worker")
 
 
 class OutputClosed(Exception):
@@ -179,15 +181,20 @@ def run_worker(args: argparse.Namespace) -> int:
             # the chunk (solo), then cancel it through a pool that cannot cancel (NotImplementedError: a
             # failed attempt).
             check_redis(settings)  # a wrong SAFETY_REDIS_URL stops here: Celery would retry it for ever
+            # Logging before anything logs (the metrics address below): a JSON record, or a text line, until
+            # Celery sets up its own handlers (json_logs gives them the JSON formatter).
+            level = args.loglevel or settings.log_level
+            if settings.log_format == "json":
+                json_logs(level)
+                argv = ["--quiet", *argv]  # no banner: every line of the log is a JSON object
+            else:
+                configure_logs(level, "text")
             if settings.metrics_port:
                 metrics_dir = serve_metrics(settings.metrics_port, prefork="--pool=prefork" in argv)
             from worker.app import app
             from worker.reclaim import start_sweeper
             from worker.tasks import worker_failed
 
-            if settings.log_format == "json":
-                json_logs(settings.log_level)
-                argv = ["--quiet", *argv]  # no banner: every line of the log is a JSON object
             sweeper = start_sweeper(settings)  # re-sends chunks the broker lost (worker.reclaim)
             try:
                 code = app.start(argv) or EXIT_OK
@@ -264,7 +271,9 @@ def serve_metrics(port: int, *, prefork: bool) -> str | None:
             shutil.rmtree(created, ignore_errors=True)
         why = f"cannot serve metrics on port {port}: {e.strerror}"
         raise ConfigError(why, field=env_name("metrics_port"), file="environment") from None
-    print(f"safety worker: Prometheus metrics on :{server.server_port}/metrics", file=sys.stderr)
+    log.info(
+        "Prometheus metrics on :%d/metrics", server.server_port, extra={"metrics_port": server.server_port}
+    )
     return created
 
 

@@ -31,6 +31,7 @@ COMPOSITIONS = {
 }
 CHECKOV = Path(os.environ.get("SAFETY_CHECKOV", REPO / ".cache" / "checkov-venv" / "bin" / "checkov"))
 IMAGE_NAME = "registry.example.com/safety-classifier"  # the placeholder the base sets (images: in k8s/base)
+DEV_IMAGE = "safety-classifier:dev"  # the dev overlay's: built and loaded into the node (docs/deploy.md §4)
 
 
 def tool(name: str, install: str) -> str:

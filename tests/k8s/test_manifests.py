@@ -7,15 +7,18 @@ Must not know: schemas (test_validate.py) or security lint (test_checkov.py).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 from service.settings import ServeSettings, split_address
-from tests.k8s.render import COMPOSITIONS, IMAGE_NAME, OVERLAYS, REPO, Rendered
+from tests.k8s.render import COMPOSITIONS, DEV_IMAGE, IMAGE_NAME, K8S, OVERLAYS, REPO, Rendered, kustomize
 from worker.settings import WorkerSettings
 
 ALL = [*OVERLAYS, *COMPOSITIONS]
@@ -48,8 +51,14 @@ def port_named(container: dict[str, Any], name: str) -> int:
 
 
 def ours(r: Rendered) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(workload, container) for every container that runs our image."""
-    return [(w, c) for w in r.workloads() for c in containers(w) if c["image"].startswith(IMAGE_NAME + ":")]
+    """(workload, container) for every container that runs our image: the registry placeholder's, or the
+    dev overlay's local build."""
+    return [
+        (w, c)
+        for w in r.workloads()
+        for c in containers(w)
+        if c["image"].startswith(IMAGE_NAME + ":") or c["image"] == DEV_IMAGE
+    ]
 
 
 def grpc_container(r: Rendered) -> dict[str, Any]:
@@ -418,6 +427,55 @@ def test_dev_overlay_has_its_redis(rendered: dict[str, Rendered]) -> None:
     assert service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
     args = containers(redis)[0]["args"]
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction", "a broker must never evict a task"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_only_the_dev_overlay_runs_a_local_image(rendered: dict[str, Rendered], name: str) -> None:
+    """kind and minikube run the image the user built and loaded into the node: a name no registry serves,
+    used as it is (IfNotPresent; Always would pull it and fail with ErrImagePull). Every other overlay keeps
+    the registry image, pulled on every start."""
+    for workload, container in ours(rendered[name]):
+        where = f"{name}: {workload['metadata']['name']}/{container['name']}"
+        if name == "dev":
+            assert container["image"] == DEV_IMAGE, where
+            assert container["imagePullPolicy"] == "IfNotPresent", where
+        else:
+            assert container["image"].startswith(IMAGE_NAME + ":"), where
+            assert container["imagePullPolicy"] == "Always", where
+
+
+def test_the_dev_steps_build_and_load_the_dev_overlays_image() -> None:
+    """docs/deploy.md's "Trying it out" builds, loads (kind and minikube) and applies what the dev overlay
+    runs."""
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    steps = doc[doc.index("**Trying it out**") :]
+    steps = steps[: steps.index("\n**", 1)]
+    assert f"docker build -t {DEV_IMAGE} ." in steps, steps
+    assert f"kind load docker-image {DEV_IMAGE}" in steps, steps
+    assert f"minikube image load {DEV_IMAGE}" in steps, steps
+    assert "kubectl apply -k k8s/overlays/dev" in steps, steps
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_the_digest_pinning_advice_pins_the_digest(overlay: str, tmp_path: Path) -> None:
+    """k8s/checkov-skips.yaml accepts tag-pinned images because a release overlay pins its digest with the
+    `kustomize edit set image OLD=NEW@sha256:...` it names: the `images:` entry that command writes, in an
+    overlay of ours, must change every container of our image (OLD must be the name the base renamed the
+    image to, not the one its Deployments start from)."""
+    skip = next(s for s in yaml.safe_load((K8S / "checkov-skips.yaml").read_text())["skips"]
+                if s["id"] == "CKV_K8S_43")  # fmt: skip
+    advice = re.search(r"kustomize edit set image\s+(\S+)=(\S+)@sha256:\.\.\.", skip["reason"])
+    assert advice, skip["reason"]
+    old, new = advice.group(1), advice.group(2).replace("REGISTRY", "registry.mycorp.io")
+    digest = "sha256:" + "0123456789abcdef" * 4
+    rel = os.path.relpath(K8S / "overlays" / overlay, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{rel}]\nimages:\n  - name: {old}\n    newName: {new}\n    digest: {digest}\n"
+    )
+    pinned = kustomize(tmp_path, f"{overlay}+digest")
+    images = {c["image"] for w in pinned.workloads() for c in containers(w)}
+    assert images == {f"{new}@{digest}"}, f"`set image {old}=...` left {sorted(images)}"
 
 
 def test_model_volume_component(rendered: dict[str, Rendered]) -> None:

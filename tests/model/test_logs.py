@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
+from pathlib import Path
 
 from model.logs import JsonFormatter, TextFormatter
 
@@ -34,3 +36,21 @@ def test_text_lines_keep_the_extra_fields_after_the_message() -> None:
     text = TextFormatter().format(failed)
     first, *rest = text.splitlines()
     assert first.endswith("serving error_id=3f2a") and rest[-1] == "ValueError: boom"
+
+
+def test_json_logging_makes_python_warnings_records() -> None:
+    """`safety serve` (and the worker before Celery's handlers exist) log through `configure`: under json a
+    Python warning must not add a plain-text line (`FILE:LINE: UserWarning: ...`) to the JSON log."""
+    script = (
+        "import logging, warnings\n"
+        "from model.logs import configure\n"
+        "configure('INFO', 'json')\n"
+        "logging.getLogger('safety.service').info('serving')\n"
+        "warnings.warn('a library is deprecated', UserWarning)\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stderr.splitlines()]  # raises on a line that is not JSON
+    assert [r["logger"] for r in records] == ["safety.service", "py.warnings"], records
+    assert "UserWarning: a library is deprecated" in records[1]["msg"]

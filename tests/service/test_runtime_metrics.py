@@ -4,6 +4,8 @@ collectors) and `safety_build_info` for the model being served: a real server on
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
+from typing import Any
 
 from service.server import SafetyServer
 from tests.prometheus import scrape
@@ -25,3 +27,60 @@ def test_runtime_metrics_and_build_info(server: SafetyServer) -> None:
     labels = f'device="{clf.device}",dtype="{clf.dtype}",model="{clf.name}",version="{version}"'
     assert got[f"safety_build_info{{{labels}}}"] == 1
     assert sum(1 for key in got if key.startswith("safety_build_info")) == 1
+
+
+def test_labelled_series_exist_at_zero_before_any_traffic(start_server: Callable[..., SafetyServer]) -> None:
+    """Prometheus' increase() and rate() take a series' first sample as the baseline: a series that appears
+    only with its first event (a device failure's dropped windows, then the replica exits) never shows an
+    increase, and SafetyDeviceFailed would never fire. So a fresh server, before any call, exports every
+    dropped-window reason, and every status code and the latency of the classification calls, at 0."""
+    from service.metrics import CLASSIFY_METHODS, STATUS_CODES
+    from service.scheduler import DROP_REASONS
+
+    got = samples(start_server())
+    # the reasons the scheduler drops windows for, as docs/api.md lists them
+    assert set(DROP_REASONS) == {"cancelled", "deadline", "shutdown", "batch_failed", "device_failed"}
+    for reason in DROP_REASONS:
+        assert got[f'safety_dropped_windows_total{{reason="{reason}"}}'] == 0, reason
+    assert got["safety_device_failed"] == 0
+    assert {"OK", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"} <= set(STATUS_CODES)
+    assert set(CLASSIFY_METHODS) == {"Classify", "ClassifyStream.request"}
+    for method in CLASSIFY_METHODS:
+        for code in STATUS_CODES:
+            assert got[f'safety_requests_total{{code="{code}",method="{method}"}}'] == 0, (method, code)
+        assert got[f'safety_request_duration_seconds_count{{method="{method}"}}'] == 0, method
+        assert got[f'safety_request_duration_seconds_bucket{{le="+Inf",method="{method}"}}'] == 0, method
+
+
+def test_a_scrape_counts_as_final_only_if_it_began_after_the_mark() -> None:
+    """What the drain after a device failure waits for (service/server.py `_final_scrape`): a collection
+    begun before the failure may have read the counters before it, so it does not count; one begun after
+    the mark does, once it has read everything."""
+    import threading
+
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    from service.metrics import ScrapedRegistry
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Held(Collector):
+        def collect(self) -> Any:
+            entered.set()
+            assert release.wait(10)
+            yield GaugeMetricFamily("held", "a collector that waits for the test", value=1)
+
+    registry = ScrapedRegistry()
+    registry.register(Held())
+    early = threading.Thread(target=lambda: list(registry.collect()))
+    early.start()
+    assert entered.wait(10)
+    mark = registry.mark()  # the event happens while `early` is in the middle of its collection
+    release.set()
+    early.join(10)
+    assert not registry.scraped_since(mark)
+    scraped = []
+    registry.on_scrape = lambda: scraped.append(registry.scraped_since(mark))
+    list(registry.collect())
+    assert registry.scraped_since(mark) and scraped == [True]

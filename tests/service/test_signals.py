@@ -23,6 +23,7 @@ from service.client import SafetyClient
 from service.server import serve
 from service.settings import ServeSettings
 from service.stubs import pb2_grpc
+from tests.prometheus import scrape
 from tests.service.helpers import request, wait_until
 from tests.service.pki import make_ca, make_leaf, served_serial
 from tests.worker.harness import free_port
@@ -297,3 +298,81 @@ def test_the_first_signal_after_a_device_failure_lets_its_drain_finish(
     assert records.index("the device failed: NOT_SERVING") < records.index("signal received while draining")
     assert records.find("second signal") is None and records.find("cutting") is None
     assert records.find("stopped with") is None and records.find("stopped") is not None
+
+
+# ---- the final scrape after a device failure ------------------------------------------------------------
+WAITING = "the device failed: waiting for a scrape of the final metrics"
+
+
+@pytest.fixture
+def broken_device(tiny_classifier: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The tiny classifier with a sticky CUDA error (simulated: no GPU here) on its first batch."""
+
+    def broken(sequences: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(tiny_classifier, "launch", broken)
+    return tiny_classifier
+
+
+def fail_the_device(port: int) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as failed:
+        pb2_grpc.SafetyClassifierStub(channel).Classify(request("breaks the device"), timeout=10)
+    assert (
+        failed.value.code() == grpc.StatusCode.UNAVAILABLE and "the device failed" in failed.value.details()
+    )
+
+
+def test_after_a_device_failure_metrics_stay_up_until_a_scrape_has_read_the_drops(
+    broken_device: Any, records: Records
+) -> None:
+    """The replica exits right after the drain that follows a device failure, well before the next scrape
+    in practice: Prometheus would never see `safety_device_failed` = 1 and SafetyDeviceFailed would not
+    fire. So /metrics stays up until a scrape has read it, and then serve() ends at once (not at the end of
+    the 30 s grace)."""
+    metrics_port, seen = free_port(), {}
+
+    def client(port: int) -> None:
+        fail_the_device(port)
+        wait_until(lambda: records.find(WAITING) is not None, what="the wait for a final scrape")
+        assert health_status(port) is None, "the gRPC server is stopped by now: only /metrics is left"
+        seen["scraped"] = scrape(metrics_port)["safety_device_failed"]
+        seen["at"] = time.monotonic()
+
+    assert run_serve(broken_device, 30.0, client, metrics_address=f"127.0.0.1:{metrics_port}") == 1
+    assert seen["scraped"] == 1
+    assert time.monotonic() - seen["at"] < 10, "serve() waited on after the scrape"
+    assert records.index(WAITING) < records.index("the final metrics were scraped") < records.index("stopped")
+    assert records.find("no scrape of the final metrics") is None
+    with pytest.raises(OSError):  # and /metrics is gone with the process's server
+        scrape(metrics_port)
+
+
+def test_without_a_scrape_the_wait_ends_with_the_drain_grace(broken_device: Any, records: Records) -> None:
+    metrics_port = free_port()
+    started = time.monotonic()
+    assert run_serve(broken_device, 2.0, fail_the_device, metrics_address=f"127.0.0.1:{metrics_port}") == 1
+    warning = records.find("no scrape of the final metrics")
+    assert warning is not None and warning.getMessage().endswith("the drain grace expired")
+    assert warning.levelno == logging.WARNING and records.index(WAITING) < records.index("no scrape of")
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_ends_the_wait_for_the_final_scrape(
+    broken_device: Any, records: Records, sig: signal.Signals
+) -> None:
+    """Kubernetes deleting the pod, or the kubelet restarting the container, must not wait on a scrape."""
+    metrics_port = free_port()
+
+    def client(port: int) -> None:
+        fail_the_device(port)
+        wait_until(lambda: records.find(WAITING) is not None, what="the wait for a final scrape")
+        os.kill(os.getpid(), sig)
+
+    started = time.monotonic()
+    assert run_serve(broken_device, 60.0, client, metrics_address=f"127.0.0.1:{metrics_port}") == 1
+    assert time.monotonic() - started < 30, "the signal did not end the wait"
+    warning = records.find("no scrape of the final metrics")
+    assert warning is not None and warning.getMessage().endswith("a signal")
+    assert records.find("second signal") is None  # the first signal did it, without cutting anything

@@ -126,5 +126,8 @@ def test_a_prefork_worker_exports_its_pool_processes_counts(
         assert got["safety_worker_chunk_seconds_count"] == 3
         assert got['safety_worker_items_total{outcome="failed"}'] == 0
         assert len(list(tmp_path.glob("safety-worker-metrics-*/*.db"))) >= 1  # written by the pool process
+        # SAFETY_LOG_FORMAT=text (the default): the exporter's address is a log line like the others
+        address = f" INFO safety.worker: Prometheus metrics on :{port}/metrics metrics_port={port}"
+        assert [line for line in worker.text().splitlines() if line.endswith(address)], worker.text()[:3000]
     finally:
         worker.stop()

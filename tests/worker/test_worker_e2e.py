@@ -21,6 +21,7 @@ from tests.worker.harness import (
     Worker,
     assert_job_output,
     expected_lines,
+    free_port,
     make_items,
     poll,
     worker_env,
@@ -221,9 +222,13 @@ def test_json_logs_are_one_object_per_line_with_the_task_id(
     job_client: Callable[..., JobClient],
     pool: str,
 ) -> None:
-    """SAFETY_LOG_FORMAT=json (what the Kubernetes config sets): no banner, no Celery text line; a record
-    logged inside a chunk carries the chunk's task id."""
-    w = start_worker(module_redis.url, pool=pool, queue=f"json-logs-{pool}", log_format="json")
+    """SAFETY_LOG_FORMAT=json (what the Kubernetes config sets): no banner, no Celery text line, and the
+    metrics exporter's address a record too (it is on in Kubernetes); a record logged inside a chunk
+    carries the chunk's task id."""
+    port = free_port()
+    w = start_worker(
+        module_redis.url, pool=pool, queue=f"json-logs-{pool}", log_format="json", worker_metrics_port=port
+    )
     client = job_client(module_redis.url, queue=f"json-logs-{pool}", chunk_size=8)
     job = client.submit(make_items(8)).status.job_id
     assert client.wait(job, timeout=120).state == "done"
@@ -233,6 +238,8 @@ def test_json_logs_are_one_object_per_line_with_the_task_id(
     records = [json.loads(line) for line in lines]  # every line: raises on the first that is not JSON
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
     assert any("ready" in r["msg"] for r in records), "Celery's own records go through the same formatter"
+    [address] = [r for r in records if r.get("metrics_port") == port]
+    assert address["msg"] == f"Prometheus metrics on :{port}/metrics" and address["logger"] == "safety.worker"
     in_task = [r for r in records if r.get("task_id") == f"{job}.0"]
     assert in_task and all(r["task_name"] == "worker.tasks.classify_chunk" for r in in_task)
 
