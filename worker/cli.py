@@ -71,7 +71,12 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         help="worker processes (prefork); default SAFETY_WORKER_CONCURRENCY or 1",
     )
-    w.add_argument("-n", "--hostname", help="Celery node name (default celery@HOSTNAME)")
+    w.add_argument(
+        "-n",
+        "--hostname",
+        help="Celery node name (default safety-PID@HOSTNAME: unique per process, so a worker that stops "
+        "itself, for a model it cannot load or a broken device, never stops another on the same host)",
+    )
     w.add_argument(
         "--max-tasks-per-child", type=positive_int, help="replace a prefork process after this many chunks"
     )
@@ -154,8 +159,10 @@ def worker_argv(args: argparse.Namespace, settings: WorkerSettings) -> list[str]
         "--without-gossip",
         "--without-mingle",
     ]
-    if args.hostname:
-        argv.append(f"--hostname={args.hostname}")
+    # A worker that cannot go on asks its own node to shut down (`worker.tasks.stop_worker`, by node name):
+    # Celery's default name, celery@HOSTNAME, is the same for every worker on a host (a laptop, a VM), and
+    # the shutdown would stop them all. Kubernetes pods have their own hostnames; the pid costs nothing.
+    argv.append(f"--hostname={args.hostname or f'safety-{os.getpid()}@%h'}")
     if args.max_tasks_per_child:
         argv.append(f"--max-tasks-per-child={args.max_tasks_per_child}")
     return argv

@@ -31,12 +31,21 @@ def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture
 def start_worker(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Callable[..., Worker]]:
-    """start_worker(redis_url, pool=..., concurrency=..., **settings) -> a running worker subprocess."""
+    """start_worker(redis_url, pool=..., concurrency=..., hostname=..., **settings) -> a running worker
+    subprocess (`Worker`: hostname "" a unique node name, None the product's default)."""
     started: list[Worker] = []
 
-    def start(redis_url: str, *, pool: str = "prefork", concurrency: int = 1, **settings: Any) -> Worker:
+    def start(
+        redis_url: str,
+        *,
+        pool: str = "prefork",
+        concurrency: int = 1,
+        hostname: str | None = "",
+        **settings: Any,
+    ) -> Worker:
         env = worker_env(redis_url, tiny_model_dir, **settings)
-        worker = Worker(env, tmp_path / f"worker{len(started)}.log", pool=pool, concurrency=concurrency)
+        log = tmp_path / f"worker{len(started)}.log"
+        worker = Worker(env, log, pool=pool, concurrency=concurrency, hostname=hostname)
         started.append(worker)
         return worker
 

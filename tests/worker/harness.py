@@ -95,11 +95,20 @@ class Worker:
     """`python -m worker.cli worker` in its own process group (so kill -9 reaches the pool children)."""
 
     def __init__(
-        self, env: dict[str, str], log: Path, *, pool: str = "prefork", concurrency: int = 1
+        self,
+        env: dict[str, str],
+        log: Path,
+        *,
+        pool: str = "prefork",
+        concurrency: int = 1,
+        hostname: str | None = "",
     ) -> None:
+        """`hostname`: the node name; "" a unique one; None: none given (the product's default)."""
         self.log = log
         cmd = [sys.executable, "-m", "worker.cli", "worker", f"--pool={pool}", f"--concurrency={concurrency}",
-               f"--hostname=w{free_port()}@%h", "--loglevel=INFO"]  # fmt: skip
+               "--loglevel=INFO"]  # fmt: skip
+        if hostname is not None:
+            cmd.append(f"--hostname={hostname or f'w{free_port()}@%h'}")
         out = open(log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True

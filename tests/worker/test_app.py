@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -94,6 +95,9 @@ def test_pool_is_solo_on_cuda_and_prefork_on_cpu() -> None:
     assert {"--pool=prefork", "--concurrency=3", "--queues=jobs"} <= set(argv)
     argv = worker_argv(parser.parse_args(["worker", "-c", "3"]), WorkerSettings(device="cuda"))
     assert {"--pool=solo", "--concurrency=1"} <= set(argv)
+    assert f"--hostname=safety-{os.getpid()}@%h" in argv  # not Celery's celery@HOSTNAME, shared on a host
+    argv = worker_argv(parser.parse_args(["worker", "-n", "w1@%h"]), WorkerSettings())
+    assert [a for a in argv if a.startswith("--hostname")] == ["--hostname=w1@%h"]
 
 
 def test_the_safety_command_discovers_the_batch_subcommands() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -223,6 +224,33 @@ def test_a_worker_that_cannot_load_its_model_hands_chunks_back_uncounted_and_exi
     assert (status.state, status.done, status.failed) == ("queued", 0, 0)  # no item failed for the worker
     assert attempts(redis_server, job) == {}  # and no delivery counted against a chunk
     a_healthy_worker_finishes(redis_server, start_worker, client, job, items, tiny_classifier)
+
+
+def test_a_worker_that_stops_itself_never_stops_another_on_the_same_host(
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tmp_path: Path,
+) -> None:
+    """Two workers on one host, neither given -n: the one that cannot load its model asks its node to shut
+    down, and with Celery's default name (celery@HOSTNAME, the same for both) the healthy one stopped too.
+    (Each on its own queue, so that the broken one surely takes a chunk.)"""
+    healthy_client = job_client(redis_server.url, queue="same-host", chunk_size=20)
+    broken_client = job_client(redis_server.url, queue="same-host-broken", chunk_size=20)
+    healthy = start_worker(redis_server.url, queue="same-host", hostname=None)
+    warm_up = healthy_client.submit(make_items(4, prefix="warm")).status.job_id
+    assert healthy_client.wait(warm_up, timeout=120).state == "done"  # it is up and consuming
+    broken = start_worker(
+        redis_server.url, queue="same-host-broken", hostname=None, model=str(tmp_path / "no")
+    )
+    broken_client.submit(make_items(4, prefix="broken"))
+    assert broken.proc.wait(120) == 2  # it took the chunk, could not load its model, and stopped itself
+    job = healthy_client.submit(make_items(40, prefix="same-host")).status.job_id
+    status = healthy_client.wait(job, timeout=120)  # the healthy one is still there
+    assert (status.state, status.done, status.failed) == ("done", 40, 0), healthy.text()[-3000:]
+    assert healthy.proc.poll() is None
+    names = [re.search(r"safety-\d+@\S+", w.text()) for w in (healthy, broken)]
+    assert names[0] and names[1] and names[0].group() != names[1].group()
 
 
 def test_a_broken_device_stops_the_worker_and_a_healthy_one_finishes_the_job(
