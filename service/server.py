@@ -149,7 +149,7 @@ class SafetyServer:
     cut: int = 0  # calls still in flight when the drain ended them (grace expired, or forced)
     _forced: asyncio.Event = field(default_factory=asyncio.Event)
     _interrupted: asyncio.Event = field(default_factory=asyncio.Event)  # a signal during the drain
-    _failure_scrapes: int = 0  # the metrics registry's mark() when the device failed
+    _failure_scrapes: int = 0  # the metrics registry's mark() when the device failed (0: never scraped)
 
     async def start(self) -> None:
         """Start serving (health NOT_SERVING), load and warm the model off the loop, then SERVING."""
@@ -229,19 +229,25 @@ class SafetyServer:
             await loop.run_in_executor(None, self.scheduler.close)
         await loop.run_in_executor(None, self.servicer.jobs.close)
         if self.device_failed.is_set() and self.metrics_port is not None:
-            await self._final_scrape(self._failure_scrapes, deadline)
+            await self._final_scrape(deadline)
         self.metrics.close()
         self._stopped.set()
         log.info("stopped")
 
-    async def _final_scrape(self, mark: int, deadline: float) -> None:
-        """After a device failure, before /metrics goes: wait until a scrape begun at or after `mark` (when
-        the failure was reported) has read `safety_device_failed` = 1 and the final counts, at the latest
+    async def _final_scrape(self, deadline: float) -> None:
+        """After a device failure, once the drain has ended every call, before /metrics goes: wait until a
+        scrape begun from now on has read `safety_device_failed` = 1 and the final counts, at the latest
         until `deadline` (the drain grace). The process exits right after the drain, typically well under a
         second after the failure: without this Prometheus would most likely never see the failure, and
-        SafetyDeviceFailed would not fire. A signal (`interrupt`, `force`) ends the wait."""
+        SafetyDeviceFailed would not fire. A signal (`interrupt`, `force`) ends the wait, and a process whose
+        /metrics was never scraped before the failure (`make run`, `docker run`, no Prometheus) does not
+        wait: nothing would come, and its restart would only be delayed."""
         loop = asyncio.get_running_loop()
         registry = self.metrics.registry
+        if self._failure_scrapes == 0:
+            log.info("the device failed: /metrics was never scraped, so no final scrape is waited for")
+            return
+        mark = registry.mark()  # every call has ended: a scrape begun from now on reads the final counts
         scraped = asyncio.Event()
         registry.on_scrape = lambda: loop.call_soon_threadsafe(scraped.set)
         try:
@@ -415,7 +421,11 @@ async def serve(settings: ServeSettings, classifier: ClassifierSource = None) ->
         else:
             failed.cancel()
             log.info("signal received")
-    signalled = stop.is_set()  # a drain after the device failed has had no signal yet
+    # A drain after the device failed has had no signal yet. One that a signal started (even if the device
+    # failed in the same moment, or fails during it) waits for nothing beyond its calls: no final scrape.
+    signalled = stop.is_set()
+    if signalled:
+        app.interrupt()
 
     def on_signal() -> None:  # the second signal of a drain stops it at once
         nonlocal signalled

@@ -333,6 +333,7 @@ def test_after_a_device_failure_metrics_stay_up_until_a_scrape_has_read_the_drop
     metrics_port, seen = free_port(), {}
 
     def client(port: int) -> None:
+        scrape(metrics_port)  # Prometheus scrapes this replica
         fail_the_device(port)
         wait_until(lambda: records.find(WAITING) is not None, what="the wait for a final scrape")
         assert health_status(port) is None, "the gRPC server is stopped by now: only /metrics is left"
@@ -350,8 +351,13 @@ def test_after_a_device_failure_metrics_stay_up_until_a_scrape_has_read_the_drop
 
 def test_without_a_scrape_the_wait_ends_with_the_drain_grace(broken_device: Any, records: Records) -> None:
     metrics_port = free_port()
+
+    def client(port: int) -> None:
+        scrape(metrics_port)  # scraped before, not after
+        fail_the_device(port)
+
     started = time.monotonic()
-    assert run_serve(broken_device, 2.0, fail_the_device, metrics_address=f"127.0.0.1:{metrics_port}") == 1
+    assert run_serve(broken_device, 2.0, client, metrics_address=f"127.0.0.1:{metrics_port}") == 1
     warning = records.find("no scrape of the final metrics")
     assert warning is not None and warning.getMessage().endswith("the drain grace expired")
     assert warning.levelno == logging.WARNING and records.index(WAITING) < records.index("no scrape of")
@@ -366,6 +372,7 @@ def test_a_signal_ends_the_wait_for_the_final_scrape(
     metrics_port = free_port()
 
     def client(port: int) -> None:
+        scrape(metrics_port)
         fail_the_device(port)
         wait_until(lambda: records.find(WAITING) is not None, what="the wait for a final scrape")
         os.kill(os.getpid(), sig)
@@ -376,3 +383,93 @@ def test_a_signal_ends_the_wait_for_the_final_scrape(
     warning = records.find("no scrape of the final metrics")
     assert warning is not None and warning.getMessage().endswith("a signal")
     assert records.find("second signal") is None  # the first signal did it, without cutting anything
+
+
+def test_a_replica_never_scraped_does_not_wait_for_a_final_scrape(
+    broken_device: Any, records: Records
+) -> None:
+    """`make run`, `docker run`, a cluster without Prometheus: nothing will scrape it, and waiting out the
+    grace would only delay its restart (it waited the whole grace)."""
+    started = time.monotonic()
+    assert run_serve(broken_device, 20.0, fail_the_device, metrics_address=f"127.0.0.1:{free_port()}") == 1
+    assert time.monotonic() - started < 15, "serve() waited for a scrape that could not come"
+    assert records.find("/metrics was never scraped, so no final scrape is waited for") is not None
+    assert records.find(WAITING) is None and records.find("no scrape of the final metrics") is None
+
+
+def test_a_device_failure_during_a_signals_drain_waits_for_no_scrape(
+    tiny_classifier: Any, monkeypatch: pytest.MonkeyPatch, records: Records
+) -> None:
+    """The pod is deleted (SIGTERM, the drain starts), then the batch in flight hits a sticky CUDA error:
+    the signal came first, so the drain waits for nothing beyond its calls (it waited for a scrape until the
+    grace ran out)."""
+    entered, release = threading.Event(), threading.Event()
+
+    def broken(sequences: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(tiny_classifier, "launch", broken)
+    metrics_port, at = free_port(), {}
+
+    def client(port: int) -> None:
+        scrape(metrics_port)  # a scraped replica: only the signal spares it the wait
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = pb2_grpc.SafetyClassifierStub(channel).Classify.future(request("x"), timeout=30)
+            assert entered.wait(10), "the call never reached the device"
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_until(lambda: records.find("draining") is not None, what="the drain")
+            at["failed"] = time.monotonic()
+            release.set()
+            with pytest.raises(grpc.RpcError) as failed:
+                call.result(30)
+            assert "the device failed" in failed.value.details()
+
+    assert run_serve(tiny_classifier, 20.0, client, metrics_address=f"127.0.0.1:{metrics_port}") == 1
+    assert time.monotonic() - at["failed"] < 15, "serve() waited for a scrape after the signal's drain"
+    warning = records.find("no scrape of the final metrics")
+    assert warning is not None and warning.getMessage().endswith("a signal")
+
+
+def test_the_final_scrape_is_one_begun_after_the_drain_ended_every_call(
+    tiny_classifier: Any, monkeypatch: pytest.MonkeyPatch, records: Records
+) -> None:
+    """A call in flight at the failure ends (UNAVAILABLE) during the drain and is counted then: a scrape
+    between the failure and that end did not read it, so it must not end the wait (it did, and the count
+    was never exported)."""
+    tokenizing, release, encode = threading.Event(), threading.Event(), tiny_classifier.encode
+
+    def held_encode(items: Any) -> Any:
+        if any(item.text == "held" for item in items):
+            tokenizing.set()
+            release.wait(30)
+        return encode(items)
+
+    def broken(sequences: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(tiny_classifier, "encode", held_encode)
+    monkeypatch.setattr(tiny_classifier, "launch", broken)
+    metrics_port, seen = free_port(), {}
+    unavailable = 'safety_requests_total{code="UNAVAILABLE",method="Classify"}'
+
+    def client(port: int) -> None:
+        scrape(metrics_port)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb2_grpc.SafetyClassifierStub(channel)
+            held = stub.Classify.future(request("held"), timeout=60)
+            assert tokenizing.wait(10), "the held call never reached the tokenizer"
+            with pytest.raises(grpc.RpcError):
+                stub.Classify(request("breaks the device"), timeout=10)
+            wait_until(lambda: records.find("the device failed: NOT_SERVING") is not None, what="the drain")
+            seen["during"] = scrape(metrics_port)[unavailable]  # before the held call ended
+            release.set()
+            with pytest.raises(grpc.RpcError):
+                held.result(30)
+            wait_until(lambda: records.find(WAITING) is not None, what="the wait for a final scrape")
+            seen["final"] = scrape(metrics_port)[unavailable]
+
+    assert run_serve(tiny_classifier, 30.0, client, metrics_address=f"127.0.0.1:{metrics_port}") == 1
+    assert (seen["during"], seen["final"]) == (1, 2)  # the failed call, then the held one too
+    assert records.index(WAITING) < records.index("the final metrics were scraped")
