@@ -80,7 +80,12 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument(
         "--max-tasks-per-child", type=positive_int, help="replace a prefork process after this many chunks"
     )
-    w.add_argument("--loglevel", help="default SAFETY_LOG_LEVEL")
+    w.add_argument(
+        "--loglevel",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="default SAFETY_LOG_LEVEL",
+    )
     w.set_defaults(func=run_worker)
 
 
@@ -194,8 +199,8 @@ def run_worker(args: argparse.Namespace) -> int:
             if settings.log_format == "json":
                 json_logs(level)
                 argv = ["--quiet", *argv]  # no banner: every line of the log is a JSON object
-            else:
-                configure_logs(level, "text")
+            else:  # DEBUG waits for Celery's own setup: before it, Celery logs dumps of generated code
+                configure_logs("INFO" if level.upper() == "DEBUG" else level, "text")
             if settings.metrics_port:
                 metrics_dir = serve_metrics(settings.metrics_port, prefork="--pool=prefork" in argv)
             from worker.app import app

@@ -96,7 +96,10 @@ def test_pool_is_solo_on_cuda_and_prefork_on_cpu() -> None:
     argv = worker_argv(parser.parse_args(["worker", "-c", "3"]), WorkerSettings(device="cuda"))
     assert {"--pool=solo", "--concurrency=1"} <= set(argv)
     assert f"--hostname=safety-{os.getpid()}@%h" in argv  # not Celery's celery@HOSTNAME, shared on a host
-    argv = worker_argv(parser.parse_args(["worker", "-n", "w1@%h"]), WorkerSettings())
+    argv = worker_argv(parser.parse_args(["worker", "-n", "w1@%h", "--loglevel", "debug"]), WorkerSettings())
+    assert "--loglevel=DEBUG" in argv
+    with pytest.raises(SystemExit):  # refused by the parser, not a traceback from logging's setup
+        parser.parse_args(["worker", "--loglevel", "verbose"])
     assert [a for a in argv if a.startswith("--hostname")] == ["--hostname=w1@%h"]
 
 

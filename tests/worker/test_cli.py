@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from model.errors import InvalidInputError
-from tests.worker.harness import RedisServer, Spools, long_items, traced_peak
+from tests.worker.harness import RedisServer, Spools, long_items, poll, traced_peak, worker_env
 from worker.cli import ItemsFile, _check_out, _write_results, main, register
 from worker.jobs import JobClient
 from worker.settings import WorkerSettings
@@ -211,6 +211,28 @@ def test_a_worker_given_a_redis_url_redis_refuses_exits_2_at_once(redis_server: 
     assert done.returncode == 2, done.stderr[-2000:]
     assert "safety worker: environment: field 'SAFETY_REDIS_URL': " in done.stderr
     assert "DB index is out of range" in done.stderr
+
+
+def test_a_debug_worker_logs_no_celery_internals_before_celery_sets_up_its_logging(
+    redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Text logs at DEBUG: what Celery logs before its own setup (dumps of the code it generates, records of
+    several lines) went to our early handler; from its setup on, its DEBUG records are its own."""
+    log = tmp_path / "worker.log"
+    env = worker_env(redis_server.url, tiny_model_dir, queue="debug-log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", "--pool=solo", "--loglevel=debug"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        poll(lambda: " ready." in log.read_text(), 60, "the worker to be ready")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    text = log.read_text()
+    assert "celery.utils.functional" not in text and "def chain(" not in text, text[:3000]
+    assert "DEBUG/MainProcess" in text  # DEBUG itself still works, in Celery's format
 
 
 @pytest.mark.parametrize("wait", [False, True])
