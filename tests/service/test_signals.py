@@ -237,16 +237,14 @@ def test_sighup_re_reads_tls_files_the_watch_cannot_tell_changed(
     assert records.index("SIGHUP") < records.index("TLS files re-read")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_the_first_signal_after_a_device_failure_lets_its_drain_finish(
-    tiny_classifier: Any, monkeypatch: pytest.MonkeyPatch, records: Records, sig: signal.Signals
-) -> None:
-    """A sticky CUDA error (simulated: no GPU here) makes serve() go NOT_SERVING and drain on its own. A
-    SIGTERM/SIGINT during that drain is the first signal, not a second one: logged, it leaves the drain to
-    finish the calls in flight (none is cut), and serve() exits 1 because the device failed."""
+@pytest.fixture
+def held_on_broken_device(tiny_classifier: Any, monkeypatch: pytest.MonkeyPatch) -> Held:
+    """(tokenizing, release): a call whose text is "held" sets `tokenizing` while being tokenized and waits
+    there for `release` (a call in flight during a drain); every batch hits a sticky CUDA error (simulated:
+    no GPU here)."""
     tokenizing, release, encode = threading.Event(), threading.Event(), tiny_classifier.encode
 
-    def held_encode(items: Any) -> Any:  # a call in flight during the drain: held while being tokenized
+    def held_encode(items: Any) -> Any:
         if any(item.text == "held" for item in items):
             tokenizing.set()
             release.wait(30)
@@ -257,6 +255,17 @@ def test_the_first_signal_after_a_device_failure_lets_its_drain_finish(
 
     monkeypatch.setattr(tiny_classifier, "encode", held_encode)
     monkeypatch.setattr(tiny_classifier, "launch", broken)
+    return tokenizing, release
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_the_first_signal_after_a_device_failure_lets_its_drain_finish(
+    tiny_classifier: Any, held_on_broken_device: Held, records: Records, sig: signal.Signals
+) -> None:
+    """A sticky CUDA error (simulated: no GPU here) makes serve() go NOT_SERVING and drain on its own. A
+    SIGTERM/SIGINT during that drain is the first signal, not a second one: logged, it leaves the drain to
+    finish the calls in flight (none is cut), and serve() exits 1 because the device failed."""
+    tokenizing, release = held_on_broken_device
     seen: dict[str, Any] = {}
 
     def client(port: int) -> None:
@@ -433,24 +442,12 @@ def test_a_device_failure_during_a_signals_drain_waits_for_no_scrape(
 
 
 def test_the_final_scrape_is_one_begun_after_the_drain_ended_every_call(
-    tiny_classifier: Any, monkeypatch: pytest.MonkeyPatch, records: Records
+    tiny_classifier: Any, held_on_broken_device: Held, records: Records
 ) -> None:
     """A call in flight at the failure ends (UNAVAILABLE) during the drain and is counted then: a scrape
     between the failure and that end did not read it, so it must not end the wait (it did, and the count
     was never exported)."""
-    tokenizing, release, encode = threading.Event(), threading.Event(), tiny_classifier.encode
-
-    def held_encode(items: Any) -> Any:
-        if any(item.text == "held" for item in items):
-            tokenizing.set()
-            release.wait(30)
-        return encode(items)
-
-    def broken(sequences: Any) -> Any:
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    monkeypatch.setattr(tiny_classifier, "encode", held_encode)
-    monkeypatch.setattr(tiny_classifier, "launch", broken)
+    tokenizing, release = held_on_broken_device
     metrics_port, seen = free_port(), {}
     unavailable = 'safety_requests_total{code="UNAVAILABLE",method="Classify"}'
 

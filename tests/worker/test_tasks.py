@@ -337,6 +337,27 @@ class ReplacedBeforeItsItemsAreRead(JobStore):
         return super().items(*args)
 
 
+class Generations:
+    """Two jobs of one id: the old one submitted (4 items, chunks of 2; its chunk 0's message kept, as a
+    queue left it), the new one's client and items ready. `delete_old()` cancels and deletes the old job and
+    ends its id's reservation, as if its tombstone had expired."""
+
+    def __init__(
+        self, server: RedisServer, job_client: Callable[..., JobClient], job_id: str, queue: str
+    ) -> None:
+        self.job_id, self.redis, self.keys = job_id, server.client(), JobKeys(job_id)
+        self.old_client = job_client(server.url, queue=queue, chunk_size=2, result_ttl_s=1000)
+        self.new_client = job_client(server.url, queue=queue, chunk_size=2, result_ttl_s=1000)
+        self.old_client.submit(make_items(4, prefix="old"), job_id=job_id)
+        (self.old_message,) = [args for args in queued_args(server, queue) if args[1] == 0]
+        self.new_items = make_items(4, prefix="new")
+
+    def delete_old(self) -> None:
+        self.old_client.cancel(self.job_id)
+        self.old_client.delete(self.job_id)
+        self.redis.delete(self.keys.deleted)  # its reservation ran out
+
+
 class ReplacedThenFails:
     """The real classifier, except that the job is replaced (`during`) and then the classify raises."""
 
@@ -367,19 +388,12 @@ def test_an_error_of_a_replaced_jobs_chunk_is_never_noted_on_the_new_job(
     then fails: the error-noting paths (a classify error that is retried, one that gives up on the last
     attempt, and `deliver`'s handler for any other error) carry the message's nonce, so the new job gets no
     error, no dead-letter entry and no failed item from the old job's message."""
-    queue = f"replaced-fails-{where}-unconsumed"
-    old_client = job_client(redis_server.url, queue=queue, chunk_size=2, result_ttl_s=1000)
-    new_client = job_client(redis_server.url, queue=queue, chunk_size=2, result_ttl_s=1000)
-    r, keys = redis_server.client(), JobKeys("swap-fails")
-    old_client.submit(make_items(4, prefix="old"), job_id="swap-fails")
-    (old_message,) = [args for args in queued_args(redis_server, queue) if args[1] == 0]
-    new_items = make_items(4, prefix="new")
+    g = Generations(redis_server, job_client, "swap-fails", f"replaced-fails-{where}-unconsumed")
+    r, keys, old_message, new_client = g.redis, g.keys, g.old_message, g.new_client
 
     def replace() -> None:
-        old_client.cancel("swap-fails")
-        old_client.delete("swap-fails")
-        r.delete(keys.deleted)  # its reservation ran out
-        new_client.submit(new_items, job_id="swap-fails")
+        g.delete_old()
+        new_client.submit(g.new_items, job_id="swap-fails")
 
     store: JobStore = JobStore(redis_server.client())
     classifier: Any = ReplacedThenFails(tiny_classifier, replace)
@@ -406,17 +420,11 @@ def test_a_job_replaced_while_its_chunk_runs_gets_nothing_from_that_chunk(
     chunks ran: the delivery wrote the old job's results into the new job ('mid-classify'), or, finding the
     new job's items not stored yet, failed them and dead-lettered the chunk ('before-items')."""
     queue = f"replaced-{when}-unconsumed"
-    old_client = job_client(redis_server.url, queue=queue, chunk_size=2, result_ttl_s=1000)
-    new_client = job_client(redis_server.url, queue=queue, chunk_size=2, result_ttl_s=1000)
-    r, keys = redis_server.client(), JobKeys("swap")
-    old_client.submit(make_items(4, prefix="old"), job_id="swap")
-    (old_message,) = [args for args in queued_args(redis_server, queue) if args[1] == 0]
-    new_items = make_items(4, prefix="new")
+    g = Generations(redis_server, job_client, "swap", queue)
+    r, keys, old_message, new_client, new_items = g.redis, g.keys, g.old_message, g.new_client, g.new_items
 
     def replace() -> None:
-        old_client.cancel("swap")
-        old_client.delete("swap")
-        r.delete(keys.deleted)  # its reservation ran out
+        g.delete_old()
         start_and_interrupt(new_client, "swap", new_items)
 
     store = ReplacedBeforeItsItemsAreRead(redis_server.client())
