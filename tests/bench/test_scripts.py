@@ -152,3 +152,14 @@ def test_tile_utilisation_script(tmp_path: Path) -> None:
         assert g["stream_programs"] <= g["seq_grid_programs"] * g["seq_grid_working"] + 1e-9
         assert 0 < g["stream_local"] <= 1 and 0 < g["stream_global"] <= 1
     assert grids["long_fixed", "planner batches", 64]["stream_global"] == 1.0  # 8,192: whole blocks
+
+
+def test_submit_memory_script(tmp_path: Path) -> None:
+    """bench/submit_memory.py: `safety submit` in a fresh process against its own redis-server, by size."""
+    out = run("bench/submit_memory.py", "--sizes", "50", "300", "--dir", str(tmp_path),
+              "--json", str(tmp_path / "m.json"))  # fmt: skip
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert [(r["items"], r["code"]) for r in rows] == [(50, "this"), (300, "this")]
+    # the child's own peak, not the parent's pages it forked from (the parent imports nothing heavy)
+    assert all(10 < r["peak_rss_mb"] < 200 and r["wall_s"] > 0 for r in rows), rows
+    assert "300 items  this" in out
