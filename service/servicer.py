@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from model import Classifier, Item
-from model.errors import InvalidInputError, UnavailableError
+from model.errors import InvalidInputError, ModelLoadingError, ShuttingDownError
 from model.items import check_length, item_id
 from service.decoding import check_decoded
 from service.errors import describe
@@ -159,9 +159,9 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
 
     def _ready(self) -> tuple[Classifier, Scheduler]:
         if self.draining:
-            raise UnavailableError("server is draining; retry on another replica")
+            raise ShuttingDownError("server is draining; retry on another replica")
         if self.clf is None or self.scheduler is None:
-            raise UnavailableError("model is still loading; retry shortly")
+            raise ModelLoadingError("model is still loading; retry shortly")
         return self.clf, self.scheduler
 
     def start_draining(self) -> None:
@@ -237,7 +237,7 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
                     entry[0].cancel()
         if drained:
             rest = f"the ones after sequence {sequence - 1}" if sequence else "all of them"
-            raise UnavailableError(
+            raise ShuttingDownError(
                 f"server is draining: {sequence} requests of this stream were answered; send {rest} to "
                 "another replica"
             )
@@ -292,7 +292,7 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
 
     def _jobs(self) -> JobService:
         if self.draining:
-            raise UnavailableError("server is draining; retry on another replica")
+            raise ShuttingDownError("server is draining; retry on another replica")
         return self.jobs
 
     async def SubmitJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
