@@ -2,9 +2,10 @@
 
 Owns: protobuf <-> engine conversion (`items_from_proto`, `response_from_outcome`, `info_response`), the
 request-level limits (item count, text size), and ClassifyStream's ordering, in-flight bound and per-request
-errors (the status of each from service/errors.py's `describe`). Validation of the items themselves and of
-thresholds is the engine's (`coerce_items`, `resolve_thresholds`); batching is the scheduler's; the job RPCs
-are delegated to service/jobs.py; status codes are service/errors.py's (handlers just raise `SafetyError`s).
+errors (the status, message and details of each from service/errors.py's `describe`). Validation of the
+items themselves and of thresholds is the engine's (`coerce_items`, `resolve_thresholds`); batching is the
+scheduler's; the job RPCs are delegated to service/jobs.py; status codes and error details are
+service/errors.py's (handlers just raise `SafetyError`s).
 Must not know: threads, torch, prometheus, Redis.
 """
 
@@ -248,9 +249,17 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         try:
             response = await task
         except Exception as exc:
-            code, message = describe(exc)
+            details = describe(exc)
+            code = details.code
             self.observer.stream_request(code.name, time.perf_counter() - start)
-            error = pb2.StreamError(code=code.value[0], status=code.name, message=message)
+            error = pb2.StreamError(
+                code=code.value[0],
+                status=code.name,
+                message=details.message,
+                field=details.field,
+                reason=details.reason,
+                retry_after_ms=details.retry_after_ms or 0,
+            )
             return pb2.ClassifyStreamResponse(sequence=sequence, error=error)
         self.observer.stream_request("OK", response.timing.total_ms / 1e3)
         return pb2.ClassifyStreamResponse(sequence=sequence, response=response)
