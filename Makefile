@@ -82,7 +82,7 @@ GPU_SITE := .cache/gpu-site
 gpu-site: proto
 	rm -rf $(GPU_SITE)
 	$(PIP) install --quiet --no-deps --target $(GPU_SITE) grpcio-health-checking==1.84.0 \
-		grpcio-reflection==1.84.0 prometheus-client==0.26.0
+		grpcio-reflection==1.84.0 prometheus-client==0.26.0 googleapis-common-protos==1.76.0
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) service/_proto .pytest_cache .ruff_cache

@@ -59,7 +59,21 @@ class DeadlineExceededError(SafetyError):
 
 
 class UnavailableError(SafetyError):
-    """The component is not ready, is draining, or a backing store (Redis) cannot be reached."""
+    """The component is not ready, is draining, or a backing store (Redis) cannot be reached. The
+    subclasses below say which, for callers that act on it (service/errors.py's reasons); this class itself
+    is a backing store or resource the call needs."""
+
+
+class ModelLoadingError(UnavailableError):
+    """The model is still loading (or warming up): retry shortly."""
+
+
+class ShuttingDownError(UnavailableError):
+    """The server is draining or shutting down: retry on another replica."""
+
+
+class DeviceFailedError(UnavailableError):
+    """The device failed for good: this replica is being replaced; retry on another."""
 
 
 class NotFoundError(SafetyError):

@@ -14,8 +14,10 @@ its results, or its own error while the stream goes on. Batch jobs (`submit_job`
 `stream_job_results`, `cancel_job`, `delete_job`) return the dicts `safety job status` and `safety job
 results` print: a job's state and counts, and result lines (a result plus `index` and `error`).
 Errors are `grpc.RpcError`s carrying the server's status code (INVALID_ARGUMENT: fix the input;
-RESOURCE_EXHAUSTED / UNAVAILABLE: back off and retry). Must not know: torch or the model (a gateway
-installs only grpcio and protobuf).
+RESOURCE_EXHAUSTED / UNAVAILABLE: back off and retry); `error_details(e)` reads their machine-readable
+details (the `grpc-status-details-bin` trailer: reason, field path, retry delay), with
+googleapis-common-protos installed. Must not know: torch or the model (a gateway installs only grpcio and
+protobuf, and googleapis-common-protos for `error_details`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import grpc
 
 from model.errors import InvalidInputError
 from model.items import FIELDS  # torch-free: the item's fields, one definition for every front end
+from service import richstatus
+from service.richstatus import ErrorDetails
 from service.stubs import pb2, pb2_grpc
 
 ItemLike = str | Mapping[str, Any]
@@ -136,12 +140,48 @@ def job_result_to_dict(line: Any) -> dict[str, Any]:
     return {"index": line.index, **dict.fromkeys(RESULT_KEYS), "id": line.id or None, "error": line.error}
 
 
+def error_details(error: grpc.RpcError) -> ErrorDetails | None:
+    """The machine-readable details of a failed call, from its `grpc-status-details-bin` trailer: `reason`
+    (ErrorInfo's, e.g. "INVALID_INPUT", "QUEUE_FULL"; docs/api.md lists them), `domain` ("safety.v1"),
+    `metadata` ({"error_id": ...} on INTERNAL), `field` and `description` (INVALID_ARGUMENT: the offending
+    field's path, e.g. "items[3].text", and what is wrong with it), `retry_after_ms` (RESOURCE_EXHAUSTED:
+    when to retry), besides `code` and `message`. Works on the errors of both clients and of plain stubs.
+
+    None when the call carried no details (a server without googleapis-common-protos; an error of gRPC itself,
+    such as a deadline that passed on the client) or googleapis-common-protos is not installed here. A
+    ValueError when the trailer does not parse or names another status than the call ended with (something
+    on the way rewrote the status)."""
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key != richstatus.STATUS_DETAILS:
+            continue
+        if not richstatus.available():
+            return None
+        details = richstatus.unpack(value)
+        if details.code != error.code() or details.message != error.details():
+            raise ValueError(
+                f"{key} holds {details.code.name} {details.message!r}, but the call ended with "
+                f"{error.code().name} {error.details()!r}"
+            )
+        return details
+    return None
+
+
 def stream_response_to_dict(response: Any) -> dict[str, Any]:
     """pb2.ClassifyStreamResponse -> {"sequence", "results" (result dicts, or None), "error" (None, or
-    {"status": "RESOURCE_EXHAUSTED", "code": 8, "message": ...})}."""
+    {"status": "RESOURCE_EXHAUSTED", "code": 8, "message": ..., "field": "", "reason": "QUEUE_FULL",
+    "retry_after_ms": 120}: `field` the offending field's path on INVALID_ARGUMENT, else ""; `reason` as in
+    `error_details`; `retry_after_ms` None when there is no hint)}."""
     if response.HasField("error"):
         e = response.error
-        error = {"status": e.status, "code": e.code, "message": e.message}
+        error = {
+            "status": e.status,
+            "code": e.code,
+            "message": e.message,
+            "field": e.field,
+            "reason": e.reason,
+            "retry_after_ms": e.retry_after_ms or None,
+        }
         return {"sequence": response.sequence, "results": None, "error": error}
     results = [result_to_dict(r) for r in response.response.results]
     return {"sequence": response.sequence, "results": results, "error": None}

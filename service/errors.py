@@ -1,11 +1,13 @@
-"""The one mapping from the product's error hierarchy (model.errors) to gRPC status codes.
+"""The one mapping from the product's error hierarchy (model.errors) to gRPC status codes and error details.
 
-Owns: `STATUS_CODES` (the table), `status_for(exc)`, `describe(exc)` (status and caller-facing message, also
-for ClassifyStream's per-request errors), `trailers_for(exc)` (RESOURCE_EXHAUSTED's `grpc-retry-pushback-ms`),
-and `ErrorInterceptor`, which turns a `SafetyError`
-raised by any handler into its status code and message, and anything unexpected into INTERNAL with an error
-id that is logged together with the traceback (the caller sees the id, never the traceback). Must not know:
-what the handlers do.
+Owns: `STATUS_CODES` (the table of codes), `REASONS` (the table of ErrorInfo reasons), `status_for(exc)`,
+`describe(exc)` (the status, caller-facing message and machine-readable details of an error, also for
+ClassifyStream's per-request errors), `trailers(details)` (RESOURCE_EXHAUSTED's `grpc-retry-pushback-ms`, and
+every error's `grpc-status-details-bin`: a google.rpc.Status with ErrorInfo, BadRequest for INVALID_ARGUMENT,
+RetryInfo for RESOURCE_EXHAUSTED; packed by service/richstatus.py, left out when googleapis-common-protos is
+missing), and `ErrorInterceptor`, which turns a `SafetyError` raised by any handler into its status code,
+message and trailers, and anything unexpected into INTERNAL with an error id that is logged together with the
+traceback (the caller sees the id, never the traceback). Must not know: what the handlers do.
 """
 
 from __future__ import annotations
@@ -22,16 +24,21 @@ from model.errors import (
     CheckpointError,
     ConfigError,
     DeadlineExceededError,
+    DeviceFailedError,
     FailedPreconditionError,
     InvalidInputError,
+    ModelLoadingError,
     NotFoundError,
     OverloadedError,
     SafetyError,
+    ShuttingDownError,
     UnauthenticatedError,
     UnavailableError,
     UnsupportedError,
 )
+from service import richstatus
 from service.handlers import WrappingInterceptor, with_behavior
+from service.richstatus import ErrorDetails
 
 log = logging.getLogger("safety.service")
 
@@ -50,6 +57,26 @@ STATUS_CODES: tuple[tuple[type[SafetyError], StatusCode], ...] = (
 )
 
 
+# ErrorInfo.reason (domain "safety.v1") of each class, most specific first: stable identifiers, documented in
+# docs/api.md ("Error details"). One per class; the classes the job RPCs alone raise are named for jobs.
+REASONS: tuple[tuple[type[SafetyError], str], ...] = (
+    (InvalidInputError, "INVALID_INPUT"),  # BadRequest names the field
+    (OverloadedError, "QUEUE_FULL"),  # RetryInfo when the scheduler gave a hint
+    (DeadlineExceededError, "DEADLINE_EXCEEDED"),
+    (ModelLoadingError, "MODEL_LOADING"),
+    (ShuttingDownError, "SHUTTING_DOWN"),
+    (DeviceFailedError, "DEVICE_FAILED"),
+    (UnavailableError, "BACKEND_UNAVAILABLE"),  # Redis unreachable, no room for a job's temporary file
+    (NotFoundError, "JOB_NOT_FOUND"),  # a job, or a result of it: unknown, expired, deleted or lost
+    (UnauthenticatedError, "UNAUTHENTICATED"),
+    (UnsupportedError, "JOBS_UNSUPPORTED"),  # the jobs API without the worker extra
+    (FailedPreconditionError, "JOB_NOT_READY"),  # delete an open job, wait on a stalled submission
+    (ConfigError, "SERVER_MISCONFIGURED"),
+    (CheckpointError, "SERVER_MISCONFIGURED"),
+)
+INTERNAL_REASON = "INTERNAL"  # anything unexpected; ErrorInfo.metadata["error_id"] is the logged id
+
+
 def status_for(exc: BaseException) -> StatusCode:
     for cls, code in STATUS_CODES:
         if isinstance(exc, cls):
@@ -57,12 +84,26 @@ def status_for(exc: BaseException) -> StatusCode:
     return StatusCode.INTERNAL
 
 
-def describe(exc: BaseException) -> tuple[StatusCode, str]:
-    """The status `exc` maps to and the message the caller sees. An unexpected error is logged with its
-    traceback under a fresh error id, and the caller sees only the id."""
+def reason_for(exc: BaseException) -> str:
+    for cls, reason in REASONS:
+        if isinstance(exc, cls):
+            return reason
+    return INTERNAL_REASON
+
+
+def describe(exc: BaseException) -> ErrorDetails:
+    """The status `exc` maps to, the message the caller sees, and its details: the reason; for
+    INVALID_ARGUMENT the field's path and what is wrong with it; for RESOURCE_EXHAUSTED the retry hint. An
+    unexpected error is logged with its traceback under a fresh error id, and the caller sees only the id (in
+    the message and in the details' metadata)."""
     code = status_for(exc)
     if code is not StatusCode.INTERNAL:
-        return code, str(exc)
+        reason = reason_for(exc)
+        if isinstance(exc, InvalidInputError):
+            return ErrorDetails(code, str(exc), reason, field=exc.where, description=exc.reason)
+        if isinstance(exc, OverloadedError) and exc.retry_after_ms is not None:
+            return ErrorDetails(code, str(exc), reason, retry_after_ms=max(0, int(exc.retry_after_ms)))
+        return ErrorDetails(code, str(exc), reason)
     error_id = uuid.uuid4().hex[:16]
     log.error(
         "internal error %s in %s",
@@ -71,24 +112,30 @@ def describe(exc: BaseException) -> tuple[StatusCode, str]:
         exc_info=(type(exc), exc, exc.__traceback__),
         extra={"error_id": error_id},
     )
-    return code, f"internal error (error id {error_id}); the server log has the details"
+    message = f"internal error (error id {error_id}); the server log has the details"
+    return ErrorDetails(code, message, INTERNAL_REASON, metadata={"error_id": error_id})
 
 
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry hint (A6), honoured by its retry policy
+STATUS_DETAILS = richstatus.STATUS_DETAILS  # "grpc-status-details-bin"
 
 
-def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
-    """Trailing metadata of the status `exc` maps to: an OverloadedError's `retry_after_ms` as
-    `grpc-retry-pushback-ms`."""
-    if isinstance(exc, OverloadedError) and exc.retry_after_ms is not None:
-        return ((RETRY_PUSHBACK, str(max(0, int(exc.retry_after_ms)))),)
-    return ()
+def trailers(details: ErrorDetails) -> tuple[tuple[str, str | bytes], ...]:
+    """Trailing metadata of an error: the retry hint as `grpc-retry-pushback-ms`, and the details as
+    `grpc-status-details-bin` (unless googleapis-common-protos is missing)."""
+    out: list[tuple[str, str | bytes]] = []
+    if details.retry_after_ms is not None:
+        out.append((RETRY_PUSHBACK, str(details.retry_after_ms)))
+    packed = richstatus.pack(details)
+    if packed is not None:
+        out.append((STATUS_DETAILS, packed))
+    return tuple(out)
 
 
 async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
-    """Abort the call with the status that `exc` maps to, and its trailers (always raises)."""
-    code, message = describe(exc)
-    await context.abort(code, message, trailing_metadata=trailers_for(exc))
+    """Abort the call with the status that `exc` maps to, its message and its trailers (always raises)."""
+    details = describe(exc)
+    await context.abort(details.code, details.message, trailing_metadata=trailers(details))
 
 
 class ErrorInterceptor(WrappingInterceptor):

@@ -24,7 +24,7 @@ from model.errors import (
     DeadlineExceededError,
     InvalidInputError,
     NotFoundError,
-    UnavailableError,
+    ShuttingDownError,
     UnsupportedError,
 )
 from model.items import item_id
@@ -224,7 +224,7 @@ class JobService:
         while index < total:
             if self.draining():
                 sent = index - request.start_index
-                raise UnavailableError(
+                raise ShuttingDownError(
                     f"server is draining: this stream sent {sent} results; resume with start_index {index} "
                     "on another replica"
                 )

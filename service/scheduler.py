@@ -37,8 +37,10 @@ from typing import Protocol
 from model import Classifier, Encoded, Item, Result, Rows
 from model.errors import (
     DeadlineExceededError,
+    DeviceFailedError,
     InvalidInputError,
     OverloadedError,
+    ShuttingDownError,
     UnavailableError,
     device_failed,
 )
@@ -601,8 +603,8 @@ class Scheduler:
         if it did (the caller learns the replica is restarting), else the shutdown."""
         exc = self.device_error
         if exc is None:
-            return UnavailableError("server is shutting down; retry on another replica")
-        return UnavailableError(
+            return ShuttingDownError("server is shutting down; retry on another replica")
+        return DeviceFailedError(
             f"the device failed ({type(exc).__name__}: {str(exc)[:200]}); this replica is restarting, retry "
             "on another"
         )

@@ -6,8 +6,9 @@ SIGHUP re-checks the TLS files), logging, exit code.
 Owns: grpc.aio server options, the port's credentials (from service/tls.py, re-read as their files change),
 the interceptor chain (metrics -> errors -> API key, its keys from service/apikeys.py), grpc.health.v1
 states, server reflection, the metrics HTTP exporter's lifetime, model loading and warm-up off the event
-loop. Must not know: request parsing (servicer), batching (scheduler), status-code choices (errors), how TLS
-files or key files are read.
+loop, and the one start-up line saying rich error details are off (service/richstatus.py). Must not know:
+request parsing (servicer), batching (scheduler), status-code choices (errors), how TLS files or key files
+are read.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from model import Classifier, Item, logs
 from model.errors import SafetyError, UnauthenticatedError
+from service import richstatus
 from service.apikeys import ApiKeys, parse_keys
 from service.decoding import DecodeInterceptor, grpc_receive_limit
 from service.errors import ErrorInterceptor, abort_for
@@ -328,6 +330,8 @@ async def create_server(
     `settings.model` (the bundled default when unset) inside `start()`. `job_client`: a zero-argument
     factory of the job RPCs' `worker.jobs.JobClient`, called on the first job RPC (None: from the `SAFETY_*`
     environment)."""
+    if richstatus.OFF_BECAUSE is not None:  # once per server, never per call
+        log.warning("rich error details (grpc-status-details-bin) are off: %s", richstatus.OFF_BECAUSE)
     metrics = Metrics()
     servicer = SafetyServicer(settings, observer=metrics, job_client=job_client)
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics), ErrorInterceptor()]

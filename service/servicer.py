@@ -2,9 +2,10 @@
 
 Owns: protobuf <-> engine conversion (`items_from_proto`, `response_from_outcome`, `info_response`), the
 request-level limits (item count, text size), and ClassifyStream's ordering, in-flight bound and per-request
-errors (the status of each from service/errors.py's `describe`). Validation of the items themselves and of
-thresholds is the engine's (`coerce_items`, `resolve_thresholds`); batching is the scheduler's; the job RPCs
-are delegated to service/jobs.py; status codes are service/errors.py's (handlers just raise `SafetyError`s).
+errors (the status, message and details of each from service/errors.py's `describe`). Validation of the
+items themselves and of thresholds is the engine's (`coerce_items`, `resolve_thresholds`); batching is the
+scheduler's; the job RPCs are delegated to service/jobs.py; status codes and error details are
+service/errors.py's (handlers just raise `SafetyError`s).
 Must not know: threads, torch, prometheus, Redis.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 import grpc
 
 from model import Classifier, Item
-from model.errors import InvalidInputError, UnavailableError
+from model.errors import InvalidInputError, ModelLoadingError, ShuttingDownError
 from model.items import check_length, item_id
 from service.decoding import check_decoded
 from service.errors import describe
@@ -159,9 +160,9 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
 
     def _ready(self) -> tuple[Classifier, Scheduler]:
         if self.draining:
-            raise UnavailableError("server is draining; retry on another replica")
+            raise ShuttingDownError("server is draining; retry on another replica")
         if self.clf is None or self.scheduler is None:
-            raise UnavailableError("model is still loading; retry shortly")
+            raise ModelLoadingError("model is still loading; retry shortly")
         return self.clf, self.scheduler
 
     def start_draining(self) -> None:
@@ -237,7 +238,7 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
                     entry[0].cancel()
         if drained:
             rest = f"the ones after sequence {sequence - 1}" if sequence else "all of them"
-            raise UnavailableError(
+            raise ShuttingDownError(
                 f"server is draining: {sequence} requests of this stream were answered; send {rest} to "
                 "another replica"
             )
@@ -248,9 +249,17 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         try:
             response = await task
         except Exception as exc:
-            code, message = describe(exc)
+            details = describe(exc)
+            code = details.code
             self.observer.stream_request(code.name, time.perf_counter() - start)
-            error = pb2.StreamError(code=code.value[0], status=code.name, message=message)
+            error = pb2.StreamError(
+                code=code.value[0],
+                status=code.name,
+                message=details.message,
+                field=details.field,
+                reason=details.reason,
+                retry_after_ms=details.retry_after_ms or 0,
+            )
             return pb2.ClassifyStreamResponse(sequence=sequence, error=error)
         self.observer.stream_request("OK", response.timing.total_ms / 1e3)
         return pb2.ClassifyStreamResponse(sequence=sequence, response=response)
@@ -292,7 +301,7 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
 
     def _jobs(self) -> JobService:
         if self.draining:
-            raise UnavailableError("server is draining; retry on another replica")
+            raise ShuttingDownError("server is draining; retry on another replica")
         return self.jobs
 
     async def SubmitJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -16,11 +16,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import SafetyClient
+from service.client import SafetyClient, error_details
 from service.server import SafetyServer, create_server
 from service.settings import ServeSettings
 from service.stubs import pb2
 from tests.service.helpers import wait_until
+from tests.service.test_error_details import ErrorInfo, status_of, unpacked
 from tests.worker.harness import (
     RedisServer,
     Worker,
@@ -314,6 +315,28 @@ def test_unknown_jobs_are_not_found_and_bad_requests_invalid(
         for start in (-1, 2):
             code, details = code_of(lambda start=start: list(client.stream_job_results("one-item", start)))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("start_index:"), details
+
+
+def test_job_errors_carry_their_details(jobs_server: SafetyServer) -> None:
+    """NOT_FOUND (unary and streaming RPCs) and INVALID_ARGUMENT naming `job_id` or an item's field."""
+    with connect(jobs_server) as client:
+        for call in (lambda: client.get_job("no-such-job"), lambda: list(client.stream_job_results("nope"))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert set(unpacked(status_of(err.value))) == {ErrorInfo}
+            details = error_details(err.value)
+            assert details is not None and (details.reason, details.domain) == ("JOB_NOT_FOUND", "safety.v1")
+        bad = pb2.SubmitJobRequest(items=[pb2.Item(text="fine"), pb2.Item(text="")], job_id="bad-items")
+        for call, field in (
+            (lambda: client.get_job(""), "job_id"),
+            (lambda: client.stub.SubmitJob(bad, timeout=30), "items[1].text"),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            details = error_details(err.value)
+            assert details is not None and (details.field, details.reason) == (field, "INVALID_INPUT")
+            assert err.value.details() == f"{field}: {details.description}"
 
 
 def test_redis_down_jobs_unavailable_while_classify_answers_and_the_key_is_required(

@@ -14,8 +14,8 @@ from service.server import SafetyServer
 from tests.service.helpers import in_queue, request, wait_until
 
 
-def refusal_pushback(app: SafetyServer, stub: Any) -> int:
-    """Fill the held queue to its item bound, then one more call: its pushback in milliseconds."""
+def refusal(app: SafetyServer, stub: Any) -> grpc.RpcError:
+    """Fill the held queue to its item bound, then one more call: its RESOURCE_EXHAUSTED error."""
     bound = app.scheduler.max_queue_items
     app.scheduler.hold_runner()
     try:
@@ -26,11 +26,17 @@ def refusal_pushback(app: SafetyServer, stub: Any) -> int:
             raise AssertionError("admitted past the bound")
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            trailers = dict(e.trailing_metadata() or ())
+            refused = e
     finally:
         app.scheduler.release_runner()
     for call in admitted:
         assert call.result(30).results
+    return refused
+
+
+def refusal_pushback(app: SafetyServer, stub: Any) -> int:
+    """The pushback of a refused call (`refusal`), in milliseconds."""
+    trailers = dict(refusal(app, stub).trailing_metadata() or ())
     assert RETRY_PUSHBACK in trailers, trailers
     return int(trailers[RETRY_PUSHBACK])
 

@@ -53,10 +53,11 @@ class Served:
 
 
 @contextmanager
-def serve_process(args: list[str], env: dict[str, str]) -> Iterator[Served]:
-    """`safety serve ARGS`, killed on the way out if a failed test left it running."""
+def serve_process(args: list[str], env: dict[str, str], command: list[str] | None = None) -> Iterator[Served]:
+    """`safety serve ARGS` (`command`: instead of `safety`), killed on the way out if a failed test left it
+    running."""
     proc = subprocess.Popen(
-        [*safety_command(), "serve", *args],
+        [*(command or safety_command()), "serve", *args],
         env=env,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,

@@ -16,6 +16,7 @@ import pytest
 
 from model.errors import OverloadedError
 from service.client import AsyncSafetyClient, SafetyClient
+from service.scheduler import RETRY_MAX_MS, RETRY_MIN_MS
 from service.server import SafetyServer
 from service.stubs import pb2
 from tests.service.helpers import in_queue, request, wait_until
@@ -134,6 +135,9 @@ def test_admission_refuses_single_requests_of_a_stream(start_server: Any, stub_f
     assert [a.sequence for a in answers] == list(range(7))
     refused = [a.error for a in answers if a.HasField("error")]
     assert len(refused) == 3 and all(e.status == "RESOURCE_EXHAUSTED" and e.code == 8 for e in refused)
+    # the details a refused Classify carries in its trailers: the reason, and the pushback as a plain field
+    assert all(e.reason == "QUEUE_FULL" and RETRY_MIN_MS <= e.retry_after_ms <= RETRY_MAX_MS for e in refused)
+    assert all(e.field == "" for e in refused)
     assert sum(a.HasField("response") for a in answers) == 4
 
 
