@@ -622,9 +622,12 @@ class Scheduler:
             }
 
     def hold_runner(self) -> None:
-        """Test hook: the runner takes no new batch until `release_runner` (the queue keeps filling)."""
+        """Test hook: the runner takes no new batch until `release_runner` (the queue keeps filling). The
+        batcher knows at once (not when the runner thread next wakes): it forms no batch for a held runner,
+        so queued windows stay in the queue, where a deadline or a cancel drops them."""
         with self._cond:
             self._held = True
+            self._runner_idle = False
             self._cond.notify_all()
 
     def release_runner(self) -> None:

@@ -304,6 +304,9 @@ def test_one_huge_call_reserves_at_most_a_quarter_of_the_token_bound(
         await until(lambda: scheduler.stats()["queued_items"] == 2)  # admitted, waiting for the tokenizer
         for t in (task, small):
             t.cancel()
+        for t in (task, small):  # cancelled before the gate opens: the tokenizer must not start `small`
+            with pytest.raises(asyncio.CancelledError):
+                await t
         gated.gate.release()
         await until(lambda: scheduler.stats()["queued_items"] == 0)
 
