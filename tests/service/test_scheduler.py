@@ -274,9 +274,11 @@ def test_admission_counts_the_tokens_of_calls_still_being_tokenized(
             await scheduler.submit([Item(text="a burst")], th)
         for task in burst:
             task.cancel()
-        for task in burst:  # each has set its stop before the piece in the tokenizer ends (it was a race: on a
-            with pytest.raises(asyncio.CancelledError):  # busy machine the tokenizer went on to a second
-                await task  # piece, gated for 30 s)
+        # each sets its stop before the piece in the tokenizer ends (a race before: on a busy machine the
+        # tokenizer went on to a second piece, gated for 30 s)
+        for task in burst:
+            with pytest.raises(asyncio.CancelledError):
+                await task
         gated.gate.release()
         await until(lambda: scheduler.stats()["tokenizing_items"] == 0)
         assert scheduler._reserved_tokens == 0
