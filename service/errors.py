@@ -91,19 +91,38 @@ def reason_for(exc: BaseException) -> str:
     return INTERNAL_REASON
 
 
+# What the caller's client accepts in trailing metadata: gRPC refuses more than 8 KiB at random and more than
+# 16 KiB always, as RESOURCE_EXHAUSTED (a bad request would then look like an overload to retry). The message
+# travels twice (grpc-message, percent-encoded: up to 3 bytes per byte; and the Status, base64: 4 per 3) with
+# the description once more: capped in UTF-8 bytes, the trailers stay under about 4.5 KiB.
+MAX_MESSAGE_BYTES = 640
+MAX_FIELD_BYTES = 200
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes (at a character boundary, ending in "…") when longer; a
+    message quotes what the caller sent (a threshold label, a job id), whatever its length."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "…"
+
+
 def describe(exc: BaseException) -> ErrorDetails:
     """The status `exc` maps to, the message the caller sees, and its details: the reason; for
     INVALID_ARGUMENT the field's path and what is wrong with it; for RESOURCE_EXHAUSTED the retry hint. An
     unexpected error is logged with its traceback under a fresh error id, and the caller sees only the id (in
-    the message and in the details' metadata)."""
+    the message and in the details' metadata). Texts are clipped (`MAX_MESSAGE_BYTES`, `MAX_FIELD_BYTES`) so
+    the trailers always fit the caller's metadata limit."""
     code = status_for(exc)
     if code is not StatusCode.INTERNAL:
-        reason = reason_for(exc)
+        reason, message = reason_for(exc), clip(str(exc), MAX_MESSAGE_BYTES)
         if isinstance(exc, InvalidInputError):
-            return ErrorDetails(code, str(exc), reason, field=exc.where, description=exc.reason)
+            field, description = clip(exc.where, MAX_FIELD_BYTES), clip(exc.reason, MAX_MESSAGE_BYTES)
+            return ErrorDetails(code, message, reason, field=field, description=description)
         if isinstance(exc, OverloadedError) and exc.retry_after_ms is not None:
-            return ErrorDetails(code, str(exc), reason, retry_after_ms=max(0, int(exc.retry_after_ms)))
-        return ErrorDetails(code, str(exc), reason)
+            return ErrorDetails(code, message, reason, retry_after_ms=max(0, int(exc.retry_after_ms)))
+        return ErrorDetails(code, message, reason)
     error_id = uuid.uuid4().hex[:16]
     log.error(
         "internal error %s in %s",

@@ -106,14 +106,17 @@ def unpack(data: bytes) -> ErrorDetails:
             error_details_pb2.BadRequest(),
             error_details_pb2.RetryInfo(),
         )
-        if detail.Unpack(info):
-            values.update(reason=info.reason, domain=info.domain, metadata=dict(info.metadata))
-        elif detail.Unpack(bad) and bad.field_violations:
-            violation = bad.field_violations[0]
-            values.update(field=violation.field, description=violation.description)
-        elif detail.Unpack(retry):
-            delay = retry.retry_delay
-            values["retry_after_ms"] = delay.seconds * 1000 + delay.nanos // 1_000_000
+        try:  # a detail of a known type whose bytes do not parse: the trailer as a whole is bad
+            if detail.Unpack(info):
+                values.update(reason=info.reason, domain=info.domain, metadata=dict(info.metadata))
+            elif detail.Unpack(bad) and bad.field_violations:
+                violation = bad.field_violations[0]
+                values.update(field=violation.field, description=violation.description)
+            elif detail.Unpack(retry):
+                delay = retry.retry_delay
+                values["retry_after_ms"] = delay.seconds * 1000 + delay.nanos // 1_000_000
+        except DecodeError as e:
+            raise ValueError(f"{STATUS_DETAILS}: a {detail.type_url} that does not parse ({e})") from None
     code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
     return ErrorDetails(code=code, message=status.message, **values)
 

@@ -265,7 +265,7 @@ class Scheduler:
             )
         with self._cond:
             if not self._accepting:
-                raise self._refusal()
+                raise self.refusal()
             tokens = self._queued_tokens + self._reserved_tokens  # queued, and on their way to the queue
             items_over = self._queued_items + n - self.max_queue_items
             if items_over > 0 or tokens >= self.max_queue_tokens:
@@ -321,7 +321,7 @@ class Scheduler:
             if stop.is_set():
                 raise _Stopped
             if self._closing:
-                raise self._refusal()
+                raise self.refusal()
             piece = self.clf.encode(items[start:end])
             out += piece
             tokens += sum(len(w) for e in piece for w in e.windows)
@@ -345,7 +345,7 @@ class Scheduler:
             raise DeadlineExceededError("deadline passed during tokenization")
         with self._cond:
             if not self._accepting:
-                raise self._refusal()
+                raise self.refusal()
             over = self._queued_tokens + tokens - self.max_queue_tokens
             if over > 0:
                 raise OverloadedError(
@@ -588,7 +588,7 @@ class Scheduler:
         with self._cond:
             first = self.device_error is None
             self.device_error = exc
-            unavailable = self._refusal()
+            unavailable = self.refusal()
             self._accepting = False
             self._fail_locked(
                 {w.req for w in batch} | {w.req for w in self._pending}, unavailable, DROP_DEVICE_FAILED
@@ -598,7 +598,7 @@ class Scheduler:
             if self.on_device_failure is not None:
                 self.on_device_failure(exc)
 
-    def _refusal(self) -> UnavailableError:
+    def refusal(self) -> UnavailableError:
         """Why a call is refused or failed once the server stops admitting: the device that failed for good,
         if it did (the caller learns the replica is restarting), else the shutdown."""
         exc = self.device_error
@@ -641,7 +641,7 @@ class Scheduler:
             self._accepting = False
             self._closing = True
             gone = {w.req for w in self._pending} | {w.req for w in self._slot or []}
-            self._fail_locked(gone, self._refusal(), DROP_SHUTDOWN)
+            self._fail_locked(gone, self.refusal(), DROP_SHUTDOWN)
             self._cond.notify_all()
         self._in_flight.release()  # a runner waiting for a device slot sees `_closing`
         for t in self._threads:

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from model import Classifier, Item
-from model.errors import InvalidInputError, ModelLoadingError, ShuttingDownError
+from model.errors import InvalidInputError, ModelLoadingError, ShuttingDownError, UnavailableError
 from model.items import check_length, item_id
 from service.decoding import check_decoded
 from service.errors import describe
@@ -158,9 +158,16 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
     def attach(self, clf: Classifier, scheduler: Scheduler) -> None:
         self.clf, self.scheduler = clf, scheduler
 
+    def _drain_refusal(self) -> UnavailableError:
+        """Why a call is refused while draining: the device that failed for good (DEVICE_FAILED, the replica
+        is being replaced), else the drain (SHUTTING_DOWN)."""
+        if self.scheduler is not None and self.scheduler.device_error is not None:
+            return self.scheduler.refusal()
+        return ShuttingDownError("server is draining; retry on another replica")
+
     def _ready(self) -> tuple[Classifier, Scheduler]:
         if self.draining:
-            raise ShuttingDownError("server is draining; retry on another replica")
+            raise self._drain_refusal()
         if self.clf is None or self.scheduler is None:
             raise ModelLoadingError("model is still loading; retry shortly")
         return self.clf, self.scheduler
@@ -301,7 +308,7 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
 
     def _jobs(self) -> JobService:
         if self.draining:
-            raise ShuttingDownError("server is draining; retry on another replica")
+            raise self._drain_refusal()
         return self.jobs
 
     async def SubmitJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -91,6 +91,21 @@ def test_invalid_argument_carries_a_bad_request_naming_the_field(
     assert (details[ErrorInfo].reason, details[ErrorInfo].domain) == ("INVALID_INPUT", "safety.v1")
 
 
+def test_a_message_quoting_a_huge_value_stays_invalid_argument_within_the_metadata_limit(stub: Any) -> None:
+    """A message quotes what was sent: a threshold label of 7,500 characters tripled the trailers (message,
+    Status.message, description) past the 8 KiB a gRPC client accepts, and the call failed as
+    RESOURCE_EXHAUSTED, which clients retry; every time, not 1 in 3."""
+    label = "é" * 7_500  # two UTF-8 bytes each, three percent-encoded bytes per byte in grpc-message
+    for _ in range(3):
+        err = call_error(lambda: stub.Classify(request("ok", thresholds={label: 0.5}), timeout=10))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        assert len(err.details().encode()) <= 640 and err.details().endswith("…")
+        details = unpacked(status_of(err))  # the Status repeats the clipped message exactly
+        [violation] = details[BadRequest].field_violations
+        assert violation.field.startswith("thresholds.éé") and len(violation.field.encode()) <= 200
+        assert len(violation.description.encode()) <= 640
+
+
 def test_resource_exhausted_carries_retry_info_equal_to_the_pushback(
     start_server: Any, stub_for: Any
 ) -> None:
@@ -232,6 +247,10 @@ def test_the_client_helper_without_details_and_with_a_rewritten_status() -> None
         error_details(FakeError(unavailable, "upstream reset", ((DETAILS, packed),)))
     with pytest.raises(ValueError, match=r"not a google\.rpc\.Status"):
         error_details(FakeError(unavailable, "x", ((DETAILS, b"\xff\xff\xff"),)))
+    corrupt = status_pb2.Status(code=14, message="x")  # an ErrorInfo whose bytes do not parse
+    corrupt.details.add(type_url="type.googleapis.com/google.rpc.ErrorInfo", value=b"\xff\xff\xff")
+    with pytest.raises(ValueError, match=r"google\.rpc\.ErrorInfo that does not parse"):
+        error_details(FakeError(unavailable, "x", ((DETAILS, corrupt.SerializeToString()),)))
 
 
 def test_every_error_class_has_a_documented_reason() -> None:

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import watch
-from service.client import SafetyClient
+from service.client import SafetyClient, error_details
 from service.server import serve
 from service.settings import ServeSettings
 from service.stubs import pb2_grpc
@@ -284,6 +284,11 @@ def test_the_first_signal_after_a_device_failure_lets_its_drain_finish(
                 wait_until(lambda: records.find("signal received") is not None, what="the signal logged")
                 assert not held.done()  # the signal cut nothing: the drain still waits for it
                 wait_until(lambda: health_status(port) == NOT_SERVING, what="NOT_SERVING while draining")
+                with pytest.raises(grpc.RpcError) as late:  # a new call: the replica is being replaced,
+                    stub.Classify(request("late"), timeout=10)  # not rolled (it said SHUTTING_DOWN)
+                late_details = error_details(late.value)
+                assert late_details is not None and late_details.reason == "DEVICE_FAILED", late_details
+                assert late.value.details().startswith("the device failed (RuntimeError: CUDA error")
                 release.set()
                 try:
                     held.result(30)
