@@ -52,3 +52,16 @@ def queued(scheduler: Any) -> int:
 
 def in_queue(app: Any) -> int:
     return queued(app.scheduler)
+
+
+class ExplodingLaunch:
+    """A classifier whose device launch raises an unexpected error ("kernel exploded"); the rest: `clf`."""
+
+    def __init__(self, clf: Any) -> None:
+        self._clf = clf
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._clf, name)
+
+    def launch(self, sequences: list[list[int]]) -> Any:
+        raise RuntimeError("kernel exploded")

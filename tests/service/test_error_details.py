@@ -22,7 +22,7 @@ from service import richstatus
 from service.client import AsyncSafetyClient, SafetyClient, error_details
 from service.server import SafetyServer
 from service.stubs import pb2
-from tests.service.helpers import request
+from tests.service.helpers import ExplodingLaunch, request
 from tests.service.test_retry_pushback import refusal
 from tests.service.test_serve_process import serve_process
 
@@ -132,17 +132,7 @@ def test_internal_carries_the_error_id_and_no_traceback(
 ) -> None:
     app = start_server()
 
-    class Exploding:
-        def __init__(self, clf: Any) -> None:
-            self._clf = clf
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._clf, name)
-
-        def launch(self, sequences: list[list[int]]) -> Any:
-            raise RuntimeError("kernel exploded")
-
-    app.scheduler.clf = Exploding(app.scheduler.clf)
+    app.scheduler.clf = ExplodingLaunch(app.scheduler.clf)
     with caplog.at_level(logging.ERROR, logger="safety.service"):
         err = call_error(lambda: stub_for(app).Classify(request("hello"), timeout=10))
     assert err.code() == grpc.StatusCode.INTERNAL

@@ -11,7 +11,7 @@ import pytest
 
 from service.errors import STATUS_CODES, status_for
 from service.stubs import pb2
-from tests.service.helpers import request, wait_until
+from tests.service.helpers import ExplodingLaunch, request, wait_until
 
 MAX_ITEMS, MAX_CHARS = 4, 1000
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -108,17 +108,7 @@ def test_unexpected_exception_is_internal_with_logged_error_id(
 ) -> None:
     app = start_server()
 
-    class Exploding:
-        def __init__(self, clf: Any) -> None:
-            self._clf = clf
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._clf, name)
-
-        def launch(self, sequences: list[list[int]]) -> Any:
-            raise RuntimeError("kernel exploded")
-
-    app.scheduler.clf = Exploding(app.scheduler.clf)
+    app.scheduler.clf = ExplodingLaunch(app.scheduler.clf)
     with caplog.at_level(logging.ERROR, logger="safety.service"):
         err = call_error(stub_for(app), request("hello"))
     assert err.code() == grpc.StatusCode.INTERNAL
