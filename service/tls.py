@@ -60,15 +60,11 @@ def load(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
             f"private key that matches it ({e.reason or e})"
         ) from None
     if files.client_ca:
-        where = f"SAFETY_TLS_CLIENT_CA {files.client_ca}"
-        if not pem[
-            "SAFETY_TLS_CLIENT_CA"
-        ].strip():  # empty, or caught mid-write: it would lock every client out
+        where, client_ca = f"SAFETY_TLS_CLIENT_CA {files.client_ca}", pem["SAFETY_TLS_CLIENT_CA"]
+        if not client_ca.strip():  # empty, or caught mid-write: it would lock every client out
             raise OSError(f"{where}: holds no certificate")
         try:  # not create_default_context: it takes the system's CAs when cadata is empty
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
-                cadata=pem["SAFETY_TLS_CLIENT_CA"].decode("ascii")
-            )
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=client_ca.decode("ascii"))
         except (ssl.SSLError, UnicodeDecodeError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
             raise OSError(f"{where}: not PEM CA certificates ({reason})") from None
