@@ -535,23 +535,24 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
-def _check_out(out: str | None) -> None:
+def _check_out(out: str | None) -> str | None:
     """Refuse an --out that cannot be written, naming it (exit 2, like any bad argument): before the job runs,
-    not after it finished."""
+    not after it finished. -> what it names (`_out_kind`; None for stdout)."""
     if out is None or out == "-":
-        return
+        return None
     kind = _out_kind(out)
     if kind == "directory":
         raise InvalidInputError(f"cannot write {out}: it is a directory; name a file", field="--out")
     if kind == "special":  # a FIFO, a device, /dev/stdout: written in place
         if not os.access(out, os.W_OK):
             raise InvalidInputError(f"cannot write {out}: no write permission", field="--out")
-        return
+        return kind
     parent = _real_target(out).parent
     if not parent.is_dir():
         raise InvalidInputError(f"cannot write {out}: {parent} is not a directory", field="--out")
     if not os.access(parent, os.W_OK):
         raise InvalidInputError(f"cannot write {out}: no write permission in {parent}", field="--out")
+    return kind
 
 
 def _out_kind(out: str) -> str:
@@ -585,8 +586,7 @@ def _output(out: str | None) -> Iterator[IO[str]]:
         yield sys.stdout
         sys.stdout.flush()
         return
-    _check_out(out)
-    if _out_kind(out) == "special":
+    if _check_out(out) == "special":  # checked again: the job may have run for hours since
         # appended: /dev/stdout redirected with >> to a file keeps what the file had (a FIFO or a device is
         # the same either way)
         with _open_out(out, "a") as stream:
@@ -624,8 +624,7 @@ def run_delete(args: argparse.Namespace) -> int:
 
 def run_results(args: argparse.Namespace) -> int:
     def results(client: Any) -> int:
-        _check_out(args.out)
-        try:
+        try:  # --out is checked before the first result is read
             _write_results(client, args.job_id, args.out, args.timeout)
         except OutputClosed:
             return EXIT_PIPE

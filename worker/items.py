@@ -3,7 +3,7 @@
 Owns: turning raw items into the canonical dicts a job stores (`text`, `role`, `id`, and `context` only when
 present), with the engine's item rules and the edge limit on characters (`model.items`, shared with the
 engine and the gRPC servicer), one item at a time (`iter_normalized`: a job of millions of items is never
-held whole) or as a list. Must not know: Redis, Celery, torch.
+held whole). Must not know: Redis, Celery, torch.
 """
 
 from __future__ import annotations
@@ -38,8 +38,3 @@ def iter_normalized(items: Iterable[Any], *, max_text_chars: int) -> Iterator[di
         yield normalize_item(raw, index, max_text_chars=max_text_chars)
     if index < 0:
         raise InvalidInputError("a job needs at least one item", field="items")
-
-
-def normalize_items(items: Iterable[Any], *, max_text_chars: int) -> list[dict[str, str]]:
-    """Every item normalized, or InvalidInputError for the first bad one; an empty job is refused."""
-    return list(iter_normalized(items, max_text_chars=max_text_chars))

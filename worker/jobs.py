@@ -452,16 +452,15 @@ class JobClient:
             )
 
     def _still_there(self, job_id: str, last: JobStatus) -> JobStatus:
-        try:
-            return self.status(job_id)
-        except NotFoundError as e:
-            if (deleted := self._deleted(job_id)) is not None:
-                raise deleted from e
-            raise NotFoundError(
-                f"job {job_id!r} disappeared while {last.state} ({last.completed}/{last.total} items): Redis "
-                "lost its data (a restart without persistence, a flush or an eviction) or the job expired; "
-                "submit it again"
-            ) from None
+        with self._reachable():
+            record = self.store.get(job_id)
+        if record is not None:
+            return JobStatus.from_record(job_id, record)
+        raise self._deleted(job_id) or NotFoundError(
+            f"job {job_id!r} disappeared while {last.state} ({last.completed}/{last.total} items): Redis "
+            "lost its data (a restart without persistence, a flush or an eviction) or the job expired; "
+            "submit it again"
+        )
 
     # ---- control -------------------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> JobStatus:

@@ -109,7 +109,7 @@ def sweep(
             unwatch(store, job_id, now)
             continue
         if record.get("state") == "submitting":
-            if now - last_submit_progress(record) >= SUBMIT_STALL_S:
+            if not watched(record, now):
                 # its submitter stopped (interrupted, killed): nothing more will be queued until a resumed
                 # submit puts it back on the list, and the list must not keep a KEDA-scaled worker up for it
                 log.info("job %s: its submission stopped; no longer watched until it is resumed", job_id)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from model.errors import InvalidInputError
-from worker.items import normalize_item, normalize_items
+from worker.items import iter_normalized, normalize_item
 
 CASES: list[Any] = [
     {"text": "hello"},
@@ -51,7 +51,7 @@ def test_agrees_with_the_engine(case: Any, tiny_classifier: Any) -> None:
 
 def test_normalized_items_classify_like_the_raw_ones(tiny_classifier: Any) -> None:
     raw = [{"text": "a", "role": None, "id": "1"}, {"text": "b", "role": "response", "context": "q"}]
-    normalized = normalize_items(raw, max_text_chars=100)
+    normalized = list(iter_normalized(raw, max_text_chars=100))
     assert normalized == [
         {"text": "a", "role": "prompt", "id": "1"},
         {"text": "b", "role": "response", "context": "q", "id": "1"},  # an id always: its index
@@ -64,7 +64,7 @@ def test_normalized_items_classify_like_the_raw_ones(tiny_classifier: Any) -> No
 def test_first_bad_item_is_named_by_index_and_field() -> None:
     items = [{"text": "fine"}] * 3 + [{"text": "x", "role": "bot"}] + [{"text": ""}]
     with pytest.raises(InvalidInputError) as e:
-        normalize_items(items, max_text_chars=100)
+        list(iter_normalized(items, max_text_chars=100))
     assert (e.value.index, e.value.field) == (3, "role")
     assert str(e.value).startswith("items[3].role:")
 
@@ -81,5 +81,5 @@ def test_character_limit_applies_to_text_and_context(field: str) -> None:
 
 def test_an_empty_job_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="at least one item") as e:
-        normalize_items([], max_text_chars=10)
+        list(iter_normalized([], max_text_chars=10))
     assert e.value.field == "items"
