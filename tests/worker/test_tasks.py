@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -299,12 +300,7 @@ def test_a_stale_chunk_message_never_acts_on_a_new_job_of_the_same_id(
     assert new_client.dead_letters() == [] and "error" not in r.hgetall(keys.job)
     assert chunk_counts(metrics) == dict.fromkeys(chunk_counts(metrics), 0) | {"skipped": 1}
 
-    outcomes = [deliver(task, *args)["action"] for args in queued_args(redis_server, queue)]
-    assert sorted(outcomes) == ["classified"] * 3 + ["stale"] * 3  # the old job's three: skipped
-    status = new_client.status("reused")
-    assert (status.state, status.done, status.failed) == ("done", 6, 0)
-    lines = list(new_client.results("reused", timeout=10))
-    assert_job_output(lines, expected_lines(tiny_classifier, new_items, 2), tiny_classifier.thresholds)
+    deliver_all(task, redis_server, queue, new_client, "reused", new_items, stale=3)  # the old job's three
     assert r.hgetall(keys.attempts) == {"0": "1", "1": "1", "2": "1"}
 
 
@@ -335,6 +331,27 @@ class ReplacedBeforeItsItemsAreRead(JobStore):
         replace, self.replace = self.replace, lambda: None
         replace()
         return super().items(*args)
+
+
+def deliver_all(
+    task: Any,
+    server: RedisServer,
+    queue: str,
+    client: JobClient,
+    job_id: str,
+    items: list[dict[str, str]],
+    *,
+    stale: int,
+) -> None:
+    """Deliver every message queued (chunks of 2): the new job's own chunks classify, the `stale` messages of
+    the old job of its id are skipped, and the new job ends done with its own items' results only."""
+    outcomes = [deliver(task, *args)["action"] for args in queued_args(server, queue)]
+    assert sorted(outcomes) == ["classified"] * math.ceil(len(items) / 2) + ["stale"] * stale
+    status = client.status(job_id)
+    assert (status.state, status.done, status.failed) == ("done", len(items), 0)
+    lines = list(client.results(job_id, timeout=10))
+    clf = task.classifier
+    assert_job_output(lines, expected_lines(clf, items, 2), clf.thresholds)
 
 
 class Generations:
@@ -445,9 +462,4 @@ def test_a_job_replaced_while_its_chunk_runs_gets_nothing_from_that_chunk(
     task = SimpleNamespace(
         settings=WorkerSettings(), store=store, metrics=metrics, classifier=tiny_classifier
     )
-    outcomes = [deliver(task, *args)["action"] for args in queued_args(redis_server, queue)]
-    assert sorted(outcomes) == ["classified"] * 2 + ["stale"] * 2  # the old job's two: skipped
-    status = new_client.status("swap")
-    assert (status.state, status.done, status.failed) == ("done", 4, 0)
-    lines = list(new_client.results("swap", timeout=10))
-    assert_job_output(lines, expected_lines(tiny_classifier, new_items, 2), tiny_classifier.thresholds)
+    deliver_all(task, redis_server, queue, new_client, "swap", new_items, stale=2)  # the old job's two
