@@ -14,8 +14,13 @@ RUN_STAMP  := $(VENV)/.installed-run
 CHECKOV      ?= checkov==3.3.30
 CHECKOV_VENV := .cache/checkov-venv
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(subst ==,-,$(CHECKOV))
+# promtool (tests/k8s parses and unit-tests the alert rules and parses the dashboard's queries with it) comes
+# out of the distribution's prometheus package, unpacked, not installed: the binary links only libc. Debian
+# bookworm's is 2.42.0; the download, as root, goes into a directory owned by _apt so apt needs no warning.
+PROMTOOL_DEB ?= prometheus
+PROMTOOL     := .cache/promtool/promtool
 
-.PHONY: test lint format run proto checkov clean data default-model gpu-site
+.PHONY: test lint format run proto checkov promtool clean data default-model gpu-site
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +44,16 @@ $(CHECKOV_STAMP):
 
 checkov: $(CHECKOV_STAMP)
 
+$(PROMTOOL):
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	if [ "$$(id -u)" = 0 ] && id _apt >/dev/null 2>&1; then chown _apt "$$tmp"; fi && \
+	(cd "$$tmp" && apt-get download -q "$(PROMTOOL_DEB)") && \
+	dpkg-deb -x "$$tmp"/*.deb "$$tmp/x" && \
+	"$$tmp/x/usr/bin/promtool" --version && \
+	mkdir -p $(dir $(PROMTOOL)) && cp "$$tmp/x/usr/bin/promtool" $(PROMTOOL).part && mv $(PROMTOOL).part $(PROMTOOL)
+
+promtool: $(PROMTOOL)
+
 proto: $(STAMP)
 	$(PY) -m service.protogen
 
@@ -50,7 +65,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint proto checkov
+test: lint proto checkov promtool
 	$(VENV)/bin/pytest -q
 
 # Serve the bundled model (or MODEL=dir) on [::]:50051; every flag also reads SAFETY_* (safety serve --help).
@@ -85,4 +100,4 @@ gpu-site: proto
 		grpcio-reflection==1.84.0 prometheus-client==0.26.0 googleapis-common-protos==1.76.0
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) service/_proto .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(dir $(PROMTOOL)) service/_proto .pytest_cache .ruff_cache

@@ -1,7 +1,8 @@
 """Rendering for the Kubernetes checks: each overlay through `kubectl kustomize`, offline.
 
 Owns: where the tools come from (the project virtualenv; checkov from its own virtualenv under `.cache/`,
-made by `make checkov`), the list of overlays, and the rendered objects. A missing tool FAILS the tests
+made by `make checkov`; promtool unpacked from Debian's prometheus package into `.cache/promtool/` by
+`make promtool`), the list of overlays, and the rendered objects. A missing tool FAILS the tests
 with the command that installs it: nothing here is skipped. Must not know: what the manifests should say
 (the test modules assert that).
 """
@@ -30,6 +31,7 @@ COMPOSITIONS = {
     "cpu+prometheus-rules": ("cpu", ("prometheus-rules",)),
 }
 CHECKOV = Path(os.environ.get("SAFETY_CHECKOV", REPO / ".cache" / "checkov-venv" / "bin" / "checkov"))
+PROMTOOL = Path(os.environ.get("SAFETY_PROMTOOL", REPO / ".cache" / "promtool" / "promtool"))
 IMAGE_NAME = "registry.example.com/safety-classifier"  # the placeholder the base sets (images: in k8s/base)
 DEV_IMAGE = "safety-classifier:dev"  # the dev overlay's: built and loaded into the node (docs/deploy.md §4)
 
@@ -55,6 +57,12 @@ def checkov() -> str:
     if not CHECKOV.is_file():
         pytest.fail(f"checkov not found at {CHECKOV}; create its virtualenv with `make checkov`")
     return str(CHECKOV)
+
+
+def promtool() -> str:
+    if not PROMTOOL.is_file():
+        pytest.fail(f"promtool not found at {PROMTOOL}; get it with `make promtool`")
+    return str(PROMTOOL)
 
 
 def run(cmd: list[str], stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

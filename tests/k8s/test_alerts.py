@@ -24,7 +24,6 @@ import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.k8s.render import Rendered
 from tests.k8s.test_dashboard import exprs as dashboard_exprs
 from tests.prometheus import metrics_text
 
@@ -34,11 +33,6 @@ METHOD = re.compile(r'method\s*(=~|=)\s*"([^"]+)"')
 SELECTOR = re.compile(r"\b((?:safety|process|python)_[a-z0-9_]+)\b\s*(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 SCRAPE_LABELS = {"namespace"}  # attached by the scrape, not exported: the queries filter on it
-
-
-@pytest.fixture(scope="module")
-def rule(rendered: dict[str, Rendered]) -> dict[str, Any]:
-    return rendered["cpu+prometheus-rules"].get("PrometheusRule", "safety-classifier")
 
 
 def alerts(rule: dict[str, Any]) -> list[dict[str, Any]]:
