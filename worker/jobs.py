@@ -286,11 +286,12 @@ class JobClient:
         """Store and enqueue prepared items (`submit` = `prepare` + `send`); resumable as `submit` is."""
         count, digest = prepared.count, prepared.digest
         job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
-        s, now = self.settings, time.time()
+        s = self.settings
+        # created, updated and sent_at: stamped by the store, in Redis's clock
         record = {
             "state": "submitting", "total": count, "done": 0, "failed": 0, "chunk_size": s.chunk_size,
-            "chunks": math.ceil(count / s.chunk_size), "ttl_s": s.result_ttl_s, "created": repr(now),
-            "updated": repr(now), "digest": digest, "queue": s.queue, "nonce": new_nonce(),
+            "chunks": math.ceil(count / s.chunk_size), "ttl_s": s.result_ttl_s, "digest": digest,
+            "queue": s.queue, "nonce": new_nonce(),
         }  # fmt: skip
         with self._reachable():
             existing = self.store.create(job_id, record)
@@ -319,7 +320,6 @@ class JobClient:
 
     def _enqueue(self, job_id: str, prepared: Prepared, record: dict[str, Any]) -> int:
         size, chunks = int(record["chunk_size"]), int(record["chunks"])
-        expire_at_ms = int((float(record["created"]) + int(record["ttl_s"])) * 1000)  # with the record
         already = self.store.enqueued(job_id)
         sent = 0
         with self.app.producer_or_acquire() as producer:
@@ -327,11 +327,11 @@ class JobClient:
                 if chunk in already:
                     continue
                 first = chunk * size
-                if not self.store.upload(job_id, first, lines, expire_at_ms):
+                if not self.store.upload(job_id, first, lines):
                     break  # cancelled while it was being submitted: stop storing and sending
                 send_chunk(self.app, job_id, chunk, record["queue"], producer, record["nonce"])
                 sent += 1  # a worker skips the chunk of a job cancelled in the meantime
-                if not self.store.mark_enqueued(job_id, chunk, expire_at_ms):
+                if not self.store.mark_enqueued(job_id, chunk):
                     break
         return sent
 
@@ -467,7 +467,7 @@ class JobClient:
         """Stop a job: queued chunks are skipped, results written so far stay readable."""
         check_job_id(job_id)
         with self._reachable():
-            self.store.cancel(job_id, time.time())
+            self.store.cancel(job_id)
         return self.status(job_id)  # NotFoundError when there was no such job
 
     def delete(self, job_id: str) -> JobStatus:

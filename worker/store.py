@@ -9,7 +9,8 @@ client (`worker.jobs`) and the worker (`worker.tasks`). Must not know: Celery, t
 Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
   safety:job:{id}           hash   the job record (state, total, done, failed, chunks, chunk_size, ttl_s,
                                    created, started, finished, updated, sent_at, model, digest, queue, error,
-                                   nonce; sent_at in Redis's clock, the other times in their writer's)
+                                   nonce; every time in Redis's clock, epoch seconds: one clock for the
+                                   submitter, every worker and the sweeper, whatever their hosts' say)
   safety:job:{id}:items     hash   index -> item JSON (deleted when the job finishes done or failed; a
                                    cancelled job keeps it, for its `cancelled` lines, until delete or the TTL)
   safety:job:{id}:results   hash   index -> result JSON (exactly one per item)
@@ -78,7 +79,7 @@ def failed_line(index: int, item_id: str | None, error: str) -> dict[str, Any]:
 
 def last_submit_progress(record: dict[str, str]) -> float:
     """When the submitter of a job last stored something, in Redis's clock (`JobStore.server_time`); records
-    made before `sent_at`: their creation, in the submitter's clock."""
+    made before `sent_at`: their creation (in Redis's clock too, except on an earlier release's records)."""
     return float(record.get("sent_at") or record.get("created") or 0)
 
 
@@ -140,8 +141,9 @@ class JobKeys:
         return [self.job, self.items, self.results, self.attempts, self.errors, self.enqueued]
 
 
-# Lua shared by the scripts that note a submitter's progress: now in Redis's clock (epoch seconds), so that
-# `sent_at` is stamped and compared (`JobStore.server_time`) on one clock, never two machines'.
+# Lua shared by the scripts that stamp a time on a job: now in Redis's clock (epoch seconds), so that every
+# time on a record (`created`, `sent_at`, `started`, `updated`, `finished`) is stamped, and compared by the
+# sweeper (`JobStore.server_time`), on one clock, never several machines'.
 _NOW_LUA = """
 local function redis_now()
   local t = redis.call('TIME')
@@ -149,7 +151,8 @@ local function redis_now()
 end
 """
 
-# KEYS = JobKeys.all() + [tombstone]; ARGV = field/value pairs. -> 1 when created, {'exists', digest} when the
+# KEYS = JobKeys.all() + [tombstone]; ARGV = field/value pairs (`created`, `updated` and `sent_at` are
+# stamped here). -> 1 when created, {'exists', digest} when the
 # record exists, {'deleted', reserved until (epoch s)} when the id belongs to a deleted job (its leftover
 # chunk messages and a still-running submitter must never act on a new job of the same id). A new record
 # starts with no items, results, attempts, errors or sent chunks: keys left by a job whose record was lost
@@ -166,28 +169,30 @@ local reserved = redis.call('GET', KEYS[7])
 if reserved then return {'deleted', reserved} end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('HSET', KEYS[1], unpack(ARGV))
-redis.call('HSET', KEYS[1], 'sent_at', redis_now())
+local now = redis_now()
+redis.call('HSET', KEYS[1], 'created', now, 'updated', now, 'sent_at', now)
 redis.call('EXPIRE', KEYS[1], tonumber(redis.call('HGET', KEYS[1], 'ttl_s')))
 return 1
 """
 )
 
-# KEYS = [record, key]; ARGV = [expire_at_ms, kind ('hash' | 'set'), then field/value pairs or members].
-# Adds to the job's items or sent chunks only while its record exists: 0 when it is gone (a Redis restart
-# without persistence in the middle of a submit), and nothing is written; 2 when the job was cancelled (the
-# submitter stops; a cancelled job keeps nothing it will never run). Notes the submitter's progress in
-# `sent_at` (Redis's clock) while the job is being submitted.
+# KEYS = [record, key]; ARGV = [kind ('hash' | 'set'), then field/value pairs or members]. Adds to the job's
+# items or sent chunks (which then expire with the record) only while its record exists: 0 when it is gone (a
+# Redis restart without persistence in the middle of a submit), and nothing is written; 2 when the job was
+# cancelled (the submitter stops; a cancelled job keeps nothing it will never run). Notes the submitter's
+# progress in `sent_at` (Redis's clock) while the job is being submitted.
 _ADD = (
     _NOW_LUA
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 2 end
-if ARGV[2] == 'hash' then
-  redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+if ARGV[1] == 'hash' then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 2))
 else
-  redis.call('SADD', KEYS[2], unpack(ARGV, 3))
+  redis.call('SADD', KEYS[2], unpack(ARGV, 2))
 end
-redis.call('PEXPIREAT', KEYS[2], ARGV[1])
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl > 0 then redis.call('PEXPIRE', KEYS[2], pttl) end
 if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
   redis.call('HSET', KEYS[1], 'sent_at', redis_now())
 end
@@ -217,15 +222,16 @@ local function stale(job, nonce)
 end
 """
 
-# KEYS = JobKeys.all(); ARGV = [chunk, now, nonce]. Nothing is counted or written for a stale message.
+# KEYS = JobKeys.all(); ARGV = [chunk, nonce]. Nothing is counted or written for a stale message.
 # -> {'gone'} | {'stale'} | {'cancelled'} | {'complete'} | {'run', attempt, lo, hi, last_error}
 _START_CHUNK = (
-    _CHUNK_LUA
+    _NOW_LUA
+    + _CHUNK_LUA
     + _STALE_LUA
     + """
 local job = KEYS[1]
 if redis.call('EXISTS', job) == 0 then return {'gone'} end
-if stale(job, ARGV[3]) then return {'stale'} end
+if stale(job, ARGV[2]) then return {'stale'} end
 local f = redis.call('HMGET', job, 'state', 'total', 'chunk_size')
 local state, total, size = f[1], tonumber(f[2]), tonumber(f[3])
 if state == 'cancelled' then return {'cancelled'} end
@@ -235,45 +241,47 @@ local attempt = redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 local pttl = redis.call('PTTL', job)
 if pttl > 0 then redis.call('PEXPIRE', KEYS[4], pttl) end
 if state == 'queued' then redis.call('HSET', job, 'state', 'running') end
-if redis.call('HEXISTS', job, 'started') == 0 then redis.call('HSET', job, 'started', ARGV[2]) end
+if redis.call('HEXISTS', job, 'started') == 0 then redis.call('HSET', job, 'started', redis_now()) end
 return {'run', attempt, lo, hi, redis.call('HGET', KEYS[5], ARGV[1]) or ''}
 """
 )
 
-# KEYS = JobKeys.all(); ARGV = [now, model, nonce, (index, json, failed 0|1)...]. First write of an index
+# KEYS = JobKeys.all(); ARGV = [model, nonce, (index, json, failed 0|1)...]. First write of an index
 # wins. -> {state, newly written ok, newly written failed}; state 'gone' when the job no longer exists,
 # 'stale' when the writer's message belongs to another job of that id (replaced while the chunk ran).
 _WRITE_RESULTS = (
-    _STALE_LUA
+    _NOW_LUA
+    + _STALE_LUA
     + """
 local job = KEYS[1]
 if redis.call('EXISTS', job) == 0 then return {'gone', 0, 0} end
-if stale(job, ARGV[3]) then return {'stale', 0, 0} end
+if stale(job, ARGV[2]) then return {'stale', 0, 0} end
 local state = redis.call('HGET', job, 'state')
 if state == 'cancelled' then return {'cancelled', 0, 0} end
 local ok, bad = 0, 0
-for i = 4, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) == 1 then
     if ARGV[i + 2] == '1' then bad = bad + 1 else ok = ok + 1 end
   end
 end
 local pttl = redis.call('PTTL', job)
 if pttl > 0 then redis.call('PEXPIRE', KEYS[3], pttl) end
-if ARGV[2] ~= '' and ok + bad > 0 then  -- the models whose results the job holds, ' + ' between them
+if ARGV[1] ~= '' and ok + bad > 0 then  -- the models whose results the job holds, ' + ' between them
   local models = redis.call('HGET', job, 'model')
   if not models then
-    redis.call('HSET', job, 'model', ARGV[2])
-  elseif string.find(' + ' .. models .. ' + ', ' + ' .. ARGV[2] .. ' + ', 1, true) == nil then
-    redis.call('HSET', job, 'model', models .. ' + ' .. ARGV[2])
+    redis.call('HSET', job, 'model', ARGV[1])
+  elseif string.find(' + ' .. models .. ' + ', ' + ' .. ARGV[1] .. ' + ', 1, true) == nil then
+    redis.call('HSET', job, 'model', models .. ' + ' .. ARGV[1])
   end
 end
 local done = redis.call('HINCRBY', job, 'done', ok)
 local failed = redis.call('HINCRBY', job, 'failed', bad)
-redis.call('HSET', job, 'updated', ARGV[1])
+local now = redis_now()
+redis.call('HSET', job, 'updated', now)
 local total = tonumber(redis.call('HGET', job, 'total'))
 if done + failed >= total and state ~= 'done' and state ~= 'failed' then
   if failed >= total then state = 'failed' else state = 'done' end
-  redis.call('HSET', job, 'state', state, 'finished', ARGV[1])
+  redis.call('HSET', job, 'state', state, 'finished', now)
   redis.call('DEL', KEYS[2])
   local ttl = tonumber(redis.call('HGET', job, 'ttl_s'))
   for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
@@ -282,17 +290,21 @@ return {state, ok, bad}
 """
 )
 
-# KEYS = JobKeys.all(); ARGV = [now]. -> the state after the call, or false when the job does not exist.
-_CANCEL = """
+# KEYS = JobKeys.all(). -> the state after the call, or false when the job does not exist.
+_CANCEL = (
+    _NOW_LUA
+    + """
 local job = KEYS[1]
 if redis.call('EXISTS', job) == 0 then return false end
 local state = redis.call('HGET', job, 'state')
 if state == 'done' or state == 'failed' or state == 'cancelled' then return state end
-redis.call('HSET', job, 'state', 'cancelled', 'finished', ARGV[1], 'updated', ARGV[1])
+local now = redis_now()
+redis.call('HSET', job, 'state', 'cancelled', 'finished', now, 'updated', now)
 local ttl = tonumber(redis.call('HGET', job, 'ttl_s'))
 for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
 return 'cancelled'
 """
+)
 
 # KEYS = JobKeys.all() + [tombstone]. Deletes every key of a finished or cancelled job and leaves its
 # tombstone (with the record's remaining TTL; its value: until when, in Redis's clock, epoch seconds), so the
@@ -454,21 +466,21 @@ class JobStore:
         until = self.client.get(JobKeys(job_id).deleted)
         return None if until is None else reserved_until(until)
 
-    def upload(self, job_id: str, first: int, items: Sequence[str], expire_at_ms: int) -> bool:
+    def upload(self, job_id: str, first: int, items: Sequence[str]) -> bool:
         """Store items `first`, `first + 1`, ...; False (nothing stored) when the job was cancelled,
         NotFoundError when the job record is gone."""
         keys = JobKeys(job_id)
         pairs = [x for k, item in enumerate(items) for x in (str(first + k), item)]
-        args = [expire_at_ms, "hash", *pairs]
+        args = ["hash", *pairs]
         return self._added(job_id, self._add(keys=[keys.job, keys.items], args=args))
 
     def enqueued(self, job_id: str) -> set[int]:
         return {int(c) for c in self.client.smembers(JobKeys(job_id).enqueued)}
 
-    def mark_enqueued(self, job_id: str, chunk: int, expire_at_ms: int) -> bool:
+    def mark_enqueued(self, job_id: str, chunk: int) -> bool:
         """Record that `chunk` was sent; False when the job was cancelled, NotFoundError when it is gone."""
         keys = JobKeys(job_id)
-        args = [expire_at_ms, "set", chunk]
+        args = ["set", chunk]
         return self._added(job_id, self._add(keys=[keys.job, keys.enqueued], args=args))
 
     @staticmethod
@@ -496,7 +508,8 @@ class JobStore:
         return sorted(int(c) for c in self._incomplete(keys=JobKeys(job_id).all()))
 
     def server_time(self) -> float:
-        """Now in Redis's clock (epoch seconds): the clock `sent_at` is stamped in, whatever this host's."""
+        """Now in Redis's clock (epoch seconds): the clock every time on a record is stamped in, whatever
+        this host's."""
         seconds, micros = self.client.time()
         return seconds + micros / 1e6
 
@@ -525,8 +538,8 @@ class JobStore:
         raw = self.client.hmget(JobKeys(job_id).items, [str(i) for i in indices])
         return [None if r is None else json.loads(r) for r in raw]
 
-    def cancel(self, job_id: str, now: float) -> str | None:
-        return self._cancel(keys=JobKeys(job_id).all(), args=[repr(now)])
+    def cancel(self, job_id: str) -> str | None:
+        return self._cancel(keys=JobKeys(job_id).all())
 
     def delete(self, job_id: str) -> tuple[str, dict[str, str] | None]:
         """Delete every key of a finished or cancelled job, leave its tombstone (the id stays reserved for
@@ -550,10 +563,10 @@ class JobStore:
         return {k: self.client.ttl(k) for k in keys}
 
     # ---- the worker's side ---------------------------------------------------------------------------------
-    def start_chunk(self, job_id: str, chunk: int, now: float, nonce: str | None = None) -> ChunkStart:
+    def start_chunk(self, job_id: str, chunk: int, nonce: str | None = None) -> ChunkStart:
         """Count a delivery of the chunk and say what to do. `nonce`: the message's (None: a message of the
         previous release, not checked)."""
-        out = self._start(keys=JobKeys(job_id).all(), args=[chunk, repr(now), nonce or ""])
+        out = self._start(keys=JobKeys(job_id).all(), args=[chunk, nonce or ""])
         if out[0] != "run":
             return ChunkStart(action=out[0])
         return ChunkStart("run", attempt=int(out[1]), lo=int(out[2]), hi=int(out[3]), last_error=out[4])
@@ -562,13 +575,13 @@ class JobStore:
         self,
         job_id: str,
         records: Sequence[tuple[int, str, bool]],
-        now: float,
+        *,
         model: str = "",
         nonce: str | None = None,
     ) -> Written:
         """Write (index, result JSON, failed?) records; indices already written keep their first result.
         Nothing is written when `nonce` (the chunk message's; None: not checked) is not the job's."""
-        argv: list[str] = [repr(now), model, nonce or ""]
+        argv: list[str] = [model, nonce or ""]
         for index, payload, failed in records:
             argv += [str(index), payload, "1" if failed else "0"]
         state, ok, bad = self._write(keys=JobKeys(job_id).all(), args=argv)
@@ -583,7 +596,7 @@ class JobStore:
         return bool(self._note(keys=JobKeys(job_id).all(), args=args))
 
     def dead_letter(
-        self, job_id: str, chunk: int, attempts: int, error: str, now: float, nonce: str | None = None
+        self, job_id: str, chunk: int, attempts: int, error: str, nonce: str | None = None
     ) -> bool:
         """Dead-letter a chunk: its error on the job record, then an entry in the dead-letter list; neither
         for a job that is gone or, given the message's `nonce`, is another job of that id. -> whether it was
@@ -592,7 +605,7 @@ class JobStore:
         if not self.record_error(job_id, chunk, error, dead=True, nonce=nonce):
             return False
         entry = json.dumps(
-            {"job_id": job_id, "chunk": chunk, "attempts": attempts, "error": error, "at": now}
+            {"job_id": job_id, "chunk": chunk, "attempts": attempts, "error": error, "at": self.server_time()}
         )
         pipe = self.client.pipeline(transaction=True)
         pipe.lpush(DEAD_LETTER, entry)

@@ -161,7 +161,7 @@ def _count(task: ClassifierTask, outcome: str, began: float, ok: int = 0, failed
 
 def run_chunk(task: ClassifierTask, job_id: str, chunk: int, nonce: str | None = None) -> dict[str, Any]:
     store, max_attempts = task.store, task.settings.max_attempts
-    start = store.start_chunk(job_id, chunk, time.time(), nonce)
+    start = store.start_chunk(job_id, chunk, nonce)
     if start.action == "stale":
         log.info("job %s chunk %d: the message belongs to an earlier job of this id (deleted or expired, the "
                  "id submitted again); skipped", job_id, chunk)  # fmt: skip
@@ -204,7 +204,7 @@ def run_chunk(task: ClassifierTask, job_id: str, chunk: int, nonce: str | None =
         log.warning("job %s chunk %d attempt %d failed, requeued: %s", job_id, chunk, start.attempt, error)
         raise Reject(error, requeue=True) from e
     written = store.write(
-        job_id, [(i, json.dumps(line), failed) for i, line, failed in lines], time.time(), clf.name, nonce
+        job_id, [(i, json.dumps(line), failed) for i, line, failed in lines], model=clf.name, nonce=nonce
     )
     if written.state in DISCARDED:  # cancelled, deleted, lost or replaced while it ran: nothing written
         log.info("job %s chunk %d: the job was %s meanwhile; its results are discarded", job_id, chunk,
@@ -269,12 +269,12 @@ def give_up(
         (i, json.dumps(failed_line(i, item_id(item.get("id"), i), error)), True)
         for i, item in zip(indices, items, strict=True)
     ]
-    written = store.write(job_id, lines, time.time(), nonce=nonce)
+    written = store.write(job_id, lines, nonce=nonce)
     if written.state in DISCARDED:
         log.info("job %s chunk %d: the job was %s meanwhile; nothing failed or dead-lettered", job_id, chunk,
                  DISCARDED[written.state])  # fmt: skip
         return {"job_id": job_id, "chunk": chunk, "action": written.state}
     if written.ok + written.failed:
         log.error("job %s chunk %d: dead-lettered: %s", job_id, chunk, error)
-        store.dead_letter(job_id, chunk, attempts, error, time.time(), nonce)
+        store.dead_letter(job_id, chunk, attempts, error, nonce)
     return {"job_id": job_id, "chunk": chunk, "action": "dead-lettered", "failed": written.failed}

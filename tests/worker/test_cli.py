@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,10 +122,10 @@ def test_a_submit_whose_job_is_cancelled_meanwhile_stops_and_exits_1(
     monkeypatch.setenv("SAFETY_QUEUE", "cli-cancelled")
     upload = JobStore.upload
 
-    def upload_then_cancel(store: JobStore, job: str, first: int, items: Any, expire_at_ms: int) -> bool:
+    def upload_then_cancel(store: JobStore, job: str, first: int, items: Any) -> bool:
         if first == 1:  # `safety job cancel` from another terminal, after chunk 0 was sent
-            store.cancel(job, 0.0)
-        return upload(store, job, first, items, expire_at_ms)
+            store.cancel(job)
+        return upload(store, job, first, items)
 
     monkeypatch.setattr(JobStore, "upload", upload_then_cancel)
     assert main(["submit", str(src), "--job-id", "cancelled-meanwhile", "--wait", "--no-progress"]) == 1
@@ -245,7 +244,7 @@ def test_results_into_a_pipe_closed_early_stop_quietly_with_141(
     items = [{"text": f"item {i}"} for i in range(3000)]  # 3000 lines: far more than a pipe buffers
     client.submit(items, job_id="piped")
     line = json.dumps({"index": 0, "scores": {"x": 0.5}, "padding": "x" * 100})
-    client.store.write("piped", [(i, line, False) for i in range(3000)], time.time())
+    client.store.write("piped", [(i, line, False) for i in range(3000)])
     client.close()
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(it) + "\n" for it in items))
@@ -518,7 +517,7 @@ def test_out_dev_stdout_redirected_to_a_file_appends_to_it(redis_server: RedisSe
     treated as a regular --out and replaced (its earlier lines lost, a new inode)."""
     client = JobClient(WorkerSettings(redis_url=redis_server.url, queue="devout", chunk_size=10))
     client.submit([{"text": f"item {i}"} for i in range(3)], job_id="devout")
-    client.store.write("devout", [(i, json.dumps({"index": i}), False) for i in range(3)], time.time())
+    client.store.write("devout", [(i, json.dumps({"index": i}), False) for i in range(3)])
     client.close()
     target = tmp_path / "all.jsonl"
     target.write_text('{"earlier": true}\n')

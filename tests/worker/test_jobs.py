@@ -243,7 +243,7 @@ def test_waiting_on_a_job_whose_submission_stopped_says_how_to_resume_it(
     assert float(r.hget(keys.job, "sent_at")) >= float(r.hget(keys.job, "created"))  # progress noted
     r.hset(keys.job, "state", "submitting")
     r.srem(keys.enqueued, 2)
-    client.store.write("half", [(i, fake_result(i), False) for i in range(4)], time.time())
+    client.store.write("half", [(i, fake_result(i), False) for i in range(4)])
     with pytest.raises(DeadlineExceededError):  # its submitter may still be at work: wait as asked
         client.wait("half", timeout=0.3, poll_s=0.05)
     r.hset(keys.job, "sent_at", repr(time.time() - SUBMIT_STALL_S - 1))  # ... but it stored nothing since
@@ -293,10 +293,10 @@ def cancel_at_chunk(client: JobClient, job_id: str, chunk: int, monkeypatch: pyt
     upload = type(client.store).upload
     size = client.settings.chunk_size
 
-    def upload_then_cancel(store: Any, job: str, first: int, items: Any, expire_at_ms: int) -> bool:
+    def upload_then_cancel(store: Any, job: str, first: int, items: Any) -> bool:
         if first == chunk * size:
-            store.cancel(job_id, time.time())
-        return upload(store, job, first, items, expire_at_ms)
+            store.cancel(job_id)
+        return upload(store, job, first, items)
 
     monkeypatch.setattr(type(client.store), "upload", upload_then_cancel)
 
@@ -339,7 +339,7 @@ def test_delete_removes_every_key_of_a_finished_or_cancelled_job_only(
         client.delete("open")
 
     client.submit(make_items(2), job_id="done")
-    client.store.write("done", [(i, fake_result(i), False) for i in range(2)], time.time())
+    client.store.write("done", [(i, fake_result(i), False) for i in range(2)])
     assert (client.delete("done").state, r.keys("safety:job:{done}*")) == ("done", [JobKeys("done").deleted])
     with pytest.raises(InvalidInputError):
         client.delete("{bad}")
@@ -376,7 +376,7 @@ def test_a_deleted_jobs_id_stays_reserved_so_its_leftover_work_never_hits_a_new_
     assert r.keys("safety:job:{reuse}*") == [tombstone] and r.llen(DEAD_LETTER) == 0
     # and a submitter of the deleted job still storing is stopped, writing nothing
     with pytest.raises(NotFoundError, match="disappeared while it was being submitted"):
-        client.store.upload("reuse", 2, ['{"text": "old"}'], int((time.time() + 100) * 1000))
+        client.store.upload("reuse", 2, ['{"text": "old"}'])
     assert r.keys("safety:job:{reuse}*") == [tombstone]
 
     r.delete(tombstone)  # the deleted job would have expired by now: the id is free
@@ -386,10 +386,13 @@ def test_a_deleted_jobs_id_stays_reserved_so_its_leftover_work_never_hits_a_new_
 def test_every_key_of_a_job_has_a_ttl(redis_server: RedisServer, job_client: Client) -> None:
     client = job_client(redis_server.url, queue="q", chunk_size=4, result_ttl_s=100)
     client.submit(make_items(10), job_id="ttl")
-    store = client.store
-    start = store.start_chunk("ttl", 0, time.time())
+    store, keys, r = client.store, JobKeys("ttl"), redis_server.client()
+    # the items and sent chunks expire with the record, to the millisecond, whatever this host's clock says
+    record_ms, items_ms, sent_ms = r.pttl(keys.job), r.pttl(keys.items), r.pttl(keys.enqueued)
+    assert 99_000 < record_ms <= 100_000 and abs(items_ms - record_ms) < 50 and abs(sent_ms - record_ms) < 50
+    start = store.start_chunk("ttl", 0)
     store.record_error("ttl", 0, "boom")
-    store.write("ttl", [(i, fake_result(i), False) for i in range(start.lo, start.hi)], time.time())
+    store.write("ttl", [(i, fake_result(i), False) for i in range(start.lo, start.hi)])
     ttls = store.ttls("ttl")
     assert set(ttls) == set(JobKeys("ttl").all())
     assert all(0 < t <= 100 for t in ttls.values()), ttls
@@ -401,18 +404,19 @@ def test_redelivered_results_count_once_and_the_job_finishes(
     client = job_client(redis_server.url, queue="q", chunk_size=3, result_ttl_s=50)
     client.submit(make_items(5), job_id="idem")
     store = client.store
-    first = store.start_chunk("idem", 0, time.time())
+    first = store.start_chunk("idem", 0)
     assert (first.action, first.attempt, first.lo, first.hi) == ("run", 1, 0, 3)
-    assert store.start_chunk("idem", 0, time.time()).attempt == 2  # a redelivery counts an attempt
-    w1 = store.write("idem", [(i, fake_result(i, "first"), False) for i in range(3)], time.time(), "m1")
-    w2 = store.write("idem", [(i, fake_result(i, "second"), False) for i in range(3)], time.time(), "m2")
+    assert store.start_chunk("idem", 0).attempt == 2  # a redelivery counts an attempt
+    w1 = store.write("idem", [(i, fake_result(i, "first"), False) for i in range(3)], model="m1")
+    w2 = store.write("idem", [(i, fake_result(i, "second"), False) for i in range(3)], model="m2")
     assert (w1.ok, w2.ok) == (3, 0)
-    assert store.start_chunk("idem", 0, time.time()).action == "complete"
+    assert store.start_chunk("idem", 0).action == "complete"
     st = client.status("idem")
     assert (st.state, st.done, st.failed, st.model) == ("running", 3, 0, "m1")
-    store.write("idem", [(3, fake_result(3), False), (4, json.dumps(failed_line(4, "x", "why")), True)], 1.0)
+    store.write("idem", [(3, fake_result(3), False), (4, json.dumps(failed_line(4, "x", "why")), True)])
     st = client.status("idem")
-    assert (st.state, st.done, st.failed, st.finished_at) == ("done", 4, 1, 1.0)
+    assert (st.state, st.done, st.failed) == ("done", 4, 1)
+    assert st.finished_at is not None and abs(st.finished_at - store.server_time()) < 60  # Redis's clock
     lines = list(client.results("idem"))
     assert [line["index"] for line in lines] == [0, 1, 2, 3, 4]
     assert lines[0]["id"] == "first" and lines[4]["error"] == "why"
@@ -426,7 +430,7 @@ def test_a_job_classified_across_a_model_rollout_names_both_models(
     client.submit(make_items(6), job_id="rollout")
     store = client.store
     for chunk, model in ((0, "guard-2026-10"), (1, "guard-2026-11"), (2, "guard-2026-10")):
-        store.write("rollout", [(i, fake_result(i), False) for i in (2 * chunk, 2 * chunk + 1)], 1.0, model)
+        store.write("rollout", [(i, fake_result(i), False) for i in (2 * chunk, 2 * chunk + 1)], model=model)
     st = client.status("rollout")
     assert (st.state, st.done, st.model) == ("done", 6, "guard-2026-10 + guard-2026-11")
 
@@ -434,7 +438,7 @@ def test_a_job_classified_across_a_model_rollout_names_both_models(
 def test_all_items_failed_means_the_job_failed(redis_server: RedisServer, job_client: Client) -> None:
     client = job_client(redis_server.url, queue="q", chunk_size=10)
     client.submit(make_items(2), job_id="allbad")
-    client.store.write("allbad", [(i, json.dumps(failed_line(i, None, "no")), True) for i in range(2)], 2.0)
+    client.store.write("allbad", [(i, json.dumps(failed_line(i, None, "no")), True) for i in range(2)])
     assert client.status("allbad").state == "failed"
 
 
@@ -443,10 +447,10 @@ def test_a_write_never_recreates_a_vanished_job(redis_server: RedisServer, job_c
     client.submit(make_items(3), job_id="gone")
     redis_server.client().flushall()  # what a Redis restart without persistence leaves
     store = client.store
-    assert store.start_chunk("gone", 0, time.time()).action == "gone"
-    assert store.write("gone", [(0, fake_result(0), False)], time.time()).state == "gone"
+    assert store.start_chunk("gone", 0).action == "gone"
+    assert store.write("gone", [(0, fake_result(0), False)]).state == "gone"
     assert not store.record_error("gone", 0, "late error")
-    assert not store.dead_letter("gone", 0, 3, "late", time.time())  # nobody would read it
+    assert not store.dead_letter("gone", 0, 3, "late")  # nobody would read it
     assert redis_server.client().keys("safety:job:*") == []
     assert redis_server.client().llen(DEAD_LETTER) == 0
 
@@ -486,39 +490,37 @@ def test_a_message_acts_only_on_the_job_of_its_nonce(redis_server: RedisServer, 
     client.submit(make_items(4), job_id="gen")
     r, keys, store = redis_server.client(), JobKeys("gen"), client.store
     nonce, other = r.hget(keys.job, "nonce"), "0" * 32
-    assert store.start_chunk("gen", 0, time.time(), other).action == "stale"
-    assert store.write("gen", [(0, fake_result(0), False)], time.time(), "m", other).state == "stale"
+    assert store.start_chunk("gen", 0, other).action == "stale"
+    assert store.write("gen", [(0, fake_result(0), False)], model="m", nonce=other).state == "stale"
     store.record_error("gen", 0, "not mine", nonce=other)
-    assert not store.dead_letter("gen", 0, 3, "not mine", time.time(), other)
+    assert not store.dead_letter("gen", 0, 3, "not mine", other)
     assert r.hlen(keys.attempts) == r.hlen(keys.results) == r.hlen(keys.errors) == 0
     assert r.llen(DEAD_LETTER) == 0 and store.dead_letters() == []
     assert "error" not in r.hgetall(keys.job) and r.hget(keys.job, "done") == "0"
 
-    assert store.start_chunk("gen", 0, time.time(), nonce).attempt == 1  # its own
-    assert store.start_chunk("gen", 0, time.time()).attempt == 2  # none: the previous release's, unchecked
-    assert store.write("gen", [(0, fake_result(0), False)], time.time(), "m", nonce).ok == 1
-    assert store.write("gen", [(1, fake_result(1), False)], time.time(), "m").ok == 1
+    assert store.start_chunk("gen", 0, nonce).attempt == 1  # its own
+    assert store.start_chunk("gen", 0).attempt == 2  # none: the previous release's, unchecked
+    assert store.write("gen", [(0, fake_result(0), False)], model="m", nonce=nonce).ok == 1
+    assert store.write("gen", [(1, fake_result(1), False)], model="m").ok == 1
     store.record_error("gen", 1, "mine", nonce=nonce)
     assert r.hget(keys.errors, "1") == "mine"
 
     r.hdel(keys.job, "nonce")  # a record the previous release created
-    assert store.start_chunk("gen", 1, time.time()).action == "run"
-    assert store.start_chunk("gen", 1, time.time(), nonce).action == "stale"
-    assert store.write("gen", [(2, fake_result(2), False)], time.time(), "m", nonce).state == "stale"
-    assert store.write("gen", [(2, fake_result(2), False)], time.time()).ok == 1
+    assert store.start_chunk("gen", 1).action == "run"
+    assert store.start_chunk("gen", 1, nonce).action == "stale"
+    assert store.write("gen", [(2, fake_result(2), False)], model="m", nonce=nonce).state == "stale"
+    assert store.write("gen", [(2, fake_result(2), False)]).ok == 1
 
 
 def test_cancel_skips_the_rest_and_says_so_per_item(redis_server: RedisServer, job_client: Client) -> None:
     client = job_client(redis_server.url, queue="q", chunk_size=2)
     client.submit(make_items(5, prefix="c"), job_id="cancel-me")
-    client.store.write(
-        "cancel-me", [(0, fake_result(0, "c-0"), False), (1, fake_result(1, "c-1"), False)], 1.0
-    )
+    client.store.write("cancel-me", [(0, fake_result(0, "c-0"), False), (1, fake_result(1, "c-1"), False)])
     st = client.cancel("cancel-me")
     assert (st.state, st.done, st.finished) == ("cancelled", 2, True)
     assert client.cancel("cancel-me").state == "cancelled"
-    assert client.store.start_chunk("cancel-me", 1, time.time()).action == "cancelled"
-    assert client.store.write("cancel-me", [(2, fake_result(2), False)], 2.0).state == "cancelled"
+    assert client.store.start_chunk("cancel-me", 1).action == "cancelled"
+    assert client.store.write("cancel-me", [(2, fake_result(2), False)]).state == "cancelled"
     lines = list(client.results("cancel-me", timeout=5))
     assert [(line["index"], line["id"]) for line in lines] == [(i, f"c-{i}") for i in range(5)]
     assert [line["error"] is None for line in lines] == [True, True, False, False, False]
@@ -536,7 +538,7 @@ def test_results_stream_in_item_order_as_chunks_land(redis_server: RedisServer, 
         for chunk in (2, 0, 1):
             time.sleep(0.1)
             lo = chunk * 4
-            client.store.write("order", [(i, fake_result(i), False) for i in range(lo, lo + 4)], time.time())
+            client.store.write("order", [(i, fake_result(i), False) for i in range(lo, lo + 4)])
         landed.set()
 
     thread = threading.Thread(target=workers)

@@ -171,12 +171,12 @@ def test_a_submit_that_paused_past_the_stall_limit_is_watched_again_once_it_goes
     store = JobStore(redis_server.client())
     upload = JobStore.upload
 
-    def pause_at_chunk_2(self: JobStore, job: str, first: int, items: Any, expire_at_ms: int) -> bool:
+    def pause_at_chunk_2(self: JobStore, job: str, first: int, items: Any) -> bool:
         if first == 4:  # a sweep round 121 s into the pause
             later = store.server_time() + SUBMIT_STALL_S + 1
             sweep(store, lambda *a: None, now=later, stall_s=60.0, task_id=chunk_task_id)
             assert store.active() == []
-        return upload(self, job, first, items, expire_at_ms)
+        return upload(self, job, first, items)
 
     monkeypatch.setattr(JobStore, "upload", pause_at_chunk_2)
     submitted = client.submit(make_items(6), job_id="paused")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -131,9 +132,9 @@ def test_a_submit_stops_when_redis_lost_the_job_and_a_new_one_starts_clean(
 
     r.delete(keys.job)  # the record is gone (the restart), the submit goes on
     with pytest.raises(NotFoundError, match="disappeared while it was being submitted"):
-        client.store.upload("lost-job", 0, ["x"], 10**13)
+        client.store.upload("lost-job", 0, ["x"])
     with pytest.raises(NotFoundError, match="disappeared"):
-        client.store.mark_enqueued("lost-job", 0, 10**13)
+        client.store.mark_enqueued("lost-job", 0)
 
 
 def test_a_chunk_whose_items_are_missing_from_an_open_job_fails_them_instead_of_looping(
@@ -284,10 +285,10 @@ def test_a_stale_chunk_message_never_acts_on_a_new_job_of_the_same_id(
     during: list[dict[str, Any]] = []
     upload = JobStore.upload
 
-    def deliver_stale_before_chunk_1(self: JobStore, job: str, first: int, items: Any, expire: int) -> bool:
+    def deliver_stale_before_chunk_1(self: JobStore, job: str, first: int, items: Any) -> bool:
         if first == 2:  # the new job is `submitting`, chunk 1's items not stored yet
             during.append(deliver(task, *stale[0]))
-        return upload(self, job, first, items, expire)
+        return upload(self, job, first, items)
 
     monkeypatch.setattr(JobStore, "upload", deliver_stale_before_chunk_1)
     new_items = make_items(6, prefix="new")
@@ -463,3 +464,43 @@ def test_a_job_replaced_while_its_chunk_runs_gets_nothing_from_that_chunk(
         settings=WorkerSettings(), store=store, metrics=metrics, classifier=tiny_classifier
     )
     deliver_all(task, redis_server, queue, new_client, "swap", new_items, stale=2)  # the old job's two
+
+
+def test_every_time_on_a_job_is_in_redis_clock_whatever_the_hosts_say(
+    redis_server: RedisServer,
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A submitter and workers whose clocks are a day off (time.time() here) still stamp every time on a
+    record in Redis's: the lost-chunk sweeper compares them with Redis's now, and a job's created, started
+    and finished times are in order. (A worker a day ahead made a stalled job look busy for a day.)"""
+    client = job_client(redis_server.url, queue="clock-unconsumed", chunk_size=2)
+    skew = 86_400.0
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + skew)  # this host: a day ahead
+    job = client.submit(make_items(4, prefix="t"), job_id="clock").status.job_id
+    task = SimpleNamespace(
+        settings=WorkerSettings(max_attempts=1),
+        store=client.store,
+        metrics=Metrics(),
+        classifier=tiny_classifier,
+    )
+    assert deliver(task, job, 0)["action"] == "classified"
+    assert (
+        deliver(SimpleNamespace(**{**vars(task), "classifier": Broken()}), job, 1)["action"]
+        == "dead-lettered"
+    )
+    client.submit(make_items(2, prefix="c"), job_id="clock-cancelled")
+    client.cancel("clock-cancelled")
+    monkeypatch.setattr(time, "time", real)
+
+    now = client.store.server_time()
+    record, cancelled = client.store.get(job), client.store.get("clock-cancelled")
+    assert record is not None and cancelled is not None
+    stamps = {k: float(record[k]) for k in ("created", "sent_at", "started", "updated", "finished")}
+    stamps |= {f"cancelled {k}": float(cancelled[k]) for k in ("created", "updated", "finished")}
+    stamps["dead letter"] = client.store.dead_letters()[0]["at"]
+    assert all(now - 60 < t <= now for t in stamps.values()), (now, stamps)
+    status = client.status(job)
+    assert status.created_at <= status.started_at <= status.finished_at  # type: ignore[operator]

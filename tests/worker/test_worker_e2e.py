@@ -257,12 +257,11 @@ def submit_as_previous_release(
     }  # fmt: skip
     assert client.store.create(job_id, record) is None
     client.store.mark_active(job_id)
-    expire_at_ms = int((now + s.result_ttl_s) * 1000)
     for chunk, lines in zip(range(chunks), prepared.chunks(s.chunk_size), strict=False):
         first = chunk * s.chunk_size
-        assert client.store.upload(job_id, first, lines, expire_at_ms)
+        assert client.store.upload(job_id, first, lines)
         send_chunk(client.app, job_id, chunk, s.queue)
-        assert client.store.mark_enqueued(job_id, chunk, expire_at_ms)
+        assert client.store.mark_enqueued(job_id, chunk)
 
 
 def test_a_job_and_messages_of_the_previous_release_still_run(
