@@ -3,10 +3,14 @@
 `safety submit` validates every item before anything is stored, then stores and enqueues the job chunk by
 chunk; no worker is needed (the chunks stay queued). Each size N gets a JSONL file of N items of about 200
 characters (made once under --dir), submitted in a fresh process whose peak RSS is read from `wait4`.
---baseline DIR also submits with another checkout of the project (e.g. a `git worktree` of an older commit),
-alternating with this one size by size, so both are measured in the same run.
+--baseline DIR [DIR ...] also submits with other checkouts of the project (e.g. `git archive` of older
+commits; each named by its directory's name), alternating with this one size by size, so all are measured
+in the same run. --repeats N submits each size N times with each checkout, in rounds (each round starts with
+the next checkout, so none always runs first), and prints the median of each: the wall time of a fresh
+process on a busy VM varies by 10% or more from one run to the next.
 
-Usage: python bench/submit_memory.py [--sizes 100000 500000 1000000] [--baseline DIR] [--json out.json]
+Usage: python bench/submit_memory.py [--sizes 100000 500000 1000000] [--baseline DIR ...] [--repeats N]
+       [--json out.json]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,15 +67,33 @@ def submit(checkout: Path, path: Path, redis_url: str, job_id: str) -> dict[str,
     return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": wall}
 
 
+def medians(rows: list[dict], names: list[str]) -> list[dict]:
+    """Per size and checkout, the median peak RSS and wall time of its runs."""
+    out = []
+    for n in dict.fromkeys(row["items"] for row in rows):
+        for name in names:
+            runs = [row for row in rows if row["items"] == n and row["code"] == name]
+            out.append({
+                "items": n, "code": name, "runs": len(runs),
+                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+                "wall_s": statistics.median(r["wall_s"] for r in runs),
+            })  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 500_000, 1_000_000])
-    ap.add_argument("--baseline", type=Path, default=None, help="another checkout to compare with")
+    ap.add_argument("--baseline", type=Path, nargs="+", default=[], help="other checkouts to compare with")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each size with each checkout")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "safety-submit-memory")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
-    checkouts = {"this": REPO} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
+    checkouts = {"this": REPO} | {b.resolve().name: b.resolve() for b in args.baseline}
+    if len(checkouts) != 1 + len(args.baseline):
+        raise SystemExit("each --baseline needs a directory name of its own (and none named 'this')")
+    names = list(checkouts)
     port = free_port()
     server = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -90,19 +113,26 @@ def main() -> None:
     try:
         for n in args.sizes:
             path = items_file(args.dir, n)
-            for name, checkout in checkouts.items():
-                row = {"items": n, "code": name, **submit(checkout, path, f"redis://127.0.0.1:{port}/0", "m")}
-                rows.append(row)
-                rss, wall = row["peak_rss_mb"], row["wall_s"]
-                print(f"{n:>9} items  {name:<8}  peak RSS {rss:7.0f} MB  {wall:6.1f} s", flush=True)
-                client.flushall()
+            for round_ in range(args.repeats):
+                for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                    run = submit(checkouts[name], path, f"redis://127.0.0.1:{port}/0", "m")
+                    row = {"items": n, "code": name, "round": round_, **run}
+                    rows.append(row)
+                    rss, wall = row["peak_rss_mb"], row["wall_s"]
+                    print(f"{n:>9} items  {name:<12}  peak RSS {rss:7.0f} MB  {wall:6.1f} s", flush=True)
+                    client.flushall()
     finally:
         server.kill()
         server.wait()
+    summary = medians(rows, names)
+    print(f"medians of {args.repeats} run(s):")
+    for m in summary:
+        rss, wall = m["peak_rss_mb"], m["wall_s"]
+        print(f"{m['items']:>9} items  {m['code']:<12}  peak RSS {rss:7.0f} MB  {wall:6.2f} s", flush=True)
     if args.json:
-        args.json.write_text(
-            json.dumps({"rows": rows, "checkouts": {k: str(v) for k, v in checkouts.items()}})
-        )
+        paths = {k: str(v) for k, v in checkouts.items()}
+        out = {"rows": rows, "medians": summary, "repeats": args.repeats, "checkouts": paths}
+        args.json.write_text(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from model.errors import InvalidInputError
 
 FIELDS = ("id", "text", "role", "context")
+_FIELD_SET = frozenset(FIELDS)
 ROLES = ("prompt", "response")
 LIMIT_SETTING = "SAFETY_MAX_TEXT_CHARS"
 
@@ -38,10 +39,10 @@ class Fields(NamedTuple):
 def fields_of(raw: Any, index: int) -> Fields:
     """A raw item (a mapping) -> its four fields with defaults applied; unknown fields and a missing text
     are refused. The values are checked by `check_item`."""
-    if not isinstance(raw, Mapping):
+    if type(raw) is not dict and not isinstance(raw, Mapping):  # a dict (parsed JSON) skips the ABC check
         raise InvalidInputError(f"must be an object, got {type(raw).__name__}", index=index, field="")
-    unknown = sorted(set(raw) - set(FIELDS), key=str)
-    if unknown:
+    if not _FIELD_SET.issuperset(raw):
+        unknown = sorted(set(raw) - _FIELD_SET, key=str)
         raise InvalidInputError(f"unknown field(s) {unknown}", index=index, field=str(unknown[0]))
     if "text" not in raw:
         raise InvalidInputError("is required", index=index, field="text")
@@ -70,12 +71,19 @@ INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff")
 
 def blank(text: str) -> bool:
     """Empty, or only whitespace and the invisible separators of INVISIBLE: no content to score."""
-    return not text.strip() or all(c.isspace() or c in INVISIBLE for c in text)
+    stripped = text.strip()  # strips what isspace() calls whitespace: its first character is not
+    if not stripped:
+        return True
+    if stripped[0] not in INVISIBLE:  # the usual text: a first character with something to read
+        return False
+    return all(c.isspace() or c in INVISIBLE for c in stripped)
 
 
 def check_unicode(value: str, index: int | None, field: str) -> None:
     """A Python str may hold lone surrogates (JSON's "\ud800", `surrogateescape` argv): no UTF-8 for them,
     and the tokenizer, Redis and protobuf all refuse such a string."""
+    if value.isascii():  # no surrogate in it: nothing to encode
+        return
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -1,8 +1,8 @@
 """The job client: submit a job, read its status, stream its results in item order, cancel or delete it.
 
 Owns: the submission path (validate every item before anything is queued, store the items, send one
-task per chunk, resumable with the same job id; a job given as a stream of items is checked and spooled to
-an anonymous temporary file one item at a time, then stored chunk by chunk from there, so the client's
+task per chunk, resumable with the same job id; a job given as a stream of items is checked one item at a
+time and spooled to an anonymous temporary file, then stored chunk by chunk from there, so the client's
 memory is a chunk's, not the job's) and the read path (status, results by index with a poll, a clear
 error for a job that is unknown, expired, deleted or lost). Raises only the `model.errors` hierarchy:
 InvalidInputError (bad items or job id, the id of a deleted job), NotFoundError (unknown, expired,
@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from itertools import islice
+from json.encoder import encode_basestring as quote
 from typing import IO, Any
 
 import redis
@@ -136,6 +137,22 @@ class Prepared:
         while chunk := list(islice(lines, size)):
             yield chunk
 
+    def payloads(self, size: int) -> Iterator[bytes]:
+        """The lines in runs of `size` (the last one shorter), in item order, each run one bytes object of
+        UTF-8 lines ended by b"\\n" (what `JobStore.upload` takes): read from the spool as they lie
+        there, never decoded or split into one object per line. UnavailableError when the spool cannot be
+        read."""
+        if isinstance(self._source, list):
+            for first in range(0, len(self._source), size):
+                yield "".join([line + "\n" for line in self._source[first : first + size]]).encode()
+            return
+        try:
+            self._source.seek(0)
+            while payload := b"".join(islice(self._source, size)):
+                yield payload
+        except OSError as e:
+            raise _spool_error(e, "read") from None
+
     def close(self) -> None:
         if not isinstance(self._source, list):
             self._source.close()
@@ -155,17 +172,28 @@ class Submitted:
 
 
 def _line(item: dict[str, str]) -> str:
-    return json.dumps(item, ensure_ascii=False, sort_keys=True)
+    """An item's canonical JSON line, stored and digested by every release: json.dumps(item,
+    ensure_ascii=False, sort_keys=True), written out directly for a dict of strings to strings (what
+    `worker.items` makes; anything else is a TypeError), without building an encoder per item: each string
+    as json.dumps(ensure_ascii=False) writes one (`encode_basestring`, the C function its C encoder calls).
+    Its keys sorted, ", " between the pairs, ": " in each."""
+    return "{" + ", ".join([quote(k) + ": " + quote(v) for k, v in sorted(item.items())]) + "}"
+
+
+# A spooled job's lines are written, and digested, this many characters (about bytes) at a time.
+_SPOOL_BATCH_CHARS = 1 << 16
 
 
 class _Digest:
-    """sha256 of the UTF-8 lines joined by newlines, fed one line at a time: every release's digest."""
+    """sha256 of the UTF-8 lines joined by newlines, fed a line, or several joined by newlines, at a time:
+    every release's digest."""
 
     def __init__(self) -> None:
         self._sha = hashlib.sha256()
         self._first = True
 
     def add(self, line: bytes) -> None:
+        """One line, or several joined by b"\\n" (the same digest as one at a time)."""
         if not self._first:
             self._sha.update(b"\n")
         self._first = False
@@ -195,6 +223,17 @@ def legacy_digest(lines: Iterable[str]) -> str:
             yield _line(item)
 
     return _digest(old())
+
+
+def _spool_lines(file: IO[bytes], digest: _Digest, lines: list[str]) -> None:
+    """Append canonical lines to the spool, each ended by a newline, and add them to the digest."""
+    data = "\n".join(lines).encode()
+    digest.add(data)
+    try:
+        file.write(data)
+        file.write(b"\n")
+    except OSError as e:
+        raise _spool_error(e, "write") from None
 
 
 def _spool_error(e: OSError, doing: str) -> UnavailableError:
@@ -263,15 +302,18 @@ class JobClient:
         except OSError as e:
             raise _spool_error(e, "write") from None
         try:
-            digest, count = _Digest(), 0
+            digest, count, batch, chars = _Digest(), 0, [], 0
             for item in validated:  # an item's error comes before any later item is read
-                line = _line(item).encode()
-                digest.add(line)
-                try:
-                    file.write(line + b"\n")
-                except OSError as e:
-                    raise _spool_error(e, "write") from None
-                count += 1
+                line = _line(item)
+                batch.append(line)
+                chars += len(line)
+                if chars >= _SPOOL_BATCH_CHARS:
+                    _spool_lines(file, digest, batch)
+                    count += len(batch)
+                    batch, chars = [], 0
+            if batch:
+                _spool_lines(file, digest, batch)
+                count += len(batch)
             try:
                 file.flush()
             except OSError as e:
@@ -323,7 +365,7 @@ class JobClient:
         already = self.store.enqueued(job_id)
         sent = 0
         with self.app.producer_or_acquire() as producer:
-            for chunk, lines in zip(range(chunks), prepared.chunks(size), strict=False):
+            for chunk, lines in zip(range(chunks), prepared.payloads(size), strict=False):
                 if chunk in already:
                     continue
                 first = chunk * size

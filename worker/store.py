@@ -176,11 +176,13 @@ return 1
 """
 )
 
-# KEYS = [record, key]; ARGV = [kind ('hash' | 'set'), then field/value pairs or members]. Adds to the job's
-# items or sent chunks (which then expire with the record) only while its record exists: 0 when it is gone (a
-# Redis restart without persistence in the middle of a submit), and nothing is written; 2 when the job was
-# cancelled (the submitter stops; a cancelled job keeps nothing it will never run). Notes the submitter's
-# progress in `sent_at` (Redis's clock) while the job is being submitted.
+# KEYS = [record, key]; ARGV = [kind, ...]: kind 'hash' then field/value pairs, 'lines' then the index of
+# the first item and the items' lines in one string, each line ended by a newline (hash fields index,
+# index + 1, ...; set in groups, so a chunk of any size stays within Lua's unpack limit), or 'set' then
+# members. Adds to the job's items or sent chunks (which then expire with the record) only while its record
+# exists: 0 when it is gone (a Redis restart without persistence in the middle of a submit), and nothing is
+# written; 2 when the job was cancelled (the submitter stops; a cancelled job keeps nothing it will never
+# run). Notes the submitter's progress in `sent_at` (Redis's clock) while the job is being submitted.
 _ADD = (
     _NOW_LUA
     + """
@@ -188,6 +190,17 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 2 end
 if ARGV[1] == 'hash' then
   redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+elseif ARGV[1] == 'lines' then
+  local lines, index, at, fields, n = ARGV[3], tonumber(ARGV[2]), 1, {}, 0
+  while at <= #lines do
+    local stop = string.find(lines, '\\n', at, true) or #lines + 1
+    fields[n + 1], fields[n + 2], n = tostring(index), string.sub(lines, at, stop - 1), n + 2
+    index, at = index + 1, stop + 1
+    if n == 1000 or at > #lines then
+      redis.call('HSET', KEYS[2], unpack(fields, 1, n))
+      n = 0
+    end
+  end
 else
   redis.call('SADD', KEYS[2], unpack(ARGV, 2))
 end
@@ -466,12 +479,17 @@ class JobStore:
         until = self.client.get(JobKeys(job_id).deleted)
         return None if until is None else reserved_until(until)
 
-    def upload(self, job_id: str, first: int, items: Sequence[str]) -> bool:
-        """Store items `first`, `first + 1`, ...; False (nothing stored) when the job was cancelled,
-        NotFoundError when the job record is gone."""
+    def upload(self, job_id: str, first: int, items: Sequence[str] | bytes) -> bool:
+        """Store items `first`, `first + 1`, ...: a sequence of item JSON strings, or (what the job client
+        sends) their UTF-8 lines in one bytes object, each ended by b"\\n" (none may hold a newline of its
+        own: a canonical JSON line never does), one argument to encode and send instead of two per item. False
+        (nothing stored) when the job was cancelled, NotFoundError when the job record is gone."""
         keys = JobKeys(job_id)
-        pairs = [x for k, item in enumerate(items) for x in (str(first + k), item)]
-        args = ["hash", *pairs]
+        if isinstance(items, bytes):
+            args = ["lines", first, items]
+        else:
+            pairs = [x for k, item in enumerate(items) for x in (str(first + k), item)]
+            args = ["hash", *pairs]
         return self._added(job_id, self._add(keys=[keys.job, keys.items], args=args))
 
     def enqueued(self, job_id: str) -> set[int]:

@@ -307,6 +307,35 @@ def test_a_line_that_is_not_utf8_is_refused_by_its_line_without_a_traceback(
     )
 
 
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_a_bad_byte_after_good_non_ascii_lines_is_refused_by_its_line(
+    source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Only a line that is not ASCII is looked at for bytes that were not UTF-8: accented, CJK and emoji
+    lines pass, and a bad byte in a line with good multi-byte characters is still named, with its offset."""
+    src = tmp_path / "mixed.jsonl"
+    good = '{"text": "caf\u00e9 \u4e2d\u6587 \U0001f600"}\n'.encode()
+    src.write_bytes(good * 3 + b'{"text": "\xe4\xb8\xad \xff"}\n' + good)
+    argument, name = items_argument(source, src, monkeypatch)
+    assert main(["submit", argument]) == 2
+    assert capsys.readouterr().err == (
+        f"safety submit: {name} line 4: not valid UTF-8 (invalid start byte at byte 14)\n"
+    )
+
+
+def test_a_lone_surrogate_read_as_text_is_the_items_error_not_a_bad_byte(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A text stream without bytes (a StringIO as stdin) may hold a lone surrogate that no decoder made: it is
+    not a byte that was not UTF-8, so the item's own check names it, by its line."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"text": "fine"}\n\n{"text": "x\ud800"}\n'))
+    assert main(["submit", "-"]) == 2
+    assert capsys.readouterr().err == (
+        "safety submit: stdin line 3: items[1].text: has a lone surrogate '\\ud800' at character 1; it must "
+        "be valid Unicode\n"
+    )
+
+
 def write_large_items(path: Path, n: int, *, bad: int | None = None) -> int:
     """`n` items of ~200 characters as JSONL, after a byte order mark, with a blank line before every 1000th
     (line numbers are not indexes); item `bad` gets a role no check lets through. Returns its line number."""

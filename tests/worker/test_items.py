@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -83,3 +84,49 @@ def test_an_empty_job_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="at least one item") as e:
         list(iter_normalized([], max_text_chars=10))
     assert e.value.field == "items"
+
+
+class FrozenMapping(Mapping[str, Any]):
+    """A mapping that is not a dict (a gRPC front end or a library caller may hand one over)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "said"),
+    [
+        ({"text": "\u200b"}, "text", "must not be empty"),  # only an invisible separator
+        ({"text": " \ufeff\u200d\n\u2060 "}, "text", "must not be empty"),  # whitespace and invisibles
+        ({"text": "\u200b\u200c hidden"}, None, None),  # invisibles first, then something to read
+        ({"text": "  padded  \u200b"}, None, None),
+        ({"text": "caf\u00e9"}, None, None),
+        ({"text": "x\ud800"}, "text", "lone surrogate '\\ud800' at character 1"),
+        ({"text": "\u00e9", "id": "\udcff"}, "id", "lone surrogate '\\udcff' at character 0"),
+        ({"text": "a", "role": "response", "context": "\u00e9\ud83d"}, "context", "lone surrogate"),
+        ({"text": "x", "zeta": 1, "alpha": 2}, "alpha", "unknown field(s) ['alpha', 'zeta']"),
+        (FrozenMapping({"text": "x", "extra": 1}), "extra", "unknown field(s) ['extra']"),
+        (FrozenMapping({"text": "from a mapping"}), None, None),
+    ],
+)
+def test_the_quick_paths_of_the_checks_give_the_full_checks_verdicts(
+    raw: Any, field: str | None, said: str | None
+) -> None:
+    """blank, check_unicode and fields_of skip work for the usual item (a dict, ASCII, text that starts with
+    something to read): an item off those paths still gets the full check's verdict."""
+    if field is None:
+        assert normalize_item(raw, 2, max_text_chars=100)["text"] == raw["text"]
+        return
+    with pytest.raises(InvalidInputError) as e:
+        normalize_item(raw, 2, max_text_chars=100)
+    assert (e.value.index, e.value.field) == (2, field)
+    assert said is not None and said in str(e.value)

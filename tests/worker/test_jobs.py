@@ -231,6 +231,74 @@ def test_a_spooled_job_has_every_releases_digest_and_resumes_from_any_path(
     assert spools.all_closed()
 
 
+def awkward_items(n: int) -> list[dict[str, str]]:
+    """`n` items whose JSON escapes all it can: quotes, backslashes, control characters (a raw newline among
+    them), separators a JSON line may hold raw (U+2028, U+0085), accents, CJK, an emoji, a BOM; sizes that
+    vary, ids given or not, responses with context."""
+    odd = (
+        'a "quoted" \\ back\\slash\nnew\tline\x00\x1f\x7f \u2028\u0085 caf\u00e9 \u4e2d \U0001f600 \ufeff </'
+    )
+    items = []
+    for i in range(n):
+        item = {"text": f"{i} " + odd[: 5 + i % len(odd)] + "x" * (i % 97)}
+        if i % 3:
+            item["id"] = f"own {odd[i % 11 : i % 11 + 4]} {i}"
+        if i % 4 == 1:
+            item |= {"role": "response", "context": odd[::-1][: 3 + i % 40]}
+        items.append(item)
+    return items
+
+
+def test_a_spooled_job_written_in_many_batches_has_the_old_digest_lines_and_stored_items(
+    redis_server: RedisServer, job_client: Client, spools: Spools
+) -> None:
+    """The spool is written, and the digest fed, many lines at a time, and each chunk is sent as one string of
+    lines: the digest, the lines read back and the items stored must be what the previous releases made
+    (json.dumps of each normalized item, the digest of them all joined by newlines, one hash field per item),
+    across every boundary of a write batch (64K characters) and of a chunk (7 items, never aligned)."""
+    client = job_client(redis_server.url, queue="q", chunk_size=7)
+    items = awkward_items(3000)  # ~350K characters of lines: 5 write batches, 429 chunks
+    old = [json.dumps(normalize_item(it, i, max_text_chars=1000), ensure_ascii=False, sort_keys=True)
+           for i, it in enumerate(items)]  # fmt: skip
+    assert sum(map(len, old)) > 5 * 65536 and all("\n" not in line for line in old)
+    old_digest = hashlib.sha256("\n".join(old).encode()).hexdigest()
+    with client.prepare(iter(items)) as spooled, client.prepare(items) as listed:
+        assert (spooled.digest, spooled.count) == (listed.digest, listed.count) == (old_digest, 3000)
+        assert list(spooled.lines()) == list(listed.lines()) == old
+        want = ["".join(line + "\n" for line in old[i : i + 7]).encode() for i in range(0, 3000, 7)]
+        assert list(spooled.payloads(7)) == list(listed.payloads(7)) == want
+    r = redis_server.client()
+    for job_id, source in (("streamed", iter(items)), ("listed", items)):
+        assert client.submit(source, job_id=job_id).status.chunks == 429
+        assert r.hgetall(JobKeys(job_id).items) == {str(i): line for i, line in enumerate(old)}
+        assert r.hget(JobKeys(job_id).job, "digest") == old_digest
+    assert spools.all_closed()
+
+
+@pytest.mark.parametrize("size", [1, 499, 500, 501, 4500])
+def test_a_chunk_sent_as_one_string_of_lines_stores_what_one_field_per_item_does(
+    size: int, redis_server: RedisServer, job_client: Client
+) -> None:
+    """`upload` given the lines in one bytes object (Lua splits them; HSET 500 items at a time) stores what
+    it stores given one string per item. 4,500 items in one chunk: one HSET of every pair, which `upload`
+    sent, was over Lua's unpack limit ("too many results to unpack": SAFETY_CHUNK_SIZE of 4,000 or more
+    could not be submitted)."""
+    client = job_client(redis_server.url, queue="q", chunk_size=size)
+    lines = [json.dumps(it, ensure_ascii=False) for it in awkward_items(size)]
+    r = redis_server.client()
+    for job_id in ("pairs", "lines"):
+        r.hset(JobKeys(job_id).job, mapping={"state": "submitting"})
+        r.expire(JobKeys(job_id).job, 100)
+    assert client.store.upload("lines", 3, "".join(line + "\n" for line in lines).encode())
+    assert r.hgetall(JobKeys("lines").items) == {str(3 + i): line for i, line in enumerate(lines)}
+    if size <= 3000:
+        assert client.store.upload("pairs", 3, lines)
+        assert r.hgetall(JobKeys("pairs").items) == r.hgetall(JobKeys("lines").items)
+    assert abs(r.pttl(JobKeys("lines").items) - r.pttl(JobKeys("lines").job)) < 1000  # with the record
+    submitted = client.submit(awkward_items(size), job_id="one-chunk")
+    assert (submitted.status.chunks, submitted.sent, r.hlen(JobKeys("one-chunk").items)) == (1, 1, size)
+
+
 def test_waiting_on_a_job_whose_submission_stopped_says_how_to_resume_it(
     redis_server: RedisServer, job_client: Client
 ) -> None:
