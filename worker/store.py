@@ -83,6 +83,29 @@ def last_submit_progress(record: dict[str, str]) -> float:
     return float(record.get("sent_at") or record.get("created") or 0)
 
 
+# The most bytes of lines `JobStore.upload` puts in one argument of a script call: Redis refuses a longer one
+# (proto-max-bulk-len, 512 MB by default) and drops the connection, and a chunk of long items can be longer
+# (256 items of 200,000 control characters, each escaped to six bytes: 614 MB).
+MAX_ARG_BYTES = 64 << 20
+
+
+def line_runs(lines: bytes, limit: int) -> list[memoryview]:
+    """`lines` (each ended by b"\\n") cut after a line end into runs of at most `limit` bytes (a longer line
+    is a run of its own); views of `lines`, not copies."""
+    view, runs, start = memoryview(lines), [], 0
+    while len(lines) - start > limit:
+        cut = lines.rfind(b"\n", start, start + limit)
+        if cut < 0:  # one line longer than `limit`: alone
+            cut = lines.find(b"\n", start + limit)
+            if cut < 0:
+                break
+        runs.append(view[start : cut + 1])
+        start = cut + 1
+    if start < len(lines):
+        runs.append(view[start:])
+    return runs
+
+
 def new_nonce() -> str:
     """A new job's generation nonce (its record's `nonce`, carried by its chunk messages)."""
     return uuid.uuid4().hex
@@ -177,12 +200,13 @@ return 1
 )
 
 # KEYS = [record, key]; ARGV = [kind, ...]: kind 'hash' then field/value pairs, 'lines' then the index of
-# the first item and the items' lines in one string, each line ended by a newline (hash fields index,
-# index + 1, ...; set in groups, so a chunk of any size stays within Lua's unpack limit), or 'set' then
-# members. Adds to the job's items or sent chunks (which then expire with the record) only while its record
-# exists: 0 when it is gone (a Redis restart without persistence in the middle of a submit), and nothing is
-# written; 2 when the job was cancelled (the submitter stops; a cancelled job keeps nothing it will never
-# run). Notes the submitter's progress in `sent_at` (Redis's clock) while the job is being submitted.
+# the first item and the items' lines in one or more strings, each line ended by a newline (hash fields
+# index, index + 1, ...; set in groups, so a chunk of any size stays within Lua's unpack limit), or 'set'
+# then members. Adds to the job's items or sent chunks (which then expire with the record) only while its
+# record exists: 0 when it is gone (a Redis restart without persistence in the middle of a submit), and
+# nothing is written; 2 when the job was cancelled (the submitter stops; a cancelled job keeps nothing it
+# will never run). Notes the submitter's progress in `sent_at` (Redis's clock) while the job is being
+# submitted.
 _ADD = (
     _NOW_LUA
     + """
@@ -191,14 +215,17 @@ if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 2 end
 if ARGV[1] == 'hash' then
   redis.call('HSET', KEYS[2], unpack(ARGV, 2))
 elseif ARGV[1] == 'lines' then
-  local lines, index, at, fields, n = ARGV[3], tonumber(ARGV[2]), 1, {}, 0
-  while at <= #lines do
-    local stop = string.find(lines, '\\n', at, true) or #lines + 1
-    fields[n + 1], fields[n + 2], n = tostring(index), string.sub(lines, at, stop - 1), n + 2
-    index, at = index + 1, stop + 1
-    if n == 1000 or at > #lines then
-      redis.call('HSET', KEYS[2], unpack(fields, 1, n))
-      n = 0
+  local index, fields, n = tonumber(ARGV[2]), {}, 0
+  for k = 3, #ARGV do
+    local lines, at = ARGV[k], 1
+    while at <= #lines do
+      local stop = string.find(lines, '\\n', at, true) or #lines + 1
+      fields[n + 1], fields[n + 2], n = tostring(index), string.sub(lines, at, stop - 1), n + 2
+      index, at = index + 1, stop + 1
+      if n == 1000 or (at > #lines and k == #ARGV) then
+        redis.call('HSET', KEYS[2], unpack(fields, 1, n))
+        n = 0
+      end
     end
   end
 else
@@ -482,11 +509,11 @@ class JobStore:
     def upload(self, job_id: str, first: int, items: Sequence[str] | bytes) -> bool:
         """Store items `first`, `first + 1`, ...: a sequence of item JSON strings, or (what the job client
         sends) their UTF-8 lines in one bytes object, each ended by b"\\n" (none may hold a newline of its
-        own: a canonical JSON line never does), one argument to encode and send instead of two per item. False
-        (nothing stored) when the job was cancelled, NotFoundError when the job record is gone."""
+        own: a canonical JSON line never does), sent as a few arguments (`line_runs`) instead of two per item.
+        False (nothing stored) when the job was cancelled, NotFoundError when the job record is gone."""
         keys = JobKeys(job_id)
         if isinstance(items, bytes):
-            args = ["lines", first, items]
+            args = ["lines", first, *line_runs(items, MAX_ARG_BYTES)]
         else:
             pairs = [x for k, item in enumerate(items) for x in (str(first + k), item)]
             args = ["hash", *pairs]

@@ -33,7 +33,15 @@ from tests.worker.harness import (
 from worker.app import TASK_NAME
 from worker.items import normalize_item
 from worker.jobs import JobClient
-from worker.store import ACTIVE_JOBS, DEAD_LETTER, SUBMIT_STALL_S, JobKeys, failed_line, result_line
+from worker.store import (
+    ACTIVE_JOBS,
+    DEAD_LETTER,
+    SUBMIT_STALL_S,
+    JobKeys,
+    failed_line,
+    line_runs,
+    result_line,
+)
 
 Client = Callable[..., JobClient]
 
@@ -297,6 +305,32 @@ def test_a_chunk_sent_as_one_string_of_lines_stores_what_one_field_per_item_does
     assert abs(r.pttl(JobKeys("lines").items) - r.pttl(JobKeys("lines").job)) < 1000  # with the record
     submitted = client.submit(awkward_items(size), job_id="one-chunk")
     assert (submitted.status.chunks, submitted.sent, r.hlen(JobKeys("one-chunk").items)) == (1, 1, size)
+
+
+def test_line_runs_cut_after_line_ends_within_the_limit() -> None:
+    lines = b"aaa\nbb\ncccccccc\nd\n"
+    assert [bytes(r) for r in line_runs(lines, 100)] == [lines]
+    assert [bytes(r) for r in line_runs(lines, 7)] == [b"aaa\nbb\n", b"cccccccc\n", b"d\n"]  # 9 > 7: alone
+    assert [bytes(r) for r in line_runs(lines, 4)] == [b"aaa\n", b"bb\n", b"cccccccc\n", b"d\n"]
+    assert b"".join(line_runs(lines, 1)) == lines and line_runs(b"", 4) == []
+
+
+def test_a_chunk_longer_than_one_redis_argument_is_stored_whole(
+    redis_server: RedisServer, job_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis refuses an argument over proto-max-bulk-len (512 MB by default; 1 MB here) and drops the
+    connection: a chunk of long items, sent as one string, failed as "Redis ... is unreachable" on every
+    try (256 items of 200,000 control characters is 614 MB). It goes as several runs of whole lines."""
+    redis_server.client().config_set("proto-max-bulk-len", "1mb")
+    monkeypatch.setattr("worker.store.MAX_ARG_BYTES", 300_000)
+    client = job_client(redis_server.url, queue="q", chunk_size=8, max_text_chars=300_000)
+    items = [{"id": str(i), "text": chr(0x41 + i) * 250_000} for i in range(8)]  # 2 MB of lines in one chunk
+    submitted = client.submit(items, job_id="long-lines")
+    assert (submitted.status.chunks, submitted.sent, submitted.status.state) == (1, 1, "queued")
+    stored = redis_server.client().hgetall(JobKeys("long-lines").items)
+    lines = [json.dumps(normalize_item(it, i, max_text_chars=300_000), sort_keys=True)
+             for i, it in enumerate(items)]  # fmt: skip
+    assert stored == {str(i): line for i, line in enumerate(lines)}
 
 
 def test_waiting_on_a_job_whose_submission_stopped_says_how_to_resume_it(
