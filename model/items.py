@@ -99,7 +99,7 @@ def check_item(f: Fields, index: int, max_chars: int | None = None) -> None:
         raise InvalidInputError("must not be empty", index=index, field="text")
     check_length(f.text, index, "text", max_chars)
     check_unicode(f.text, index, "text")
-    if f.role not in ROLES:
+    if not isinstance(f.role, str) or f.role not in ROLES:  # a UserString("prompt") equals "prompt"
         raise InvalidInputError(f"must be one of {ROLES}, got {f.role!r}", index=index, field="role")
     if f.context is not None:
         if not isinstance(f.context, str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import UserString
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -78,6 +79,15 @@ def test_character_limit_applies_to_text_and_context(field: str) -> None:
     assert (e.value.index, e.value.field) == (4, field)
     assert "11 characters, the limit is 10" in str(e.value)
     assert normalize_item(item | {field: "y" * 10}, 4, max_text_chars=10)[field] == "y" * 10
+
+
+def test_a_role_that_is_not_a_string_is_refused_even_if_it_equals_one() -> None:
+    """A UserString("prompt") compares equal to "prompt": it passed the check, then failed as a TypeError
+    where the item is written out (only the Python API can send one)."""
+    for item in ({"text": "x", "role": UserString("prompt")}, {"text": "x", "role": UserString("response")}):
+        with pytest.raises(InvalidInputError, match="must be one of") as e:
+            normalize_item(item, 0, max_text_chars=1000)
+        assert e.value.field == "role"
 
 
 def test_an_empty_job_is_refused() -> None:
