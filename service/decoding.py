@@ -5,11 +5,11 @@ message that does not parse (such as a string field that is not UTF-8, as proto3
 `Undecodable`, and one over `max_message_bytes` (SAFETY_MAX_MESSAGE_BYTES) an `Oversized`, left unparsed;
 `check_decoded(request)` turns either into `InvalidInputError(field="request")`. Unary requests are checked
 before the handler runs; a ClassifyStream checks each request it reads, so one bad message is that request's
-StreamError and the stream goes on. Without this, grpc fails the call before any handler or interceptor sees
-it: UNKNOWN for a message that does not parse, RESOURCE_EXHAUSTED (which our API reserves for "back off and
-retry") for one over grpc's own receive limit, which also ends a whole ClassifyStream; and the call is
-missing from the metrics, or counted CANCELLED. grpc's limit stays, at twice ours (`grpc_receive_limit`), as
-the memory guard against larger messages. Must not know: what the handlers do.
+StreamError and the stream goes on. Without this, grpc fails the call before any handler sees it: UNKNOWN
+for a message that does not parse, RESOURCE_EXHAUSTED (which our API reserves for "back off and retry") for
+one over grpc's own receive limit, which also ends a whole ClassifyStream; and the metrics count the call
+CANCELLED. grpc's limit stays, at twice ours (`grpc_receive_limit`), as the memory guard against larger
+messages (such a call is counted CANCELLED). Must not know: what the handlers do.
 """
 
 from __future__ import annotations

@@ -7,12 +7,15 @@ every error's `grpc-status-details-bin`: a google.rpc.Status with ErrorInfo, Bad
 RetryInfo for RESOURCE_EXHAUSTED; packed by service/richstatus.py, left out when googleapis-common-protos is
 missing), and `ErrorInterceptor`, which turns a `SafetyError` raised by any handler into its status code,
 message and trailers, and anything unexpected into INTERNAL with an error id that is logged together with the
-traceback (the caller sees the id, never the traceback). Must not know: what the handlers do.
+traceback (the caller sees the id, never the traceback); and `final_code(context, deadline)`, the status a
+call (or a request of a ClassifyStream) ends with when it stops other than by returning, as the metrics count
+it, with `call_deadline(context)`, the deadline it compares with. Must not know: what the handlers do.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -37,6 +40,7 @@ from model.errors import (
     UnsupportedError,
 )
 from service import richstatus
+from service.deadlines import deadline_passed
 from service.handlers import WrappingInterceptor, with_behavior
 from service.richstatus import ErrorDetails
 
@@ -155,6 +159,22 @@ async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> No
     """Abort the call with the status that `exc` maps to, its message and its trailers (always raises)."""
     details = describe(exc)
     await context.abort(details.code, details.message, trailing_metadata=trailers(details))
+
+
+def final_code(context: grpc.aio.ServicerContext, deadline: float | None) -> str:
+    """The status a call that raised ends with: the one the handler set (abort), else DEADLINE_EXCEEDED (at
+    or near the call's `deadline`, time.monotonic()) or CANCELLED: the client went away, or grpc ended the
+    call, before it was answered."""
+    set_code = context.code()
+    if set_code is not None:
+        return set_code.name
+    return "DEADLINE_EXCEEDED" if deadline_passed(deadline, time.monotonic()) else "CANCELLED"
+
+
+def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline in time.monotonic() (None: it has none)."""
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None
 
 
 class ErrorInterceptor(WrappingInterceptor):

@@ -2,9 +2,11 @@
 
 Owns: `kind(handler)` (which of the four call shapes a handler has) and `with_behavior(handler, behavior)`, a
 handler of the same kind with the same (de)serializers (or another request deserializer) and `behavior` in
-place of the original's; `Memo`, which builds an interceptor's wrapper once per method instead of once per
-call; and `WrappingInterceptor`, the base of every interceptor of ours. Must not know: what the interceptors
-do (errors, metrics, auth, decoding).
+place of the original's; `reading_its_request(handler, behavior)`, the same for a handler of one request but
+of the request-stream kind, so that grpc runs `behavior` before the request has arrived; `Memo`, which
+builds an interceptor's wrapper once per method instead of once per call; and `WrappingInterceptor`, the
+base of every interceptor of ours. Must not know: what the interceptors do (errors, metrics, auth,
+decoding).
 """
 
 from __future__ import annotations
@@ -37,6 +39,25 @@ def with_behavior(
     return FACTORIES[kind(handler)](
         behavior,
         request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+# A handler of one request as the handler of a request stream with the same responses.
+STREAMED_REQUEST = {"unary_unary": "stream_unary", "unary_stream": "stream_stream"}
+
+
+def reading_its_request(
+    handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]
+) -> grpc.RpcMethodHandler:
+    """A handler with `handler`'s (de)serializers, of the kind that takes a request stream ("unary_unary" ->
+    "stream_unary", "unary_stream" -> "stream_stream"), that runs `behavior(requests, context)`. For a
+    handler of one request, grpc.aio first awaits the request message, and runs no handler at all when the
+    call is cancelled or its deadline passes meanwhile; for a request stream it runs the handler at once,
+    which then reads the request itself (`context.read()`). On the wire both are the same call."""
+    return FACTORIES[STREAMED_REQUEST[kind(handler)]](
+        behavior,
+        request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 

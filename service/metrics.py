@@ -3,16 +3,18 @@
 Owns: the metric names and buckets, a per-server `CollectorRegistry` (so several servers in one process,
 as in tests, don't collide) with prometheus-client's process, platform and GC collectors on it (a fresh
 registry has none of the default registry's), `safety_build_info`, the HTTP exporter, and
-`MetricsInterceptor`, which counts every unary and streaming call by method and final status code. The
-scheduler reports through the `SchedulerMetrics` methods below and never imports prometheus itself. The
-labelled series the alerts and the dashboard select (k8s/components) exist from start-up, at 0: every
-dropped-window reason, and every status code and the latency of the classification calls. A series that
-appears only with its first event starts at that count, and Prometheus' increase() and rate() take its first
-sample as the baseline: the event would go unseen. Must not know: the model.
+`MetricsInterceptor`, which counts every unary and streaming call that reaches the server's Python code by
+method and final status code. The scheduler reports through the `SchedulerMetrics` methods below and never
+imports prometheus itself. The labelled series the alerts and the dashboard select (k8s/components) exist
+from start-up, at 0: every dropped-window reason, and every status code and the latency of the
+classification calls. A series that appears only with its first event starts at that count, and
+Prometheus' increase() and rate() take its first sample as the baseline: the event would go unseen. Must not
+know: the model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import threading
@@ -33,8 +35,8 @@ from prometheus_client import (
 )
 
 from model import package_version
-from service.deadlines import deadline_passed
-from service.handlers import WrappingInterceptor, with_behavior
+from service.errors import call_deadline, final_code
+from service.handlers import WrappingInterceptor, reading_its_request, with_behavior
 from service.scheduler import DROP_REASONS
 from service.settings import split_address
 
@@ -235,7 +237,11 @@ class Metrics:
 class MetricsInterceptor(WrappingInterceptor):
     """Outermost interceptor: counts each unary-unary, unary-stream and stream-stream call (Classify,
     SubmitJob, StreamJobResults, ClassifyStream, ...) by method and the status code it ended with, and
-    observes its wall time; a stream is counted once, when it ends."""
+    observes its wall time; a stream is counted once, when it ends. Every call that reaches it is counted:
+    a handler of one request becomes one of a request stream (`reading_its_request`) that reads the request
+    itself, so a call cancelled, or out of time, before its request arrived (which grpc.aio would end without
+    running any handler) counts as CANCELLED or DEADLINE_EXCEEDED like one that ends later. Calls that gRPC
+    core ends before it hands them to Python never reach any interceptor (docs/api.md, "Metrics")."""
 
     def __init__(self, metrics: Metrics) -> None:
         super().__init__()
@@ -245,54 +251,57 @@ class MetricsInterceptor(WrappingInterceptor):
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
                 with self._observed(method, context):
-                    return await behavior(request, context)
+                    return await behavior(await _the_request(context), context)
 
-            return with_behavior(handler, unary)
+            return reading_its_request(handler, unary)
         if handler.unary_stream is not None or handler.stream_stream is not None:
             # grpc.aio picks the calling convention from the handler's kind: keep it.
             stream = handler.unary_stream or handler.stream_stream
+            one_request = handler.unary_stream is not None
             wrapped: Callable[..., Any]
             if inspect.isasyncgenfunction(stream):
 
-                async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async def generator(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                     with self._observed(method, context):
+                        request = await _the_request(context) if one_request else requests
                         async for message in stream(request, context):
                             yield message
 
                 wrapped = generator
             elif inspect.iscoroutinefunction(stream):  # writes with context.write(), e.g. Health.Watch
 
-                async def writer(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async def writer(requests: Any, context: grpc.aio.ServicerContext) -> Any:
                     with self._observed(method, context):
+                        request = await _the_request(context) if one_request else requests
                         return await stream(request, context)
 
                 wrapped = writer
             else:  # a synchronous generator (grpc runs it in a thread): not ours, left alone
                 return handler
-            return with_behavior(handler, wrapped)
+            return reading_its_request(handler, wrapped) if one_request else with_behavior(handler, wrapped)
         return handler
 
     @contextlib.contextmanager
     def _observed(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
         start = time.perf_counter()
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        deadline = call_deadline(context)
         code = "OK"
         try:
             yield
         except BaseException:
-            code = _final_code(context, deadline)
+            code = final_code(context, deadline)
             raise
         finally:
             self.metrics.call(method, code, time.perf_counter() - start)
 
 
-def _final_code(context: grpc.aio.ServicerContext, deadline: float | None) -> str:
-    """The status a call that raised ends with: the one the handler set (abort), else DEADLINE_EXCEEDED (at
-    or near the call's `deadline`, time.monotonic()) or CANCELLED."""
-    set_code = context.code()
-    if set_code is not None:
-        return set_code.name
-    return "DEADLINE_EXCEEDED" if deadline_passed(deadline, time.monotonic()) else "CANCELLED"
+async def _the_request(context: grpc.aio.ServicerContext) -> Any:
+    """The one request of a call, read by the handler (`reading_its_request`). None came: the call was
+    cancelled or ran out of time first (or the client sent no message); like grpc.aio's own handling of such
+    a call, it ends without a status of ours (CancelledError)."""
+    request = await context.read()
+    if request is grpc.aio.EOF:
+        raise asyncio.CancelledError("the call ended before its request arrived")
+    return request

@@ -24,7 +24,7 @@ from model import Classifier, Item
 from model.errors import InvalidInputError, ModelLoadingError, ShuttingDownError, UnavailableError
 from model.items import check_length, item_id
 from service.decoding import check_decoded
-from service.errors import describe
+from service.errors import call_deadline, describe, final_code
 from service.jobs import JobClientFactory, JobService, default_job_client
 from service.scheduler import Outcome, Scheduler
 from service.settings import ServeSettings
@@ -42,7 +42,8 @@ class ClassifiedObserver:
         pass
 
     def stream_request(self, code: str, seconds: float) -> None:
-        """One request of a ClassifyStream answered, with the status its StreamError names ("OK": none)."""
+        """One request of a ClassifyStream answered, with the status its StreamError names ("OK": none); or
+        left unanswered by a stream that ended first, with the stream's code."""
 
 
 def items_from_proto(request: Any, max_items: int, max_text_chars: int) -> list[Item]:
@@ -202,7 +203,9 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
     ) -> AsyncIterator[Any]:
         """Each request read is classified at once as its own task (up to `max_stream_inflight` at a time);
         the responses go out in request order. A failed request becomes a StreamError message; the stream
-        ends with a status only when the model is not ready, or after a drain stopped its reading."""
+        ends with a status only when the model is not ready, or after a drain stopped its reading. Each
+        request read is reported to the observer once: with its answer's status or, when the stream ends
+        before answering it (the client cancelled, the deadline passed), with the stream's final code."""
         clf, scheduler = self._ready()
         window = asyncio.Semaphore(self.settings.max_stream_inflight)
         order: asyncio.Queue[tuple[asyncio.Task[Any], float] | None] = asyncio.Queue()  # (task, read at)
@@ -229,10 +232,14 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
 
         reader = asyncio.create_task(read())
         self._stream_readers.add(reader)
+        deadline = call_deadline(context)
         sequence = 0
+        answering: tuple[asyncio.Task[Any], float] | None = None  # read, its answer not counted yet
         try:
             while (entry := await order.get()) is not None:
+                answering = entry
                 message = await self._stream_message(*entry, sequence)
+                answering = None
                 yield message
                 window.release()
                 sequence += 1
@@ -240,9 +247,15 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         finally:
             self._stream_readers.discard(reader)
             reader.cancel()
+            cut = [answering] if answering is not None else []
             while not order.empty():
                 if (entry := order.get_nowait()) is not None:
-                    entry[0].cancel()
+                    cut.append(entry)
+            if cut:  # the stream ended before answering these (cancelled, out of time): they end with it
+                code = final_code(context, deadline)
+                for task, start in cut:
+                    task.cancel()
+                    self.observer.stream_request(code, time.perf_counter() - start)
         if drained:
             rest = f"the ones after sequence {sequence - 1}" if sequence else "all of them"
             raise ShuttingDownError(
@@ -283,9 +296,7 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
             items_from_proto(request, self.settings.max_items, self.settings.max_text_chars)
         )
         thresholds = clf.resolve_thresholds(dict(request.thresholds))
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        outcome = await scheduler.submit(items, thresholds, deadline)
+        outcome = await scheduler.submit(items, thresholds, call_deadline(context))
         response = response_from_outcome(outcome, clf.labels, thresholds, request.raw_scores, clf.name)
         response.timing.total_ms = (time.perf_counter() - start) * 1e3
         tokens, flagged = sum(r.tokens for r in outcome.results), sum(r.flagged for r in outcome.results)

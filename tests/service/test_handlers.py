@@ -1,5 +1,6 @@
-"""A rebuilt handler keeps its kind and (de)serializers and runs the new behaviour; an interceptor's wrapper
-is built once per method (Memo), and never kept without bound."""
+"""A rebuilt handler keeps its kind and (de)serializers and runs the new behaviour (or, rebuilt to read its
+own request, takes a request stream); an interceptor's wrapper is built once per method (Memo), and never
+kept without bound."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from service.handlers import FACTORIES, MEMO_SIZE, Memo, kind, with_behavior
+from service.handlers import FACTORIES, MEMO_SIZE, Memo, kind, reading_its_request, with_behavior
 
 
 def _ser(x: bytes) -> bytes:
@@ -39,6 +40,22 @@ def test_with_behavior_can_swap_the_request_deserializer() -> None:
     handler = FACTORIES["unary_unary"](_ser, request_deserializer=_de, response_serializer=_ser)
     rebuilt = with_behavior(handler, _ser, request_deserializer=_ser)
     assert rebuilt.request_deserializer is _ser and rebuilt.response_serializer is _ser
+
+
+@pytest.mark.parametrize(
+    ("name", "streamed"), [("unary_unary", "stream_unary"), ("unary_stream", "stream_stream")]
+)
+def test_a_handler_of_one_request_becomes_one_of_a_request_stream(name: str, streamed: str) -> None:
+    """The same responses and (de)serializers: grpc then runs the behaviour before reading the request."""
+
+    def new(*args: object) -> None:
+        return None
+
+    handler = FACTORIES[name](_ser, request_deserializer=_de, response_serializer=_ser)
+    rebuilt = reading_its_request(handler, new)
+    assert kind(rebuilt) == streamed and getattr(rebuilt, streamed) is new
+    assert rebuilt.request_streaming and rebuilt.response_streaming == (streamed == "stream_stream")
+    assert rebuilt.request_deserializer is _de and rebuilt.response_serializer is _ser
 
 
 async def behavior(request: Any, context: Any) -> Any:
