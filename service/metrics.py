@@ -207,9 +207,10 @@ class Metrics:
         itself is counted once, as "ClassifyStream", when it ends."""
         self.call(STREAM_REQUEST, code, seconds)
 
-    def call(self, method: str, code: str, seconds: float) -> None:
-        """A finished call (or stream request): counted by method and status code, timed by method. The
-        labelled children are looked up once (prometheus-client's `labels()` costs ~5 us a call)."""
+    def call(self, method: str, code: str, seconds: float | None) -> None:
+        """A finished call (or stream request): counted by method and status code, timed by method (None:
+        counted only, a call that ended before its request arrived). The labelled children are looked up once
+        (prometheus-client's `labels()` costs ~5 us a call)."""
         counter = self._counted.get((method, code))
         if counter is None:
             counter = self._counted[method, code] = self.requests.labels(method=method, code=code)
@@ -217,7 +218,8 @@ class Metrics:
         if timer is None:
             timer = self._timed[method] = self.request_seconds.labels(method=method)
         counter.inc()
-        timer.observe(seconds)
+        if seconds is not None:
+            timer.observe(seconds)
 
     # ---- HTTP exporter ----------------------------------------------------------------------------------
     def serve(self, address: str) -> int:
@@ -252,8 +254,10 @@ class MetricsInterceptor(WrappingInterceptor):
             behavior = handler.unary_unary
 
             async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self._observed(method, context):
-                    return await behavior(await _the_request(context), context)
+                with self._observed(method, context) as clock:
+                    request = await _the_request(context)
+                    clock.start()
+                    return await behavior(request, context)
 
             return reading_its_request(handler, unary)
         if handler.unary_stream is not None or handler.stream_stream is not None:
@@ -264,8 +268,9 @@ class MetricsInterceptor(WrappingInterceptor):
             if inspect.isasyncgenfunction(stream):
 
                 async def generator(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                    with self._observed(method, context):
+                    with self._observed(method, context) as clock:
                         request = await _the_request(context) if one_request else requests
+                        clock.start()
                         async for message in stream(request, context):
                             yield message
 
@@ -273,8 +278,9 @@ class MetricsInterceptor(WrappingInterceptor):
             elif inspect.iscoroutinefunction(stream):  # writes with context.write(), e.g. Health.Watch
 
                 async def writer(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                    with self._observed(method, context):
+                    with self._observed(method, context) as clock:
                         request = await _the_request(context) if one_request else requests
+                        clock.start()
                         return await stream(request, context)
 
                 wrapped = writer
@@ -284,17 +290,35 @@ class MetricsInterceptor(WrappingInterceptor):
         return handler
 
     @contextlib.contextmanager
-    def _observed(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
-        start = time.perf_counter()
+    def _observed(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[_Clock]:
+        """Count the call when it ends; time it from `clock.start()` (a call of one request: once that
+        request has arrived, so a slow upload is the client's time, as it was when grpc read it for us; a
+        call that ended before it arrived is counted, not timed)."""
+        clock = _Clock()
         deadline = call_deadline(context)
         code = "OK"
         try:
-            yield
+            yield clock
         except BaseException:
             code = final_code(context, deadline)
             raise
         finally:
-            self.metrics.call(method, code, time.perf_counter() - start)
+            self.metrics.call(method, code, clock.seconds())
+
+
+class _Clock:
+    """When a call's own time began (None: not yet)."""
+
+    __slots__ = ("began",)
+
+    def __init__(self) -> None:
+        self.began: float | None = None
+
+    def start(self) -> None:
+        self.began = time.perf_counter()
+
+    def seconds(self) -> float | None:
+        return None if self.began is None else time.perf_counter() - self.began
 
 
 async def _the_request(context: grpc.aio.ServicerContext) -> Any:

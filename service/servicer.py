@@ -204,8 +204,10 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         """Each request read is classified at once as its own task (up to `max_stream_inflight` at a time);
         the responses go out in request order. A failed request becomes a StreamError message; the stream
         ends with a status only when the model is not ready, or after a drain stopped its reading. Each
-        request read is reported to the observer once: with its answer's status or, when the stream ends
-        before answering it (the client cancelled, the deadline passed), with the stream's final code."""
+        request started is reported to the observer once: with its answer's status or, when the stream ends
+        before answering it (the client cancelled, the deadline passed), with the stream's final code. (A
+        request read while max_stream_inflight were unanswered waits at the window, not started: a stream
+        that ends then leaves it uncounted, as it does the requests it never read.)"""
         clf, scheduler = self._ready()
         window = asyncio.Semaphore(self.settings.max_stream_inflight)
         order: asyncio.Queue[tuple[asyncio.Task[Any], float] | None] = asyncio.Queue()  # (task, read at)

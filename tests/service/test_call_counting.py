@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +28,18 @@ def counted(app: SafetyServer, method: str) -> Counter[str]:
             if sample.name == "safety_requests_total" and sample.labels["method"] == method and sample.value:
                 codes[sample.labels["code"]] += int(sample.value)
     return codes
+
+
+def timed(app: SafetyServer, method: str) -> tuple[float, float]:
+    """safety_request_duration_seconds of `method`: (count, sum)."""
+    names = ("safety_request_duration_seconds_count", "safety_request_duration_seconds_sum")
+    got = {
+        sample.name: sample.value
+        for metric in app.metrics.registry.collect()
+        for sample in metric.samples
+        if sample.name in names and sample.labels["method"] == method
+    }
+    return got.get(names[0], 0.0), got.get(names[1], 0.0)
 
 
 def silent(release: threading.Event) -> Iterator[Any]:
@@ -54,8 +67,26 @@ def test_a_call_out_of_time_before_its_request_arrived_counts_as_deadline_exceed
             call = classify_without_a_request(channel).future(silent(release), timeout=0.5)
             assert call.exception(10).code() == grpc.StatusCode.DEADLINE_EXCEEDED
             wait_until(lambda: counted(app, "Classify") == {"DEADLINE_EXCEEDED": 1}, what="the call counted")
+            assert timed(app, "Classify") == (0, 0)  # counted, not timed: it never had a request to work on
         finally:
             release.set()
+
+
+def test_a_calls_latency_runs_from_its_request_not_from_its_headers(start_server: Any) -> None:
+    """A slow upload (the headers, then the message 0.6 s later) is the client's time: the latency histogram
+    (SafetyClassifyLatencyHigh, the dashboard's p99) times what the server did with the request, as it did
+    when grpc read the request before our code ran."""
+    app = start_server(metrics_address=None)
+
+    def slow_upload() -> Iterator[Any]:
+        time.sleep(0.6)  # the upload itself: wall time is what is under test
+        yield request("hello")
+
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        response = classify_without_a_request(channel)(slow_upload(), timeout=30)
+    wait_until(lambda: counted(app, "Classify") == {"OK": 1}, what="the call counted")
+    count, seconds = timed(app, "Classify")
+    assert count == 1 and seconds < 0.5, (seconds, response.timing.total_ms)
 
 
 def test_a_call_cancelled_before_its_request_arrived_counts_as_cancelled(start_server: Any) -> None:
