@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from service.stubs import pb2
@@ -42,6 +42,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
 
 def request(*texts: str, **kwargs: Any) -> Any:
     return pb2.ClassifyRequest(items=[pb2.Item(text=t) for t in texts], **kwargs)
+
+
+def held_requests(n: int, release: threading.Event) -> Iterator[Any]:
+    """n one-item requests, then the stream stays open until `release` (so the server sees it unfinished)."""
+    for i in range(n):
+        yield request(f"request {i}")
+    release.wait(30)
 
 
 def queued(scheduler: Any) -> int:

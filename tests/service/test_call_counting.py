@@ -17,7 +17,7 @@ import grpc
 
 from service.server import SafetyServer
 from service.stubs import SERVICE_NAME, pb2, pb2_grpc
-from tests.service.helpers import LoopThread, in_queue, request, wait_until
+from tests.service.helpers import LoopThread, held_requests, in_queue, request, wait_until
 
 
 def counted(app: SafetyServer, method: str) -> Counter[str]:
@@ -102,13 +102,6 @@ def test_a_call_cancelled_before_its_request_arrived_counts_as_cancelled(start_s
         finally:
             release.set()
     assert counted(app, "Classify") == {"OK": 1, "CANCELLED": 1}
-
-
-def held_requests(n: int, release: threading.Event) -> Iterator[Any]:
-    """n one-item requests, then the stream stays open until `release`."""
-    for i in range(n):
-        yield request(f"request {i}")
-    release.wait(30)
 
 
 def test_requests_a_cancelled_stream_read_and_never_answered_count_as_cancelled(

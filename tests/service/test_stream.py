@@ -8,7 +8,6 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -19,7 +18,7 @@ from service.client import AsyncSafetyClient, SafetyClient
 from service.scheduler import RETRY_MAX_MS, RETRY_MIN_MS
 from service.server import SafetyServer
 from service.stubs import pb2
-from tests.service.helpers import in_queue, request, wait_until
+from tests.service.helpers import held_requests, in_queue, request, wait_until
 from tests.service.test_operations import metric_value, scrape
 
 BATCHES = [
@@ -68,13 +67,6 @@ def test_a_failing_request_gets_its_own_error_and_the_stream_goes_on(server: Saf
         assert answer["results"] is None
         assert answer["error"]["status"] == "INVALID_ARGUMENT" and answer["error"]["code"] == 3
         assert field in answer["error"]["message"]
-
-
-def held_requests(n: int, release: threading.Event) -> Iterator[Any]:
-    """n one-item requests, then the stream stays open until `release` (so the server sees it unfinished)."""
-    for i in range(n):
-        yield request(f"request {i}")
-    release.wait(30)
 
 
 def test_requests_of_one_stream_are_queued_together_up_to_the_inflight_bound(
