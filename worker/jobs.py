@@ -102,7 +102,7 @@ class JobStatus:
 class Prepared:
     """Items validated and serialized for a job, before anything was sent to Redis (`JobClient.prepare`):
     how many, their digest, and their canonical JSON lines in item order, read back as often as needed
-    (`lines`, `chunks`; one reader at a time). The lines are a list, or a spool: an anonymous temporary file
+    (`lines`, `payloads`; one reader at a time). The lines are a list, or a spool: an anonymous temporary file
     (unlinked when made, so the OS frees it whatever happens to this process) that keeps a job of millions
     of items at a chunk's memory. `close` (or a `with` block) frees the spool."""
 
@@ -130,12 +130,6 @@ class Prepared:
                 yield raw[:-1].decode()
         except OSError as e:
             raise _spool_error(e, "read") from None
-
-    def chunks(self, size: int) -> Iterator[list[str]]:
-        """The lines in lists of `size` (the last one shorter), in item order."""
-        lines = self.lines()
-        while chunk := list(islice(lines, size)):
-            yield chunk
 
     def payloads(self, size: int) -> Iterator[bytes]:
         """The lines in runs of `size` (the last one shorter), in item order, each run one bytes object of

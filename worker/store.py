@@ -199,22 +199,19 @@ return 1
 """
 )
 
-# KEYS = [record, key]; ARGV = [kind, ...]: kind 'hash' then field/value pairs, 'lines' then the index of
-# the first item and the items' lines in one or more strings, each line ended by a newline (hash fields
-# index, index + 1, ...; set in groups, so a chunk of any size stays within Lua's unpack limit), or 'set'
-# then members. Adds to the job's items or sent chunks (which then expire with the record) only while its
-# record exists: 0 when it is gone (a Redis restart without persistence in the middle of a submit), and
-# nothing is written; 2 when the job was cancelled (the submitter stops; a cancelled job keeps nothing it
-# will never run). Notes the submitter's progress in `sent_at` (Redis's clock) while the job is being
-# submitted.
+# KEYS = [record, key]; ARGV = [kind, ...]: kind 'lines' then the index of the first item and the items'
+# lines in one or more strings, each line ended by a newline (hash fields index, index + 1, ...; set in
+# groups, so a chunk of any size stays within Lua's unpack limit), or 'set' then members. Adds to the job's
+# items or sent chunks (which then expire with the record) only while its record exists: 0 when it is gone
+# (a Redis restart without persistence in the middle of a submit), and nothing is written; 2 when the job
+# was cancelled (the submitter stops; a cancelled job keeps nothing it will never run). Notes the
+# submitter's progress in `sent_at` (Redis's clock) while the job is being submitted.
 _ADD = (
     _NOW_LUA
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 2 end
-if ARGV[1] == 'hash' then
-  redis.call('HSET', KEYS[2], unpack(ARGV, 2))
-elseif ARGV[1] == 'lines' then
+if ARGV[1] == 'lines' then
   local index, fields, n = tonumber(ARGV[2]), {}, 0
   for k = 3, #ARGV do
     local lines, at = ARGV[k], 1
@@ -506,17 +503,13 @@ class JobStore:
         until = self.client.get(JobKeys(job_id).deleted)
         return None if until is None else reserved_until(until)
 
-    def upload(self, job_id: str, first: int, items: Sequence[str] | bytes) -> bool:
-        """Store items `first`, `first + 1`, ...: a sequence of item JSON strings, or (what the job client
-        sends) their UTF-8 lines in one bytes object, each ended by b"\\n" (none may hold a newline of its
-        own: a canonical JSON line never does), sent as a few arguments (`line_runs`) instead of two per item.
-        False (nothing stored) when the job was cancelled, NotFoundError when the job record is gone."""
+    def upload(self, job_id: str, first: int, lines: bytes) -> bool:
+        """Store items `first`, `first + 1`, ...: their JSON as UTF-8 lines in one bytes object, each ended by
+        b"\\n" (none may hold a newline of its own: a canonical JSON line never does), sent as a few arguments
+        (`line_runs`) instead of two per item. False (nothing stored) when the job was cancelled,
+        NotFoundError when the job record is gone."""
         keys = JobKeys(job_id)
-        if isinstance(items, bytes):
-            args = ["lines", first, *line_runs(items, MAX_ARG_BYTES)]
-        else:
-            pairs = [x for k, item in enumerate(items) for x in (str(first + k), item)]
-            args = ["hash", *pairs]
+        args = ["lines", first, *line_runs(lines, MAX_ARG_BYTES)]
         return self._added(job_id, self._add(keys=[keys.job, keys.items], args=args))
 
     def enqueued(self, job_id: str) -> set[int]:

@@ -132,7 +132,7 @@ def test_a_submit_stops_when_redis_lost_the_job_and_a_new_one_starts_clean(
 
     r.delete(keys.job)  # the record is gone (the restart), the submit goes on
     with pytest.raises(NotFoundError, match="disappeared while it was being submitted"):
-        client.store.upload("lost-job", 0, ["x"])
+        client.store.upload("lost-job", 0, b"x\n")
     with pytest.raises(NotFoundError, match="disappeared"):
         client.store.mark_enqueued("lost-job", 0)
 

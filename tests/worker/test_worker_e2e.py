@@ -257,7 +257,7 @@ def submit_as_previous_release(
     }  # fmt: skip
     assert client.store.create(job_id, record) is None
     client.store.mark_active(job_id)
-    for chunk, lines in zip(range(chunks), prepared.chunks(s.chunk_size), strict=False):
+    for chunk, lines in zip(range(chunks), prepared.payloads(s.chunk_size), strict=False):
         first = chunk * s.chunk_size
         assert client.store.upload(job_id, first, lines)
         send_chunk(client.app, job_id, chunk, s.queue)
