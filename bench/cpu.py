@@ -61,8 +61,9 @@ def reset_peak() -> None:
 
 
 def memory_child(engine: str, directory: Path, lengths: list[int]) -> None:
-    """Peak RSS above the loaded-and-warm baseline, for one input per length (ascending) and finally one full
-    default budget of 512-token inputs; the high-water mark is reset before each case. JSON on stdout."""
+    """Peak RSS above the resident set at the case's start (the loaded, warm model and what earlier cases
+    left), for one input per length (ascending) and finally one full default budget of 512-token inputs; the
+    high-water mark is reset before each case. JSON on stdout (`baseline_mib`: the RSS after warm-up)."""
     from model import load_classifier
 
     clf = load_classifier(directory, device="cpu")
@@ -82,9 +83,12 @@ def memory_child(engine: str, directory: Path, lengths: list[int]) -> None:
     rows = []
     for case, seqs in memory_cases(lengths, budget):
         reset_peak()
+        # the case's own baseline: what an earlier case left and the allocator has since returned (RSS
+        # below `base`) made a small case's peak above `base` negative
+        start = rss_mib()[0]
         t0 = time.perf_counter()
         run(seqs)
-        rows.append({"case": case, "tokens": sum(map(len, seqs)), "peak_mib": rss_mib()[1] - base,
+        rows.append({"case": case, "tokens": sum(map(len, seqs)), "peak_mib": rss_mib()[1] - start,
                      "seconds": time.perf_counter() - t0})  # fmt: skip
     print(json.dumps({"engine": engine, "baseline_mib": base, "rows": rows}))
 
