@@ -4,7 +4,8 @@ cut, counted and logged). `serve` is the process: signals (SIGTERM/SIGINT drain,
 SIGHUP re-checks the TLS files), logging, exit code.
 
 Owns: grpc.aio server options, the port's credentials (from service/tls.py, re-read as their files change),
-the interceptor chain (metrics -> errors -> API key, its keys from service/apikeys.py), grpc.health.v1
+the interceptor chain (metrics -> errors -> API key, its keys from service/apikeys.py; the API key checked
+at each call's start and, for a stream, again at each request read or message sent), grpc.health.v1
 states, server reflection, the metrics HTTP exporter's lifetime, model loading and warm-up off the event
 loop, and the one start-up line saying rich error details are off (service/richstatus.py). Must not know:
 request parsing (servicer), batching (scheduler), status-code choices (errors), how TLS files or key files
@@ -14,11 +15,13 @@ are read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -49,33 +52,135 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 STOP_GRACE_S = 1.0  # after the drain: for calls that hold no work (health watches, reflection) to see the end
+REVOKED = "API key revoked"  # how a stream whose key was removed from the key file ends (and the log says)
 
 
 class ApiKeyInterceptor(WrappingInterceptor):
     """Every call except health checks (Kubernetes probes send no metadata) needs `authorization: Bearer
-    <key>` with one of the accepted keys; others are refused with UnauthenticatedError's status code."""
+    <key>` with one of the accepted keys; others are refused with UnauthenticatedError's status code.
+
+    A stream is held to its key while it runs, so that a key removed from the key file stops working on the
+    streams it opened too (they have no maximum age, and long-lived ones usually no deadline): a stream of
+    requests (ClassifyStream, reflection) compares its key with the current keys again as it reads each
+    request, a server stream (StreamJobResults) before it sends each message. Once the key no longer
+    matches, nothing more is read or sent: the handler ends as on any error reading its requests
+    (ClassifyStream still sends the responses it owes) and the call ends UNAUTHENTICATED saying the key was
+    revoked. The comparison is `ApiKeys.matches`: a constant-time compare with the keys in memory, which
+    looks at the key file at most once a second for all calls together. Streams of another shape (a
+    synchronous handler, or one that writes with `context.write()`; none of ours) are checked at their
+    start only."""
 
     def __init__(self, keys: ApiKeys) -> None:
         super().__init__()
         self._keys = keys
 
     def _authorized(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                scheme, _, credentials = given.partition(b" ")
-                # RFC 7235: the scheme is case-insensitive
-                return scheme.lower() == b"bearer" and self._keys.matches(credentials)
-        return False
+        credentials = _credentials(metadata)
+        return credentials is not None and self._keys.matches(credentials)
 
     def applies(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> bool:
-        """Refuse this call?"""
+        """Wrap this call's handler? Every stream held to its key (its wrapper checks the key at the start
+        too, then as the stream goes), and any other call refused now."""
         if details.method.startswith(HEALTH_PREFIX):  # Kubernetes probes send no metadata
             return False
-        return not self._authorized(details.invocation_metadata)
+        return _held_to_its_key(handler) is not None or not self._authorized(details.invocation_metadata)
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        stream = _held_to_its_key(handler)
+        if stream is not None:
+            return with_behavior(handler, self._guarded(stream, method, handler.stream_stream is not None))
         return with_behavior(handler, _deny)  # one refusal handler per method
+
+    def _guarded(
+        self, behavior: Callable[..., AsyncIterator[Any]], method: str, streamed_requests: bool
+    ) -> Callable[..., AsyncIterator[Any]]:
+        """`behavior` (an async generator) refused without the key, and ended when the key is revoked."""
+        keys = self._keys
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            credentials = _credentials(context.invocation_metadata())
+            if credentials is None or not keys.matches(credentials):
+                await _deny(request, context)  # raises
+                return
+            held = _HeldKey(keys, credentials, method)
+            sent = 0
+            try:
+                arg = _CheckedRequests(request, held) if streamed_requests else request
+                async with contextlib.aclosing(behavior(arg, context)) as messages:
+                    async for message in messages:
+                        if not streamed_requests:  # a server stream: before each message it sends
+                            held.check()
+                        yield message
+                        sent += 1
+            except UnauthenticatedError:
+                if not held.revoked:
+                    raise
+                error = UnauthenticatedError(
+                    f"{REVOKED}: it is no longer one of the accepted keys (the key file changed while this "
+                    f"stream was open); {sent} responses were sent on it. Continue on a new call with a "
+                    "current key (`authorization: Bearer <key>`), resending what got no response"
+                )
+                await abort_for(error, context)
+
+        return guarded
+
+
+def _credentials(metadata: Any) -> bytes | None:
+    """The key a call sends as `authorization: Bearer <key>` (None: no such header)."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            given = value.encode() if isinstance(value, str) else value
+            scheme, _, credentials = given.partition(b" ")
+            # RFC 7235: the scheme is case-insensitive
+            return credentials if scheme.lower() == b"bearer" else None
+    return None
+
+
+def _held_to_its_key(handler: grpc.RpcMethodHandler) -> Callable[..., AsyncIterator[Any]] | None:
+    """The behaviour of a stream that ApiKeyInterceptor can hold to its key as it runs: an async generator
+    of requests (stream-stream) or of one request (unary-stream). None for any other handler."""
+    stream = handler.stream_stream or handler.unary_stream
+    return stream if stream is not None and inspect.isasyncgenfunction(stream) else None
+
+
+class _HeldKey:
+    """The key an open call was accepted with, compared with the accepted keys again by `check()`."""
+
+    __slots__ = ("_credentials", "_keys", "method", "revoked")
+
+    def __init__(self, keys: ApiKeys, credentials: bytes, method: str) -> None:
+        self._keys, self._credentials, self.method = keys, credentials, method
+        self.revoked = False
+
+    def check(self) -> None:
+        """UnauthenticatedError (and `revoked`) once the key is no longer accepted."""
+        if not self.revoked and self._keys.matches(self._credentials):
+            return
+        if not self.revoked:
+            self.revoked = True
+            log.info("%s: an open stream ends", REVOKED, extra={"method": self.method})
+        raise UnauthenticatedError(REVOKED)
+
+
+class _CheckedRequests:
+    """A call's request stream that hands on each request it reads only while the call's key is accepted,
+    and raises UnauthenticatedError instead once it is not (the request read is dropped)."""
+
+    __slots__ = ("_held", "_iterator", "_requests")
+
+    def __init__(self, requests: AsyncIterable[Any], held: _HeldKey) -> None:
+        self._requests, self._held = requests, held
+        self._iterator: AsyncIterator[Any] | None = None
+
+    def __aiter__(self) -> _CheckedRequests:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = aiter(self._requests)
+        request = await anext(self._iterator)
+        self._held.check()
+        return request
 
 
 async def _deny(request: Any, context: grpc.aio.ServicerContext) -> Any:

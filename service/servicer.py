@@ -203,7 +203,9 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
     ) -> AsyncIterator[Any]:
         """Each request read is classified at once as its own task (up to `max_stream_inflight` at a time);
         the responses go out in request order. A failed request becomes a StreamError message; the stream
-        ends with a status only when the model is not ready, or after a drain stopped its reading. Each
+        ends with a status only when the model is not ready, after a drain stopped its reading, or when
+        reading the next request raised (an API key revoked on the open stream, service/server.py): then too
+        after the responses owed for the requests read before. Each
         request started is reported to the observer once: with its answer's status or, when the stream ends
         before answering it (the client cancelled, the deadline passed), with the stream's final code. (A
         request read while max_stream_inflight were unanswered waits at the window, not started: a stream

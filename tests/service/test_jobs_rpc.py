@@ -22,6 +22,7 @@ from service.settings import ServeSettings
 from service.stubs import pb2
 from tests.service.helpers import wait_until
 from tests.service.test_error_details import ErrorInfo, status_of, unpacked
+from tests.service.test_revoked_keys import remove_k1, write_keys
 from tests.worker.harness import (
     RedisServer,
     Worker,
@@ -272,6 +273,44 @@ def test_a_drain_ends_waiting_result_and_health_streams_at_once_saying_where_to_
     assert "sent 1 results; resume with start_index 1" in ended[0].details()
     assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
     assert watch_end.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_removed_key_ends_a_waiting_result_stream_before_its_next_result(
+    start_jobs_server: StartServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """StreamJobResults(wait=true) follows a job for as long as it runs: a key removed from the key file
+    meanwhile gets no further result. Before, the stream went on sending the job's results to it."""
+    keys = tmp_path / "api-keys"
+    write_keys(keys, "k1")
+    app = start_jobs_server(job_client(redis_server.url, queue=IDLE), api_key_file=str(keys))
+    direct = JobClient(WorkerSettings(redis_url=redis_server.url))
+    got: list[dict[str, Any]] = []
+    ended: list[grpc.RpcError] = []
+
+    def follow() -> None:
+        try:
+            got.extend(client.stream_job_results("revoked-job", wait=True, timeout=60))
+        except grpc.RpcError as e:
+            ended.append(e)
+
+    with connect(app, api_key="k1") as client, contextlib.closing(direct):
+        client.submit_job(["a", "b", "c"], job_id="revoked-job")
+        direct.store.write("revoked-job", [(0, json.dumps(failed_line(0, "0", "why")), True)])
+        follower = threading.Thread(target=follow)
+        follower.start()
+        wait_until(lambda: len(got) == 1, what="the first result streamed")
+        remove_k1(app, keys)
+        direct.store.write("revoked-job", [(1, json.dumps(failed_line(1, "1", "why")), True)])
+        follower.join(10)
+    assert not follower.is_alive()
+    assert [e.code() for e in ended] == [grpc.StatusCode.UNAUTHENTICATED], (got, ended)
+    assert "API key revoked" in ended[0].details() and "1 responses were sent" in ended[0].details()
+    wait_until(lambda: app.servicer.active == 0, what="the stream no longer in flight")
+    labels = {"method": "StreamJobResults", "code": "UNAUTHENTICATED"}
+    wait_until(  # counted after its client saw the status
+        lambda: app.metrics.registry.get_sample_value("safety_requests_total", labels) == 1,
+        what="the stream counted UNAUTHENTICATED",
+    )
 
 
 def test_unknown_jobs_are_not_found_and_bad_requests_invalid(
