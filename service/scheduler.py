@@ -82,6 +82,7 @@ class _Stopped(Exception):
 
 
 class SchedulerMetrics(Protocol):
+    def queue_bounds(self, items: int, tokens: int) -> None: ...
     def queue_depth(self, items: int, tokens: int) -> None: ...
     def tokenized(self, seconds: float) -> None: ...
     def batch(
@@ -91,6 +92,9 @@ class SchedulerMetrics(Protocol):
 
 
 class _NoMetrics:
+    def queue_bounds(self, items: int, tokens: int) -> None:
+        pass
+
     def queue_depth(self, items: int, tokens: int) -> None:
         pass
 
@@ -228,6 +232,7 @@ class Scheduler:
             )
         for t in self._threads:
             t.start()
+        self.metrics.queue_bounds(self.max_queue_items, self.max_queue_tokens)
 
     # ---- event-loop side ------------------------------------------------------------------------------
     async def submit(
@@ -445,7 +450,9 @@ class Scheduler:
         self._report_depth_locked()
 
     def _report_depth_locked(self) -> None:
-        self.metrics.queue_depth(self._queued_items, self._queued_tokens)
+        """What admission compares with its bounds: the items admitted and not yet handed to the runner
+        (being tokenized included), and their tokens (those being tokenized partly estimated)."""
+        self.metrics.queue_depth(self._queued_items, self._queued_tokens + self._reserved_tokens)
 
     def _expire_locked(self, now: float) -> None:
         """Fail requests whose deadline has passed and drop their queued windows (a heap: O(log n) when

@@ -398,3 +398,40 @@ def test_one_unusual_call_does_not_inflate_later_estimates_for_long(
         asyncio.run(main())
     finally:
         scheduler.close()
+
+
+def test_the_queue_gauges_show_what_admission_compares_with_its_bounds(
+    gated: GatedEncode, tiny_classifier: Any
+) -> None:
+    """Calls being tokenized count against the token bound, so the token gauge counts them too (it showed
+    only the tokens already queued: a burst was refused while the gauge and the alert on it saw an idle
+    queue), and the bounds are exported beside the gauges."""
+    from service.metrics import Metrics
+
+    metrics = Metrics()
+    scheduler = Scheduler(tiny_classifier, encode_threads=1, max_queue_tokens=80, metrics=metrics)
+    th = tiny_classifier.resolve_thresholds(None)
+
+    def gauge(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name)
+
+    async def main() -> None:
+        assert gauge("safety_queue_max_items") == 4096 and gauge("safety_queue_max_tokens") == 80
+        burst = [asyncio.create_task(scheduler.submit(ITEMS, th)) for _ in range(4)]
+        assert await asyncio.to_thread(gated.started.acquire, timeout=10)  # one tokenizing, three waiting
+        with pytest.raises(OverloadedError, match=r"0 tokens queued and about 80 being tokenized"):
+            await scheduler.submit([Item(text="refused")], th)
+        assert gauge("safety_queue_tokens") == 80 and gauge("safety_queue_items") == 32
+        for task in burst:
+            task.cancel()
+        for task in burst:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        gated.gate.release()
+        await until(lambda: scheduler.stats()["tokenizing_items"] == 0)
+        assert gauge("safety_queue_tokens") == 0 and gauge("safety_queue_items") == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        scheduler.close()
