@@ -174,12 +174,16 @@ class Scheduler:
         max_wait_ms: float = 2.0,
         max_queue_tokens: int | None = None,
         max_queue_items: int = 4096,
+        max_text_chars: int | None = None,
         encode_threads: int = 2,
         metrics: SchedulerMetrics | None = None,
         in_flight: int | None = None,
         on_device_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
-        """`on_device_failure(exc)`: called once, from a scheduler thread, when a batch fails with an error
+        """`max_queue_tokens` unset: 32 x max_batch_tokens, and at least what one item within
+        `max_text_chars` characters (the front end's limit, when it has one) can make at worst
+        (`clf.most_tokens`), so that no text the front end accepts is larger than the whole queue.
+        `on_device_failure(exc)`: called once, from a scheduler thread, when a batch fails with an error
         that broke the device for good (`model.errors.device_failed`); by then every queued call has failed
         with UnavailableError and no new one is admitted."""
         self.clf = clf
@@ -188,7 +192,17 @@ class Scheduler:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_batch_tokens = clf.limits.max_batch_tokens
         self.max_batch_sequences = clf.limits.max_batch_sequences
-        self.max_queue_tokens = max_queue_tokens or 32 * self.max_batch_tokens
+        largest = clf.most_tokens(max_text_chars) if max_text_chars else 0  # one item, at worst
+        self.max_queue_tokens = max_queue_tokens or max(32 * self.max_batch_tokens, largest)
+        if self.max_queue_tokens < largest:
+            log.warning(
+                "SAFETY_MAX_QUEUE_TOKENS %d is below the %d tokens one item of SAFETY_MAX_TEXT_CHARS=%d "
+                "characters can make at worst (4 tokens a character, in windows): such an item is refused "
+                "with INVALID_ARGUMENT (items[i].text) although within the character limit",
+                self.max_queue_tokens,
+                largest,
+                max_text_chars,
+            )
         self.max_queue_items = max_queue_items
         self.padded = clf.padded
         self.metrics: SchedulerMetrics = metrics or _NoMetrics()
@@ -357,7 +371,17 @@ class Scheduler:
                 raise self.refusal()
             piece = self.clf.encode(items[start:end])
             out += piece
-            tokens += sum(len(w) for e in piece for w in e.windows)
+            for i, enc in enumerate(piece, start):
+                made = sum(len(w) for w in enc.windows)
+                if made > self.max_queue_tokens:  # this item alone: say which, and what it made
+                    raise InvalidInputError(
+                        f"makes {made} tokens ({len(enc.windows)} windows), more than the server's whole "
+                        f"queue bound of {self.max_queue_tokens} (SAFETY_MAX_QUEUE_TOKENS); send a shorter "
+                        "text, or use a batch job",
+                        index=i,
+                        field="text",
+                    )
+                tokens += made
             if tokens > self.max_queue_tokens:
                 raise InvalidInputError(
                     f"the request has more than {tokens} tokens (its first {end} items), more than the "

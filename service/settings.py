@@ -38,7 +38,8 @@ class ServeSettings(EngineSettings):
         None,
         "SAFETY_MAX_QUEUE_TOKENS",
         opt_int,
-        "admission bound on queued tokens; beyond it RESOURCE_EXHAUSTED (unset: 32 x max batch tokens)",
+        "admission bound on queued tokens; beyond it RESOURCE_EXHAUSTED (unset: 32 x max batch tokens, and "
+        "at least the most tokens one item within the max text chars can make: 4 a character, in windows)",
     )
     max_queue_items: int = setting(
         4096, "SAFETY_MAX_QUEUE_ITEMS", int, "admission bound on queued items (being tokenized or waiting)"
