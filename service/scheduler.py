@@ -3,16 +3,19 @@
 Owns: admission (bounds on queued items and tokens -> `OverloadedError` at once, whose `retry_after_ms` is
 the time the device needs to free room for the call at its recent seconds per token; the tokens of calls
 still being tokenized count: estimated from their characters at the recent tokens per character, then
-corrected piece by piece to their real count), tokenization off the event loop (a thread pool
-running `clf.encode` on pieces of a call's items, which stops between pieces when the caller is gone, the
+corrected piece by piece to their real count), tokenization off the event loop (a thread pool running
+`clf.encode` on pieces of a call's items, which stops between pieces when the caller is gone, the
 server closes, or the call has passed the whole queue bound), the pending queue, batch formation with the
-engine's planner (`model.planner.next_batch`: the oldest window plus its nearest neighbours in length under
-the token budget; an idle device waits at most `max_wait_ms` for a fuller batch, and only while other calls
-are still being tokenized; a busy device lets the queue fill meanwhile), the runner thread (`clf.launch`: pack
-and queue a batch on the device, while the former prepares the next), the collector thread (`clf.collect`:
-wait for a batch's logits and deliver its finished requests, so the runner can queue the next batch on the
-device before the previous one is read back: two batches in flight on CUDA, one on the CPU), dropping windows
-of cancelled or expired requests before compute, and reassembling per-request results with `clf.aggregate`.
+engine's planner (`model.planner.next_batch`: the most urgent window plus its nearest neighbours in length
+under the token budget, urgency being `model.planner.due`: earliest deadline first, a deadline counting at
+most `deadline_horizon_ms` after the call was queued and a call without one exactly that, so a prompt with a
+short deadline is not stuck behind an earlier bulk call, and no call starves; an idle device waits at most
+`max_wait_ms` for a fuller batch, and only while other calls are still being tokenized; a busy device lets
+the queue fill meanwhile), the runner thread (`clf.launch`: pack and queue a batch on the device, while the
+former prepares the next), the collector thread (`clf.collect`: wait for a batch's logits and deliver its
+finished requests, so the runner can queue the next batch on the device before the previous one is read
+back: two batches in flight on CUDA, one on the CPU), dropping windows of cancelled or expired requests
+before compute, and reassembling per-request results with `clf.aggregate`.
 
 Threads: the event loop calls `submit`; the former, the runner and (with two batches in flight) the collector
 are daemon threads sharing one condition variable (runner -> collector through a queue); results go back to
@@ -45,7 +48,7 @@ from model.errors import (
     UnavailableError,
     device_failed,
 )
-from model.planner import next_batch
+from model.planner import due, next_batch
 from model.runner import Launched
 from model.threads import name_os_thread
 from service.deadlines import deadline_passed
@@ -164,6 +167,7 @@ class _Window:
     index: int
     ids: list[int]
     enqueued: float
+    priority: float  # `model.planner.due`: the former takes the smallest first
 
 
 class Scheduler:
@@ -172,6 +176,7 @@ class Scheduler:
         clf: Classifier,
         *,
         max_wait_ms: float = 2.0,
+        deadline_horizon_ms: float = 10_000.0,
         max_queue_tokens: int | None = None,
         max_queue_items: int = 4096,
         max_text_chars: int | None = None,
@@ -190,6 +195,7 @@ class Scheduler:
         self.on_device_failure = on_device_failure
         self.device_error: BaseException | None = None  # set once the device failed for good
         self.max_wait_s = max_wait_ms / 1000.0
+        self.deadline_horizon_s = deadline_horizon_ms / 1000.0
         self.max_batch_tokens = clf.limits.max_batch_tokens
         self.max_batch_sequences = clf.limits.max_batch_sequences
         largest = clf.most_tokens(max_text_chars) if max_text_chars else 0  # one item, at worst
@@ -421,9 +427,10 @@ class Scheduler:
             for i, enc in enumerate(req.encoded):
                 if not enc.windows:
                     raise InvalidInputError("produced no tokens", index=i, field="text")
+            priority = due(now, req.deadline, self.deadline_horizon_s)
             for i, enc in enumerate(req.encoded):
                 for k, ids in enumerate(enc.windows):
-                    self._pending.append(_Window(req, i, k, ids, now))
+                    self._pending.append(_Window(req, i, k, ids, now, priority))
             self._queued_tokens += tokens
             self._pending_tokens += tokens
             self._tokenizing -= admission.items
@@ -536,7 +543,11 @@ class Scheduler:
     def _form_locked(self) -> None:
         pending = self._pending
         chosen = next_batch(
-            [len(w.ids) for w in pending], self.max_batch_tokens, self.max_batch_sequences, padded=self.padded
+            [len(w.ids) for w in pending],
+            self.max_batch_tokens,
+            self.max_batch_sequences,
+            padded=self.padded,
+            priorities=[w.priority for w in pending],
         )
         picked = set(chosen)
         self._slot = [pending[i] for i in chosen]

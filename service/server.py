@@ -173,6 +173,7 @@ class SafetyServer:
         self.scheduler = Scheduler(
             clf,
             max_wait_ms=s.max_wait_ms,
+            deadline_horizon_ms=s.deadline_horizon_ms,
             max_queue_tokens=s.max_queue_tokens,
             max_queue_items=s.max_queue_items,
             max_text_chars=s.max_text_chars,
