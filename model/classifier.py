@@ -29,9 +29,12 @@ from model.loading import LoadReport, load_model
 from model.runner import Launched, Runner, resolve_device, resolve_dtype
 from model.threads import name_os_thread
 from model.tokenizer import TextTokenizer
-from model.windows import keep_end, split_windows
+from model.windows import keep_end, split_windows, window_tokens
 
 DEFAULT_DIR = Path(__file__).parent / "default"
+# The most tokens a character can make: byte-level BPE (ModernBERT's tokenizer) starts from one token per
+# UTF-8 byte and only merges, and a character takes at most 4 bytes (emoji, rare CJK): `most_tokens`.
+MAX_TOKENS_PER_CHAR = 4
 VERSION = "0.1.0"
 
 
@@ -230,6 +233,19 @@ class Classifier:
             spans = [tokens.span(a, b) for a, b in ranges] if ids else [(0, len(item.text))]
             out.append(Encoded(id=item.id, windows=windows, spans=spans, tokens=len(ids)))
         return out
+
+    def most_tokens(self, max_chars: int) -> int:
+        """The most tokens, in windows (special tokens and the repeated context included), that one item can
+        make whose text and context have at most `max_chars` characters each, at MAX_TOKENS_PER_CHAR tokens
+        a character: a response whose context keeps its `max_context_tokens` in every window, or a prompt,
+        whichever makes more. (A tokenizer whose normalizer expands characters could exceed it.)"""
+        lim, tpl = self.limits, self.tokenizer.template
+        content = MAX_TOKENS_PER_CHAR * max_chars
+        context = min(content, lim.max_context_tokens)
+        single, pair = tpl.single_extra, tpl.pair_extra + context
+        prompt = window_tokens(content, lim.max_tokens - single, lim.window_overlap, single)
+        response = window_tokens(content, lim.max_tokens - pair, lim.window_overlap, pair)
+        return max(prompt, response)
 
     def plan(self, lengths: Sequence[int], priorities: Sequence[float] | None = None) -> list[list[int]]:
         lim = self.limits

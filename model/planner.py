@@ -8,6 +8,8 @@ points:
   * `plan_batches` — a whole known set (offline `classify`, the worker): every index exactly once;
   * `next_batch`   — one batch for a dynamic scheduler: the most urgent entry plus its nearest neighbours
                      in length, so deadlines and arrival order are honoured without losing bucketing;
+  * `due`          — an entry's urgency for `next_batch`: earliest deadline first, where no deadline counts
+                     as later than `horizon` after arrival, so entries without one cannot starve;
   * `chunk_end`    — where the next chunk of a large offline set ends (consecutive items reaching a size), so
                      the next chunk can be tokenized while the device runs this one.
 """
@@ -123,6 +125,18 @@ def next_batch(
         total += n
         longest = max(longest, n)
     return sorted(order[lo:hi], key=lambda i: (lengths[i], i))
+
+
+def due(arrived: float, deadline: float | None, horizon: float) -> float:
+    """An entry's priority for `next_batch` (smaller: sooner): its deadline, but no later than `horizon` after
+    it `arrived`, and exactly that when it has none. Earliest deadline first, with an implicit deadline for
+    every entry: a call with a near deadline goes before earlier calls without one, and none starves, since
+    once an entry's horizon has passed, everything that arrives later has a later priority (its deadline
+    has not passed, or it would have been dropped; its horizon lies ahead), so only entries queued before
+    can still go first. Calls whose deadlines are `horizon` or more away are served in arrival order among
+    themselves and with calls without one. `horizon` 0: arrival order for all."""
+    latest = arrived + horizon
+    return latest if deadline is None else min(deadline, latest)
 
 
 def chunk_end(sizes: Sequence[float], start: int, target: float) -> int:

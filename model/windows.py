@@ -1,9 +1,9 @@
 """Long inputs: overlapping token windows, and the context cut. Pure list arithmetic, no torch.
 
 Owns: how a text longer than the model's limit is split into windows of at most `size` content tokens that
-overlap by exactly `overlap` tokens (the last window may be shorter), and how a response's context is cut from
-its start so its end — the part nearest the response — is kept. Nothing is ever silently dropped: every
-content token lies in at least one window.
+overlap by exactly `overlap` tokens (the last window may be shorter), how many tokens those windows hold in
+all (`window_tokens`), and how a response's context is cut from its start so its end — the part nearest the
+response — is kept. Nothing is ever silently dropped: every content token lies in at least one window.
 """
 
 from __future__ import annotations
@@ -26,6 +26,18 @@ def split_windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int
         if end == n_tokens:
             return windows
         start += stride
+
+
+def window_tokens(n_tokens: int, size: int, overlap: int, extra: int) -> int:
+    """Tokens in the windows `split_windows(n_tokens, size, overlap)` makes when each also carries `extra`
+    tokens (special tokens, a context): every content token once, each overlap once more, `extra` per
+    window. Arithmetic only (no list of windows)."""
+    if size <= 0:
+        raise ValueError(f"window size must be positive, got {size}")
+    if not 0 <= overlap < size:
+        raise ValueError(f"window overlap must be in [0, {size}), got {overlap}")
+    windows = 1 if n_tokens <= size else 1 + -(-(n_tokens - size) // (size - overlap))
+    return n_tokens + (windows - 1) * overlap + windows * extra
 
 
 def keep_end(ids: list[int], limit: int) -> list[int]:

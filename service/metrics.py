@@ -119,10 +119,26 @@ class Metrics:
         self.batch_tokens = Histogram(
             "safety_batch_tokens", "tokens per batch", buckets=TOKEN_BUCKETS, registry=r
         )
+        # What admission compares with its bounds, and the bounds (the alert on the queue takes the ratio).
         self.queue_items = Gauge(
             "safety_queue_items", "items queued (tokenizing or waiting for a batch)", registry=r
         )
-        self.queue_tokens = Gauge("safety_queue_tokens", "tokens waiting for a batch", registry=r)
+        self.queue_tokens = Gauge(
+            "safety_queue_tokens",
+            "tokens queued: waiting for a batch, or of calls being tokenized (the part not tokenized yet "
+            "estimated from its characters)",
+            registry=r,
+        )
+        self.queue_max_items = Gauge(
+            "safety_queue_max_items",
+            "admission bound on safety_queue_items (SAFETY_MAX_QUEUE_ITEMS)",
+            registry=r,
+        )
+        self.queue_max_tokens = Gauge(
+            "safety_queue_max_tokens",
+            "admission bound on safety_queue_tokens (SAFETY_MAX_QUEUE_TOKENS, or its default)",
+            registry=r,
+        )
         self.queue_seconds = Histogram(
             "safety_queue_wait_seconds",
             "time a window waits from enqueue to its batch starting",
@@ -177,6 +193,10 @@ class Metrics:
         self.build.labels(version=package_version(), model=model, device=device, dtype=dtype).set(1)
 
     # ---- SchedulerMetrics -------------------------------------------------------------------------------
+    def queue_bounds(self, items: int, tokens: int) -> None:
+        self.queue_max_items.set(items)
+        self.queue_max_tokens.set(tokens)
+
     def queue_depth(self, items: int, tokens: int) -> None:
         self.queue_items.set(items)
         self.queue_tokens.set(tokens)

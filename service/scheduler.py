@@ -2,16 +2,20 @@
 
 Owns: admission (bounds on queued items and tokens -> `OverloadedError` at once, whose `retry_after_ms` is
 the time the device needs to free room for the call at its recent seconds per token; the tokens of calls
-still being tokenized count, estimated from their characters), tokenization off the event loop (a thread pool
-running `clf.encode` on pieces of a call's items, which stops between pieces when the caller is gone, the
+still being tokenized count: estimated from their characters at the recent tokens per character, then
+corrected piece by piece to their real count), tokenization off the event loop (a thread pool running
+`clf.encode` on pieces of a call's items, which stops between pieces when the caller is gone, the
 server closes, or the call has passed the whole queue bound), the pending queue, batch formation with the
-engine's planner (`model.planner.next_batch`: the oldest window plus its nearest neighbours in length under
-the token budget; an idle device waits at most `max_wait_ms` for a fuller batch, and only while other calls
-are still being tokenized; a busy device lets the queue fill meanwhile), the runner thread (`clf.launch`: pack
-and queue a batch on the device, while the former prepares the next), the collector thread (`clf.collect`:
-wait for a batch's logits and deliver its finished requests, so the runner can queue the next batch on the
-device before the previous one is read back: two batches in flight on CUDA, one on the CPU), dropping windows
-of cancelled or expired requests before compute, and reassembling per-request results with `clf.aggregate`.
+engine's planner (`model.planner.next_batch`: the most urgent window plus its nearest neighbours in length
+under the token budget, urgency being `model.planner.due`: earliest deadline first, a deadline counting at
+most `deadline_horizon_ms` after the call was queued and a call without one exactly that, so a prompt with a
+short deadline is not stuck behind an earlier bulk call, and no call starves; an idle device waits at most
+`max_wait_ms` for a fuller batch, and only while other calls are still being tokenized; a busy device lets
+the queue fill meanwhile), the runner thread (`clf.launch`: pack and queue a batch on the device, while the
+former prepares the next), the collector thread (`clf.collect`: wait for a batch's logits and deliver its
+finished requests, so the runner can queue the next batch on the device before the previous one is read
+back: two batches in flight on CUDA, one on the CPU), dropping windows of cancelled or expired requests
+before compute, and reassembling per-request results with `clf.aggregate`.
 
 Threads: the event loop calls `submit`; the former, the runner and (with two batches in flight) the collector
 are daemon threads sharing one condition variable (runner -> collector through a queue); results go back to
@@ -44,7 +48,7 @@ from model.errors import (
     UnavailableError,
     device_failed,
 )
-from model.planner import next_batch
+from model.planner import due, next_batch
 from model.runner import Launched
 from model.threads import name_os_thread
 from service.deadlines import deadline_passed
@@ -52,7 +56,16 @@ from service.deadlines import deadline_passed
 log = logging.getLogger("safety.service.scheduler")
 
 PIECE_CHARS = 262_144  # tokenized at a time (~0.1 s on one core): how soon a stop or the bound is seen
-TOKENS_PER_CHAR = 0.25  # the admission estimate until real calls have measured this tokenizer's ratio
+# Admission estimates a call being tokenized at `chars x ratio` tokens. The ratio starts at TOKENS_PER_CHAR
+# and then follows the window tokens per character of the calls tokenized since: a moving average over calls
+# in which a call's weight grows with its characters up to RATIO_WEIGHT at RATIO_CHARS. So no single call,
+# however large or unusual (90,000 CJK characters at ~3.4 tokens each, against ~0.25 for English), moves the
+# ratio more than RATIO_WEIGHT of the way, and each later call of RATIO_CHARS or more takes back RATIO_WEIGHT
+# of what is left (0.8^20: ~1% after twenty); short prompts, whose special tokens weigh heavily per
+# character, barely move it. The cumulative ratio used before let one such call inflate every later estimate
+# for the process's life. Once a call's first pieces are tokenized, its own ratio estimates its rest.
+TOKENS_PER_CHAR = 0.25  # the ratio before any call has been tokenized
+RATIO_WEIGHT, RATIO_CHARS = 0.2, 4096
 # An OverloadedError's retry hint (the front end sends it on): the time the device needs to free room for the
 # refused call at its recent rate, within these bounds (a retry sooner than 50 ms finds the same queue; one
 # later than 5 s had better go elsewhere), and 100 ms before any batch has measured the rate.
@@ -72,6 +85,7 @@ class _Stopped(Exception):
 
 
 class SchedulerMetrics(Protocol):
+    def queue_bounds(self, items: int, tokens: int) -> None: ...
     def queue_depth(self, items: int, tokens: int) -> None: ...
     def tokenized(self, seconds: float) -> None: ...
     def batch(
@@ -81,6 +95,9 @@ class SchedulerMetrics(Protocol):
 
 
 class _NoMetrics:
+    def queue_bounds(self, items: int, tokens: int) -> None:
+        pass
+
     def queue_depth(self, items: int, tokens: int) -> None:
         pass
 
@@ -121,6 +138,17 @@ class _Request:
 
 
 @dataclass(eq=False)
+class _Admission:
+    """What an admitted call holds from admission until its windows join the queue or it fails: `items`, and
+    `reserved`, the tokens admission counts for it meanwhile: an estimate from its characters, then, as its
+    pieces are tokenized, their real tokens plus an estimate of the rest. Changed under the scheduler's
+    lock."""
+
+    items: int
+    reserved: int
+
+
+@dataclass(eq=False)
 class _Launched:
     """A batch handed to the device by the runner and read back by the collector."""
 
@@ -139,6 +167,7 @@ class _Window:
     index: int
     ids: list[int]
     enqueued: float
+    priority: float  # `model.planner.due`: the former takes the smallest first
 
 
 class Scheduler:
@@ -147,23 +176,39 @@ class Scheduler:
         clf: Classifier,
         *,
         max_wait_ms: float = 2.0,
+        deadline_horizon_ms: float = 10_000.0,
         max_queue_tokens: int | None = None,
         max_queue_items: int = 4096,
+        max_text_chars: int | None = None,
         encode_threads: int = 2,
         metrics: SchedulerMetrics | None = None,
         in_flight: int | None = None,
         on_device_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
-        """`on_device_failure(exc)`: called once, from a scheduler thread, when a batch fails with an error
+        """`max_queue_tokens` unset: 32 x max_batch_tokens, and at least what one item within
+        `max_text_chars` characters (the front end's limit, when it has one) can make at worst
+        (`clf.most_tokens`), so that no text the front end accepts is larger than the whole queue.
+        `on_device_failure(exc)`: called once, from a scheduler thread, when a batch fails with an error
         that broke the device for good (`model.errors.device_failed`); by then every queued call has failed
         with UnavailableError and no new one is admitted."""
         self.clf = clf
         self.on_device_failure = on_device_failure
         self.device_error: BaseException | None = None  # set once the device failed for good
         self.max_wait_s = max_wait_ms / 1000.0
+        self.deadline_horizon_s = deadline_horizon_ms / 1000.0
         self.max_batch_tokens = clf.limits.max_batch_tokens
         self.max_batch_sequences = clf.limits.max_batch_sequences
-        self.max_queue_tokens = max_queue_tokens or 32 * self.max_batch_tokens
+        largest = clf.most_tokens(max_text_chars) if max_text_chars else 0  # one item, at worst
+        self.max_queue_tokens = max_queue_tokens or max(32 * self.max_batch_tokens, largest)
+        if self.max_queue_tokens < largest:
+            log.warning(
+                "SAFETY_MAX_QUEUE_TOKENS %d is below the %d tokens one item of SAFETY_MAX_TEXT_CHARS=%d "
+                "characters can make at worst (4 tokens a character, in windows): such an item is refused "
+                "with INVALID_ARGUMENT (items[i].text) although within the character limit",
+                self.max_queue_tokens,
+                largest,
+                max_text_chars,
+            )
         self.max_queue_items = max_queue_items
         self.padded = clf.padded
         self.metrics: SchedulerMetrics = metrics or _NoMetrics()
@@ -175,8 +220,8 @@ class Scheduler:
         self._slot: list[_Window] | None = None  # the next batch, formed while the runner computes
         self._queued_items = 0  # admitted items not yet handed to the runner (tokenizing included)
         self._tokenizing = 0  # admitted items still being tokenized: they will join the queue shortly
-        self._reserved_tokens = 0  # estimated tokens of the calls being tokenized (admission counts them)
-        self._seen = [0, 0]  # characters and tokens tokenized so far: this tokenizer's ratio
+        self._reserved_tokens = 0  # tokens of calls being tokenized (partly estimated): admission counts them
+        self._ratio = TOKENS_PER_CHAR  # window tokens per character of recent calls (moving average)
         self._seconds_per_token: float | None = None  # of recent batches (moving average): the drain rate
         # Heap of (deadline, tie-breaker, weak reference to the request): finished requests are not kept.
         self._deadlines: list[tuple[float, int, weakref.ref[_Request]]] = []
@@ -207,6 +252,7 @@ class Scheduler:
             )
         for t in self._threads:
             t.start()
+        self.metrics.queue_bounds(self.max_queue_items, self.max_queue_tokens)
 
     # ---- event-loop side ------------------------------------------------------------------------------
     async def submit(
@@ -220,10 +266,10 @@ class Scheduler:
         if not n:
             return Outcome([], 0.0, 0.0, 0.0)
         chars = [len(it.text) + len(it.context or "") for it in items]
-        estimate = self._admit_items(n, sum(chars))
+        admission = self._admit_items(n, sum(chars))
         loop = asyncio.get_running_loop()
         stop = threading.Event()
-        job = self._pool.submit(self._encode, list(items), chars, stop)
+        job = self._pool.submit(self._encode, list(items), chars, stop, admission)
         try:
             start = time.perf_counter()
             encoded, tokens = await asyncio.wrap_future(job)
@@ -240,11 +286,11 @@ class Scheduler:
                 remaining=sum(len(e.windows) for e in encoded),
                 queued_windows=[len(e.windows) for e in encoded],
             )
-            self._enqueue(req, tokens, estimate)
+            self._enqueue(req, tokens, admission)
         except BaseException:
             # a piece being tokenized still holds its admission: released when it ends (at once when none)
             stop.set()
-            job.add_done_callback(lambda _: self._release_items(n, estimate))
+            job.add_done_callback(lambda _: self._release(admission))
             raise
         try:
             return await req.future
@@ -254,9 +300,10 @@ class Scheduler:
             )
             raise
 
-    def _admit_items(self, n: int, chars: int) -> int:
-        """Admit `n` items of `chars` characters, or refuse at once; returns the tokens reserved for them
-        until they are tokenized (an estimate from this tokenizer's characters per token so far)."""
+    def _admit_items(self, n: int, chars: int) -> _Admission:
+        """Admit `n` items of `chars` characters, or refuse at once; the admission holds the items and the
+        tokens reserved for them until they are queued (first an estimate at the recent tokens per
+        character, `self._ratio`)."""
         if n > self.max_queue_items:
             raise InvalidInputError(
                 f"{n} items, more than the server's whole queue bound of {self.max_queue_items} "
@@ -277,16 +324,18 @@ class Scheduler:
                     f"{self.max_queue_tokens} tokens); retry with backoff",
                     retry_after_ms=self._retry_ms_locked(over),
                 )
-            seen_chars, seen_tokens = self._seen
-            estimate = round(chars * (seen_tokens / seen_chars if seen_chars else TOKENS_PER_CHAR))
-            # a call estimated past the whole bound is most likely refused after its first pieces: it must
-            # not shut every other call out meanwhile
-            estimate = min(estimate, self.max_queue_tokens // 4)
+            admission = _Admission(n, self._estimate(chars, self._ratio))
             self._queued_items += n
             self._tokenizing += n
-            self._reserved_tokens += estimate
+            self._reserved_tokens += admission.reserved
             self._report_depth_locked()
-            return estimate
+            return admission
+
+    def _estimate(self, chars: int, ratio: float) -> int:
+        """Tokens estimated for `chars` characters not tokenized yet, at `ratio` tokens per character. At
+        most a quarter of the bound: a call estimated past the whole bound is most likely refused after its
+        first pieces, and must not shut every other call out meanwhile."""
+        return min(round(chars * ratio), self.max_queue_tokens // 4)
 
     def _retry_ms_locked(self, over_tokens: float) -> int:
         """The retry hint of a refusal: how long the device needs to run the `over_tokens` that must leave the
@@ -297,22 +346,26 @@ class Scheduler:
         ms = 1000 * self._seconds_per_token * over_tokens
         return int(min(RETRY_MAX_MS, max(RETRY_MIN_MS, ms)))
 
-    def _release_items(self, n: int, reserved: int) -> None:
+    def _release(self, admission: _Admission) -> None:
+        """A call admitted but not queued is gone: its items and reserved tokens no longer count."""
         with self._cond:
-            self._queued_items -= n
-            self._tokenizing -= n
-            self._reserved_tokens -= reserved
+            self._queued_items -= admission.items
+            self._tokenizing -= admission.items
+            self._reserved_tokens -= admission.reserved
             self._report_depth_locked()
             self._cond.notify_all()
 
     def _encode(
-        self, items: list[Item], chars: list[int], stop: threading.Event
+        self, items: list[Item], chars: list[int], stop: threading.Event, admission: _Admission
     ) -> tuple[list[Encoded], int]:
         """(the call's windows, their tokens): `clf.encode` on a piece of at most PIECE_CHARS characters at a
         time (a longer item alone), in an encode thread; between pieces, stop when the caller is gone or the
-        server closes, and refuse a call already past the whole queue bound instead of tokenizing the rest."""
+        server closes, and refuse a call already past the whole queue bound instead of tokenizing the rest.
+        After each piece, the call's reservation becomes its real tokens so far plus its other characters at
+        its own tokens per character so far: it converges to the real count as the pieces go."""
         out: list[Encoded] = []
-        tokens = start = 0
+        tokens = start = done_chars = 0
+        total_chars = sum(chars)
         while start < len(items):
             end, size = start + 1, chars[start]
             while end < len(items) and size + chars[end] <= PIECE_CHARS:
@@ -324,7 +377,17 @@ class Scheduler:
                 raise self.refusal()
             piece = self.clf.encode(items[start:end])
             out += piece
-            tokens += sum(len(w) for e in piece for w in e.windows)
+            for i, enc in enumerate(piece, start):
+                made = sum(len(w) for w in enc.windows)
+                if made > self.max_queue_tokens:  # this item alone: say which, and what it made
+                    raise InvalidInputError(
+                        f"makes {made} tokens ({len(enc.windows)} windows), more than the server's whole "
+                        f"queue bound of {self.max_queue_tokens} (SAFETY_MAX_QUEUE_TOKENS); send a shorter "
+                        "text, or use a batch job",
+                        index=i,
+                        field="text",
+                    )
+                tokens += made
             if tokens > self.max_queue_tokens:
                 raise InvalidInputError(
                     f"the request has more than {tokens} tokens (its first {end} items), more than the "
@@ -333,13 +396,21 @@ class Scheduler:
                     field="items",
                 )
             start = end
-        with self._cond:  # this tokenizer's characters per token, for the next estimates
-            self._seen[0] += sum(chars)
-            self._seen[1] += tokens
+            done_chars += size
+            with self._cond:
+                own = tokens / done_chars if done_chars else self._ratio  # this call's ratio so far
+                reserved = tokens + self._estimate(total_chars - done_chars, own)
+                self._reserved_tokens += reserved - admission.reserved
+                admission.reserved = reserved
+                self._report_depth_locked()
+        if total_chars:
+            with self._cond:  # the moving ratio, for the next estimates (see RATIO_WEIGHT)
+                weight = RATIO_WEIGHT * min(1.0, total_chars / RATIO_CHARS)
+                self._ratio += weight * (tokens / total_chars - self._ratio)
         return out, tokens
 
-    def _enqueue(self, req: _Request, tokens: int, reserved: int) -> None:
-        """Queue the windows of a tokenized call (`tokens` in all), which held `reserved` estimated tokens."""
+    def _enqueue(self, req: _Request, tokens: int, admission: _Admission) -> None:
+        """Queue the windows of a tokenized call (`tokens` in all), which held `admission` until now."""
         now = time.monotonic()
         if req.deadline is not None and now >= req.deadline:
             raise DeadlineExceededError("deadline passed during tokenization")
@@ -356,13 +427,14 @@ class Scheduler:
             for i, enc in enumerate(req.encoded):
                 if not enc.windows:
                     raise InvalidInputError("produced no tokens", index=i, field="text")
+            priority = due(now, req.deadline, self.deadline_horizon_s)
             for i, enc in enumerate(req.encoded):
                 for k, ids in enumerate(enc.windows):
-                    self._pending.append(_Window(req, i, k, ids, now))
+                    self._pending.append(_Window(req, i, k, ids, now, priority))
             self._queued_tokens += tokens
             self._pending_tokens += tokens
-            self._tokenizing -= len(req.encoded)
-            self._reserved_tokens -= reserved
+            self._tokenizing -= admission.items
+            self._reserved_tokens -= admission.reserved
             if req.deadline is not None:
                 self._sequence += 1
                 heapq.heappush(self._deadlines, (req.deadline, self._sequence, weakref.ref(req)))
@@ -409,7 +481,9 @@ class Scheduler:
         self._report_depth_locked()
 
     def _report_depth_locked(self) -> None:
-        self.metrics.queue_depth(self._queued_items, self._queued_tokens)
+        """What admission compares with its bounds: the items admitted and not yet handed to the runner
+        (being tokenized included), and their tokens (those being tokenized partly estimated)."""
+        self.metrics.queue_depth(self._queued_items, self._queued_tokens + self._reserved_tokens)
 
     def _expire_locked(self, now: float) -> None:
         """Fail requests whose deadline has passed and drop their queued windows (a heap: O(log n) when
@@ -469,7 +543,11 @@ class Scheduler:
     def _form_locked(self) -> None:
         pending = self._pending
         chosen = next_batch(
-            [len(w.ids) for w in pending], self.max_batch_tokens, self.max_batch_sequences, padded=self.padded
+            [len(w.ids) for w in pending],
+            self.max_batch_tokens,
+            self.max_batch_sequences,
+            padded=self.padded,
+            priorities=[w.priority for w in pending],
         )
         picked = set(chosen)
         self._slot = [pending[i] for i in chosen]

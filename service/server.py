@@ -278,8 +278,10 @@ class SafetyServer:
         self.scheduler = Scheduler(
             clf,
             max_wait_ms=s.max_wait_ms,
+            deadline_horizon_ms=s.deadline_horizon_ms,
             max_queue_tokens=s.max_queue_tokens,
             max_queue_items=s.max_queue_items,
+            max_text_chars=s.max_text_chars,
             encode_threads=s.encode_threads,
             metrics=self.metrics,
             on_device_failure=lambda exc: loop.call_soon_threadsafe(self._device_broke),
@@ -296,6 +298,7 @@ class SafetyServer:
                 "backend": clf.backend,
                 "labels": clf.labels,
                 "max_batch_tokens": clf.limits.max_batch_tokens,
+                "max_queue_tokens": self.scheduler.max_queue_tokens,
                 "budget": clf.budget_text,
                 "cuda_graphs": clf.graphs_text,
                 "fused_gemm": clf.runner.fused_gemm,

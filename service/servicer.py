@@ -117,6 +117,7 @@ def info_response(clf: Classifier, settings: ServeSettings, scheduler: Scheduler
             max_batch_tokens=lim.max_batch_tokens,
             max_batch_sequences=lim.max_batch_sequences,
             max_wait_ms=settings.max_wait_ms,
+            deadline_horizon_ms=settings.deadline_horizon_ms,
             max_queue_tokens=scheduler.max_queue_tokens,
             max_queue_items=scheduler.max_queue_items,
             max_message_bytes=settings.max_message_bytes,

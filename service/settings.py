@@ -34,11 +34,20 @@ class ServeSettings(EngineSettings):
         float,
         "longest time an idle device waits for calls being tokenized to fill a batch",
     )
+    deadline_horizon_ms: float = setting(
+        10_000.0,
+        "SAFETY_DEADLINE_HORIZON_MS",
+        float,
+        "batches take queued windows earliest deadline first, a deadline counting as at most this long after "
+        "the call was queued and no deadline as exactly that: calls with nearer deadlines go first, yet none "
+        "waits behind later arrivals once this has passed (0: arrival order)",
+    )
     max_queue_tokens: int | None = setting(
         None,
         "SAFETY_MAX_QUEUE_TOKENS",
         opt_int,
-        "admission bound on queued tokens; beyond it RESOURCE_EXHAUSTED (unset: 32 x max batch tokens)",
+        "admission bound on queued tokens; beyond it RESOURCE_EXHAUSTED (unset: 32 x max batch tokens, and "
+        "at least the most tokens one item within the max text chars can make: 4 a character, in windows)",
     )
     max_queue_items: int = setting(
         4096, "SAFETY_MAX_QUEUE_ITEMS", int, "admission bound on queued items (being tokenized or waiting)"
@@ -111,7 +120,7 @@ class ServeSettings(EngineSettings):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise _bad(name, f"must be a positive integer, got {value}")
-        for name in ("max_wait_ms", "drain_grace_s"):
+        for name in ("max_wait_ms", "deadline_horizon_ms", "drain_grace_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):  # nan >= 0 is False, but so is nan < 0
                 raise _bad(name, f"must be a finite number >= 0, got {value}")

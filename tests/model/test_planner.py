@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
-from model.planner import MAX_PADDING, batch_cost, chunk_end, next_batch, plan_batches
+from model.planner import MAX_PADDING, batch_cost, chunk_end, due, next_batch, plan_batches
 
 
 def traffic_lengths(n: int, seed: int = 0) -> list[int]:
@@ -93,6 +94,48 @@ def test_next_batch_respects_budgets_and_drains_everything(padded: bool) -> None
         seen.extend(chosen)
         pending = [p for k, p in enumerate(pending) if k not in set(pick)]
     assert sorted(seen) == list(range(len(lengths)))
+
+
+def test_due_is_the_deadline_but_no_later_than_the_horizon_after_arrival() -> None:
+    assert due(arrived=100.0, deadline=100.25, horizon=10.0) == 100.25
+    assert due(arrived=100.0, deadline=None, horizon=10.0) == 110.0
+    assert due(arrived=100.0, deadline=300.0, horizon=10.0) == 110.0  # a far deadline counts as none
+    assert due(arrived=100.0, deadline=None, horizon=0.0) == due(100.0, 100.5, 0.0) == 100.0  # arrival order
+
+
+def test_a_near_deadline_goes_before_an_earlier_entry_without_one() -> None:
+    """A gateway prompt (0.25 s deadline) arriving while a bulk call (no deadline) is queued: earliest
+    deadline first anchors the batch on the prompt; horizon 0 is first come, first served."""
+    lengths = [1000, 1000, 1000, 4]  # three windows of a bulk call, then a prompt, one per batch
+    arrived, deadlines = [0.0, 0.0, 0.0, 1.0], [None, None, None, 1.25]
+    for horizon, first in ((10.0, 3), (0.0, 0)):
+        priorities = [due(a, d, horizon) for a, d in zip(arrived, deadlines, strict=True)]
+        assert next_batch(lengths, 1000, 1, priorities=priorities) == [first]
+
+
+@pytest.mark.parametrize("horizon", [1.0, 3.0])
+def test_an_entry_without_a_deadline_runs_once_its_horizon_passes_while_urgent_ones_keep_coming(
+    horizon: float,
+) -> None:
+    """A bulk window arrives at 0; from then on an urgent entry (0.25 s deadline) arrives every 0.1 s and
+    one batch of one entry runs every 0.1 s, so there is always an urgent entry queued. The bulk window
+    runs by the time its horizon passes; with no horizon (a plain earliest deadline first) it never would."""
+
+    def bulk_runs_at(horizon: float, steps: int = 200) -> float | None:
+        pending = [(0.0, None, "bulk")]  # (arrived, deadline, name)
+        for step in range(steps):
+            now = step / 10
+            pending.append((now, now + 0.25, f"urgent {step}"))
+            pending = [p for p in pending if p[1] is None or p[1] > now]  # expired ones are dropped
+            priorities = [due(a, d, horizon) for a, d, _ in pending]
+            (pick,) = next_batch([10] * len(pending), 100, 1, priorities=priorities)
+            if pending.pop(pick)[2] == "bulk":
+                return now
+        return None
+
+    ran = bulk_runs_at(horizon)
+    assert ran is not None and horizon - 0.25 <= ran <= horizon
+    assert bulk_runs_at(math.inf) is None
 
 
 def test_chunk_end_takes_the_fewest_items_reaching_the_target() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model import Encoded, Item, load_classifier
-from model.windows import keep_end, split_windows
+from model.windows import keep_end, split_windows, window_tokens
 
 
 @pytest.mark.parametrize("size", [1, 2, 5, 16, 100])
@@ -27,6 +27,31 @@ def test_windows_cover_every_token_with_exact_overlap(size: int) -> None:
             for (_, b1), (a2, _) in itertools.pairwise(ws):
                 assert b1 - a2 == overlap  # consecutive windows share exactly `overlap` tokens
             assert ws[-1][1] == n
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 16])
+def test_window_tokens_counts_the_windows_split_windows_makes(size: int) -> None:
+    for overlap in range(size):
+        for n in range(0, 6 * size + 3):
+            for extra in (0, 2, 7):
+                want = sum(b - a + extra for a, b in split_windows(n, size, overlap))
+                assert window_tokens(n, size, overlap, extra) == want, (n, size, overlap, extra)
+    with pytest.raises(ValueError, match="overlap"):
+        window_tokens(10, 4, 4, 0)
+
+
+def test_most_tokens_is_what_the_worst_text_makes(short_clf) -> None:
+    """Emoji are 4 UTF-8 bytes each, and the test tokenizer learned no merge for them: a token per byte, the
+    most a byte-level BPE makes. As a prompt, and as a response whose context (of emoji too) fills its share
+    of every window; other texts make fewer."""
+    for chars in (1, 9, 10, 11, 100, 1000):
+        worst = "\U0001f600" * chars
+        items = [Item(text=worst), Item(text=worst, role="response", context=worst)]
+        made = [sum(len(w) for w in e.windows) for e in short_clf.encode(items)]
+        assert short_clf.most_tokens(chars) == max(made), chars
+        for text in ("a" * chars, "漢" * chars, "the quick brown fox "[:chars]):
+            (e,) = short_clf.encode([Item(text=text, role="response", context=worst)])
+            assert sum(len(w) for w in e.windows) <= short_clf.most_tokens(chars)
 
 
 def test_window_argument_errors() -> None:

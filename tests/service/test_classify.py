@@ -91,6 +91,7 @@ def test_info(stub: Any, server: Any, tiny_classifier: Any) -> None:
     assert info.limits.max_tokens == tiny_classifier.limits.max_tokens
     assert info.limits.max_batch_tokens == tiny_classifier.limits.max_batch_tokens
     assert info.limits.max_queue_tokens == server.scheduler.max_queue_tokens
+    assert info.limits.deadline_horizon_ms == server.settings.deadline_horizon_ms == 10_000
     assert info.device == "cpu" and info.backend == tiny_classifier.backend
     assert info.multi_label and info.version
     # the engine's state, as the startup log says it

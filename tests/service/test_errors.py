@@ -83,14 +83,44 @@ def test_valid_request_at_the_limits_passes(limited_stub: Any) -> None:
     assert len(response.results) == MAX_ITEMS
 
 
-def test_request_larger_than_the_whole_queue_is_invalid(start_server: Any, stub_for: Any) -> None:
-    app = start_server(max_queue_tokens=2048)
-    err = call_error(stub_for(app), request("a b c d e f g h " * 600))
+@pytest.fixture(scope="module")
+def small_token_bound(start_server: Any) -> Any:
+    return start_server(max_queue_tokens=2048)
+
+
+def test_request_larger_than_the_whole_queue_is_invalid(
+    small_token_bound: Any, stub_for: Any, tiny_classifier: Any
+) -> None:
+    from model import Item
+
+    text = "a b c d e f g h " * 100
+    (enc,) = tiny_classifier.encode([Item(text=text)])
+    tokens = sum(len(w) for w in enc.windows)
+    assert tokens < 2048
+    err = call_error(stub_for(small_token_bound), request(*[text] * (2048 // tokens + 1)))
     assert err.code() == INVALID
     assert (
-        err.details().startswith("items: ")
+        err.details().startswith("items: the request has more than ")
         and "queue bound of 2048 (SAFETY_MAX_QUEUE_TOKENS)" in err.details()
     )
+
+
+def test_a_text_larger_than_the_whole_queue_is_invalid_naming_it_and_its_tokens(
+    small_token_bound: Any, stub_for: Any, tiny_classifier: Any
+) -> None:
+    """The item that alone passes the bound is named, with the tokens it made (the request as a whole was,
+    and neither the item nor its count could be told from the message)."""
+    from model import Item
+
+    text = "a b c d e f g h " * 600
+    (enc,) = tiny_classifier.encode([Item(text=text)])
+    tokens = sum(len(w) for w in enc.windows)
+    err = call_error(stub_for(small_token_bound), request("short", text))
+    assert err.code() == INVALID
+    assert err.details().startswith(
+        f"items[1].text: makes {tokens} tokens ({len(enc.windows)} windows), more than the server's whole "
+        "queue bound of 2048 (SAFETY_MAX_QUEUE_TOKENS)"
+    ), err.details()
 
 
 def test_request_with_more_items_than_the_queue_holds_is_invalid(start_server: Any, stub_for: Any) -> None:
@@ -222,3 +252,24 @@ def test_a_request_that_does_not_parse_is_invalid_argument_and_counted(start_ser
         "safety_requests_total", {"method": "Classify", "code": "INVALID_ARGUMENT"}
     )
     assert counted == 1
+
+
+def test_any_text_within_max_text_chars_fits_the_default_token_bound(
+    start_server: Any, stub_for: Any, tiny_model_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The docs promise texts up to limits.max_text_chars; the default queue bound (32 x max_batch_tokens)
+    was smaller than what such a text of emoji (4 tokens a character) makes, and refused it INVALID_ARGUMENT.
+    The default is now at least that worst case. A bound set below it is kept, with a start-up warning."""
+    from model import load_classifier
+
+    clf = load_classifier(tiny_model_dir, device="cpu", max_batch_tokens=1024)  # 32 x 1024 = 32,768
+    chars = 10_000
+    app = start_server(classifier=clf, max_text_chars=chars)
+    bound = stub_for(app).Info(pb2.InfoRequest(), timeout=10).limits.max_queue_tokens
+    assert bound == clf.most_tokens(chars) > 32 * 1024
+    response = stub_for(app).Classify(request("\U0001f600" * chars), timeout=60)
+    assert response.results[0].windows > 32
+
+    with caplog.at_level(logging.WARNING, logger="safety.service.scheduler"):
+        start_server(classifier=clf, max_text_chars=chars, max_queue_tokens=32 * 1024)
+    assert f"SAFETY_MAX_QUEUE_TOKENS 32768 is below the {bound} tokens" in caplog.text

@@ -334,3 +334,104 @@ def test_close_stops_a_call_being_tokenized_between_pieces(gated: GatedEncode, t
 
     asyncio.run(main())
     assert gated.pieces == [2]
+
+
+def test_the_reservation_of_a_call_becomes_its_real_tokens_piece_by_piece(
+    gated: GatedEncode, tiny_classifier: Any
+) -> None:
+    """Admission counts an estimate for a call not tokenized yet; each tokenized piece replaces its share of
+    the estimate with real tokens, and the call's own ratio so far estimates the rest."""
+    real = sum(len(w) for e in gated.encode_real(ITEMS) for w in e.windows)
+    scheduler = Scheduler(tiny_classifier, encode_threads=1)
+    th = tiny_classifier.resolve_thresholds(None)
+    estimate = round(sum(len(it.text) for it in ITEMS) * 0.25)  # the ratio before any call
+    assert real > 2 * estimate  # "item 00000": about a token per character
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.submit(ITEMS, th))
+        assert await asyncio.to_thread(gated.started.acquire, timeout=10)
+        assert scheduler._reserved_tokens == estimate
+        for _ in range(3):  # three pieces of four tokenized, the fourth waits at the gate
+            gated.gate.release()
+            assert await asyncio.to_thread(gated.started.acquire, timeout=10)
+        assert scheduler._reserved_tokens == real  # six items counted, two estimated at the call's own ratio
+        gated.gate.release()
+        await task
+        assert scheduler._reserved_tokens == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        scheduler.close()
+
+
+def test_one_unusual_call_does_not_inflate_later_estimates_for_long(
+    tiny_classifier: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large CJK call (~3 tokens a character) once made every later estimate of the process's life too
+    large (the ratio was cumulative, weighted by characters): bursts of ordinary calls were then refused as if
+    the queue were full. Twenty ordinary calls after it, the estimate is back near the real count."""
+
+    def tokens(item: Item) -> int:
+        return sum(len(w) for e in tiny_classifier.encode([item]) for w in e.windows)
+
+    cjk = Item(text="漢字の試験。" * 1500)
+    english = Item(text="the quick brown fox jumps over the lazy dog " * 100)
+    real = tokens(english)
+    assert tokens(cjk) / len(cjk.text) > 5 * real / len(english.text)
+    scheduler = Scheduler(tiny_classifier, encode_threads=1)
+    th = tiny_classifier.resolve_thresholds(None)
+
+    async def main() -> None:
+        await scheduler.submit([cjk], th)
+        for _ in range(20):
+            await scheduler.submit([english], th)
+        gate = GatedEncode(tiny_classifier)
+        monkeypatch.setattr(tiny_classifier, "encode", gate)
+        probe = asyncio.create_task(scheduler.submit([english], th))
+        assert await asyncio.to_thread(gate.started.acquire, timeout=10)
+        assert scheduler._reserved_tokens <= 1.1 * real  # the cumulative ratio: 1.5 x
+        gate.gate.release()
+        await probe
+
+    try:
+        asyncio.run(main())
+    finally:
+        scheduler.close()
+
+
+def test_the_queue_gauges_show_what_admission_compares_with_its_bounds(
+    gated: GatedEncode, tiny_classifier: Any
+) -> None:
+    """Calls being tokenized count against the token bound, so the token gauge counts them too (it showed
+    only the tokens already queued: a burst was refused while the gauge and the alert on it saw an idle
+    queue), and the bounds are exported beside the gauges."""
+    from service.metrics import Metrics
+
+    metrics = Metrics()
+    scheduler = Scheduler(tiny_classifier, encode_threads=1, max_queue_tokens=80, metrics=metrics)
+    th = tiny_classifier.resolve_thresholds(None)
+
+    def gauge(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name)
+
+    async def main() -> None:
+        assert gauge("safety_queue_max_items") == 4096 and gauge("safety_queue_max_tokens") == 80
+        burst = [asyncio.create_task(scheduler.submit(ITEMS, th)) for _ in range(4)]
+        assert await asyncio.to_thread(gated.started.acquire, timeout=10)  # one tokenizing, three waiting
+        with pytest.raises(OverloadedError, match=r"0 tokens queued and about 80 being tokenized"):
+            await scheduler.submit([Item(text="refused")], th)
+        assert gauge("safety_queue_tokens") == 80 and gauge("safety_queue_items") == 32
+        for task in burst:
+            task.cancel()
+        for task in burst:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        gated.gate.release()
+        await until(lambda: scheduler.stats()["tokenizing_items"] == 0)
+        assert gauge("safety_queue_tokens") == 0 and gauge("safety_queue_items") == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        scheduler.close()

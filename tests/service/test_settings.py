@@ -27,13 +27,15 @@ def test_defaults() -> None:
     assert s.address == "[::]:50051" and s.metrics_address == "0.0.0.0:9090"
     assert s.max_wait_ms == 2.0 and s.max_items == 256 and s.max_text_chars == 200_000
     assert s.drain_grace_s == 20.0 and s.model is None and s.api_key is None
+    assert s.deadline_horizon_ms == 10_000.0
 
 
 def test_env_then_flags() -> None:
     env = {"SAFETY_MODEL": "/m", "SAFETY_MAX_WAIT_MS": "5", "SAFETY_MAX_BATCH_TOKENS": "4096",
            "SAFETY_METRICS_ADDRESS": "off", "SAFETY_API_KEY": "k", "SAFETY_ADDRESS": ""}  # fmt: skip
-    s = from_args(parse("--max-wait-ms", "1.5", "--max-items", "8"), env)
+    s = from_args(parse("--max-wait-ms", "1.5", "--max-items", "8", "--deadline-horizon-ms", "250"), env)
     assert s.model == "/m" and s.max_batch_tokens == 4096 and s.api_key == "k"
+    assert s.deadline_horizon_ms == 250.0
     assert s.max_wait_ms == 1.5 and s.max_items == 8  # flags win
     assert s.metrics_address is None  # "off"
     assert s.address == "[::]:50051"  # empty variable = unset
@@ -44,6 +46,7 @@ def test_env_then_flags() -> None:
     [
         ({"SAFETY_MAX_ITEMS": "0"}, "SAFETY_MAX_ITEMS"),
         ({"SAFETY_MAX_WAIT_MS": "-1"}, "SAFETY_MAX_WAIT_MS"),
+        ({"SAFETY_DEADLINE_HORIZON_MS": "-1"}, "SAFETY_DEADLINE_HORIZON_MS"),
         ({"SAFETY_MAX_QUEUE_TOKENS": "many"}, "SAFETY_MAX_QUEUE_TOKENS"),
         ({"SAFETY_TLS_CERT": "/c.pem"}, "SAFETY_TLS_CERT"),
         ({"SAFETY_LOG_FORMAT": "xml"}, "SAFETY_LOG_FORMAT"),
@@ -84,7 +87,9 @@ def test_ports_at_the_ends_of_the_range_are_accepted() -> None:
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
-@pytest.mark.parametrize("variable", ["SAFETY_MAX_WAIT_MS", "SAFETY_DRAIN_GRACE_S"])
+@pytest.mark.parametrize(
+    "variable", ["SAFETY_MAX_WAIT_MS", "SAFETY_DEADLINE_HORIZON_MS", "SAFETY_DRAIN_GRACE_S"]
+)
 def test_a_float_setting_must_be_finite(variable: str, value: str) -> None:
     """float() parses 'nan' and 'inf', and nan passes a `< 0` check: a NaN drain grace never ends."""
     with pytest.raises(ValueError, match=f"^{variable}: must be a finite number >= 0, got"):
