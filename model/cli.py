@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-from model.cliargs import add_threshold_option
+from model.cliargs import add_threshold_option, parse_device, parse_dtype
 from model.errors import InvalidInputError, SafetyError
 from model.items import check_item, fields_of
 from model.jsonl import read_jsonl
@@ -73,9 +73,12 @@ def register_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jsonl", default=None, metavar="FILE",
                    help="items as JSON lines {id?, text, role?, context?} ('-' = stdin)")  # fmt: skip
     add_threshold_option(p)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--device", default="auto", type=parse_device, help="auto | cpu | cuda[:N]")
     p.add_argument(
-        "--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 CUDA)"
+        "--dtype",
+        default=None,
+        type=parse_dtype,
+        help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 CUDA)",
     )
     p.add_argument("--max-tokens", type=int, default=None, help="window size in tokens (default: model max)")
     p.add_argument("--remote", default=None, metavar="HOST:PORT", help="classify on a running `safety serve`")
@@ -91,11 +94,21 @@ def register_classify(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=classify_command)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The `safety` parser. Given the command line, only the named command's entry point is loaded: the
     others may import torch (train, eval), which would cost `safety job status` seconds."""
     parser = argparse.ArgumentParser(prog="safety", description="Content-safety classification (ModernBERT).")
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        help="logging level: DEBUG | INFO | WARNING | ERROR | CRITICAL (default WARNING)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_classify(sub)
     commands = sorted(entry_points(group="safety.commands"), key=lambda e: e.name)
@@ -143,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     command = _command(sys.argv[1:] if argv is None else argv) or ""
     try:
         args = build_parser(argv).parse_args(argv)
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return int(args.func(args) or 0)
     except SafetyError as e:
         print(f"safety {command}: {e}", file=sys.stderr)

@@ -2,10 +2,11 @@
 
 Owns: the `SAFETY_*` variables that choose and shape the classifier (model, device, dtype, CPU threads,
 attention kernel, torch.compile, CUDA graphs and their largest bucket, fused GEMM kernels, batch token and
-sequence budgets, the character limit of a text), their defaults, their validation, and `load()`, which
-turns them into a `Classifier` (threads set first, compile decided from the device). `ServeSettings` and
-`WorkerSettings` extend this dataclass, so the two front ends read the same variables the same way. Must
-not know: gRPC, Celery, Redis, the error type a front end raises (a subclass gives `bad()`).
+sequence budgets, the character limit of a text), their defaults, their validation (`device_problem` and
+`dtype_problem` also check the command-line flags of the same name), and `load()`, which turns them into a
+`Classifier` (threads set first, compile decided from the device). `ServeSettings` and `WorkerSettings`
+extend this dataclass, so the two front ends read the same variables the same way. Must not know: gRPC,
+Celery, Redis, the error type a front end raises (a subclass gives `bad()`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ AUTO_ON_OFF = ("auto", "on", "off")  # SAFETY_COMPILE, SAFETY_CUDA_GRAPHS
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what model.runner.resolve_device accepts
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # model.runner.DTYPES, without torch
 SMALLEST_GRAPH = 256  # model.graphs.SMALLEST, restated so that reading settings does not import torch
+
+
+def device_problem(device: str) -> str | None:
+    """What is wrong with a device name (None: nothing), in the words every front end uses: the settings
+    here and the `--device` flag of `safety classify`, `eval` and `train` (model/cliargs.py)."""
+    if DEVICE.fullmatch(device):
+        return None
+    return f"must be auto, cpu, cuda or cuda:N, got {device!r}"
+
+
+def dtype_problem(dtype: str) -> str | None:
+    """What is wrong with a dtype name (None: nothing); as `device_problem`."""
+    if dtype in DTYPES:
+        return None
+    return f"must be float32, bfloat16 or float16 (or fp32, bf16, fp16), got {dtype!r}"
 
 
 @dataclass(frozen=True)
@@ -133,10 +149,10 @@ class EngineSettings:
                 yield name, f"must be auto, on or off, got {getattr(self, name)!r}"
         if self.fused_gemm not in ("on", "off"):
             yield "fused_gemm", f"must be on or off, got {self.fused_gemm!r}"
-        if not DEVICE.fullmatch(self.device):
-            yield "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}"
-        if self.dtype is not None and self.dtype not in DTYPES:
-            yield "dtype", f"must be float32, bfloat16 or float16 (or fp32, bf16, fp16), got {self.dtype!r}"
+        if why := device_problem(self.device):
+            yield "device", why
+        if self.dtype is not None and (why := dtype_problem(self.dtype)):
+            yield "dtype", why
 
     def wants_compile(self, cuda_available: bool | None = None) -> bool:
         """SAFETY_COMPILE: auto compiles on CUDA only (on CPU, compiled and eager measured the same speed)."""
