@@ -94,6 +94,20 @@ def register_classify(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=classify_command)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The parser of a subcommand (and, inherited, of its own subcommands: `safety job status`): an argument
+    it does not know is its usage error. argparse leaves a subparser's unknown arguments to the top-level
+    parser, which printed `usage: safety ...` and not the usage of the command that was mistyped."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -109,7 +123,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         metavar="LEVEL",
         help="logging level: DEBUG | INFO | WARNING | ERROR | CRITICAL (default WARNING)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     register_classify(sub)
     commands = sorted(entry_points(group="safety.commands"), key=lambda e: e.name)
     named = _command(argv)
