@@ -4,9 +4,10 @@ Owns: the `SAFETY_*` variables that choose and shape the classifier (model, devi
 attention kernel, torch.compile, CUDA graphs and their largest bucket, fused GEMM kernels, batch token and
 sequence budgets, the character limit of a text), their defaults, their validation (`device_problem` and
 `dtype_problem` also check the command-line flags of the same name), and `load()`, which turns them into a
-`Classifier` (threads set first, compile decided from the device). `ServeSettings` and `WorkerSettings`
-extend this dataclass, so the two front ends read the same variables the same way. Must not know: gRPC,
-Celery, Redis, the error type a front end raises (a subclass gives `bad()`).
+`Classifier` (threads set first, compile decided from the device; a checkpoint it cannot load is named by
+its setting, `named()`). `ServeSettings` and `WorkerSettings` extend this dataclass, so the two front ends
+read the same variables the same way. Must not know: gRPC, Celery, Redis, the error type a front end raises
+(a subclass gives `bad()`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from model.settings_base import opt_int, opt_str, setting
+from model.errors import CheckpointError, ModelNotFoundError
+from model.settings_base import env_name, opt_int, opt_str, setting
 
 if TYPE_CHECKING:
     from model.classifier import Classifier
@@ -123,6 +125,12 @@ class EngineSettings:
         "characters per text (and per context); a longer one is refused, naming the item and the limit",
     )
 
+    @classmethod
+    def named(cls, name: str) -> str:
+        """How a message names setting `name` once the settings are made: its variable (a front end with
+        flags names both)."""
+        return env_name(cls, name)
+
     @staticmethod
     def bad(name: str, message: str) -> Exception:
         """The error a front end raises for setting `name` (a subclass names the variable its own way)."""
@@ -175,15 +183,20 @@ class EngineSettings:
         from model.threads import configure_threads
 
         configure_threads(self.threads)
-        return load_classifier(
-            self.model,
-            device=self.device,
-            dtype=self.dtype,
-            max_batch_tokens=self.max_batch_tokens,
-            max_batch_sequences=self.max_batch_sequences,
-            backend=None if self.attention == "auto" else self.attention,
-            compile=self.wants_compile(),
-            graphs={"auto": None, "on": True, "off": False}[self.cuda_graphs],
-            graph_tokens=self.graph_tokens,
-            fused_gemm=self.fused_gemm == "on",
-        )
+        try:
+            return load_classifier(
+                self.model,
+                device=self.device,
+                dtype=self.dtype,
+                max_batch_tokens=self.max_batch_tokens,
+                max_batch_sequences=self.max_batch_sequences,
+                backend=None if self.attention == "auto" else self.attention,
+                compile=self.wants_compile(),
+                graphs={"auto": None, "on": True, "off": False}[self.cuda_graphs],
+                graph_tokens=self.graph_tokens,
+                fused_gemm=self.fused_gemm == "on",
+            )
+        except CheckpointError as e:  # the path a setting gave: say which ("/nope: not a directory" did not)
+            if self.model is None or isinstance(e, ModelNotFoundError):
+                raise
+            raise CheckpointError(f"{self.named('model')}: {e}") from None

@@ -105,6 +105,12 @@ class ServeSettings(EngineSettings):
     def bad(name: str, message: str) -> Exception:
         return _bad(name, message)
 
+    @classmethod
+    def named(cls, name: str) -> str:
+        """Both ways to set `name`, for an error found after the settings were made (which one set it is
+        not kept): "--model or SAFETY_MODEL"."""
+        return f"{flag_name(name)} or {env_name(cls, name)}"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         positive = ("max_queue_items", "max_items", "max_message_bytes", "encode_threads", "max_queue_tokens",

@@ -164,13 +164,18 @@ def test_a_bad_setting_exits_2_with_one_line(args: list[str], env: dict[str, str
 
 
 def test_start_up_failures_of_the_host_are_one_line_without_a_traceback(tiny_model_dir: Path) -> None:
-    """A taken metrics port (named, before the model loads) and --device cuda without CUDA: exit 1."""
+    """A taken metrics port (named, before the model loads), a model path that is not a checkpoint (named by
+    its setting) and --device cuda without CUDA: exit 1."""
     import torch
 
     base = [*safety_command(), "serve", "--model", str(tiny_model_dir), "--address", "127.0.0.1:0"]
     env = {**os.environ, "SAFETY_LOG_FORMAT": "text"}
     cases = [
-        (["--metrics-address", "127.0.0.1:{taken}"], "SAFETY_METRICS_ADDRESS 127.0.0.1:{taken}: cannot bind")
+        (["--metrics-address", "127.0.0.1:{taken}"], "SAFETY_METRICS_ADDRESS 127.0.0.1:{taken}: cannot bind"),
+        (
+            ["--metrics-address", "off", "--model", "/nonexistent"],
+            "--model or SAFETY_MODEL: /nonexistent: not a",
+        ),
     ]
     if not torch.cuda.is_available():
         cases.append((["--metrics-address", "off", "--device", "cuda"], "CUDA is not available"))

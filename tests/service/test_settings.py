@@ -240,3 +240,22 @@ def test_a_value_that_does_not_parse_says_what_was_expected(
     with pytest.raises(SystemExit):
         parse(flag, value)
     assert f"error: argument {flag}: cannot parse '{value}': {why}\n" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_does_not_load_is_named_by_its_setting(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`safety serve --model /nope` logged `startup failed: /nope: not a directory`, naming no setting."""
+    from model.errors import CheckpointError
+
+    missing, weightless = tmp_path / "nope", tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
+    with pytest.raises(CheckpointError, match=f"^--model or SAFETY_MODEL: {missing}: not a directory$"):
+        ServeSettings(model=str(missing), device="cpu").load()
+    with pytest.raises(
+        CheckpointError, match=f"^--model or SAFETY_MODEL: {weightless}: no model.safetensors"
+    ):
+        ServeSettings(model=str(weightless), device="cpu").load()
+    with pytest.raises(CheckpointError, match=f"^SAFETY_MODEL: {missing}: not a directory$"):  # no flag
+        WorkerSettings(model=str(missing), device="cpu").load()
