@@ -416,6 +416,8 @@ def run_submit(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, interrupt) if main_thread else None
     try:
         with _errors("submit"):
+            if args.job_id is not None:  # before the items are read; an empty one is not "no id"
+                _check_job_id(args.job_id)
             if args.out is not None and not args.wait:  # without --wait there are no results to write
                 raise InvalidInputError(
                     "needs --wait; or read the results later with: "
@@ -488,6 +490,18 @@ def run_submit(args: argparse.Namespace) -> int:
             said += f" (job {job_id}, if an earlier run made it, is as it was)"
         print(said, file=sys.stderr)
     return EXIT_INTERRUPTED
+
+
+def _check_job_id(job_id: str) -> None:
+    """Refuse a --job-id the job client would refuse (only after reading every item), naming the flag."""
+    from worker.store import check_job_id
+
+    try:
+        check_job_id(job_id)
+    except InvalidInputError as e:
+        raise InvalidInputError(
+            f"{e.reason}; leave --job-id out to have one made", field="--job-id"
+        ) from None
 
 
 def _chunks(n: int) -> str:

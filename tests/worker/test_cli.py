@@ -561,3 +561,27 @@ def test_out_dev_stdout_redirected_to_a_file_appends_to_it(redis_server: RedisSe
     lines = [json.loads(line) for line in target.read_text().splitlines()]
     assert lines == [{"earlier": True}] + [{"index": i} for i in range(3)]
     assert target.stat().st_ino == inode
+
+
+@pytest.mark.parametrize("job_id", ["", "a b", ".hidden", "x" * 129])
+def test_submit_refuses_a_job_id_it_cannot_use_by_its_flag_before_reading_the_items(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    job_id: str,
+) -> None:
+    """`--job-id ''` submitted under a random id, exit 0; a malformed id was refused as `job_id: ...` only
+    after every item was read and checked."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "one"}\n{"text": "two"}\n')
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setattr(JobClient, "_validate", lambda *_: pytest.fail("the items were read"))
+    assert main(["submit", str(src), "--job-id", job_id]) == 2
+    assert capsys.readouterr().err == (
+        "safety submit: --job-id: must be 1-128 characters of A-Z a-z 0-9 . _ - (first a letter or digit), "
+        f"got {job_id!r}; leave --job-id out to have one made\n"
+    )
+    assert redis_server.client().dbsize() == 0
+    assert main(["job", "status", job_id]) == 2  # the job commands refuse it too, by their JOB_ID
+    assert capsys.readouterr().err.startswith("safety job status: job_id: must be 1-128 characters")
