@@ -568,6 +568,10 @@ def _check_out(out: str | None) -> str | None:
             raise InvalidInputError(f"cannot write {out}: no write permission", field="--out")
         return kind
     parent = _real_target(out).parent
+    if not parent.exists():
+        raise InvalidInputError(
+            f"cannot write {out}: {parent} does not exist; create it first", field="--out"
+        )
     if not parent.is_dir():
         raise InvalidInputError(f"cannot write {out}: {parent} is not a directory", field="--out")
     if not os.access(parent, os.W_OK):

@@ -92,6 +92,19 @@ def test_out_a_directory_is_refused_up_front(tmp_path: Path) -> None:
         _check_out(str(link))
 
 
+def test_out_in_a_directory_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    """It said `DIR is not a directory` for a directory that is not there at all."""
+    missing = tmp_path / "nonexist" / "dir"
+    with pytest.raises(InvalidInputError) as e:
+        _check_out(str(missing / "r.jsonl"))
+    assert str(e.value) == f"--out: cannot write {missing}/r.jsonl: {missing} does not exist; create it first"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(
+        InvalidInputError, match=f"^--out: cannot write .*: {tmp_path}/file is not a directory$"
+    ):
+        _check_out(str(tmp_path / "file" / "r.jsonl"))
+
+
 def test_ctrl_c_during_validation_says_nothing_was_submitted(
     redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
