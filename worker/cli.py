@@ -443,16 +443,14 @@ def run_submit(args: argparse.Namespace) -> int:
             job_id = submitted.status.job_id
             if submitted.status.state == "cancelled":  # cancelled before (a resume) or during this submit
                 print(
-                    f"job {job_id} was cancelled: this submit sent {_chunks(submitted.sent)} of "
+                    f"job {job_id} was cancelled: this submit sent {_count(submitted.sent, 'chunk')} of "
                     f"{submitted.status.chunks} and stopped; what it classified: safety job results {job_id}",
                     file=sys.stderr,
                 )
                 return EXIT_FAILED
             verb = "resumed" if submitted.resumed else "submitted"
-            print(
-                f"{verb} job {job_id}: {submitted.status.total} items, {_chunks(submitted.sent)} sent",
-                file=sys.stderr,
-            )
+            counts = f"{_count(submitted.status.total, 'item')}, {_count(submitted.sent, 'chunk')} sent"
+            print(f"{verb} job {job_id}: {counts}", file=sys.stderr)
             if not args.wait:
                 try:
                     _stdout(job_id)
@@ -465,7 +463,7 @@ def run_submit(args: argparse.Namespace) -> int:
             except OutputClosed:
                 return EXIT_PIPE
             where = args.out or "stdout"
-            summary = f"{status.done} done, {status.failed} failed; {written} lines to {where}"
+            summary = f"{status.done} done, {status.failed} failed; {_count(written, 'line')} to {where}"
             print(f"job {job_id} {status.state}: {summary}", file=sys.stderr)
             return EXIT_OK if status.state == "done" and status.failed == 0 else EXIT_FAILED
         if not interrupted:
@@ -504,8 +502,9 @@ def _check_job_id(job_id: str) -> None:
         ) from None
 
 
-def _chunks(n: int) -> str:
-    return f"{n} chunk" if n == 1 else f"{n} chunks"
+def _count(n: int, noun: str) -> str:
+    """'1 item', '2 items', '0 items'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _wait_with_progress(client: Any, job_id: str, timeout: float | None, progress: bool) -> Any:

@@ -598,3 +598,15 @@ def test_submit_refuses_a_job_id_it_cannot_use_by_its_flag_before_reading_the_it
     assert redis_server.client().dbsize() == 0
     assert main(["job", "status", job_id]) == 2  # the job commands refuse it too, by their JOB_ID
     assert capsys.readouterr().err.startswith("safety job status: job_id: must be 1-128 characters")
+
+
+def test_one_item_is_counted_in_the_singular(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """It said `submitted job one: 1 items, 1 chunk sent`."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "only"}\n')
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "singular")
+    assert main(["submit", str(src), "--job-id", "one"]) == 0
+    assert capsys.readouterr() == ("one\n", "submitted job one: 1 item, 1 chunk sent\n")
