@@ -30,7 +30,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from model.errors import ConfigError, InvalidInputError, SafetyError
+from model.errors import ConfigError, DeadlineExceededError, InvalidInputError, SafetyError
 from model.logs import configure as configure_logs
 from model.threads import available_cpus
 from worker.settings import WorkerSettings, env_name
@@ -457,11 +457,15 @@ def run_submit(args: argparse.Namespace) -> int:
                 except OutputClosed:
                     return EXIT_PIPE
                 return EXIT_OK
-            status = _wait_with_progress(client, job_id, args.timeout, not args.no_progress)
-            try:
-                written = _write_results(client, job_id, args.out, args.timeout)
-            except OutputClosed:
-                return EXIT_PIPE
+            again = f"safety job results {job_id}" + (f" --out {args.out}" if args.out else "")
+            with _on_timeout(
+                f"`safety job status {job_id}` shows its progress, `{again}` writes its results"
+            ):
+                status = _wait_with_progress(client, job_id, args.timeout, not args.no_progress)
+                try:
+                    written = _write_results(client, job_id, args.out, args.timeout)
+                except OutputClosed:
+                    return EXIT_PIPE
             where = args.out or "stdout"
             summary = f"{status.done} done, {status.failed} failed; {_count(written, 'line')} to {where}"
             print(f"job {job_id} {status.state}: {summary}", file=sys.stderr)
@@ -500,6 +504,15 @@ def _check_job_id(job_id: str) -> None:
         raise InvalidInputError(
             f"{e.reason}; leave --job-id out to have one made", field="--job-id"
         ) from None
+
+
+@contextmanager
+def _on_timeout(what_next: str) -> Iterator[None]:
+    """A wait that ran out of --timeout says that the job goes on, and how to carry on with it."""
+    try:
+        yield
+    except DeadlineExceededError as e:
+        raise DeadlineExceededError(f"{e}; the job goes on: {what_next}") from None
 
 
 def _count(n: int, noun: str) -> str:
@@ -647,8 +660,10 @@ def run_delete(args: argparse.Namespace) -> int:
 
 def run_results(args: argparse.Namespace) -> int:
     def results(client: Any) -> int:
+        again = f"safety job results {args.job_id}" + (f" --out {args.out}" if args.out else "")
         try:  # --out is checked before the first result is read
-            _write_results(client, args.job_id, args.out, args.timeout)
+            with _on_timeout(f"run `{again}` again, with a longer --timeout or none"):
+                _write_results(client, args.job_id, args.out, args.timeout)
         except OutputClosed:
             return EXIT_PIPE
         status = client.status(args.job_id)

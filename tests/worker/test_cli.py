@@ -610,3 +610,27 @@ def test_one_item_is_counted_in_the_singular(
     monkeypatch.setenv("SAFETY_QUEUE", "singular")
     assert main(["submit", str(src), "--job-id", "one"]) == 0
     assert capsys.readouterr() == ("one\n", "submitted job one: 1 item, 1 chunk sent\n")
+
+
+def test_a_wait_that_times_out_says_how_to_carry_on(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`--wait --timeout` ended with `still queued after 0.3s` and nothing on how to get the results."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "r.jsonl"
+    src.write_text('{"text": "one"}\n{"text": "two"}\n')
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "nobody-listens")
+    argv = ["submit", str(src), "--job-id", "slow", "--wait", "--timeout", "0.3", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "safety submit: job 'slow' is still queued after 0.3s (0/2 items); the job goes on: `safety job "
+        f"status slow` shows its progress, `safety job results slow --out {out}` writes its results\n"
+    )
+    assert main(argv) == 2  # resumed, waited for again; the results would go to stdout
+    assert capsys.readouterr().err.endswith("`safety job results slow` writes its results\n")
+    assert main(["job", "results", "slow", "--timeout", "0.3"]) == 2
+    assert capsys.readouterr().err == (
+        "safety job results: job 'slow': result 0 not ready after 0.3s (job queued, 0/2 items); "
+        "the job goes on: run `safety job results slow` again, with a longer --timeout or none\n"
+    )
+    assert not out.exists()
