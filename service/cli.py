@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 EPILOG = """\
@@ -61,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def remote_classify(
     target: str,
-    items: Sequence[str | Mapping[str, Any]],
+    items: Iterable[str | Mapping[str, Any]],
     api_key: str | None = None,
     *,
     thresholds: Mapping[str, float] | None = None,
@@ -71,14 +72,17 @@ def remote_classify(
     server_name: str | None = None,
     client_cert: str | None = None,
     client_key: str | None = None,
-) -> list[dict[str, Any]]:
-    """Classify `items` on a running `safety serve` at `target` (HOST:PORT); one dict per item, in the
-    shape of the engine's `Result.to_dict()`. `client_cert`/`client_key`: for a server that requires client
-    certificates (SAFETY_TLS_CLIENT_CA). A failed call exits with the status code and message."""
+) -> Iterator[dict[str, Any]]:
+    """Classify `items` on a running `safety serve` at `target` (HOST:PORT): one dict per item, in the
+    shape of the engine's `Result.to_dict()`, in order. Any number of items: they are read as needed and sent
+    in consecutive Classify requests within the server's limits (its Info: items and bytes per request),
+    one at a time, each with the deadline `timeout`; a request's results are yielded as soon as they
+    arrive. `client_cert`/`client_key`: for a server that requires client certificates
+    (SAFETY_TLS_CLIENT_CA). A failed call exits with the status code and message."""
     import grpc
 
     from model.errors import InvalidInputError
-    from service.client import SafetyClient
+    from service.client import SafetyClient, result_to_dict, split_requests
 
     if (client_cert is None) != (client_key is None):  # a usage error: `safety classify` exits 2
         missing = "--client-cert" if client_cert is None else "--client-key"
@@ -95,8 +99,28 @@ def remote_classify(
         if flag is None:
             raise
         raise InvalidInputError(e.reason, field=flag) from None
-    try:
-        with client:
-            return client.classify(items, thresholds)
-    except grpc.RpcError as e:
-        raise SystemExit(f"safety classify --remote {target}: {e.code().name}: {e.details()}") from None
+    with client:
+        try:
+            limits = client.info()["limits"]
+        except grpc.RpcError as e:
+            raise SystemExit(_failed(e, target)) from None
+        for first, request in split_requests(items, limits, thresholds):
+            try:
+                response = client.classify_raw(request)
+            except grpc.RpcError as e:
+                raise SystemExit(_failed(e, target, first=first)) from None
+            for result in response.results:
+                yield result_to_dict(result)
+
+
+def _failed(error: Any, target: str, *, first: int = 0) -> str:
+    """The line `safety classify --remote` exits with: the status and the server's message (an item's index
+    counted from the first item of the whole input, not of the request that failed). `first`: the index of
+    the failed request's first item."""
+    message = error.details() or ""
+    if first:  # "items[3].text: ..." of the request that began at item `first`
+        message = re.sub(r"^items\[(\d+)\]", lambda m: f"items[{first + int(m[1])}]", message)
+    said = f"safety classify --remote {target}: {error.code().name}: {message}"
+    if first:
+        said += f"; stopped there, after the results of the first {first} items"
+    return said
