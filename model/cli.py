@@ -100,7 +100,12 @@ def register_classify(sub: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="classify on a running `safety serve`, in requests within its limits (any number of items)",
     )
-    p.add_argument("--api-key", default=None, help="with --remote: the server's API key")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="with --remote: the server's API key (default: $SAFETY_CLIENT_API_KEY; prefer the variable: "
+        "flags show in `ps`)",
+    )
     p.add_argument("--tls", action="store_true", help="with --remote: use TLS")
     p.add_argument("--ca", default=None, help="with --remote --tls: CA certificate file")
     p.add_argument("--client-cert", default=None, metavar="FILE",

@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=serve_command)
 
 
+CLIENT_API_KEY = "SAFETY_CLIENT_API_KEY"  # not SAFETY_API_KEY: that is the server's list of accepted keys
+
+
 def remote_classify(
     target: str,
     items: Iterable[str | Mapping[str, Any]],
@@ -77,8 +80,9 @@ def remote_classify(
     shape of the engine's `Result.to_dict()`, in order. Any number of items: they are read as needed and sent
     in consecutive Classify requests within the server's limits (its Info: items and bytes per request),
     one at a time, each with the deadline `timeout`; a request's results are yielded as soon as they
-    arrive. `client_cert`/`client_key`: for a server that requires client certificates
-    (SAFETY_TLS_CLIENT_CA). A failed call exits with the status code and message."""
+    arrive. `api_key` None: the variable SAFETY_CLIENT_API_KEY, if set. `client_cert`/`client_key`: for a
+    server that requires client certificates (SAFETY_TLS_CLIENT_CA). A failed call exits with the status
+    code and message, and what to pass when the server wants another API key."""
     import grpc
 
     from model.errors import InvalidInputError
@@ -89,6 +93,10 @@ def remote_classify(
         raise InvalidInputError(
             "a client certificate needs both --client-cert and --client-key", field=missing
         )
+    key_from = "--api-key"
+    if api_key is None:
+        api_key, key_from = os.environ.get(CLIENT_API_KEY, "").strip() or None, CLIENT_API_KEY
+    sent = key_from if api_key else None  # where the key sent came from
     try:
         client = SafetyClient(
             target, api_key=api_key, tls=tls, ca=ca, timeout=timeout, server_name=server_name,
@@ -103,24 +111,34 @@ def remote_classify(
         try:
             limits = client.info()["limits"]
         except grpc.RpcError as e:
-            raise SystemExit(_failed(e, target)) from None
+            raise SystemExit(_failed(e, target, key_from=sent)) from None
         for first, request in split_requests(items, limits, thresholds):
             try:
                 response = client.classify_raw(request)
             except grpc.RpcError as e:
-                raise SystemExit(_failed(e, target, first=first)) from None
+                raise SystemExit(_failed(e, target, key_from=sent, first=first)) from None
             for result in response.results:
                 yield result_to_dict(result)
 
 
-def _failed(error: Any, target: str, *, first: int = 0) -> str:
+def _failed(error: Any, target: str, *, key_from: str | None, first: int = 0) -> str:
     """The line `safety classify --remote` exits with: the status and the server's message (an item's index
-    counted from the first item of the whole input, not of the request that failed). `first`: the index of
-    the failed request's first item."""
+    counted from the first item of the whole input, not of the request that failed), and what to do.
+    `key_from`: where the API key sent came from (None: none was sent); `first`: the index of the failed
+    request's first item."""
+    import grpc
+
     message = error.details() or ""
     if first:  # "items[3].text: ..." of the request that began at item `first`
         message = re.sub(r"^items\[(\d+)\]", lambda m: f"items[{first + int(m[1])}]", message)
     said = f"safety classify --remote {target}: {error.code().name}: {message}"
+    if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+        if key_from is not None:
+            said += f"; the key of {key_from} is not one the server accepts"
+        else:
+            said += f"; pass the server's API key in {CLIENT_API_KEY} (or --api-key KEY, which `ps` shows)"
+            if os.environ.get("SAFETY_API_KEY"):
+                said += f"; SAFETY_API_KEY is the server's setting, the client reads {CLIENT_API_KEY}"
     if first:
         said += f"; stopped there, after the results of the first {first} items"
     return said

@@ -1,5 +1,6 @@
 """`safety classify --remote` in process against real servers on port 0: any number of items, sent in
-requests within the server's limits and printed as each request's results arrive."""
+requests within the server's limits and printed as each request's results arrive; the client's API key
+variable and what to pass when the server wants another key."""
 
 from __future__ import annotations
 
@@ -135,3 +136,33 @@ def test_an_item_the_server_refuses_is_named_by_its_index_in_the_input(
         "the limit is 50 (SAFETY_MAX_TEXT_CHARS); stopped there, after the results of the first 8 items"
     )
     assert len(capsys.readouterr().out.splitlines()) == 8
+
+
+def test_the_api_key_comes_from_safety_client_api_key_and_a_refusal_says_what_to_pass(
+    start_server: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Only --api-key worked (which `ps` shows); SAFETY_API_KEY, the server's list of keys, was ignored
+    without a word: UNAUTHENTICATED with gRPC's metadata hint only."""
+    app = start_server(api_key="secret1,secret2")
+    target = f"127.0.0.1:{app.port}"
+    monkeypatch.delenv("SAFETY_CLIENT_API_KEY", raising=False)
+    monkeypatch.setenv("SAFETY_API_KEY", "secret1")
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--remote", target, "hi"])
+    assert e.value.code == (
+        f"safety classify --remote {target}: UNAUTHENTICATED: missing or wrong API key; send metadata "
+        "`authorization: Bearer <key>`; pass the server's API key in SAFETY_CLIENT_API_KEY (or --api-key "
+        "KEY, which `ps` shows); SAFETY_API_KEY is the server's setting, the client reads "
+        "SAFETY_CLIENT_API_KEY"
+    )
+    monkeypatch.setenv("SAFETY_CLIENT_API_KEY", " secret2\n")  # as $(cat keyfile) may leave it
+    assert main(["classify", "--remote", target, "hi"]) == 0
+    assert json.loads(capsys.readouterr().out)["scores"]
+    monkeypatch.setenv("SAFETY_CLIENT_API_KEY", "old-key")
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--remote", target, "hi"])
+    assert str(e.value.code).endswith("; the key of SAFETY_CLIENT_API_KEY is not one the server accepts")
+    assert main(["classify", "--remote", target, "--api-key", "secret1", "hi"]) == 0  # the flag wins
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--remote", target, "--api-key", "nope", "hi"])
+    assert str(e.value.code).endswith("; the key of --api-key is not one the server accepts")
