@@ -82,7 +82,7 @@ def remote_classify(
     one at a time, each with the deadline `timeout`; a request's results are yielded as soon as they
     arrive. `api_key` None: the variable SAFETY_CLIENT_API_KEY, if set. `client_cert`/`client_key`: for a
     server that requires client certificates (SAFETY_TLS_CLIENT_CA). A failed call exits with the status
-    code and message, and what to pass when the server wants another API key."""
+    code and message, and a hint for the CLI user where one helps (a server that is not there, a key)."""
     import grpc
 
     from model.errors import InvalidInputError
@@ -97,6 +97,7 @@ def remote_classify(
     if api_key is None:
         api_key, key_from = os.environ.get(CLIENT_API_KEY, "").strip() or None, CLIENT_API_KEY
     sent = key_from if api_key else None  # where the key sent came from
+    secure = tls or ca is not None or client_cert is not None  # as SafetyClient decides it
     try:
         client = SafetyClient(
             target, api_key=api_key, tls=tls, ca=ca, timeout=timeout, server_name=server_name,
@@ -111,17 +112,17 @@ def remote_classify(
         try:
             limits = client.info()["limits"]
         except grpc.RpcError as e:
-            raise SystemExit(_failed(e, target, key_from=sent)) from None
+            raise SystemExit(_failed(e, target, key_from=sent, tls=secure)) from None
         for first, request in split_requests(items, limits, thresholds):
             try:
                 response = client.classify_raw(request)
             except grpc.RpcError as e:
-                raise SystemExit(_failed(e, target, key_from=sent, first=first)) from None
+                raise SystemExit(_failed(e, target, key_from=sent, tls=secure, first=first)) from None
             for result in response.results:
                 yield result_to_dict(result)
 
 
-def _failed(error: Any, target: str, *, key_from: str | None, first: int = 0) -> str:
+def _failed(error: Any, target: str, *, key_from: str | None, tls: bool, first: int = 0) -> str:
     """The line `safety classify --remote` exits with: the status and the server's message (an item's index
     counted from the first item of the whole input, not of the request that failed), and what to do.
     `key_from`: where the API key sent came from (None: none was sent); `first`: the index of the failed
@@ -139,6 +140,11 @@ def _failed(error: Any, target: str, *, key_from: str | None, first: int = 0) ->
             said += f"; pass the server's API key in {CLIENT_API_KEY} (or --api-key KEY, which `ps` shows)"
             if os.environ.get("SAFETY_API_KEY"):
                 said += f"; SAFETY_API_KEY is the server's setting, the client reads {CLIENT_API_KEY}"
+    elif error.code() == grpc.StatusCode.UNAVAILABLE and message.startswith("failed to connect"):
+        if not tls and message.endswith("Socket closed"):  # what a plaintext call to a TLS port sees
+            said += f" (does {target} serve TLS? then pass --tls, and --ca FILE for a private CA)"
+        elif "Tls handshake failed" not in message:  # that one says what failed
+            said += f" (is `safety serve` running at {target}?)"
     if first:
         said += f"; stopped there, after the results of the first {first} items"
     return said

@@ -1,11 +1,12 @@
 """`safety classify --remote` in process against real servers on port 0: any number of items, sent in
 requests within the server's limits and printed as each request's results arrive; the client's API key
-variable and what to pass when the server wants another key."""
+variable; what a failed call tells the CLI user."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +167,16 @@ def test_the_api_key_comes_from_safety_client_api_key_and_a_refusal_says_what_to
     with pytest.raises(SystemExit) as e:
         main(["classify", "--remote", target, "--api-key", "nope", "hi"])
     assert str(e.value.code).endswith("; the key of --api-key is not one the server accepts")
+
+
+def test_a_server_that_is_not_there_gets_a_hint_besides_grpcs_own_words() -> None:
+    with socket.socket() as s:  # a port nothing listens on (bound, not listening: refused)
+        s.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{s.getsockname()[1]}"
+        with pytest.raises(SystemExit) as e:
+            main(["classify", "--remote", target, "--timeout", "10", "hi"])
+    said = str(e.value.code)
+    assert said.startswith(
+        f"safety classify --remote {target}: UNAVAILABLE: failed to connect to all addresses"
+    )
+    assert "Connection refused" in said and said.endswith(f" (is `safety serve` running at {target}?)"), said
