@@ -8,36 +8,28 @@ through the group `safety.remote`, so this module never imports gRPC or Celery.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
+from typing import Any
 
-from model.cliargs import add_threshold_option
+from model.cliargs import add_threshold_option, parse_device, parse_dtype
 from model.errors import InvalidInputError, SafetyError
 from model.items import check_item, fields_of
 from model.jsonl import read_jsonl
 
 
 def classify_command(args: argparse.Namespace) -> int:
-    items: list[dict] = []
-    if args.jsonl:
-        for where, obj in read_jsonl(args.jsonl):
-            try:  # here, so an item's error names its line, whichever engine (local, remote) classifies it
-                check_item(fields_of(obj, len(items)), len(items))
-            except InvalidInputError as e:
-                raise InvalidInputError(str(e), field=where) from None
-            items.append(obj)
-    for text in args.texts:
-        item = {"text": text, "role": args.role}
-        if args.context is not None:
-            item["context"] = args.context
-        items.append(item)
-    if not items:
+    items = _items(args)
+    first = next(items, None)
+    if first is None:
         print("safety classify: give TEXT arguments or --jsonl FILE", file=sys.stderr)
         return 2
+    items = itertools.chain([first], items)
     thresholds = dict(args.threshold or [])
     if args.remote:
         remote = {ep.name: ep for ep in entry_points(group="safety.remote")}
@@ -47,17 +39,38 @@ def classify_command(args: argparse.Namespace) -> int:
             )
             print(need, file=sys.stderr)
             return 2
+        # read as they are sent, in requests the server accepts; each request's results print as they come
         results = remote["grpc"].load()(args.remote, items, thresholds=thresholds, api_key=args.api_key,
                                         tls=args.tls, ca=args.ca, timeout=args.timeout,
                                         client_cert=args.client_cert, client_key=args.client_key)  # fmt: skip
     else:
         from model import load_classifier
 
+        batch = list(items)  # every item checked before the model loads
         clf = load_classifier(args.model, device=args.device, dtype=args.dtype, max_tokens=args.max_tokens)
-        results = [r.to_dict() for r in clf.classify(items, thresholds=thresholds)]
+        results = (r.to_dict() for r in clf.classify(batch, thresholds=thresholds))
     for r in results:
-        print(json.dumps(r, ensure_ascii=False))
+        print(json.dumps(r, ensure_ascii=False), flush=bool(args.remote))
     return 0
+
+
+def _items(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """The items of --jsonl, read one at a time, then the TEXT arguments. Each is checked as it is read, here
+    so that an item's error names its line, whichever engine (local, remote) classifies it."""
+    index = 0
+    if args.jsonl:
+        for where, obj in read_jsonl(args.jsonl):
+            try:
+                check_item(fields_of(obj, index), index)
+            except InvalidInputError as e:
+                raise InvalidInputError(str(e), field=where) from None
+            yield obj
+            index += 1
+    for text in args.texts:
+        item = {"text": text, "role": args.role}
+        if args.context is not None:
+            item["context"] = args.context
+        yield item
 
 
 def register_classify(sub: argparse._SubParsersAction) -> None:
@@ -73,13 +86,26 @@ def register_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jsonl", default=None, metavar="FILE",
                    help="items as JSON lines {id?, text, role?, context?} ('-' = stdin)")  # fmt: skip
     add_threshold_option(p)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--device", default="auto", type=parse_device, help="auto | cpu | cuda[:N]")
     p.add_argument(
-        "--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 CUDA)"
+        "--dtype",
+        default=None,
+        type=parse_dtype,
+        help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 CUDA)",
     )
     p.add_argument("--max-tokens", type=int, default=None, help="window size in tokens (default: model max)")
-    p.add_argument("--remote", default=None, metavar="HOST:PORT", help="classify on a running `safety serve`")
-    p.add_argument("--api-key", default=None, help="with --remote: the server's API key")
+    p.add_argument(
+        "--remote",
+        default=None,
+        metavar="HOST:PORT",
+        help="classify on a running `safety serve`, in requests within its limits (any number of items)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="with --remote: the server's API key (default: $SAFETY_CLIENT_API_KEY; prefer the variable: "
+        "flags show in `ps`)",
+    )
     p.add_argument("--tls", action="store_true", help="with --remote: use TLS")
     p.add_argument("--ca", default=None, help="with --remote --tls: CA certificate file")
     p.add_argument("--client-cert", default=None, metavar="FILE",
@@ -87,16 +113,42 @@ def register_classify(sub: argparse._SubParsersAction) -> None:
                    "SAFETY_TLS_CLIENT_CA (mutual TLS; implies --tls)")  # fmt: skip
     p.add_argument("--client-key", default=None, metavar="FILE",
                    help="with --client-cert: its PEM private key")  # fmt: skip
-    p.add_argument("--timeout", type=float, default=30.0, help="with --remote: deadline in seconds")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="with --remote: deadline of each request, in seconds"
+    )
     p.set_defaults(func=classify_command)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of a subcommand (and, inherited, of its own subcommands: `safety job status`): an argument
+    it does not know is its usage error. argparse leaves a subparser's unknown arguments to the top-level
+    parser, which printed `usage: safety ...` and not the usage of the command that was mistyped."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The `safety` parser. Given the command line, only the named command's entry point is loaded: the
     others may import torch (train, eval), which would cost `safety job status` seconds."""
     parser = argparse.ArgumentParser(prog="safety", description="Content-safety classification (ModernBERT).")
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        help="logging level: DEBUG | INFO | WARNING | ERROR | CRITICAL (default WARNING)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     register_classify(sub)
     commands = sorted(entry_points(group="safety.commands"), key=lambda e: e.name)
     named = _command(argv)
@@ -143,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     command = _command(sys.argv[1:] if argv is None else argv) or ""
     try:
         args = build_parser(argv).parse_args(argv)
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return int(args.func(args) or 0)
     except SafetyError as e:
         print(f"safety {command}: {e}", file=sys.stderr)

@@ -1,13 +1,17 @@
-"""Command-line options shared by the model's subcommands (`safety classify`, `safety eval`).
+"""Command-line options shared by the model's subcommands (`safety classify`, `safety eval`, `safety train`).
 
 Owns: `--threshold LABEL=VALUE` (repeatable): its argparse type `parse_threshold`, which refuses a malformed
-value with argparse's usage error (exit status 2), and `add_threshold_option`. Must not know: the
-classifier (the engine validates the label names and the range), gRPC, Celery.
+value with argparse's usage error (exit status 2), and `add_threshold_option`; the argparse types of
+`--device` and `--dtype` (`parse_device`, `parse_dtype`: the values model/engine_settings.py accepts, so a
+wrong one is a usage error naming the flag, not a traceback from the runner). Must not know: the classifier
+(the engine validates the label names and the range), torch, gRPC, Celery.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from model.engine_settings import device_problem, dtype_problem
 
 
 def parse_threshold(value: str) -> tuple[str, float]:
@@ -30,3 +34,17 @@ def add_threshold_option(parser: argparse.ArgumentParser) -> None:
         metavar="LABEL=VALUE",
         help="override a label's threshold (repeatable)",
     )
+
+
+def parse_device(value: str) -> str:
+    """The argparse `type` of `--device`: auto, cpu, cuda or cuda:N."""
+    if why := device_problem(value):
+        raise argparse.ArgumentTypeError(why)
+    return value
+
+
+def parse_dtype(value: str) -> str:
+    """The argparse `type` of `--dtype`: float32, bfloat16, float16 (or fp32, bf16, fp16)."""
+    if why := dtype_problem(value):
+        raise argparse.ArgumentTypeError(why)
+    return value

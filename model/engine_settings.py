@@ -2,10 +2,12 @@
 
 Owns: the `SAFETY_*` variables that choose and shape the classifier (model, device, dtype, CPU threads,
 attention kernel, torch.compile, CUDA graphs and their largest bucket, fused GEMM kernels, batch token and
-sequence budgets, the character limit of a text), their defaults, their validation, and `load()`, which
-turns them into a `Classifier` (threads set first, compile decided from the device). `ServeSettings` and
-`WorkerSettings` extend this dataclass, so the two front ends read the same variables the same way. Must
-not know: gRPC, Celery, Redis, the error type a front end raises (a subclass gives `bad()`).
+sequence budgets, the character limit of a text), their defaults, their validation (`device_problem` and
+`dtype_problem` also check the command-line flags of the same name), and `load()`, which turns them into a
+`Classifier` (threads set first, compile decided from the device; a checkpoint it cannot load is named by
+its setting, `named()`). `ServeSettings` and `WorkerSettings` extend this dataclass, so the two front ends
+read the same variables the same way. Must not know: gRPC, Celery, Redis, the error type a front end raises
+(a subclass gives `bad()`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from model.settings_base import opt_int, opt_str, setting
+from model.errors import CheckpointError, ModelNotFoundError
+from model.settings_base import env_name, opt_int, opt_str, setting
 
 if TYPE_CHECKING:
     from model.classifier import Classifier
@@ -25,6 +28,21 @@ AUTO_ON_OFF = ("auto", "on", "off")  # SAFETY_COMPILE, SAFETY_CUDA_GRAPHS
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what model.runner.resolve_device accepts
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # model.runner.DTYPES, without torch
 SMALLEST_GRAPH = 256  # model.graphs.SMALLEST, restated so that reading settings does not import torch
+
+
+def device_problem(device: str) -> str | None:
+    """What is wrong with a device name (None: nothing), in the words every front end uses: the settings
+    here and the `--device` flag of `safety classify`, `eval` and `train` (model/cliargs.py)."""
+    if DEVICE.fullmatch(device):
+        return None
+    return f"must be auto, cpu, cuda or cuda:N, got {device!r}"
+
+
+def dtype_problem(dtype: str) -> str | None:
+    """What is wrong with a dtype name (None: nothing); as `device_problem`."""
+    if dtype in DTYPES:
+        return None
+    return f"must be float32, bfloat16 or float16 (or fp32, bf16, fp16), got {dtype!r}"
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,12 @@ class EngineSettings:
         "characters per text (and per context); a longer one is refused, naming the item and the limit",
     )
 
+    @classmethod
+    def named(cls, name: str) -> str:
+        """How a message names setting `name` once the settings are made: its variable (a front end with
+        flags names both)."""
+        return env_name(cls, name)
+
     @staticmethod
     def bad(name: str, message: str) -> Exception:
         """The error a front end raises for setting `name` (a subclass names the variable its own way)."""
@@ -133,10 +157,10 @@ class EngineSettings:
                 yield name, f"must be auto, on or off, got {getattr(self, name)!r}"
         if self.fused_gemm not in ("on", "off"):
             yield "fused_gemm", f"must be on or off, got {self.fused_gemm!r}"
-        if not DEVICE.fullmatch(self.device):
-            yield "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}"
-        if self.dtype is not None and self.dtype not in DTYPES:
-            yield "dtype", f"must be float32, bfloat16 or float16 (or fp32, bf16, fp16), got {self.dtype!r}"
+        if why := device_problem(self.device):
+            yield "device", why
+        if self.dtype is not None and (why := dtype_problem(self.dtype)):
+            yield "dtype", why
 
     def wants_compile(self, cuda_available: bool | None = None) -> bool:
         """SAFETY_COMPILE: auto compiles on CUDA only (on CPU, compiled and eager measured the same speed)."""
@@ -159,15 +183,20 @@ class EngineSettings:
         from model.threads import configure_threads
 
         configure_threads(self.threads)
-        return load_classifier(
-            self.model,
-            device=self.device,
-            dtype=self.dtype,
-            max_batch_tokens=self.max_batch_tokens,
-            max_batch_sequences=self.max_batch_sequences,
-            backend=None if self.attention == "auto" else self.attention,
-            compile=self.wants_compile(),
-            graphs={"auto": None, "on": True, "off": False}[self.cuda_graphs],
-            graph_tokens=self.graph_tokens,
-            fused_gemm=self.fused_gemm == "on",
-        )
+        try:
+            return load_classifier(
+                self.model,
+                device=self.device,
+                dtype=self.dtype,
+                max_batch_tokens=self.max_batch_tokens,
+                max_batch_sequences=self.max_batch_sequences,
+                backend=None if self.attention == "auto" else self.attention,
+                compile=self.wants_compile(),
+                graphs={"auto": None, "on": True, "off": False}[self.cuda_graphs],
+                graph_tokens=self.graph_tokens,
+                fused_gemm=self.fused_gemm == "on",
+            )
+        except CheckpointError as e:  # the path a setting gave: say which ("/nope: not a directory" did not)
+            if self.model is None or isinstance(e, ModelNotFoundError):
+                raise
+            raise CheckpointError(f"{self.named('model')}: {e}") from None

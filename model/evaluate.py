@@ -22,7 +22,7 @@ import numpy as np
 
 from model import metrics
 from model.classifier import Classifier
-from model.cliargs import add_threshold_option
+from model.cliargs import add_threshold_option, parse_device, parse_dtype
 from model.errors import InvalidInputError
 from model.jsonl import read_jsonl
 
@@ -306,7 +306,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", default=None, metavar="DIR", help="write metrics.json, predictions.jsonl, pr_curve.png"
     )
     add_threshold_option(p)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", type=parse_device, help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", default=None, type=parse_dtype, help="float32 | bfloat16 | float16")
     p.add_argument("--max-tokens", type=int, default=None, help="window size in tokens (default: model max)")
     p.set_defaults(func=eval_command)

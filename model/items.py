@@ -67,6 +67,8 @@ def check_length(value: str, index: int, field: str, max_chars: int | None) -> N
 # joiner, word joiner, BOM. Not every format character (Unicode category Cf): tag characters (U+E0020-7F)
 # spell hidden instructions ("ASCII smuggling"), and bidi overrides reorder what is shown; those are scored.
 INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff")
+# What a text that is not empty but blank is told (an empty one: "must not be empty").
+BLANK = "must not be blank: only whitespace and zero-width characters, nothing to score"
 
 
 def blank(text: str) -> bool:
@@ -95,8 +97,10 @@ def check_item(f: Fields, index: int, max_chars: int | None = None) -> None:
     """The value rules, in the order their errors are reported; `max_chars` None: no edge limit."""
     if not isinstance(f.text, str):
         raise InvalidInputError(f"must be a string, got {type(f.text).__name__}", index=index, field="text")
-    if blank(f.text):
+    if not f.text:
         raise InvalidInputError("must not be empty", index=index, field="text")
+    if blank(f.text):
+        raise InvalidInputError(BLANK, index=index, field="text")
     check_length(f.text, index, "text", max_chars)
     check_unicode(f.text, index, "text")
     if not isinstance(f.role, str) or f.role not in ROLES:  # a UserString("prompt") equals "prompt"

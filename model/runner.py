@@ -22,7 +22,7 @@ import torch
 from model import fused, triton_attention
 from model.attention import TRITON, VARLEN, Attention, pick_backend
 from model.budget import probe_shape
-from model.errors import UnsupportedError
+from model.errors import InvalidInputError, UnsupportedError
 from model.graphs import LARGEST, SMALLEST, GraphSet, GraphShape, graph_shapes
 from model.modernbert import ModernBertForSequenceClassification
 from model.packing import Packed, pack
@@ -39,11 +39,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device: unsupported device {device!r}; use auto, cpu or cuda[:N]") from None
+        raise InvalidInputError(
+            f"unsupported device {device!r}; use auto, cpu or cuda[:N]", field="device"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():  # this machine, not the setting: no traceback
         raise UnsupportedError(f"device: {device!r} requested but CUDA is not available")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: unsupported device {device!r}; use auto, cpu or cuda")
+        raise InvalidInputError(f"unsupported device {device!r}; use auto, cpu or cuda[:N]", field="device")
     return dev
 
 
@@ -54,7 +56,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+        raise InvalidInputError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}", field="dtype")
     return DTYPES[dtype]
 
 

@@ -1,9 +1,10 @@
 """Settings dataclasses filled from environment variables: the helper under service/ and worker/ settings.
 
 Owns: `setting(default, env, parse, help)`, a dataclass field that carries its variable name, parser and help
-text in its metadata; the parsers `opt_int` and `opt_str`; `env_name(cls, field)`; and
-`values_from_env(cls, environ, error)`, which parses every variable that is set and not empty (the rest keep
-their defaults) and raises `error(field, message)` for a value its parser refuses. Must not know: which
+text in its metadata; the parsers `opt_int` and `opt_str` and `expects(parse)`, what a parser accepts in
+words; `env_name(cls, field)`; and `values_from_env(cls, environ, error)`, which parses every variable that
+is set and not empty (the rest keep their defaults) and raises `error(field, message)` for a value its
+parser refuses, saying what it expected. Must not know: which
 settings exist, how they are validated, the error type a package raises, argparse, gRPC, Celery.
 """
 
@@ -31,6 +32,18 @@ def opt_str(value: str) -> str | None:
     return value or None
 
 
+_EXPECTS: dict[Callable[[str], Any], str] = {
+    int: "an integer",
+    float: "a number",
+    opt_int: "an integer, or auto or none (unset)",
+}
+
+
+def expects(parse: Callable[[str], Any]) -> str:
+    """What `parse` accepts, for an error message: "an integer", "a number", ..."""
+    return _EXPECTS.get(parse, "a valid value")
+
+
 def env_name(cls: type, name: str) -> str:
     """The environment variable of field `name` of the settings dataclass `cls`."""
     for f in fields(cls):
@@ -42,7 +55,7 @@ def env_name(cls: type, name: str) -> str:
 def values_from_env(cls: type, environ: Mapping[str, str] | None, error: ErrorFactory) -> dict[str, Any]:
     """{field name: parsed value} for each of `cls`'s variables that is set and not empty in `environ`
     (default: os.environ). A value the field's parser refuses (ValueError) raises
-    `error(name, "cannot parse 'VALUE'")`."""
+    `error(name, "cannot parse 'VALUE': expected an integer")`."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for f in fields(cls):
@@ -52,5 +65,5 @@ def values_from_env(cls: type, environ: Mapping[str, str] | None, error: ErrorFa
         try:
             values[f.name] = f.metadata["parse"](raw)
         except ValueError:
-            raise error(f.name, f"cannot parse {raw!r}") from None
+            raise error(f.name, f"cannot parse {raw!r}: expected {expects(f.metadata['parse'])}") from None
     return values

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from model import metrics
 from model.attention import Attention, pick_backend
 from model.classifier import Classifier, Encoded, Item, Limits, check_limits
+from model.cliargs import parse_device
 from model.config import ModernBertConfig
 from model.errors import CheckpointError, ConfigError, InvalidInputError
 from model.items import Fields, check_item
@@ -821,7 +822,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="augmentation: share of content tokens replaced by [MASK] per step (default 0)",
     )
     p.add_argument("--seed", type=int, default=13)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--device", default="auto", type=parse_device, help="auto | cpu | cuda[:N]")
     p.add_argument("--backend", default=None, help="attention backend: sdpa | varlen | flash_attn (auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 EPILOG = """\
@@ -59,9 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=serve_command)
 
 
+CLIENT_API_KEY = "SAFETY_CLIENT_API_KEY"  # not SAFETY_API_KEY: that is the server's list of accepted keys
+
+
 def remote_classify(
     target: str,
-    items: Sequence[str | Mapping[str, Any]],
+    items: Iterable[str | Mapping[str, Any]],
     api_key: str | None = None,
     *,
     thresholds: Mapping[str, float] | None = None,
@@ -71,20 +75,29 @@ def remote_classify(
     server_name: str | None = None,
     client_cert: str | None = None,
     client_key: str | None = None,
-) -> list[dict[str, Any]]:
-    """Classify `items` on a running `safety serve` at `target` (HOST:PORT); one dict per item, in the
-    shape of the engine's `Result.to_dict()`. `client_cert`/`client_key`: for a server that requires client
-    certificates (SAFETY_TLS_CLIENT_CA). A failed call exits with the status code and message."""
+) -> Iterator[dict[str, Any]]:
+    """Classify `items` on a running `safety serve` at `target` (HOST:PORT): one dict per item, in the
+    shape of the engine's `Result.to_dict()`, in order. Any number of items: they are read as needed and sent
+    in consecutive Classify requests within the server's limits (its Info: items and bytes per request),
+    one at a time, each with the deadline `timeout`; a request's results are yielded as soon as they
+    arrive. `api_key` None: the variable SAFETY_CLIENT_API_KEY, if set. `client_cert`/`client_key`: for a
+    server that requires client certificates (SAFETY_TLS_CLIENT_CA). A failed call exits with the status
+    code and message, and a hint for the CLI user where one helps (a server that is not there, a key)."""
     import grpc
 
     from model.errors import InvalidInputError
-    from service.client import SafetyClient
+    from service.client import SafetyClient, result_to_dict, split_requests
 
     if (client_cert is None) != (client_key is None):  # a usage error: `safety classify` exits 2
         missing = "--client-cert" if client_cert is None else "--client-key"
         raise InvalidInputError(
             "a client certificate needs both --client-cert and --client-key", field=missing
         )
+    key_from = "--api-key"
+    if api_key is None:
+        api_key, key_from = os.environ.get(CLIENT_API_KEY, "").strip() or None, CLIENT_API_KEY
+    sent = key_from if api_key else None  # where the key sent came from
+    secure = tls or ca is not None or client_cert is not None  # as SafetyClient decides it
     try:
         client = SafetyClient(
             target, api_key=api_key, tls=tls, ca=ca, timeout=timeout, server_name=server_name,
@@ -95,8 +108,43 @@ def remote_classify(
         if flag is None:
             raise
         raise InvalidInputError(e.reason, field=flag) from None
-    try:
-        with client:
-            return client.classify(items, thresholds)
-    except grpc.RpcError as e:
-        raise SystemExit(f"safety classify --remote {target}: {e.code().name}: {e.details()}") from None
+    with client:
+        try:
+            limits = client.info()["limits"]
+        except grpc.RpcError as e:
+            raise SystemExit(_failed(e, target, key_from=sent, tls=secure)) from None
+        for first, request in split_requests(items, limits, thresholds):
+            try:
+                response = client.classify_raw(request)
+            except grpc.RpcError as e:
+                raise SystemExit(_failed(e, target, key_from=sent, tls=secure, first=first)) from None
+            for result in response.results:
+                yield result_to_dict(result)
+
+
+def _failed(error: Any, target: str, *, key_from: str | None, tls: bool, first: int = 0) -> str:
+    """The line `safety classify --remote` exits with: the status and the server's message (an item's index
+    counted from the first item of the whole input, not of the request that failed), and what to do.
+    `key_from`: where the API key sent came from (None: none was sent); `first`: the index of the failed
+    request's first item."""
+    import grpc
+
+    message = error.details() or ""
+    if first:  # "items[3].text: ..." of the request that began at item `first`
+        message = re.sub(r"^items\[(\d+)\]", lambda m: f"items[{first + int(m[1])}]", message)
+    said = f"safety classify --remote {target}: {error.code().name}: {message}"
+    if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+        if key_from is not None:
+            said += f"; the key of {key_from} is not one the server accepts"
+        else:
+            said += f"; pass the server's API key in {CLIENT_API_KEY} (or --api-key KEY, which `ps` shows)"
+            if os.environ.get("SAFETY_API_KEY"):
+                said += f"; SAFETY_API_KEY is the server's setting, the client reads {CLIENT_API_KEY}"
+    elif error.code() == grpc.StatusCode.UNAVAILABLE and message.startswith("failed to connect"):
+        if not tls and message.endswith("Socket closed"):  # what a plaintext call to a TLS port sees
+            said += f" (does {target} serve TLS? then pass --tls, and --ca FILE for a private CA)"
+        elif "Tls handshake failed" not in message:  # that one says what failed
+            said += f" (is `safety serve` running at {target}?)"
+    if first:
+        said += f"; stopped there, after the results of the first {first} items"
+    return said

@@ -10,9 +10,10 @@
 Results are plain dicts in the shape of the engine's `Result.to_dict()` (id, scores, logits, flagged,
 flagged_labels, tokens, windows, spans), so `safety classify` prints the same JSON locally and remotely.
 `classify_stream` sends many requests over one ClassifyStream and yields one dict per request, in order:
-its results, or its own error while the stream goes on. Batch jobs (`submit_job`, `get_job`,
-`stream_job_results`, `cancel_job`, `delete_job`) return the dicts `safety job status` and `safety job
-results` print: a job's state and counts, and result lines (a result plus `index` and `error`).
+its results, or its own error while the stream goes on. `split_requests` cuts any number of items into
+Classify requests within a server's per-request limits (`info()["limits"]`). Batch jobs (`submit_job`,
+`get_job`, `stream_job_results`, `cancel_job`, `delete_job`) return the dicts `safety job status` and
+`safety job results` print: a job's state and counts, and result lines (a result plus `index` and `error`).
 Errors are `grpc.RpcError`s carrying the server's status code (INVALID_ARGUMENT: fix the input;
 RESOURCE_EXHAUSTED / UNAVAILABLE: back off and retry); `error_details(e)` reads their machine-readable
 details (the `grpc-status-details-bin` trailer: reason, field path, retry delay), with
@@ -60,12 +61,16 @@ def build_items(items: Iterable[ItemLike]) -> list[Any]:
     What a pb2.Item cannot carry raises ValueError naming `items[i].field` before anything is sent (not a
     text or dict, a missing text, an unknown field, a value that is not a string, an unknown role); the
     rest (an empty text, a context on a prompt, the limits) is the server's to refuse, as INVALID_ARGUMENT."""
+    return list(iter_items(items))
+
+
+def iter_items(items: Iterable[ItemLike]) -> Iterator[Any]:
+    """`build_items` one item at a time, as `items` yields them."""
     if isinstance(items, str | bytes):  # would be classified character by character
         raise TypeError("items: a list of texts or dicts, not one string (wrap it: [text])")
-    out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
-            out.append(pb2.Item(text=item))
+            yield pb2.Item(text=item)
             continue
         if not isinstance(item, Mapping):
             raise ValueError(f"items[{i}]: must be a text or a dict, got {type(item).__name__}")
@@ -81,15 +86,52 @@ def build_items(items: Iterable[ItemLike]) -> list[Any]:
         role = item.get("role")
         if not isinstance(role, str | None) or role not in ROLES:
             raise ValueError(f"items[{i}].role: must be 'prompt' or 'response', got {role!r}")
-        out.append(
-            pb2.Item(
-                id=item.get("id") or "",
-                text=item["text"],
-                role=ROLES[role],
-                context=item.get("context") or "",
-            )
+        yield pb2.Item(
+            id=item.get("id") or "",
+            text=item["text"],
+            role=ROLES[role],
+            context=item.get("context") or "",
         )
-    return out
+
+
+def split_requests(
+    items: Iterable[ItemLike], limits: Mapping[str, int], thresholds: Mapping[str, float] | None = None
+) -> Iterator[tuple[int, Any]]:
+    """Any number of items as consecutive ClassifyRequests, each within a server's per-request limits:
+    `limits` as `info()["limits"]` gives them (`max_items`, and `max_queue_items` when lower: a request
+    must fit the whole queue; `max_message_bytes`: the serialized request; 0 or missing: no bound). Yields
+    (index of the request's first item, request), reading `items` only as far as the request being built.
+    An item too large for a request message of its own is an InvalidInputError naming it (`items[i]`)."""
+    max_items = min((n for n in (limits.get("max_items"), limits.get("max_queue_items")) if n), default=0)
+    max_bytes = limits.get("max_message_bytes") or 0
+    thresholds = dict(thresholds or {})
+    base = pb2.ClassifyRequest(thresholds=thresholds).ByteSize()
+    batch: list[Any] = []
+    first, size = 0, base
+    for i, item in enumerate(iter_items(items)):
+        n = item.ByteSize()
+        cost = _ITEM_TAG + _varint_size(n) + n  # what the item adds to the request's serialized size
+        if max_bytes and base + cost > max_bytes:
+            why = (
+                f"is {base + cost} bytes as a request message of its own, more than the server's limit "
+                f"of {max_bytes} (limits.max_message_bytes, SAFETY_MAX_MESSAGE_BYTES); shorten its text or "
+                "context"
+            )
+            raise InvalidInputError(why, field="", index=i)
+        if batch and ((max_items and len(batch) >= max_items) or (max_bytes and size + cost > max_bytes)):
+            yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
+            batch, first, size = [], i, base
+        batch.append(item)
+        size += cost
+    if batch:
+        yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
+
+
+_ITEM_TAG = 1  # ClassifyRequest.items is field 1, length-delimited: a one-byte tag
+
+
+def _varint_size(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
 
 
 def result_to_dict(result: Any) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Settings of `safety serve`: one dataclass, filled from command-line flags with `SAFETY_*` env fallbacks.
 
-Owns: every knob of the gRPC server, its environment variable, its flag, its default and its validation (a
-`ValueError` naming the variable; an API key file is read once here to check it, service/apikeys.py owns
-its syntax). The field table below is the single source for `safety serve --help` and the README. The field
-factory and the reading of the environment are model/settings_base.py's. Must not know: gRPC, the model's
-internals; the server receives a finished `ServeSettings`.
+Owns: every knob of the gRPC server, its environment variable, its flag, its default and its validation (an
+`InvalidInputError`, a ValueError, naming the variable, or the flag when a flag gave the value: `from_args`;
+an API key file is read once here to check it, service/apikeys.py owns its syntax). The field table below is
+the single source for `safety serve --help` and the README. The field factory and the reading of the
+environment are model/settings_base.py's. Must not know: gRPC, the model's internals; the server receives a
+finished `ServeSettings`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from model.engine_settings import EngineSettings
-from model.settings_base import env_name, opt_int, opt_str, setting, values_from_env
+from model.errors import InvalidInputError
+from model.settings_base import env_name, expects, opt_int, opt_str, setting, values_from_env
 from service.apikeys import parse_keys, read_key_file
 
 
@@ -112,6 +114,12 @@ class ServeSettings(EngineSettings):
     def bad(name: str, message: str) -> Exception:
         return _bad(name, message)
 
+    @classmethod
+    def named(cls, name: str) -> str:
+        """Both ways to set `name`, for an error found after the settings were made (which one set it is
+        not kept): "--model or SAFETY_MODEL"."""
+        return f"{flag_name(name)} or {env_name(cls, name)}"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         positive = ("max_queue_items", "max_items", "max_message_bytes", "encode_threads", "max_queue_tokens",
@@ -125,15 +133,19 @@ class ServeSettings(EngineSettings):
             if not (math.isfinite(value) and value >= 0):  # nan >= 0 is False, but so is nan < 0
                 raise _bad(name, f"must be a finite number >= 0, got {value}")
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise _bad("tls_cert", "TLS needs both SAFETY_TLS_CERT and SAFETY_TLS_KEY")
+            raise _bad(
+                "tls_cert", "TLS needs both SAFETY_TLS_CERT and SAFETY_TLS_KEY (--tls-cert, --tls-key)"
+            )
         if self.tls_client_ca and not self.tls_cert:
-            raise _bad("tls_client_ca", "mutual TLS needs SAFETY_TLS_CERT and SAFETY_TLS_KEY as well")
+            why = "mutual TLS needs SAFETY_TLS_CERT and SAFETY_TLS_KEY as well (--tls-cert, --tls-key)"
+            raise _bad("tls_client_ca", why)
         if self.log_format not in ("json", "text"):
             raise _bad("log_format", f"must be json or text, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise _bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         if self.api_key is not None and self.api_key_file is not None:
-            raise _bad("api_key", "set either SAFETY_API_KEY or SAFETY_API_KEY_FILE, not both")
+            why = "set either SAFETY_API_KEY or SAFETY_API_KEY_FILE (--api-key, --api-key-file), not both"
+            raise _bad("api_key", why)
         if self.api_key is not None:
             try:  # normalised: the stripped keys, comma-separated
                 object.__setattr__(self, "api_key", ",".join(parse_keys(self.api_key)))
@@ -164,9 +176,27 @@ DEST_PREFIX = "setting_"
 MAX_PORT = 65535  # grpc and http.server would take a larger number modulo 65536 (99999 -> 34463)
 
 
-def _bad(name: str, message: str) -> ValueError:
-    """A ValueError naming the setting's variable: "SAFETY_MAX_ITEMS: must be a positive integer, got 0"."""
-    return ValueError(f"{env_name(ServeSettings, name)}: {message}")
+def _bad(name: str, message: str) -> InvalidInputError:
+    """An InvalidInputError (a ValueError) naming the setting's variable: "SAFETY_MAX_ITEMS: must be a
+    positive integer, got 0"; `from_args` names the flag instead when a flag gave the value."""
+    return InvalidInputError(message, field=env_name(ServeSettings, name))
+
+
+def flag_name(name: str) -> str:
+    """The flag of setting `name`: max_items -> --max-items."""
+    return "--" + name.replace("_", "-")
+
+
+def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` as an argparse type whose refusal says what it expected ("invalid opt_int value" did not)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"cannot parse {text!r}: expected {expects(parse)}") from None
+
+    return convert
 
 
 def split_address(address: str) -> tuple[str, str]:
@@ -182,9 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env = f.metadata["env"]
         default = "unset" if f.default is None else f.default
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            flag_name(f.name),
             dest=DEST_PREFIX + f.name,  # own namespace: `safety --log-level` also exists
-            type=f.metadata["parse"],
+            type=_flag_type(f.metadata["parse"]),
             default=None,
             metavar=f.name.split("_")[-1].upper(),
             help=f"{f.metadata['help']} [env {env}; default {default}]",
@@ -192,7 +222,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServeSettings:
-    """Flags override `SAFETY_*` variables, which override defaults."""
+    """Flags override `SAFETY_*` variables, which override defaults. A value refused is named the way it was
+    given: "--max-items: must be a positive integer, got 0" for a flag, "SAFETY_MAX_ITEMS: ..." for the
+    variable."""
     given = {f.name: getattr(args, DEST_PREFIX + f.name, None) for f in fields(ServeSettings)}
     overrides = {name: value for name, value in given.items() if value is not None}
-    return ServeSettings.from_env(environ, **overrides)
+    try:
+        return ServeSettings.from_env(environ, **overrides)
+    except InvalidInputError as e:
+        flags = {env_name(ServeSettings, name): flag_name(name) for name in overrides}
+        if e.field not in flags:
+            raise
+        raise InvalidInputError(e.reason, field=flags[e.field]) from None

@@ -30,7 +30,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from model.errors import ConfigError, InvalidInputError, SafetyError
+from model.errors import ConfigError, DeadlineExceededError, InvalidInputError, SafetyError
 from model.logs import configure as configure_logs
 from model.threads import available_cpus
 from worker.settings import WorkerSettings, env_name
@@ -416,6 +416,8 @@ def run_submit(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, interrupt) if main_thread else None
     try:
         with _errors("submit"):
+            if args.job_id is not None:  # before the items are read; an empty one is not "no id"
+                _check_job_id(args.job_id)
             if args.out is not None and not args.wait:  # without --wait there are no results to write
                 raise InvalidInputError(
                     "needs --wait; or read the results later with: "
@@ -441,29 +443,31 @@ def run_submit(args: argparse.Namespace) -> int:
             job_id = submitted.status.job_id
             if submitted.status.state == "cancelled":  # cancelled before (a resume) or during this submit
                 print(
-                    f"job {job_id} was cancelled: this submit sent {_chunks(submitted.sent)} of "
+                    f"job {job_id} was cancelled: this submit sent {_count(submitted.sent, 'chunk')} of "
                     f"{submitted.status.chunks} and stopped; what it classified: safety job results {job_id}",
                     file=sys.stderr,
                 )
                 return EXIT_FAILED
             verb = "resumed" if submitted.resumed else "submitted"
-            print(
-                f"{verb} job {job_id}: {submitted.status.total} items, {_chunks(submitted.sent)} sent",
-                file=sys.stderr,
-            )
+            counts = f"{_count(submitted.status.total, 'item')}, {_count(submitted.sent, 'chunk')} sent"
+            print(f"{verb} job {job_id}: {counts}", file=sys.stderr)
             if not args.wait:
                 try:
                     _stdout(job_id)
                 except OutputClosed:
                     return EXIT_PIPE
                 return EXIT_OK
-            status = _wait_with_progress(client, job_id, args.timeout, not args.no_progress)
-            try:
-                written = _write_results(client, job_id, args.out, args.timeout)
-            except OutputClosed:
-                return EXIT_PIPE
+            again = f"safety job results {job_id}" + (f" --out {args.out}" if args.out else "")
+            with _on_timeout(
+                f"`safety job status {job_id}` shows its progress, `{again}` writes its results"
+            ):
+                status = _wait_with_progress(client, job_id, args.timeout, not args.no_progress)
+                try:
+                    written = _write_results(client, job_id, args.out, args.timeout)
+                except OutputClosed:
+                    return EXIT_PIPE
             where = args.out or "stdout"
-            summary = f"{status.done} done, {status.failed} failed; {written} lines to {where}"
+            summary = f"{status.done} done, {status.failed} failed; {_count(written, 'line')} to {where}"
             print(f"job {job_id} {status.state}: {summary}", file=sys.stderr)
             return EXIT_OK if status.state == "done" and status.failed == 0 else EXIT_FAILED
         if not interrupted:
@@ -490,8 +494,30 @@ def run_submit(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED
 
 
-def _chunks(n: int) -> str:
-    return f"{n} chunk" if n == 1 else f"{n} chunks"
+def _check_job_id(job_id: str) -> None:
+    """Refuse a --job-id the job client would refuse (only after reading every item), naming the flag."""
+    from worker.store import check_job_id
+
+    try:
+        check_job_id(job_id)
+    except InvalidInputError as e:
+        raise InvalidInputError(
+            f"{e.reason}; leave --job-id out to have one made", field="--job-id"
+        ) from None
+
+
+@contextmanager
+def _on_timeout(what_next: str) -> Iterator[None]:
+    """A wait that ran out of --timeout says that the job goes on, and how to carry on with it."""
+    try:
+        yield
+    except DeadlineExceededError as e:
+        raise DeadlineExceededError(f"{e}; the job goes on: {what_next}") from None
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 item', '2 items', '0 items'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _wait_with_progress(client: Any, job_id: str, timeout: float | None, progress: bool) -> Any:
@@ -554,6 +580,10 @@ def _check_out(out: str | None) -> str | None:
             raise InvalidInputError(f"cannot write {out}: no write permission", field="--out")
         return kind
     parent = _real_target(out).parent
+    if not parent.exists():
+        raise InvalidInputError(
+            f"cannot write {out}: {parent} does not exist; create it first", field="--out"
+        )
     if not parent.is_dir():
         raise InvalidInputError(f"cannot write {out}: {parent} is not a directory", field="--out")
     if not os.access(parent, os.W_OK):
@@ -630,8 +660,10 @@ def run_delete(args: argparse.Namespace) -> int:
 
 def run_results(args: argparse.Namespace) -> int:
     def results(client: Any) -> int:
+        again = f"safety job results {args.job_id}" + (f" --out {args.out}" if args.out else "")
         try:  # --out is checked before the first result is read
-            _write_results(client, args.job_id, args.out, args.timeout)
+            with _on_timeout(f"run `{again}` again, with a longer --timeout or none"):
+                _write_results(client, args.job_id, args.out, args.timeout)
         except OutputClosed:
             return EXIT_PIPE
         status = client.status(args.job_id)

@@ -77,3 +77,24 @@ def test_an_interrupt_before_the_command_handles_it_is_one_line_and_exit_130(mon
     monkeypatch.setattr(cli, "classify_command", interrupted)
     assert cli.main(["--log-level", "INFO", "classify", "text"]) == 130
     assert capsys.readouterr().err == "\nsafety classify: interrupted\n"
+
+
+def test_wrong_engine_flags_and_log_level_are_usage_errors_not_tracebacks() -> None:
+    """`--device tpu`, `--dtype fp8` and `--log-level foo` ended in a traceback, exit 1."""
+    for args, said in (
+        (
+            ["classify", "--device", "tpu", "hi"],
+            "argument --device: must be auto, cpu, cuda or cuda:N, got 'tpu'",
+        ),
+        (["classify", "--dtype", "fp8", "hi"], "argument --dtype: must be float32, bfloat16 or float16"),
+        (
+            ["--log-level", "foo", "job", "status", "x"],
+            "argument --log-level: invalid choice: 'FOO' (choose from",
+        ),
+    ):
+        p = run(*args)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert said in p.stderr.splitlines()[-1], p.stderr
+    from model import cli
+
+    assert cli.build_parser().parse_args(["--log-level", "debug", "classify", "x"]).log_level == "DEBUG"

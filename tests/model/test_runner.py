@@ -52,3 +52,17 @@ def test_run_windows_across_many_batches_matches_single_forwards(tiny_model_dir:
     together = clf.run_windows(seqs)
     one_by_one = torch.cat([clf.forward([s]) for s in seqs])
     assert torch.allclose(together, one_by_one, atol=1e-5)
+
+
+def test_a_wrong_device_or_dtype_is_an_input_error_not_a_bare_value_error() -> None:
+    """A plain ValueError escaped `safety classify`'s handler (it catches SafetyError) as a traceback."""
+    import pytest
+
+    from model.errors import InvalidInputError
+    from model.runner import resolve_device, resolve_dtype
+
+    for device in ("tpu", "meta", "cuda:x"):
+        with pytest.raises(InvalidInputError, match=r"^device: unsupported device .*; use auto, cpu or cuda"):
+            resolve_device(device)
+    with pytest.raises(InvalidInputError, match=r"^dtype: unknown dtype 'fp8'; choose from \['bf16'"):
+        resolve_dtype("fp8", torch.device("cpu"))

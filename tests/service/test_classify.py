@@ -157,7 +157,7 @@ def test_remote_classify_reports_status_and_message(server: Any) -> None:
     from service.cli import remote_classify
 
     with pytest.raises(SystemExit, match=r"INVALID_ARGUMENT: items\[0\]\.text"):
-        remote_classify(f"127.0.0.1:{server.port}", [{"text": "   "}])
+        list(remote_classify(f"127.0.0.1:{server.port}", [{"text": "   "}]))  # results as they come
 
 
 @pytest.mark.parametrize(

@@ -194,7 +194,7 @@ def test_the_client_helper_reads_the_details_of_both_clients(server: SafetyServe
     assert details is not None
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT and details.message == err.details()
     assert (details.field, details.reason, details.domain) == ("items[3].text", "INVALID_INPUT", "safety.v1")
-    assert "empty" in details.description and details.retry_after_ms is None
+    assert details.description.startswith("must not be blank") and details.retry_after_ms is None
 
     async def refused() -> grpc.RpcError:
         async with AsyncSafetyClient(target) as client:

@@ -39,8 +39,8 @@ def call_error(stub: Any, req: Any) -> grpc.RpcError:
     [
         (pb2.ClassifyRequest(), "items", "at least one item"),
         (request(*["x"] * (MAX_ITEMS + 1)), "items", f"limit of {MAX_ITEMS} per request (SAFETY_MAX_ITEMS)"),
-        (request("ok", ""), "items[1].text", "empty"),
-        (request("ok", "   \n"), "items[1].text", "empty"),
+        (request("ok", ""), "items[1].text", "must not be empty"),
+        (request("ok", "  \u200b \n"), "items[1].text", "must not be blank: only whitespace"),
         (request("ok", "ok", "y" * (MAX_CHARS + 1)), "items[2].text", f"the limit is {MAX_CHARS}"),
         (
             pb2.ClassifyRequest(items=[pb2.Item(text="a", role=RESPONSE, context="c" * (MAX_CHARS + 1))]),

@@ -133,14 +133,27 @@ def test_attention_setting_reaches_the_engine(tiny_model_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (["--device", "tpu"], {}, "SAFETY_DEVICE: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
-        (["--dtype", "float8"], {}, "SAFETY_DTYPE: must be float32, bfloat16 or float16"),
-        (["--address", "127.0.0.1:99999"], {}, "SAFETY_ADDRESS: must be HOST:PORT with a port in 0-65535"),
+        (["--device", "tpu"], {}, "--device: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        ([], {"SAFETY_DEVICE": "tpu"}, "SAFETY_DEVICE: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["--dtype", "float8"], {}, "--dtype: must be float32, bfloat16 or float16"),
+        (["--address", "127.0.0.1:99999"], {}, "--address: must be HOST:PORT with a port in 0-65535"),
+        (["--max-items", "0"], {}, "--max-items: must be a positive integer, got 0"),
+        ([], {"SAFETY_MAX_ITEMS": "abc"}, "SAFETY_MAX_ITEMS: cannot parse 'abc': expected an integer"),
         ([], {"SAFETY_DRAIN_GRACE_S": "nan"}, "SAFETY_DRAIN_GRACE_S: must be a finite number"),
         ([], {"SAFETY_API_KEY": "k1 secret"}, "SAFETY_API_KEY: key 1 contains whitespace"),
-        (["--api-key-file", "/nonexistent/keys"], {}, "SAFETY_API_KEY_FILE: /nonexistent/keys: cannot read"),
+        (["--api-key-file", "/nonexistent/keys"], {}, "--api-key-file: /nonexistent/keys: cannot read"),
     ],
-    ids=["device", "dtype", "port", "nan", "api-key", "api-key-file"],
+    ids=[
+        "device",
+        "device-env",
+        "dtype",
+        "port",
+        "max-items",
+        "max-items-env",
+        "nan",
+        "api-key",
+        "api-key-file",
+    ],
 )
 def test_a_bad_setting_exits_2_with_one_line(args: list[str], env: dict[str, str], message: str) -> None:
     cmd = [*safety_command(), "serve", "--address", "127.0.0.1:0", "--metrics-address", "off", *args]
@@ -151,13 +164,18 @@ def test_a_bad_setting_exits_2_with_one_line(args: list[str], env: dict[str, str
 
 
 def test_start_up_failures_of_the_host_are_one_line_without_a_traceback(tiny_model_dir: Path) -> None:
-    """A taken metrics port (named, before the model loads) and --device cuda without CUDA: exit 1."""
+    """A taken metrics port (named, before the model loads), a model path that is not a checkpoint (named by
+    its setting) and --device cuda without CUDA: exit 1."""
     import torch
 
     base = [*safety_command(), "serve", "--model", str(tiny_model_dir), "--address", "127.0.0.1:0"]
     env = {**os.environ, "SAFETY_LOG_FORMAT": "text"}
     cases = [
-        (["--metrics-address", "127.0.0.1:{taken}"], "SAFETY_METRICS_ADDRESS 127.0.0.1:{taken}: cannot bind")
+        (["--metrics-address", "127.0.0.1:{taken}"], "SAFETY_METRICS_ADDRESS 127.0.0.1:{taken}: cannot bind"),
+        (
+            ["--metrics-address", "off", "--model", "/nonexistent"],
+            "--model or SAFETY_MODEL: /nonexistent: not a",
+        ),
     ]
     if not torch.cuda.is_available():
         cases.append((["--metrics-address", "off", "--device", "cuda"], "CUDA is not available"))

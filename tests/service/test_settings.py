@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -76,8 +77,10 @@ def test_invalid_values_name_the_variable(env: dict[str, str], named: str) -> No
 def test_a_port_out_of_range_is_refused_naming_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"^{variable}: must be HOST:PORT with a port in 0-65535, got"):
         ServeSettings.from_env({variable: value})
-    with pytest.raises(ValueError, match=f"^{variable}: "):  # a flag's value is checked the same way
-        flag = "--" + variable.removeprefix("SAFETY_").lower().replace("_", "-")
+    flag = "--" + variable.removeprefix("SAFETY_").lower().replace("_", "-")
+    with pytest.raises(
+        ValueError, match=f"^{flag}: must be HOST:PORT"
+    ):  # a flag's value: checked the same way
         from_args(parse(flag, value), {})
 
 
@@ -200,3 +203,64 @@ def test_metrics_address_off_disables_it_and_empty_means_the_default_as_for_ever
     add_arguments(parser)
     [action] = [a for a in parser._actions if a.dest == "setting_metrics_address"]
     assert "off: none" in action.help and "''" not in action.help
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "variable", "why"),
+    [
+        ("--max-items", "0", "SAFETY_MAX_ITEMS", "must be a positive integer, got 0"),
+        ("--device", "tpu", "SAFETY_DEVICE", "must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        ("--max-wait-ms", "nan", "SAFETY_MAX_WAIT_MS", "must be a finite number >= 0, got nan"),
+        ("--log-format", "xml", "SAFETY_LOG_FORMAT", "must be json or text, got 'xml'"),
+    ],
+)
+def test_a_refused_value_is_named_the_way_it_was_given(
+    flag: str, value: str, variable: str, why: str
+) -> None:
+    """`safety serve --max-items 0` said `SAFETY_MAX_ITEMS: ...`, naming a variable the user had not set."""
+    with pytest.raises(ValueError, match=f"^{flag}: {why}$"):
+        from_args(parse(flag, value), {})
+    with pytest.raises(ValueError, match=f"^{variable}: {why}$"):
+        from_args(parse(), {variable: value})
+    with pytest.raises(ValueError, match=f"^{flag}: {why}$"):  # the flag's value is the one used, and refused
+        from_args(parse(flag, value), {variable: "1" if variable == "SAFETY_MAX_ITEMS" else ""})
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "why"),
+    [
+        ("--max-items", "abc", "expected an integer"),
+        ("--max-wait-ms", "soon", "expected a number"),
+        ("--max-queue-tokens", "lots", "expected an integer, or auto or none (unset)"),
+    ],
+)
+def test_a_value_that_does_not_parse_says_what_was_expected(
+    flag: str, value: str, why: str, capsys: pytest.CaptureFixture
+) -> None:
+    """`SAFETY_MAX_ITEMS=abc` said only `cannot parse 'abc'`; the flag of an opt_int said `invalid opt_int
+    value`."""
+    variable = "SAFETY_" + flag[2:].upper().replace("-", "_")
+    with pytest.raises(ValueError, match=re.escape(f"{variable}: cannot parse '{value}': {why}")):
+        ServeSettings.from_env({variable: value})
+    with pytest.raises(SystemExit):
+        parse(flag, value)
+    assert f"error: argument {flag}: cannot parse '{value}': {why}\n" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_does_not_load_is_named_by_its_setting(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`safety serve --model /nope` logged `startup failed: /nope: not a directory`, naming no setting."""
+    from model.errors import CheckpointError
+
+    missing, weightless = tmp_path / "nope", tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
+    with pytest.raises(CheckpointError, match=f"^--model or SAFETY_MODEL: {missing}: not a directory$"):
+        ServeSettings(model=str(missing), device="cpu").load()
+    with pytest.raises(
+        CheckpointError, match=f"^--model or SAFETY_MODEL: {weightless}: no model.safetensors"
+    ):
+        ServeSettings(model=str(weightless), device="cpu").load()
+    with pytest.raises(CheckpointError, match=f"^SAFETY_MODEL: {missing}: not a directory$"):  # no flag
+        WorkerSettings(model=str(missing), device="cpu").load()

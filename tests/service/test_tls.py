@@ -115,6 +115,24 @@ def test_classify_remote_with_a_client_certificate(start_server: Any, pki: dict[
     assert refused.returncode != 0 and "UNAVAILABLE" in refused.stderr
 
 
+def test_classify_remote_without_tls_to_a_tls_port_is_told_to_pass_tls(
+    start_server: Any, pki: dict[str, Pair]
+):
+    """It printed only gRPC's `failed to connect to all addresses; ... Socket closed`."""
+    from service.cli import remote_classify
+
+    cert, key = pki["server"]
+    app = start_server(tls_cert=str(cert), tls_key=str(key))
+    target = f"localhost:{app.port}"
+    with pytest.raises(SystemExit) as e:
+        list(remote_classify(target, ["hello"], timeout=10))
+    said = str(e.value.code)
+    assert said.startswith(f"safety classify --remote {target}: UNAVAILABLE: failed to connect"), said
+    assert said.endswith(f" (does {target} serve TLS? then pass --tls, and --ca FILE for a private CA)"), said
+    [result] = remote_classify(target, ["hello"], tls=True, ca=str(pki["ca"][0]), timeout=10)
+    assert result["scores"]
+
+
 def test_a_rotated_client_ca_is_trusted_instead_of_the_old_one(
     start_server: Any, pki: dict[str, Pair], tmp_path: Path
 ) -> None:

@@ -92,6 +92,19 @@ def test_out_a_directory_is_refused_up_front(tmp_path: Path) -> None:
         _check_out(str(link))
 
 
+def test_out_in_a_directory_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    """It said `DIR is not a directory` for a directory that is not there at all."""
+    missing = tmp_path / "nonexist" / "dir"
+    with pytest.raises(InvalidInputError) as e:
+        _check_out(str(missing / "r.jsonl"))
+    assert str(e.value) == f"--out: cannot write {missing}/r.jsonl: {missing} does not exist; create it first"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(
+        InvalidInputError, match=f"^--out: cannot write .*: {tmp_path}/file is not a directory$"
+    ):
+        _check_out(str(tmp_path / "file" / "r.jsonl"))
+
+
 def test_ctrl_c_during_validation_says_nothing_was_submitted(
     redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -561,3 +574,63 @@ def test_out_dev_stdout_redirected_to_a_file_appends_to_it(redis_server: RedisSe
     lines = [json.loads(line) for line in target.read_text().splitlines()]
     assert lines == [{"earlier": True}] + [{"index": i} for i in range(3)]
     assert target.stat().st_ino == inode
+
+
+@pytest.mark.parametrize("job_id", ["", "a b", ".hidden", "x" * 129])
+def test_submit_refuses_a_job_id_it_cannot_use_by_its_flag_before_reading_the_items(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    job_id: str,
+) -> None:
+    """`--job-id ''` submitted under a random id, exit 0; a malformed id was refused as `job_id: ...` only
+    after every item was read and checked."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "one"}\n{"text": "two"}\n')
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setattr(JobClient, "_validate", lambda *_: pytest.fail("the items were read"))
+    assert main(["submit", str(src), "--job-id", job_id]) == 2
+    assert capsys.readouterr().err == (
+        "safety submit: --job-id: must be 1-128 characters of A-Z a-z 0-9 . _ - (first a letter or digit), "
+        f"got {job_id!r}; leave --job-id out to have one made\n"
+    )
+    assert redis_server.client().dbsize() == 0
+    assert main(["job", "status", job_id]) == 2  # the job commands refuse it too, by their JOB_ID
+    assert capsys.readouterr().err.startswith("safety job status: job_id: must be 1-128 characters")
+
+
+def test_one_item_is_counted_in_the_singular(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """It said `submitted job one: 1 items, 1 chunk sent`."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "only"}\n')
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "singular")
+    assert main(["submit", str(src), "--job-id", "one"]) == 0
+    assert capsys.readouterr() == ("one\n", "submitted job one: 1 item, 1 chunk sent\n")
+
+
+def test_a_wait_that_times_out_says_how_to_carry_on(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`--wait --timeout` ended with `still queued after 0.3s` and nothing on how to get the results."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "r.jsonl"
+    src.write_text('{"text": "one"}\n{"text": "two"}\n')
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "nobody-listens")
+    argv = ["submit", str(src), "--job-id", "slow", "--wait", "--timeout", "0.3", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "safety submit: job 'slow' is still queued after 0.3s (0/2 items); the job goes on: `safety job "
+        f"status slow` shows its progress, `safety job results slow --out {out}` writes its results\n"
+    )
+    assert main(argv) == 2  # resumed, waited for again; the results would go to stdout
+    assert capsys.readouterr().err.endswith("`safety job results slow` writes its results\n")
+    assert main(["job", "results", "slow", "--timeout", "0.3"]) == 2
+    assert capsys.readouterr().err == (
+        "safety job results: job 'slow': result 0 not ready after 0.3s (job queued, 0/2 items); "
+        "the job goes on: run `safety job results slow` again, with a longer --timeout or none\n"
+    )
+    assert not out.exists()

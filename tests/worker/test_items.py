@@ -115,8 +115,9 @@ class FrozenMapping(Mapping[str, Any]):
 @pytest.mark.parametrize(
     ("raw", "field", "said"),
     [
-        ({"text": "\u200b"}, "text", "must not be empty"),  # only an invisible separator
-        ({"text": " \ufeff\u200d\n\u2060 "}, "text", "must not be empty"),  # whitespace and invisibles
+        ({"text": ""}, "text", "must not be empty"),
+        ({"text": "\u200b"}, "text", "must not be blank"),  # only an invisible separator
+        ({"text": " \ufeff\u200d\n\u2060 "}, "text", "must not be blank"),  # whitespace and invisibles
         ({"text": "\u200b\u200c hidden"}, None, None),  # invisibles first, then something to read
         ({"text": "  padded  \u200b"}, None, None),
         ({"text": "caf\u00e9"}, None, None),

@@ -16,6 +16,7 @@ import redis
 from celery.exceptions import Reject
 
 from model.errors import InvalidInputError, NotFoundError
+from model.items import BLANK
 from tests.worker.harness import RedisServer, assert_job_output, expected_lines, free_port, make_items, poll
 from worker.jobs import JobClient
 from worker.metrics import Metrics
@@ -34,7 +35,7 @@ def test_an_item_the_engine_refuses_fails_alone(tiny_classifier: Any) -> None:
     items = [{"text": "first", "id": "a"}, {"text": "   ", "id": "b"}, {"text": "third", "id": "c"}]
     lines = sorted(classify_lines(tiny_classifier, [10, 11, 12], items), key=lambda x: x[0])
     assert [(i, failed) for i, _, failed in lines] == [(10, False), (11, True), (12, False)]
-    assert lines[1][1] == failed_line(11, "b", "items[11].text: must not be empty")
+    assert lines[1][1] == failed_line(11, "b", f"items[11].text: {BLANK}")
     want = [r.to_dict() for r in tiny_classifier.classify([items[0], items[2]])]
     assert [lines[0][1], lines[2][1]] == [
         {"index": 10, **want[0], "error": None},

@@ -99,7 +99,7 @@ def test_cli_submit_wait_then_status_results_cancel(
     r = module_redis.client()
     before = r.llen(QUEUE)
     refused = run(["submit", str(src), "--wait", "--out", str(nowhere), "--job-id", "never"], env)
-    assert refused.returncode == 2 and "no-such-dir is not a directory" in refused.stderr, refused.stderr
+    assert refused.returncode == 2 and "no-such-dir does not exist; create it first" in refused.stderr
     assert not r.exists(JobKeys("never").job) and r.llen(QUEUE) == before
 
 

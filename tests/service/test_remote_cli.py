@@ -1,0 +1,182 @@
+"""`safety classify --remote` in process against real servers on port 0: any number of items, sent in
+requests within the server's limits and printed as each request's results arrive; the client's API key
+variable; what a failed call tells the CLI user."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from model.cli import main
+from service.client import split_requests
+from service.server import SafetyServer
+from service.stubs import pb2
+
+
+def classify_calls(app: SafetyServer) -> Counter[str]:
+    """safety_requests_total of Classify, by code."""
+    codes: Counter[str] = Counter()
+    for metric in app.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "safety_requests_total" and sample.labels["method"] == "Classify":
+                codes[sample.labels["code"]] += int(sample.value)
+    return +codes
+
+
+def write_items(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"id": f"i{n}", "text": t}) + "\n" for n, t in enumerate(texts)))
+    return path
+
+
+def test_a_file_larger_than_max_items_is_sent_in_requests_the_server_accepts(
+    start_server: Any, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """More than SAFETY_MAX_ITEMS items failed with INVALID_ARGUMENT and printed nothing; the local run
+    classifies any number. Now the output is the local run's, from ceil(11 / 4) requests."""
+    app = start_server(max_items=4)
+    src = write_items(tmp_path / "in.jsonl", [f"item number {n}" for n in range(11)])
+    argv = ["classify", "--jsonl", str(src), "--threshold", "hate=0.5"]
+    assert main([*argv, "--remote", f"127.0.0.1:{app.port}"]) == 0
+    remote = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert classify_calls(app) == {"OK": 3}
+    assert main([*argv, "--model", str(tiny_model_dir), "--device", "cpu"]) == 0
+    local = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["id"] for r in remote] == [f"i{n}" for n in range(11)]
+    for got, want in zip(remote, local, strict=True):
+        assert list(got) == list(want)  # the same keys, in the same order
+        assert got["flagged_labels"] == want["flagged_labels"] and got["spans"] == want["spans"]
+        assert got["scores"] == pytest.approx(want["scores"], rel=1e-4, abs=1e-5)
+
+
+def test_results_print_as_each_request_returns_while_the_input_is_still_read(
+    start_server: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The whole file was read, and every result waited for, before the first line was printed."""
+    app = start_server(max_items=4)
+    printed_when_read: list[int] = []
+    out: list[str] = []
+
+    class Stdin:  # a pipe that is still being written: lines come as they are asked for
+        def __iter__(self) -> Iterator[str]:
+            for n in range(10):
+                out.extend(capsys.readouterr().out.splitlines())
+                printed_when_read.append(len(out))
+                yield json.dumps({"text": f"line {n}"}) + "\n"
+
+    monkeypatch.setattr("sys.stdin", Stdin())
+    assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", "-"]) == 0
+    out.extend(capsys.readouterr().out.splitlines())
+    assert len(out) == 10
+    # item 4 completed the first request's 4; it went out when item 5 was wanted, before line 6 was read
+    assert printed_when_read == [0, 0, 0, 0, 0, 4, 4, 4, 4, 8]
+
+
+def test_requests_stay_within_the_servers_message_bytes(start_server: Any, tmp_path: Path, capsys) -> None:
+    app = start_server(max_message_bytes=700)
+    texts = [("x" * 150 + f" {n}") for n in range(9)]
+    src = write_items(tmp_path / "in.jsonl", texts)
+    assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 0
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [
+        f"i{n}" for n in range(9)
+    ]
+    assert classify_calls(app) == {"OK": 3}  # 4 of about 165 bytes fit in 700, 5 do not
+    write_items(src, ["fine", "y" * 800])  # no request can carry it: refused, naming it, exit 2
+    assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and said.err == (
+        "safety classify: items[1]: is 810 bytes as a request message of its own, more than the server's "
+        "limit of 700 (limits.max_message_bytes, SAFETY_MAX_MESSAGE_BYTES); shorten its text or context\n"
+    )
+
+
+@pytest.mark.parametrize("max_bytes", [0, 300, 1000])
+@pytest.mark.parametrize("max_items", [0, 1, 3])
+def test_split_requests_fills_each_request_up_to_the_limits(max_items: int, max_bytes: int) -> None:
+    items = [{"id": f"i{n}", "text": "t" * (n * 17 % 120 + 1), "role": "response", "context": "c" * n}
+             for n in range(40)]  # fmt: skip
+    thresholds = {"hate": 0.25}
+    limits = {"max_items": max_items, "max_message_bytes": max_bytes, "max_queue_items": 4096}
+    requests = list(split_requests(iter(items), limits, thresholds))
+    assert [item.id for _, r in requests for item in r.items] == [f"i{n}" for n in range(40)]
+    sizes = [len(r.items) for _, r in requests]
+    assert [first for first, _ in requests] == [0, *itertools.accumulate(sizes)][:-1]
+    for n, (_, request) in enumerate(requests):
+        assert dict(request.thresholds) == thresholds
+        assert not max_items or len(request.items) <= max_items
+        assert not max_bytes or request.ByteSize() <= max_bytes
+        if n + 1 < len(requests):  # full: one more item would have broken a limit
+            more = pb2.ClassifyRequest()
+            more.CopyFrom(request)
+            more.items.append(requests[n + 1][1].items[0])
+            assert (max_items and len(more.items) > max_items) or (max_bytes and more.ByteSize() > max_bytes)
+
+
+def test_split_requests_keeps_each_request_within_the_whole_queue_bound() -> None:
+    """A request with more items than SAFETY_MAX_QUEUE_ITEMS is refused whatever SAFETY_MAX_ITEMS says."""
+    requests = split_requests(["a"] * 9, {"max_items": 256, "max_queue_items": 4})
+    assert [(first, len(r.items)) for first, r in requests] == [(0, 4), (4, 4), (8, 1)]
+
+
+def test_an_item_the_server_refuses_is_named_by_its_index_in_the_input(
+    start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """In the third request, the server's `items[1]` is the input's item 9."""
+    app = start_server(max_items=4, max_text_chars=50)
+    src = write_items(tmp_path / "in.jsonl", ["short"] * 9 + ["z" * 60, "short"])
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)])
+    assert e.value.code == (
+        f"safety classify --remote 127.0.0.1:{app.port}: INVALID_ARGUMENT: items[9].text: has 60 characters, "
+        "the limit is 50 (SAFETY_MAX_TEXT_CHARS); stopped there, after the results of the first 8 items"
+    )
+    assert len(capsys.readouterr().out.splitlines()) == 8
+
+
+def test_the_api_key_comes_from_safety_client_api_key_and_a_refusal_says_what_to_pass(
+    start_server: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Only --api-key worked (which `ps` shows); SAFETY_API_KEY, the server's list of keys, was ignored
+    without a word: UNAUTHENTICATED with gRPC's metadata hint only."""
+    app = start_server(api_key="secret1,secret2")
+    target = f"127.0.0.1:{app.port}"
+    monkeypatch.delenv("SAFETY_CLIENT_API_KEY", raising=False)
+    monkeypatch.setenv("SAFETY_API_KEY", "secret1")
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--remote", target, "hi"])
+    assert e.value.code == (
+        f"safety classify --remote {target}: UNAUTHENTICATED: missing or wrong API key; send metadata "
+        "`authorization: Bearer <key>`; pass the server's API key in SAFETY_CLIENT_API_KEY (or --api-key "
+        "KEY, which `ps` shows); SAFETY_API_KEY is the server's setting, the client reads "
+        "SAFETY_CLIENT_API_KEY"
+    )
+    monkeypatch.setenv("SAFETY_CLIENT_API_KEY", " secret2\n")  # as $(cat keyfile) may leave it
+    assert main(["classify", "--remote", target, "hi"]) == 0
+    assert json.loads(capsys.readouterr().out)["scores"]
+    monkeypatch.setenv("SAFETY_CLIENT_API_KEY", "old-key")
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--remote", target, "hi"])
+    assert str(e.value.code).endswith("; the key of SAFETY_CLIENT_API_KEY is not one the server accepts")
+    assert main(["classify", "--remote", target, "--api-key", "secret1", "hi"]) == 0  # the flag wins
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--remote", target, "--api-key", "nope", "hi"])
+    assert str(e.value.code).endswith("; the key of --api-key is not one the server accepts")
+
+
+def test_a_server_that_is_not_there_gets_a_hint_besides_grpcs_own_words() -> None:
+    with socket.socket() as s:  # a port nothing listens on (bound, not listening: refused)
+        s.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{s.getsockname()[1]}"
+        with pytest.raises(SystemExit) as e:
+            main(["classify", "--remote", target, "--timeout", "10", "hi"])
+    said = str(e.value.code)
+    assert said.startswith(
+        f"safety classify --remote {target}: UNAVAILABLE: failed to connect to all addresses"
+    )
+    assert "Connection refused" in said and said.endswith(f" (is `safety serve` running at {target}?)"), said
