@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model.errors import InvalidInputError
 from model.packing import Packed, pad_index
 
 BACKENDS = ("flash_attn", "varlen", "sdpa", "triton", "triton_local")
@@ -46,22 +47,29 @@ def pick_backend(device: torch.device, requested: str | None = None) -> str:
     """flash-attn if importable on CUDA, else torch varlen on CUDA, else SDPA. `requested` overrides."""
     if requested is not None:
         if requested not in BACKENDS:
-            raise ValueError(f"backend: unknown attention backend {requested!r}; choose from {BACKENDS}")
+            raise InvalidInputError(
+                f"unknown attention backend {requested!r}; choose from {BACKENDS}", field="backend"
+            )
         if requested in ("flash_attn", "varlen") and device.type != "cuda":
-            raise ValueError(f"backend: {requested!r} needs a CUDA device, got {device}")
+            raise InvalidInputError(f"{requested!r} needs a CUDA device, got {device}", field="backend")
         if requested == "flash_attn" and not has_flash_attn():
-            raise ValueError("backend: 'flash_attn' requested but the flash_attn package is not installed")
+            raise InvalidInputError(
+                "'flash_attn' requested but the flash_attn package is not installed", field="backend"
+            )
         if requested == "varlen" and not has_torch_varlen():
-            raise ValueError("backend: 'varlen' requested but torch.nn.attention.varlen is not available")
+            raise InvalidInputError(
+                "'varlen' requested but torch.nn.attention.varlen is not available", field="backend"
+            )
         if requested in TRITON:
             from model.fused import triton_missing
 
             if why := triton_missing(device, "its kernels"):
-                raise ValueError(f"backend: {requested!r} requested, but {why}")
+                raise InvalidInputError(f"{requested!r} requested, but {why}", field="backend")
         flash = device.type == "cuda" and (has_flash_attn() or has_torch_varlen())
         if requested == "triton_local" and not flash:
-            raise ValueError(
-                f"backend: 'triton_local' runs its global layers on a CUDA flash kernel, none on {device}"
+            raise InvalidInputError(
+                f"'triton_local' runs its global layers on a CUDA flash kernel, none on {device}",
+                field="backend",
             )
         return requested
     if device.type == "cuda":
@@ -98,7 +106,7 @@ class Attention:
 
     def __init__(self, name: str, window: int) -> None:
         if name not in BACKENDS:
-            raise ValueError(f"backend: unknown attention backend {name!r}")
+            raise InvalidInputError(f"unknown attention backend {name!r}", field="backend")
         self.name = name
         self.window = window
         # flash_attn's or torch's flash varlen kernel (triton_local: its global layers), and our Triton kernel

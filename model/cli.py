@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from model.cliargs import add_threshold_option, parse_device, parse_dtype
+from model.cliargs import EXIT_PIPE, add_threshold_option, parse_device, parse_dtype, silence_stdout
 from model.errors import InvalidInputError, SafetyError
 from model.items import check_item, fields_of
 from model.jsonl import read_jsonl
@@ -196,10 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser(argv).parse_args(argv)
         logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a reader gone away is caught, not at exit
+        return code
     except SafetyError as e:
         print(f"safety {command}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of the output went away (`safety classify ... | head -1`)
+        silence_stdout()
+        return EXIT_PIPE
     except KeyboardInterrupt:  # Ctrl-C before a command set its own handler (while it still imports)
         print(f"\nsafety {command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -3,15 +3,28 @@
 Owns: `--threshold LABEL=VALUE` (repeatable): its argparse type `parse_threshold`, which refuses a malformed
 value with argparse's usage error (exit status 2), and `add_threshold_option`; the argparse types of
 `--device` and `--dtype` (`parse_device`, `parse_dtype`: the values model/engine_settings.py accepts, so a
-wrong one is a usage error naming the flag, not a traceback from the runner). Must not know: the classifier
-(the engine validates the label names and the range), torch, gRPC, Celery.
+wrong one is a usage error naming the flag, not a traceback from the runner); and what every `safety`
+command does when the reader of its output goes away (`| head -1`): `silence_stdout`, then exit `EXIT_PIPE`.
+Must not know: the classifier (the engine validates the label names and the range), torch, gRPC, Celery.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from model.engine_settings import device_problem, dtype_problem
+
+EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of the output went away (`| head`), as a process SIGPIPE kills
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null after its reader went away: what is still buffered must not fail again (and
+    print a traceback) at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def parse_threshold(value: str) -> tuple[str, float]:

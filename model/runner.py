@@ -111,11 +111,14 @@ class Runner:
         self.dtype = dtype
         self.backend = pick_backend(device, backend)
         if self.backend in VARLEN and dtype == torch.float32 and device.type == "cuda":
-            raise ValueError(f"dtype: backend {self.backend!r} needs bfloat16 or float16, not float32")
+            raise InvalidInputError(
+                f"backend {self.backend!r} needs bfloat16 or float16, not float32", field="dtype"
+            )
         head_dim = net.config.head_dim
         if self.backend in TRITON and not triton_attention.tileable(head_dim):
-            raise ValueError(
-                f"backend: {self.backend!r} needs a power-of-two head_dim, at least 16, got {head_dim}"
+            raise InvalidInputError(
+                f"{self.backend!r} needs a power-of-two head_dim, at least 16, got {head_dim}",
+                field="backend",
             )
         self.net = net.to(device=device, dtype=dtype).eval()
         self.net.model.reset_rope(device)
@@ -126,7 +129,7 @@ class Runner:
                 device, dtype, c.hidden_activation, c.hidden_size, c.num_attention_heads, c.intermediate_size
             )
             if why:
-                raise ValueError(f"fused_gemm: {why}")
+                raise InvalidInputError(f"{why}", field="fused_gemm")
             self.net.fuse_epilogues()
         self.attn = Attention(self.backend, net.config.window)
         self._lock = threading.Lock()  # one batch on the device at a time
@@ -143,9 +146,10 @@ class Runner:
         self.graph_error: str | None = None
         graphable = device.type == "cuda" and self.backend in VARLEN
         if graphs and not graphable:
-            raise ValueError(
-                f"cuda_graphs: CUDA graphs need a CUDA device and a varlen attention kernel, got {device} "
-                f"with {self.backend!r}"
+            raise InvalidInputError(
+                f"CUDA graphs need a CUDA device and a varlen attention kernel, got {device} "
+                f"with {self.backend!r}",
+                field="cuda_graphs",
             )
         if graphs or (graphs is None and graphable):
             self.capture_graphs(

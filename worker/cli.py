@@ -30,6 +30,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from model.cliargs import EXIT_PIPE, silence_stdout
 from model.errors import ConfigError, DeadlineExceededError, InvalidInputError, SafetyError
 from model.logs import configure as configure_logs
 from model.threads import available_cpus
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     from worker.jobs import JobClient, Prepared
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of the output went away (`| head`), as a process SIGPIPE kills
 log = logging.getLogger("safety.worker")
 
 
@@ -546,7 +546,7 @@ def _write_results(client: Any, job_id: str, out: str | None, timeout: float | N
                 count += 1
     except BrokenPipeError:
         if out is None or out == "-":
-            _silence_stdout()
+            silence_stdout()
         raise OutputClosed from None
     return count
 
@@ -556,15 +556,8 @@ def _stdout(text: str) -> None:
     try:
         print(text, flush=True)
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         raise OutputClosed from None
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null: what is still buffered must not fail again at exit."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 def _check_out(out: str | None) -> str | None:

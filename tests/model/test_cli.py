@@ -98,3 +98,21 @@ def test_wrong_engine_flags_and_log_level_are_usage_errors_not_tracebacks() -> N
     from model import cli
 
     assert cli.build_parser().parse_args(["--log-level", "debug", "classify", "x"]).log_level == "DEBUG"
+
+
+def test_a_reader_that_goes_away_ends_classify_quietly_with_141(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`safety classify --jsonl F | head -1`: the output's reader leaves after one line; the command stops
+    as a process SIGPIPE kills (exit 141), with no BrokenPipeError traceback."""
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": f"text number {i}"}) + "\n" for i in range(2000)))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "model.cli", "classify", "--model", str(tiny_model_dir), "--jsonl", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert p.stdout is not None and p.stderr is not None
+    assert json.loads(p.stdout.readline())["scores"]  # the first result, then the reader goes away
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -66,3 +66,17 @@ def test_a_wrong_device_or_dtype_is_an_input_error_not_a_bare_value_error() -> N
             resolve_device(device)
     with pytest.raises(InvalidInputError, match=r"^dtype: unknown dtype 'fp8'; choose from \['bf16'"):
         resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_an_attention_backend_this_machine_cannot_run_is_an_input_error() -> None:
+    """pick_backend's refusals (and the runner's) are InvalidInputError naming the setting, which the CLI
+    and the servers report as one line, not a bare ValueError's traceback."""
+    import pytest
+
+    from model.attention import pick_backend
+    from model.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r"^backend: 'varlen' needs a CUDA device, got cpu"):
+        pick_backend(torch.device("cpu"), "varlen")
+    with pytest.raises(InvalidInputError, match=r"^backend: unknown attention backend 'nope'"):
+        pick_backend(torch.device("cpu"), "nope")
