@@ -51,6 +51,12 @@ from worker.settings import WorkerSettings, env_name
 from worker.store import FINISHED, JobStore, check_job_id, failed_line, new_nonce
 
 CANCELLED = "cancelled: the job was cancelled before this item was classified"
+# The error of an item a cancel stopped before it was stored: the job holds no id for it (`id` null, gRPC
+# JobResult.id empty), only its index, its position in the items submitted.
+NOT_SUBMITTED = (
+    "cancelled before it was submitted: the job was cancelled while its items were being stored, before this "
+    "one was, so the job has no id for it; `index` is its position in the items submitted"
+)
 # Errors Redis answers while a connection is set up (SELECT of the URL's DB, AUTH): SAFETY_REDIS_URL is wrong.
 SETUP_REFUSED = ("DB index", "SELECT is not allowed", "NOAUTH", "WRONGPASS", "invalid password")
 _READ_BATCH = 512
@@ -423,7 +429,8 @@ class JobClient:
         """Result lines in item order from index `start`, each as soon as it and all before it exist.
 
         Follows a running job until it finishes; items of a cancelled job that were never classified
-        come back as failed lines. Raises as `wait` does; `timeout` bounds the whole stream.
+        come back as failed lines (`CANCELLED`; `NOT_SUBMITTED`, with `id` None, for an item the cancel
+        stopped before it was stored). Raises as `wait` does; `timeout` bounds the whole stream.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         status = self.status(job_id)
@@ -481,11 +488,12 @@ class JobClient:
             written = self.store.results(job_id, lo, hi)
             items = self.store.items(job_id, range(lo, hi))
         for index, raw, item in zip(range(lo, hi), written, items, strict=True):
-            yield (
-                json.loads(raw)
-                if raw is not None  # an item never stored (a submit cancelled midway) is named by its index
-                else failed_line(index, item_id((item or {}).get("id"), index), CANCELLED)
-            )
+            if raw is not None:
+                yield json.loads(raw)
+            elif item is None:  # never stored (a submit cancelled midway): its id never reached the job
+                yield failed_line(index, None, NOT_SUBMITTED)
+            else:  # stored: its id (an item the previous release stored without one: its index)
+                yield failed_line(index, item_id(item.get("id"), index), CANCELLED)
 
     def _still_there(self, job_id: str, last: JobStatus) -> JobStatus:
         with self._reachable():

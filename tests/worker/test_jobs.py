@@ -32,7 +32,7 @@ from tests.worker.harness import (
 )
 from worker.app import TASK_NAME
 from worker.items import normalize_item
-from worker.jobs import JobClient
+from worker.jobs import CANCELLED, NOT_SUBMITTED, JobClient
 from worker.store import (
     ACTIVE_JOBS,
     DEAD_LETTER,
@@ -413,9 +413,13 @@ def test_a_cancel_during_the_submit_stops_it(
     assert len(queued_messages(redis_server, "q")) == 2
     again = client.submit(make_items(10), job_id="cut")  # a resume finds it finished: nothing more is sent
     assert (again.resumed, again.sent, again.status.state) == (True, 0, "cancelled")
-    # every item has a 'cancelled' line; those never stored are named by their index (the id rule), not null
+    # every item has a 'cancelled' line: those stored with their id; those never stored have none (their id
+    # never reached Redis: the index in its place passed for another item's id, "74240" for "m74240")
     lines = list(client.results("cut", timeout=10))
-    assert [line["id"] for line in lines] == [f"item-{i}" for i in range(4)] + [str(i) for i in range(4, 10)]
+    assert [line["index"] for line in lines] == list(range(10))
+    assert [line["id"] for line in lines] == [f"item-{i}" for i in range(4)] + [None] * 6
+    assert [line["error"] for line in lines] == [CANCELLED] * 4 + [NOT_SUBMITTED] * 6
+    assert NOT_SUBMITTED.startswith("cancelled") and all(line["scores"] is None for line in lines)
 
 
 def test_delete_removes_every_key_of_a_finished_or_cancelled_job_only(
