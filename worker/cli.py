@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -433,7 +433,7 @@ def run_submit(args: argparse.Namespace) -> int:
             with items:
                 if args.wait:
                     _check_out(args.out)  # before the job runs, not after it finished
-                client = JobClient.from_env()
+                client = JobClient.from_env(notice=_notice("submit"))
                 prepared = _prepare(client, items)
             with prepared:
                 sent = True
@@ -650,7 +650,7 @@ def _job_call(command: str, fn: Any) -> int:
     client = None
     try:
         with _errors(f"job {command}"):
-            client = JobClient.from_env()
+            client = JobClient.from_env(notice=_notice(f"job {command}"))
             return fn(client) or EXIT_OK
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -660,6 +660,18 @@ def _job_call(command: str, fn: Any) -> int:
     finally:
         if client is not None:
             client.close()
+
+
+def _notice(command: str) -> Callable[[str], None]:
+    """What the job client says while it waits (on another process submitting the job): a line on stderr,
+    above the progress bar if one is shown."""
+
+    def say(message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"safety {command}: {message}", file=sys.stderr)
+
+    return say
 
 
 @contextmanager

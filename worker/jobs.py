@@ -1,16 +1,17 @@
 """The job client: submit a job, read its status, stream its results in item order, cancel or delete it.
 
 Owns: the submission path (validate every item before anything is queued, store the items, send one
-task per chunk, resumable with the same job id; a job given as a stream of items is checked one item at a
-time and spooled to an anonymous temporary file, then stored chunk by chunk from there, so the client's
-memory is a chunk's, not the job's) and the read path (status, results by index with a poll, a clear
-error for a job that is unknown, expired, deleted or lost). Raises only the `model.errors` hierarchy:
-InvalidInputError (bad items or job id, the id of a deleted job), NotFoundError (unknown, expired,
-deleted, or lost in a Redis restart), UnavailableError (Redis unreachable; the spool file cannot be written
-or read), ConfigError (SAFETY_REDIS_URL names a DB, password or server that Redis refuses),
-DeadlineExceededError (a wait ran out of time), FailedPreconditionError (waiting on a job whose
-submission stopped half-way; deleting an open job). The CLI and the gRPC service call this. Must not know:
-torch, the model, gRPC; it sends tasks by name and never imports them.
+task per chunk, resumable with the same job id, one submit of a job at a time under its submit lease; a job
+given as a stream of items is checked one item at a time and spooled to an anonymous temporary file, then
+stored chunk by chunk from there, so the client's memory is a chunk's, not the job's) and the read path
+(status, results by index with a poll, a clear error for a job that is unknown, expired, deleted or lost).
+Raises only the `model.errors` hierarchy: InvalidInputError (bad items or job id, the id of a deleted job),
+NotFoundError (unknown, expired, deleted, or lost in a Redis restart), UnavailableError (Redis unreachable;
+the spool file cannot be written or read), JobBusyError (another process is submitting the job), ConfigError
+(SAFETY_REDIS_URL names a DB, password or server that Redis refuses), DeadlineExceededError (a wait ran out
+of time), FailedPreconditionError (waiting on a job whose submission stopped half-way; deleting an open
+job). The CLI and the gRPC service call this. Must not know: torch, the model, gRPC; it sends tasks by name
+and never imports them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import re
 import tempfile
@@ -41,6 +43,7 @@ from model.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidInputError,
+    JobBusyError,
     NotFoundError,
     UnavailableError,
 )
@@ -48,7 +51,7 @@ from model.items import item_id
 from worker.app import create_app, send_chunk
 from worker.items import iter_normalized
 from worker.settings import WorkerSettings, env_name
-from worker.store import FINISHED, JobStore, check_job_id, failed_line, new_nonce
+from worker.store import FINISHED, SUBMIT_LEASE_S, JobStore, check_job_id, failed_line, new_nonce
 
 CANCELLED = "cancelled: the job was cancelled before this item was classified"
 # The error of an item a cancel stopped before it was stored: the job holds no id for it (`id` null, gRPC
@@ -60,6 +63,11 @@ NOT_SUBMITTED = (
 # Errors Redis answers while a connection is set up (SELECT of the URL's DB, AUTH): SAFETY_REDIS_URL is wrong.
 SETUP_REFUSED = ("DB index", "SELECT is not allowed", "NOAUTH", "WRONGPASS", "invalid password")
 _READ_BATCH = 512
+# A submit that finds its job's submit lease held waits this much longer than a lease lasts (which outlasts
+# the lease of a submit that died), polling this often.
+_LEASE_MARGIN_S = 2.0
+_LEASE_POLL_S = 0.2
+log = logging.getLogger("safety.jobs")
 
 
 @dataclass(frozen=True)
@@ -248,19 +256,67 @@ def _spool_error(e: OSError, doing: str) -> UnavailableError:
     )
 
 
-class JobClient:
-    """Talks to Redis (job store) and to the Celery broker (the chunk queue). Thread-safe."""
+class _SubmitLease:
+    """A submit's hold on its job's submit lease (`JobStore.hold_submit`): one submit at a time stores and
+    queues a job, so two submits of one job id at once never queue a chunk twice."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, client: JobClient, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.token = uuid.uuid4().hex
+
+    def hold(self) -> bool:
+        """Take or renew the lease; while another submit holds it, wait, up to a lease's length and a margin
+        (which outlasts the lease of a submit that died). -> True when this submit held it since its last
+        call; False when it took a free one (first call, or this submit paused past its lease): another
+        submit may have queued chunks meanwhile, so what was sent must be read again. JobBusyError when the
+        other submit still holds it after the wait."""
+        store, ttl = self.client.store, self.client.submit_lease_s
+        state, left = store.hold_submit(self.job_id, self.token, ttl)
+        if state != "busy":
+            return state == "renewed"
+        patience = ttl + _LEASE_MARGIN_S
+        self.client.notice(
+            f"job {self.job_id} is being submitted by another process; waiting up to {patience:.0f}s for it"
+        )
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            time.sleep(min(_LEASE_POLL_S, max(0.0, deadline - time.monotonic())))
+            state, left = store.hold_submit(self.job_id, self.token, ttl)
+            if state != "busy":
+                return False
+        raise JobBusyError(
+            f"job {self.job_id!r} is being submitted by another process (a `safety submit` or SubmitJob of "
+            f"this job id), still storing and queueing its chunks after this submit waited {patience:.0f}s; "
+            f"let it finish (`safety job status {self.job_id}` leaves `submitting` when it has), or retry "
+            f"after {math.ceil(left)}s if it was stopped: the same job id and items resume the job"
+        )
+
+    def release(self) -> None:
+        """Free the lease (if this submit still holds it); a Redis error leaves it to expire."""
+        with contextlib.suppress(redis.RedisError):
+            self.client.store.release_submit(self.job_id, self.token)
+
+
+class JobClient:
+    """Talks to Redis (job store) and to the Celery broker (the chunk queue). Thread-safe.
+
+    `notice(message)`: what the client says while it waits on something a person may want to know about
+    (another process submitting the same job); default: a warning on the `safety.jobs` logger."""
+
+    submit_lease_s: float = SUBMIT_LEASE_S  # the submit lease's length (tests shorten it)
+
+    def __init__(self, settings: WorkerSettings, *, notice: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        self.notice: Callable[[str], None] = notice or (lambda message: log.warning("%s", message))
         self.client = redis.Redis.from_url(
             settings.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15
         )
         self.store = JobStore(self.client)
 
     @classmethod
-    def from_env(cls) -> JobClient:
-        return cls(WorkerSettings.from_env())
+    def from_env(cls, *, notice: Callable[[str], None] | None = None) -> JobClient:
+        return cls(WorkerSettings.from_env(), notice=notice)
 
     @cached_property
     def app(self) -> Celery:
@@ -277,7 +333,9 @@ class JobClient:
 
         Re-running with the same `job_id` and the same items resumes: chunks already sent are not sent
         again, and a finished job is returned as it is. The same id with other items is refused. A job
-        cancelled while it is being submitted stops the submit: the status returned says `cancelled`.
+        cancelled while it is being submitted stops the submit: the status returned says `cancelled`. One
+        submit of a job at a time: another one of the same id (another process, another thread) waits for
+        it up to `submit_lease_s` and a margin, then resumes what is left; JobBusyError if it is still busy.
         """
         with self.prepare(items) as prepared:
             return self.send(prepared, job_id=job_id)
@@ -338,29 +396,41 @@ class JobClient:
         with self._reachable():
             existing = self.store.create(job_id, record)
             resumed = existing is not None
-            if resumed:
-                if existing != digest and existing != legacy_digest(prepared.lines()):
-                    raise InvalidInputError(
-                        f"job {job_id!r} already exists with different items; choose another job id",
-                        field="job_id",
-                    )
-                stored = self.store.resume(job_id) or record  # notes the progress of a `submitting` job
-                if stored["state"] in FINISHED:
-                    return Submitted(JobStatus.from_record(job_id, stored), resumed=True, sent=0)
-                # the job's own nonce goes into its messages: none for a job the previous release created
-                record = {**record, "nonce": "", **stored}
-            self.store.mark_active(job_id)  # the lost-chunk sweeper watches it from now on
-            sent = self._enqueue(job_id, prepared, record)
-            if self.store.seal(job_id) in ("queued", "running"):
-                # again: the sweeper drops a submit that paused over SUBMIT_STALL_S (Ctrl-Z, a sleeping
-                # laptop) from the list; a submit that went on since must be watched (a no-op if listed)
-                self.store.mark_active(job_id)
+            if resumed and existing != digest and existing != legacy_digest(prepared.lines()):
+                raise InvalidInputError(
+                    f"job {job_id!r} already exists with different items; choose another job id",
+                    field="job_id",
+                )
+            lease = _SubmitLease(self, job_id)
+            try:
+                # one submit at a time: another one of this id (a second `safety submit`, a SubmitJob)
+                # stores and queues it; this one waits, then reads what it left
+                lease.hold()
+                if resumed:
+                    stored = self.store.resume(job_id) or record  # notes the progress of a `submitting` job
+                    if stored["state"] in FINISHED:
+                        return Submitted(JobStatus.from_record(job_id, stored), resumed=True, sent=0)
+                    # the job's own nonce goes into its messages: none for a job the previous release created
+                    record = {**record, "nonce": "", **stored}
+                self.store.mark_active(job_id)  # the lost-chunk sweeper watches it from now on
+                sent = self._enqueue(job_id, prepared, record, lease)
+                if self.store.seal(job_id) in ("queued", "running"):
+                    # again: the sweeper drops a submit that paused over SUBMIT_STALL_S (Ctrl-Z, a sleeping
+                    # laptop) from the list; a submit that went on since must be watched (a no-op if listed)
+                    self.store.mark_active(job_id)
+            finally:
+                lease.release()
         return Submitted(self.status(job_id), resumed=resumed, sent=sent)
 
     def _validate(self, items: Iterable[Any]) -> Iterator[dict[str, str]]:
         return iter_normalized(items, max_text_chars=self.settings.max_text_chars)
 
-    def _enqueue(self, job_id: str, prepared: Prepared, record: dict[str, Any]) -> int:
+    def _enqueue(self, job_id: str, prepared: Prepared, record: dict[str, Any], lease: _SubmitLease) -> int:
+        """Store and send each chunk not marked sent, marking it after it was sent (a submit that dies in
+        between leaves it unmarked: a resume sends it again, at least once). Under the job's submit lease,
+        renewed before a chunk is stored and again before it is sent: while this submit holds it no other
+        submit sends a chunk, so the chunks read as sent stay true; a lease taken anew (this submit paused
+        past it, another may have run) has them read again."""
         size, chunks = int(record["chunk_size"]), int(record["chunks"])
         already = self.store.enqueued(job_id)
         sent = 0
@@ -368,9 +438,17 @@ class JobClient:
             for chunk, lines in zip(range(chunks), prepared.payloads(size), strict=False):
                 if chunk in already:
                     continue
+                if not lease.hold():
+                    already = self.store.enqueued(job_id)
+                    if chunk in already:
+                        continue
                 first = chunk * size
                 if not self.store.upload(job_id, first, lines):
                     break  # cancelled while it was being submitted: stop storing and sending
+                if not lease.hold():  # the upload outlasted the lease (a huge chunk, a slow link)
+                    already = self.store.enqueued(job_id)
+                    if chunk in already:
+                        continue
                 send_chunk(self.app, job_id, chunk, record["queue"], producer, record["nonce"])
                 sent += 1  # a worker skips the chunk of a job cancelled in the meantime
                 if not self.store.mark_enqueued(job_id, chunk):

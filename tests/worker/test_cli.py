@@ -135,6 +135,28 @@ def test_a_submit_whose_job_is_cancelled_meanwhile_stops_and_exits_1(
     assert redis_server.client().llen("cli-cancelled") == 1
 
 
+def test_a_submit_of_a_job_another_submit_holds_says_so_waits_and_resumes(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(f'{{"text": "item {i}"}}\n' for i in range(5)))
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_CHUNK_SIZE", "2")
+    monkeypatch.setenv("SAFETY_QUEUE", "cli-held")
+    monkeypatch.setattr(JobClient, "submit_lease_s", 0.5)
+    assert main(["submit", str(src), "--job-id", "held"]) == 0
+    r, keys = redis_server.client(), JobKeys("held")
+    r.srem(keys.enqueued, 2)  # the submit that holds the job has not queued its last chunk yet
+    r.lpop("cli-held")
+    r.set(keys.submitter, "another-submits-token", px=500)  # and dies now
+    capsys.readouterr()
+    assert main(["submit", str(src), "--job-id", "held"]) == 0
+    err = capsys.readouterr().err
+    assert "safety submit: job held is being submitted by another process; waiting up to 2s for it" in err
+    assert "resumed job held: 5 items, 1 chunk sent" in err, err
+    assert r.llen("cli-held") == 3
+
+
 def test_job_delete_prints_the_deleted_job_and_refuses_an_open_one(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

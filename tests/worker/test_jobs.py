@@ -19,6 +19,7 @@ from model.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidInputError,
+    JobBusyError,
     NotFoundError,
     UnavailableError,
 )
@@ -28,6 +29,7 @@ from tests.worker.harness import (
     free_port,
     long_items,
     make_items,
+    poll,
     traced_peak,
 )
 from worker.app import TASK_NAME
@@ -385,6 +387,159 @@ def test_submit_progress_is_stamped_and_read_in_redis_clock_not_the_hosts(
     with pytest.raises(DeadlineExceededError):
         client.wait("skew", timeout=0.2, poll_s=0.05)
     assert sweeper.run_once() == [] and client.store.active() == ["skew"]
+
+
+def queued_ids(server: RedisServer, queue: str) -> list[str]:
+    return sorted(m["headers"]["id"] for m in queued_messages(server, queue))
+
+
+def blocked_at_chunk(client: JobClient, chunk: int) -> tuple[threading.Event, threading.Event]:
+    """`client`'s submit stops before it stores `chunk`, until the second event is set; the first is set when
+    it got there. On this client's store only (another client in the test is another process)."""
+    reached, go = threading.Event(), threading.Event()
+    upload, size = client.store.upload, client.settings.chunk_size
+
+    def upload_when_told(job: str, first: int, lines: bytes) -> bool:
+        if first == chunk * size:
+            reached.set()
+            assert go.wait(30), "the test never let the submit go on"
+        return upload(job, first, lines)
+
+    client.store.upload = upload_when_told  # type: ignore[method-assign]
+    return reached, go
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run `fn` in a thread; the list gets what it returned or raised."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # handed to the test
+            out.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_two_submits_of_one_job_at_once_queue_each_chunk_once(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """Both read the chunks already sent once, before sending any: each queued every chunk the other had
+    not yet marked (782 chunks -> 1,564 messages), and workers classified them twice."""
+    first = job_client(redis_server.url, queue="q", chunk_size=2)
+    second = job_client(redis_server.url, queue="q", chunk_size=2)
+    said: list[str] = []
+    second.notice = said.append
+    items = make_items(20)
+    reached, go = blocked_at_chunk(first, 1)  # chunk 0 sent and marked, chunk 1 about to be stored
+    one, got_one = in_thread(lambda: first.submit(items, job_id="twice"))
+    assert reached.wait(10)
+    two, got_two = in_thread(lambda: second.submit(items, job_id="twice"))
+    poll(lambda: said or not two.is_alive(), 10, "the second submit to wait for the first (or to finish)")
+    go.set()
+    one.join(30)
+    two.join(30)
+    assert not one.is_alive() and not two.is_alive()
+    assert (got_one[0].resumed, got_one[0].sent) == (False, 10), got_one
+    assert (got_two[0].resumed, got_two[0].sent, got_two[0].status.state) == (True, 0, "queued"), got_two
+    assert queued_ids(redis_server, "q") == sorted(f"twice.{c}" for c in range(10))  # each chunk once
+    assert "job twice is being submitted by another process; waiting up to" in said[0]
+    assert not redis_server.client().exists(JobKeys("twice").submitter)  # released at the end
+
+
+def test_a_submit_that_paused_past_its_lease_reads_again_what_another_sent(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """A submit stopped past its lease (Ctrl-Z, a sleeping laptop) while another finished the job sends
+    nothing the other sent when it goes on."""
+    paused = job_client(redis_server.url, queue="q", chunk_size=2)
+    paused.submit_lease_s = 0.3
+    items = make_items(20)
+    reached, go = blocked_at_chunk(paused, 3)
+    one, got_one = in_thread(lambda: paused.submit(items, job_id="paused"))
+    assert reached.wait(10)
+    lease = JobKeys("paused").submitter
+    poll(lambda: not redis_server.client().exists(lease), 10, "the paused submit's lease to expire")
+    other = job_client(redis_server.url, queue="q", chunk_size=2).submit(items, job_id="paused")
+    assert (other.resumed, other.sent) == (True, 7)  # chunks 3 to 9
+    go.set()
+    one.join(30)
+    assert (got_one[0].sent, got_one[0].status.state) == (3, "queued"), got_one  # chunks 0 to 2 only
+    assert queued_ids(redis_server, "q") == sorted(f"paused.{c}" for c in range(10))
+
+
+def test_a_submit_that_died_holding_the_lease_holds_up_a_resume_until_the_lease_expires(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    client.submit_lease_s = 0.5
+    said: list[str] = []
+    client.notice = said.append
+    items, r, keys = make_items(10), redis_server.client(), JobKeys("died")
+    client.submit(items, job_id="died")
+    for chunk in (3, 4):  # the submit that died had sent chunks 0 to 2, and held the lease
+        r.srem(keys.enqueued, chunk)
+        r.lrem(
+            "q", 1, next(m for m in r.lrange("q", 0, -1) if json.loads(m)["headers"]["id"] == f"died.{chunk}")
+        )
+    r.hset(keys.job, "state", "submitting")
+    r.set(keys.submitter, "the-dead-submits-token", px=500)
+    began = time.monotonic()
+    resumed = client.submit(items, job_id="died")
+    assert time.monotonic() - began >= 0.3 and said, said  # it waited for the lease to expire
+    assert (resumed.resumed, resumed.sent, resumed.status.state) == (True, 2, "queued")
+    assert queued_ids(redis_server, "q") == sorted(f"died.{c}" for c in range(5))
+
+
+def test_a_submit_refuses_a_job_another_live_submit_holds_saying_what_to_do(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    client.submit_lease_s = 0.4
+    client.notice = lambda message: None
+    items, r, keys = make_items(6), redis_server.client(), JobKeys("held")
+    client.submit(items, job_id="held")
+    r.srem(keys.enqueued, 2)
+    r.hset(keys.job, "state", "submitting")
+    stop = threading.Event()
+
+    def live_submitter() -> None:  # another process, renewing its lease as it stores chunks
+        while not stop.is_set():
+            client.store.hold_submit("held", "other-process", 0.4)
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=live_submitter)
+    thread.start()
+    try:
+        with pytest.raises(JobBusyError) as e:
+            client.submit(items, job_id="held")
+    finally:
+        stop.set()
+        thread.join()
+    assert isinstance(e.value, UnavailableError)  # gRPC UNAVAILABLE: retry (reason JOB_BUSY)
+    message = str(e.value)
+    assert "job 'held' is being submitted by another process" in message, message
+    assert "safety job status held" in message and re.search(r"retry after \d+s", message), message
+    assert r.get(keys.submitter) == "other-process"  # not taken, not released
+    assert len(queued_messages(redis_server, "q")) == 3  # nothing sent
+
+
+def test_the_submit_lease_is_renewed_by_its_holder_and_freed_only_by_it(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    store, r, lease = job_client(redis_server.url).store, redis_server.client(), JobKeys("lease").submitter
+    assert store.hold_submit("lease", "a", 5) == ("taken", 0)
+    assert r.get(lease) == "a" and 4_000 < r.pttl(lease) <= 5_000
+    state, left = store.hold_submit("lease", "b", 5)
+    assert state == "busy" and 4 < left <= 5 and r.get(lease) == "a"
+    r.pexpire(lease, 1_000)
+    assert store.hold_submit("lease", "a", 5) == ("renewed", 0) and r.pttl(lease) > 4_000
+    assert not store.release_submit("lease", "b") and r.get(lease) == "a"
+    assert store.release_submit("lease", "a") and not r.exists(lease)
+    assert store.hold_submit("lease", "b", 5) == ("taken", 0)
 
 
 def cancel_at_chunk(client: JobClient, job_id: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
