@@ -2,7 +2,8 @@
 
 Owns: the subcommands (registered through the `safety.commands` entry point `worker = "worker.cli:register"`),
 reading a JSONL file of items (one at a time: `submit` hands them to the job client as a stream, never as a
-list), the progress bar while waiting, writing result lines in item order, exit
+list), the progress bar while waiting, riding out a Redis outage of up to REDIS_OUTAGE_S while it waits for a
+job or writes its results (then saying what to do next), writing result lines in item order, exit
 codes (0 done, 1 finished with failed items or cancelled, 2 an error, 130 interrupted, 141 the output's
 reader went away), the choice of
 Celery pool (solo per GPU on CUDA, prefork on CPU), and starting the metrics exporter (`worker.metrics`)
@@ -30,7 +31,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from model.errors import ConfigError, InvalidInputError, SafetyError
+from model.errors import ConfigError, InvalidInputError, SafetyError, UnavailableError
 from model.logs import configure as configure_logs
 from model.threads import available_cpus
 from worker.settings import WorkerSettings, env_name
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of the output went away (`| head`), as a process SIGPIPE kills
+# While it waits for a job or streams its results, a command rides out Redis not answering for this long (a
+# restart, a failover), retrying, before it gives up saying what to do next.
+REDIS_OUTAGE_S = 60.0
 log = logging.getLogger("safety.worker")
 
 
@@ -457,11 +461,15 @@ def run_submit(args: argparse.Namespace) -> int:
                 except OutputClosed:
                     return EXIT_PIPE
                 return EXIT_OK
-            status = _wait_with_progress(client, job_id, args.timeout, not args.no_progress)
-            try:
-                written = _write_results(client, job_id, args.out, args.timeout)
-            except OutputClosed:
-                return EXIT_PIPE
+            resubmit = f"safety submit {args.input} --job-id {job_id} --wait"
+            resubmit += f" --out {args.out}" if args.out else ""
+            with _after_outage(job_id, args.out, resubmit):
+                progress = not args.no_progress
+                status = _wait_with_progress(client, submitted.status, args.timeout, progress)
+                try:
+                    written = _write_results(client, job_id, args.out, args.timeout, known=status)
+                except OutputClosed:
+                    return EXIT_PIPE
             where = args.out or "stdout"
             summary = f"{status.done} done, {status.failed} failed; {written} lines to {where}"
             print(f"job {job_id} {status.state}: {summary}", file=sys.stderr)
@@ -490,32 +498,54 @@ def run_submit(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED
 
 
+@contextmanager
+def _after_outage(job_id: str, out: str | None, submit_again: str) -> Iterator[None]:
+    """Redis did not answer for REDIS_OUTAGE_S while this command waited for the job or read its results
+    (UnavailableError): say where the job is and what to run once Redis is back."""
+    try:
+        yield
+    except UnavailableError as e:
+        raise UnavailableError(
+            f"{e}. The job is kept in Redis, not in this process: once Redis answers again, see it with "
+            f"`safety job status {job_id}` and write its results with `safety job results {job_id} --out "
+            f"{out or 'FILE'}`. If Redis restarted without persistence, the job is lost: submit it again "
+            f"(`{submit_again}`)"
+        ) from e
+
+
 def _chunks(n: int) -> str:
     return f"{n} chunk" if n == 1 else f"{n} chunks"
 
 
-def _wait_with_progress(client: Any, job_id: str, timeout: float | None, progress: bool) -> Any:
+def _wait_with_progress(client: Any, submitted: Any, timeout: float | None, progress: bool) -> Any:
+    """Wait for the job this command just submitted (its status then: `submitted`), a bar showing progress."""
     from tqdm import tqdm
 
-    status = client.status(job_id)
+    job_id = submitted.job_id
     with tqdm(
-        total=status.total, unit="item", desc=f"job {job_id[:12]}", disable=not progress, file=sys.stderr
+        total=submitted.total, unit="item", desc=f"job {job_id[:12]}", disable=not progress, file=sys.stderr
     ) as bar:
 
         def update(st: Any) -> None:
             bar.set_postfix_str(st.state + (f", {st.failed} failed" if st.failed else ""), refresh=False)
             bar.update(st.completed - bar.n)
 
-        return client.wait(job_id, timeout=timeout, on_progress=update)
+        return client.wait(
+            job_id, timeout=timeout, on_progress=update, outage_s=REDIS_OUTAGE_S, known=submitted
+        )
 
 
-def _write_results(client: Any, job_id: str, out: str | None, timeout: float | None) -> int:
+def _write_results(
+    client: Any, job_id: str, out: str | None, timeout: float | None, *, known: Any = None
+) -> int:
     """Stream result lines in item order; a file is written whole or not at all (temp file + rename).
-    OutputClosed when the reader of stdout (or of a FIFO) went away."""
+    OutputClosed when the reader of stdout (or of a FIFO) went away. `known`: the job's status as this
+    command last read it, if it did (`JobClient.results`)."""
     try:
         with _output(out) as stream:
             count = 0
-            for line in client.results(job_id, timeout=timeout):
+            lines = client.results(job_id, timeout=timeout, outage_s=REDIS_OUTAGE_S, known=known)
+            for line in lines:
                 stream.write(json.dumps(line, ensure_ascii=False) + "\n")
                 count += 1
     except BrokenPipeError:
@@ -630,11 +660,12 @@ def run_delete(args: argparse.Namespace) -> int:
 
 def run_results(args: argparse.Namespace) -> int:
     def results(client: Any) -> int:
-        try:  # --out is checked before the first result is read
-            _write_results(client, args.job_id, args.out, args.timeout)
-        except OutputClosed:
-            return EXIT_PIPE
-        status = client.status(args.job_id)
+        with _after_outage(args.job_id, args.out, f"safety submit FILE --job-id {args.job_id}"):
+            try:  # --out is checked before the first result is read
+                _write_results(client, args.job_id, args.out, args.timeout)
+            except OutputClosed:
+                return EXIT_PIPE
+            status = client.status(args.job_id, outage_s=REDIS_OUTAGE_S)
         return EXIT_OK if status.state == "done" and status.failed == 0 else EXIT_FAILED
 
     return _job_call("results", results)

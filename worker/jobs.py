@@ -4,7 +4,8 @@ Owns: the submission path (validate every item before anything is queued, store 
 task per chunk, resumable with the same job id, one submit of a job at a time under its submit lease; a job
 given as a stream of items is checked one item at a time and spooled to an anonymous temporary file, then
 stored chunk by chunk from there, so the client's memory is a chunk's, not the job's) and the read path
-(status, results by index with a poll, a clear error for a job that is unknown, expired, deleted or lost).
+(status, results by index with a poll, riding out a Redis outage for a bounded time when asked to, a clear
+error for a job that is unknown, expired, deleted or lost).
 Raises only the `model.errors` hierarchy: InvalidInputError (bad items or job id, the id of a deleted job),
 NotFoundError (unknown, expired, deleted, or lost in a Redis restart), UnavailableError (Redis unreachable;
 the spool file cannot be written or read), JobBusyError (another process is submitting the job), ConfigError
@@ -28,10 +29,10 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from itertools import islice
 from json.encoder import encode_basestring as quote
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import redis
 from celery import Celery
@@ -67,7 +68,12 @@ _READ_BATCH = 512
 # the lease of a submit that died), polling this often.
 _LEASE_MARGIN_S = 2.0
 _LEASE_POLL_S = 0.2
+# A read that rides out a Redis outage (`outage_s`) tries again after this pause, doubled each time up to
+# the second one.
+_OUTAGE_FIRST_PAUSE_S = 0.1
+_OUTAGE_MAX_PAUSE_S = 2.0
 log = logging.getLogger("safety.jobs")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,23 @@ class Prepared:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class _Outage:
+    """How one long read (`wait`, `results`) rides out Redis not answering: for up to `budget_s` at a time,
+    never past `deadline` (the call's own, monotonic); `since`: when the current outage began (None while
+    Redis answers); `pause`: before the next try."""
+
+    job_id: str
+    budget_s: float
+    deadline: float | None = None
+    since: float | None = None
+    pause: float = 0.0
+
+    @classmethod
+    def of(cls, job_id: str, budget_s: float, deadline: float | None = None) -> _Outage | None:
+        return cls(job_id, budget_s, deadline) if budget_s > 0 else None
 
 
 @dataclass(frozen=True)
@@ -302,7 +325,8 @@ class JobClient:
     """Talks to Redis (job store) and to the Celery broker (the chunk queue). Thread-safe.
 
     `notice(message)`: what the client says while it waits on something a person may want to know about
-    (another process submitting the same job); default: a warning on the `safety.jobs` logger."""
+    (Redis unreachable, and back; another process submitting the same job); default: a warning on the
+    `safety.jobs` logger."""
 
     submit_lease_s: float = SUBMIT_LEASE_S  # the submit lease's length (tests shorten it)
 
@@ -456,10 +480,10 @@ class JobClient:
         return sent
 
     # ---- reading -------------------------------------------------------------------------------------------
-    def status(self, job_id: str) -> JobStatus:
+    def status(self, job_id: str, *, outage_s: float = 0.0) -> JobStatus:
+        """The job's status. `outage_s`: ride out Redis being unreachable for up to that long (as `wait`)."""
         check_job_id(job_id)
-        with self._reachable():
-            record = self.store.get(job_id)
+        record = self._read(_Outage.of(job_id, outage_s), partial(self.store.get, job_id))
         if record is None:
             raise self._deleted(job_id) or NotFoundError(
                 f"job {job_id!r} not found: never submitted, expired (jobs are kept "
@@ -482,40 +506,56 @@ class JobClient:
         timeout: float | None = None,
         poll_s: float = 0.25,
         on_progress: Callable[[JobStatus], None] | None = None,
+        outage_s: float = 0.0,
+        known: JobStatus | None = None,
     ) -> JobStatus:
         """Poll until the job finishes. DeadlineExceededError after `timeout` seconds; NotFoundError at once
-        when the job disappears (Redis lost it); UnavailableError when Redis cannot be reached."""
+        when the job disappears (Redis lost it); UnavailableError when Redis cannot be reached: at once, or
+        with `outage_s`, once it has not answered for that long (and within `timeout`): until then each read
+        is retried with a growing pause, and `notice` says that Redis is unreachable and, later, back.
+        `known`: the job's status as the caller last read it (a job it submitted): a job missing at the first
+        read then disappeared, rather than was never found."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        status = self.status(job_id)
+        outage = _Outage.of(job_id, outage_s, deadline)
+        status = self._first_status(job_id, known, outage)
         while True:
             if on_progress is not None:
                 on_progress(status)
             if status.finished:
                 return status
-            self.check_submission(job_id, status)
+            self._check_submission(job_id, status, outage)
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceededError(
                     f"job {job_id!r} is still {status.state} after {timeout}s "
                     f"({status.completed}/{status.total} items)"
                 )
             time.sleep(poll_s)
-            status = self._still_there(job_id, status)
+            status = self._still_there(job_id, status, outage)
 
     def results(
-        self, job_id: str, *, start: int = 0, timeout: float | None = None, poll_s: float = 0.25
+        self,
+        job_id: str,
+        *,
+        start: int = 0,
+        timeout: float | None = None,
+        poll_s: float = 0.25,
+        outage_s: float = 0.0,
+        known: JobStatus | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Result lines in item order from index `start`, each as soon as it and all before it exist.
 
         Follows a running job until it finishes; items of a cancelled job that were never classified
         come back as failed lines (`CANCELLED`; `NOT_SUBMITTED`, with `id` None, for an item the cancel
-        stopped before it was stored). Raises as `wait` does; `timeout` bounds the whole stream.
+        stopped before it was stored). Raises as `wait` does, and rides out a Redis outage as it does with
+        `outage_s`; `timeout` bounds the whole stream; `known` as for `wait`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        status = self.status(job_id)
+        outage = _Outage.of(job_id, outage_s, deadline)
+        status = self._first_status(job_id, known, outage)
         index = max(0, start)
         while index < status.total:
-            with self._reachable():
-                batch = self.store.results(job_id, index, min(status.total, index + _READ_BATCH))
+            hi = min(status.total, index + _READ_BATCH)
+            batch = self._read(outage, partial(self.store.results, job_id, index, hi))
             for raw in batch:
                 if raw is None:
                     break
@@ -525,8 +565,8 @@ class JobClient:
                 continue
             # A gap: the item at `index` has no result yet.
             if status.state == "cancelled":
-                yield from self._cancelled_lines(job_id, index, min(status.total, index + _READ_BATCH))
-                index = min(status.total, index + _READ_BATCH)
+                yield from self._cancelled_lines(job_id, index, hi, outage)
+                index = hi
                 continue
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceededError(
@@ -534,23 +574,31 @@ class JobClient:
                     f"{status.completed}/{status.total} items)"
                 )
             if status.finished:  # finished between our reads: read again before polling
-                status = self._still_there(job_id, status)
-                with self._reachable():
-                    if self.store.results(job_id, index, index + 1)[0] is None:
-                        raise NotFoundError(f"job {job_id!r}: result {index} is missing (expired or lost)")
+                status = self._still_there(job_id, status, outage)
+                if self._read(outage, partial(self.store.results, job_id, index, index + 1))[0] is None:
+                    raise NotFoundError(f"job {job_id!r}: result {index} is missing (expired or lost)")
                 continue
-            self.check_submission(job_id, status)
+            self._check_submission(job_id, status, outage)
             time.sleep(poll_s)
-            status = self._still_there(job_id, status)
+            status = self._still_there(job_id, status, outage)
+
+    def _first_status(self, job_id: str, known: JobStatus | None, outage: _Outage | None) -> JobStatus:
+        if known is None:
+            return self._read(outage, partial(self.status, job_id))
+        check_job_id(job_id)
+        return self._still_there(job_id, known, outage)
 
     def check_submission(self, job_id: str, status: JobStatus) -> None:
         """FailedPreconditionError when the job is still `submitting` and its submitter has stored nothing for
         SUBMIT_STALL_S (an interrupted `safety submit`, a server that crashed during a SubmitJob): nothing
         will finish it but a resumed submit, so a wait on it would never end."""
+        self._check_submission(job_id, status, None)
+
+    def _check_submission(self, job_id: str, status: JobStatus, outage: _Outage | None) -> None:
         if status.state != "submitting":
             return
-        with self._reachable():
-            stalled = self.store.stalled_submission(job_id)  # in Redis's clock, as `sent_at` is stamped
+        # in Redis's clock, as `sent_at` is stamped
+        stalled = self._read(outage, partial(self.store.stalled_submission, job_id))
         if stalled is None:
             return
         items, chunks, idle = stalled
@@ -561,10 +609,11 @@ class JobClient:
             "cancel it"
         )
 
-    def _cancelled_lines(self, job_id: str, lo: int, hi: int) -> Iterator[dict[str, Any]]:
-        with self._reachable():
-            written = self.store.results(job_id, lo, hi)
-            items = self.store.items(job_id, range(lo, hi))
+    def _cancelled_lines(
+        self, job_id: str, lo: int, hi: int, outage: _Outage | None
+    ) -> Iterator[dict[str, Any]]:
+        written = self._read(outage, partial(self.store.results, job_id, lo, hi))
+        items = self._read(outage, partial(self.store.items, job_id, range(lo, hi)))
         for index, raw, item in zip(range(lo, hi), written, items, strict=True):
             if raw is not None:
                 yield json.loads(raw)
@@ -573,16 +622,54 @@ class JobClient:
             else:  # stored: its id (an item the previous release stored without one: its index)
                 yield failed_line(index, item_id(item.get("id"), index), CANCELLED)
 
-    def _still_there(self, job_id: str, last: JobStatus) -> JobStatus:
-        with self._reachable():
-            record = self.store.get(job_id)
+    def _still_there(self, job_id: str, last: JobStatus, outage: _Outage | None = None) -> JobStatus:
+        record = self._read(outage, partial(self.store.get, job_id))
         if record is not None:
             return JobStatus.from_record(job_id, record)
-        raise self._deleted(job_id) or NotFoundError(
+        raise self._read(outage, partial(self._deleted, job_id)) or NotFoundError(
             f"job {job_id!r} disappeared while {last.state} ({last.completed}/{last.total} items): Redis "
             "lost its data (a restart without persistence, a flush or an eviction) or the job expired; "
             "submit it again"
         )
+
+    def _read(self, outage: _Outage | None, read: Callable[[], T]) -> T:
+        """`read()`, a Redis read; given an `outage` with a budget, retried while Redis cannot be reached,
+        until the outage has lasted its budget (or the call's deadline came): then UnavailableError naming
+        the job. `notice` says when Redis stops answering and when it answers again."""
+        while True:
+            try:
+                with self._reachable():
+                    value = read()
+            except UnavailableError as e:
+                if outage is None or outage.budget_s <= 0:
+                    raise
+                self._ride_out(outage, e)
+                continue
+            if outage is not None and outage.since is not None:
+                down = time.monotonic() - outage.since
+                self.notice(f"job {outage.job_id}: Redis answers again after {down:.0f}s; going on")
+                outage.since = None
+            return value
+
+    def _ride_out(self, outage: _Outage, error: UnavailableError) -> None:
+        """Pause before the next try of a read that found Redis unreachable, or raise when the outage has
+        lasted its budget or the call's deadline has come."""
+        now = time.monotonic()
+        if outage.since is None:
+            outage.since, outage.pause = now, _OUTAGE_FIRST_PAUSE_S
+            self.notice(
+                f"job {outage.job_id}: {str(error).rstrip('.')}; retrying for up to {outage.budget_s:.0f}s"
+            )
+        limit = outage.since + outage.budget_s
+        if outage.deadline is not None:
+            limit = min(limit, outage.deadline)
+        if now >= limit:
+            down = now - outage.since
+            raise UnavailableError(
+                f"job {outage.job_id!r}: {str(error).rstrip('.')}; no answer for {down:.0f}s of retrying"
+            ) from error
+        time.sleep(min(outage.pause, limit - now))
+        outage.pause = min(outage.pause * 2, _OUTAGE_MAX_PAUSE_S)
 
     # ---- control -------------------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> JobStatus:

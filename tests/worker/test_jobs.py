@@ -35,6 +35,7 @@ from tests.worker.harness import (
 from worker.app import TASK_NAME
 from worker.items import normalize_item
 from worker.jobs import CANCELLED, NOT_SUBMITTED, JobClient
+from worker.settings import WorkerSettings
 from worker.store import (
     ACTIVE_JOBS,
     DEAD_LETTER,
@@ -836,6 +837,90 @@ def test_a_job_that_disappears_is_reported_lost(redis_server: RedisServer, job_c
     assert isinstance(errors[0], NotFoundError) and "disappeared while queued" in str(errors[0])
     with pytest.raises(NotFoundError, match="lost when Redis restarted without persistence"):
         client.status("lost")
+
+
+def test_wait_and_results_ride_out_a_redis_restart_with_persistence(
+    tmp_path: Any, job_client: Client
+) -> None:
+    """A one-second outage of a Redis with persistence ended `wait`/`results` with UnavailableError at
+    once, although the job was still there when Redis came back, and completed."""
+    server = RedisServer(tmp_path / "aof", appendonly=True).start()
+    try:
+        client = job_client(server.url, queue="nobody-listens", chunk_size=4)
+        said: list[str] = []
+        client.notice = said.append
+        client.submit(make_items(8), job_id="blip")
+        client.store.write("blip", [(i, fake_result(i), False) for i in range(4)])  # chunk 0 is done
+        lines: list[dict[str, Any]] = []
+
+        def stream() -> None:
+            lines.extend(client.results("blip", timeout=60, poll_s=0.05, outage_s=30))
+
+        streaming, streamed = in_thread(stream)
+        waiting, waited = in_thread(lambda: client.wait("blip", timeout=60, poll_s=0.05, outage_s=30))
+        poll(lambda: len(lines) == 4, 10, "the first chunk's lines")
+        server.kill()
+        poll(lambda: sum("retrying for up to 30s" in m for m in said) >= 2, 10, "both to notice the outage")
+        assert streaming.is_alive() and waiting.is_alive(), (streamed, waited)  # riding it out
+        server.start()  # the same append-only file: the job is back
+        JobClient(WorkerSettings(redis_url=server.url)).store.write(
+            "blip", [(i, fake_result(i), False) for i in range(4, 8)]
+        )
+        streaming.join(30)
+        waiting.join(30)
+        assert streamed == [None] and [line["index"] for line in lines] == list(range(8))
+        assert waited[0].state == "done", waited
+        assert any("Redis answers again" in m for m in said), said
+        assert "is unreachable" in said[0] and "job blip" in said[0], said
+    finally:
+        server.kill()
+
+
+def test_a_redis_outage_longer_than_the_budget_ends_the_wait_naming_the_job(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    client = job_client(redis_server.url, queue="nobody-listens")
+    said: list[str] = []
+    client.notice = said.append
+    client.submit(make_items(3), job_id="down")
+    redis_server.kill()
+    for call in (
+        lambda: client.wait("down", poll_s=0.05, outage_s=1),
+        lambda: list(client.results("down", poll_s=0.05, outage_s=1)),
+        lambda: client.status("down", outage_s=1),
+    ):
+        began = time.monotonic()
+        with pytest.raises(UnavailableError) as e:
+            call()
+        assert 1 <= time.monotonic() - began < 6
+        assert str(e.value).startswith("job 'down': Redis at redis://") and "no answer for 1s" in str(e.value)
+    assert len(said) == 3 and all("retrying for up to 1s" in m for m in said), said
+    began = time.monotonic()  # the call's own timeout bounds the retries too
+    with pytest.raises(UnavailableError):
+        client.wait("down", timeout=0.3, poll_s=0.05, outage_s=30)
+    assert time.monotonic() - began < 5
+    with pytest.raises(UnavailableError):  # no outage_s: at once, as before
+        client.wait("down")
+
+
+def test_a_redis_that_comes_back_empty_ends_a_riding_wait_saying_the_job_is_lost(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    client = job_client(redis_server.url, queue="nobody-listens")
+    said: list[str] = []
+    client.notice = said.append
+    client.submit(make_items(3), job_id="gone")
+    seen = threading.Event()
+    waiting, waited = in_thread(
+        lambda: client.wait("gone", timeout=60, poll_s=0.05, outage_s=30, on_progress=lambda st: seen.set())
+    )
+    assert seen.wait(10)  # it read the job once
+    redis_server.kill()
+    poll(lambda: said, 10, "the wait to notice the outage")
+    redis_server.start()  # no persistence: empty
+    waiting.join(30)
+    assert isinstance(waited[0], NotFoundError), waited
+    assert "disappeared while queued" in str(waited[0]) and "submit it again" in str(waited[0])
 
 
 def test_redis_down_is_unavailable_at_once(job_client: Client) -> None:
