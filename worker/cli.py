@@ -1,4 +1,4 @@
-"""`safety worker`, `safety submit` and `safety job status|results|cancel|delete`: the batch side's CLI.
+"""`safety worker`, `safety submit`, `safety job status|results|cancel|delete|dead-letters`: the batch CLI.
 
 Owns: the subcommands (registered through the `safety.commands` entry point `worker = "worker.cli:register"`),
 reading a JSONL file of items (one at a time: `submit` hands them to the job client as a stream, never as a
@@ -124,8 +124,12 @@ def register_submit(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_job(subparsers: argparse._SubParsersAction) -> None:
-    j = subparsers.add_parser("job", help="status, results, cancellation or deletion of a batch job")
-    commands = j.add_subparsers(dest="job_command", required=True, metavar="{status,results,cancel,delete}")
+    j = subparsers.add_parser(
+        "job", help="status, results, cancellation or deletion of a batch job; the dead-lettered chunks"
+    )
+    commands = j.add_subparsers(
+        dest="job_command", required=True, metavar="{status,results,cancel,delete,dead-letters}"
+    )
     status = commands.add_parser("status", help="state and counts of a job (JSON)")
     status.add_argument("job_id")
     status.set_defaults(func=run_status)
@@ -144,6 +148,14 @@ def register_job(subparsers: argparse._SubParsersAction) -> None:
     )
     delete.add_argument("job_id")
     delete.set_defaults(func=run_delete)
+    dead = commands.add_parser(
+        "dead-letters",
+        help="the chunks given up after SAFETY_MAX_ATTEMPTS, newest first, one JSON line each",
+        description='One JSON line per dead-lettered chunk, newest first: {"job_id", "chunk", "attempts", '
+        '"error", "at"} ("at": epoch seconds, in Redis\'s clock). Redis keeps the newest 10,000.',
+    )
+    dead.add_argument("--limit", type=positive_int, default=100, help="print at most this many (default 100)")
+    dead.set_defaults(func=run_dead_letters)
 
 
 # ---- safety worker ---------------------------------------------------------------------------------------
@@ -656,6 +668,14 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 def run_delete(args: argparse.Namespace) -> int:
     return _job_call("delete", lambda client: _print_json(client.delete(args.job_id).to_dict()))
+
+
+def run_dead_letters(args: argparse.Namespace) -> int:
+    def show(client: Any) -> None:
+        for entry in client.dead_letters(args.limit):
+            _stdout(json.dumps(entry, ensure_ascii=False))
+
+    return _job_call("dead-letters", show)
 
 
 def run_results(args: argparse.Namespace) -> int:

@@ -260,6 +260,30 @@ def test_submit_wait_rides_out_a_redis_that_comes_back_empty_and_says_the_job_is
     assert "submit it again" in final
 
 
+def test_job_dead_letters_prints_the_newest_entries_one_json_line_each(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """There was no command for them: only the Python API, `JobClient.dead_letters`."""
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "cli-dead")
+    assert main(["job", "dead-letters"]) == 0 and capsys.readouterr().out == ""  # none yet
+    client = JobClient.from_env()
+    client.submit([{"text": str(i)} for i in range(4)], job_id="dead")
+    for chunk in (0, 2, 1):  # what workers dead-letter after SAFETY_MAX_ATTEMPTS, in this order
+        client.store.dead_letter("dead", chunk, 3, f"gave up: chunk {chunk} crashed its worker")
+    client.close()
+    assert main(["job", "dead-letters"]) == 0
+    entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["job_id"], e["chunk"], e["attempts"]) for e in entries] == [("dead", c, 3) for c in (1, 2, 0)]
+    assert entries[0]["error"] == "gave up: chunk 1 crashed its worker"
+    assert entries[0]["at"] >= entries[1]["at"] >= entries[2]["at"] > 0
+    assert main(["job", "dead-letters", "--limit", "2"]) == 0
+    assert [json.loads(line)["chunk"] for line in capsys.readouterr().out.splitlines()] == [1, 2]
+    with pytest.raises(SystemExit) as e:
+        main(["job", "dead-letters", "--limit", "0"])
+    assert e.value.code == 2 and "--limit: must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_job_delete_prints_the_deleted_job_and_refuses_an_open_one(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -650,11 +674,17 @@ def test_json_and_job_id_output_into_a_closed_pipe_stop_quietly_with_141(
     BrokenPipeError traceback, exit 1; for `job delete` the job was gone all the same."""
     client = JobClient(WorkerSettings(redis_url=redis_server.url, queue="closed", chunk_size=10))
     client.submit([{"text": "one"}], job_id="known")
+    client.store.dead_letter("known", 0, 3, "boom")
     client.close()
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "two"}\n')
     env = {**os.environ, "SAFETY_REDIS_URL": redis_server.url, "SAFETY_QUEUE": "closed"}
-    for argv in (["job", "status", "known"], ["submit", str(src), "--job-id", "printed"]):
+    commands = (
+        ["job", "status", "known"],
+        ["submit", str(src), "--job-id", "printed"],
+        ["job", "dead-letters"],
+    )
+    for argv in commands:
         read, write = os.pipe()
         os.close(read)  # the reader is gone before anything is written
         proc = subprocess.run(
