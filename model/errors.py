@@ -76,6 +76,11 @@ class DeviceFailedError(UnavailableError):
     """The device failed for good: this replica is being replaced; retry on another."""
 
 
+class JobBusyError(UnavailableError):
+    """Another caller holds the job for now (another process is submitting it): retry once it is done, which
+    resumes the job; the message says how long a caller that died would hold it."""
+
+
 class NotFoundError(SafetyError):
     """A named object (e.g. a job id) does not exist or has expired."""
 

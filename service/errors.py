@@ -30,6 +30,7 @@ from model.errors import (
     DeviceFailedError,
     FailedPreconditionError,
     InvalidInputError,
+    JobBusyError,
     ModelLoadingError,
     NotFoundError,
     OverloadedError,
@@ -70,6 +71,7 @@ REASONS: tuple[tuple[type[SafetyError], str], ...] = (
     (ModelLoadingError, "MODEL_LOADING"),
     (ShuttingDownError, "SHUTTING_DOWN"),
     (DeviceFailedError, "DEVICE_FAILED"),
+    (JobBusyError, "JOB_BUSY"),  # SubmitJob of a job another process is submitting
     (UnavailableError, "BACKEND_UNAVAILABLE"),  # Redis unreachable, no room for a job's temporary file
     (NotFoundError, "JOB_NOT_FOUND"),  # a job, or a result of it: unknown, expired, deleted or lost
     (UnauthenticatedError, "UNAUTHENTICATED"),

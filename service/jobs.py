@@ -99,7 +99,7 @@ def job_result_to_proto(line: Mapping[str, Any], thresholds: Mapping[str, float]
     """A worker result line ({index, <Result.to_dict()>, error}) -> JobResult; `thresholds` fills
     LabelScore.threshold (labels it lacks get 0)."""
     index, error = line["index"], line.get("error")
-    result_id = item_id(line.get("id"), index)  # lines written before ids defaulted to the index: null
+    result_id = _result_id(line)
     if error:
         return pb2.JobResult(index=index, id=result_id, error=error)
     flagged = set(line["flagged_labels"])
@@ -123,6 +123,19 @@ def job_result_to_proto(line: Mapping[str, Any], thresholds: Mapping[str, float]
         flagged_labels=line["flagged_labels"],
     )
     return pb2.JobResult(index=index, id=result_id, result=result)
+
+
+def _result_id(line: Mapping[str, Any]) -> str:
+    """A line's JobResult.id: its `id`; for a null one, the item's index (a line written before ids defaulted
+    to the index), except for an item a cancel stopped before it was stored (`worker.jobs.NOT_SUBMITTED`):
+    the job has no id for it, and "" says so rather than an index that could be another item's id."""
+    given = line.get("id")
+    if given is None and line.get("error"):
+        from worker.jobs import NOT_SUBMITTED  # a line exists only where the job client does
+
+        if line["error"] == NOT_SUBMITTED:
+            return ""
+    return item_id(given, line["index"])
 
 
 def default_job_client(settings: ServeSettings) -> JobClientFactory:

@@ -1,8 +1,9 @@
-"""`safety worker`, `safety submit` and `safety job status|results|cancel|delete`: the batch side's CLI.
+"""`safety worker`, `safety submit`, `safety job status|results|cancel|delete|dead-letters`: the batch CLI.
 
 Owns: the subcommands (registered through the `safety.commands` entry point `worker = "worker.cli:register"`),
 reading a JSONL file of items (one at a time: `submit` hands them to the job client as a stream, never as a
-list), the progress bar while waiting, writing result lines in item order, exit
+list), the progress bar while waiting, riding out a Redis outage of up to REDIS_OUTAGE_S while it waits for a
+job or writes its results (then saying what to do next), writing result lines in item order, exit
 codes (0 done, 1 finished with failed items or cancelled, 2 an error, 130 interrupted, 141 the output's
 reader went away), the choice of
 Celery pool (solo per GPU on CUDA, prefork on CPU), and starting the metrics exporter (`worker.metrics`)
@@ -25,13 +26,13 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from model.cliargs import EXIT_PIPE, silence_stdout
-from model.errors import ConfigError, DeadlineExceededError, InvalidInputError, SafetyError
+from model.errors import ConfigError, DeadlineExceededError, InvalidInputError, SafetyError, UnavailableError
 from model.logs import configure as configure_logs
 from model.threads import available_cpus
 from worker.settings import WorkerSettings, env_name
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     from worker.jobs import JobClient, Prepared
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+# While it waits for a job or streams its results, a command rides out Redis not answering for this long (a
+# restart, a failover), retrying, before it gives up saying what to do next.
+REDIS_OUTAGE_S = 60.0
 log = logging.getLogger("safety.worker")
 
 
@@ -120,8 +124,12 @@ def register_submit(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_job(subparsers: argparse._SubParsersAction) -> None:
-    j = subparsers.add_parser("job", help="status, results, cancellation or deletion of a batch job")
-    commands = j.add_subparsers(dest="job_command", required=True, metavar="{status,results,cancel,delete}")
+    j = subparsers.add_parser(
+        "job", help="status, results, cancellation or deletion of a batch job; the dead-lettered chunks"
+    )
+    commands = j.add_subparsers(
+        dest="job_command", required=True, metavar="{status,results,cancel,delete,dead-letters}"
+    )
     status = commands.add_parser("status", help="state and counts of a job (JSON)")
     status.add_argument("job_id")
     status.set_defaults(func=run_status)
@@ -140,6 +148,14 @@ def register_job(subparsers: argparse._SubParsersAction) -> None:
     )
     delete.add_argument("job_id")
     delete.set_defaults(func=run_delete)
+    dead = commands.add_parser(
+        "dead-letters",
+        help="the chunks given up after SAFETY_MAX_ATTEMPTS, newest first, one JSON line each",
+        description='One JSON line per dead-lettered chunk, newest first: {"job_id", "chunk", "attempts", '
+        '"error", "at"} ("at": epoch seconds, in Redis\'s clock). Redis keeps the newest 10,000.',
+    )
+    dead.add_argument("--limit", type=positive_int, default=100, help="print at most this many (default 100)")
+    dead.set_defaults(func=run_dead_letters)
 
 
 # ---- safety worker ---------------------------------------------------------------------------------------
@@ -435,7 +451,7 @@ def run_submit(args: argparse.Namespace) -> int:
             with items:
                 if args.wait:
                     _check_out(args.out)  # before the job runs, not after it finished
-                client = JobClient.from_env()
+                client = JobClient.from_env(notice=_notice("submit"))
                 prepared = _prepare(client, items)
             with prepared:
                 sent = True
@@ -458,12 +474,16 @@ def run_submit(args: argparse.Namespace) -> int:
                     return EXIT_PIPE
                 return EXIT_OK
             again = f"safety job results {job_id}" + (f" --out {args.out}" if args.out else "")
-            with _on_timeout(
-                f"`safety job status {job_id}` shows its progress, `{again}` writes its results"
+            resubmit = f"safety submit {args.input} --job-id {job_id} --wait"
+            resubmit += f" --out {args.out}" if args.out else ""
+            with (
+                _on_timeout(f"`safety job status {job_id}` shows its progress, `{again}` writes its results"),
+                _after_outage(job_id, args.out, resubmit),
             ):
-                status = _wait_with_progress(client, job_id, args.timeout, not args.no_progress)
+                progress = not args.no_progress
+                status = _wait_with_progress(client, submitted.status, args.timeout, progress)
                 try:
-                    written = _write_results(client, job_id, args.out, args.timeout)
+                    written = _write_results(client, job_id, args.out, args.timeout, known=status)
                 except OutputClosed:
                     return EXIT_PIPE
             where = args.out or "stdout"
@@ -520,28 +540,50 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _wait_with_progress(client: Any, job_id: str, timeout: float | None, progress: bool) -> Any:
+@contextmanager
+def _after_outage(job_id: str, out: str | None, submit_again: str) -> Iterator[None]:
+    """Redis did not answer for REDIS_OUTAGE_S while this command waited for the job or read its results
+    (UnavailableError): say where the job is and what to run once Redis is back."""
+    try:
+        yield
+    except UnavailableError as e:
+        raise UnavailableError(
+            f"{e}. The job is kept in Redis, not in this process: once Redis answers again, see it with "
+            f"`safety job status {job_id}` and write its results with `safety job results {job_id} --out "
+            f"{out or 'FILE'}`. If Redis restarted without persistence, the job is lost: submit it again "
+            f"(`{submit_again}`)"
+        ) from e
+
+
+def _wait_with_progress(client: Any, submitted: Any, timeout: float | None, progress: bool) -> Any:
+    """Wait for the job this command just submitted (its status then: `submitted`), a bar showing progress."""
     from tqdm import tqdm
 
-    status = client.status(job_id)
+    job_id = submitted.job_id
     with tqdm(
-        total=status.total, unit="item", desc=f"job {job_id[:12]}", disable=not progress, file=sys.stderr
+        total=submitted.total, unit="item", desc=f"job {job_id[:12]}", disable=not progress, file=sys.stderr
     ) as bar:
 
         def update(st: Any) -> None:
             bar.set_postfix_str(st.state + (f", {st.failed} failed" if st.failed else ""), refresh=False)
             bar.update(st.completed - bar.n)
 
-        return client.wait(job_id, timeout=timeout, on_progress=update)
+        return client.wait(
+            job_id, timeout=timeout, on_progress=update, outage_s=REDIS_OUTAGE_S, known=submitted
+        )
 
 
-def _write_results(client: Any, job_id: str, out: str | None, timeout: float | None) -> int:
+def _write_results(
+    client: Any, job_id: str, out: str | None, timeout: float | None, *, known: Any = None
+) -> int:
     """Stream result lines in item order; a file is written whole or not at all (temp file + rename).
-    OutputClosed when the reader of stdout (or of a FIFO) went away."""
+    OutputClosed when the reader of stdout (or of a FIFO) went away. `known`: the job's status as this
+    command last read it, if it did (`JobClient.results`)."""
     try:
         with _output(out) as stream:
             count = 0
-            for line in client.results(job_id, timeout=timeout):
+            lines = client.results(job_id, timeout=timeout, outage_s=REDIS_OUTAGE_S, known=known)
+            for line in lines:
                 stream.write(json.dumps(line, ensure_ascii=False) + "\n")
                 count += 1
     except BrokenPipeError:
@@ -651,15 +693,24 @@ def run_delete(args: argparse.Namespace) -> int:
     return _job_call("delete", lambda client: _print_json(client.delete(args.job_id).to_dict()))
 
 
+def run_dead_letters(args: argparse.Namespace) -> int:
+    def show(client: Any) -> None:
+        for entry in client.dead_letters(args.limit):
+            _stdout(json.dumps(entry, ensure_ascii=False))
+
+    return _job_call("dead-letters", show)
+
+
 def run_results(args: argparse.Namespace) -> int:
     def results(client: Any) -> int:
         again = f"safety job results {args.job_id}" + (f" --out {args.out}" if args.out else "")
-        try:  # --out is checked before the first result is read
-            with _on_timeout(f"run `{again}` again, with a longer --timeout or none"):
-                _write_results(client, args.job_id, args.out, args.timeout)
-        except OutputClosed:
-            return EXIT_PIPE
-        status = client.status(args.job_id)
+        with _after_outage(args.job_id, args.out, f"safety submit FILE --job-id {args.job_id}"):
+            try:  # --out is checked before the first result is read
+                with _on_timeout(f"run `{again}` again, with a longer --timeout or none"):
+                    _write_results(client, args.job_id, args.out, args.timeout)
+            except OutputClosed:
+                return EXIT_PIPE
+            status = client.status(args.job_id, outage_s=REDIS_OUTAGE_S)
         return EXIT_OK if status.state == "done" and status.failed == 0 else EXIT_FAILED
 
     return _job_call("results", results)
@@ -675,7 +726,7 @@ def _job_call(command: str, fn: Any) -> int:
     client = None
     try:
         with _errors(f"job {command}"):
-            client = JobClient.from_env()
+            client = JobClient.from_env(notice=_notice(f"job {command}"))
             return fn(client) or EXIT_OK
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -685,6 +736,18 @@ def _job_call(command: str, fn: Any) -> int:
     finally:
         if client is not None:
             client.close()
+
+
+def _notice(command: str) -> Callable[[str], None]:
+    """What the job client says while it waits (on another process submitting the job): a line on stderr,
+    above the progress bar if one is shown."""
+
+    def say(message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"safety {command}: {message}", file=sys.stderr)
+
+    return say
 
 
 @contextmanager

@@ -1,16 +1,18 @@
 """The job client: submit a job, read its status, stream its results in item order, cancel or delete it.
 
 Owns: the submission path (validate every item before anything is queued, store the items, send one
-task per chunk, resumable with the same job id; a job given as a stream of items is checked one item at a
-time and spooled to an anonymous temporary file, then stored chunk by chunk from there, so the client's
-memory is a chunk's, not the job's) and the read path (status, results by index with a poll, a clear
-error for a job that is unknown, expired, deleted or lost). Raises only the `model.errors` hierarchy:
-InvalidInputError (bad items or job id, the id of a deleted job), NotFoundError (unknown, expired,
-deleted, or lost in a Redis restart), UnavailableError (Redis unreachable; the spool file cannot be written
-or read), ConfigError (SAFETY_REDIS_URL names a DB, password or server that Redis refuses),
-DeadlineExceededError (a wait ran out of time), FailedPreconditionError (waiting on a job whose
-submission stopped half-way; deleting an open job). The CLI and the gRPC service call this. Must not know:
-torch, the model, gRPC; it sends tasks by name and never imports them.
+task per chunk, resumable with the same job id, one submit of a job at a time under its submit lease; a job
+given as a stream of items is checked one item at a time and spooled to an anonymous temporary file, then
+stored chunk by chunk from there, so the client's memory is a chunk's, not the job's) and the read path
+(status, results by index with a poll, riding out a Redis outage for a bounded time when asked to, a clear
+error for a job that is unknown, expired, deleted or lost).
+Raises only the `model.errors` hierarchy: InvalidInputError (bad items or job id, the id of a deleted job),
+NotFoundError (unknown, expired, deleted, or lost in a Redis restart), UnavailableError (Redis unreachable;
+the spool file cannot be written or read), JobBusyError (another process is submitting the job), ConfigError
+(SAFETY_REDIS_URL names a DB, password or server that Redis refuses), DeadlineExceededError (a wait ran out
+of time), FailedPreconditionError (waiting on a job whose submission stopped half-way; deleting an open
+job). The CLI and the gRPC service call this. Must not know: torch, the model, gRPC; it sends tasks by name
+and never imports them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import re
 import tempfile
@@ -26,10 +29,10 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from itertools import islice
 from json.encoder import encode_basestring as quote
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import redis
 from celery import Celery
@@ -41,6 +44,7 @@ from model.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidInputError,
+    JobBusyError,
     NotFoundError,
     UnavailableError,
 )
@@ -48,12 +52,28 @@ from model.items import item_id
 from worker.app import create_app, send_chunk
 from worker.items import iter_normalized
 from worker.settings import WorkerSettings, env_name
-from worker.store import FINISHED, JobStore, check_job_id, failed_line, new_nonce
+from worker.store import FINISHED, SUBMIT_LEASE_S, JobStore, check_job_id, failed_line, new_nonce
 
 CANCELLED = "cancelled: the job was cancelled before this item was classified"
+# The error of an item a cancel stopped before it was stored: the job holds no id for it (`id` null, gRPC
+# JobResult.id empty), only its index, its position in the items submitted.
+NOT_SUBMITTED = (
+    "cancelled before it was submitted: the job was cancelled while its items were being stored, before this "
+    "one was, so the job has no id for it; `index` is its position in the items submitted"
+)
 # Errors Redis answers while a connection is set up (SELECT of the URL's DB, AUTH): SAFETY_REDIS_URL is wrong.
 SETUP_REFUSED = ("DB index", "SELECT is not allowed", "NOAUTH", "WRONGPASS", "invalid password")
 _READ_BATCH = 512
+# A submit that finds its job's submit lease held waits this much longer than a lease lasts (which outlasts
+# the lease of a submit that died), polling this often.
+_LEASE_MARGIN_S = 2.0
+_LEASE_POLL_S = 0.2
+# A read that rides out a Redis outage (`outage_s`) tries again after this pause, doubled each time up to
+# the second one.
+_OUTAGE_FIRST_PAUSE_S = 0.1
+_OUTAGE_MAX_PAUSE_S = 2.0
+log = logging.getLogger("safety.jobs")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -158,6 +178,23 @@ class Prepared:
         self.close()
 
 
+@dataclass
+class _Outage:
+    """How one long read (`wait`, `results`) rides out Redis not answering: for up to `budget_s` at a time,
+    never past `deadline` (the call's own, monotonic); `since`: when the current outage began (None while
+    Redis answers); `pause`: before the next try."""
+
+    job_id: str
+    budget_s: float
+    deadline: float | None = None
+    since: float | None = None
+    pause: float = 0.0
+
+    @classmethod
+    def of(cls, job_id: str, budget_s: float, deadline: float | None = None) -> _Outage | None:
+        return cls(job_id, budget_s, deadline) if budget_s > 0 else None
+
+
 @dataclass(frozen=True)
 class Submitted:
     status: JobStatus
@@ -242,19 +279,68 @@ def _spool_error(e: OSError, doing: str) -> UnavailableError:
     )
 
 
-class JobClient:
-    """Talks to Redis (job store) and to the Celery broker (the chunk queue). Thread-safe."""
+class _SubmitLease:
+    """A submit's hold on its job's submit lease (`JobStore.hold_submit`): one submit at a time stores and
+    queues a job, so two submits of one job id at once never queue a chunk twice."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, client: JobClient, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.token = uuid.uuid4().hex
+
+    def hold(self) -> bool:
+        """Take or renew the lease; while another submit holds it, wait, up to a lease's length and a margin
+        (which outlasts the lease of a submit that died). -> True when this submit held it since its last
+        call; False when it took a free one (first call, or this submit paused past its lease): another
+        submit may have queued chunks meanwhile, so what was sent must be read again. JobBusyError when the
+        other submit still holds it after the wait."""
+        store, ttl = self.client.store, self.client.submit_lease_s
+        state, left = store.hold_submit(self.job_id, self.token, ttl)
+        if state != "busy":
+            return state == "renewed"
+        patience = ttl + _LEASE_MARGIN_S
+        self.client.notice(
+            f"job {self.job_id} is being submitted by another process; waiting up to {patience:.0f}s for it"
+        )
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            time.sleep(min(_LEASE_POLL_S, max(0.0, deadline - time.monotonic())))
+            state, left = store.hold_submit(self.job_id, self.token, ttl)
+            if state != "busy":
+                return False
+        raise JobBusyError(
+            f"job {self.job_id!r} is being submitted by another process (a `safety submit` or SubmitJob of "
+            f"this job id), still storing and queueing its chunks after this submit waited {patience:.0f}s; "
+            f"let it finish (`safety job status {self.job_id}` leaves `submitting` when it has), or retry "
+            f"after {math.ceil(left)}s if it was stopped: the same job id and items resume the job"
+        )
+
+    def release(self) -> None:
+        """Free the lease (if this submit still holds it); a Redis error leaves it to expire."""
+        with contextlib.suppress(redis.RedisError):
+            self.client.store.release_submit(self.job_id, self.token)
+
+
+class JobClient:
+    """Talks to Redis (job store) and to the Celery broker (the chunk queue). Thread-safe.
+
+    `notice(message)`: what the client says while it waits on something a person may want to know about
+    (Redis unreachable, and back; another process submitting the same job); default: a warning on the
+    `safety.jobs` logger."""
+
+    submit_lease_s: float = SUBMIT_LEASE_S  # the submit lease's length (tests shorten it)
+
+    def __init__(self, settings: WorkerSettings, *, notice: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        self.notice: Callable[[str], None] = notice or (lambda message: log.warning("%s", message))
         self.client = redis.Redis.from_url(
             settings.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15
         )
         self.store = JobStore(self.client)
 
     @classmethod
-    def from_env(cls) -> JobClient:
-        return cls(WorkerSettings.from_env())
+    def from_env(cls, *, notice: Callable[[str], None] | None = None) -> JobClient:
+        return cls(WorkerSettings.from_env(), notice=notice)
 
     @cached_property
     def app(self) -> Celery:
@@ -271,7 +357,9 @@ class JobClient:
 
         Re-running with the same `job_id` and the same items resumes: chunks already sent are not sent
         again, and a finished job is returned as it is. The same id with other items is refused. A job
-        cancelled while it is being submitted stops the submit: the status returned says `cancelled`.
+        cancelled while it is being submitted stops the submit: the status returned says `cancelled`. One
+        submit of a job at a time: another one of the same id (another process, another thread) waits for
+        it up to `submit_lease_s` and a margin, then resumes what is left; JobBusyError if it is still busy.
         """
         with self.prepare(items) as prepared:
             return self.send(prepared, job_id=job_id)
@@ -332,29 +420,41 @@ class JobClient:
         with self._reachable():
             existing = self.store.create(job_id, record)
             resumed = existing is not None
-            if resumed:
-                if existing != digest and existing != legacy_digest(prepared.lines()):
-                    raise InvalidInputError(
-                        f"job {job_id!r} already exists with different items; choose another job id",
-                        field="job_id",
-                    )
-                stored = self.store.resume(job_id) or record  # notes the progress of a `submitting` job
-                if stored["state"] in FINISHED:
-                    return Submitted(JobStatus.from_record(job_id, stored), resumed=True, sent=0)
-                # the job's own nonce goes into its messages: none for a job the previous release created
-                record = {**record, "nonce": "", **stored}
-            self.store.mark_active(job_id)  # the lost-chunk sweeper watches it from now on
-            sent = self._enqueue(job_id, prepared, record)
-            if self.store.seal(job_id) in ("queued", "running"):
-                # again: the sweeper drops a submit that paused over SUBMIT_STALL_S (Ctrl-Z, a sleeping
-                # laptop) from the list; a submit that went on since must be watched (a no-op if listed)
-                self.store.mark_active(job_id)
+            if resumed and existing != digest and existing != legacy_digest(prepared.lines()):
+                raise InvalidInputError(
+                    f"job {job_id!r} already exists with different items; choose another job id",
+                    field="job_id",
+                )
+            lease = _SubmitLease(self, job_id)
+            try:
+                # one submit at a time: another one of this id (a second `safety submit`, a SubmitJob)
+                # stores and queues it; this one waits, then reads what it left
+                lease.hold()
+                if resumed:
+                    stored = self.store.resume(job_id) or record  # notes the progress of a `submitting` job
+                    if stored["state"] in FINISHED:
+                        return Submitted(JobStatus.from_record(job_id, stored), resumed=True, sent=0)
+                    # the job's own nonce goes into its messages: none for a job the previous release created
+                    record = {**record, "nonce": "", **stored}
+                self.store.mark_active(job_id)  # the lost-chunk sweeper watches it from now on
+                sent = self._enqueue(job_id, prepared, record, lease)
+                if self.store.seal(job_id) in ("queued", "running"):
+                    # again: the sweeper drops a submit that paused over SUBMIT_STALL_S (Ctrl-Z, a sleeping
+                    # laptop) from the list; a submit that went on since must be watched (a no-op if listed)
+                    self.store.mark_active(job_id)
+            finally:
+                lease.release()
         return Submitted(self.status(job_id), resumed=resumed, sent=sent)
 
     def _validate(self, items: Iterable[Any]) -> Iterator[dict[str, str]]:
         return iter_normalized(items, max_text_chars=self.settings.max_text_chars)
 
-    def _enqueue(self, job_id: str, prepared: Prepared, record: dict[str, Any]) -> int:
+    def _enqueue(self, job_id: str, prepared: Prepared, record: dict[str, Any], lease: _SubmitLease) -> int:
+        """Store and send each chunk not marked sent, marking it after it was sent (a submit that dies in
+        between leaves it unmarked: a resume sends it again, at least once). Under the job's submit lease,
+        renewed before a chunk is stored and again before it is sent: while this submit holds it no other
+        submit sends a chunk, so the chunks read as sent stay true; a lease taken anew (this submit paused
+        past it, another may have run) has them read again."""
         size, chunks = int(record["chunk_size"]), int(record["chunks"])
         already = self.store.enqueued(job_id)
         sent = 0
@@ -362,9 +462,17 @@ class JobClient:
             for chunk, lines in zip(range(chunks), prepared.payloads(size), strict=False):
                 if chunk in already:
                     continue
+                if not lease.hold():
+                    already = self.store.enqueued(job_id)
+                    if chunk in already:
+                        continue
                 first = chunk * size
                 if not self.store.upload(job_id, first, lines):
                     break  # cancelled while it was being submitted: stop storing and sending
+                if not lease.hold():  # the upload outlasted the lease (a huge chunk, a slow link)
+                    already = self.store.enqueued(job_id)
+                    if chunk in already:
+                        continue
                 send_chunk(self.app, job_id, chunk, record["queue"], producer, record["nonce"])
                 sent += 1  # a worker skips the chunk of a job cancelled in the meantime
                 if not self.store.mark_enqueued(job_id, chunk):
@@ -372,10 +480,10 @@ class JobClient:
         return sent
 
     # ---- reading -------------------------------------------------------------------------------------------
-    def status(self, job_id: str) -> JobStatus:
+    def status(self, job_id: str, *, outage_s: float = 0.0) -> JobStatus:
+        """The job's status. `outage_s`: ride out Redis being unreachable for up to that long (as `wait`)."""
         check_job_id(job_id)
-        with self._reachable():
-            record = self.store.get(job_id)
+        record = self._read(_Outage.of(job_id, outage_s), partial(self.store.get, job_id))
         if record is None:
             raise self._deleted(job_id) or NotFoundError(
                 f"job {job_id!r} not found: never submitted, expired (jobs are kept "
@@ -398,39 +506,56 @@ class JobClient:
         timeout: float | None = None,
         poll_s: float = 0.25,
         on_progress: Callable[[JobStatus], None] | None = None,
+        outage_s: float = 0.0,
+        known: JobStatus | None = None,
     ) -> JobStatus:
         """Poll until the job finishes. DeadlineExceededError after `timeout` seconds; NotFoundError at once
-        when the job disappears (Redis lost it); UnavailableError when Redis cannot be reached."""
+        when the job disappears (Redis lost it); UnavailableError when Redis cannot be reached: at once, or
+        with `outage_s`, once it has not answered for that long (and within `timeout`): until then each read
+        is retried with a growing pause, and `notice` says that Redis is unreachable and, later, back.
+        `known`: the job's status as the caller last read it (a job it submitted): a job missing at the first
+        read then disappeared, rather than was never found."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        status = self.status(job_id)
+        outage = _Outage.of(job_id, outage_s, deadline)
+        status = self._first_status(job_id, known, outage)
         while True:
             if on_progress is not None:
                 on_progress(status)
             if status.finished:
                 return status
-            self.check_submission(job_id, status)
+            self._check_submission(job_id, status, outage)
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceededError(
                     f"job {job_id!r} is still {status.state} after {timeout}s "
                     f"({status.completed}/{status.total} items)"
                 )
             time.sleep(poll_s)
-            status = self._still_there(job_id, status)
+            status = self._still_there(job_id, status, outage)
 
     def results(
-        self, job_id: str, *, start: int = 0, timeout: float | None = None, poll_s: float = 0.25
+        self,
+        job_id: str,
+        *,
+        start: int = 0,
+        timeout: float | None = None,
+        poll_s: float = 0.25,
+        outage_s: float = 0.0,
+        known: JobStatus | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Result lines in item order from index `start`, each as soon as it and all before it exist.
 
         Follows a running job until it finishes; items of a cancelled job that were never classified
-        come back as failed lines. Raises as `wait` does; `timeout` bounds the whole stream.
+        come back as failed lines (`CANCELLED`; `NOT_SUBMITTED`, with `id` None, for an item the cancel
+        stopped before it was stored). Raises as `wait` does, and rides out a Redis outage as it does with
+        `outage_s`; `timeout` bounds the whole stream; `known` as for `wait`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        status = self.status(job_id)
+        outage = _Outage.of(job_id, outage_s, deadline)
+        status = self._first_status(job_id, known, outage)
         index = max(0, start)
         while index < status.total:
-            with self._reachable():
-                batch = self.store.results(job_id, index, min(status.total, index + _READ_BATCH))
+            hi = min(status.total, index + _READ_BATCH)
+            batch = self._read(outage, partial(self.store.results, job_id, index, hi))
             for raw in batch:
                 if raw is None:
                     break
@@ -440,8 +565,8 @@ class JobClient:
                 continue
             # A gap: the item at `index` has no result yet.
             if status.state == "cancelled":
-                yield from self._cancelled_lines(job_id, index, min(status.total, index + _READ_BATCH))
-                index = min(status.total, index + _READ_BATCH)
+                yield from self._cancelled_lines(job_id, index, hi, outage)
+                index = hi
                 continue
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceededError(
@@ -449,23 +574,31 @@ class JobClient:
                     f"{status.completed}/{status.total} items)"
                 )
             if status.finished:  # finished between our reads: read again before polling
-                status = self._still_there(job_id, status)
-                with self._reachable():
-                    if self.store.results(job_id, index, index + 1)[0] is None:
-                        raise NotFoundError(f"job {job_id!r}: result {index} is missing (expired or lost)")
+                status = self._still_there(job_id, status, outage)
+                if self._read(outage, partial(self.store.results, job_id, index, index + 1))[0] is None:
+                    raise NotFoundError(f"job {job_id!r}: result {index} is missing (expired or lost)")
                 continue
-            self.check_submission(job_id, status)
+            self._check_submission(job_id, status, outage)
             time.sleep(poll_s)
-            status = self._still_there(job_id, status)
+            status = self._still_there(job_id, status, outage)
+
+    def _first_status(self, job_id: str, known: JobStatus | None, outage: _Outage | None) -> JobStatus:
+        if known is None:
+            return self._read(outage, partial(self.status, job_id))
+        check_job_id(job_id)
+        return self._still_there(job_id, known, outage)
 
     def check_submission(self, job_id: str, status: JobStatus) -> None:
         """FailedPreconditionError when the job is still `submitting` and its submitter has stored nothing for
         SUBMIT_STALL_S (an interrupted `safety submit`, a server that crashed during a SubmitJob): nothing
         will finish it but a resumed submit, so a wait on it would never end."""
+        self._check_submission(job_id, status, None)
+
+    def _check_submission(self, job_id: str, status: JobStatus, outage: _Outage | None) -> None:
         if status.state != "submitting":
             return
-        with self._reachable():
-            stalled = self.store.stalled_submission(job_id)  # in Redis's clock, as `sent_at` is stamped
+        # in Redis's clock, as `sent_at` is stamped
+        stalled = self._read(outage, partial(self.store.stalled_submission, job_id))
         if stalled is None:
             return
         items, chunks, idle = stalled
@@ -476,27 +609,67 @@ class JobClient:
             "cancel it"
         )
 
-    def _cancelled_lines(self, job_id: str, lo: int, hi: int) -> Iterator[dict[str, Any]]:
-        with self._reachable():
-            written = self.store.results(job_id, lo, hi)
-            items = self.store.items(job_id, range(lo, hi))
+    def _cancelled_lines(
+        self, job_id: str, lo: int, hi: int, outage: _Outage | None
+    ) -> Iterator[dict[str, Any]]:
+        written = self._read(outage, partial(self.store.results, job_id, lo, hi))
+        items = self._read(outage, partial(self.store.items, job_id, range(lo, hi)))
         for index, raw, item in zip(range(lo, hi), written, items, strict=True):
-            yield (
-                json.loads(raw)
-                if raw is not None  # an item never stored (a submit cancelled midway) is named by its index
-                else failed_line(index, item_id((item or {}).get("id"), index), CANCELLED)
-            )
+            if raw is not None:
+                yield json.loads(raw)
+            elif item is None:  # never stored (a submit cancelled midway): its id never reached the job
+                yield failed_line(index, None, NOT_SUBMITTED)
+            else:  # stored: its id (an item the previous release stored without one: its index)
+                yield failed_line(index, item_id(item.get("id"), index), CANCELLED)
 
-    def _still_there(self, job_id: str, last: JobStatus) -> JobStatus:
-        with self._reachable():
-            record = self.store.get(job_id)
+    def _still_there(self, job_id: str, last: JobStatus, outage: _Outage | None = None) -> JobStatus:
+        record = self._read(outage, partial(self.store.get, job_id))
         if record is not None:
             return JobStatus.from_record(job_id, record)
-        raise self._deleted(job_id) or NotFoundError(
+        raise self._read(outage, partial(self._deleted, job_id)) or NotFoundError(
             f"job {job_id!r} disappeared while {last.state} ({last.completed}/{last.total} items): Redis "
             "lost its data (a restart without persistence, a flush or an eviction) or the job expired; "
             "submit it again"
         )
+
+    def _read(self, outage: _Outage | None, read: Callable[[], T]) -> T:
+        """`read()`, a Redis read; given an `outage` with a budget, retried while Redis cannot be reached,
+        until the outage has lasted its budget (or the call's deadline came): then UnavailableError naming
+        the job. `notice` says when Redis stops answering and when it answers again."""
+        while True:
+            try:
+                with self._reachable():
+                    value = read()
+            except UnavailableError as e:
+                if outage is None or outage.budget_s <= 0:
+                    raise
+                self._ride_out(outage, e)
+                continue
+            if outage is not None and outage.since is not None:
+                down = time.monotonic() - outage.since
+                self.notice(f"job {outage.job_id}: Redis answers again after {down:.0f}s; going on")
+                outage.since = None
+            return value
+
+    def _ride_out(self, outage: _Outage, error: UnavailableError) -> None:
+        """Pause before the next try of a read that found Redis unreachable, or raise when the outage has
+        lasted its budget or the call's deadline has come."""
+        now = time.monotonic()
+        if outage.since is None:
+            outage.since, outage.pause = now, _OUTAGE_FIRST_PAUSE_S
+            self.notice(
+                f"job {outage.job_id}: {str(error).rstrip('.')}; retrying for up to {outage.budget_s:.0f}s"
+            )
+        limit = outage.since + outage.budget_s
+        if outage.deadline is not None:
+            limit = min(limit, outage.deadline)
+        if now >= limit:
+            down = now - outage.since
+            raise UnavailableError(
+                f"job {outage.job_id!r}: {str(error).rstrip('.')}; no answer for {down:.0f}s of retrying"
+            ) from error
+        time.sleep(min(outage.pause, limit - now))
+        outage.pause = min(outage.pause * 2, _OUTAGE_MAX_PAUSE_S)
 
     # ---- control -------------------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> JobStatus:

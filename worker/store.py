@@ -17,6 +17,9 @@ Keys (the `{id}` hash tag keeps a job's keys in one Redis Cluster slot):
   safety:job:{id}:attempts  hash   chunk -> deliveries that started classifying it
   safety:job:{id}:errors    hash   chunk -> the last error a delivery raised
   safety:job:{id}:enqueued  set    chunks already sent to the queue (a resumed submit skips them)
+  safety:job:{id}:submitter string the submit lease: a token of the one submit storing and queueing the job
+                                   now; expires SUBMIT_LEASE_S after that submit last renewed it (a submit
+                                   that died frees the job by then), deleted when it ends
   safety:job:{id}:deleted   string a deleted job's tombstone: its id stays reserved for the job's remaining
                                    TTL, so the job's leftover chunk messages never act on a new job
   safety:dead_letter        list   JSON {job_id, chunk, attempts, error, at}, newest first, capped
@@ -62,6 +65,10 @@ ACTIVE_JOBS = "safety:jobs:open"
 # sweeper stops watching it. Storing one chunk takes well under a second; this leaves room for a slow link,
 # a large chunk.
 SUBMIT_STALL_S = 120.0
+# One submit at a time stores and queues a job: it holds the job's submit lease (`JobStore.hold_submit`),
+# renewing it before each chunk it stores and sends, and releases it when it ends. A submit that dies frees
+# the job this long after it last renewed the lease (well before SUBMIT_STALL_S calls its job stopped).
+SUBMIT_LEASE_S = 30.0
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # The keys of `model.Result.to_dict()` (a test keeps them in step); a result line adds `index` and `error`.
 RESULT_FIELDS = ("id", "scores", "logits", "flagged", "flagged_labels", "tokens", "windows", "spans")
@@ -155,6 +162,11 @@ class JobKeys:
         return self.job + ":enqueued"
 
     @property
+    def submitter(self) -> str:
+        """The submit lease: the token of the submit storing and queueing the job now (`hold_submit`)."""
+        return self.job + ":submitter"
+
+    @property
     def deleted(self) -> str:
         """The tombstone `delete` leaves: the id stays reserved until the deleted job would have expired."""
         return self.job + ":deleted"
@@ -236,6 +248,28 @@ end
 return 1
 """
 )
+
+# KEYS = [submit lease]; ARGV = [token, ttl ms]. Renews the lease when the token holds it, takes it when
+# nobody does. -> {1, 0} renewed (held since the last call), {2, 0} taken (it was free: whatever another
+# submit did meanwhile must be read again), {0, its remaining ms} held by another token.
+_HOLD_SUBMIT = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, 0}
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {2, 0}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"""
+
+# KEYS = [submit lease]; ARGV = [token]. Frees the lease if the token holds it. -> 1 freed, 0 not held.
+_RELEASE_SUBMIT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 # Lua shared by the scripts below: a chunk's item range, and whether any of its items lacks a result.
 _CHUNK_LUA = """
@@ -461,6 +495,8 @@ class JobStore:
         self._incomplete = client.register_script(_INCOMPLETE)
         self._open = client.register_script(_OPEN)
         self._delete = client.register_script(_DELETE)
+        self._hold_submit = client.register_script(_HOLD_SUBMIT)
+        self._release_submit = client.register_script(_RELEASE_SUBMIT)
 
     @classmethod
     def for_worker(cls, url: str) -> JobStore:
@@ -511,6 +547,20 @@ class JobStore:
         keys = JobKeys(job_id)
         args = ["lines", first, *line_runs(lines, MAX_ARG_BYTES)]
         return self._added(job_id, self._add(keys=[keys.job, keys.items], args=args))
+
+    def hold_submit(self, job_id: str, token: str, ttl_s: float) -> tuple[str, float]:
+        """Take or renew the job's submit lease for `token`, for `ttl_s` from now: ("renewed", 0) when the
+        token held it since its last call; ("taken", 0) when it was free (another submit may have stored and
+        queued chunks since this token last held it); ("busy", seconds the other holder's lease has left)
+        when another token holds it (nothing changed)."""
+        ttl_ms = max(1, round(ttl_s * 1000))
+        outcome, left_ms = self._hold_submit(keys=[JobKeys(job_id).submitter], args=[token, ttl_ms])
+        state = {1: "renewed", 2: "taken"}.get(int(outcome), "busy")
+        return state, max(0, int(left_ms)) / 1000
+
+    def release_submit(self, job_id: str, token: str) -> bool:
+        """Free the job's submit lease if `token` holds it (not one another submit took after it expired)."""
+        return bool(self._release_submit(keys=[JobKeys(job_id).submitter], args=[token]))
 
     def enqueued(self, job_id: str) -> set[int]:
         return {int(c) for c in self.client.smembers(JobKeys(job_id).enqueued)}

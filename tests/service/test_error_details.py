@@ -260,6 +260,8 @@ def test_every_error_class_has_a_documented_reason() -> None:
     assert describe(errors.DeviceFailedError("x")).reason == "DEVICE_FAILED"
     assert describe(errors.ShuttingDownError("x")).reason == "SHUTTING_DOWN"
     assert describe(errors.UnavailableError("Redis at x is unreachable")).reason == "BACKEND_UNAVAILABLE"
+    busy = describe(errors.JobBusyError("job 'x' is being submitted by another process"))  # retry: it resumes
+    assert (busy.code, busy.reason) == (grpc.StatusCode.UNAVAILABLE, "JOB_BUSY")
 
 
 def test_without_the_package_the_pushback_stays_and_the_details_go(monkeypatch: pytest.MonkeyPatch) -> None:

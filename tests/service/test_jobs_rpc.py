@@ -32,9 +32,9 @@ from tests.worker.harness import (
     make_items,
     worker_env,
 )
-from worker.jobs import JobClient
+from worker.jobs import CANCELLED, NOT_SUBMITTED, JobClient
 from worker.settings import WorkerSettings
-from worker.store import RESULT_FIELDS, SUBMIT_STALL_S, JobKeys, failed_line
+from worker.store import RESULT_FIELDS, SUBMIT_STALL_S, JobKeys, JobStore, failed_line
 
 QUEUE = "grpc-jobs"  # consumed by the module's worker
 IDLE = "grpc-idle"  # consumed by nobody: jobs stay queued
@@ -147,6 +147,34 @@ def test_cancel_a_queued_job_then_its_items_stream_as_cancelled(
     assert all(line["error"].startswith("cancelled") and line["scores"] is None for line in lines), lines
     assert [line["id"] for line in lines] == [f"idle-{i}" for i in range(6)]
     assert redis_server.client().llen(IDLE) == 2  # each chunk queued once, skipped by a worker later
+
+
+def test_items_a_cancel_stopped_before_they_were_stored_stream_without_an_id(
+    start_jobs_server: StartServer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their JobResult.id was the index as a string, which could be another item's real id."""
+    app = start_jobs_server(job_client(redis_server.url, queue=IDLE, chunk_size=4))
+    submitter = job_client(redis_server.url, queue=IDLE, chunk_size=4)()
+    upload = JobStore.upload
+
+    def upload_then_cancel(store: JobStore, job: str, first: int, lines: bytes) -> bool:
+        if first == 4:  # CancelJob arrives while the submit is about to store its second chunk
+            store.cancel(job)
+        return upload(store, job, first, lines)
+
+    monkeypatch.setattr(JobStore, "upload", upload_then_cancel)
+    try:
+        submitted = submitter.submit(make_items(10, prefix="cut"), job_id="cut-rpc")
+    finally:
+        submitter.close()
+    assert (submitted.status.state, submitted.sent) == ("cancelled", 1)
+    with connect(app) as client:
+        request = pb2.StreamJobResultsRequest(job_id="cut-rpc", wait=True)
+        results = list(client.stub.StreamJobResults(request, timeout=30))
+    assert [r.index for r in results] == list(range(10))
+    assert [r.id for r in results] == [f"cut-{i}" for i in range(4)] + [""] * 6
+    assert [r.error for r in results] == [CANCELLED] * 4 + [NOT_SUBMITTED] * 6
+    assert not any(r.HasField("result") for r in results)
 
 
 def test_waiting_on_a_job_whose_submission_stopped_is_a_failed_precondition(
@@ -423,3 +451,6 @@ def test_a_result_line_without_an_id_reads_as_its_index() -> None:
 
     assert job_result_to_proto({"index": 7, "id": None, "error": "cancelled"}, {}).id == "7"
     assert job_result_to_proto({"index": 7, "id": "msg-8", "error": "cancelled"}, {}).id == "msg-8"
+    # an item a cancel stopped before it was stored has no id, and no index passes for one
+    unsent = job_result_to_proto(failed_line(7, None, NOT_SUBMITTED), {})
+    assert (unsent.index, unsent.id, unsent.error) == (7, "", NOT_SUBMITTED)

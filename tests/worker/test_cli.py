@@ -21,7 +21,15 @@ from typing import Any
 import pytest
 
 from model.errors import InvalidInputError
-from tests.worker.harness import RedisServer, Spools, long_items, poll, traced_peak, worker_env
+from tests.worker.harness import (
+    RedisServer,
+    Spools,
+    free_port,
+    long_items,
+    poll,
+    traced_peak,
+    worker_env,
+)
 from worker.cli import ItemsFile, _check_out, _write_results, main, register
 from worker.jobs import JobClient
 from worker.settings import WorkerSettings
@@ -34,7 +42,7 @@ class Lines:
     def __init__(self, n: int) -> None:
         self.n = n
 
-    def results(self, job_id: str, *, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    def results(self, job_id: str, **options: Any) -> Iterator[dict[str, Any]]:
         for i in range(self.n):
             yield {"index": i, "id": str(i), "error": None}
 
@@ -146,6 +154,147 @@ def test_a_submit_whose_job_is_cancelled_meanwhile_stops_and_exits_1(
     assert "job cancelled-meanwhile was cancelled: this submit sent 1 chunk of 5 and stopped" in out.err
     assert out.out == ""
     assert redis_server.client().llen("cli-cancelled") == 1
+
+
+def test_a_submit_of_a_job_another_submit_holds_says_so_waits_and_resumes(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(f'{{"text": "item {i}"}}\n' for i in range(5)))
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_CHUNK_SIZE", "2")
+    monkeypatch.setenv("SAFETY_QUEUE", "cli-held")
+    monkeypatch.setattr(JobClient, "submit_lease_s", 0.5)
+    assert main(["submit", str(src), "--job-id", "held"]) == 0
+    r, keys = redis_server.client(), JobKeys("held")
+    r.srem(keys.enqueued, 2)  # the submit that holds the job has not queued its last chunk yet
+    r.lpop("cli-held")
+    r.set(keys.submitter, "another-submits-token", px=500)  # and dies now
+    capsys.readouterr()
+    assert main(["submit", str(src), "--job-id", "held"]) == 0
+    err = capsys.readouterr().err
+    assert "safety submit: job held is being submitted by another process; waiting up to 2s for it" in err
+    assert "resumed job held: 5 items, 1 chunk sent" in err, err
+    assert r.llen("cli-held") == 3
+
+
+class Stderr:
+    """What the command run in another thread wrote on stderr so far (capsys, read as it comes)."""
+
+    def __init__(self, capsys: pytest.CaptureFixture) -> None:
+        self.capsys = capsys
+        self.text = ""
+
+    def __call__(self) -> str:
+        self.text += self.capsys.readouterr().err
+        return self.text
+
+
+def submit_wait_in_thread(src: Path, job: str, out: Path) -> tuple[threading.Thread, list[int]]:
+    """`safety submit SRC --job-id JOB --wait --out OUT` in a thread; the list gets its exit status."""
+    code: list[int] = []
+    argv = ["submit", str(src), "--job-id", job, "--wait", "--no-progress", "--out", str(out)]
+    thread = threading.Thread(target=lambda: code.append(main(argv)))
+    thread.start()
+    return thread, code
+
+
+def test_submit_wait_that_loses_redis_for_longer_than_it_rides_out_names_the_job_and_what_next(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """It said only `safety submit: Redis at redis://… is unreachable: Error 111 …`, at the first failed
+    read, and exit 2: no job id, nothing about what to do."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"text": "one"}\n{"text": "two"}\n')
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "cli-outage")  # nobody classifies: the job waits
+    monkeypatch.setattr("worker.cli.REDIS_OUTAGE_S", 1.0)
+    err = Stderr(capsys)
+    thread, code = submit_wait_in_thread(src, "outage", out)
+    poll(lambda: "submitted job outage" in err(), 10, "the submit to wait for its job")
+    redis_server.kill()
+    thread.join(30)
+    assert code == [2]
+    said = err()
+    assert f"safety submit: job outage: Redis at {redis_server.url} is unreachable" in said, said
+    assert "retrying for up to 1s" in said
+    final = said.splitlines()[-1]
+    assert final.startswith(f"safety submit: job 'outage': Redis at {redis_server.url} is unreachable"), final
+    assert "no answer for 1s of retrying" in final
+    for step in (
+        "`safety job status outage`",
+        f"`safety job results outage --out {out}`",
+        "If Redis restarted without persistence, the job is lost: submit it again",
+        f"`safety submit {src} --job-id outage --wait --out {out}`",
+    ):
+        assert step in final, (step, final)
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+def test_job_results_with_redis_down_retries_then_says_what_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    monkeypatch.setenv("SAFETY_REDIS_URL", url)
+    monkeypatch.setattr("worker.cli.REDIS_OUTAGE_S", 1.0)
+    assert main(["job", "results", "some-job", "--out", str(tmp_path / "r.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"safety job results: job some-job: Redis at {url} is unreachable" in err
+    assert (
+        "`safety job status some-job`" in err
+        and f"`safety job results some-job --out {tmp_path}/r.jsonl`" in err
+    )
+    assert "`safety submit FILE --job-id some-job`" in err
+
+
+def test_submit_wait_rides_out_a_redis_that_comes_back_empty_and_says_the_job_is_lost(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"text": "one"}\n{"text": "two"}\n')
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "cli-emptied")
+    err = Stderr(capsys)
+    thread, code = submit_wait_in_thread(src, "emptied", out)
+    poll(lambda: "submitted job emptied" in err(), 10, "the submit to wait for its job")
+    redis_server.kill()
+    poll(lambda: "retrying for up to 60s" in err(), 10, "the submit to notice the outage")
+    redis_server.start()  # without persistence: empty
+    thread.join(30)
+    assert code == [2]
+    final = err().splitlines()[-1]
+    assert final.startswith("safety submit: job 'emptied' disappeared while queued"), final
+    assert "submit it again" in final
+
+
+def test_job_dead_letters_prints_the_newest_entries_one_json_line_each(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """There was no command for them: only the Python API, `JobClient.dead_letters`."""
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "cli-dead")
+    assert main(["job", "dead-letters"]) == 0 and capsys.readouterr().out == ""  # none yet
+    client = JobClient.from_env()
+    client.submit([{"text": str(i)} for i in range(4)], job_id="dead")
+    for chunk in (0, 2, 1):  # what workers dead-letter after SAFETY_MAX_ATTEMPTS, in this order
+        client.store.dead_letter("dead", chunk, 3, f"gave up: chunk {chunk} crashed its worker")
+    client.close()
+    assert main(["job", "dead-letters"]) == 0
+    entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["job_id"], e["chunk"], e["attempts"]) for e in entries] == [("dead", c, 3) for c in (1, 2, 0)]
+    assert entries[0]["error"] == "gave up: chunk 1 crashed its worker"
+    assert entries[0]["at"] >= entries[1]["at"] >= entries[2]["at"] > 0
+    assert main(["job", "dead-letters", "--limit", "2"]) == 0
+    assert [json.loads(line)["chunk"] for line in capsys.readouterr().out.splitlines()] == [1, 2]
+    with pytest.raises(SystemExit) as e:
+        main(["job", "dead-letters", "--limit", "0"])
+    assert e.value.code == 2 and "--limit: must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_job_delete_prints_the_deleted_job_and_refuses_an_open_one(
@@ -538,11 +687,17 @@ def test_json_and_job_id_output_into_a_closed_pipe_stop_quietly_with_141(
     BrokenPipeError traceback, exit 1; for `job delete` the job was gone all the same."""
     client = JobClient(WorkerSettings(redis_url=redis_server.url, queue="closed", chunk_size=10))
     client.submit([{"text": "one"}], job_id="known")
+    client.store.dead_letter("known", 0, 3, "boom")
     client.close()
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "two"}\n')
     env = {**os.environ, "SAFETY_REDIS_URL": redis_server.url, "SAFETY_QUEUE": "closed"}
-    for argv in (["job", "status", "known"], ["submit", str(src), "--job-id", "printed"]):
+    commands = (
+        ["job", "status", "known"],
+        ["submit", str(src), "--job-id", "printed"],
+        ["job", "dead-letters"],
+    )
+    for argv in commands:
         read, write = os.pipe()
         os.close(read)  # the reader is gone before anything is written
         proc = subprocess.run(

@@ -19,6 +19,7 @@ from model.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidInputError,
+    JobBusyError,
     NotFoundError,
     UnavailableError,
 )
@@ -28,11 +29,13 @@ from tests.worker.harness import (
     free_port,
     long_items,
     make_items,
+    poll,
     traced_peak,
 )
 from worker.app import TASK_NAME
 from worker.items import normalize_item
-from worker.jobs import JobClient
+from worker.jobs import CANCELLED, NOT_SUBMITTED, JobClient
+from worker.settings import WorkerSettings
 from worker.store import (
     ACTIVE_JOBS,
     DEAD_LETTER,
@@ -387,6 +390,159 @@ def test_submit_progress_is_stamped_and_read_in_redis_clock_not_the_hosts(
     assert sweeper.run_once() == [] and client.store.active() == ["skew"]
 
 
+def queued_ids(server: RedisServer, queue: str) -> list[str]:
+    return sorted(m["headers"]["id"] for m in queued_messages(server, queue))
+
+
+def blocked_at_chunk(client: JobClient, chunk: int) -> tuple[threading.Event, threading.Event]:
+    """`client`'s submit stops before it stores `chunk`, until the second event is set; the first is set when
+    it got there. On this client's store only (another client in the test is another process)."""
+    reached, go = threading.Event(), threading.Event()
+    upload, size = client.store.upload, client.settings.chunk_size
+
+    def upload_when_told(job: str, first: int, lines: bytes) -> bool:
+        if first == chunk * size:
+            reached.set()
+            assert go.wait(30), "the test never let the submit go on"
+        return upload(job, first, lines)
+
+    client.store.upload = upload_when_told  # type: ignore[method-assign]
+    return reached, go
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run `fn` in a thread; the list gets what it returned or raised."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # handed to the test
+            out.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_two_submits_of_one_job_at_once_queue_each_chunk_once(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """Both read the chunks already sent once, before sending any: each queued every chunk the other had
+    not yet marked (782 chunks -> 1,564 messages), and workers classified them twice."""
+    first = job_client(redis_server.url, queue="q", chunk_size=2)
+    second = job_client(redis_server.url, queue="q", chunk_size=2)
+    said: list[str] = []
+    second.notice = said.append
+    items = make_items(20)
+    reached, go = blocked_at_chunk(first, 1)  # chunk 0 sent and marked, chunk 1 about to be stored
+    one, got_one = in_thread(lambda: first.submit(items, job_id="twice"))
+    assert reached.wait(10)
+    two, got_two = in_thread(lambda: second.submit(items, job_id="twice"))
+    poll(lambda: said or not two.is_alive(), 10, "the second submit to wait for the first (or to finish)")
+    go.set()
+    one.join(30)
+    two.join(30)
+    assert not one.is_alive() and not two.is_alive()
+    assert (got_one[0].resumed, got_one[0].sent) == (False, 10), got_one
+    assert (got_two[0].resumed, got_two[0].sent, got_two[0].status.state) == (True, 0, "queued"), got_two
+    assert queued_ids(redis_server, "q") == sorted(f"twice.{c}" for c in range(10))  # each chunk once
+    assert "job twice is being submitted by another process; waiting up to" in said[0]
+    assert not redis_server.client().exists(JobKeys("twice").submitter)  # released at the end
+
+
+def test_a_submit_that_paused_past_its_lease_reads_again_what_another_sent(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """A submit stopped past its lease (Ctrl-Z, a sleeping laptop) while another finished the job sends
+    nothing the other sent when it goes on."""
+    paused = job_client(redis_server.url, queue="q", chunk_size=2)
+    paused.submit_lease_s = 0.3
+    items = make_items(20)
+    reached, go = blocked_at_chunk(paused, 3)
+    one, got_one = in_thread(lambda: paused.submit(items, job_id="paused"))
+    assert reached.wait(10)
+    lease = JobKeys("paused").submitter
+    poll(lambda: not redis_server.client().exists(lease), 10, "the paused submit's lease to expire")
+    other = job_client(redis_server.url, queue="q", chunk_size=2).submit(items, job_id="paused")
+    assert (other.resumed, other.sent) == (True, 7)  # chunks 3 to 9
+    go.set()
+    one.join(30)
+    assert (got_one[0].sent, got_one[0].status.state) == (3, "queued"), got_one  # chunks 0 to 2 only
+    assert queued_ids(redis_server, "q") == sorted(f"paused.{c}" for c in range(10))
+
+
+def test_a_submit_that_died_holding_the_lease_holds_up_a_resume_until_the_lease_expires(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    client.submit_lease_s = 0.5
+    said: list[str] = []
+    client.notice = said.append
+    items, r, keys = make_items(10), redis_server.client(), JobKeys("died")
+    client.submit(items, job_id="died")
+    for chunk in (3, 4):  # the submit that died had sent chunks 0 to 2, and held the lease
+        r.srem(keys.enqueued, chunk)
+        r.lrem(
+            "q", 1, next(m for m in r.lrange("q", 0, -1) if json.loads(m)["headers"]["id"] == f"died.{chunk}")
+        )
+    r.hset(keys.job, "state", "submitting")
+    r.set(keys.submitter, "the-dead-submits-token", px=500)
+    began = time.monotonic()
+    resumed = client.submit(items, job_id="died")
+    assert time.monotonic() - began >= 0.3 and said, said  # it waited for the lease to expire
+    assert (resumed.resumed, resumed.sent, resumed.status.state) == (True, 2, "queued")
+    assert queued_ids(redis_server, "q") == sorted(f"died.{c}" for c in range(5))
+
+
+def test_a_submit_refuses_a_job_another_live_submit_holds_saying_what_to_do(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    client.submit_lease_s = 0.4
+    client.notice = lambda message: None
+    items, r, keys = make_items(6), redis_server.client(), JobKeys("held")
+    client.submit(items, job_id="held")
+    r.srem(keys.enqueued, 2)
+    r.hset(keys.job, "state", "submitting")
+    stop = threading.Event()
+
+    def live_submitter() -> None:  # another process, renewing its lease as it stores chunks
+        while not stop.is_set():
+            client.store.hold_submit("held", "other-process", 0.4)
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=live_submitter)
+    thread.start()
+    try:
+        with pytest.raises(JobBusyError) as e:
+            client.submit(items, job_id="held")
+    finally:
+        stop.set()
+        thread.join()
+    assert isinstance(e.value, UnavailableError)  # gRPC UNAVAILABLE: retry (reason JOB_BUSY)
+    message = str(e.value)
+    assert "job 'held' is being submitted by another process" in message, message
+    assert "safety job status held" in message and re.search(r"retry after \d+s", message), message
+    assert r.get(keys.submitter) == "other-process"  # not taken, not released
+    assert len(queued_messages(redis_server, "q")) == 3  # nothing sent
+
+
+def test_the_submit_lease_is_renewed_by_its_holder_and_freed_only_by_it(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    store, r, lease = job_client(redis_server.url).store, redis_server.client(), JobKeys("lease").submitter
+    assert store.hold_submit("lease", "a", 5) == ("taken", 0)
+    assert r.get(lease) == "a" and 4_000 < r.pttl(lease) <= 5_000
+    state, left = store.hold_submit("lease", "b", 5)
+    assert state == "busy" and 4 < left <= 5 and r.get(lease) == "a"
+    r.pexpire(lease, 1_000)
+    assert store.hold_submit("lease", "a", 5) == ("renewed", 0) and r.pttl(lease) > 4_000
+    assert not store.release_submit("lease", "b") and r.get(lease) == "a"
+    assert store.release_submit("lease", "a") and not r.exists(lease)
+    assert store.hold_submit("lease", "b", 5) == ("taken", 0)
+
+
 def cancel_at_chunk(client: JobClient, job_id: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """CancelJob arrives (from another client) while the submit is about to store `chunk`."""
     upload = type(client.store).upload
@@ -413,9 +569,13 @@ def test_a_cancel_during_the_submit_stops_it(
     assert len(queued_messages(redis_server, "q")) == 2
     again = client.submit(make_items(10), job_id="cut")  # a resume finds it finished: nothing more is sent
     assert (again.resumed, again.sent, again.status.state) == (True, 0, "cancelled")
-    # every item has a 'cancelled' line; those never stored are named by their index (the id rule), not null
+    # every item has a 'cancelled' line: those stored with their id; those never stored have none (their id
+    # never reached Redis: the index in its place passed for another item's id, "74240" for "m74240")
     lines = list(client.results("cut", timeout=10))
-    assert [line["id"] for line in lines] == [f"item-{i}" for i in range(4)] + [str(i) for i in range(4, 10)]
+    assert [line["index"] for line in lines] == list(range(10))
+    assert [line["id"] for line in lines] == [f"item-{i}" for i in range(4)] + [None] * 6
+    assert [line["error"] for line in lines] == [CANCELLED] * 4 + [NOT_SUBMITTED] * 6
+    assert NOT_SUBMITTED.startswith("cancelled") and all(line["scores"] is None for line in lines)
 
 
 def test_delete_removes_every_key_of_a_finished_or_cancelled_job_only(
@@ -677,6 +837,90 @@ def test_a_job_that_disappears_is_reported_lost(redis_server: RedisServer, job_c
     assert isinstance(errors[0], NotFoundError) and "disappeared while queued" in str(errors[0])
     with pytest.raises(NotFoundError, match="lost when Redis restarted without persistence"):
         client.status("lost")
+
+
+def test_wait_and_results_ride_out_a_redis_restart_with_persistence(
+    tmp_path: Any, job_client: Client
+) -> None:
+    """A one-second outage of a Redis with persistence ended `wait`/`results` with UnavailableError at
+    once, although the job was still there when Redis came back, and completed."""
+    server = RedisServer(tmp_path / "aof", appendonly=True).start()
+    try:
+        client = job_client(server.url, queue="nobody-listens", chunk_size=4)
+        said: list[str] = []
+        client.notice = said.append
+        client.submit(make_items(8), job_id="blip")
+        client.store.write("blip", [(i, fake_result(i), False) for i in range(4)])  # chunk 0 is done
+        lines: list[dict[str, Any]] = []
+
+        def stream() -> None:
+            lines.extend(client.results("blip", timeout=60, poll_s=0.05, outage_s=30))
+
+        streaming, streamed = in_thread(stream)
+        waiting, waited = in_thread(lambda: client.wait("blip", timeout=60, poll_s=0.05, outage_s=30))
+        poll(lambda: len(lines) == 4, 10, "the first chunk's lines")
+        server.kill()
+        poll(lambda: sum("retrying for up to 30s" in m for m in said) >= 2, 10, "both to notice the outage")
+        assert streaming.is_alive() and waiting.is_alive(), (streamed, waited)  # riding it out
+        server.start()  # the same append-only file: the job is back
+        JobClient(WorkerSettings(redis_url=server.url)).store.write(
+            "blip", [(i, fake_result(i), False) for i in range(4, 8)]
+        )
+        streaming.join(30)
+        waiting.join(30)
+        assert streamed == [None] and [line["index"] for line in lines] == list(range(8))
+        assert waited[0].state == "done", waited
+        assert any("Redis answers again" in m for m in said), said
+        assert "is unreachable" in said[0] and "job blip" in said[0], said
+    finally:
+        server.kill()
+
+
+def test_a_redis_outage_longer_than_the_budget_ends_the_wait_naming_the_job(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    client = job_client(redis_server.url, queue="nobody-listens")
+    said: list[str] = []
+    client.notice = said.append
+    client.submit(make_items(3), job_id="down")
+    redis_server.kill()
+    for call in (
+        lambda: client.wait("down", poll_s=0.05, outage_s=1),
+        lambda: list(client.results("down", poll_s=0.05, outage_s=1)),
+        lambda: client.status("down", outage_s=1),
+    ):
+        began = time.monotonic()
+        with pytest.raises(UnavailableError) as e:
+            call()
+        assert 1 <= time.monotonic() - began < 6
+        assert str(e.value).startswith("job 'down': Redis at redis://") and "no answer for 1s" in str(e.value)
+    assert len(said) == 3 and all("retrying for up to 1s" in m for m in said), said
+    began = time.monotonic()  # the call's own timeout bounds the retries too
+    with pytest.raises(UnavailableError):
+        client.wait("down", timeout=0.3, poll_s=0.05, outage_s=30)
+    assert time.monotonic() - began < 5
+    with pytest.raises(UnavailableError):  # no outage_s: at once, as before
+        client.wait("down")
+
+
+def test_a_redis_that_comes_back_empty_ends_a_riding_wait_saying_the_job_is_lost(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    client = job_client(redis_server.url, queue="nobody-listens")
+    said: list[str] = []
+    client.notice = said.append
+    client.submit(make_items(3), job_id="gone")
+    seen = threading.Event()
+    waiting, waited = in_thread(
+        lambda: client.wait("gone", timeout=60, poll_s=0.05, outage_s=30, on_progress=lambda st: seen.set())
+    )
+    assert seen.wait(10)  # it read the job once
+    redis_server.kill()
+    poll(lambda: said, 10, "the wait to notice the outage")
+    redis_server.start()  # no persistence: empty
+    waiting.join(30)
+    assert isinstance(waited[0], NotFoundError), waited
+    assert "disappeared while queued" in str(waited[0]) and "submit it again" in str(waited[0])
 
 
 def test_redis_down_is_unavailable_at_once(job_client: Client) -> None:

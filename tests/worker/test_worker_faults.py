@@ -10,6 +10,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 
 from model.errors import NotFoundError, UnavailableError
 from tests.worker.harness import (
+    REPO,
     RedisServer,
     Worker,
     assert_job_output,
@@ -26,6 +29,7 @@ from tests.worker.harness import (
     expected_lines,
     make_items,
     poll,
+    worker_env,
 )
 from worker.jobs import JobClient
 from worker.store import DEAD_LETTER, JobKeys
@@ -319,6 +323,42 @@ def test_redis_restart_with_persistence_completes_the_job(
         marker.unlink()
         check_complete(client, job, items, 20, tiny_classifier)
     finally:
+        server.kill()
+
+
+def test_submit_wait_rides_out_a_redis_restart_and_writes_the_completed_jobs_results(
+    tmp_path: Path, start_worker: Callable[..., Worker], tiny_classifier: Any
+) -> None:
+    """`safety submit --wait` stopped at a one-second Redis restart with exit 2 ("Redis at … is
+    unreachable"), although the job survived the restart (persistence) and completed."""
+    server = RedisServer(tmp_path / "aof", appendonly=True).start()
+    items, job = make_items(60, prefix="blip"), "blip"
+    src, out, err = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "submit.err"
+    src.write_text("".join(json.dumps(item) + "\n" for item in items))
+    submit = None
+    try:
+        start_worker(server.url, pool="solo", queue="q", **hang(job, 1, tmp_path))
+        env = worker_env(server.url, tmp_path, queue="q", chunk_size=20)
+        argv = [sys.executable, "-m", "worker.cli", "submit", str(src), "--job-id", job, "--wait",
+                "--no-progress", "--out", str(out)]  # fmt: skip
+        with open(err, "wb") as stderr:
+            submit = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        marker = tmp_path / f"{job}.1.hang"
+        poll(marker.exists, 120, "the worker to be inside chunk 1")
+        poll(lambda: "submitted job blip" in err.read_text(), 30, "the submit to wait for its job")
+        server.kill()
+        poll(lambda: "retrying for up to 60s" in err.read_text(), 30, "the submit to notice the outage")
+        server.start()  # the same append-only file: the job is back
+        marker.unlink()
+        assert submit.wait(180) == 0, err.read_text()
+        said = err.read_text()
+        assert "Redis answers again" in said and "job blip done: 60 done, 0 failed; 60 lines" in said, said
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert_job_output(lines, expected_lines(tiny_classifier, items, 20), tiny_classifier.thresholds)
+    finally:
+        if submit is not None and submit.poll() is None:
+            submit.kill()
+            submit.wait(10)
         server.kill()
 
 
