@@ -5,7 +5,9 @@ the time the device needs to free room for the call at its recent seconds per to
 still being tokenized count: estimated from their characters at the recent tokens per character, then
 corrected piece by piece to their real count), tokenization off the event loop (a thread pool running
 `clf.encode` on pieces of a call's items, which stops between pieces when the caller is gone, the
-server closes, or the call has passed the whole queue bound), the pending queue, batch formation with the
+server closes, or the call has passed `max_call_tokens`, the most one call may queue: the token bound or,
+when larger, the most one item within the front end's `max_text_chars` can make; a call above the bound
+joins a queue below it and takes it over the bound for a while), the pending queue, batch formation with the
 engine's planner (`model.planner.next_batch`: the most urgent window plus its nearest neighbours in length
 under the token budget, urgency being `model.planner.due`: earliest deadline first, a deadline counting at
 most `deadline_horizon_ms` after the call was queued and a call without one exactly that, so a prompt with a
@@ -185,9 +187,11 @@ class Scheduler:
         in_flight: int | None = None,
         on_device_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
-        """`max_queue_tokens` unset: 32 x max_batch_tokens, and at least what one item within
-        `max_text_chars` characters (the front end's limit, when it has one) can make at worst
-        (`clf.most_tokens`), so that no text the front end accepts is larger than the whole queue.
+        """`max_queue_tokens`: the admission bound on queued tokens (unset: 32 x max_batch_tokens).
+        `max_text_chars`: the front end's limit on a text (and a context), when it has one: one call may
+        queue up to `max_call_tokens`, the larger of the bound and the most tokens one such item can make at
+        worst (`clf.most_tokens`), so that no item the front end accepts is larger than what a call may
+        queue; a call above the bound is queued while the queue is below it (`_enqueue`).
         `on_device_failure(exc)`: called once, from a scheduler thread, when a batch fails with an error
         that broke the device for good (`model.errors.device_failed`); by then every queued call has failed
         with UnavailableError and no new one is admitted."""
@@ -198,17 +202,10 @@ class Scheduler:
         self.deadline_horizon_s = deadline_horizon_ms / 1000.0
         self.max_batch_tokens = clf.limits.max_batch_tokens
         self.max_batch_sequences = clf.limits.max_batch_sequences
+        self.max_queue_tokens = max_queue_tokens or 32 * self.max_batch_tokens
+        self.max_text_chars = max_text_chars
         largest = clf.most_tokens(max_text_chars) if max_text_chars else 0  # one item, at worst
-        self.max_queue_tokens = max_queue_tokens or max(32 * self.max_batch_tokens, largest)
-        if self.max_queue_tokens < largest:
-            log.warning(
-                "SAFETY_MAX_QUEUE_TOKENS %d is below the %d tokens one item of SAFETY_MAX_TEXT_CHARS=%d "
-                "characters can make at worst (4 tokens a character, in windows): such an item is refused "
-                "with INVALID_ARGUMENT (items[i].text) although within the character limit",
-                self.max_queue_tokens,
-                largest,
-                max_text_chars,
-            )
+        self.max_call_tokens = max(self.max_queue_tokens, largest)
         self.max_queue_items = max_queue_items
         self.padded = clf.padded
         self.metrics: SchedulerMetrics = metrics or _NoMetrics()
@@ -261,7 +258,8 @@ class Scheduler:
         """Tokenize, admit, queue and await the results of validated items (in item order).
 
         Raises OverloadedError (queue bound), UnavailableError (closing), DeadlineExceededError,
-        InvalidInputError (a request larger than the whole queue bound)."""
+        InvalidInputError (a request with more items than the whole queue bound, or more tokens than
+        `max_call_tokens`)."""
         n = len(items)
         if not n:
             return Outcome([], 0.0, 0.0, 0.0)
@@ -360,7 +358,7 @@ class Scheduler:
     ) -> tuple[list[Encoded], int]:
         """(the call's windows, their tokens): `clf.encode` on a piece of at most PIECE_CHARS characters at a
         time (a longer item alone), in an encode thread; between pieces, stop when the caller is gone or the
-        server closes, and refuse a call already past the whole queue bound instead of tokenizing the rest.
+        server closes, and refuse a call already past `max_call_tokens` instead of tokenizing the rest.
         After each piece, the call's reservation becomes its real tokens so far plus its other characters at
         its own tokens per character so far: it converges to the real count as the pieces go."""
         out: list[Encoded] = []
@@ -379,20 +377,18 @@ class Scheduler:
             out += piece
             for i, enc in enumerate(piece, start):
                 made = sum(len(w) for w in enc.windows)
-                if made > self.max_queue_tokens:  # this item alone: say which, and what it made
+                if made > self.max_call_tokens:  # this item alone: say which, and what it made
                     raise InvalidInputError(
-                        f"makes {made} tokens ({len(enc.windows)} windows), more than the server's whole "
-                        f"queue bound of {self.max_queue_tokens} (SAFETY_MAX_QUEUE_TOKENS); send a shorter "
-                        "text, or use a batch job",
+                        f"makes {made} tokens ({len(enc.windows)} windows), more than {self._call_bound()}; "
+                        "send a shorter text, or use a batch job",
                         index=i,
                         field="text",
                     )
                 tokens += made
-            if tokens > self.max_queue_tokens:
+            if tokens > self.max_call_tokens:
                 raise InvalidInputError(
-                    f"the request has more than {tokens} tokens (its first {end} items), more than the "
-                    f"server's whole queue bound of {self.max_queue_tokens} (SAFETY_MAX_QUEUE_TOKENS); send "
-                    "fewer or shorter items, or use a batch job",
+                    f"the request has more than {tokens} tokens (its first {end} items), more than "
+                    f"{self._call_bound()}; send fewer or shorter items, or use a batch job",
                     field="items",
                 )
             start = end
@@ -409,20 +405,43 @@ class Scheduler:
                 self._ratio += weight * (tokens / total_chars - self._ratio)
         return out, tokens
 
+    def _call_bound(self) -> str:
+        """`max_call_tokens` in words, for the refusal of a call (or an item) larger than it."""
+        bound = f"the server's whole queue bound of {self.max_queue_tokens} (SAFETY_MAX_QUEUE_TOKENS)"
+        if self.max_call_tokens == self.max_queue_tokens:
+            return bound
+        return (
+            f"the {self.max_call_tokens} tokens one call may queue (the most one item of "
+            f"SAFETY_MAX_TEXT_CHARS={self.max_text_chars} characters can make; {bound})"
+        )
+
     def _enqueue(self, req: _Request, tokens: int, admission: _Admission) -> None:
-        """Queue the windows of a tokenized call (`tokens` in all), which held `admission` until now."""
+        """Queue the windows of a tokenized call (`tokens` in all), which held `admission` until now.
+
+        A call within the token bound must fit under it (else OverloadedError: it fits once the queue has
+        drained by the excess). A call above the bound (up to `max_call_tokens`: one item as large as the
+        front end accepts) never fits, so it needs what admission needs: a queue below the bound. It then
+        takes the queue over the bound, and admission refuses later calls until the device has worked the
+        queue back below it: the queue never holds `max_queue_tokens + max_call_tokens` tokens."""
         now = time.monotonic()
         if req.deadline is not None and now >= req.deadline:
             raise DeadlineExceededError("deadline passed during tokenization")
         with self._cond:
             if not self._accepting:
                 raise self.refusal()
-            over = self._queued_tokens + tokens - self.max_queue_tokens
-            if over > 0:
+            room = self.max_queue_tokens - self._queued_tokens
+            if tokens <= self.max_queue_tokens and tokens > room:
                 raise OverloadedError(
                     f"queue full ({self._queued_tokens} + {tokens} tokens over the bound of "
                     f"{self.max_queue_tokens}); retry with backoff",
-                    retry_after_ms=self._retry_ms_locked(over),
+                    retry_after_ms=self._retry_ms_locked(tokens - room),
+                )
+            if tokens > self.max_queue_tokens and room <= 0:
+                raise OverloadedError(
+                    f"queue full ({self._queued_tokens} tokens queued, the bound is {self.max_queue_tokens}; "
+                    f"this call's {tokens} tokens are queued only while the queue is below it); retry with "
+                    "backoff",
+                    retry_after_ms=self._retry_ms_locked(1 - room),
                 )
             for i, enc in enumerate(req.encoded):
                 if not enc.windows:

@@ -299,6 +299,7 @@ class SafetyServer:
                 "labels": clf.labels,
                 "max_batch_tokens": clf.limits.max_batch_tokens,
                 "max_queue_tokens": self.scheduler.max_queue_tokens,
+                "max_call_tokens": self.scheduler.max_call_tokens,
                 "budget": clf.budget_text,
                 "cuda_graphs": clf.graphs_text,
                 "fused_gemm": clf.runner.fused_gemm,

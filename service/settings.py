@@ -48,8 +48,9 @@ class ServeSettings(EngineSettings):
         None,
         "SAFETY_MAX_QUEUE_TOKENS",
         opt_int,
-        "admission bound on queued tokens; beyond it RESOURCE_EXHAUSTED (unset: 32 x max batch tokens, and "
-        "at least the most tokens one item within the max text chars can make: 4 a character, in windows)",
+        "admission bound on queued tokens; beyond it RESOURCE_EXHAUSTED (unset: 32 x max batch tokens). One "
+        "call may be larger, up to the most tokens one item within the max text chars can make (4 a "
+        "character, in windows): it is queued while the queue is below the bound",
     )
     max_queue_items: int = setting(
         4096, "SAFETY_MAX_QUEUE_ITEMS", int, "admission bound on queued items (being tokenized or waiting)"

@@ -11,7 +11,7 @@ import pytest
 
 from service.errors import STATUS_CODES, status_for
 from service.stubs import pb2
-from tests.service.helpers import ExplodingLaunch, request, wait_until
+from tests.service.helpers import ExplodingLaunch, in_queue, request, wait_until
 
 MAX_ITEMS, MAX_CHARS = 4, 1000
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -83,43 +83,32 @@ def test_valid_request_at_the_limits_passes(limited_stub: Any) -> None:
     assert len(response.results) == MAX_ITEMS
 
 
+SMALL_BOUND, SMALL_CHARS = 2048, 1000  # one item of 1,000 characters can make more than 2,048 tokens
+
+
 @pytest.fixture(scope="module")
 def small_token_bound(start_server: Any) -> Any:
-    return start_server(max_queue_tokens=2048)
+    return start_server(max_queue_tokens=SMALL_BOUND, max_text_chars=SMALL_CHARS)
 
 
-def test_request_larger_than_the_whole_queue_is_invalid(
+def test_request_larger_than_one_call_may_queue_is_invalid(
     small_token_bound: Any, stub_for: Any, tiny_classifier: Any
 ) -> None:
+    """One call may queue up to the larger of the queue bound and the most tokens one item within
+    max_text_chars can make; a request of several items past that is refused as a whole, naming both."""
     from model import Item
 
-    text = "a b c d e f g h " * 100
+    text = "a b c d e f g h " * 60  # 960 characters
     (enc,) = tiny_classifier.encode([Item(text=text)])
-    tokens = sum(len(w) for w in enc.windows)
-    assert tokens < 2048
-    err = call_error(stub_for(small_token_bound), request(*[text] * (2048 // tokens + 1)))
+    tokens, most = sum(len(w) for w in enc.windows), tiny_classifier.most_tokens(SMALL_CHARS)
+    assert tokens < SMALL_BOUND < most
+    err = call_error(stub_for(small_token_bound), request(*[text] * (most // tokens + 1)))
     assert err.code() == INVALID
+    assert err.details().startswith("items: the request has more than "), err.details()
     assert (
-        err.details().startswith("items: the request has more than ")
-        and "queue bound of 2048 (SAFETY_MAX_QUEUE_TOKENS)" in err.details()
-    )
-
-
-def test_a_text_larger_than_the_whole_queue_is_invalid_naming_it_and_its_tokens(
-    small_token_bound: Any, stub_for: Any, tiny_classifier: Any
-) -> None:
-    """The item that alone passes the bound is named, with the tokens it made (the request as a whole was,
-    and neither the item nor its count could be told from the message)."""
-    from model import Item
-
-    text = "a b c d e f g h " * 600
-    (enc,) = tiny_classifier.encode([Item(text=text)])
-    tokens = sum(len(w) for w in enc.windows)
-    err = call_error(stub_for(small_token_bound), request("short", text))
-    assert err.code() == INVALID
-    assert err.details().startswith(
-        f"items[1].text: makes {tokens} tokens ({len(enc.windows)} windows), more than the server's whole "
-        "queue bound of 2048 (SAFETY_MAX_QUEUE_TOKENS)"
+        f"more than the {most} tokens one call may queue (the most one item of SAFETY_MAX_TEXT_CHARS="
+        f"{SMALL_CHARS} characters can make; the server's whole queue bound of {SMALL_BOUND} "
+        "(SAFETY_MAX_QUEUE_TOKENS))" in err.details()
     ), err.details()
 
 
@@ -254,22 +243,56 @@ def test_a_request_that_does_not_parse_is_invalid_argument_and_counted(start_ser
     assert counted == 1
 
 
-def test_any_text_within_max_text_chars_fits_the_default_token_bound(
-    start_server: Any, stub_for: Any, tiny_model_dir: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The docs promise texts up to limits.max_text_chars; the default queue bound (32 x max_batch_tokens)
-    was smaller than what such a text of emoji (4 tokens a character) makes, and refused it INVALID_ARGUMENT.
-    The default is now at least that worst case. A bound set below it is kept, with a start-up warning."""
+EMOJI_CHARS = 10_000
+
+
+@pytest.fixture(scope="module")
+def emoji_server(start_server: Any, tiny_model_dir: Any) -> Any:
+    """The default token bound, 32 x 1,024, below what one text of 10,000 emoji makes (4 tokens each)."""
     from model import load_classifier
 
-    clf = load_classifier(tiny_model_dir, device="cpu", max_batch_tokens=1024)  # 32 x 1024 = 32,768
-    chars = 10_000
-    app = start_server(classifier=clf, max_text_chars=chars)
-    bound = stub_for(app).Info(pb2.InfoRequest(), timeout=10).limits.max_queue_tokens
-    assert bound == clf.most_tokens(chars) > 32 * 1024
-    response = stub_for(app).Classify(request("\U0001f600" * chars), timeout=60)
+    clf = load_classifier(tiny_model_dir, device="cpu", max_batch_tokens=1024)
+    return start_server(classifier=clf, max_text_chars=EMOJI_CHARS)
+
+
+def test_any_text_within_max_text_chars_fits_the_default_token_bound(
+    emoji_server: Any, stub_for: Any
+) -> None:
+    """The docs promise texts up to limits.max_text_chars, and the default queue bound (32 x
+    max_batch_tokens) is smaller than what such a text of emoji (4 tokens a character) makes. The bound stays
+    32 x max_batch_tokens (raising it to that worst case weakened admission about 4 times on the CPU); one
+    call may queue up to the worst case instead."""
+    clf = emoji_server.classifier
+    bound = stub_for(emoji_server).Info(pb2.InfoRequest(), timeout=10).limits.max_queue_tokens
+    assert bound == 32 * 1024 == emoji_server.scheduler.max_queue_tokens
+    assert emoji_server.scheduler.max_call_tokens == clf.most_tokens(EMOJI_CHARS) > bound
+    response = stub_for(emoji_server).Classify(request("\U0001f600" * EMOJI_CHARS), timeout=60)
     assert response.results[0].windows > 32
 
-    with caplog.at_level(logging.WARNING, logger="safety.service.scheduler"):
-        start_server(classifier=clf, max_text_chars=chars, max_queue_tokens=32 * 1024)
-    assert f"SAFETY_MAX_QUEUE_TOKENS 32768 is below the {bound} tokens" in caplog.text
+
+def test_an_item_larger_than_the_bound_joins_a_queue_below_it_and_later_calls_are_refused(
+    emoji_server: Any, stub_for: Any
+) -> None:
+    """A maximal item is queued while the queue is below its bound (here it already holds a call), takes the
+    queue over the bound, and every later call gets RESOURCE_EXHAUSTED until the device has worked it off."""
+    app, stub = emoji_server, stub_for(emoji_server)
+    bound = app.scheduler.max_queue_tokens
+    assert bound == 32 * 1024  # the default, below what the item makes
+    app.scheduler.hold_runner()
+    try:
+        first = stub.Classify.future(request("queued first"), timeout=60)
+        wait_until(lambda: in_queue(app) == 1, what="first call queued")
+        worst = "\U0001f600" * EMOJI_CHARS  # as a response and its context: the most an item can make
+        maximal = pb2.ClassifyRequest(items=[pb2.Item(text=worst, role=RESPONSE, context=worst)])
+        huge = stub.Classify.future(maximal, timeout=60)
+        wait_until(lambda: in_queue(app) == 2, what="the maximal item queued")
+        assert app.scheduler.stats()["queued_tokens"] > app.scheduler.max_call_tokens > bound
+        for later in (request("a later call"), maximal):
+            err = call_error(stub, later)
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in err.details()
+    finally:
+        app.scheduler.release_runner()
+    assert len(first.result(60).results) == 1
+    assert huge.result(60).results[0].windows > 32
+    wait_until(lambda: app.scheduler.stats()["queued_tokens"] == 0, what="the queue drained")
+    assert len(stub.Classify(request("after it"), timeout=60).results) == 1

@@ -185,6 +185,9 @@ def test_api_keys_with_whitespace_and_several_of_them(
     assert codes == {"k1-secret": ok, "k2-secret": ok, "k1-secret,k2-secret": refused}
     [serving] = [r for r in caplog.records if r.getMessage() == "serving"]
     assert serving.auth == "API keys from SAFETY_API_KEY (2)" and serving.tls is False
+    # the token bound, and what one call may queue (one item within SAFETY_MAX_TEXT_CHARS at worst)
+    assert serving.max_queue_tokens == app.scheduler.max_queue_tokens
+    assert serving.max_call_tokens == app.classifier.most_tokens(200_000) > serving.max_queue_tokens
 
 
 def test_a_rotated_key_file_takes_effect_without_a_restart(start_server: Any, tmp_path: Path) -> None:

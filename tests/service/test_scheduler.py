@@ -259,6 +259,70 @@ def test_a_call_past_the_whole_queue_bound_is_refused_without_tokenizing_the_res
         scheduler.close()
 
 
+def test_a_text_alone_larger_than_one_call_may_queue_is_named_with_its_tokens(tiny_classifier: Any) -> None:
+    """With no character limit to allow for (the scheduler on its own; behind the server's max_text_chars, a
+    tokenizer making more than 4 tokens a character), an item past what one call may queue is named."""
+    text = "a b c d e f g h " * 600
+    (enc,) = tiny_classifier.encode([Item(text=text)])
+    tokens = sum(len(w) for w in enc.windows)
+    scheduler = Scheduler(tiny_classifier, encode_threads=1, max_queue_tokens=2048)
+    assert scheduler.max_call_tokens == 2048 < tokens
+    th = tiny_classifier.resolve_thresholds(None)
+    try:
+        with pytest.raises(InvalidInputError) as err:
+            asyncio.run(scheduler.submit([Item(text="short"), Item(text=text)], th))
+        assert str(err.value).startswith(
+            f"items[1].text: makes {tokens} tokens ({len(enc.windows)} windows), more than the server's "
+            "whole queue bound of 2048 (SAFETY_MAX_QUEUE_TOKENS)"
+        ), str(err.value)
+        assert scheduler.stats()["queued_items"] == 0 and scheduler._reserved_tokens == 0
+    finally:
+        scheduler.close()
+
+
+def test_of_two_calls_larger_than_the_bound_only_one_joins_the_queue_over_it(
+    gated: GatedEncode, tiny_classifier: Any
+) -> None:
+    """Calls larger than the token bound (up to what one item within max_text_chars makes) join a queue
+    below the bound. Both are admitted while the queue is empty (each reserves an estimate, at most a
+    quarter of the bound); the first tokenized takes the queue over the bound, so the second is refused
+    once tokenized: the queue never holds more than the bound plus one such call."""
+    chars, bound = 1000, 2048
+    scheduler = Scheduler(tiny_classifier, encode_threads=1, max_queue_tokens=bound, max_text_chars=chars)
+    most = tiny_classifier.most_tokens(chars)
+    assert scheduler.max_call_tokens == most > bound
+    worst = "\U0001f600" * chars  # 4 tokens a character, as a response and its context: the most
+    huge = [Item(text=worst, role="response", context=worst)]
+    th = tiny_classifier.resolve_thresholds(None)
+
+    async def main() -> None:
+        first = asyncio.create_task(scheduler.submit(huge, th))
+        assert await asyncio.to_thread(gated.started.acquire, timeout=10)
+        second = asyncio.create_task(scheduler.submit(huge, th))
+        await until(lambda: scheduler.stats()["queued_items"] == 2)  # both admitted
+        gated.gate.release()
+        await until(lambda: queued(scheduler) == 1)
+        assert scheduler.stats()["queued_tokens"] == most
+        gated.gate.release()
+        with pytest.raises(
+            OverloadedError,
+            match=rf"queue full \({most} tokens queued, the bound is {bound}; this call's {most} tokens are "
+            r"queued only while the queue is below it\)",
+        ):
+            await second
+        assert queued(scheduler) == 1 and scheduler.stats()["tokenizing_items"] == 0
+        scheduler.release_runner()
+        (result,) = (await first).results
+        assert result.windows == len(gated.encode_real(huge)[0].windows)
+
+    scheduler.hold_runner()
+    try:
+        asyncio.run(main())
+        assert scheduler.stats()["queued_tokens"] == 0 and scheduler._reserved_tokens == 0
+    finally:
+        scheduler.close()
+
+
 def test_admission_counts_the_tokens_of_calls_still_being_tokenized(
     gated: GatedEncode, tiny_classifier: Any
 ) -> None:
