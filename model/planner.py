@@ -82,15 +82,19 @@ def next_batch(
     padded: bool = False,
     priorities: Sequence[float] | None = None,
 ) -> list[int]:
-    """One batch from pending entries: the most urgent (smallest priority, else index 0 = oldest) plus the
-    entries nearest to it in length, grown one neighbour at a time while both budgets hold."""
+    """One batch from pending entries: the most urgent (the first of the smallest priorities; without
+    priorities, index 0 = the oldest) plus the entries nearest to it in length, grown one neighbour at a time
+    while both budgets hold. Returned ascending by (length, index)."""
     if not lengths:
         return []
     _check(lengths, max_batch_tokens, max_batch_sequences)
     if priorities is not None and len(priorities) != len(lengths):
         raise ValueError("priorities must have one entry per length")
-    anchor = min(range(len(lengths)), key=lambda i: (priorities[i], i)) if priorities is not None else 0
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    # The most urgent: the first of the smallest priorities. Both scans run in C, with no key function or
+    # tuple per entry (this runs under the scheduler's lock, once per batch, over every queued window).
+    anchor = priorities.index(min(priorities)) if priorities is not None else 0
+    # By (length, index): sorting is stable, so ties in length stay in index order without a tuple key.
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
     pos = order.index(anchor)
     lo, hi = pos, pos + 1  # chosen = order[lo:hi]
     total = longest = lengths[anchor]
@@ -124,7 +128,7 @@ def next_batch(
             hi += 1
         total += n
         longest = max(longest, n)
-    return sorted(order[lo:hi], key=lambda i: (lengths[i], i))
+    return order[lo:hi]  # a run of `order`: ascending by (length, index) already
 
 
 def due(arrived: float, deadline: float | None, horizon: float) -> float:

@@ -170,6 +170,7 @@ class _Window:
     ids: list[int]
     enqueued: float
     priority: float  # `model.planner.due`: the former takes the smallest first
+    length: int  # len(ids): the former reads it for every queued window each batch
 
 
 class Scheduler:
@@ -449,7 +450,7 @@ class Scheduler:
             priority = due(now, req.deadline, self.deadline_horizon_s)
             for i, enc in enumerate(req.encoded):
                 for k, ids in enumerate(enc.windows):
-                    self._pending.append(_Window(req, i, k, ids, now, priority))
+                    self._pending.append(_Window(req, i, k, ids, now, priority, len(ids)))
             self._queued_tokens += tokens
             self._pending_tokens += tokens
             self._tokenizing -= admission.items
@@ -489,7 +490,7 @@ class Scheduler:
         return gone
 
     def _dequeued_locked(self, windows: list[_Window], *, in_slot: bool = False) -> None:
-        tokens = sum(len(w.ids) for w in windows)
+        tokens = sum([w.length for w in windows])
         self._queued_tokens -= tokens
         if not in_slot:
             self._pending_tokens -= tokens
@@ -523,7 +524,7 @@ class Scheduler:
         if len(self._pending) >= self.max_batch_sequences:
             return True
         if self.padded:
-            longest = max(len(w.ids) for w in self._pending)
+            longest = max([w.length for w in self._pending])
             return longest * len(self._pending) >= self.max_batch_tokens
         return self._pending_tokens >= self.max_batch_tokens
 
@@ -560,9 +561,12 @@ class Scheduler:
                 self._cond.notify_all()
 
     def _form_locked(self) -> None:
+        """Take the next batch out of the pending windows into the slot. Under the lock, over every queued
+        window: the lengths and priorities are read from attributes each window carries (no call, no tuple
+        per window), and `next_batch` finds the most urgent without a key function."""
         pending = self._pending
         chosen = next_batch(
-            [len(w.ids) for w in pending],
+            [w.length for w in pending],
             self.max_batch_tokens,
             self.max_batch_sequences,
             padded=self.padded,
@@ -571,7 +575,7 @@ class Scheduler:
         picked = set(chosen)
         self._slot = [pending[i] for i in chosen]
         self._pending = [w for i, w in enumerate(pending) if i not in picked]
-        self._pending_tokens -= sum(len(w.ids) for w in self._slot)
+        self._pending_tokens -= sum([w.length for w in self._slot])
 
     # ---- runner thread --------------------------------------------------------------------------------
     def _run_loop(self) -> None:
@@ -613,7 +617,7 @@ class Scheduler:
     def _launch(self, batch: list[_Window], started: float) -> _Launched:
         """Pack and queue the batch on the device (asynchronous on CUDA; computed at once on the CPU)."""
         self._batch_counter += 1
-        tokens = sum(len(w.ids) for w in batch)
+        tokens = sum([w.length for w in batch])
         launched = _Launched(batch, self._batch_counter, [started - w.enqueued for w in batch], tokens, None)
         try:
             launched.handle = self.clf.launch([w.ids for w in batch])

@@ -96,6 +96,26 @@ def test_next_batch_respects_budgets_and_drains_everything(padded: bool) -> None
     assert sorted(seen) == list(range(len(lengths)))
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_next_batch_anchors_on_the_first_of_the_smallest_priorities(padded: bool) -> None:
+    """The anchor is the entry the old rule chose, `min(range(n), key=lambda i: (priorities[i], i))` (the
+    smallest priority, ties to the first index), found without a tuple per entry; the batch around it is a
+    run of the entries in (length, index) order, returned in that order."""
+    rng = random.Random(7)
+    for trial in range(400):
+        n = rng.randint(1, 60)
+        lengths = [rng.randint(1, 12) for _ in range(n)]  # few distinct values: many ties in length
+        spread = rng.choice([1, 3, 1000])  # 1: every priority equal
+        priorities = [float(rng.randrange(spread)) / 4 for _ in range(n)]
+        old = min(range(n), key=lambda i: (priorities[i], i))
+        assert next_batch(lengths, 12, 1, padded=padded, priorities=priorities) == [old], trial
+        batch = next_batch(lengths, 40, 8, padded=padded, priorities=priorities)
+        order = sorted(range(n), key=lambda i: (lengths[i], i))
+        start = order.index(batch[0])
+        assert old in batch and batch == order[start : start + len(batch)], trial
+    assert next_batch([3, 3, 3], 10, 1) == [0]  # no priorities: the oldest
+
+
 def test_due_is_the_deadline_but_no_later_than_the_horizon_after_arrival() -> None:
     assert due(arrived=100.0, deadline=100.25, horizon=10.0) == 100.25
     assert due(arrived=100.0, deadline=None, horizon=10.0) == 110.0
