@@ -2,16 +2,17 @@
 
 Owns: `setting(default, env, parse, help)`, a dataclass field that carries its variable name, parser and help
 text in its metadata; the parsers `opt_int` and `opt_str` and `expects(parse)`, what a parser accepts in
-words; `env_name(cls, field)`; and `values_from_env(cls, environ, error)`, which parses every variable that
-is set and not empty (the rest keep their defaults) and raises `error(field, message)` for a value its
-parser refuses, saying what it expected. Must not know: which
+words; `env_name(cls, field)`; and `values_from_env(cls, environ, error, skip)`, which parses every variable
+that is set and not empty (the rest keep their defaults), except those of the settings in `skip` (given
+another way, a flag or an override: their variables are not read at all), and raises `error(field,
+message)` for a value its parser refuses, saying what it expected. Must not know: which
 settings exist, how they are validated, the error type a package raises, argparse, gRPC, Celery.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import field, fields
 from typing import Any
 
@@ -52,13 +53,19 @@ def env_name(cls: type, name: str) -> str:
     raise KeyError(f"{cls.__name__} has no setting {name!r}")
 
 
-def values_from_env(cls: type, environ: Mapping[str, str] | None, error: ErrorFactory) -> dict[str, Any]:
+def values_from_env(
+    cls: type, environ: Mapping[str, str] | None, error: ErrorFactory, skip: Collection[str] = ()
+) -> dict[str, Any]:
     """{field name: parsed value} for each of `cls`'s variables that is set and not empty in `environ`
-    (default: os.environ). A value the field's parser refuses (ValueError) raises
+    (default: os.environ), but none for the fields named in `skip`: the caller has their values from
+    elsewhere, which win, so their variables are not read (a value there that would not parse is ignored,
+    like any value there). A value the field's parser refuses (ValueError) raises
     `error(name, "cannot parse 'VALUE': expected an integer")`."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for f in fields(cls):
+        if f.name in skip:
+            continue
         raw = environ.get(f.metadata["env"])
         if raw is None or raw == "":
             continue

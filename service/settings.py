@@ -167,8 +167,9 @@ class ServeSettings(EngineSettings):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServeSettings:
-        """Settings from `SAFETY_*` variables (unset or empty: the default), then explicit overrides."""
-        values = values_from_env(cls, environ, _bad)
+        """Settings from `SAFETY_*` variables (unset or empty: the default), and explicit overrides, which
+        win: the variable of an overridden setting is not read (nor refused if it would not parse)."""
+        values = values_from_env(cls, environ, _bad, skip=overrides.keys())
         values.update(overrides)
         return cls(**values)
 
@@ -225,7 +226,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServeSettings:
     """Flags override `SAFETY_*` variables, which override defaults. A value refused is named the way it was
     given: "--max-items: must be a positive integer, got 0" for a flag, "SAFETY_MAX_ITEMS: ..." for the
-    variable."""
+    variable. The variable of a setting a flag gives is not read: one that would not parse
+    (`--max-items 5` with SAFETY_MAX_ITEMS=abc) is ignored like any other value there, not reported (the
+    server runs with the flag's value, so the variable cannot affect it; refusing to start over it would
+    keep a flag from overriding a broken variable)."""
     given = {f.name: getattr(args, DEST_PREFIX + f.name, None) for f in fields(ServeSettings)}
     overrides = {name: value for name, value in given.items() if value is not None}
     try:

@@ -82,8 +82,9 @@ class WorkerSettings(EngineSettings):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
-        """Settings from `SAFETY_*` variables (unset or empty: the default), then explicit overrides."""
-        values = values_from_env(cls, environ, _bad)
+        """Settings from `SAFETY_*` variables (unset or empty: the default), and explicit overrides, which
+        win: the variable of an overridden setting is not read (nor refused if it would not parse)."""
+        values = values_from_env(cls, environ, _bad, skip=overrides.keys())
         values.update(overrides)
         return cls(**values)
 

@@ -38,6 +38,13 @@ def test_set_variables_are_parsed_unset_and_empty_ones_keep_the_default() -> Non
     assert values_from_env(Demo, {}, refuse) == {}
 
 
+def test_the_variables_of_skipped_settings_are_not_read() -> None:
+    env = {"DEMO_SIZE": "many", "DEMO_LIMIT": "12"}
+    assert values_from_env(Demo, env, refuse, skip={"size"}) == {"limit": 12}
+    with pytest.raises(Refused, match=r"^DEMO_SIZE: cannot parse 'many'"):
+        values_from_env(Demo, env, refuse, skip={"limit"})
+
+
 def test_the_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEMO_SIZE", "5")
     assert values_from_env(Demo, None, refuse) == {"size": 5}

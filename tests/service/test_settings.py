@@ -247,6 +247,37 @@ def test_a_value_that_does_not_parse_says_what_was_expected(
     assert f"error: argument {flag}: cannot parse '{value}': {why}\n" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "variable", "broken", "field", "parsed"),
+    [
+        ("--max-items", "5", "SAFETY_MAX_ITEMS", "abc", "max_items", 5),
+        ("--max-wait-ms", "3.5", "SAFETY_MAX_WAIT_MS", "soon", "max_wait_ms", 3.5),
+        ("--max-queue-tokens", "4096", "SAFETY_MAX_QUEUE_TOKENS", "lots", "max_queue_tokens", 4096),
+    ],
+)
+def test_the_variable_of_a_setting_a_flag_gives_is_not_read(
+    flag: str, value: str, variable: str, broken: str, field: str, parsed: object
+) -> None:
+    """`--max-items 5` with SAFETY_MAX_ITEMS=abc refused to start with `--max-items: cannot parse 'abc'`,
+    blaming the flag for the variable's value, which the flag overrode. The flag wins and its variable is
+    not read; a broken variable of a setting no flag gives is still refused, under its own name."""
+    assert getattr(from_args(parse(flag, value), {variable: broken}), field) == parsed
+    with pytest.raises(ValueError, match=f"^{variable}: cannot parse '{broken}': expected "):
+        from_args(parse(), {variable: broken})
+    with pytest.raises(ValueError, match=r"^SAFETY_DRAIN_GRACE_S: cannot parse 'later': expected a number$"):
+        from_args(parse(flag, value), {variable: broken, "SAFETY_DRAIN_GRACE_S": "later"})
+
+
+def test_an_explicit_override_wins_over_a_variable_that_does_not_parse() -> None:
+    """The same rule for the settings' own overrides, in both front ends (the server makes the job client's
+    WorkerSettings with its own max_text_chars)."""
+    assert ServeSettings.from_env({"SAFETY_MAX_ITEMS": "abc"}, max_items=5).max_items == 5
+    worker = WorkerSettings.from_env({"SAFETY_MAX_TEXT_CHARS": "many"}, max_text_chars=1000)
+    assert worker.max_text_chars == 1000
+    with pytest.raises(ValueError, match=r"SAFETY_MAX_TEXT_CHARS'?: cannot parse 'many'"):
+        WorkerSettings.from_env({"SAFETY_MAX_TEXT_CHARS": "many"})
+
+
 def test_a_checkpoint_that_does_not_load_is_named_by_its_setting(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
