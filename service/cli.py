@@ -80,11 +80,14 @@ def remote_classify(
     shape of the engine's `Result.to_dict()`, in order. Any number of items: they are read as needed and sent
     in consecutive Classify requests within the server's limits (its Info: items and bytes per request),
     one at a time, each with the deadline `timeout`; a request's results are yielded as soon as they
-    arrive. `api_key` None: the variable SAFETY_CLIENT_API_KEY, if set. `client_cert`/`client_key`: for a
+    arrive; an item too large to send, or an error of `items` itself, comes after the results of the items
+    before it. `api_key` None: the variable SAFETY_CLIENT_API_KEY, if set. `client_cert`/`client_key`: for a
     server that requires client certificates (SAFETY_TLS_CLIENT_CA). A failed call exits with the status
-    code and message, and a hint for the CLI user where one helps (a server that is not there, a key)."""
+    code and message, a hint for the CLI user where one helps (a server that is not there, a key), and how
+    many results were yielded before it."""
     import grpc
 
+    from model.cliargs import stopped_after
     from model.errors import InvalidInputError
     from service.client import SafetyClient, result_to_dict, split_requests
 
@@ -113,20 +116,23 @@ def remote_classify(
             limits = client.info()["limits"]
         except grpc.RpcError as e:
             raise SystemExit(_failed(e, target, key_from=sent, tls=secure)) from None
+        printed = 0
         for first, request in split_requests(items, limits, thresholds):
             try:
                 response = client.classify_raw(request)
             except grpc.RpcError as e:
-                raise SystemExit(_failed(e, target, key_from=sent, tls=secure, first=first)) from None
+                said = _failed(e, target, key_from=sent, tls=secure, first=first)
+                raise SystemExit(said + (f"; {stopped_after(printed)}" if printed else "")) from None
             for result in response.results:
                 yield result_to_dict(result)
+                printed += 1
 
 
 def _failed(error: Any, target: str, *, key_from: str | None, tls: bool, first: int = 0) -> str:
-    """The line `safety classify --remote` exits with: the status and the server's message (an item's index
-    counted from the first item of the whole input, not of the request that failed), and what to do.
-    `key_from`: where the API key sent came from (None: none was sent); `first`: the index of the failed
-    request's first item."""
+    """The line `safety classify --remote` exits with (the caller adds how many results were printed): the
+    status and the server's message (an item's index counted from the first item of the whole input, not of
+    the request that failed), and what to do. `key_from`: where the API key sent came from (None: none was
+    sent); `first`: the index of the failed request's first item."""
     import grpc
 
     message = error.details() or ""
@@ -145,6 +151,4 @@ def _failed(error: Any, target: str, *, key_from: str | None, tls: bool, first: 
             said += f" (does {target} serve TLS? then pass --tls, and --ca FILE for a private CA)"
         elif "Tls handshake failed" not in message:  # that one says what failed
             said += f" (is `safety serve` running at {target}?)"
-    if first:
-        said += f"; stopped there, after the results of the first {first} items"
     return said

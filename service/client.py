@@ -101,17 +101,31 @@ def split_requests(
     `limits` as `info()["limits"]` gives them (`max_items`, and `max_queue_items` when lower: a request
     must fit the whole queue; `max_message_bytes`: the serialized request; 0 or missing: no bound). Yields
     (index of the request's first item, request), reading `items` only as far as the request being built.
-    An item too large for a request message of its own is an InvalidInputError naming it (`items[i]`)."""
+
+    An item too large for a request message of its own is an InvalidInputError naming it (`items[i]`); it,
+    and any error `items` raises while it is read (a bad line of a file), comes after the request of the
+    items before it: those are sent, only what comes after is not."""
     max_items = min((n for n in (limits.get("max_items"), limits.get("max_queue_items")) if n), default=0)
     max_bytes = limits.get("max_message_bytes") or 0
     thresholds = dict(thresholds or {})
     base = pb2.ClassifyRequest(thresholds=thresholds).ByteSize()
     batch: list[Any] = []
     first, size = 0, base
-    for i, item in enumerate(iter_items(items)):
+    source = enumerate(iter_items(items))
+    while True:
+        try:
+            i, item = next(source)
+        except StopIteration:
+            break
+        except Exception:  # the input itself failed: what was read before it still goes
+            if batch:
+                yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
+            raise
         n = item.ByteSize()
         cost = _ITEM_TAG + _varint_size(n) + n  # what the item adds to the request's serialized size
         if max_bytes and base + cost > max_bytes:
+            if batch:
+                yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
             why = (
                 f"is {base + cost} bytes as a request message of its own, more than the server's limit "
                 f"of {max_bytes} (limits.max_message_bytes, SAFETY_MAX_MESSAGE_BYTES); shorten its text or "

@@ -87,13 +87,49 @@ def test_requests_stay_within_the_servers_message_bytes(start_server: Any, tmp_p
         f"i{n}" for n in range(9)
     ]
     assert classify_calls(app) == {"OK": 3}  # 4 of about 165 bytes fit in 700, 5 do not
-    write_items(src, ["fine", "y" * 800])  # no request can carry it: refused, naming it, exit 2
+    write_items(src, ["y" * 800, "fine"])  # no request can carry it: refused, naming it, exit 2
     assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 2
     said = capsys.readouterr()
     assert said.out == "" and said.err == (
-        "safety classify: items[1]: is 810 bytes as a request message of its own, more than the server's "
+        "safety classify: items[0]: is 810 bytes as a request message of its own, more than the server's "
         "limit of 700 (limits.max_message_bytes, SAFETY_MAX_MESSAGE_BYTES); shorten its text or context\n"
     )
+
+
+def test_the_items_before_one_too_large_to_send_are_sent_and_printed_first(
+    start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Item 0 fills a request of 700 bytes, item 1 cannot go in one: exit 2 with nothing printed, item 0
+    built but never sent. Now its result is printed, and the error says so."""
+    app = start_server(max_message_bytes=700)
+    src = write_items(tmp_path / "in.jsonl", ["a" * 690, "b" * 691, "never read"])
+    assert pb2.ClassifyRequest(items=[pb2.Item(id="i0", text="a" * 690)]).ByteSize() == 700
+    assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 2
+    said = capsys.readouterr()
+    assert [json.loads(line)["id"] for line in said.out.splitlines()] == ["i0"]
+    assert said.err == (
+        "safety classify: items[1]: is 701 bytes as a request message of its own, more than the server's "
+        "limit of 700 (limits.max_message_bytes, SAFETY_MAX_MESSAGE_BYTES); shorten its text or context; "
+        "stopped there, after the results of the first 1 item\n"
+    )
+    assert classify_calls(app) == {"OK": 1}
+
+
+def test_the_items_before_a_bad_line_are_sent_and_printed_first(
+    start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A bad line stopped the run with the items read before it, but not yet sent, never classified: 4 of
+    the 5 good lines printed, and nothing said how many."""
+    app = start_server(max_items=4)
+    src = write_items(tmp_path / "in.jsonl", [f"line {n}" for n in range(5)])
+    with src.open("a") as f:
+        f.write('{"text": "no end\n')
+    assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 2
+    said = capsys.readouterr()
+    assert [json.loads(line)["id"] for line in said.out.splitlines()] == [f"i{n}" for n in range(5)]
+    assert said.err.startswith(f"safety classify: {src}:6: not valid JSON (")
+    assert said.err.endswith("); stopped there, after the results of the first 5 items\n")
+    assert classify_calls(app) == {"OK": 2}
 
 
 @pytest.mark.parametrize("max_bytes", [0, 300, 1000])
