@@ -78,13 +78,14 @@ def remote_classify(
 ) -> Iterator[dict[str, Any]]:
     """Classify `items` on a running `safety serve` at `target` (HOST:PORT): one dict per item, in the
     shape of the engine's `Result.to_dict()`, in order. Any number of items: they are read as needed and sent
-    in consecutive Classify requests within the server's limits (its Info: items and bytes per request),
-    one at a time, each with the deadline `timeout`; a request's results are yielded as soon as they
-    arrive; an item too large to send, or an error of `items` itself, comes after the results of the items
-    before it. `api_key` None: the variable SAFETY_CLIENT_API_KEY, if set. `client_cert`/`client_key`: for a
-    server that requires client certificates (SAFETY_TLS_CLIENT_CA). A failed call exits with the status
-    code and message, a hint for the CLI user where one helps (a server that is not there, a key), and how
-    many results were yielded before it."""
+    in consecutive Classify requests within the server's limits (its Info: items and bytes per request, and
+    an estimate of tokens: `split_requests`), one at a time, each with the deadline `timeout`; a request's
+    results are yielded as soon as they arrive. A request the server finds larger than its whole queue
+    goes again in halves (`_send`). An item too large to send, or an error of `items` itself, comes after the
+    results of the items before it. `api_key` None: the variable SAFETY_CLIENT_API_KEY, if set.
+    `client_cert`/`client_key`: for a server that requires client certificates (SAFETY_TLS_CLIENT_CA). A
+    failed call exits with the status code and message, a hint for the CLI user where one helps (a server
+    that is not there, a key), and how many results were yielded before it."""
     import grpc
 
     from model.cliargs import stopped_after
@@ -119,13 +120,45 @@ def remote_classify(
         printed = 0
         for first, request in split_requests(items, limits, thresholds):
             try:
-                response = client.classify_raw(request)
-            except grpc.RpcError as e:
-                said = _failed(e, target, key_from=sent, tls=secure, first=first)
+                for result in _send(client, first, request, target):
+                    yield result_to_dict(result)
+                    printed += 1
+            except _Refused as e:
+                said = _failed(e.error, target, key_from=sent, tls=secure, first=e.first)
                 raise SystemExit(said + (f"; {stopped_after(printed)}" if printed else "")) from None
-            for result in response.results:
-                yield result_to_dict(result)
-                printed += 1
+
+
+class _Refused(Exception):
+    """A request of `safety classify --remote` failed for good: the server's `error`, and the index of the
+    request's first item in the whole input (`first`)."""
+
+    def __init__(self, error: Any, first: int) -> None:
+        super().__init__(error.details())
+        self.error, self.first = error, first
+
+
+def _send(client: Any, first: int, request: Any, target: str) -> Iterator[Any]:
+    """The pb2.Results of `request` (whose first item is the input's item `first`), in order. Refused as
+    larger than the server allows a request to be as a whole (more tokens than its whole queue: the
+    client's estimate was short): its halves, one after the other. Anything else, or a single item refused
+    that way, raises _Refused."""
+    import grpc
+
+    from service.client import halves, too_large_as_a_whole
+
+    try:
+        response = client.classify_raw(request)
+    except grpc.RpcError as e:
+        error = e
+    else:
+        yield from response.results
+        return
+    if len(request.items) > 1 and too_large_as_a_whole(error):
+        head, tail = halves(request)
+        yield from _send(client, first, head, target)
+        yield from _send(client, first + len(head.items), tail, target)
+        return
+    raise _Refused(error, first)
 
 
 def _failed(error: Any, target: str, *, key_from: str | None, tls: bool, first: int = 0) -> str:

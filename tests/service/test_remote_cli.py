@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from model.cli import main
-from service.client import split_requests
+from service.client import ITEM_TOKENS, REQUEST_TOKENS, estimated_tokens, split_requests
 from service.server import SafetyServer
 from service.stubs import pb2
 
@@ -152,6 +152,63 @@ def test_split_requests_fills_each_request_up_to_the_limits(max_items: int, max_
             more.CopyFrom(request)
             more.items.append(requests[n + 1][1].items[0])
             assert (max_items and len(more.items) > max_items) or (max_bytes and more.ByteSize() > max_bytes)
+
+
+def test_split_requests_bounds_the_estimated_tokens_of_each_request() -> None:
+    """The requests were sized by items and bytes only: 15 texts of 199,980 characters went in one request
+    of 3 MB, refused as more tokens than the server's whole queue. Now a request holds at most half the
+    queue bound, and REQUEST_TOKENS, of estimated tokens (a token a character, plus ITEM_TOKENS): always
+    at least one item."""
+    assert REQUEST_TOKENS == 65_536  # a CPU server (about 5k tokens/s) answers one in seconds
+    sizes = [len(r.items) for _, r in split_requests(["t" * 300] * 5, {"max_queue_tokens": 1000})]
+    assert sizes == [1] * 5  # 316 estimated tokens each, 500 a request
+    sizes = [len(r.items) for _, r in split_requests(["t" * 100] * 9, {"max_queue_tokens": 1000})]
+    assert sizes == [4, 4, 1]  # 116 each: 4 are 464
+    item = {"text": "t" * 15_000, "role": "response", "context": "c" * 5_000}
+    limits = {"max_items": 256, "max_message_bytes": 64 << 20, "max_queue_tokens": 1_223_936}
+    sizes = [len(r.items) for _, r in split_requests([item] * 7, limits)]
+    assert sizes == [3, 3, 1]  # 20,016 each: REQUEST_TOKENS, not half the queue, bounds them
+    sizes = [len(r.items) for _, r in split_requests(["x" * 199_980] * 3, limits)]
+    assert sizes == [1, 1, 1]  # more than REQUEST_TOKENS alone: in a request of its own
+    assert estimated_tokens(pb2.Item(text="abc", context="de")) == 5 + ITEM_TOKENS
+
+
+def test_a_file_over_the_servers_queue_token_bound_is_sent_in_requests_it_accepts(
+    start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Each item within max_text_chars, all together more tokens than the whole queue: INVALID_ARGUMENT
+    (`items: the request has more than ... tokens`), exit 1, nothing printed. Now every result, from
+    requests of two items (about 1,000 tokens each, the queue holds 6,000)."""
+    app = start_server(max_text_chars=1000, max_queue_tokens=6000)
+    src = write_items(tmp_path / "in.jsonl", ["x" * 1000] * 15)
+    assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 0
+    said = capsys.readouterr()
+    assert [json.loads(line)["id"] for line in said.out.splitlines()] == [f"i{n}" for n in range(15)]
+    assert said.err == ""
+    assert classify_calls(app) == {"OK": 8}
+
+
+@pytest.mark.parametrize("details", [True, False], ids=["details", "message-only"])
+def test_a_request_the_server_finds_larger_than_its_queue_goes_again_in_halves(
+    details: bool,
+    start_server: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The estimate is a token a character; a script the tokenizer was not trained on makes about three
+    (bytes): two such items of 1,000 characters are more than the queue's 6,000 tokens, though estimated at
+    half of it. The server refuses the request as a whole (field `items`), and each half passes. Without
+    the error's details (no googleapis-common-protos on either end), its message names the field."""
+    if not details:
+        monkeypatch.setattr("service.client.error_details", lambda error: None)
+    app = start_server(max_text_chars=1000, max_queue_tokens=6000)
+    src = write_items(tmp_path / "in.jsonl", ["中" * 1000] * 6)
+    assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 0
+    said = capsys.readouterr()
+    assert [json.loads(line)["id"] for line in said.out.splitlines()] == [f"i{n}" for n in range(6)]
+    assert said.err == ""
+    assert classify_calls(app) == {"INVALID_ARGUMENT": 3, "OK": 6}
 
 
 def test_split_requests_keeps_each_request_within_the_whole_queue_bound() -> None:
