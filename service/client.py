@@ -13,7 +13,8 @@ flagged_labels, tokens, windows, spans), so `safety classify` prints the same JS
 its results, or its own error while the stream goes on. `split_requests` cuts any number of items into
 Classify requests within a server's per-request limits (`info()["limits"]`) and an estimate of their
 tokens (`estimated_tokens`, `request_tokens`); `too_large_as_a_whole(e)` tells a request the server still
-finds too large as a whole, to send again as its `halves(request)`.
+finds too large as a whole, to send again as its `halves(request)`; `retry_after_ms(e)` reads a refusal's
+retry hint.
 Batch jobs (`submit_job`, `get_job`, `stream_job_results`, `cancel_job`, `delete_job`) return the dicts
 `safety job status` and `safety job results` print: a job's state and counts, and result lines (a result
 plus `index` and `error`).
@@ -207,6 +208,24 @@ def halves(request: Any) -> tuple[Any, Any]:
     return head, tail
 
 
+def retry_after_ms(error: grpc.RpcError) -> int | None:
+    """The server's retry hint of a refused call (RESOURCE_EXHAUSTED), in milliseconds: its
+    `grpc-retry-pushback-ms` trailer, else the RetryInfo of its details; None when it sent neither."""
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == RETRY_PUSHBACK:
+            try:
+                return max(0, int(value))
+            except ValueError:  # not a number: gRPC's own retry policy ignores it too
+                break
+    try:
+        details = error_details(error)
+    except ValueError:
+        return None
+    return details.retry_after_ms if details is not None else None
+
+
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry hint (A6), as service/errors.py sends it
 _ITEM_TAG = 1  # ClassifyRequest.items is field 1, length-delimited: a one-byte tag
 
 

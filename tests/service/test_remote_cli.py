@@ -15,9 +15,13 @@ from typing import Any
 import pytest
 
 from model.cli import main
+from service.cli import RETRIES
 from service.client import ITEM_TOKENS, REQUEST_TOKENS, estimated_tokens, split_requests
+from service.scheduler import RETRY_DEFAULT_MS, RETRY_MAX_MS, RETRY_MIN_MS
 from service.server import SafetyServer
 from service.stubs import pb2
+from tests.service.helpers import in_queue, wait_until
+from tests.service.helpers import request as one_request
 
 
 def classify_calls(app: SafetyServer) -> Counter[str]:
@@ -230,6 +234,109 @@ def test_an_item_the_server_refuses_is_named_by_its_index_in_the_input(
         "the limit is 50 (SAFETY_MAX_TEXT_CHARS); stopped there, after the results of the first 8 items"
     )
     assert len(capsys.readouterr().out.splitlines()) == 8
+
+
+def fill_queue(app: SafetyServer, stub: Any) -> list[Any]:
+    """Hold the runner and fill the queue to its item bound: the calls admitted, still waiting."""
+    bound = app.scheduler.max_queue_items
+    app.scheduler.hold_runner()
+    admitted = [stub.Classify.future(one_request(f"queued {n}"), timeout=30) for n in range(bound)]
+    wait_until(lambda: in_queue(app) == bound, what="queue full")
+    return admitted
+
+
+def test_a_request_refused_as_busy_goes_again_after_the_servers_hint(
+    start_server: Any, stub_for: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """RESOURCE_EXHAUSTED (the queue is full; retry in 100 ms, says the server) ended the whole run."""
+    app = start_server(max_queue_items=2)
+    target = f"127.0.0.1:{app.port}"
+    admitted = fill_queue(app, stub_for(app))
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:  # the queue drains meanwhile
+        pauses.append(seconds)
+        app.scheduler.release_runner()
+        for call in admitted:
+            assert call.result(30).results
+
+    monkeypatch.setattr("service.cli._pause", pause)
+    try:
+        assert main(["classify", "--remote", target, "one", "two"]) == 0
+    finally:
+        app.scheduler.release_runner()
+    said = capsys.readouterr()
+    assert len(said.out.splitlines()) == 2
+    assert pauses == [RETRY_DEFAULT_MS / 1000]  # no batch had measured the device yet
+    assert said.err.startswith(
+        f"safety classify --remote {target}: the server is busy (RESOURCE_EXHAUSTED: queue full (2 items, "
+    )
+    assert said.err.endswith("; sending items[0..1] again in 0.10 s (retry 1 of 8)\n")
+    assert said.err.count("\n") == 1
+    assert classify_calls(app) == {"RESOURCE_EXHAUSTED": 1, "OK": 3}
+
+
+def test_a_server_that_stays_busy_ends_the_run_after_a_bounded_number_of_retries(
+    start_server: Any, stub_for: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """After the first request's results are printed, the queue fills and stays full: the second request
+    is sent RETRIES more times, then the run stops, saying so and how many results it printed."""
+    app = start_server(max_queue_items=2)
+    target = f"127.0.0.1:{app.port}"
+    stub = stub_for(app)
+    admitted: list[Any] = []
+    pauses: list[float] = []
+    monkeypatch.setattr("service.cli._pause", pauses.append)
+
+    class Stdin:
+        def __iter__(self) -> Iterator[str]:
+            for n in range(5):
+                if n == 4:  # read once the first request, items 0 and 1, was answered
+                    admitted.extend(fill_queue(app, stub))
+                yield json.dumps({"text": f"line {n}"}) + "\n"
+
+    monkeypatch.setattr("sys.stdin", Stdin())
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["classify", "--remote", target, "--jsonl", "-"])
+    finally:
+        app.scheduler.release_runner()
+    for call in admitted:
+        assert call.result(30).results
+    said = capsys.readouterr()
+    assert len(said.out.splitlines()) == 2
+    assert len(pauses) == RETRIES == 8 and said.err.count("\n") == RETRIES
+    assert all(RETRY_MIN_MS <= 1000 * p <= RETRY_MAX_MS for p in pauses)  # the server's hints
+    last = said.err.splitlines()[-1]
+    assert last.endswith(f"; sending items[2..3] again in {pauses[-1]:.2f} s (retry 8 of 8)"), last
+    message = str(e.value.code)
+    assert message.startswith(f"safety classify --remote {target}: RESOURCE_EXHAUSTED: queue full (2 items")
+    assert message.endswith(
+        f"; retry with backoff; still refused after 8 retries over {sum(pauses):.1f} s: retry later, or use "
+        "a batch job (safety submit); stopped there, after the results of the first 2 items"
+    )
+    assert classify_calls(app) == {"OK": 3, "RESOURCE_EXHAUSTED": 1 + RETRIES}
+
+
+def test_a_resource_exhausted_without_a_retry_hint_is_not_retried(
+    start_server: Any, stub_for: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Not `safety serve`'s queue (gRPC's own message size limit sends no hint): it ends the run at once."""
+    app = start_server(max_queue_items=2)
+    target = f"127.0.0.1:{app.port}"
+    admitted = fill_queue(app, stub_for(app))
+    monkeypatch.setattr("service.client.retry_after_ms", lambda error: None)
+    monkeypatch.setattr("service.cli._pause", lambda seconds: pytest.fail("waited to retry"))
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["classify", "--remote", target, "one"])
+    finally:
+        app.scheduler.release_runner()
+    for call in admitted:
+        assert call.result(30).results
+    assert str(e.value.code).startswith(f"safety classify --remote {target}: RESOURCE_EXHAUSTED: queue full")
+    assert str(e.value.code).endswith("; retry with backoff")
+    assert capsys.readouterr().err == ""
 
 
 def test_the_api_key_comes_from_safety_client_api_key_and_a_refusal_says_what_to_pass(
