@@ -17,7 +17,14 @@ from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from model.cliargs import EXIT_PIPE, add_threshold_option, parse_device, parse_dtype, silence_stdout
+from model.cliargs import (
+    EXIT_PIPE,
+    add_threshold_option,
+    parse_device,
+    parse_dtype,
+    silence_stdout,
+    stopped_after,
+)
 from model.errors import InvalidInputError, SafetyError
 from model.items import check_item, fields_of
 from model.jsonl import read_jsonl
@@ -49,8 +56,16 @@ def classify_command(args: argparse.Namespace) -> int:
         batch = list(items)  # every item checked before the model loads
         clf = load_classifier(args.model, device=args.device, dtype=args.dtype, max_tokens=args.max_tokens)
         results = (r.to_dict() for r in clf.classify(batch, thresholds=thresholds))
-    for r in results:
-        print(json.dumps(r, ensure_ascii=False), flush=bool(args.remote))
+    printed = 0
+    try:
+        for r in results:
+            print(json.dumps(r, ensure_ascii=False), flush=bool(args.remote))
+            printed += 1
+    except SafetyError as e:  # the input, refused part way (a bad line, an item too large to send)
+        if not printed:
+            raise
+        print(f"safety classify: {e}; {stopped_after(printed)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -4,7 +4,8 @@ Owns: `--threshold LABEL=VALUE` (repeatable): its argparse type `parse_threshold
 value with argparse's usage error (exit status 2), and `add_threshold_option`; the argparse types of
 `--device` and `--dtype` (`parse_device`, `parse_dtype`: the values model/engine_settings.py accepts, so a
 wrong one is a usage error naming the flag, not a traceback from the runner); and what every `safety`
-command does when the reader of its output goes away (`| head -1`): `silence_stdout`, then exit `EXIT_PIPE`.
+command does when the reader of its output goes away (`| head -1`): `silence_stdout`, then exit `EXIT_PIPE`;
+and `stopped_after(n)`, the words that end the error of a run stopped after printing some of its results.
 Must not know: the classifier (the engine validates the label names and the range), torch, gRPC, Celery.
 """
 
@@ -25,6 +26,12 @@ def silence_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+def stopped_after(printed: int) -> str:
+    """How an error that stops a run part way ends (`safety classify --remote`, whichever way it stopped):
+    what was printed before it is complete and in order, and this says how much that is."""
+    return f"stopped there, after the results of the first {printed} item{'' if printed == 1 else 's'}"
 
 
 def parse_threshold(value: str) -> tuple[str, float]:

@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -78,13 +79,18 @@ def remote_classify(
 ) -> Iterator[dict[str, Any]]:
     """Classify `items` on a running `safety serve` at `target` (HOST:PORT): one dict per item, in the
     shape of the engine's `Result.to_dict()`, in order. Any number of items: they are read as needed and sent
-    in consecutive Classify requests within the server's limits (its Info: items and bytes per request),
-    one at a time, each with the deadline `timeout`; a request's results are yielded as soon as they
-    arrive. `api_key` None: the variable SAFETY_CLIENT_API_KEY, if set. `client_cert`/`client_key`: for a
-    server that requires client certificates (SAFETY_TLS_CLIENT_CA). A failed call exits with the status
-    code and message, and a hint for the CLI user where one helps (a server that is not there, a key)."""
+    in consecutive Classify requests within the server's limits (its Info: items and bytes per request, and
+    an estimate of tokens: `split_requests`), one at a time, each with the deadline `timeout`; a request's
+    results are yielded as soon as they arrive. A request refused as busy goes again after the server's
+    hint (RETRIES times at most, said on stderr); one the server finds larger than its whole queue goes
+    again in halves (`_send`). An item too large to send, or an error of `items` itself, comes after the
+    results of the items before it. `api_key` None: the variable SAFETY_CLIENT_API_KEY, if set.
+    `client_cert`/`client_key`: for a server that requires client certificates (SAFETY_TLS_CLIENT_CA). A
+    failed call exits with the status code and message, a hint for the CLI user where one helps (a server
+    that is not there, a key), and how many results were yielded before it."""
     import grpc
 
+    from model.cliargs import stopped_after
     from model.errors import InvalidInputError
     from service.client import SafetyClient, result_to_dict, split_requests
 
@@ -113,20 +119,94 @@ def remote_classify(
             limits = client.info()["limits"]
         except grpc.RpcError as e:
             raise SystemExit(_failed(e, target, key_from=sent, tls=secure)) from None
+        printed = 0
         for first, request in split_requests(items, limits, thresholds):
             try:
-                response = client.classify_raw(request)
-            except grpc.RpcError as e:
-                raise SystemExit(_failed(e, target, key_from=sent, tls=secure, first=first)) from None
-            for result in response.results:
-                yield result_to_dict(result)
+                for result in _send(client, first, request, target):
+                    yield result_to_dict(result)
+                    printed += 1
+            except _Refused as e:
+                said = _failed(e.error, target, key_from=sent, tls=secure, first=e.first, note=e.note)
+                raise SystemExit(said + (f"; {stopped_after(printed)}" if printed else "")) from None
 
 
-def _failed(error: Any, target: str, *, key_from: str | None, tls: bool, first: int = 0) -> str:
-    """The line `safety classify --remote` exits with: the status and the server's message (an item's index
-    counted from the first item of the whole input, not of the request that failed), and what to do.
-    `key_from`: where the API key sent came from (None: none was sent); `first`: the index of the failed
-    request's first item."""
+# A request the server refuses as busy goes again at most RETRIES times, each after the server's hint (at
+# most 5 s from `safety serve`: the scheduler's RETRY_MAX_MS) or WAIT_MAX_S, whichever is less: a run gives
+# up on a server that stays full within about 40 s (80 s at most, whatever the hints).
+RETRIES = 8
+WAIT_MAX_S = 10.0
+
+
+class _Refused(Exception):
+    """A request of `safety classify --remote` failed for good: the server's `error`, the index of the
+    request's first item in the whole input (`first`), and what the client tried (`note`)."""
+
+    def __init__(self, error: Any, first: int, note: str = "") -> None:
+        super().__init__(note)
+        self.error, self.first, self.note = error, first, note
+
+
+def _send(client: Any, first: int, request: Any, target: str) -> Iterator[Any]:
+    """The pb2.Results of `request` (whose first item is the input's item `first`), in order. Refused as
+    busy (RESOURCE_EXHAUSTED with the server's retry hint): sent again after the hint (WAIT_MAX_S at most),
+    at most RETRIES times, saying so on stderr. A RESOURCE_EXHAUSTED without a hint is not `safety serve`'s
+    queue (gRPC's own message size limit): not retried. Refused as larger than the server allows a request
+    to be as a whole (more tokens than its whole queue: the client's estimate was short): its halves, one
+    after the other. Anything else, or a single item refused that way, raises _Refused."""
+    import grpc
+
+    from service.client import halves, retry_after_ms, too_large_as_a_whole
+
+    n = len(request.items)
+    waited = 0.0
+    error: Any = None
+    for retry in range(RETRIES + 1):
+        try:
+            response = client.classify_raw(request)
+        except grpc.RpcError as e:
+            error = e
+        else:
+            yield from response.results
+            return
+        if n > 1 and too_large_as_a_whole(error):
+            head, tail = halves(request)
+            yield from _send(client, first, head, target)
+            yield from _send(client, first + len(head.items), tail, target)
+            return
+        hint = retry_after_ms(error) if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+        if hint is None:
+            raise _Refused(error, first)
+        if retry == RETRIES:
+            note = (
+                f"still refused after {RETRIES} retries over {waited:.1f} s: retry later, or use a batch job "
+                "(safety submit)"
+            )
+            raise _Refused(error, first, note)
+        wait = min(hint / 1000, WAIT_MAX_S)
+        which = f"items[{first}]" if n == 1 else f"items[{first}..{first + n - 1}]"
+        busy = f"{error.code().name}: {error.details()}"
+        print(
+            f"safety classify --remote {target}: the server is busy ({busy}); sending {which} again in "
+            f"{wait:.2f} s (retry {retry + 1} of {RETRIES})",
+            file=sys.stderr,
+            flush=True,
+        )
+        _pause(wait)
+        waited += wait
+
+
+def _pause(seconds: float) -> None:
+    """Wait before sending a refused request again (the tests replace it)."""
+    time.sleep(seconds)
+
+
+def _failed(
+    error: Any, target: str, *, key_from: str | None, tls: bool, first: int = 0, note: str = ""
+) -> str:
+    """The line `safety classify --remote` exits with (the caller adds how many results were printed): the
+    status and the server's message (an item's index counted from the first item of the whole input, not of
+    the request that failed), and what to do. `key_from`: where the API key sent came from (None: none was
+    sent); `first`: the index of the failed request's first item; `note`: what the client tried."""
     import grpc
 
     message = error.details() or ""
@@ -145,6 +225,6 @@ def _failed(error: Any, target: str, *, key_from: str | None, tls: bool, first: 
             said += f" (does {target} serve TLS? then pass --tls, and --ca FILE for a private CA)"
         elif "Tls handshake failed" not in message:  # that one says what failed
             said += f" (is `safety serve` running at {target}?)"
-    if first:
-        said += f"; stopped there, after the results of the first {first} items"
+    if note:
+        said += f"; {note}"
     return said

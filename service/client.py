@@ -11,9 +11,13 @@ Results are plain dicts in the shape of the engine's `Result.to_dict()` (id, sco
 flagged_labels, tokens, windows, spans), so `safety classify` prints the same JSON locally and remotely.
 `classify_stream` sends many requests over one ClassifyStream and yields one dict per request, in order:
 its results, or its own error while the stream goes on. `split_requests` cuts any number of items into
-Classify requests within a server's per-request limits (`info()["limits"]`). Batch jobs (`submit_job`,
-`get_job`, `stream_job_results`, `cancel_job`, `delete_job`) return the dicts `safety job status` and
-`safety job results` print: a job's state and counts, and result lines (a result plus `index` and `error`).
+Classify requests within a server's per-request limits (`info()["limits"]`) and an estimate of their
+tokens (`estimated_tokens`, `request_tokens`); `too_large_as_a_whole(e)` tells a request the server still
+finds too large as a whole, to send again as its `halves(request)`; `retry_after_ms(e)` reads a refusal's
+retry hint.
+Batch jobs (`submit_job`, `get_job`, `stream_job_results`, `cancel_job`, `delete_job`) return the dicts
+`safety job status` and `safety job results` print: a job's state and counts, and result lines (a result
+plus `index` and `error`).
 Errors are `grpc.RpcError`s carrying the server's status code (INVALID_ARGUMENT: fix the input;
 RESOURCE_EXHAUSTED / UNAVAILABLE: back off and retry); `error_details(e)` reads their machine-readable
 details (the `grpc-status-details-bin` trailer: reason, field path, retry delay), with
@@ -99,34 +103,129 @@ def split_requests(
 ) -> Iterator[tuple[int, Any]]:
     """Any number of items as consecutive ClassifyRequests, each within a server's per-request limits:
     `limits` as `info()["limits"]` gives them (`max_items`, and `max_queue_items` when lower: a request
-    must fit the whole queue; `max_message_bytes`: the serialized request; 0 or missing: no bound). Yields
-    (index of the request's first item, request), reading `items` only as far as the request being built.
-    An item too large for a request message of its own is an InvalidInputError naming it (`items[i]`)."""
+    must fit the whole queue; `max_message_bytes`: the serialized request; 0 or missing: no bound), and at
+    most `request_tokens(limits)` estimated tokens (`estimated_tokens`; an item estimated at more goes in a
+    request of its own). Yields (index of the request's first item, request), reading `items` only as far
+    as the request being built.
+
+    An item too large for a request message of its own is an InvalidInputError naming it (`items[i]`); it,
+    and any error `items` raises while it is read (a bad line of a file), comes after the request of the
+    items before it: those are sent, only what comes after is not."""
     max_items = min((n for n in (limits.get("max_items"), limits.get("max_queue_items")) if n), default=0)
     max_bytes = limits.get("max_message_bytes") or 0
+    max_tokens = request_tokens(limits)
     thresholds = dict(thresholds or {})
     base = pb2.ClassifyRequest(thresholds=thresholds).ByteSize()
     batch: list[Any] = []
-    first, size = 0, base
-    for i, item in enumerate(iter_items(items)):
+    first, size, tokens = 0, base, 0
+    source = enumerate(iter_items(items))
+    while True:
+        try:
+            i, item = next(source)
+        except StopIteration:
+            break
+        except Exception:  # the input itself failed: what was read before it still goes
+            if batch:
+                yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
+            raise
         n = item.ByteSize()
         cost = _ITEM_TAG + _varint_size(n) + n  # what the item adds to the request's serialized size
         if max_bytes and base + cost > max_bytes:
+            if batch:
+                yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
             why = (
                 f"is {base + cost} bytes as a request message of its own, more than the server's limit "
                 f"of {max_bytes} (limits.max_message_bytes, SAFETY_MAX_MESSAGE_BYTES); shorten its text or "
                 "context"
             )
             raise InvalidInputError(why, field="", index=i)
-        if batch and ((max_items and len(batch) >= max_items) or (max_bytes and size + cost > max_bytes)):
+        estimate = estimated_tokens(item)
+        if batch and (
+            (max_items and len(batch) >= max_items)
+            or (max_bytes and size + cost > max_bytes)
+            or tokens + estimate > max_tokens
+        ):
             yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
-            batch, first, size = [], i, base
+            batch, first, size, tokens = [], i, base, 0
         batch.append(item)
         size += cost
+        tokens += estimate
     if batch:
         yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
 
 
+# Estimated tokens per request, at most (`request_tokens`). The estimate counts a token a character, two to
+# four times what a subword tokenizer makes of prose (the scheduler's starting guess is 0.25): 64k estimated
+# tokens are some 16k-32k real ones, which a CPU server (about 5k tokens/s) answers in a few seconds, well
+# within the default --timeout of 30 s. A request of many such items would run past its deadline there.
+REQUEST_TOKENS = 65_536
+ITEM_TOKENS = 16  # an item's estimated tokens besides its characters: its windows' special tokens
+
+
+def estimated_tokens(item: Any) -> int:
+    """A generous estimate of the tokens a pb2.Item makes on the server: one a character of its text and
+    context, plus ITEM_TOKENS. A tokenizer can make more (bytes of a script it was not trained on, a context
+    repeated in every window of a long text): the server refuses a request over its whole queue bound as
+    a whole (`too_large_as_a_whole`), and its items go again in smaller requests."""
+    return len(item.text) + len(item.context) + ITEM_TOKENS
+
+
+def request_tokens(limits: Mapping[str, int]) -> int:
+    """The estimated tokens `split_requests` puts in one request at most: REQUEST_TOKENS, or half the
+    server's whole queue bound (`max_queue_tokens`) when that is lower, so that a request fits the queue
+    with room to spare for the estimate's error and for other callers' calls."""
+    queue = limits.get("max_queue_tokens") or 0
+    return min(REQUEST_TOKENS, queue // 2) if queue else REQUEST_TOKENS
+
+
+def too_large_as_a_whole(error: grpc.RpcError) -> bool:
+    """Did the server refuse the call's request as a whole as too large (INVALID_ARGUMENT naming the field
+    `items`: more tokens or items than its whole queue holds, more items than a request may carry)? Its
+    items may then pass in smaller requests; an item refused on its own (`items[3].text`) is not one of
+    these. The field comes from the error's details (BadRequest), else from the message (`items: ...`)."""
+    if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+        return False
+    try:
+        details = error_details(error)
+    except ValueError:  # a trailer that does not parse: the message still says which field
+        details = None
+    if details is not None and details.field:
+        return details.field == "items"
+    return (error.details() or "").startswith("items: ")
+
+
+def halves(request: Any) -> tuple[Any, Any]:
+    """A ClassifyRequest of two or more items as two: its first half of the items and the rest, each with
+    the request's other fields (thresholds, raw_scores)."""
+    if len(request.items) < 2:
+        raise ValueError(f"a request of {len(request.items)} items has no halves")
+    cut = len(request.items) // 2
+    head, tail = pb2.ClassifyRequest(), pb2.ClassifyRequest()
+    head.CopyFrom(request)
+    tail.CopyFrom(request)
+    del head.items[cut:]
+    del tail.items[:cut]
+    return head, tail
+
+
+def retry_after_ms(error: grpc.RpcError) -> int | None:
+    """The server's retry hint of a refused call (RESOURCE_EXHAUSTED), in milliseconds: its
+    `grpc-retry-pushback-ms` trailer, else the RetryInfo of its details; None when it sent neither."""
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == RETRY_PUSHBACK:
+            try:
+                return max(0, int(value))
+            except ValueError:  # not a number: gRPC's own retry policy ignores it too
+                break
+    try:
+        details = error_details(error)
+    except ValueError:
+        return None
+    return details.retry_after_ms if details is not None else None
+
+
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry hint (A6), as service/errors.py sends it
 _ITEM_TAG = 1  # ClassifyRequest.items is field 1, length-delimited: a one-byte tag
 
 

@@ -15,9 +15,13 @@ from typing import Any
 import pytest
 
 from model.cli import main
-from service.client import split_requests
+from service.cli import RETRIES
+from service.client import ITEM_TOKENS, REQUEST_TOKENS, estimated_tokens, split_requests
+from service.scheduler import RETRY_DEFAULT_MS, RETRY_MAX_MS, RETRY_MIN_MS
 from service.server import SafetyServer
 from service.stubs import pb2
+from tests.service.helpers import in_queue, wait_until
+from tests.service.helpers import request as one_request
 
 
 def classify_calls(app: SafetyServer) -> Counter[str]:
@@ -87,13 +91,49 @@ def test_requests_stay_within_the_servers_message_bytes(start_server: Any, tmp_p
         f"i{n}" for n in range(9)
     ]
     assert classify_calls(app) == {"OK": 3}  # 4 of about 165 bytes fit in 700, 5 do not
-    write_items(src, ["fine", "y" * 800])  # no request can carry it: refused, naming it, exit 2
+    write_items(src, ["y" * 800, "fine"])  # no request can carry it: refused, naming it, exit 2
     assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 2
     said = capsys.readouterr()
     assert said.out == "" and said.err == (
-        "safety classify: items[1]: is 810 bytes as a request message of its own, more than the server's "
+        "safety classify: items[0]: is 810 bytes as a request message of its own, more than the server's "
         "limit of 700 (limits.max_message_bytes, SAFETY_MAX_MESSAGE_BYTES); shorten its text or context\n"
     )
+
+
+def test_the_items_before_one_too_large_to_send_are_sent_and_printed_first(
+    start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Item 0 fills a request of 700 bytes, item 1 cannot go in one: exit 2 with nothing printed, item 0
+    built but never sent. Now its result is printed, and the error says so."""
+    app = start_server(max_message_bytes=700)
+    src = write_items(tmp_path / "in.jsonl", ["a" * 690, "b" * 691, "never read"])
+    assert pb2.ClassifyRequest(items=[pb2.Item(id="i0", text="a" * 690)]).ByteSize() == 700
+    assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 2
+    said = capsys.readouterr()
+    assert [json.loads(line)["id"] for line in said.out.splitlines()] == ["i0"]
+    assert said.err == (
+        "safety classify: items[1]: is 701 bytes as a request message of its own, more than the server's "
+        "limit of 700 (limits.max_message_bytes, SAFETY_MAX_MESSAGE_BYTES); shorten its text or context; "
+        "stopped there, after the results of the first 1 item\n"
+    )
+    assert classify_calls(app) == {"OK": 1}
+
+
+def test_the_items_before_a_bad_line_are_sent_and_printed_first(
+    start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A bad line stopped the run with the items read before it, but not yet sent, never classified: 4 of
+    the 5 good lines printed, and nothing said how many."""
+    app = start_server(max_items=4)
+    src = write_items(tmp_path / "in.jsonl", [f"line {n}" for n in range(5)])
+    with src.open("a") as f:
+        f.write('{"text": "no end\n')
+    assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 2
+    said = capsys.readouterr()
+    assert [json.loads(line)["id"] for line in said.out.splitlines()] == [f"i{n}" for n in range(5)]
+    assert said.err.startswith(f"safety classify: {src}:6: not valid JSON (")
+    assert said.err.endswith("); stopped there, after the results of the first 5 items\n")
+    assert classify_calls(app) == {"OK": 2}
 
 
 @pytest.mark.parametrize("max_bytes", [0, 300, 1000])
@@ -118,6 +158,63 @@ def test_split_requests_fills_each_request_up_to_the_limits(max_items: int, max_
             assert (max_items and len(more.items) > max_items) or (max_bytes and more.ByteSize() > max_bytes)
 
 
+def test_split_requests_bounds_the_estimated_tokens_of_each_request() -> None:
+    """The requests were sized by items and bytes only: 15 texts of 199,980 characters went in one request
+    of 3 MB, refused as more tokens than the server's whole queue. Now a request holds at most half the
+    queue bound, and REQUEST_TOKENS, of estimated tokens (a token a character, plus ITEM_TOKENS): always
+    at least one item."""
+    assert REQUEST_TOKENS == 65_536  # a CPU server (about 5k tokens/s) answers one in seconds
+    sizes = [len(r.items) for _, r in split_requests(["t" * 300] * 5, {"max_queue_tokens": 1000})]
+    assert sizes == [1] * 5  # 316 estimated tokens each, 500 a request
+    sizes = [len(r.items) for _, r in split_requests(["t" * 100] * 9, {"max_queue_tokens": 1000})]
+    assert sizes == [4, 4, 1]  # 116 each: 4 are 464
+    item = {"text": "t" * 15_000, "role": "response", "context": "c" * 5_000}
+    limits = {"max_items": 256, "max_message_bytes": 64 << 20, "max_queue_tokens": 1_223_936}
+    sizes = [len(r.items) for _, r in split_requests([item] * 7, limits)]
+    assert sizes == [3, 3, 1]  # 20,016 each: REQUEST_TOKENS, not half the queue, bounds them
+    sizes = [len(r.items) for _, r in split_requests(["x" * 199_980] * 3, limits)]
+    assert sizes == [1, 1, 1]  # more than REQUEST_TOKENS alone: in a request of its own
+    assert estimated_tokens(pb2.Item(text="abc", context="de")) == 5 + ITEM_TOKENS
+
+
+def test_a_file_over_the_servers_queue_token_bound_is_sent_in_requests_it_accepts(
+    start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Each item within max_text_chars, all together more tokens than the whole queue: INVALID_ARGUMENT
+    (`items: the request has more than ... tokens`), exit 1, nothing printed. Now every result, from
+    requests of two items (about 1,000 tokens each, the queue holds 6,000)."""
+    app = start_server(max_text_chars=1000, max_queue_tokens=6000)
+    src = write_items(tmp_path / "in.jsonl", ["x" * 1000] * 15)
+    assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 0
+    said = capsys.readouterr()
+    assert [json.loads(line)["id"] for line in said.out.splitlines()] == [f"i{n}" for n in range(15)]
+    assert said.err == ""
+    assert classify_calls(app) == {"OK": 8}
+
+
+@pytest.mark.parametrize("details", [True, False], ids=["details", "message-only"])
+def test_a_request_the_server_finds_larger_than_its_queue_goes_again_in_halves(
+    details: bool,
+    start_server: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The estimate is a token a character; a script the tokenizer was not trained on makes about three
+    (bytes): two such items of 1,000 characters are more than the queue's 6,000 tokens, though estimated at
+    half of it. The server refuses the request as a whole (field `items`), and each half passes. Without
+    the error's details (no googleapis-common-protos on either end), its message names the field."""
+    if not details:
+        monkeypatch.setattr("service.client.error_details", lambda error: None)
+    app = start_server(max_text_chars=1000, max_queue_tokens=6000)
+    src = write_items(tmp_path / "in.jsonl", ["中" * 1000] * 6)
+    assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 0
+    said = capsys.readouterr()
+    assert [json.loads(line)["id"] for line in said.out.splitlines()] == [f"i{n}" for n in range(6)]
+    assert said.err == ""
+    assert classify_calls(app) == {"INVALID_ARGUMENT": 3, "OK": 6}
+
+
 def test_split_requests_keeps_each_request_within_the_whole_queue_bound() -> None:
     """A request with more items than SAFETY_MAX_QUEUE_ITEMS is refused whatever SAFETY_MAX_ITEMS says."""
     requests = split_requests(["a"] * 9, {"max_items": 256, "max_queue_items": 4})
@@ -137,6 +234,109 @@ def test_an_item_the_server_refuses_is_named_by_its_index_in_the_input(
         "the limit is 50 (SAFETY_MAX_TEXT_CHARS); stopped there, after the results of the first 8 items"
     )
     assert len(capsys.readouterr().out.splitlines()) == 8
+
+
+def fill_queue(app: SafetyServer, stub: Any) -> list[Any]:
+    """Hold the runner and fill the queue to its item bound: the calls admitted, still waiting."""
+    bound = app.scheduler.max_queue_items
+    app.scheduler.hold_runner()
+    admitted = [stub.Classify.future(one_request(f"queued {n}"), timeout=30) for n in range(bound)]
+    wait_until(lambda: in_queue(app) == bound, what="queue full")
+    return admitted
+
+
+def test_a_request_refused_as_busy_goes_again_after_the_servers_hint(
+    start_server: Any, stub_for: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """RESOURCE_EXHAUSTED (the queue is full; retry in 100 ms, says the server) ended the whole run."""
+    app = start_server(max_queue_items=2)
+    target = f"127.0.0.1:{app.port}"
+    admitted = fill_queue(app, stub_for(app))
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:  # the queue drains meanwhile
+        pauses.append(seconds)
+        app.scheduler.release_runner()
+        for call in admitted:
+            assert call.result(30).results
+
+    monkeypatch.setattr("service.cli._pause", pause)
+    try:
+        assert main(["classify", "--remote", target, "one", "two"]) == 0
+    finally:
+        app.scheduler.release_runner()
+    said = capsys.readouterr()
+    assert len(said.out.splitlines()) == 2
+    assert pauses == [RETRY_DEFAULT_MS / 1000]  # no batch had measured the device yet
+    assert said.err.startswith(
+        f"safety classify --remote {target}: the server is busy (RESOURCE_EXHAUSTED: queue full (2 items, "
+    )
+    assert said.err.endswith("; sending items[0..1] again in 0.10 s (retry 1 of 8)\n")
+    assert said.err.count("\n") == 1
+    assert classify_calls(app) == {"RESOURCE_EXHAUSTED": 1, "OK": 3}
+
+
+def test_a_server_that_stays_busy_ends_the_run_after_a_bounded_number_of_retries(
+    start_server: Any, stub_for: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """After the first request's results are printed, the queue fills and stays full: the second request
+    is sent RETRIES more times, then the run stops, saying so and how many results it printed."""
+    app = start_server(max_queue_items=2)
+    target = f"127.0.0.1:{app.port}"
+    stub = stub_for(app)
+    admitted: list[Any] = []
+    pauses: list[float] = []
+    monkeypatch.setattr("service.cli._pause", pauses.append)
+
+    class Stdin:
+        def __iter__(self) -> Iterator[str]:
+            for n in range(5):
+                if n == 4:  # read once the first request, items 0 and 1, was answered
+                    admitted.extend(fill_queue(app, stub))
+                yield json.dumps({"text": f"line {n}"}) + "\n"
+
+    monkeypatch.setattr("sys.stdin", Stdin())
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["classify", "--remote", target, "--jsonl", "-"])
+    finally:
+        app.scheduler.release_runner()
+    for call in admitted:
+        assert call.result(30).results
+    said = capsys.readouterr()
+    assert len(said.out.splitlines()) == 2
+    assert len(pauses) == RETRIES == 8 and said.err.count("\n") == RETRIES
+    assert all(RETRY_MIN_MS <= 1000 * p <= RETRY_MAX_MS for p in pauses)  # the server's hints
+    last = said.err.splitlines()[-1]
+    assert last.endswith(f"; sending items[2..3] again in {pauses[-1]:.2f} s (retry 8 of 8)"), last
+    message = str(e.value.code)
+    assert message.startswith(f"safety classify --remote {target}: RESOURCE_EXHAUSTED: queue full (2 items")
+    assert message.endswith(
+        f"; retry with backoff; still refused after 8 retries over {sum(pauses):.1f} s: retry later, or use "
+        "a batch job (safety submit); stopped there, after the results of the first 2 items"
+    )
+    assert classify_calls(app) == {"OK": 3, "RESOURCE_EXHAUSTED": 1 + RETRIES}
+
+
+def test_a_resource_exhausted_without_a_retry_hint_is_not_retried(
+    start_server: Any, stub_for: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Not `safety serve`'s queue (gRPC's own message size limit sends no hint): it ends the run at once."""
+    app = start_server(max_queue_items=2)
+    target = f"127.0.0.1:{app.port}"
+    admitted = fill_queue(app, stub_for(app))
+    monkeypatch.setattr("service.client.retry_after_ms", lambda error: None)
+    monkeypatch.setattr("service.cli._pause", lambda seconds: pytest.fail("waited to retry"))
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["classify", "--remote", target, "one"])
+    finally:
+        app.scheduler.release_runner()
+    for call in admitted:
+        assert call.result(30).results
+    assert str(e.value.code).startswith(f"safety classify --remote {target}: RESOURCE_EXHAUSTED: queue full")
+    assert str(e.value.code).endswith("; retry with backoff")
+    assert capsys.readouterr().err == ""
 
 
 def test_the_api_key_comes_from_safety_client_api_key_and_a_refusal_says_what_to_pass(
