@@ -163,3 +163,13 @@ def test_submit_memory_script(tmp_path: Path) -> None:
     # the child's own peak, not the parent's pages it forked from (the parent imports nothing heavy)
     assert all(10 < r["peak_rss_mb"] < 200 and r["wall_s"] > 0 for r in rows), rows
     assert "300 items  this" in out
+
+
+@pytest.mark.slow
+def test_deadlines_script_against_real_servers(tmp_path: Path, tiny_model_dir: Path) -> None:
+    run("bench/deadlines.py", "--model", str(tiny_model_dir), "--horizons", "0,10000", "--bulk-items", "1",
+        "--bulk-sentences", "200", "--prompts", "2", "--start-s", "0", "--gap-s", "0", "--deadline-s", "30",
+        "--json", str(tmp_path / "d.json"))  # fmt: skip
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert [r["horizon_ms"] for r in data["runs"]] == [0, 10000]
+    assert all(len(r["prompt_ms"]) == 2 and r["failed"] == 0 and r["bulk_s"] > 0 for r in data["runs"])
