@@ -281,38 +281,45 @@ def _spool_error(e: OSError, doing: str) -> UnavailableError:
 
 class _SubmitLease:
     """A submit's hold on its job's submit lease (`JobStore.hold_submit`): one submit at a time stores and
-    queues a job, so two submits of one job id at once never queue a chunk twice."""
+    queues a job, so two submits of one job id at once never queue a chunk twice. `wait_s`: how long to wait
+    for another submit's lease (None: a lease's length and a margin; 0: not at all)."""
 
-    def __init__(self, client: JobClient, job_id: str) -> None:
+    def __init__(self, client: JobClient, job_id: str, wait_s: float | None = None) -> None:
         self.client = client
         self.job_id = job_id
         self.token = uuid.uuid4().hex
+        self.wait_s = wait_s
 
     def hold(self) -> bool:
-        """Take or renew the lease; while another submit holds it, wait, up to a lease's length and a margin
-        (which outlasts the lease of a submit that died). -> True when this submit held it since its last
-        call; False when it took a free one (first call, or this submit paused past its lease): another
-        submit may have queued chunks meanwhile, so what was sent must be read again. JobBusyError when the
-        other submit still holds it after the wait."""
+        """Take or renew the lease; while another submit holds it, wait (`wait_s`; by default up to a lease's
+        length and a margin, which outlasts the lease of a submit that died). -> True when this submit held
+        it since its last call; False when it took a free one (first call, or this submit paused past its
+        lease): another submit may have queued chunks meanwhile, so what was sent must be read again.
+        JobBusyError when the other submit still holds it after the wait (at once with `wait_s` 0), with the
+        other lease's remaining time as its retry hint."""
         store, ttl = self.client.store, self.client.submit_lease_s
         state, left = store.hold_submit(self.job_id, self.token, ttl)
         if state != "busy":
             return state == "renewed"
-        patience = ttl + _LEASE_MARGIN_S
-        self.client.notice(
-            f"job {self.job_id} is being submitted by another process; waiting up to {patience:.0f}s for it"
-        )
-        deadline = time.monotonic() + patience
-        while time.monotonic() < deadline:
-            time.sleep(min(_LEASE_POLL_S, max(0.0, deadline - time.monotonic())))
-            state, left = store.hold_submit(self.job_id, self.token, ttl)
-            if state != "busy":
-                return False
+        patience = ttl + _LEASE_MARGIN_S if self.wait_s is None else max(0.0, self.wait_s)
+        if patience > 0:
+            self.client.notice(
+                f"job {self.job_id} is being submitted by another process; waiting up to {patience:.0f}s for "
+                "it"
+            )
+            deadline = time.monotonic() + patience
+            while time.monotonic() < deadline:
+                time.sleep(min(_LEASE_POLL_S, max(0.0, deadline - time.monotonic())))
+                state, left = store.hold_submit(self.job_id, self.token, ttl)
+                if state != "busy":
+                    return False
+        waited = f"after this submit waited {patience:.0f}s" if patience > 0 else "(this call does not wait)"
         raise JobBusyError(
             f"job {self.job_id!r} is being submitted by another process (a `safety submit` or SubmitJob of "
-            f"this job id), still storing and queueing its chunks after this submit waited {patience:.0f}s; "
-            f"let it finish (`safety job status {self.job_id}` leaves `submitting` when it has), or retry "
-            f"after {math.ceil(left)}s if it was stopped: the same job id and items resume the job"
+            f"this job id), still storing and queueing its chunks {waited}; let it finish (`safety job "
+            f"status {self.job_id}` leaves `submitting` when it has), or retry after {math.ceil(left)}s if "
+            "it was stopped: the same job id and items resume the job",
+            retry_after_ms=math.ceil(left * 1000),
         )
 
     def release(self) -> None:
@@ -352,7 +359,9 @@ class JobClient:
         self.client.close()
 
     # ---- submission ----------------------------------------------------------------------------------------
-    def submit(self, items: Iterable[Any], *, job_id: str | None = None) -> Submitted:
+    def submit(
+        self, items: Iterable[Any], *, job_id: str | None = None, lease_wait_s: float | None = None
+    ) -> Submitted:
         """Validate all items, then store and enqueue them chunk by chunk.
 
         Re-running with the same `job_id` and the same items resumes: chunks already sent are not sent
@@ -360,9 +369,11 @@ class JobClient:
         cancelled while it is being submitted stops the submit: the status returned says `cancelled`. One
         submit of a job at a time: another one of the same id (another process, another thread) waits for
         it up to `submit_lease_s` and a margin, then resumes what is left; JobBusyError if it is still busy.
+        `lease_wait_s`: wait that long instead (0: JobBusyError at once; the gRPC SubmitJob, whose thread
+        must not outlast its caller's deadline).
         """
         with self.prepare(items) as prepared:
-            return self.send(prepared, job_id=job_id)
+            return self.send(prepared, job_id=job_id, lease_wait_s=lease_wait_s)
 
     def prepare(self, items: Iterable[Any], *, spool: bool | None = None) -> Prepared:
         """Validate and serialize the items, without any Redis call: InvalidInputError for the first bad one.
@@ -406,7 +417,9 @@ class JobClient:
             raise
         return Prepared(count, digest.hexdigest(), file)
 
-    def send(self, prepared: Prepared, *, job_id: str | None = None) -> Submitted:
+    def send(
+        self, prepared: Prepared, *, job_id: str | None = None, lease_wait_s: float | None = None
+    ) -> Submitted:
         """Store and enqueue prepared items (`submit` = `prepare` + `send`); resumable as `submit` is."""
         count, digest = prepared.count, prepared.digest
         job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
@@ -425,7 +438,7 @@ class JobClient:
                     f"job {job_id!r} already exists with different items; choose another job id",
                     field="job_id",
                 )
-            lease = _SubmitLease(self, job_id)
+            lease = _SubmitLease(self, job_id, lease_wait_s)
             try:
                 # one submit at a time: another one of this id (a second `safety submit`, a SubmitJob)
                 # stores and queues it; this one waits, then reads what it left

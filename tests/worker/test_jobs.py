@@ -517,9 +517,15 @@ def test_a_submit_refuses_a_job_another_live_submit_holds_saying_what_to_do(
     try:
         with pytest.raises(JobBusyError) as e:
             client.submit(items, job_id="held")
+        said: list[str] = []
+        client.notice = said.append
+        with pytest.raises(JobBusyError) as at_once:  # the gRPC SubmitJob's way: no wait on a server thread
+            client.submit(items, job_id="held", lease_wait_s=0)
     finally:
         stop.set()
         thread.join()
+    assert not said and "(this call does not wait)" in str(at_once.value), (said, at_once.value)
+    assert 0 < at_once.value.retry_after_ms <= 400  # the other lease's remaining time: the retry hint
     assert isinstance(e.value, UnavailableError)  # gRPC UNAVAILABLE: retry (reason JOB_BUSY)
     message = str(e.value)
     assert "job 'held' is being submitted by another process" in message, message
