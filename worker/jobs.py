@@ -467,7 +467,9 @@ class JobClient:
         between leaves it unmarked: a resume sends it again, at least once). Under the job's submit lease,
         renewed before a chunk is stored and again before it is sent: while this submit holds it no other
         submit sends a chunk, so the chunks read as sent stay true; a lease taken anew (this submit paused
-        past it, another may have run) has them read again."""
+        past it, another may have run) has them read again. The renewal before a send is not one step with
+        the send (the broker may be another Redis): a pause between the two longer than the lease lets
+        another submit send the chunk too, one redundant delivery (results are still written once)."""
         size, chunks = int(record["chunk_size"]), int(record["chunks"])
         already = self.store.enqueued(job_id)
         sent = 0
