@@ -154,6 +154,11 @@ def test_a_submit_whose_job_is_cancelled_meanwhile_stops_and_exits_1(
     assert "job cancelled-meanwhile was cancelled: this submit sent 1 chunk of 5 and stopped" in out.err
     assert out.out == ""
     assert redis_server.client().llen("cli-cancelled") == 1
+    # without --wait too (docs/jobs.md's exit codes: the one exception to "0 whatever the job's state")
+    assert main(["submit", str(src), "--job-id", "cancelled-meanwhile"]) == 1
+    out = capsys.readouterr()
+    assert "job cancelled-meanwhile was cancelled: this submit sent 0 chunks of 5 and stopped" in out.err
+    assert out.out == ""  # no job id printed: nothing to pipe into `safety job results`
 
 
 def test_a_submit_of_a_job_another_submit_holds_says_so_waits_and_resumes(
