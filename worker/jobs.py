@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property, partial
 from itertools import islice
 from json.encoder import encode_basestring as quote
@@ -89,6 +89,9 @@ class JobStatus:
     finished_at: float | None
     model: str | None  # the model that classified the job (set by the first chunk)
     error: str | None  # the last dead-lettered chunk's reason, if any
+    # which job of this id the status is of (its record's nonce; "" for one the previous release created):
+    # how a long read tells the job it followed from a new job of the same id. Not part of `to_dict`.
+    nonce: str = field(default="", repr=False, compare=False)
 
     @property
     def finished(self) -> bool:
@@ -99,7 +102,9 @@ class JobStatus:
         return self.done + self.failed
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "finished": self.finished}
+        out = asdict(self)
+        del out["nonce"]
+        return {**out, "finished": self.finished}
 
     @classmethod
     def from_record(cls, job_id: str, r: dict[str, str]) -> JobStatus:
@@ -116,6 +121,7 @@ class JobStatus:
             finished_at=opt("finished"),
             model=r.get("model") or None,
             error=r.get("error") or None,
+            nonce=r.get("nonce", ""),
         )
 
 
@@ -580,7 +586,7 @@ class JobClient:
                 continue
             # A gap: the item at `index` has no result yet.
             if status.state == "cancelled":
-                yield from self._cancelled_lines(job_id, index, hi, outage)
+                yield from self._cancelled_lines(job_id, status, index, hi, outage)
                 index = hi
                 continue
             if deadline is not None and time.monotonic() >= deadline:
@@ -625,10 +631,17 @@ class JobClient:
         )
 
     def _cancelled_lines(
-        self, job_id: str, lo: int, hi: int, outage: _Outage | None
+        self, job_id: str, last: JobStatus, lo: int, hi: int, outage: _Outage | None
     ) -> Iterator[dict[str, Any]]:
-        written = self._read(outage, partial(self.store.results, job_id, lo, hi))
-        items = self._read(outage, partial(self.store.items, job_id, range(lo, hi)))
+        """The lines of items lo..hi-1 of a job seen cancelled (`last`): its results, `CANCELLED` for an item
+        it stored, `NOT_SUBMITTED` for one it never stored. Results, items and the record are read at one
+        instant (`JobStore.gap`): a missing item is "never stored" only while the same job's record is
+        there; a job deleted, expired or lost (flushed, a restart) meanwhile, or replaced by a new job of its
+        id, raises as `_still_there` does instead of passing its items for never stored."""
+        read = self._read(outage, partial(self.store.gap, job_id, lo, hi))
+        if read is None or read[0] != last.nonce:
+            raise self._gone(job_id, last, outage, replaced=read is not None)
+        _, written, items = read
         for index, raw, item in zip(range(lo, hi), written, items, strict=True):
             if raw is not None:
                 yield json.loads(raw)
@@ -638,13 +651,29 @@ class JobClient:
                 yield failed_line(index, item_id(item.get("id"), index), CANCELLED)
 
     def _still_there(self, job_id: str, last: JobStatus, outage: _Outage | None = None) -> JobStatus:
+        """The job's status now; NotFoundError when it is gone, or is another job of its id than `last`'s."""
         record = self._read(outage, partial(self.store.get, job_id))
-        if record is not None:
-            return JobStatus.from_record(job_id, record)
-        raise self._read(outage, partial(self._deleted, job_id)) or NotFoundError(
-            f"job {job_id!r} disappeared while {last.state} ({last.completed}/{last.total} items): Redis "
-            "lost its data (a restart without persistence, a flush or an eviction) or the job expired; "
-            "submit it again"
+        if record is None:
+            raise self._gone(job_id, last, outage)
+        status = JobStatus.from_record(job_id, record)
+        if last.nonce and status.nonce != last.nonce:
+            raise self._gone(job_id, last, outage, replaced=True)
+        return status
+
+    def _gone(
+        self, job_id: str, last: JobStatus, outage: _Outage | None, *, replaced: bool = False
+    ) -> NotFoundError:
+        """The error for a job that was there (`last`) and no longer is: deleted (its tombstone), replaced by
+        a new job of its id, or lost."""
+        was = f"while {last.state} ({last.completed}/{last.total} items)"
+        if replaced:
+            return NotFoundError(
+                f"job {job_id!r} disappeared {was}: it expired and a new job was submitted with its id; its "
+                "results are gone: submit it again with another job id"
+            )
+        return self._read(outage, partial(self._deleted, job_id)) or NotFoundError(
+            f"job {job_id!r} disappeared {was}: Redis lost its data (a restart without persistence, a flush "
+            "or an eviction) or the job expired; submit it again"
         )
 
     def _read(self, outage: _Outage | None, read: Callable[[], T]) -> T:

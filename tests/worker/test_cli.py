@@ -255,6 +255,38 @@ def test_job_results_with_redis_down_retries_then_says_what_next(
     assert "`safety submit FILE --job-id some-job`" in err
 
 
+def test_job_results_of_a_cancelled_job_deleted_meanwhile_fails_and_leaves_no_out_file(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`safety job results J --out f` of a cancelled job deleted while it read wrote made-up `"id": null`
+    "cancelled before it was submitted" lines for the items the job had stored, renamed f into place, then
+    failed on its last status read (exit 2, a whole-looking f)."""
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    settings = WorkerSettings(redis_url=redis_server.url, queue="cli-vanish", chunk_size=2)
+    other = JobClient(settings)  # another terminal
+    try:
+        other.submit([{"id": f"m{i}", "text": f"item {i}"} for i in range(6)], job_id="vanish")
+        lines = [(i, json.dumps({"index": i, "id": f"m{i}", "error": None}), False) for i in range(2)]
+        other.store.write("vanish", lines)
+        other.cancel("vanish")
+        read = JobStore.results
+
+        def read_then_delete(store: JobStore, job_id: str, lo: int, hi: int) -> list[str | None]:
+            got = read(store, job_id, lo, hi)
+            if lo == 0:  # `safety job delete vanish` right after the first read
+                other.delete("vanish")
+            return got
+
+        monkeypatch.setattr(JobStore, "results", read_then_delete)
+        out = tmp_path / "r.jsonl"
+        assert main(["job", "results", "vanish", "--out", str(out)]) == 2
+    finally:
+        other.close()
+    err = capsys.readouterr().err
+    assert err.startswith("safety job results: job 'vanish' not found: it was deleted"), err
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
 def test_submit_wait_rides_out_a_redis_that_comes_back_empty_and_says_the_job_is_lost(
     redis_server: RedisServer,
     tmp_path: Path,

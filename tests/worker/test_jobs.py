@@ -584,6 +584,45 @@ def test_a_cancel_during_the_submit_stops_it(
     assert NOT_SUBMITTED.startswith("cancelled") and all(line["scores"] is None for line in lines)
 
 
+@pytest.mark.parametrize("what", ["deleted", "flushed", "replaced"])
+def test_a_cancelled_job_gone_while_its_results_stream_ends_it_rather_than_making_up_lines(
+    what: str, redis_server: RedisServer, job_client: Client
+) -> None:
+    """Items missing from Redis were taken for items the cancel stopped before they were stored, without a
+    look at the job: a cancelled job deleted (or a Redis flushed, or the job expired and its id reused) while
+    its results streamed gave made-up `"id": null` "cancelled before it was submitted" lines for items it had
+    stored, and then ended as if complete."""
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    submitted = client.submit(make_items(10), job_id="vanish")
+    client.store.write("vanish", [(i, fake_result(i, f"item-{i}"), False) for i in range(2)])  # chunk 0
+    client.cancel("vanish")
+    lines = client.results("vanish", timeout=10)
+    first = next(lines)  # the results were read; the gap (items 2 to 9) is not yet
+    r, keys = redis_server.client(), JobKeys("vanish")
+    if what == "deleted":
+        client.delete("vanish")
+    elif what == "flushed":
+        r.flushall()
+    else:  # it expired, and a new job of that id was submitted and cancelled
+        r.delete(*keys.all())
+        client.submit(make_items(10, prefix="new"), job_id="vanish")
+        client.cancel("vanish")
+    got = [first]
+    with pytest.raises(NotFoundError) as e:
+        got.extend(lines)
+    assert [line["id"] for line in got] == ["item-0", "item-1"]  # what was read before it went: nothing more
+    expected = {
+        "deleted": "job 'vanish' not found: it was deleted",
+        "flushed": "job 'vanish' disappeared while cancelled (2/10 items): Redis lost its data",
+        "replaced": "job 'vanish' disappeared while cancelled (2/10 items): it expired and a new job was "
+        "submitted with its id",
+    }[what]
+    assert str(e.value).startswith(expected), str(e.value)
+    if what == "replaced":  # a wait that knew the job follows no other job of its id either
+        with pytest.raises(NotFoundError, match="a new job was submitted with its id"):
+            client.wait("vanish", known=submitted.status)
+
+
 def test_delete_removes_every_key_of_a_finished_or_cancelled_job_only(
     redis_server: RedisServer, job_client: Client
 ) -> None:
