@@ -30,6 +30,7 @@ from tests.worker.harness import (
     long_items,
     make_items,
     poll,
+    retry_figure,
     traced_peak,
 )
 from worker.app import TASK_NAME
@@ -940,12 +941,52 @@ def test_a_redis_outage_longer_than_the_budget_ends_the_wait_naming_the_job(
         assert 1 <= time.monotonic() - began < 6
         assert str(e.value).startswith("job 'down': Redis at redis://") and "no answer for 1s" in str(e.value)
     assert len(said) == 3 and all("retrying for up to 1s" in m for m in said), said
-    began = time.monotonic()  # the call's own timeout bounds the retries too
-    with pytest.raises(UnavailableError):
+    began = time.monotonic()  # the call's own timeout bounds the retries too, and is what ends them
+    with pytest.raises(
+        DeadlineExceededError,
+        match=r"Connection refused; no answer for 0s of retrying when the timeout ran out$",
+    ):
         client.wait("down", timeout=0.3, poll_s=0.05, outage_s=30)
     assert time.monotonic() - began < 5
+    assert said[-1].endswith("; retrying for up to 1s"), said  # what is left of the timeout, not 30s
     with pytest.raises(UnavailableError):  # no outage_s: at once, as before
         client.wait("down")
+
+
+def test_a_redis_that_hangs_is_ridden_out_within_the_timeout_and_the_budget(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """With Redis paused (kill -STOP) instead of refusing connections, each read waited out the 15 s socket
+    timeout, and the outage was timed from the end of the first one: `--timeout 20` took 32 s and ended
+    "no answer for 15s of retrying" after a notice "retrying for up to 60s", as UnavailableError, not a
+    timeout; with no timeout, the 60 s budget took 79 s ("no answer for 62s")."""
+    client = job_client(redis_server.url, queue="nobody-listens")
+    said: list[str] = []
+    client.notice = said.append
+    client.submit(make_items(3), job_id="hung")
+    with redis_server.paused():
+        for call in (
+            lambda: client.wait("hung", timeout=4, poll_s=0.05, outage_s=60),
+            lambda: list(client.results("hung", timeout=4, poll_s=0.05, outage_s=60)),
+            lambda: client.status("hung", timeout=4, outage_s=60),
+        ):
+            said.clear()
+            began = time.monotonic()
+            with pytest.raises(DeadlineExceededError) as e:
+                call()
+            took = time.monotonic() - began
+            assert 4 <= took < 12, took  # the timeout, and no 15 s read past it
+            message = str(e.value)
+            assert message.startswith("job 'hung': Redis at redis://") and "Timeout" in message, message
+            assert re.search(r"no answer for [3-5]s of retrying when the timeout ran out$", message)
+            [notice] = said
+            assert 0 < retry_figure(notice) <= 4, notice  # the time left, not the 60 s budget
+        began = time.monotonic()  # no timeout: the budget, counted from the first read that hung
+        with pytest.raises(UnavailableError) as e:
+            client.wait("hung", poll_s=0.05, outage_s=3)
+        assert 3 <= time.monotonic() - began < 11
+        assert re.search(r"no answer for [34]s of retrying$", str(e.value)), str(e.value)
+    assert client.status("hung", outage_s=60).state == "queued"  # and it answers again
 
 
 def test_a_redis_that_comes_back_empty_ends_a_riding_wait_saying_the_job_is_lost(
