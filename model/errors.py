@@ -78,7 +78,13 @@ class DeviceFailedError(UnavailableError):
 
 class JobBusyError(UnavailableError):
     """Another caller holds the job for now (another process is submitting it): retry once it is done, which
-    resumes the job; the message says how long a caller that died would hold it."""
+    resumes the job; the message says how long a caller that died would hold it. `retry_after_ms`: how long
+    the holder's submit lease has left (a submit that died frees the job by then), sent as gRPC's retry hint
+    as OverloadedError's is."""
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+        self.retry_after_ms = retry_after_ms
+        super().__init__(message)
 
 
 class NotFoundError(SafetyError):

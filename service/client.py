@@ -285,8 +285,9 @@ def error_details(error: grpc.RpcError) -> ErrorDetails | None:
     """The machine-readable details of a failed call, from its `grpc-status-details-bin` trailer: `reason`
     (ErrorInfo's, e.g. "INVALID_INPUT", "QUEUE_FULL"; docs/api.md lists them), `domain` ("safety.v1"),
     `metadata` ({"error_id": ...} on INTERNAL), `field` and `description` (INVALID_ARGUMENT: the offending
-    field's path, e.g. "items[3].text", and what is wrong with it), `retry_after_ms` (RESOURCE_EXHAUSTED:
-    when to retry), besides `code` and `message`. Works on the errors of both clients and of plain stubs.
+    field's path, e.g. "items[3].text", and what is wrong with it), `retry_after_ms` (RESOURCE_EXHAUSTED,
+    UNAVAILABLE JOB_BUSY: when to retry), besides `code` and `message`. Works on the errors of both clients
+    and of plain stubs.
 
     None when the call carried no details (a server without googleapis-common-protos; an error of gRPC itself,
     such as a deadline that passed on the client) or googleapis-common-protos is not installed here. A

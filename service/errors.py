@@ -2,14 +2,15 @@
 
 Owns: `STATUS_CODES` (the table of codes), `REASONS` (the table of ErrorInfo reasons), `status_for(exc)`,
 `describe(exc)` (the status, caller-facing message and machine-readable details of an error, also for
-ClassifyStream's per-request errors), `trailers(details)` (RESOURCE_EXHAUSTED's `grpc-retry-pushback-ms`, and
-every error's `grpc-status-details-bin`: a google.rpc.Status with ErrorInfo, BadRequest for INVALID_ARGUMENT,
-RetryInfo for RESOURCE_EXHAUSTED; packed by service/richstatus.py, left out when googleapis-common-protos is
-missing), and `ErrorInterceptor`, which turns a `SafetyError` raised by any handler into its status code,
-message and trailers, and anything unexpected into INTERNAL with an error id that is logged together with the
-traceback (the caller sees the id, never the traceback); and `final_code(context, deadline)`, the status a
-call (or a request of a ClassifyStream) ends with when it stops other than by returning, as the metrics count
-it, with `call_deadline(context)`, the deadline it compares with. Must not know: what the handlers do.
+ClassifyStream's per-request errors), `trailers(details)` (the retry hint of RESOURCE_EXHAUSTED and of
+UNAVAILABLE JOB_BUSY as `grpc-retry-pushback-ms`, and every error's `grpc-status-details-bin`: a
+google.rpc.Status with ErrorInfo, BadRequest for INVALID_ARGUMENT, RetryInfo for a retry hint; packed by
+service/richstatus.py, left out when googleapis-common-protos is missing), and `ErrorInterceptor`, which
+turns a `SafetyError` raised by any handler into its status code, message and trailers, and anything
+unexpected into INTERNAL with an error id that is logged together with the traceback (the caller sees the
+id, never the traceback); and `final_code(context, deadline)`, the status a call (or a request of a
+ClassifyStream) ends with when it stops other than by returning, as the metrics count it, with
+`call_deadline(context)`, the deadline it compares with. Must not know: what the handlers do.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ REASONS: tuple[tuple[type[SafetyError], str], ...] = (
     (CheckpointError, "SERVER_MISCONFIGURED"),
 )
 INTERNAL_REASON = "INTERNAL"  # anything unexpected; ErrorInfo.metadata["error_id"] is the logged id
+# The classes that carry a retry hint (`retry_after_ms`): sent as RetryInfo and `grpc-retry-pushback-ms`.
+RETRY_HINTED: tuple[type[OverloadedError | JobBusyError], ...] = (OverloadedError, JobBusyError)
 
 
 def status_for(exc: BaseException) -> StatusCode:
@@ -116,17 +119,17 @@ def clip(text: str, limit: int) -> str:
 
 def describe(exc: BaseException) -> ErrorDetails:
     """The status `exc` maps to, the message the caller sees, and its details: the reason; for
-    INVALID_ARGUMENT the field's path and what is wrong with it; for RESOURCE_EXHAUSTED the retry hint. An
-    unexpected error is logged with its traceback under a fresh error id, and the caller sees only the id (in
-    the message and in the details' metadata). Texts are clipped (`MAX_MESSAGE_BYTES`, `MAX_FIELD_BYTES`) so
-    the trailers always fit the caller's metadata limit."""
+    INVALID_ARGUMENT the field's path and what is wrong with it; for RESOURCE_EXHAUSTED and JOB_BUSY the retry
+    hint (`RETRY_HINTED`). An unexpected error is logged with its traceback under a fresh error id, and the
+    caller sees only the id (in the message and in the details' metadata). Texts are clipped
+    (`MAX_MESSAGE_BYTES`, `MAX_FIELD_BYTES`) so the trailers always fit the caller's metadata limit."""
     code = status_for(exc)
     if code is not StatusCode.INTERNAL:
         reason, message = reason_for(exc), clip(str(exc), MAX_MESSAGE_BYTES)
         if isinstance(exc, InvalidInputError):
             field, description = clip(exc.where, MAX_FIELD_BYTES), clip(exc.reason, MAX_MESSAGE_BYTES)
             return ErrorDetails(code, message, reason, field=field, description=description)
-        if isinstance(exc, OverloadedError) and exc.retry_after_ms is not None:
+        if isinstance(exc, RETRY_HINTED) and exc.retry_after_ms is not None:
             return ErrorDetails(code, message, reason, retry_after_ms=max(0, int(exc.retry_after_ms)))
         return ErrorDetails(code, message, reason)
     error_id = uuid.uuid4().hex[:16]

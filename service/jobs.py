@@ -5,8 +5,10 @@ the lazy creation of the one `worker.jobs.JobClient` (imported on first use; wit
 RPCs raise UnsupportedError), running its blocking Redis calls in a small thread pool off the event loop,
 and streaming results page by page (waiting with asyncio, never in a thread). Errors are the job client's
 `model.errors` (UnavailableError when Redis is unreachable, ConfigError when it refuses SAFETY_REDIS_URL,
-NotFoundError, InvalidInputError, FailedPreconditionError for a stopped submission or deleting an open job);
-service/errors.py maps them. Must not know: Celery, Redis keys, torch, the model (it never imports them).
+NotFoundError, InvalidInputError, FailedPreconditionError for a stopped submission or deleting an open job,
+JobBusyError at once for a SubmitJob of a job another submit is storing: a job thread never waits on a
+submit lease); service/errors.py maps them. Must not know: Celery, Redis keys, torch, the model (it never
+imports them).
 """
 
 from __future__ import annotations
@@ -194,7 +196,12 @@ class JobService:
     async def submit(self, request: Any) -> Any:
         items = job_items_from_proto(request)  # role errors before any Redis call
         client = await self.client()
-        submitted = await self._run(lambda: client.submit(items, job_id=request.job_id or None))
+        # Another submit of the job id holding its submit lease: JOB_BUSY at once, with the lease's remaining
+        # time as the retry hint. Waiting for it (up to ~32 s) would hold a pool thread past the caller's
+        # deadline, and a few such calls would hold them all (every job RPC would wait behind them).
+        submitted = await self._run(
+            lambda: client.submit(items, job_id=request.job_id or None, lease_wait_s=0)
+        )
         status = submitted.status
         log.info(
             "job submitted",

@@ -2,8 +2,9 @@
 
 Owns: the subcommands (registered through the `safety.commands` entry point `worker = "worker.cli:register"`),
 reading a JSONL file of items (one at a time: `submit` hands them to the job client as a stream, never as a
-list), the progress bar while waiting, riding out a Redis outage of up to REDIS_OUTAGE_S while it waits for a
-job or writes its results (then saying what to do next), writing result lines in item order, exit
+list), the progress bar while waiting, riding out a Redis outage of up to REDIS_OUTAGE_S (within --timeout)
+while it waits for a job or writes its results (then saying what to do next), writing result lines in item
+order, exit
 codes (0 done, 1 finished with failed items or cancelled, 2 an error, 130 interrupted, 141 the output's
 reader went away), the choice of
 Celery pool (solo per GPU on CUDA, prefork on CPU), and starting the metrics exporter (`worker.metrics`)
@@ -25,6 +26,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -703,14 +705,19 @@ def run_dead_letters(args: argparse.Namespace) -> int:
 
 def run_results(args: argparse.Namespace) -> int:
     def results(client: Any) -> int:
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
         again = f"safety job results {args.job_id}" + (f" --out {args.out}" if args.out else "")
-        with _after_outage(args.job_id, args.out, f"safety submit FILE --job-id {args.job_id}"):
+        with (
+            _after_outage(args.job_id, args.out, f"safety submit FILE --job-id {args.job_id}"),
+            _on_timeout(f"run `{again}` again, with a longer --timeout or none"),
+        ):
             try:  # --out is checked before the first result is read
-                with _on_timeout(f"run `{again}` again, with a longer --timeout or none"):
-                    _write_results(client, args.job_id, args.out, args.timeout)
+                _write_results(client, args.job_id, args.out, args.timeout)
             except OutputClosed:
                 return EXIT_PIPE
-            status = client.status(args.job_id, outage_s=REDIS_OUTAGE_S)
+            # the job's outcome, for the exit code: within what is left of --timeout, like the results
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            status = client.status(args.job_id, outage_s=REDIS_OUTAGE_S, timeout=left)
         return EXIT_OK if status.state == "done" and status.failed == 0 else EXIT_FAILED
 
     return _job_call("results", results)

@@ -10,9 +10,9 @@ Raises only the `model.errors` hierarchy: InvalidInputError (bad items or job id
 NotFoundError (unknown, expired, deleted, or lost in a Redis restart), UnavailableError (Redis unreachable;
 the spool file cannot be written or read), JobBusyError (another process is submitting the job), ConfigError
 (SAFETY_REDIS_URL names a DB, password or server that Redis refuses), DeadlineExceededError (a wait ran out
-of time), FailedPreconditionError (waiting on a job whose submission stopped half-way; deleting an open
-job). The CLI and the gRPC service call this. Must not know: torch, the model, gRPC; it sends tasks by name
-and never imports them.
+of time, riding out an outage or not), FailedPreconditionError (waiting on a job whose submission stopped
+half-way; deleting an open job). The CLI and the gRPC service call this. Must not know: torch, the model,
+gRPC; it sends tasks by name and never imports them.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from functools import cached_property, partial
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from itertools import islice
 from json.encoder import encode_basestring as quote
 from typing import IO, Any, TypeVar
@@ -72,6 +72,12 @@ _LEASE_POLL_S = 0.2
 # the second one.
 _OUTAGE_FIRST_PAUSE_S = 0.1
 _OUTAGE_MAX_PAUSE_S = 2.0
+# The job client's Redis connection: how long a connect, and a wait for an answer, may take.
+_CONNECT_S = 5.0
+_ANSWER_S = 15.0
+# A read that rides out an outage with less time left than a connect and an answer may take goes through a
+# connection whose timeouts are at most half of it (`JobClient._store_for`), but never under this.
+_MIN_BOUNDED_S = 0.25
 log = logging.getLogger("safety.jobs")
 T = TypeVar("T")
 
@@ -89,6 +95,9 @@ class JobStatus:
     finished_at: float | None
     model: str | None  # the model that classified the job (set by the first chunk)
     error: str | None  # the last dead-lettered chunk's reason, if any
+    # which job of this id the status is of (its record's nonce; "" for one the previous release created):
+    # how a long read tells the job it followed from a new job of the same id. Not part of `to_dict`.
+    nonce: str = field(default="", repr=False, compare=False)
 
     @property
     def finished(self) -> bool:
@@ -99,7 +108,9 @@ class JobStatus:
         return self.done + self.failed
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "finished": self.finished}
+        out = asdict(self)
+        del out["nonce"]
+        return {**out, "finished": self.finished}
 
     @classmethod
     def from_record(cls, job_id: str, r: dict[str, str]) -> JobStatus:
@@ -116,6 +127,7 @@ class JobStatus:
             finished_at=opt("finished"),
             model=r.get("model") or None,
             error=r.get("error") or None,
+            nonce=r.get("nonce", ""),
         )
 
 
@@ -180,19 +192,31 @@ class Prepared:
 
 @dataclass
 class _Outage:
-    """How one long read (`wait`, `results`) rides out Redis not answering: for up to `budget_s` at a time,
-    never past `deadline` (the call's own, monotonic); `since`: when the current outage began (None while
-    Redis answers); `pause`: before the next try."""
+    """How one call (`wait`, `results`, `status`) rides out Redis not answering: for up to `budget_s` at a
+    time, never past `deadline` (the call's own, monotonic, from its timeout); `since`: when the current
+    outage began, which is when the first read that failed was started (None while Redis answers); `pause`:
+    before the next try; `bounded`: the connection of the reads near the end of the time left (its timeouts,
+    and a store over it; `JobClient._store_for`), closed when the call ends (`JobClient._done`)."""
 
     job_id: str
     budget_s: float
     deadline: float | None = None
     since: float | None = None
     pause: float = 0.0
+    bounded: tuple[float, JobStore] | None = None
 
     @classmethod
-    def of(cls, job_id: str, budget_s: float, deadline: float | None = None) -> _Outage | None:
-        return cls(job_id, budget_s, deadline) if budget_s > 0 else None
+    def of(cls, job_id: str, budget_s: float, timeout_s: float | None = None) -> _Outage | None:
+        """None without a budget: Redis unreachable is UnavailableError at once."""
+        if budget_s <= 0:
+            return None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        return cls(job_id, budget_s, deadline)
+
+    def limit(self, start: float) -> float:
+        """When retrying ends for an outage that began at `start`: its budget, or the call's deadline."""
+        end = start + self.budget_s
+        return end if self.deadline is None else min(end, self.deadline)
 
 
 @dataclass(frozen=True)
@@ -281,38 +305,45 @@ def _spool_error(e: OSError, doing: str) -> UnavailableError:
 
 class _SubmitLease:
     """A submit's hold on its job's submit lease (`JobStore.hold_submit`): one submit at a time stores and
-    queues a job, so two submits of one job id at once never queue a chunk twice."""
+    queues a job, so two submits of one job id at once never queue a chunk twice. `wait_s`: how long to wait
+    for another submit's lease (None: a lease's length and a margin; 0: not at all)."""
 
-    def __init__(self, client: JobClient, job_id: str) -> None:
+    def __init__(self, client: JobClient, job_id: str, wait_s: float | None = None) -> None:
         self.client = client
         self.job_id = job_id
         self.token = uuid.uuid4().hex
+        self.wait_s = wait_s
 
     def hold(self) -> bool:
-        """Take or renew the lease; while another submit holds it, wait, up to a lease's length and a margin
-        (which outlasts the lease of a submit that died). -> True when this submit held it since its last
-        call; False when it took a free one (first call, or this submit paused past its lease): another
-        submit may have queued chunks meanwhile, so what was sent must be read again. JobBusyError when the
-        other submit still holds it after the wait."""
+        """Take or renew the lease; while another submit holds it, wait (`wait_s`; by default up to a lease's
+        length and a margin, which outlasts the lease of a submit that died). -> True when this submit held
+        it since its last call; False when it took a free one (first call, or this submit paused past its
+        lease): another submit may have queued chunks meanwhile, so what was sent must be read again.
+        JobBusyError when the other submit still holds it after the wait (at once with `wait_s` 0), with the
+        other lease's remaining time as its retry hint."""
         store, ttl = self.client.store, self.client.submit_lease_s
         state, left = store.hold_submit(self.job_id, self.token, ttl)
         if state != "busy":
             return state == "renewed"
-        patience = ttl + _LEASE_MARGIN_S
-        self.client.notice(
-            f"job {self.job_id} is being submitted by another process; waiting up to {patience:.0f}s for it"
-        )
-        deadline = time.monotonic() + patience
-        while time.monotonic() < deadline:
-            time.sleep(min(_LEASE_POLL_S, max(0.0, deadline - time.monotonic())))
-            state, left = store.hold_submit(self.job_id, self.token, ttl)
-            if state != "busy":
-                return False
+        patience = ttl + _LEASE_MARGIN_S if self.wait_s is None else max(0.0, self.wait_s)
+        if patience > 0:
+            self.client.notice(
+                f"job {self.job_id} is being submitted by another process; waiting up to {patience:.0f}s for "
+                "it"
+            )
+            deadline = time.monotonic() + patience
+            while time.monotonic() < deadline:
+                time.sleep(min(_LEASE_POLL_S, max(0.0, deadline - time.monotonic())))
+                state, left = store.hold_submit(self.job_id, self.token, ttl)
+                if state != "busy":
+                    return False
+        waited = f"after this submit waited {patience:.0f}s" if patience > 0 else "(this call does not wait)"
         raise JobBusyError(
             f"job {self.job_id!r} is being submitted by another process (a `safety submit` or SubmitJob of "
-            f"this job id), still storing and queueing its chunks after this submit waited {patience:.0f}s; "
-            f"let it finish (`safety job status {self.job_id}` leaves `submitting` when it has), or retry "
-            f"after {math.ceil(left)}s if it was stopped: the same job id and items resume the job"
+            f"this job id), still storing and queueing its chunks {waited}; let it finish (`safety job "
+            f"status {self.job_id}` leaves `submitting` when it has), or retry after {math.ceil(left)}s if "
+            "it was stopped: the same job id and items resume the job",
+            retry_after_ms=math.ceil(left * 1000),
         )
 
     def release(self) -> None:
@@ -334,7 +365,10 @@ class JobClient:
         self.settings = settings
         self.notice: Callable[[str], None] = notice or (lambda message: log.warning("%s", message))
         self.client = redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15
+            settings.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=_CONNECT_S,
+            socket_timeout=_ANSWER_S,
         )
         self.store = JobStore(self.client)
 
@@ -352,7 +386,9 @@ class JobClient:
         self.client.close()
 
     # ---- submission ----------------------------------------------------------------------------------------
-    def submit(self, items: Iterable[Any], *, job_id: str | None = None) -> Submitted:
+    def submit(
+        self, items: Iterable[Any], *, job_id: str | None = None, lease_wait_s: float | None = None
+    ) -> Submitted:
         """Validate all items, then store and enqueue them chunk by chunk.
 
         Re-running with the same `job_id` and the same items resumes: chunks already sent are not sent
@@ -360,9 +396,11 @@ class JobClient:
         cancelled while it is being submitted stops the submit: the status returned says `cancelled`. One
         submit of a job at a time: another one of the same id (another process, another thread) waits for
         it up to `submit_lease_s` and a margin, then resumes what is left; JobBusyError if it is still busy.
+        `lease_wait_s`: wait that long instead (0: JobBusyError at once; the gRPC SubmitJob, whose thread
+        must not outlast its caller's deadline).
         """
         with self.prepare(items) as prepared:
-            return self.send(prepared, job_id=job_id)
+            return self.send(prepared, job_id=job_id, lease_wait_s=lease_wait_s)
 
     def prepare(self, items: Iterable[Any], *, spool: bool | None = None) -> Prepared:
         """Validate and serialize the items, without any Redis call: InvalidInputError for the first bad one.
@@ -406,7 +444,9 @@ class JobClient:
             raise
         return Prepared(count, digest.hexdigest(), file)
 
-    def send(self, prepared: Prepared, *, job_id: str | None = None) -> Submitted:
+    def send(
+        self, prepared: Prepared, *, job_id: str | None = None, lease_wait_s: float | None = None
+    ) -> Submitted:
         """Store and enqueue prepared items (`submit` = `prepare` + `send`); resumable as `submit` is."""
         count, digest = prepared.count, prepared.digest
         job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
@@ -425,7 +465,7 @@ class JobClient:
                     f"job {job_id!r} already exists with different items; choose another job id",
                     field="job_id",
                 )
-            lease = _SubmitLease(self, job_id)
+            lease = _SubmitLease(self, job_id, lease_wait_s)
             try:
                 # one submit at a time: another one of this id (a second `safety submit`, a SubmitJob)
                 # stores and queues it; this one waits, then reads what it left
@@ -454,7 +494,9 @@ class JobClient:
         between leaves it unmarked: a resume sends it again, at least once). Under the job's submit lease,
         renewed before a chunk is stored and again before it is sent: while this submit holds it no other
         submit sends a chunk, so the chunks read as sent stay true; a lease taken anew (this submit paused
-        past it, another may have run) has them read again."""
+        past it, another may have run) has them read again. The renewal before a send is not one step with
+        the send (the broker may be another Redis): a pause between the two longer than the lease lets
+        another submit send the chunk too, one redundant delivery (results are still written once)."""
         size, chunks = int(record["chunk_size"]), int(record["chunks"])
         already = self.store.enqueued(job_id)
         sent = 0
@@ -480,21 +522,28 @@ class JobClient:
         return sent
 
     # ---- reading -------------------------------------------------------------------------------------------
-    def status(self, job_id: str, *, outage_s: float = 0.0) -> JobStatus:
-        """The job's status. `outage_s`: ride out Redis being unreachable for up to that long (as `wait`)."""
+    def status(self, job_id: str, *, outage_s: float = 0.0, timeout: float | None = None) -> JobStatus:
+        """The job's status. `outage_s`: ride out Redis being unreachable for up to that long, and within
+        `timeout` (as `wait`: DeadlineExceededError when the timeout ends it)."""
         check_job_id(job_id)
-        record = self._read(_Outage.of(job_id, outage_s), partial(self.store.get, job_id))
+        outage = _Outage.of(job_id, outage_s, timeout)
+        try:
+            return self._status(job_id, outage)
+        finally:
+            self._done(outage)
+
+    def _status(self, job_id: str, outage: _Outage | None) -> JobStatus:
+        record = self._read(outage, lambda store: store.get(job_id))
         if record is None:
-            raise self._deleted(job_id) or NotFoundError(
+            raise self._deleted(job_id, outage) or NotFoundError(
                 f"job {job_id!r} not found: never submitted, expired (jobs are kept "
                 f"{self.settings.result_ttl_s}s), or lost when Redis restarted without persistence"
             )
         return JobStatus.from_record(job_id, record)
 
-    def _deleted(self, job_id: str) -> NotFoundError | None:
+    def _deleted(self, job_id: str, outage: _Outage | None = None) -> NotFoundError | None:
         """NotFoundError for a deleted job whose id is still reserved (its tombstone); None otherwise."""
-        with self._reachable():
-            until = self.store.deleted_until(job_id)
+        until = self._read(outage, lambda store: store.deleted_until(job_id))
         if until is None:
             return None
         return NotFoundError(f"job {job_id!r} not found: it was deleted; its id stays reserved until {until}")
@@ -510,27 +559,32 @@ class JobClient:
         known: JobStatus | None = None,
     ) -> JobStatus:
         """Poll until the job finishes. DeadlineExceededError after `timeout` seconds; NotFoundError at once
-        when the job disappears (Redis lost it); UnavailableError when Redis cannot be reached: at once, or
-        with `outage_s`, once it has not answered for that long (and within `timeout`): until then each read
-        is retried with a growing pause, and `notice` says that Redis is unreachable and, later, back.
+        when the job disappears (Redis lost it) or is another job of its id; UnavailableError when Redis
+        cannot be reached: at once, or with `outage_s`, once it has not answered for that long (counted from
+        the start of the first read that failed; DeadlineExceededError when `timeout` comes first): until
+        then each read is retried with a growing pause, each try ending by then (`_store_for`), and `notice`
+        says that Redis is unreachable (and for how much longer this retries) and, later, back.
         `known`: the job's status as the caller last read it (a job it submitted): a job missing at the first
         read then disappeared, rather than was never found."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        outage = _Outage.of(job_id, outage_s, deadline)
-        status = self._first_status(job_id, known, outage)
-        while True:
-            if on_progress is not None:
-                on_progress(status)
-            if status.finished:
-                return status
-            self._check_submission(job_id, status, outage)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceededError(
-                    f"job {job_id!r} is still {status.state} after {timeout}s "
-                    f"({status.completed}/{status.total} items)"
-                )
-            time.sleep(poll_s)
-            status = self._still_there(job_id, status, outage)
+        outage = _Outage.of(job_id, outage_s, timeout)
+        try:
+            status = self._first_status(job_id, known, outage)
+            while True:
+                if on_progress is not None:
+                    on_progress(status)
+                if status.finished:
+                    return status
+                self._check_submission(job_id, status, outage)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineExceededError(
+                        f"job {job_id!r} is still {status.state} after {timeout}s "
+                        f"({status.completed}/{status.total} items)"
+                    )
+                time.sleep(poll_s)
+                status = self._still_there(job_id, status, outage)
+        finally:
+            self._done(outage)
 
     def results(
         self,
@@ -550,12 +604,26 @@ class JobClient:
         `outage_s`; `timeout` bounds the whole stream; `known` as for `wait`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        outage = _Outage.of(job_id, outage_s, deadline)
+        outage = _Outage.of(job_id, outage_s, timeout)
+        try:
+            yield from self._results(job_id, max(0, start), deadline, timeout, poll_s, outage, known)
+        finally:
+            self._done(outage)
+
+    def _results(
+        self,
+        job_id: str,
+        index: int,
+        deadline: float | None,
+        timeout: float | None,
+        poll_s: float,
+        outage: _Outage | None,
+        known: JobStatus | None,
+    ) -> Iterator[dict[str, Any]]:
         status = self._first_status(job_id, known, outage)
-        index = max(0, start)
         while index < status.total:
             hi = min(status.total, index + _READ_BATCH)
-            batch = self._read(outage, partial(self.store.results, job_id, index, hi))
+            batch = self._read(outage, lambda store, lo=index, hi=hi: store.results(job_id, lo, hi))
             for raw in batch:
                 if raw is None:
                     break
@@ -565,7 +633,7 @@ class JobClient:
                 continue
             # A gap: the item at `index` has no result yet.
             if status.state == "cancelled":
-                yield from self._cancelled_lines(job_id, index, hi, outage)
+                yield from self._cancelled_lines(job_id, status, index, hi, outage)
                 index = hi
                 continue
             if deadline is not None and time.monotonic() >= deadline:
@@ -575,7 +643,8 @@ class JobClient:
                 )
             if status.finished:  # finished between our reads: read again before polling
                 status = self._still_there(job_id, status, outage)
-                if self._read(outage, partial(self.store.results, job_id, index, index + 1))[0] is None:
+                again = self._read(outage, lambda store, at=index: store.results(job_id, at, at + 1))
+                if again[0] is None:
                     raise NotFoundError(f"job {job_id!r}: result {index} is missing (expired or lost)")
                 continue
             self._check_submission(job_id, status, outage)
@@ -584,7 +653,7 @@ class JobClient:
 
     def _first_status(self, job_id: str, known: JobStatus | None, outage: _Outage | None) -> JobStatus:
         if known is None:
-            return self._read(outage, partial(self.status, job_id))
+            return self._status(job_id, outage)
         check_job_id(job_id)
         return self._still_there(job_id, known, outage)
 
@@ -598,7 +667,7 @@ class JobClient:
         if status.state != "submitting":
             return
         # in Redis's clock, as `sent_at` is stamped
-        stalled = self._read(outage, partial(self.store.stalled_submission, job_id))
+        stalled = self._read(outage, lambda store: store.stalled_submission(job_id))
         if stalled is None:
             return
         items, chunks, idle = stalled
@@ -610,10 +679,17 @@ class JobClient:
         )
 
     def _cancelled_lines(
-        self, job_id: str, lo: int, hi: int, outage: _Outage | None
+        self, job_id: str, last: JobStatus, lo: int, hi: int, outage: _Outage | None
     ) -> Iterator[dict[str, Any]]:
-        written = self._read(outage, partial(self.store.results, job_id, lo, hi))
-        items = self._read(outage, partial(self.store.items, job_id, range(lo, hi)))
+        """The lines of items lo..hi-1 of a job seen cancelled (`last`): its results, `CANCELLED` for an item
+        it stored, `NOT_SUBMITTED` for one it never stored. Results, items and the record are read at one
+        instant (`JobStore.gap`): a missing item is "never stored" only while the same job's record is
+        there; a job deleted, expired or lost (flushed, a restart) meanwhile, or replaced by a new job of its
+        id, raises as `_still_there` does instead of passing its items for never stored."""
+        read = self._read(outage, lambda store: store.gap(job_id, lo, hi))
+        if read is None or read[0] != last.nonce:
+            raise self._gone(job_id, last, outage, replaced=read is not None)
+        _, written, items = read
         for index, raw, item in zip(range(lo, hi), written, items, strict=True):
             if raw is not None:
                 yield json.loads(raw)
@@ -623,27 +699,49 @@ class JobClient:
                 yield failed_line(index, item_id(item.get("id"), index), CANCELLED)
 
     def _still_there(self, job_id: str, last: JobStatus, outage: _Outage | None = None) -> JobStatus:
-        record = self._read(outage, partial(self.store.get, job_id))
-        if record is not None:
-            return JobStatus.from_record(job_id, record)
-        raise self._read(outage, partial(self._deleted, job_id)) or NotFoundError(
-            f"job {job_id!r} disappeared while {last.state} ({last.completed}/{last.total} items): Redis "
-            "lost its data (a restart without persistence, a flush or an eviction) or the job expired; "
-            "submit it again"
+        """The job's status now; NotFoundError when it is gone, or is another job of its id than `last`'s."""
+        record = self._read(outage, lambda store: store.get(job_id))
+        if record is None:
+            raise self._gone(job_id, last, outage)
+        status = JobStatus.from_record(job_id, record)
+        if last.nonce and status.nonce != last.nonce:
+            raise self._gone(job_id, last, outage, replaced=True)
+        return status
+
+    def _gone(
+        self, job_id: str, last: JobStatus, outage: _Outage | None, *, replaced: bool = False
+    ) -> NotFoundError:
+        """The error for a job that was there (`last`) and no longer is: deleted (its tombstone), replaced by
+        a new job of its id, or lost."""
+        was = f"while {last.state} ({last.completed}/{last.total} items)"
+        if replaced:
+            return NotFoundError(
+                f"job {job_id!r} disappeared {was}: it expired and a new job was submitted with its id; its "
+                "results are gone: submit it again with another job id"
+            )
+        return self._deleted(job_id, outage) or NotFoundError(
+            f"job {job_id!r} disappeared {was}: Redis lost its data (a restart without persistence, a flush "
+            "or an eviction) or the job expired; submit it again"
         )
 
-    def _read(self, outage: _Outage | None, read: Callable[[], T]) -> T:
-        """`read()`, a Redis read; given an `outage` with a budget, retried while Redis cannot be reached,
-        until the outage has lasted its budget (or the call's deadline came): then UnavailableError naming
-        the job. `notice` says when Redis stops answering and when it answers again."""
+    def _read(self, outage: _Outage | None, read: Callable[[JobStore], T]) -> T:
+        """`read(store)`, a Redis read; given an `outage`, retried while Redis cannot be reached until the
+        outage has lasted its budget (counted from the start of the first read that failed: a Redis that
+        hangs spends its time there) or the call's deadline came: then UnavailableError, or
+        DeadlineExceededError when the deadline ended it, naming the job. Each try ends by that limit
+        (`_store_for`). `notice` says when Redis stops answering and when it answers again."""
         while True:
+            began = time.monotonic()
             try:
                 with self._reachable():
-                    value = read()
+                    value = read(self.store if outage is None else self._store_for(outage, began))
             except UnavailableError as e:
-                if outage is None or outage.budget_s <= 0:
+                if outage is None:
                     raise
-                self._ride_out(outage, e)
+                first = outage.since is None
+                if outage.since is None:
+                    outage.since, outage.pause = began, _OUTAGE_FIRST_PAUSE_S
+                self._ride_out(outage, outage.since, e, first)
                 continue
             if outage is not None and outage.since is not None:
                 down = time.monotonic() - outage.since
@@ -651,23 +749,57 @@ class JobClient:
                 outage.since = None
             return value
 
-    def _ride_out(self, outage: _Outage, error: UnavailableError) -> None:
-        """Pause before the next try of a read that found Redis unreachable, or raise when the outage has
-        lasted its budget or the call's deadline has come."""
+    def _store_for(self, outage: _Outage, began: float) -> JobStore:
+        """The store a read riding out an outage goes through, so that it ends by the outage's limit: the
+        client's own while that is further away than a connect and an answer may take (`_CONNECT_S`,
+        `_ANSWER_S`); nearer, a connection of the call's own whose connect and answer timeouts are each at
+        most half the time left (at least `_MIN_BOUNDED_S`), so a Redis that does not answer at all (kill
+        -STOP, a dropped network) ends the try at most 2 * `_MIN_BOUNDED_S` past the limit. That connection
+        is made again, with shorter timeouts, only when the time left has halved: a few per call."""
+        left = outage.limit(began if outage.since is None else outage.since) - began
+        if left >= _CONNECT_S + _ANSWER_S:
+            return self.store
+        allowed = max(_MIN_BOUNDED_S, left / 2)
+        if outage.bounded is not None and outage.bounded[0] <= allowed:
+            return outage.bounded[1]
+        self._done(outage)
+        timeout = max(_MIN_BOUNDED_S, left / 4)
+        client = redis.Redis.from_url(
+            self.settings.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+        )
+        outage.bounded = (timeout, JobStore(client))
+        return outage.bounded[1]
+
+    @staticmethod
+    def _done(outage: _Outage | None) -> None:
+        """Close the call's own connection (`_store_for`), if it made one."""
+        if outage is not None and outage.bounded is not None:
+            with contextlib.suppress(redis.RedisError):
+                outage.bounded[1].client.close()
+            outage.bounded = None
+
+    def _ride_out(self, outage: _Outage, since: float, error: UnavailableError, first: bool) -> None:
+        """Pause before the next try of a read that found Redis unreachable (in an outage that began at
+        `since`; `first`: its first failed read, which `notice` announces), or raise when the outage has
+        lasted its budget (UnavailableError) or the call's deadline has come (DeadlineExceededError)."""
         now = time.monotonic()
-        if outage.since is None:
-            outage.since, outage.pause = now, _OUTAGE_FIRST_PAUSE_S
-            self.notice(
-                f"job {outage.job_id}: {str(error).rstrip('.')}; retrying for up to {outage.budget_s:.0f}s"
-            )
-        limit = outage.since + outage.budget_s
-        if outage.deadline is not None:
-            limit = min(limit, outage.deadline)
+        limit = outage.limit(since)
+        said = f"job {outage.job_id!r}: {str(error).rstrip('.')}"
         if now >= limit:
-            down = now - outage.since
-            raise UnavailableError(
-                f"job {outage.job_id!r}: {str(error).rstrip('.')}; no answer for {down:.0f}s of retrying"
-            ) from error
+            down = f"no answer for {now - since:.0f}s of retrying"
+            if outage.deadline is not None and outage.deadline <= since + outage.budget_s:
+                raise DeadlineExceededError(f"{said}; {down} when the timeout ran out") from error
+            raise UnavailableError(f"{said}; {down}") from error
+        if first:  # the read that failed may have waited for an answer (a Redis that hangs): say so
+            waited = now - since
+            more = f" more (no answer for {waited:.0f}s so far)" if waited >= 1 else ""
+            self.notice(
+                f"job {outage.job_id}: {str(error).rstrip('.')}; retrying for up to "
+                f"{math.ceil(limit - now)}s{more}"
+            )
         time.sleep(min(outage.pause, limit - now))
         outage.pause = min(outage.pause * 2, _OUTAGE_MAX_PAUSE_S)
 

@@ -438,6 +438,22 @@ return 1
 )
 
 
+# KEYS = [job, items, results]; ARGV = [lo, hi]. One read of a cancelled job's gap: whether its record exists
+# (and its nonce), with the results and the stored items of indices lo..hi-1, so that an item missing from
+# both means "never stored" only for the same job whose record is there (a deleted, expired or lost job loses
+# its items with its record; the script sees all of them at one instant).
+# -> {'gone'} | {'ok', nonce ('' for a record of the previous release), {result or false...}, {item...}}
+_GAP = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+local fields = {}
+for i = tonumber(ARGV[1]), tonumber(ARGV[2]) - 1 do fields[#fields + 1] = tostring(i) end
+if #fields == 0 then return {'ok', redis.call('HGET', KEYS[1], 'nonce') or '', {}, {}} end
+return {'ok', redis.call('HGET', KEYS[1], 'nonce') or '', redis.call('HMGET', KEYS[3], unpack(fields)),
+        redis.call('HMGET', KEYS[2], unpack(fields))}
+"""
+GAP_MAX = 4096  # indices per `gap` call (Lua's unpack takes a few thousand values)
+
+
 # KEYS = [ACTIVE_JOBS]; ARGV = [job id]. Appends the id unless it is there (a resumed submit).
 _OPEN = """
 if not redis.call('LPOS', KEYS[1], ARGV[1]) then redis.call('RPUSH', KEYS[1], ARGV[1]) end
@@ -497,6 +513,7 @@ class JobStore:
         self._delete = client.register_script(_DELETE)
         self._hold_submit = client.register_script(_HOLD_SUBMIT)
         self._release_submit = client.register_script(_RELEASE_SUBMIT)
+        self._gap = client.register_script(_GAP)
 
     @classmethod
     def for_worker(cls, url: str) -> JobStore:
@@ -625,6 +642,20 @@ class JobStore:
     def items(self, job_id: str, indices: Iterable[int]) -> list[dict[str, str] | None]:
         raw = self.client.hmget(JobKeys(job_id).items, [str(i) for i in indices])
         return [None if r is None else json.loads(r) for r in raw]
+
+    def gap(
+        self, job_id: str, lo: int, hi: int
+    ) -> tuple[str, list[str | None], list[dict[str, str] | None]] | None:
+        """For items lo..hi-1 (at most GAP_MAX) of a cancelled job, read at one instant: (the record's nonce,
+        their results, their stored items), None when the record is gone."""
+        if hi - lo > GAP_MAX:
+            raise ValueError(f"gap of {hi - lo} items, more than {GAP_MAX}")
+        keys = JobKeys(job_id)
+        out = self._gap(keys=[keys.job, keys.items, keys.results], args=[lo, hi])
+        if out[0] == "gone":
+            return None
+        items = [None if raw is None else json.loads(raw) for raw in out[3]]
+        return str(out[1]), list(out[2]), items
 
     def cancel(self, job_id: str) -> str | None:
         return self._cancel(keys=JobKeys(job_id).all())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import threading
 import time
@@ -16,7 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import SafetyClient, error_details
+from service.client import SafetyClient, build_items, error_details
 from service.server import SafetyServer, create_server
 from service.settings import ServeSettings
 from service.stubs import pb2
@@ -213,6 +214,41 @@ def test_delete_job_frees_a_cancelled_job_and_refuses_an_open_one(
         # the id stays reserved while the deleted job's chunk messages may still be queued
         code, details = code_of(lambda: client.submit_job(make_items(3, prefix="other"), job_id="delete-me"))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "use a new id" in details, details
+
+
+def test_submit_job_of_a_job_another_submit_holds_is_job_busy_at_once_and_other_calls_answer(
+    start_jobs_server: StartServer, redis_server: RedisServer
+) -> None:
+    """A stale submit lease (a replica died mid-submit): SubmitJob waited for it on a job thread, up to 32 s,
+    past its caller's deadline. Eight of them all got DEADLINE_EXCEEDED, never JOB_BUSY, and held all eight
+    job threads, so a GetJob on the same server timed out too. Now: UNAVAILABLE JOB_BUSY at once, with the
+    lease's remaining time as the retry hint."""
+    app = start_jobs_server(job_client(redis_server.url, queue=IDLE, chunk_size=4))
+    items = make_items(8, prefix="busy")
+    keys, r = JobKeys("busy-job"), redis_server.client()
+    with connect(app) as client:
+        client.submit_job(items, job_id="busy-job")
+        r.hset(keys.job, "state", "submitting")  # the dead replica had queued chunk 0 only
+        r.srem(keys.enqueued, 1)
+        r.set(keys.submitter, "a-dead-replicas-token", px=30_000)
+        request = pb2.SubmitJobRequest(items=build_items(items), job_id="busy-job")
+        submits = [client.stub.SubmitJob.future(request, timeout=10) for _ in range(12)]  # > the 8 threads
+        errors = [future.exception() for future in submits]
+        # the job threads are free: the 8 that waited on the lease held them for 32 s, past this deadline
+        job = client.get_job("busy-job", timeout=10)
+        assert job["state"] == "submitting"
+        assert r.get(keys.submitter) == "a-dead-replicas-token"  # not taken: nothing was sent
+        r.delete(keys.submitter)  # the lease expired: the same call resumes the job
+        resumed = client.submit_job(items, job_id="busy-job")
+    assert [e.code() if e else None for e in errors] == [grpc.StatusCode.UNAVAILABLE] * 12, errors
+    details = error_details(errors[0])
+    assert details is not None and details.reason == "JOB_BUSY", details
+    hint = int(dict(errors[0].trailing_metadata())["grpc-retry-pushback-ms"])
+    assert 0 < hint <= 30_000 and details.retry_after_ms == hint
+    message = errors[0].details()
+    assert "job 'busy-job' is being submitted by another process" in message, message
+    assert "(this call does not wait)" in message and re.search(r"retry after \d+s", message), message
+    assert (resumed["resumed"], resumed["state"]) == (True, "queued")
 
 
 def test_stream_job_results_is_counted_by_code_like_the_other_calls(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +43,13 @@ def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: floa
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def retry_figure(notice: str) -> int:
+    """N in a notice "…; retrying for up to Ns" (or "Ns more (no answer for Ms so far)")."""
+    found = re.search(r"retrying for up to (\d+)s(?: more \(no answer for \d+s so far\))?$", notice)
+    assert found, notice
+    return int(found[1])
 
 
 class RedisServer:
@@ -89,6 +98,17 @@ class RedisServer:
     def restart(self) -> None:
         self.kill()
         self.start()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP for the block, SIGCONT after it: a Redis that hangs (its connections are accepted by the
+        kernel, nothing answers) rather than one that refuses them."""
+        assert self.proc is not None and self.proc.poll() is None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
 
 class Worker:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
 import json
@@ -14,12 +15,14 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import worker.cli
 from model.errors import InvalidInputError
 from tests.worker.harness import (
     RedisServer,
@@ -27,6 +30,7 @@ from tests.worker.harness import (
     free_port,
     long_items,
     poll,
+    retry_figure,
     traced_peak,
     worker_env,
 )
@@ -154,6 +158,11 @@ def test_a_submit_whose_job_is_cancelled_meanwhile_stops_and_exits_1(
     assert "job cancelled-meanwhile was cancelled: this submit sent 1 chunk of 5 and stopped" in out.err
     assert out.out == ""
     assert redis_server.client().llen("cli-cancelled") == 1
+    # without --wait too (docs/jobs.md's exit codes: the one exception to "0 whatever the job's state")
+    assert main(["submit", str(src), "--job-id", "cancelled-meanwhile"]) == 1
+    out = capsys.readouterr()
+    assert "job cancelled-meanwhile was cancelled: this submit sent 0 chunks of 5 and stopped" in out.err
+    assert out.out == ""  # no job id printed: nothing to pipe into `safety job results`
 
 
 def test_a_submit_of_a_job_another_submit_holds_says_so_waits_and_resumes(
@@ -248,6 +257,97 @@ def test_job_results_with_redis_down_retries_then_says_what_next(
         and f"`safety job results some-job --out {tmp_path}/r.jsonl`" in err
     )
     assert "`safety submit FILE --job-id some-job`" in err
+
+
+def test_job_results_of_a_cancelled_job_deleted_meanwhile_fails_and_leaves_no_out_file(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`safety job results J --out f` of a cancelled job deleted while it read wrote made-up `"id": null`
+    "cancelled before it was submitted" lines for the items the job had stored, renamed f into place, then
+    failed on its last status read (exit 2, a whole-looking f)."""
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    settings = WorkerSettings(redis_url=redis_server.url, queue="cli-vanish", chunk_size=2)
+    other = JobClient(settings)  # another terminal
+    try:
+        other.submit([{"id": f"m{i}", "text": f"item {i}"} for i in range(6)], job_id="vanish")
+        lines = [(i, json.dumps({"index": i, "id": f"m{i}", "error": None}), False) for i in range(2)]
+        other.store.write("vanish", lines)
+        other.cancel("vanish")
+        read = JobStore.results
+
+        def read_then_delete(store: JobStore, job_id: str, lo: int, hi: int) -> list[str | None]:
+            got = read(store, job_id, lo, hi)
+            if lo == 0:  # `safety job delete vanish` right after the first read
+                other.delete("vanish")
+            return got
+
+        monkeypatch.setattr(JobStore, "results", read_then_delete)
+        out = tmp_path / "r.jsonl"
+        assert main(["job", "results", "vanish", "--out", str(out)]) == 2
+    finally:
+        other.close()
+    err = capsys.readouterr().err
+    assert err.startswith("safety job results: job 'vanish' not found: it was deleted"), err
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+def test_job_results_with_redis_hung_keeps_to_its_timeout_and_says_it_ran_out(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """With Redis paused (kill -STOP) during `safety job results J --timeout 20`: 32 s, a notice "retrying
+    for up to 60s", then "no answer for 15s of retrying" as an outage (what to do once Redis is back), not
+    as the timeout it was."""
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    JobClient(WorkerSettings(redis_url=redis_server.url, queue="cli-hung")).submit(
+        [{"text": "one"}], job_id="hung"
+    )
+    out = tmp_path / "r.jsonl"
+    with redis_server.paused():
+        began = time.monotonic()
+        assert main(["job", "results", "hung", "--out", str(out), "--timeout", "4"]) == 2
+        took = time.monotonic() - began
+    assert 4 <= took < 12, took
+    err = capsys.readouterr().err
+    notice, final = err.splitlines()
+    assert notice.startswith("safety job results: job hung: Redis at redis://") and "Timeout" in notice, err
+    assert 0 < retry_figure(notice) <= 4, notice  # the time left, not the 60 s budget
+    assert final.startswith("safety job results: job 'hung': Redis at redis://"), final
+    assert final.endswith(
+        "of retrying when the timeout ran out; the job goes on: run `safety job results hung --out "
+        f"{out}` again, with a longer --timeout or none"
+    ), final
+    assert not out.exists()
+
+
+def test_job_results_reads_the_jobs_outcome_within_its_timeout(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """After the last result line, the job's status (for the exit code) was read with the 60 s outage budget
+    whatever --timeout said: a Redis that hung then kept `--timeout 3` going for 30 s and more."""
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    client = JobClient(WorkerSettings(redis_url=redis_server.url, queue="cli-outcome"))
+    try:
+        client.submit([{"text": "one"}], job_id="outcome")
+        client.store.write("outcome", [(0, json.dumps({"index": 0, "id": "0", "error": None}), False)])
+    finally:
+        client.close()
+    write = worker.cli._write_results
+
+    def write_then_hang(*args: Any, **kwargs: Any) -> int:
+        written = write(*args, **kwargs)
+        stack.enter_context(redis_server.paused())  # Redis stops answering after the last line
+        return written
+
+    monkeypatch.setattr(worker.cli, "_write_results", write_then_hang)
+    out = tmp_path / "r.jsonl"
+    with contextlib.ExitStack() as stack:
+        began = time.monotonic()
+        assert main(["job", "results", "outcome", "--out", str(out), "--timeout", "3"]) == 2
+        took = time.monotonic() - began
+    assert 3 <= took < 11, took
+    final = capsys.readouterr().err.splitlines()[-1]
+    assert "of retrying when the timeout ran out; the job goes on: run `safety job results" in final, final
+    assert len(out.read_text().splitlines()) == 1  # the results are all there
 
 
 def test_submit_wait_rides_out_a_redis_that_comes_back_empty_and_says_the_job_is_lost(

@@ -30,6 +30,7 @@ from tests.worker.harness import (
     long_items,
     make_items,
     poll,
+    retry_figure,
     traced_peak,
 )
 from worker.app import TASK_NAME
@@ -517,9 +518,15 @@ def test_a_submit_refuses_a_job_another_live_submit_holds_saying_what_to_do(
     try:
         with pytest.raises(JobBusyError) as e:
             client.submit(items, job_id="held")
+        said: list[str] = []
+        client.notice = said.append
+        with pytest.raises(JobBusyError) as at_once:  # the gRPC SubmitJob's way: no wait on a server thread
+            client.submit(items, job_id="held", lease_wait_s=0)
     finally:
         stop.set()
         thread.join()
+    assert not said and "(this call does not wait)" in str(at_once.value), (said, at_once.value)
+    assert 0 < at_once.value.retry_after_ms <= 400  # the other lease's remaining time: the retry hint
     assert isinstance(e.value, UnavailableError)  # gRPC UNAVAILABLE: retry (reason JOB_BUSY)
     message = str(e.value)
     assert "job 'held' is being submitted by another process" in message, message
@@ -576,6 +583,45 @@ def test_a_cancel_during_the_submit_stops_it(
     assert [line["id"] for line in lines] == [f"item-{i}" for i in range(4)] + [None] * 6
     assert [line["error"] for line in lines] == [CANCELLED] * 4 + [NOT_SUBMITTED] * 6
     assert NOT_SUBMITTED.startswith("cancelled") and all(line["scores"] is None for line in lines)
+
+
+@pytest.mark.parametrize("what", ["deleted", "flushed", "replaced"])
+def test_a_cancelled_job_gone_while_its_results_stream_ends_it_rather_than_making_up_lines(
+    what: str, redis_server: RedisServer, job_client: Client
+) -> None:
+    """Items missing from Redis were taken for items the cancel stopped before they were stored, without a
+    look at the job: a cancelled job deleted (or a Redis flushed, or the job expired and its id reused) while
+    its results streamed gave made-up `"id": null` "cancelled before it was submitted" lines for items it had
+    stored, and then ended as if complete."""
+    client = job_client(redis_server.url, queue="q", chunk_size=2)
+    submitted = client.submit(make_items(10), job_id="vanish")
+    client.store.write("vanish", [(i, fake_result(i, f"item-{i}"), False) for i in range(2)])  # chunk 0
+    client.cancel("vanish")
+    lines = client.results("vanish", timeout=10)
+    first = next(lines)  # the results were read; the gap (items 2 to 9) is not yet
+    r, keys = redis_server.client(), JobKeys("vanish")
+    if what == "deleted":
+        client.delete("vanish")
+    elif what == "flushed":
+        r.flushall()
+    else:  # it expired, and a new job of that id was submitted and cancelled
+        r.delete(*keys.all())
+        client.submit(make_items(10, prefix="new"), job_id="vanish")
+        client.cancel("vanish")
+    got = [first]
+    with pytest.raises(NotFoundError) as e:
+        got.extend(lines)
+    assert [line["id"] for line in got] == ["item-0", "item-1"]  # what was read before it went: nothing more
+    expected = {
+        "deleted": "job 'vanish' not found: it was deleted",
+        "flushed": "job 'vanish' disappeared while cancelled (2/10 items): Redis lost its data",
+        "replaced": "job 'vanish' disappeared while cancelled (2/10 items): it expired and a new job was "
+        "submitted with its id",
+    }[what]
+    assert str(e.value).startswith(expected), str(e.value)
+    if what == "replaced":  # a wait that knew the job follows no other job of its id either
+        with pytest.raises(NotFoundError, match="a new job was submitted with its id"):
+            client.wait("vanish", known=submitted.status)
 
 
 def test_delete_removes_every_key_of_a_finished_or_cancelled_job_only(
@@ -895,12 +941,52 @@ def test_a_redis_outage_longer_than_the_budget_ends_the_wait_naming_the_job(
         assert 1 <= time.monotonic() - began < 6
         assert str(e.value).startswith("job 'down': Redis at redis://") and "no answer for 1s" in str(e.value)
     assert len(said) == 3 and all("retrying for up to 1s" in m for m in said), said
-    began = time.monotonic()  # the call's own timeout bounds the retries too
-    with pytest.raises(UnavailableError):
+    began = time.monotonic()  # the call's own timeout bounds the retries too, and is what ends them
+    with pytest.raises(
+        DeadlineExceededError,
+        match=r"Connection refused; no answer for 0s of retrying when the timeout ran out$",
+    ):
         client.wait("down", timeout=0.3, poll_s=0.05, outage_s=30)
     assert time.monotonic() - began < 5
+    assert said[-1].endswith("; retrying for up to 1s"), said  # what is left of the timeout, not 30s
     with pytest.raises(UnavailableError):  # no outage_s: at once, as before
         client.wait("down")
+
+
+def test_a_redis_that_hangs_is_ridden_out_within_the_timeout_and_the_budget(
+    redis_server: RedisServer, job_client: Client
+) -> None:
+    """With Redis paused (kill -STOP) instead of refusing connections, each read waited out the 15 s socket
+    timeout, and the outage was timed from the end of the first one: `--timeout 20` took 32 s and ended
+    "no answer for 15s of retrying" after a notice "retrying for up to 60s", as UnavailableError, not a
+    timeout; with no timeout, the 60 s budget took 79 s ("no answer for 62s")."""
+    client = job_client(redis_server.url, queue="nobody-listens")
+    said: list[str] = []
+    client.notice = said.append
+    client.submit(make_items(3), job_id="hung")
+    with redis_server.paused():
+        for call in (
+            lambda: client.wait("hung", timeout=4, poll_s=0.05, outage_s=60),
+            lambda: list(client.results("hung", timeout=4, poll_s=0.05, outage_s=60)),
+            lambda: client.status("hung", timeout=4, outage_s=60),
+        ):
+            said.clear()
+            began = time.monotonic()
+            with pytest.raises(DeadlineExceededError) as e:
+                call()
+            took = time.monotonic() - began
+            assert 4 <= took < 12, took  # the timeout, and no 15 s read past it
+            message = str(e.value)
+            assert message.startswith("job 'hung': Redis at redis://") and "Timeout" in message, message
+            assert re.search(r"no answer for [3-5]s of retrying when the timeout ran out$", message)
+            [notice] = said
+            assert 0 < retry_figure(notice) <= 4, notice  # the time left, not the 60 s budget
+        began = time.monotonic()  # no timeout: the budget, counted from the first read that hung
+        with pytest.raises(UnavailableError) as e:
+            client.wait("hung", poll_s=0.05, outage_s=3)
+        assert 3 <= time.monotonic() - began < 11
+        assert re.search(r"no answer for [34]s of retrying$", str(e.value)), str(e.value)
+    assert client.status("hung", outage_s=60).state == "queued"  # and it answers again
 
 
 def test_a_redis_that_comes_back_empty_ends_a_riding_wait_saying_the_job_is_lost(
