@@ -5,7 +5,8 @@ value with argparse's usage error (exit status 2), and `add_threshold_option`; t
 `--device` and `--dtype` (`parse_device`, `parse_dtype`: the values model/engine_settings.py accepts, so a
 wrong one is a usage error naming the flag, not a traceback from the runner); and what every `safety`
 command does when the reader of its output goes away (`| head -1`): `silence_stdout`, then exit `EXIT_PIPE`;
-and `stopped_after(n)`, the words that end the error of a run stopped after printing some of its results.
+and `stopped_after(n)`, the words that end the error of a run stopped after printing some of its results,
+with `count(n, noun)`, how the commands count in their messages.
 Must not know: the classifier (the engine validates the label names and the range), torch, gRPC, Celery.
 """
 
@@ -28,10 +29,15 @@ def silence_stdout() -> None:
     os.close(devnull)
 
 
+def count(n: int, noun: str) -> str:
+    """'1 item', '2 items', '0 items': how every `safety` command counts in its messages."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def stopped_after(printed: int) -> str:
     """How an error that stops a run part way ends (`safety classify --remote`, whichever way it stopped):
     what was printed before it is complete and in order, and this says how much that is."""
-    return f"stopped there, after the results of the first {printed} item{'' if printed == 1 else 's'}"
+    return f"stopped there, after the results of the first {count(printed, 'item')}"
 
 
 def parse_threshold(value: str) -> tuple[str, float]:

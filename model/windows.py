@@ -9,12 +9,16 @@ response — is kept. Nothing is ever silently dropped: every content token lies
 from __future__ import annotations
 
 
-def split_windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, end) token ranges covering range(n_tokens); consecutive windows share exactly `overlap`."""
+def _check_window(size: int, overlap: int) -> None:
     if size <= 0:
         raise ValueError(f"window size must be positive, got {size}")
     if not 0 <= overlap < size:
         raise ValueError(f"window overlap must be in [0, {size}), got {overlap}")
+
+
+def split_windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) token ranges covering range(n_tokens); consecutive windows share exactly `overlap`."""
+    _check_window(size, overlap)
     if n_tokens <= size:
         return [(0, n_tokens)]
     stride = size - overlap
@@ -32,10 +36,7 @@ def window_tokens(n_tokens: int, size: int, overlap: int, extra: int) -> int:
     """Tokens in the windows `split_windows(n_tokens, size, overlap)` makes when each also carries `extra`
     tokens (special tokens, a context): every content token once, each overlap once more, `extra` per
     window. Arithmetic only (no list of windows)."""
-    if size <= 0:
-        raise ValueError(f"window size must be positive, got {size}")
-    if not 0 <= overlap < size:
-        raise ValueError(f"window overlap must be in [0, {size}), got {overlap}")
+    _check_window(size, overlap)
     windows = 1 if n_tokens <= size else 1 + -(-(n_tokens - size) // (size - overlap))
     return n_tokens + (windows - 1) * overlap + windows * extra
 

@@ -36,7 +36,7 @@ import grpc
 from model.errors import InvalidInputError
 from model.items import FIELDS  # torch-free: the item's fields, one definition for every front end
 from service import richstatus
-from service.richstatus import ErrorDetails
+from service.richstatus import RETRY_PUSHBACK, ErrorDetails
 from service.stubs import pb2, pb2_grpc
 
 ItemLike = str | Mapping[str, Any]
@@ -225,7 +225,6 @@ def retry_after_ms(error: grpc.RpcError) -> int | None:
     return details.retry_after_ms if details is not None else None
 
 
-RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry hint (A6), as service/errors.py sends it
 _ITEM_TAG = 1  # ClassifyRequest.items is field 1, length-delimited: a one-byte tag
 
 

@@ -44,7 +44,7 @@ from model.errors import (
 from service import richstatus
 from service.deadlines import deadline_passed
 from service.handlers import WrappingInterceptor, with_behavior
-from service.richstatus import ErrorDetails
+from service.richstatus import RETRY_PUSHBACK, ErrorDetails
 
 log = logging.getLogger("safety.service")
 
@@ -144,7 +144,6 @@ def describe(exc: BaseException) -> ErrorDetails:
     return ErrorDetails(code, message, INTERNAL_REASON, metadata={"error_id": error_id})
 
 
-RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry hint (A6), honoured by its retry policy
 STATUS_DETAILS = richstatus.STATUS_DETAILS  # "grpc-status-details-bin"
 
 

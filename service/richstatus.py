@@ -5,8 +5,9 @@ in `Any`s), as Google Cloud APIs, grpc-gateway and Envoy read them.
 Owns: the optional import of googleapis-common-protos (`google.rpc`; the service runs without it, with the
 details off: `OFF_BECAUSE` says why), `ErrorDetails` (the details as plain Python values, the same shape on
 both ends), `pack(details)` (the trailer's bytes, None when off) and `unpack(data)` (the trailer's bytes ->
-ErrorDetails). Must not know: the error hierarchy or which reasons exist (service/errors.py), servers or
-clients. Needs neither grpcio-status nor anything beyond protobuf and grpcio.
+ErrorDetails), and the key of the retry hint sent beside them (`RETRY_PUSHBACK`). Must not know: the error
+hierarchy or which reasons exist (service/errors.py), servers or clients. Needs neither grpcio-status nor
+anything beyond protobuf and grpcio.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 
 STATUS_DETAILS = "grpc-status-details-bin"  # the trailer's key (binary metadata: the value is bytes)
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry-hint trailer (A6), read by its retry policy too
 DOMAIN = "safety.v1"  # ErrorInfo.domain of every error this API sends
 
 status_pb2: Any

@@ -33,7 +33,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from model.cliargs import EXIT_PIPE, silence_stdout
+from model.cliargs import EXIT_PIPE, count, silence_stdout
 from model.errors import ConfigError, DeadlineExceededError, InvalidInputError, SafetyError, UnavailableError
 from model.logs import configure as configure_logs
 from model.threads import available_cpus
@@ -461,13 +461,13 @@ def run_submit(args: argparse.Namespace) -> int:
             job_id = submitted.status.job_id
             if submitted.status.state == "cancelled":  # cancelled before (a resume) or during this submit
                 print(
-                    f"job {job_id} was cancelled: this submit sent {_count(submitted.sent, 'chunk')} of "
+                    f"job {job_id} was cancelled: this submit sent {count(submitted.sent, 'chunk')} of "
                     f"{submitted.status.chunks} and stopped; what it classified: safety job results {job_id}",
                     file=sys.stderr,
                 )
                 return EXIT_FAILED
             verb = "resumed" if submitted.resumed else "submitted"
-            counts = f"{_count(submitted.status.total, 'item')}, {_count(submitted.sent, 'chunk')} sent"
+            counts = f"{count(submitted.status.total, 'item')}, {count(submitted.sent, 'chunk')} sent"
             print(f"{verb} job {job_id}: {counts}", file=sys.stderr)
             if not args.wait:
                 try:
@@ -489,7 +489,7 @@ def run_submit(args: argparse.Namespace) -> int:
                 except OutputClosed:
                     return EXIT_PIPE
             where = args.out or "stdout"
-            summary = f"{status.done} done, {status.failed} failed; {_count(written, 'line')} to {where}"
+            summary = f"{status.done} done, {status.failed} failed; {count(written, 'line')} to {where}"
             print(f"job {job_id} {status.state}: {summary}", file=sys.stderr)
             return EXIT_OK if status.state == "done" and status.failed == 0 else EXIT_FAILED
         if not interrupted:
@@ -537,11 +537,6 @@ def _on_timeout(what_next: str) -> Iterator[None]:
         raise DeadlineExceededError(f"{e}; the job goes on: {what_next}") from None
 
 
-def _count(n: int, noun: str) -> str:
-    """'1 item', '2 items', '0 items'."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 @contextmanager
 def _after_outage(job_id: str, out: str | None, submit_again: str) -> Iterator[None]:
     """Redis did not answer for REDIS_OUTAGE_S while this command waited for the job or read its results
@@ -583,16 +578,16 @@ def _write_results(
     command last read it, if it did (`JobClient.results`)."""
     try:
         with _output(out) as stream:
-            count = 0
+            written = 0
             lines = client.results(job_id, timeout=timeout, outage_s=REDIS_OUTAGE_S, known=known)
             for line in lines:
                 stream.write(json.dumps(line, ensure_ascii=False) + "\n")
-                count += 1
+                written += 1
     except BrokenPipeError:
         if out is None or out == "-":
             silence_stdout()
         raise OutputClosed from None
-    return count
+    return written
 
 
 def _stdout(text: str) -> None:
