@@ -499,22 +499,25 @@ class JobClient:
         another submit send the chunk too, one redundant delivery (results are still written once)."""
         size, chunks = int(record["chunk_size"]), int(record["chunks"])
         already = self.store.enqueued(job_id)
+
+        def sent_meanwhile(chunk: int) -> bool:
+            """Renew the lease; taken anew, another submit may have sent `chunk` meanwhile: read again."""
+            nonlocal already
+            if lease.hold():
+                return False
+            already = self.store.enqueued(job_id)
+            return chunk in already
+
         sent = 0
         with self.app.producer_or_acquire() as producer:
             for chunk, lines in zip(range(chunks), prepared.payloads(size), strict=False):
-                if chunk in already:
+                if chunk in already or sent_meanwhile(chunk):
                     continue
-                if not lease.hold():
-                    already = self.store.enqueued(job_id)
-                    if chunk in already:
-                        continue
                 first = chunk * size
                 if not self.store.upload(job_id, first, lines):
                     break  # cancelled while it was being submitted: stop storing and sending
-                if not lease.hold():  # the upload outlasted the lease (a huge chunk, a slow link)
-                    already = self.store.enqueued(job_id)
-                    if chunk in already:
-                        continue
+                if sent_meanwhile(chunk):  # the upload outlasted the lease (a huge chunk, a slow link)
+                    continue
                 send_chunk(self.app, job_id, chunk, record["queue"], producer, record["nonce"])
                 sent += 1  # a worker skips the chunk of a job cancelled in the meantime
                 if not self.store.mark_enqueued(job_id, chunk):
