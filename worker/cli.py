@@ -120,7 +120,11 @@ def register_submit(subparsers: argparse._SubParsersAction) -> None:
         "--wait", action="store_true", help="wait for the job (progress bar), then write its results"
     )
     s.add_argument("--job-id", help="name the job; re-running with the same id and file resumes it")
-    s.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    s.add_argument(
+        "--timeout",
+        type=float,
+        help="with --wait: give up this many seconds after submitting (the wait and the results together)",
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run_submit)
 
@@ -475,19 +479,25 @@ def run_submit(args: argparse.Namespace) -> int:
                 except OutputClosed:
                     return EXIT_PIPE
                 return EXIT_OK
+            # --timeout is one deadline, from here, for the wait and the results after it (as `job results`)
+            deadline = _deadline(args.timeout)
             again = f"safety job results {job_id}" + (f" --out {args.out}" if args.out else "")
             resubmit = f"safety submit {args.input} --job-id {job_id} --wait"
             resubmit += f" --out {args.out}" if args.out else ""
-            with (
-                _on_timeout(f"`safety job status {job_id}` shows its progress, `{again}` writes its results"),
-                _after_outage(job_id, args.out, resubmit),
-            ):
+            with _after_outage(job_id, args.out, resubmit):
                 progress = not args.no_progress
-                status = _wait_with_progress(client, submitted.status, args.timeout, progress)
-                try:
-                    written = _write_results(client, job_id, args.out, args.timeout, known=status)
-                except OutputClosed:
-                    return EXIT_PIPE
+                with _on_timeout(
+                    f"`safety job status {job_id}` shows its progress, `{again}` writes its results"
+                ):
+                    status = _wait_with_progress(client, submitted.status, args.timeout, progress)
+                # the job has finished: a timeout now is one of reading its results, which Redis keeps
+                with _on_timeout(
+                    f"the job is {status.state}, its results are kept: `{again}` writes them", goes_on=False
+                ):
+                    try:
+                        written = _write_results(client, job_id, args.out, _left(deadline), known=status)
+                    except OutputClosed:
+                        return EXIT_PIPE
             where = args.out or "stdout"
             summary = f"{status.done} done, {status.failed} failed; {count(written, 'line')} to {where}"
             print(f"job {job_id} {status.state}: {summary}", file=sys.stderr)
@@ -529,12 +539,23 @@ def _check_job_id(job_id: str) -> None:
 
 
 @contextmanager
-def _on_timeout(what_next: str) -> Iterator[None]:
-    """A wait that ran out of --timeout says that the job goes on, and how to carry on with it."""
+def _on_timeout(what_next: str, *, goes_on: bool = True) -> Iterator[None]:
+    """A wait that ran out of --timeout says that the job goes on (`goes_on`; a job that has finished does
+    not), and how to carry on with it."""
     try:
         yield
     except DeadlineExceededError as e:
-        raise DeadlineExceededError(f"{e}; the job goes on: {what_next}") from None
+        raise DeadlineExceededError(f"{e}; {'the job goes on: ' if goes_on else ''}{what_next}") from None
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """The monotonic time a --timeout of `timeout` seconds, counted from now, ends (None: no --timeout)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds left until `deadline` (`_deadline`), never below 0; None without one."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 @contextmanager
@@ -700,7 +721,7 @@ def run_dead_letters(args: argparse.Namespace) -> int:
 
 def run_results(args: argparse.Namespace) -> int:
     def results(client: Any) -> int:
-        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        deadline = _deadline(args.timeout)  # one deadline for the results and the outcome after them
         again = f"safety job results {args.job_id}" + (f" --out {args.out}" if args.out else "")
         with (
             _after_outage(args.job_id, args.out, f"safety submit FILE --job-id {args.job_id}"),
@@ -711,8 +732,7 @@ def run_results(args: argparse.Namespace) -> int:
             except OutputClosed:
                 return EXIT_PIPE
             # the job's outcome, for the exit code: within what is left of --timeout, like the results
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            status = client.status(args.job_id, outage_s=REDIS_OUTAGE_S, timeout=left)
+            status = client.status(args.job_id, outage_s=REDIS_OUTAGE_S, timeout=_left(deadline))
         return EXIT_OK if status.state == "done" and status.failed == 0 else EXIT_FAILED
 
     return _job_call("results", results)

@@ -350,6 +350,54 @@ def test_job_results_reads_the_jobs_outcome_within_its_timeout(
     assert len(out.read_text().splitlines()) == 1  # the results are all there
 
 
+def test_submit_wait_timeout_is_one_deadline_for_the_wait_and_the_results(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`submit --wait --timeout 3` gave the wait 3 s and the results another 3 s: a job that finished 2 s in,
+    then a Redis that hung while its results were read, kept the command going for 5 s and more. --timeout
+    is one deadline from the submission on, as `job results --timeout` is for its results and outcome."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "r.jsonl"
+    src.write_text('{"text": "one"}\n')
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "cli-one-deadline")  # no worker: the test writes the result
+    writer = JobClient(WorkerSettings(redis_url=redis_server.url, queue="cli-one-deadline"))
+    line = json.dumps({"index": 0, "id": "0", "error": None})
+    wait = worker.cli._wait_with_progress
+
+    def wait_then_hang(*args: Any, **kwargs: Any) -> Any:
+        # the job's one chunk takes 2 s of the 3, as a worker's would; then Redis hangs for the results
+        timer = threading.Timer(2.0, lambda: writer.store.write("late", [(0, line, False)]))
+        timer.start()
+        try:
+            status = wait(*args, **kwargs)
+        finally:
+            timer.join()
+        assert status.state == "done"
+        stack.enter_context(redis_server.paused())
+        return status
+
+    monkeypatch.setattr(worker.cli, "_wait_with_progress", wait_then_hang)
+    argv = ["submit", str(src), "--job-id", "late", "--wait", "--timeout", "3", "--no-progress"]
+    try:
+        with contextlib.ExitStack() as stack:
+            began = time.monotonic()
+            assert main([*argv, "--out", str(out)]) == 2
+            took = time.monotonic() - began
+    finally:
+        writer.close()
+    assert 3 <= took < 4.3, took  # 3 s and the last try's answer timeout; not 2 s + 3 s
+    err = capsys.readouterr().err.splitlines()
+    assert 0 < retry_figure(err[-2]) <= 2, err  # the ~1 s the wait left, not --timeout's 3
+    assert err[-1].startswith("safety submit: job 'late': Redis at redis://"), err
+    assert err[-1].endswith(
+        "of retrying when the timeout ran out; the job is done, its results are kept: `safety job results "
+        f"late --out {out}` writes them"
+    ), err
+    assert not out.exists()
+    assert main(["job", "results", "late", "--out", str(out)]) == 0  # what the message says to run
+    assert out.read_text() == line + "\n"
+
+
 def test_submit_wait_rides_out_a_redis_that_comes_back_empty_and_says_the_job_is_lost(
     redis_server: RedisServer,
     tmp_path: Path,
