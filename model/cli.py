@@ -129,7 +129,10 @@ def register_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--client-key", default=None, metavar="FILE",
                    help="with --client-cert: its PEM private key")  # fmt: skip
     p.add_argument(
-        "--timeout", type=float, default=30.0, help="with --remote: deadline of each request, in seconds"
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="with --remote: deadline of each request, its retries included, in seconds",
     )
     p.set_defaults(func=classify_command)
 

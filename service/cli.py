@@ -13,7 +13,6 @@ import asyncio
 import os
 import re
 import sys
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -80,18 +79,19 @@ def remote_classify(
     """Classify `items` on a running `safety serve` at `target` (HOST:PORT): one dict per item, in the
     shape of the engine's `Result.to_dict()`, in order. Any number of items: they are read as needed and sent
     in consecutive Classify requests within the server's limits (its Info: items and bytes per request, and
-    an estimate of tokens: `split_requests`), one at a time, each with the deadline `timeout`; a request's
-    results are yielded as soon as they arrive. A request refused as busy goes again after the server's
-    hint (RETRIES times at most, said on stderr); one the server finds larger than its whole queue goes
+    an estimate of tokens: `split_requests`), one at a time, each with the deadline `timeout` (its retries
+    included); a request's results are yielded as soon as they arrive. Info and each request go again, at
+    most RETRIES times and within that deadline, when the server refuses them as busy (after its hint) or
+    is unavailable (not listening yet, starting, draining, restarting: after its hint or a backoff), each
+    retry said on stderr (`service.retries`); a request the server finds larger than its whole queue goes
     again in halves (`_send`). An item too large to send, or an error of `items` itself, comes after the
     results of the items before it. `api_key` None: the variable SAFETY_CLIENT_API_KEY, if set.
     `client_cert`/`client_key`: for a server that requires client certificates (SAFETY_TLS_CLIENT_CA). A
     failed call exits with the status code and message, a hint for the CLI user where one helps (a server
     that is not there, a key), and how many results were yielded before it."""
-    import grpc
-
     from model.cliargs import stopped_after
     from model.errors import InvalidInputError
+    from service import retries
     from service.client import SafetyClient, result_to_dict, split_requests
 
     if (client_cert is None) != (client_key is None):  # a usage error: `safety classify` exits 2
@@ -107,7 +107,7 @@ def remote_classify(
     try:
         client = SafetyClient(
             target, api_key=api_key, tls=tls, ca=ca, timeout=timeout, server_name=server_name,
-            cert=client_cert, key=client_key,
+            cert=client_cert, key=client_key, channel_options=retries.CHANNEL_OPTIONS,
         )  # fmt: skip
     except InvalidInputError as e:  # an unreadable PEM file: named by its flag
         flag = {"ca": "--ca", "cert": "--client-cert", "key": "--client-key"}.get(e.field)
@@ -116,25 +116,18 @@ def remote_classify(
         raise InvalidInputError(e.reason, field=flag) from None
     with client:
         try:
-            limits = client.info()["limits"]
-        except grpc.RpcError as e:
-            raise SystemExit(_failed(e, target, key_from=sent, tls=secure)) from None
+            limits = _info(client, target, timeout)
+        except _Refused as e:
+            raise SystemExit(_failed(e.error, target, key_from=sent, tls=secure, note=e.note)) from None
         printed = 0
         for first, request in split_requests(items, limits, thresholds):
             try:
-                for result in _send(client, first, request, target):
+                for result in _send(client, first, request, target, timeout):
                     yield result_to_dict(result)
                     printed += 1
             except _Refused as e:
                 said = _failed(e.error, target, key_from=sent, tls=secure, first=e.first, note=e.note)
                 raise SystemExit(said + (f"; {stopped_after(printed)}" if printed else "")) from None
-
-
-# A request the server refuses as busy goes again at most RETRIES times, each after the server's hint (at
-# most 5 s from `safety serve`: the scheduler's RETRY_MAX_MS) or WAIT_MAX_S, whichever is less: a run gives
-# up on a server that stays full within about 40 s (80 s at most, whatever the hints).
-RETRIES = 8
-WAIT_MAX_S = 10.0
 
 
 class _Refused(Exception):
@@ -146,23 +139,43 @@ class _Refused(Exception):
         self.error, self.first, self.note = error, first, note
 
 
-def _send(client: Any, first: int, request: Any, target: str) -> Iterator[Any]:
-    """The pb2.Results of `request` (whose first item is the input's item `first`), in order. Refused as
-    busy (RESOURCE_EXHAUSTED with the server's retry hint): sent again after the hint (WAIT_MAX_S at most),
-    at most RETRIES times, saying so on stderr. A RESOURCE_EXHAUSTED without a hint is not `safety serve`'s
-    queue (gRPC's own message size limit): not retried. Refused as larger than the server allows a request
-    to be as a whole (more tokens than its whole queue: the client's estimate was short): its halves, one
-    after the other. Anything else, or a single item refused that way, raises _Refused."""
+def _info(client: Any, target: str, timeout: float | None) -> dict[str, Any]:
+    """The server's limits (its Info), asked again as `service.retries` says (a server still starting, or
+    not listening yet: UNAVAILABLE); _Refused when it fails for good."""
     import grpc
 
-    from service.client import halves, retry_after_ms, too_large_as_a_whole
+    from service.retries import Retries
+
+    retries = Retries(target, "asking for its limits (Info) again", timeout)
+    while True:
+        try:
+            return client.info(timeout=retries.time_left())["limits"]
+        except grpc.RpcError as e:
+            note = retries.after(e)
+            if note is not None:
+                raise _Refused(e, 0, note) from None
+
+
+def _send(client: Any, first: int, request: Any, target: str, timeout: float | None) -> Iterator[Any]:
+    """The pb2.Results of `request` (whose first item is the input's item `first`), in order, within the
+    deadline `timeout` (seconds from the first try; every try of the request shares it). Sent again as
+    `service.retries` says: refused as busy (RESOURCE_EXHAUSTED with the server's retry hint) after the hint;
+    UNAVAILABLE (no server yet, one starting, draining or restarting) after the server's hint or a backoff;
+    at most RETRIES times, saying so on stderr. Refused as larger than the server allows a request to be as
+    a whole (more tokens than its whole queue: the client's estimate was short): its halves, one after the
+    other, each with a deadline of its own. Anything else, or a single item refused that way, raises
+    _Refused."""
+    import grpc
+
+    from service.client import halves, too_large_as_a_whole
+    from service.retries import Retries
 
     n = len(request.items)
-    waited = 0.0
-    error: Any = None
-    for retry in range(RETRIES + 1):
+    which = f"items[{first}]" if n == 1 else f"items[{first}..{first + n - 1}]"
+    retries = Retries(target, f"sending {which} again", timeout)
+    while True:
         try:
-            response = client.classify_raw(request)
+            response = client.classify_raw(request, timeout=retries.time_left())
         except grpc.RpcError as e:
             error = e
         else:
@@ -170,34 +183,12 @@ def _send(client: Any, first: int, request: Any, target: str) -> Iterator[Any]:
             return
         if n > 1 and too_large_as_a_whole(error):
             head, tail = halves(request)
-            yield from _send(client, first, head, target)
-            yield from _send(client, first + len(head.items), tail, target)
+            yield from _send(client, first, head, target, timeout)
+            yield from _send(client, first + len(head.items), tail, target, timeout)
             return
-        hint = retry_after_ms(error) if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
-        if hint is None:
-            raise _Refused(error, first)
-        if retry == RETRIES:
-            note = (
-                f"still refused after {RETRIES} retries over {waited:.1f} s: retry later, or use a batch job "
-                "(safety submit)"
-            )
+        note = retries.after(error)
+        if note is not None:
             raise _Refused(error, first, note)
-        wait = min(hint / 1000, WAIT_MAX_S)
-        which = f"items[{first}]" if n == 1 else f"items[{first}..{first + n - 1}]"
-        busy = f"{error.code().name}: {error.details()}"
-        print(
-            f"safety classify --remote {target}: the server is busy ({busy}); sending {which} again in "
-            f"{wait:.2f} s (retry {retry + 1} of {RETRIES})",
-            file=sys.stderr,
-            flush=True,
-        )
-        _pause(wait)
-        waited += wait
-
-
-def _pause(seconds: float) -> None:
-    """Wait before sending a refused request again (the tests replace it)."""
-    time.sleep(seconds)
 
 
 def _failed(

@@ -386,17 +386,19 @@ class _Base:
         server_name: str | None = None,
         cert: str | Path | bytes | None = None,
         key: str | Path | bytes | None = None,
+        channel_options: Iterable[tuple[str, Any]] = (),
     ) -> None:
         """`target`: HOST:PORT. `tls`: use TLS (system roots unless `ca`, a PEM file or bytes, is given;
         `ca` implies TLS). `timeout`: default deadline per call in seconds (None: no deadline).
         `server_name`: override the TLS host name check (e.g. a certificate issued for another name).
         `cert`, `key`: this client's certificate chain and private key (PEM files or bytes), for a server
-        with SAFETY_TLS_CLIENT_CA (mutual TLS); they imply TLS."""
+        with SAFETY_TLS_CLIENT_CA (mutual TLS); they imply TLS. `channel_options`: more gRPC channel
+        arguments, besides CHANNEL_OPTIONS (e.g. `grpc.max_reconnect_backoff_ms`)."""
         self.target = target
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._credentials = _credentials(tls, ca, cert, key)
-        self._options = list(CHANNEL_OPTIONS)
+        self._options = [*CHANNEL_OPTIONS, *channel_options]
         if server_name:
             self._options.append(("grpc.ssl_target_name_override", server_name))
 

@@ -6,21 +6,25 @@ from __future__ import annotations
 
 import itertools
 import json
-import socket
+import re
+import threading
 from collections import Counter
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from model.cli import main
-from service.cli import RETRIES
 from service.client import ITEM_TOKENS, REQUEST_TOKENS, estimated_tokens, split_requests
+from service.retries import BACKOFF_FIRST_S, JITTER, RETRIES
+from service.richstatus import RETRY_PUSHBACK
 from service.scheduler import RETRY_DEFAULT_MS, RETRY_MAX_MS, RETRY_MIN_MS
 from service.server import SafetyServer
-from service.stubs import pb2
-from tests.service.helpers import in_queue, wait_until
+from service.stubs import pb2, pb2_grpc
+from tests.service.helpers import free_port, in_queue, wait_until
 from tests.service.helpers import request as one_request
 
 
@@ -260,7 +264,7 @@ def test_a_request_refused_as_busy_goes_again_after_the_servers_hint(
         for call in admitted:
             assert call.result(30).results
 
-    monkeypatch.setattr("service.cli._pause", pause)
+    monkeypatch.setattr("service.retries.pause", pause)
     try:
         assert main(["classify", "--remote", target, "one", "two"]) == 0
     finally:
@@ -286,7 +290,7 @@ def test_a_server_that_stays_busy_ends_the_run_after_a_bounded_number_of_retries
     stub = stub_for(app)
     admitted: list[Any] = []
     pauses: list[float] = []
-    monkeypatch.setattr("service.cli._pause", pauses.append)
+    monkeypatch.setattr("service.retries.pause", pauses.append)
 
     class Stdin:
         def __iter__(self) -> Iterator[str]:
@@ -325,8 +329,8 @@ def test_a_resource_exhausted_without_a_retry_hint_is_not_retried(
     app = start_server(max_queue_items=2)
     target = f"127.0.0.1:{app.port}"
     admitted = fill_queue(app, stub_for(app))
-    monkeypatch.setattr("service.client.retry_after_ms", lambda error: None)
-    monkeypatch.setattr("service.cli._pause", lambda seconds: pytest.fail("waited to retry"))
+    monkeypatch.setattr("service.retries.retry_after_ms", lambda error: None)
+    monkeypatch.setattr("service.retries.pause", lambda seconds: pytest.fail("waited to retry"))
     try:
         with pytest.raises(SystemExit) as e:
             main(["classify", "--remote", target, "one"])
@@ -369,14 +373,221 @@ def test_the_api_key_comes_from_safety_client_api_key_and_a_refusal_says_what_to
     assert str(e.value.code).endswith("; the key of --api-key is not one the server accepts")
 
 
-def test_a_server_that_is_not_there_gets_a_hint_besides_grpcs_own_words() -> None:
-    with socket.socket() as s:  # a port nothing listens on (bound, not listening: refused)
-        s.bind(("127.0.0.1", 0))
-        target = f"127.0.0.1:{s.getsockname()[1]}"
-        with pytest.raises(SystemExit) as e:
-            main(["classify", "--remote", target, "--timeout", "10", "hi"])
+class Captured:
+    """What a command running in another thread printed so far (capsys, read as it comes)."""
+
+    def __init__(self, capsys: pytest.CaptureFixture) -> None:
+        self.capsys = capsys
+        self.out = self.err = ""
+
+    def read(self) -> Captured:
+        said = self.capsys.readouterr()
+        self.out, self.err = self.out + said.out, self.err + said.err
+        return self
+
+
+def in_thread(argv: list[str]) -> tuple[threading.Thread, list[Any]]:
+    """`safety ARGV` in a thread; the list gets its exit status (SystemExit's code, for a failed run)."""
+    code: list[Any] = []
+
+    def run() -> None:
+        try:
+            code.append(main(argv))
+        except SystemExit as e:
+            code.append(e.code)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, code
+
+
+RETRY_LINE = re.compile(
+    r"safety classify --remote (\S+): the server is unavailable \(UNAVAILABLE: (.*)\); (.*) again in "
+    r"(\d+\.\d\d) s \(retry (\d) of 8\)"
+)
+
+
+def retry_lines(err: str) -> list[re.Match[str]]:
+    """The retry lines of stderr; any other line fails the test."""
+    lines = err.splitlines()
+    found = [RETRY_LINE.fullmatch(line) for line in lines]
+    assert all(found), err
+    return found  # type: ignore[return-value]
+
+
+def test_a_run_started_before_the_server_is_up_waits_for_it(
+    start_server: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """UNAVAILABLE (nothing listens yet: connection refused) ended the run at once, though classifying is
+    idempotent: Info goes again after a growing, jittered pause, and the run goes on once the server is up."""
+    target = f"127.0.0.1:{free_port()}"
+    said = Captured(capsys)
+    thread, code = in_thread(["classify", "--remote", target, "one", "two"])
+    try:
+        wait_until(lambda: "(retry 1 of 8)" in said.read().err, what="the first retry")
+        app = start_server(address=target)
+    finally:
+        thread.join(30)
+    assert code == [0], said.read().err
+    assert [set(json.loads(line)) >= {"scores"} for line in said.read().out.splitlines()] == [True, True]
+    lines = retry_lines(said.err)
+    assert 1 <= len(lines) < RETRIES, said.err
+    for n, line in enumerate(lines):
+        assert line[1] == target and line[3] == "asking for its limits (Info)" and int(line[5]) == n + 1
+        assert line[2].startswith("failed to connect to all addresses") and "Connection refused" in line[2]
+    backoff = [float(line[4]) for line in lines]
+    assert BACKOFF_FIRST_S * (1 - JITTER) - 0.01 <= backoff[0] <= BACKOFF_FIRST_S * (1 + JITTER) + 0.01
+    assert classify_calls(app) == {"OK": 1}
+
+
+def test_a_server_that_drains_and_restarts_mid_run_is_waited_for(
+    start_server: Any,
+    stub_for: Any,
+    loop_thread: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A rolling restart between two requests: the server drains (new calls: UNAVAILABLE, `server is
+    draining`), stops (connection refused), and comes back on the same port. The request it turned away
+    goes again until the new server answers it; the output is whole and in order."""
+    old = start_server(max_items=2)
+    target = f"127.0.0.1:{old.port}"
+    answered, draining = threading.Event(), threading.Event()
+
+    class Stdin:
+        def __iter__(self) -> Iterator[str]:
+            for n in range(5):
+                if n == 4:  # read once the first request, items 0 and 1, was answered
+                    answered.set()
+                    assert draining.wait(30)
+                yield json.dumps({"id": f"i{n}", "text": f"line {n}"}) + "\n"
+
+    monkeypatch.setattr("sys.stdin", Stdin())
+    said = Captured(capsys)
+    thread, code = in_thread(["classify", "--remote", target, "--jsonl", "-"])
+    try:
+        assert answered.wait(30)
+        old.scheduler.hold_runner()  # a call in flight keeps the drain draining
+        held = stub_for(old).Classify.future(one_request("in flight"), timeout=30)
+        wait_until(lambda: in_queue(old) == 1, what="the call in flight")
+        drained = loop_thread.submit(old.drain(30))
+        wait_until(lambda: old.servicer.draining, what="the drain")
+        draining.set()
+        wait_until(lambda: "server is draining" in said.read().err, what="a retry of the drain's refusal")
+        old.scheduler.release_runner()
+        assert held.result(30).results  # the drain finishes what it holds
+        drained.result(30)
+        seen = len(said.err.splitlines())
+        wait_until(lambda: len(said.read().err.splitlines()) > seen, what="a retry of the stopped server")
+        new = start_server(max_items=2, address=target)
+    finally:
+        old.scheduler.release_runner()
+        draining.set()
+        thread.join(60)
+    assert code == [0], said.read().err
+    assert [json.loads(line)["id"] for line in said.read().out.splitlines()] == [f"i{n}" for n in range(5)]
+    lines = retry_lines(said.err)
+    assert all(line[3] == "sending items[2..3]" for line in lines), said.err
+    assert lines[0][2] == "server is draining; retry on another replica", said.err
+    assert "Connection refused" in lines[-1][2], said.err
+    assert classify_calls(new) == {"OK": 2}
+
+
+def test_a_server_that_stays_away_ends_the_run_when_its_timeout_would_run_out(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Nothing listening: UNAVAILABLE is retried while --timeout allows, then the run stops naming what it
+    retried, why it gave up, and gRPC's own words with a hint."""
+    target = f"127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--remote", target, "--timeout", "1", "hi"])
     said = str(e.value.code)
     assert said.startswith(
         f"safety classify --remote {target}: UNAVAILABLE: failed to connect to all addresses"
     )
-    assert "Connection refused" in said and said.endswith(f" (is `safety serve` running at {target}?)"), said
+    assert (
+        "Connection refused" in said
+        and f" (is `safety serve` running at {target}?); still unavailable" in said
+    )
+    assert re.search(
+        r"; still unavailable after [12] retries over 0\.\d s, and a retry in \d\.\d\d s would come after "
+        r"--timeout \(1 s\) ran out: retry later, or pass a longer --timeout$",
+        said,
+    ), said
+    assert 1 <= len(retry_lines(capsys.readouterr().err)) <= 2
+
+
+def test_a_server_that_stays_away_is_retried_a_bounded_number_of_times(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    target = f"127.0.0.1:{free_port()}"
+    pauses: list[float] = []
+    monkeypatch.setattr("service.retries.pause", pauses.append)
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--remote", target, "hi"])
+    assert len(pauses) == RETRIES and len(retry_lines(capsys.readouterr().err)) == RETRIES
+    growing = [BACKOFF_FIRST_S * 2**n for n in range(RETRIES)]
+    for paused, base in zip(pauses, growing, strict=True):
+        assert min(base, 4.0) * (1 - JITTER) <= paused <= min(base, 4.0) * (1 + JITTER)
+    assert str(e.value.code).endswith(
+        f" (is `safety serve` running at {target}?); still unavailable after 8 retries over "
+        f"{sum(pauses):.1f} s: retry later"
+    )
+
+
+def test_a_deadline_exceeded_is_not_retried(
+    start_server: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The request ran out of --timeout: another try would too (and the server dropped its work)."""
+    app = start_server()
+    monkeypatch.setattr("service.retries.pause", lambda seconds: pytest.fail("waited to retry"))
+    app.scheduler.hold_runner()
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["classify", "--remote", f"127.0.0.1:{app.port}", "--timeout", "0.5", "hi"])
+    finally:
+        app.scheduler.release_runner()
+    said = str(e.value.code)  # the server's own (`deadline passed while queued`) or gRPC's, first to end it
+    assert said.startswith(f"safety classify --remote 127.0.0.1:{app.port}: DEADLINE_EXCEEDED: "), said
+    assert "retr" not in said, said
+    assert capsys.readouterr().err == ""
+
+
+class Unavailable(pb2_grpc.SafetyClassifierServicer):
+    """A stand-in server whose first Classify answers UNAVAILABLE with a retry hint of 300 ms (as
+    `safety serve` sends with JOB_BUSY), and later ones one empty result per item."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def Info(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return pb2.InfoResponse()  # no limits
+
+    def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            context.set_trailing_metadata(((RETRY_PUSHBACK, "300"),))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "busy elsewhere; retry in 300 ms")
+        return pb2.ClassifyResponse(results=[pb2.Result(id=item.id) for item in request.items])
+
+
+def test_an_unavailable_with_a_retry_hint_goes_again_after_the_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The server's hint, not the backoff, says when (and it is not jittered)."""
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = Unavailable()
+    pb2_grpc.add_SafetyClassifierServicer_to_server(servicer, server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    pauses: list[float] = []
+    monkeypatch.setattr("service.retries.pause", pauses.append)
+    try:
+        assert main(["classify", "--remote", target, "hi"]) == 0
+    finally:
+        server.stop(0)
+    assert pauses == [0.3] and servicer.calls == 2
+    [line] = retry_lines(capsys.readouterr().err)
+    assert (
+        line[2] == "busy elsewhere; retry in 300 ms" and line[3] == "sending items[0]" and line[4] == "0.30"
+    )
