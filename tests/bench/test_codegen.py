@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from tests.bench.test_scripts import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ def test_bf16_gpu_parity_with_hf_fp32(tiny_model_dir: Path, backend: str) -> Non
     """bf16 on CUDA: error against HF fp32 within 2x HF-bf16's own error + 0.02 (as bench/gpu.py checks)."""
     from transformers import ModernBertForSequenceClassification
 
-    from tests.model.test_parity import LENGTHS, hf_logits, random_ids
+    from tests.model.parity_util import LENGTHS, hf_logits, random_ids
 
     seqs = random_ids(LENGTHS, 512)
     ref = hf_logits(ModernBertForSequenceClassification.from_pretrained(tiny_model_dir).eval(), seqs, 3)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from model import load_classifier
 from tests.checkpoints import make_checkpoint
+from tests.model.parity_util import LENGTHS, hf_logits, random_ids
 
 TOL = 1e-4
-# One call mixes 1 token up to several hundred, so local windows (16 -> ±8) and padding both bite.
-LENGTHS = [1, 2, 3, 7, 9, 16, 17, 18, 33, 64, 100, 129, 257, 300, 411]
 
 
 def hf_model(directory: Path):
@@ -31,23 +29,6 @@ def hf_tokenizer(directory: Path):
         tokenizer_file=str(directory / "tokenizer.json"),
         cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]",
     )  # fmt: skip
-
-
-def random_ids(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(5, vocab) for _ in range(n)] for n in lengths]
-
-
-def hf_logits(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
-    """HF on a right-padded batch (the padded path is where ports go wrong)."""
-    S = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), S), pad_id)
-    mask = torch.zeros(len(seqs), S, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 CASES = [

@@ -1,4 +1,6 @@
-"""Helpers for the service tests: a background event loop, polling with a timeout, request builders."""
+"""Helpers for the service tests: a background event loop, polling with a timeout, request builders, a
+server's metrics (`counted`, `scrape`, `metric_value`), API keys (`answer_code`, `write_keys`, `remove_k1`)
+and a refused call (`refusal`)."""
 
 from __future__ import annotations
 
@@ -6,10 +8,18 @@ import asyncio
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from service.stubs import pb2
+import grpc
+
+from service.stubs import pb2, pb2_grpc
+from tests.prometheus import metrics_text
+
+if TYPE_CHECKING:
+    from service.server import SafetyServer
 
 
 class LoopThread:
@@ -80,3 +90,73 @@ class ExplodingLaunch:
 
     def launch(self, sequences: list[list[int]]) -> Any:
         raise RuntimeError("kernel exploded")
+
+
+def counted(app: SafetyServer, method: str) -> Counter[str]:
+    """safety_requests_total of `method`, by code (codes at 0 left out)."""
+    codes: Counter[str] = Counter()
+    for metric in app.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "safety_requests_total" and sample.labels["method"] == method and sample.value:
+                codes[sample.labels["code"]] += int(sample.value)
+    return codes
+
+
+def scrape(app: SafetyServer) -> str:
+    """The server's /metrics page."""
+    return metrics_text(app.metrics_port)
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of the series `name` (with its labels, as the page writes them) on a /metrics page."""
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
+    raise AssertionError(f"{name} not in metrics")
+
+
+def answer_code(port: int, key: str) -> grpc.StatusCode:
+    """The status an Info call with the API key `key` ends with on the server at `port`."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb2_grpc.SafetyClassifierStub(channel)
+        try:
+            stub.Info(pb2.InfoRequest(), metadata=[("authorization", f"Bearer {key}")], timeout=5)
+        except grpc.RpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+
+def write_keys(path: Path, *keys: str) -> None:
+    """Replace the key file with one holding `keys`, as a Kubernetes Secret volume does (a new file)."""
+    new = path.with_name(path.name + ".new")
+    new.write_text("".join(f"{key}\n" for key in keys))
+    new.replace(path)
+
+
+def remove_k1(app: SafetyServer, path: Path) -> None:
+    """Rotate k1 out of the key file (k2 in) and wait until a new call with k1 is refused."""
+    write_keys(path, "k2")
+    refused = grpc.StatusCode.UNAUTHENTICATED
+    wait_until(lambda: answer_code(app.port, "k1") == refused, what="a new call with k1 refused")
+    assert answer_code(app.port, "k2") == grpc.StatusCode.OK
+
+
+def refusal(app: SafetyServer, stub: Any) -> grpc.RpcError:
+    """Fill the held queue to its item bound, then one more call: its RESOURCE_EXHAUSTED error."""
+    bound = app.scheduler.max_queue_items
+    app.scheduler.hold_runner()
+    try:
+        admitted = [stub.Classify.future(request(f"queued {i}"), timeout=30) for i in range(bound)]
+        wait_until(lambda: in_queue(app) == bound, what="queue full")
+        try:
+            stub.Classify(request("one too many"), timeout=10)
+            raise AssertionError("admitted past the bound")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            refused = e
+    finally:
+        app.scheduler.release_runner()
+    for call in admitted:
+        assert call.result(30).results
+    return refused

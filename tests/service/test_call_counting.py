@@ -17,17 +17,7 @@ import grpc
 
 from service.server import SafetyServer
 from service.stubs import SERVICE_NAME, pb2, pb2_grpc
-from tests.service.helpers import LoopThread, held_requests, in_queue, request, wait_until
-
-
-def counted(app: SafetyServer, method: str) -> Counter[str]:
-    """safety_requests_total of `method`, by code (codes at 0 left out)."""
-    codes: Counter[str] = Counter()
-    for metric in app.metrics.registry.collect():
-        for sample in metric.samples:
-            if sample.name == "safety_requests_total" and sample.labels["method"] == method and sample.value:
-                codes[sample.labels["code"]] += int(sample.value)
-    return codes
+from tests.service.helpers import LoopThread, counted, held_requests, in_queue, request, wait_until
 
 
 def timed(app: SafetyServer, method: str) -> tuple[float, float]:

@@ -15,23 +15,16 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 
 from service import richstatus
 from service.client import AsyncSafetyClient, SafetyClient, error_details
 from service.server import SafetyServer
 from service.stubs import pb2
-from tests.service.helpers import ExplodingLaunch, request
-from tests.service.test_retry_pushback import refusal
-from tests.service.test_serve_process import serve_process
+from tests.service.details import DETAILS, BadRequest, ErrorInfo, RetryInfo, status_of, unpacked
+from tests.service.helpers import ExplodingLaunch, refusal, request
+from tests.service.processes import serve_process
 
-DETAILS = "grpc-status-details-bin"
-ErrorInfo, BadRequest, RetryInfo = (
-    error_details_pb2.ErrorInfo,
-    error_details_pb2.BadRequest,
-    error_details_pb2.RetryInfo,
-)
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
 
@@ -39,26 +32,6 @@ def call_error(call: Any) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
         call()
     return err.value
-
-
-def status_of(err: grpc.RpcError) -> status_pb2.Status:
-    """The error's google.rpc.Status, checked to repeat the call's code and message."""
-    trailers = dict(err.trailing_metadata() or ())
-    assert DETAILS in trailers, trailers
-    status = status_pb2.Status.FromString(trailers[DETAILS])
-    assert status.code == err.code().value[0] and status.message == err.details(), status
-    return status
-
-
-def unpacked(status: status_pb2.Status) -> dict[type[Message], Any]:
-    """The status's details by type; every one of them is one of the three this API sends, once."""
-    out: dict[type[Message], Any] = {}
-    for detail in status.details:
-        [cls] = [c for c in (ErrorInfo, BadRequest, RetryInfo) if detail.Is(c.DESCRIPTOR)]
-        assert cls not in out, status
-        out[cls] = cls()
-        assert detail.Unpack(out[cls])
-    return out
 
 
 def info_of(err: grpc.RpcError) -> Any:

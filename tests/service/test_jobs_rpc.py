@@ -21,9 +21,8 @@ from service.client import SafetyClient, build_items, error_details
 from service.server import SafetyServer, create_server
 from service.settings import ServeSettings
 from service.stubs import pb2
-from tests.service.helpers import wait_until
-from tests.service.test_error_details import ErrorInfo, status_of, unpacked
-from tests.service.test_revoked_keys import remove_k1, write_keys
+from tests.service.details import ErrorInfo, status_of, unpacked
+from tests.service.helpers import remove_k1, wait_until, write_keys
 from tests.worker.harness import (
     RedisServer,
     Worker,

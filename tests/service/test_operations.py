@@ -21,8 +21,7 @@ from service.server import SafetyServer, create_server
 from service.settings import ServeSettings
 from service.stubs import SERVICE_NAME, pb2, pb2_grpc
 from service.tls import TlsFiles, load
-from tests.prometheus import metrics_text
-from tests.service.helpers import in_queue, request, wait_until
+from tests.service.helpers import answer_code, in_queue, metric_value, request, scrape, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -32,18 +31,6 @@ def health_status(port: int, service: str = "") -> int:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
-
-
-def scrape(app: SafetyServer) -> str:
-    return metrics_text(app.metrics_port)
-
-
-def metric_value(text: str, name: str) -> float:
-    for line in text.splitlines():
-        key, _, value = line.rpartition(" ")
-        if key == name:
-            return float(value)
-    raise AssertionError(f"{name} not in metrics")
 
 
 def test_health_not_serving_until_loaded_then_serving_then_draining(
@@ -162,16 +149,6 @@ def test_api_key(start_server: Any) -> None:
     with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as err:
         ProtoReflectionDescriptorDatabase(channel).get_services()
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-
-
-def answer_code(port: int, key: str) -> grpc.StatusCode:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = pb2_grpc.SafetyClassifierStub(channel)
-        try:
-            stub.Info(pb2.InfoRequest(), metadata=[("authorization", f"Bearer {key}")], timeout=5)
-        except grpc.RpcError as e:
-            return e.code()
-        return grpc.StatusCode.OK
 
 
 def test_api_keys_with_whitespace_and_several_of_them(

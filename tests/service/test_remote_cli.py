@@ -8,7 +8,6 @@ import itertools
 import json
 import re
 import threading
-from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -24,18 +23,8 @@ from service.richstatus import RETRY_PUSHBACK
 from service.scheduler import RETRY_DEFAULT_MS, RETRY_MAX_MS, RETRY_MIN_MS
 from service.server import SafetyServer
 from service.stubs import pb2, pb2_grpc
-from tests.service.helpers import free_port, in_queue, wait_until
+from tests.service.helpers import counted, free_port, in_queue, wait_until
 from tests.service.helpers import request as one_request
-
-
-def classify_calls(app: SafetyServer) -> Counter[str]:
-    """safety_requests_total of Classify, by code."""
-    codes: Counter[str] = Counter()
-    for metric in app.metrics.registry.collect():
-        for sample in metric.samples:
-            if sample.name == "safety_requests_total" and sample.labels["method"] == "Classify":
-                codes[sample.labels["code"]] += int(sample.value)
-    return +codes
 
 
 def write_items(path: Path, texts: list[str]) -> Path:
@@ -53,7 +42,7 @@ def test_a_file_larger_than_max_items_is_sent_in_requests_the_server_accepts(
     argv = ["classify", "--jsonl", str(src), "--threshold", "hate=0.5"]
     assert main([*argv, "--remote", f"127.0.0.1:{app.port}"]) == 0
     remote = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert classify_calls(app) == {"OK": 3}
+    assert counted(app, "Classify") == {"OK": 3}
     assert main([*argv, "--model", str(tiny_model_dir), "--device", "cpu"]) == 0
     local = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["id"] for r in remote] == [f"i{n}" for n in range(11)]
@@ -94,7 +83,7 @@ def test_requests_stay_within_the_servers_message_bytes(start_server: Any, tmp_p
     assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [
         f"i{n}" for n in range(9)
     ]
-    assert classify_calls(app) == {"OK": 3}  # 4 of about 165 bytes fit in 700, 5 do not
+    assert counted(app, "Classify") == {"OK": 3}  # 4 of about 165 bytes fit in 700, 5 do not
     write_items(src, ["y" * 800, "fine"])  # no request can carry it: refused, naming it, exit 2
     assert main(["classify", "--remote", f"127.0.0.1:{app.port}", "--jsonl", str(src)]) == 2
     said = capsys.readouterr()
@@ -120,7 +109,7 @@ def test_the_items_before_one_too_large_to_send_are_sent_and_printed_first(
         "limit of 700 (limits.max_message_bytes, SAFETY_MAX_MESSAGE_BYTES); shorten its text or context; "
         "stopped there, after the results of the first 1 item\n"
     )
-    assert classify_calls(app) == {"OK": 1}
+    assert counted(app, "Classify") == {"OK": 1}
 
 
 def test_the_items_before_a_bad_line_are_sent_and_printed_first(
@@ -137,7 +126,7 @@ def test_the_items_before_a_bad_line_are_sent_and_printed_first(
     assert [json.loads(line)["id"] for line in said.out.splitlines()] == [f"i{n}" for n in range(5)]
     assert said.err.startswith(f"safety classify: {src}:6: not valid JSON (")
     assert said.err.endswith("); stopped there, after the results of the first 5 items\n")
-    assert classify_calls(app) == {"OK": 2}
+    assert counted(app, "Classify") == {"OK": 2}
 
 
 @pytest.mark.parametrize("max_bytes", [0, 300, 1000])
@@ -193,7 +182,7 @@ def test_a_file_over_the_servers_queue_token_bound_is_sent_in_requests_it_accept
     said = capsys.readouterr()
     assert [json.loads(line)["id"] for line in said.out.splitlines()] == [f"i{n}" for n in range(15)]
     assert said.err == ""
-    assert classify_calls(app) == {"OK": 8}
+    assert counted(app, "Classify") == {"OK": 8}
 
 
 @pytest.mark.parametrize("details", [True, False], ids=["details", "message-only"])
@@ -216,7 +205,7 @@ def test_a_request_the_server_finds_larger_than_its_queue_goes_again_in_halves(
     said = capsys.readouterr()
     assert [json.loads(line)["id"] for line in said.out.splitlines()] == [f"i{n}" for n in range(6)]
     assert said.err == ""
-    assert classify_calls(app) == {"INVALID_ARGUMENT": 3, "OK": 6}
+    assert counted(app, "Classify") == {"INVALID_ARGUMENT": 3, "OK": 6}
 
 
 def test_split_requests_keeps_each_request_within_the_whole_queue_bound() -> None:
@@ -277,7 +266,7 @@ def test_a_request_refused_as_busy_goes_again_after_the_servers_hint(
     )
     assert said.err.endswith("; sending items[0..1] again in 0.10 s (retry 1 of 8)\n")
     assert said.err.count("\n") == 1
-    assert classify_calls(app) == {"RESOURCE_EXHAUSTED": 1, "OK": 3}
+    assert counted(app, "Classify") == {"RESOURCE_EXHAUSTED": 1, "OK": 3}
 
 
 def test_a_server_that_stays_busy_ends_the_run_after_a_bounded_number_of_retries(
@@ -319,7 +308,7 @@ def test_a_server_that_stays_busy_ends_the_run_after_a_bounded_number_of_retries
         f"; retry with backoff; still refused after 8 retries over {sum(pauses):.1f} s: retry later, or use "
         "a batch job (safety submit); stopped there, after the results of the first 2 items"
     )
-    assert classify_calls(app) == {"OK": 3, "RESOURCE_EXHAUSTED": 1 + RETRIES}
+    assert counted(app, "Classify") == {"OK": 3, "RESOURCE_EXHAUSTED": 1 + RETRIES}
 
 
 def test_a_resource_exhausted_without_a_retry_hint_is_not_retried(
@@ -437,7 +426,7 @@ def test_a_run_started_before_the_server_is_up_waits_for_it(
         assert line[2].startswith("failed to connect to all addresses") and "Connection refused" in line[2]
     backoff = [float(line[4]) for line in lines]
     assert BACKOFF_FIRST_S * (1 - JITTER) - 0.01 <= backoff[0] <= BACKOFF_FIRST_S * (1 + JITTER) + 0.01
-    assert classify_calls(app) == {"OK": 1}
+    assert counted(app, "Classify") == {"OK": 1}
 
 
 def test_a_server_that_drains_and_restarts_mid_run_is_waited_for(
@@ -490,7 +479,7 @@ def test_a_server_that_drains_and_restarts_mid_run_is_waited_for(
     assert all(line[3] == "sending items[2..3]" for line in lines), said.err
     assert lines[0][2] == "server is draining; retry on another replica", said.err
     assert "Connection refused" in lines[-1][2], said.err
-    assert classify_calls(new) == {"OK": 2}
+    assert counted(new, "Classify") == {"OK": 2}
 
 
 def test_a_server_that_stays_away_ends_the_run_when_its_timeout_would_run_out(

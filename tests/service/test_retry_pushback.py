@@ -6,32 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
-
 from service.errors import RETRY_PUSHBACK
 from service.scheduler import RETRY_DEFAULT_MS, RETRY_MAX_MS, RETRY_MIN_MS
 from service.server import SafetyServer
-from tests.service.helpers import in_queue, request, wait_until
-
-
-def refusal(app: SafetyServer, stub: Any) -> grpc.RpcError:
-    """Fill the held queue to its item bound, then one more call: its RESOURCE_EXHAUSTED error."""
-    bound = app.scheduler.max_queue_items
-    app.scheduler.hold_runner()
-    try:
-        admitted = [stub.Classify.future(request(f"queued {i}"), timeout=30) for i in range(bound)]
-        wait_until(lambda: in_queue(app) == bound, what="queue full")
-        try:
-            stub.Classify(request("one too many"), timeout=10)
-            raise AssertionError("admitted past the bound")
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            refused = e
-    finally:
-        app.scheduler.release_runner()
-    for call in admitted:
-        assert call.result(30).results
-    return refused
+from tests.service.helpers import refusal
 
 
 def refusal_pushback(app: SafetyServer, stub: Any) -> int:

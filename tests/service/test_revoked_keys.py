@@ -17,11 +17,8 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.client import error_details
-from service.server import SafetyServer
 from service.stubs import pb2_grpc
-from tests.service.helpers import in_queue, request, wait_until
-from tests.service.test_call_counting import counted
-from tests.service.test_operations import answer_code
+from tests.service.helpers import answer_code, counted, in_queue, remove_k1, request, wait_until, write_keys
 
 REVOKED = "API key revoked"
 
@@ -41,21 +38,6 @@ class Sender:
 
     def close(self) -> None:
         self._queue.put(None)
-
-
-def write_keys(path: Path, *keys: str) -> None:
-    """Replace the key file with one holding `keys`, as a Kubernetes Secret volume does (a new file)."""
-    new = path.with_name(path.name + ".new")
-    new.write_text("".join(f"{key}\n" for key in keys))
-    new.replace(path)
-
-
-def remove_k1(app: SafetyServer, path: Path) -> None:
-    """Rotate k1 out of the key file (k2 in) and wait until a new call with k1 is refused."""
-    write_keys(path, "k2")
-    refused = grpc.StatusCode.UNAUTHENTICATED
-    wait_until(lambda: answer_code(app.port, "k1") == refused, what="a new call with k1 refused")
-    assert answer_code(app.port, "k2") == grpc.StatusCode.OK
 
 
 @pytest.fixture

@@ -18,8 +18,7 @@ from service.client import AsyncSafetyClient, SafetyClient
 from service.scheduler import RETRY_MAX_MS, RETRY_MIN_MS
 from service.server import SafetyServer
 from service.stubs import pb2
-from tests.service.helpers import held_requests, in_queue, request, wait_until
-from tests.service.test_operations import metric_value, scrape
+from tests.service.helpers import held_requests, in_queue, metric_value, request, scrape, wait_until
 
 BATCHES = [
     ["How do I bake sourdough bread?"],

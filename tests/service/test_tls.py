@@ -19,6 +19,7 @@ from service.client import SafetyClient
 from service.settings import ServeSettings
 from tests.service.helpers import wait_until
 from tests.service.pki import make_ca, make_leaf, served_serial, speaks_http2
+from tests.service.processes import safety_command
 
 Pair = tuple[Path, Path]
 
@@ -100,8 +101,6 @@ def test_certificates_are_re_read_when_their_files_change(
 
 
 def test_classify_remote_with_a_client_certificate(start_server: Any, pki: dict[str, Pair]) -> None:
-    from tests.service.test_serve_process import safety_command
-
     cert, key = pki["server"]
     app = start_server(tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(pki["ca"][0]))
     base = [*safety_command(), "classify", "--remote", f"localhost:{app.port}", "--ca", str(pki["ca"][0])]
