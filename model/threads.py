@@ -2,9 +2,10 @@
 
 Owns: reading the CPU limit of this process — its affinity mask and a cgroup CPU quota (v2 `cpu.max`, v1
 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), which is what a Kubernetes CPU limit becomes — and setting torch's
-intra-op threads from it. `os.cpu_count()` reports the node's cores: a pod limited to 4 CPUs on a 64-core node
-would otherwise run 64 threads and be throttled. Also names OS threads after their Python threads
-(`name_os_thread`), so each thread's CPU time can be read from outside.
+intra-op threads from it (`safety serve`'s default tokenizer threads follow it too). `os.cpu_count()` reports
+the node's cores: a pod limited to 4 CPUs on a 64-core node would otherwise run 64 threads and be throttled.
+Also names OS threads after their Python threads (`name_os_thread`), so each thread's CPU time can be read
+from outside.
 Must not know: gRPC, Celery, the model.
 """
 
@@ -37,16 +38,20 @@ def cgroup_quota(root: Path = CGROUP) -> float | None:
         return None
 
 
-def available_cpus(root: Path = CGROUP) -> int:
-    """min(CPUs in this process's affinity mask, the cgroup quota rounded up), at least 1."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    quota = cgroup_quota(root)
-    if quota is not None:
-        cpus = min(cpus, math.ceil(quota))
+def cpu_limit(affinity: int, quota: float | None) -> int:
+    """CPUs a process may use: min(`affinity`, the CPUs in its affinity mask, and `quota`, the cgroup CPU
+    quota in CPUs (None: none), rounded up), at least 1."""
+    cpus = affinity if quota is None else min(affinity, math.ceil(quota))
     return max(1, cpus)
+
+
+def available_cpus(root: Path = CGROUP) -> int:
+    """`cpu_limit` of this process: its affinity mask and the cgroup quota under `root`."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        affinity = os.cpu_count() or 1
+    return cpu_limit(affinity, cgroup_quota(root))
 
 
 def configure_threads(threads: int | None = None, environ: dict[str, str] | None = None) -> int:

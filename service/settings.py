@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from model.engine_settings import EngineSettings
 from model.errors import InvalidInputError
 from model.settings_base import env_name, expects, opt_int, opt_str, setting, values_from_env
+from model.threads import available_cpus
 from service.apikeys import parse_keys, read_key_file
 
 
@@ -70,7 +70,11 @@ class ServeSettings(EngineSettings):
         "largest request message accepted, in bytes (larger: INVALID_ARGUMENT)",
     )
     encode_threads: int = setting(
-        min(4, os.cpu_count() or 1), "SAFETY_ENCODE_THREADS", int, "tokenizer threads (off the event loop)"
+        # the CPUs this process may use (affinity, cgroup quota = a Kubernetes CPU limit), not the node's
+        min(4, available_cpus()),
+        "SAFETY_ENCODE_THREADS",
+        int,
+        "tokenizer threads (off the event loop)",
     )
     api_key: str | None = setting(
         None,

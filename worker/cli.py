@@ -263,7 +263,7 @@ def json_logs(level: str) -> None:
     """SAFETY_LOG_FORMAT=json: Celery sets up its handlers (level, stdout redirection) as usual, then each
     gets our JSON formatter; a record logged inside a task carries its `task_id` and `task_name`. Until
     Celery's handlers exist, a JSON root handler takes what comes earlier, Python warnings included (Celery
-    warns before it sets up logging, e.g. when run as root)."""
+    warns before it sets up logging, e.g. when run as root). Celery's shutdown notices are records too."""
     from celery import signals
     from celery._state import get_current_task  # what Celery's own TaskFormatter reads
 
@@ -285,6 +285,12 @@ def json_logs(level: str) -> None:
 
     signals.after_setup_logger.connect(use_json, weak=False)
     signals.after_setup_task_logger.connect(use_json, weak=False)
+    # Celery prints its shutdown notices ("worker: Warm shutdown (MainProcess)", "Hitting Ctrl+C again ...")
+    # with safe_say, an os.write past logging: make them records too.
+    from celery.apps import worker as celery_worker
+
+    notices = logging.getLogger("celery.apps.worker")
+    celery_worker.safe_say = lambda msg, f=None: notices.info(str(msg).strip())
 
 
 def serve_metrics(port: int, *, prefork: bool) -> str | None:

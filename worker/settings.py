@@ -39,7 +39,8 @@ class WorkerSettings(EngineSettings):
     )  # fmt: skip
     visibility_timeout_s: int = setting(
         3600, "SAFETY_VISIBILITY_TIMEOUT_S", int, "seconds before an unacknowledged chunk (its worker died) "
-        "is delivered again; must exceed the longest chunk"
+        "is delivered again; a live worker renews its hold before each slice of the chunk, so it must exceed "
+        "the longest slice, not the longest chunk"
     )  # fmt: skip
     concurrency: int | None = setting(
         None, "SAFETY_WORKER_CONCURRENCY", opt_int, "worker processes per `safety worker` (unset: 1; the "

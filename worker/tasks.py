@@ -3,14 +3,16 @@
 Owns: what a delivery of a chunk does. It counts the attempt in Redis first, so a chunk whose worker keeps
 dying (requeued by `task_reject_on_worker_lost` or redelivered after the visibility timeout) is dead-lettered
 after `max_attempts` deliveries with its items marked failed, instead of looping forever. Items that already
-have a result are skipped, so a redelivered chunk redoes only what is missing. Any error other than a bad item
-hands the message back to the queue (`Reject(requeue=True)`) rather than acknowledging a chunk whose results
-were never written. The classifier is loaded once per worker process, lazily on its first chunk (never in the
-prefork parent, so CUDA is initialised only after fork) and before that delivery counts as an attempt: a
-worker that cannot load its model hands the chunk back uncounted and shuts down; one whose device breaks for
-good (a sticky CUDA error) hands the chunk back (that attempt counted) and shuts down too. Each delivery's
-outcome (done, retried, dead_lettered, skipped: also a chunk whose job was cancelled or went away while it
-ran, whose results are discarded), its wall time and the items it wrote are counted in
+have a result are skipped, so a redelivered chunk redoes only what is missing. The rest is classified and
+stored a slice at a time (`worker.slices`), the hold on the message renewed before each slice: a live worker
+keeps a chunk longer than the visibility timeout, and a killed one loses only the slice in hand. Any error
+other than a bad item hands the message back to the queue (`Reject(requeue=True)`) rather than acknowledging a
+chunk whose results were never written. The classifier is loaded once per worker process, lazily on its first
+chunk (never in the prefork parent, so CUDA is initialised only after fork) and before that delivery counts as
+an attempt: a worker that cannot load its model hands the chunk back uncounted and shuts down; one whose
+device breaks for good (a sticky CUDA error) hands the chunk back (that attempt counted) and shuts down too.
+Each delivery's outcome (done, retried, dead_lettered, skipped: also a chunk whose job was cancelled or went
+away while it ran, whose results are discarded), its wall time and the items it wrote are counted in
 `worker.metrics`. A message carries its job's nonce (`worker.store`): one that belongs to another job of the
 same id (an earlier job, deleted or expired, whose id was submitted again) is `stale` and skipped: nothing
 counted, nothing written, acknowledged. A message of the previous release has no nonce (two args) and runs
@@ -24,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import time
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -37,7 +40,8 @@ from worker import faults
 from worker.app import TASK_NAME, app
 from worker.metrics import Metrics, process_metrics
 from worker.settings import WorkerSettings
-from worker.store import FINISHED, JobStore, failed_line, result_line
+from worker.slices import floor_tokens_per_s, item_chars, largest_item_s, renew, slice_chars, slices
+from worker.store import FINISHED, JobStore, Written, failed_line, result_line
 
 if TYPE_CHECKING:
     from model import Classifier
@@ -88,7 +92,25 @@ class ClassifierTask(Task):
             clf.graphs_text, "on" if clf.runner.fused_gemm else "off", torch.get_num_threads(),
             time.perf_counter() - started,
         )  # fmt: skip
+        if warning := visibility_warning(self.settings, clf.device):
+            log.warning("%s", warning)
         return clf
+
+
+def visibility_warning(settings: WorkerSettings, device: str) -> str | None:
+    """What is wrong, if the largest item allowed could outlast the visibility timeout at the device's floor
+    rate (`worker.slices`): one item is never split, so the broker would hand its chunk to another worker
+    while it still runs."""
+    largest = largest_item_s(settings.max_text_chars, device)
+    vt = settings.visibility_timeout_s
+    if largest <= vt:
+        return None
+    return (
+        f"SAFETY_VISIBILITY_TIMEOUT_S={vt} is below the {largest:.0f}s that one item of "
+        f"SAFETY_MAX_TEXT_CHARS={settings.max_text_chars} characters (and as long a context) may take on "
+        f"{device} at {floor_tokens_per_s(device)} tokens/s: its chunk would be delivered again while it "
+        "runs; raise the timeout or lower SAFETY_MAX_TEXT_CHARS"
+    )
 
 
 @app.task(bind=True, base=ClassifierTask, name=TASK_NAME)
@@ -105,10 +127,11 @@ def deliver(task: ClassifierTask, job_id: str, chunk: int, nonce: str | None = N
         task.classifier  # noqa: B018 -- loaded before the delivery counts as an attempt
     except Exception as e:
         model_unavailable(task, job_id, chunk, e, began)
+    tally = Tally()  # the items this delivery wrote, slice by slice, whatever its outcome
     try:
-        done = run_chunk(task, job_id, chunk, nonce)
+        done = run_chunk(task, job_id, chunk, nonce, tally)
     except Reject:
-        _count(task, "retried", began)
+        _count(task, "retried", began, tally.ok, tally.failed)
         raise
     except Exception as e:  # Redis unreachable, or a bug: never ack a chunk whose results are unwritten
         log.exception("job %s chunk %d: requeued after an unexpected error", job_id, chunk)
@@ -116,11 +139,23 @@ def deliver(task: ClassifierTask, job_id: str, chunk: int, nonce: str | None = N
         if not isinstance(e, redis.RedisError):  # a Redis blip is not the chunk's fault: keep its last error
             with contextlib.suppress(Exception):  # so a later give-up names the cause (if Redis is reachable)
                 task.store.record_error(job_id, chunk, error, nonce=nonce)
-        _count(task, "retried", began)
+        _count(task, "retried", began, tally.ok, tally.failed)
         raise Reject(error, requeue=True) from e
     outcome = CHUNK_OUTCOMES.get(done["action"], "skipped")
-    _count(task, outcome, began, done.get("ok", 0), done.get("failed", 0))
+    _count(task, outcome, began, tally.ok, tally.failed)
     return done
+
+
+@dataclass
+class Tally:
+    """Items newly written by one delivery: its slices' results, or the failed lines of its give-up."""
+
+    ok: int = 0
+    failed: int = 0
+
+    def add(self, written: Written) -> None:
+        self.ok += written.ok
+        self.failed += written.failed
 
 
 def model_unavailable(
@@ -159,7 +194,12 @@ def _count(task: ClassifierTask, outcome: str, began: float, ok: int = 0, failed
         log.warning("could not count a chunk delivery (%s) in the metrics", outcome, exc_info=True)
 
 
-def run_chunk(task: ClassifierTask, job_id: str, chunk: int, nonce: str | None = None) -> dict[str, Any]:
+def run_chunk(
+    task: ClassifierTask, job_id: str, chunk: int, nonce: str | None = None, tally: Tally | None = None
+) -> dict[str, Any]:
+    """One delivery's work: start the chunk, then classify and store its missing items a slice at a time
+    (`worker.slices`), renewing the hold on its message before each slice. `tally` counts what it wrote."""
+    tally = Tally() if tally is None else tally
     store, max_attempts = task.store, task.settings.max_attempts
     start = store.start_chunk(job_id, chunk, nonce)
     if start.action == "stale":
@@ -183,45 +223,66 @@ def run_chunk(task: ClassifierTask, job_id: str, chunk: int, nonce: str | None =
         # brings them back; fail them now with the reason, rather than redeliver the chunk for ever
         error = "its items are missing from Redis (evicted, or lost in a restart); submit the job again"
         found = [item or {} for item in items]
-        return give_up(store, job_id, chunk, start.attempt, indices, found, error, nonce)
+        return give_up(store, job_id, chunk, start.attempt, indices, found, error, nonce, tally)
     if start.attempt > max_attempts:
         error = f"gave up after {max_attempts} attempts: {start.last_error or WORKER_LOST}"
-        return give_up(store, job_id, chunk, start.attempt - 1, indices, items, error, nonce)
+        return give_up(store, job_id, chunk, start.attempt - 1, indices, items, error, nonce, tally)
 
-    began = time.perf_counter()
-    try:
-        faults.inject(job_id, chunk)
-        clf = task.classifier
-        lines = classify_lines(clf, indices, items)
-    except Exception as e:
+    def fail(e: Exception) -> dict[str, Any]:
+        """The chunk failed (the slices it stored stay stored): requeue it, or give up on its last attempt."""
         error = f"{type(e).__name__}: {e}"
         if device_failed(e):  # every later chunk would fail here too: this process is done, the chunk is not
             stop_worker(task, f"the device failed in job {job_id} chunk {chunk}: {error}")
         store.record_error(job_id, chunk, error, nonce=nonce)  # a give-up on a later delivery names it
         if start.attempt >= max_attempts:
             error = f"gave up after {max_attempts} attempts: {error}"
-            return give_up(store, job_id, chunk, start.attempt, indices, items, error, nonce)
+            return give_up(store, job_id, chunk, start.attempt, indices, items, error, nonce, tally)
         log.warning("job %s chunk %d attempt %d failed, requeued: %s", job_id, chunk, start.attempt, error)
         raise Reject(error, requeue=True) from e
-    written = store.write(
-        job_id, [(i, json.dumps(line), failed) for i, line, failed in lines], model=clf.name, nonce=nonce
-    )
-    if written.state in DISCARDED:  # cancelled, deleted, lost or replaced while it ran: nothing written
-        log.info("job %s chunk %d: the job was %s meanwhile; its results are discarded", job_id, chunk,
-                 DISCARDED[written.state])  # fmt: skip
-        return {"job_id": job_id, "chunk": chunk, "action": written.state}
+
+    began = time.perf_counter()
+    tag = delivery_tag(task)
+    clf = task.classifier  # loaded by `deliver`
+    limit = slice_chars(task.settings.visibility_timeout_s, getattr(clf, "device", "cpu"))
+    parts = list(slices(list(zip(indices, items, strict=True)), lambda p: item_chars(p[1]), limit))
+    written = None
+    for part in parts:
+        renew(store.client, tag)  # the model load, or the slice before, took time off the hold: renew it
+        try:
+            faults.inject(job_id, chunk)
+            lines = classify_lines(clf, [i for i, _ in part], [item for _, item in part])
+        except Exception as e:
+            return fail(e)
+        payload = [(i, json.dumps(line), failed) for i, line, failed in lines]
+        written = store.write(job_id, payload, model=clf.name, nonce=nonce)
+        if written.state in DISCARDED:  # cancelled, deleted, lost or replaced while it ran: no more written
+            later = " from then on" if tally.ok + tally.failed else ""
+            log.info("job %s chunk %d: the job was %s meanwhile; its results are discarded%s", job_id, chunk,
+                     DISCARDED[written.state], later)  # fmt: skip
+            return {"job_id": job_id, "chunk": chunk, "action": written.state}
+        tally.add(written)
+    if written is None:  # another delivery stored every missing result since this one started: nothing left
+        written = store.write(job_id, [], model=clf.name, nonce=nonce)
     log.info(
-        "job %s chunk %d: %d items in %.2fs (attempt %d), job %s",
-        job_id, chunk, len(lines), time.perf_counter() - began, start.attempt, written.state,
+        "job %s chunk %d: %d items in %.2fs%s (attempt %d), job %s",
+        job_id, chunk, len(indices), time.perf_counter() - began,
+        f", {len(parts)} slices" if len(parts) > 1 else "", start.attempt, written.state,
     )  # fmt: skip
     return {
         "job_id": job_id,
         "chunk": chunk,
         "action": "classified",
-        "written": written.ok + written.failed,
-        "ok": written.ok,
-        "failed": written.failed,
+        "written": tally.ok + tally.failed,
+        "ok": tally.ok,
+        "failed": tally.failed,
     }
+
+
+def delivery_tag(task: ClassifierTask) -> str | None:
+    """The broker's delivery tag of the message this task runs (kombu's virtual transports put it in the
+    message properties, which Celery hands the task), or None (a call outside a worker)."""
+    properties = getattr(getattr(task, "request", None), "properties", None) or {}
+    return properties.get("delivery_tag")
 
 
 def classify_lines(
@@ -257,6 +318,7 @@ def give_up(
     items: list[dict[str, str]],
     error: str,
     nonce: str | None = None,
+    tally: Tally | None = None,
 ) -> dict[str, Any]:
     """Mark the chunk's unwritten items failed, so the rest of the job still finishes, then dead-letter it.
 
@@ -269,11 +331,13 @@ def give_up(
         (i, json.dumps(failed_line(i, item_id(item.get("id"), i), error)), True)
         for i, item in zip(indices, items, strict=True)
     ]
-    written = store.write(job_id, lines, nonce=nonce)
+    written = store.write(job_id, lines, nonce=nonce)  # items an earlier slice stored keep their results
     if written.state in DISCARDED:
         log.info("job %s chunk %d: the job was %s meanwhile; nothing failed or dead-lettered", job_id, chunk,
                  DISCARDED[written.state])  # fmt: skip
         return {"job_id": job_id, "chunk": chunk, "action": written.state}
+    if tally is not None:
+        tally.add(written)
     if written.ok + written.failed:
         log.error("job %s chunk %d: dead-lettered: %s", job_id, chunk, error)
         store.dead_letter(job_id, chunk, attempts, error, nonce)

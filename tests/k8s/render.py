@@ -29,6 +29,7 @@ COMPOSITIONS = {
     "cpu+model-volume": ("cpu", ("model-volume",)),
     "gpu+grafana-dashboard": ("gpu", ("grafana-dashboard",)),
     "cpu+prometheus-rules": ("cpu", ("prometheus-rules",)),
+    "gpu+pod-monitor": ("gpu", ("pod-monitor",)),
 }
 CHECKOV = Path(os.environ.get("SAFETY_CHECKOV", REPO / ".cache" / "checkov-venv" / "bin" / "checkov"))
 PROMTOOL = Path(os.environ.get("SAFETY_PROMTOOL", REPO / ".cache" / "promtool" / "promtool"))

@@ -30,6 +30,12 @@ SERVICE_NAME = "{}.{}".format(
 KNOWN_SETTINGS = {f.metadata["env"] for cls in (ServeSettings, WorkerSettings) for f in fields(cls)}
 SECRET_SETTINGS = {"SAFETY_API_KEY", "SAFETY_TLS_KEY"}
 DRAIN_MARGIN_S = 5  # the server's own stop after the drain grace, and signal delivery
+# A GPU worker's longest chunk (solo_max_chunk_s): its first on a cold worker pays the model load,
+# torch.compile (16-20 s) and the CUDA-graph capture (~14 s); then at most 4 tokens a character (byte-level
+# BPE: emoji, rare CJK) at 0.5M tokens/s, the low end of what an H100 measured (docs/benchmarks.md).
+GPU_COLD_START_S = 35
+GPU_TOKENS_PER_S = 500_000
+MAX_TOKENS_PER_CHAR = 4  # model/classifier.py's (test_the_solo_chunk_bound_is_the_stated_one checks)
 
 
 def default(cls: type, env: str) -> Any:
@@ -197,15 +203,59 @@ def test_grpc_grace_outlasts_prestop_and_drain(rendered: dict[str, Rendered], na
     assert live["periodSeconds"] * live["failureThreshold"] > drain, "liveness would kill a draining server"
 
 
+def worker_pool(r: Rendered) -> str:
+    """The Celery pool the worker container runs: its --pool argument, else `safety worker`'s default for
+    SAFETY_DEVICE (solo on CUDA; "auto" may find a GPU, so solo too)."""
+    args = worker_container(r)["args"]
+    for i, arg in enumerate(args):
+        if arg == "--pool":
+            return args[i + 1]
+        if arg.startswith("--pool="):
+            return arg.split("=", 1)[1]
+    device = r.config().get("SAFETY_DEVICE") or default(WorkerSettings, "SAFETY_DEVICE")
+    return "prefork" if device == "cpu" else "solo"
+
+
+def solo_max_chunk_s(config: dict[str, str]) -> float:
+    """The longest chunk a solo-pool (GPU) worker is stated to run (docs/deploy.md, "Shutdown and draining"),
+    which SIGTERM lets it finish: a cold worker's model load, torch.compile and CUDA-graph capture, then
+    SAFETY_CHUNK_SIZE texts of SAFETY_MAX_TEXT_CHARS characters at MAX_TOKENS_PER_CHAR tokens a character,
+    at GPU_TOKENS_PER_S."""
+    chunk = int(config.get("SAFETY_CHUNK_SIZE") or default(WorkerSettings, "SAFETY_CHUNK_SIZE"))
+    chars = int(config.get("SAFETY_MAX_TEXT_CHARS") or default(WorkerSettings, "SAFETY_MAX_TEXT_CHARS"))
+    return GPU_COLD_START_S + chunk * chars * MAX_TOKENS_PER_CHAR / GPU_TOKENS_PER_S
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_worker_grace_outlasts_its_drain(rendered: dict[str, Rendered], name: str) -> None:
+def test_worker_grace_outlasts_its_drain_or_its_chunk(rendered: dict[str, Rendered], name: str) -> None:
+    """prefork (CPU) hands the running chunk back after SAFETY_DRAIN_GRACE_S; the solo pool (GPU) cannot, and
+    finishes it however long it takes: its grace must cover the longest chunk, or SIGKILL leaves the chunk
+    to the visibility timeout (an hour) and costs it an attempt."""
     r = rendered[name]
     spec = pod(r.get("Deployment", "safety-worker"))
     pre_stop = (
         spec["containers"][0].get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     )
-    drain = drain_grace(r.config(), WorkerSettings)
-    assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain + DRAIN_MARGIN_S
+    grace = spec["terminationGracePeriodSeconds"]
+    if worker_pool(r) == "prefork":
+        drain = drain_grace(r.config(), WorkerSettings)
+        assert grace >= pre_stop + drain + DRAIN_MARGIN_S
+    else:
+        longest = solo_max_chunk_s(r.config())
+        assert grace >= pre_stop + longest + DRAIN_MARGIN_S, (
+            f"{name}: a solo worker's grace {grace} s < its longest chunk {longest:.0f} s + margin"
+        )
+
+
+def test_the_solo_chunk_bound_is_the_stated_one(rendered: dict[str, Rendered]) -> None:
+    """The figures above are docs/deploy.md's: ~445 s for the GPU overlay's settings, under its grace."""
+    assert worker_pool(rendered["gpu"]) == "solo" and worker_pool(rendered["cpu"]) == "prefork"
+    assert round(solo_max_chunk_s(rendered["gpu"].config())) == 445
+    from model.classifier import MAX_TOKENS_PER_CHAR as engines
+
+    assert engines == MAX_TOKENS_PER_CHAR
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    assert "terminationGracePeriodSeconds: 600" in doc and "~445 s" in doc
 
 
 def test_drain_default_matches_the_config(rendered: dict[str, Rendered]) -> None:
@@ -370,6 +420,12 @@ def test_gpu_overlay(rendered: dict[str, Rendered], name: str) -> None:
         assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
         assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        # torch.compile (on by default on CUDA) starts min(32, CPUs in the affinity mask) compile processes,
+        # blind to the CPU limit: pin them to the limit
+        env = {e["name"]: e for e in container.get("env", [])}
+        threads = env["TORCHINDUCTOR_COMPILE_THREADS"]["valueFrom"]["resourceFieldRef"]
+        assert threads["resource"] == "limits.cpu" and threads["containerName"] == container["name"]
+        assert threads.get("divisor", "1") == "1"
     worker = r.get("Deployment", "safety-worker")
     assert worker["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0, "a rollout must not need a spare GPU"
     assert containers(worker)[0]["args"] == ["worker", "--pool", "solo"], "one process per GPU"

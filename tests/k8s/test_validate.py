@@ -1,9 +1,9 @@
 """Every overlay renders and passes `kubernetes-validate --strict` (unknown fields fail) offline.
 
 Owns: schema validation of the built-in Kubernetes kinds. Custom resources (KEDA's ScaledObject, the
-Prometheus Operator's PrometheusRule) have no schema in kubernetes-validate, which only WARNs and exits 0
-for them: they are split off here and checked in test_keda.py and test_alerts.py, and any other
-schema-less object fails this test. Must not know: what the objects say.
+Prometheus Operator's PrometheusRule and PodMonitor) have no schema in kubernetes-validate, which only WARNs
+and exits 0 for them: they are split off here and checked in test_keda.py, test_alerts.py and
+test_podmonitor.py, and any other schema-less object fails this test. Must not know: what the objects say.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from tests.k8s.render import COMPOSITIONS, OVERLAYS, Rendered, kubernetes_valida
 # The oldest release the manifests support (preStop `sleep` and gRPC probes need >= 1.30; 1.32 is the oldest
 # still maintained upstream) and the newest the validator knows, which must be a current release.
 KUBERNETES_VERSIONS = ("1.32", "1.37")
-CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+CUSTOM_KINDS = {
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+}
 
 
 def validate(objects: list[dict], version: str) -> tuple[int, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.threads import available_cpus, cgroup_quota, configure_threads, name_os_thread
+from model.threads import available_cpus, cgroup_quota, configure_threads, cpu_limit, name_os_thread
 
 
 def test_cgroup_v2_quota(tmp_path: Path) -> None:
@@ -42,6 +42,15 @@ def test_quota_caps_the_affinity_rounding_up(tmp_path: Path) -> None:
     import os
 
     assert available_cpus(tmp_path) == len(os.sched_getaffinity(0))
+
+
+def test_cpu_limit_is_the_affinity_capped_by_the_quota_rounded_up() -> None:
+    assert cpu_limit(64, None) == 64  # no quota: the affinity mask
+    assert cpu_limit(64, 4.0) == 4  # a Kubernetes limit of 4 CPUs on a 64-core node
+    assert cpu_limit(64, 2.5) == 3  # a fraction of a CPU rounds up
+    assert cpu_limit(2, 8.0) == 2  # a quota above the mask: the mask
+    assert cpu_limit(8, 0.1) == 1  # never zero
+    assert cpu_limit(0, None) == 1
 
 
 def test_configure_threads_sets_torch() -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from model.errors import ConfigError
 from service import protogen
 from service.settings import ServeSettings, add_arguments, from_args
 from worker.settings import WorkerSettings
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -100,6 +105,21 @@ def test_a_float_setting_must_be_finite(variable: str, value: str) -> None:
     if variable == "SAFETY_DRAIN_GRACE_S":  # the worker's own drain grace
         with pytest.raises(ConfigError, match=f"{variable}.*must be a finite number >= 0"):
             WorkerSettings.from_env({variable: value})
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin the process to one")
+def test_default_encode_threads_follow_the_cpus_the_process_may_use() -> None:
+    """A process pinned to one CPU (as a cgroup quota or an affinity mask limits a container) tokenizes on
+    one thread by default: os.cpu_count() reports the node's cores, which a container may not use."""
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from service.settings import ServeSettings as S; "
+        "print(S.from_env({}).encode_threads, S.from_env({}, encode_threads=3).encode_threads)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFETY_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "3"]  # an explicit setting still wins
 
 
 def test_help_documents_every_variable() -> None:

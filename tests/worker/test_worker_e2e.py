@@ -244,6 +244,33 @@ def test_json_logs_are_one_object_per_line_with_the_task_id(
     assert in_task and all(r["task_name"] == "worker.tasks.classify_chunk" for r in in_task)
 
 
+@pytest.mark.parametrize(
+    ("pool", "how"), [("solo", "Warm"), ("prefork", "Cold")]
+)  # prefork: `safety worker` remaps SIGTERM to Celery's cold shutdown (hand the chunk back after the grace)
+def test_json_logs_stay_json_through_a_sigterm_shutdown(
+    module_redis: RedisServer, tmp_path: Path, tiny_model_dir: Path, pool: str, how: str
+) -> None:
+    """Celery prints its shutdown notices (`worker: Warm shutdown (MainProcess)`, `worker: Hitting Ctrl+C
+    again will terminate all running tasks!`) with os.write, past logging: with SAFETY_LOG_FORMAT=json they
+    must be JSON records like every other line, on stdout and stderr alike."""
+    env = worker_env(module_redis.url, tiny_model_dir, queue=f"json-stop-{pool}", log_format="json")
+    w = Worker(env, tmp_path / "worker.log", pool=pool)
+    try:
+        poll(lambda: "ready" in w.text(), timeout=60, what=f"the worker ready: {w.log}")
+        w.proc.send_signal(signal.SIGTERM)
+        w.proc.wait(60)
+    finally:
+        w.stop()
+    lines = [line for line in w.text().splitlines() if line.strip()]
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            pytest.fail(f"not a JSON line: {line!r}\n{w.text()}")
+    msgs = [json.loads(line)["msg"] for line in lines]
+    assert f"worker: {how} shutdown (MainProcess)" in msgs, msgs
+
+
 def submit_as_previous_release(
     client: JobClient, items: list[dict[str, str]], job_id: str, chunks: int
 ) -> None:

@@ -164,6 +164,37 @@ def test_sigterm_lets_a_solo_or_threads_worker_finish_its_chunk_past_the_grace(
     check_complete(client, job, items, 30, tiny_classifier)
 
 
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_live_worker_keeps_a_chunk_that_outlasts_the_visibility_timeout(
+    pool: str,
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    job_client: Callable[..., JobClient],
+    tiny_classifier: Any,
+) -> None:
+    """A chunk of six slices, each slowed to 0.6 s, on a 2 s visibility timeout, with a second worker idle
+    beside it: the first renews its hold on the message before each slice (the delivery tag reaches the
+    task in a real worker), so the broker never hands the chunk to the second one while it runs."""
+    client = job_client(redis_server.url, queue="q", chunk_size=6)
+    items = [{**item, "text": (item["text"] + " ") * 20} for item in make_items(6, prefix=f"hold-{pool}")]
+    assert min(len(item["text"]) for item in items) > 125  # one item a slice at a 2 s visibility timeout
+    job, warm = f"hold-{pool}", f"warm-{pool}"
+    settings = {"visibility_timeout_s": 2, "max_attempts": 20}
+    fault = {"test_fault": f"{job}:0:slow,{warm}:*:slow", "test_fault_slow_s": 0.6}
+    workers = [start_worker(redis_server.url, pool=pool, queue="q", **settings, **fault) for _ in range(2)]
+    # Warm both up first: a cold worker loads its model before its first slice, and that load (seconds on
+    # a busy machine) counts against the 2 s timeout. Two slow chunks at once: one for each worker.
+    warm_client = job_client(redis_server.url, queue="q", chunk_size=1)
+    warm_client.submit(make_items(2, prefix=warm), job_id=warm)
+    assert warm_client.wait(warm, timeout=120).state == "done"
+    for w in workers:
+        poll(lambda w=w: "loaded model" in w.text(), 60, f"the worker's model loaded: {w.log}")
+    client.submit(items, job_id=job)
+    check_complete(client, job, items, 6, tiny_classifier)
+    assert attempts(redis_server, job) == {0: 1}, [w.text() for w in workers]  # never delivered again
+    assert sum("6 items in" in w.text() for w in workers) == 1
+
+
 def test_chunks_that_always_fail_are_dead_lettered_and_the_job_still_finishes(
     redis_server: RedisServer,
     start_worker: Callable[..., Worker],
