@@ -3,14 +3,14 @@
 cut, counted and logged). `serve` is the process: signals (SIGTERM/SIGINT drain, a second one stops at once;
 SIGHUP re-checks the TLS files), logging, exit code.
 
-Owns: grpc.aio server options, the port's credentials (from service/tls.py, re-read as their files change),
-the interceptor chain (metrics -> errors -> API key, its keys from service/apikeys.py; the API key checked
-at each call's start, before any of its request is read, and, for a stream, again at each request read or
-message sent), grpc.health.v1
-states, server reflection, the metrics HTTP exporter's lifetime, model loading and warm-up off the event
-loop, and the one start-up line saying rich error details are off (service/richstatus.py). Must not know:
-request parsing (servicer), batching (scheduler), status-code choices (errors), how TLS files or key files
-are read.
+Owns: grpc.aio server options (message limits, keepalive and ping-flood policy, connection idle time and
+age, the cap on calls open at once), the port's credentials (from service/tls.py, re-read as their files
+change), the interceptor chain (metrics -> errors -> API key, its keys from service/apikeys.py; the API key
+checked at each call's start, before any of its request is read, and, for a stream, again at each request
+read or message sent), grpc.health.v1 states, server reflection, the metrics HTTP exporter's lifetime,
+model loading and warm-up off the event loop, and the one start-up line saying rich error details are off
+(service/richstatus.py). Must not know: request parsing (servicer), batching (scheduler), status-code
+choices (errors), how TLS files or key files are read.
 """
 
 from __future__ import annotations
@@ -205,8 +205,11 @@ async def _deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
     await abort_for(error, context)
 
 
+UNLIMITED_MS = 2**31 - 1  # gRPC's "no limit" for its millisecond options (int32)
+
+
 def _server_options(settings: ServeSettings) -> list[tuple[str, Any]]:
-    return [
+    options: list[tuple[str, Any]] = [
         # our own limit is checked where requests are parsed (service.decoding): INVALID_ARGUMENT, counted
         ("grpc.max_receive_message_length", grpc_receive_limit(settings.max_message_bytes)),
         ("grpc.max_send_message_length", -1),
@@ -216,7 +219,15 @@ def _server_options(settings: ServeSettings) -> list[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 0),
+        # A connection that reaches its age takes no new calls (GOAWAY), but the calls open on it, long
+        # ClassifyStreams and StreamJobResults included, are never cut: they end by their own deadline.
+        ("grpc.max_connection_age_grace_ms", UNLIMITED_MS),
     ]
+    if settings.max_connection_idle_s:
+        options.append(("grpc.max_connection_idle_ms", settings.max_connection_idle_s * 1000))
+    if settings.max_connection_age_s:
+        options.append(("grpc.max_connection_age_ms", settings.max_connection_age_s * 1000))
+    return options
 
 
 def _in_daemon_thread(fn: Callable[[], T]) -> Awaitable[T]:
@@ -466,7 +477,11 @@ async def create_server(
         interceptors.append(ApiKeyInterceptor(keys))
     # innermost: the others keep its request deserializer
     interceptors.append(DecodeInterceptor(max_bytes=settings.max_message_bytes))
-    server = grpc.aio.server(interceptors=interceptors, options=_server_options(settings))
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=_server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     pb2_grpc.add_SafetyClassifierServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):

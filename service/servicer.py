@@ -122,6 +122,7 @@ def info_response(clf: Classifier, settings: ServeSettings, scheduler: Scheduler
             max_queue_items=scheduler.max_queue_items,
             max_message_bytes=settings.max_message_bytes,
             max_stream_inflight=settings.max_stream_inflight,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
         ),
         device=info["device"],
         dtype=info["dtype"],
