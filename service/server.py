@@ -206,6 +206,7 @@ async def _deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
 
 
 UNLIMITED_MS = 2**31 - 1  # gRPC's "no limit" for its millisecond options (int32)
+PING_STRIKES = 2  # too early pings tolerated, then GOAWAY too_many_pings (gRPC's default)
 
 
 def _server_options(settings: ServeSettings) -> list[tuple[str, Any]]:
@@ -215,10 +216,10 @@ def _server_options(settings: ServeSettings) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
         # Gateways keep long-lived channels with keepalive pings; accept pings every 10 s (default: 5 min,
-        # then GOAWAY too_many_pings).
+        # then GOAWAY too_many_pings). Faster pings still count as strikes: a ping flood is cut off.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.http2.max_ping_strikes", PING_STRIKES),
         # A connection that reaches its age takes no new calls (GOAWAY), but the calls open on it, long
         # ClassifyStreams and StreamJobResults included, are never cut: they end by their own deadline.
         ("grpc.max_connection_age_grace_ms", UNLIMITED_MS),

@@ -1,17 +1,23 @@
 """The server's bounds on what clients hold open: calls open at once (SAFETY_MAX_CONCURRENT_RPCS, beyond it
 gRPC refuses new calls with RESOURCE_EXHAUSTED), connections without a call (SAFETY_MAX_CONNECTION_IDLE_S,
-closed with GOAWAY), and connections past their age (SAFETY_MAX_CONNECTION_AGE_S: no new calls on them,
-but the calls open on them, streams included, go on). Real servers on port 0."""
+closed with GOAWAY), connections past their age (SAFETY_MAX_CONNECTION_AGE_S: no new calls on them, but the
+calls open on them, streams included, go on), and a flood of HTTP/2 pings (cut off with GOAWAY
+too_many_pings instead of answered for ever). Real servers on port 0; the ping flood is sent as raw HTTP/2
+frames."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 
+from service.server import SafetyServer, _server_options
 from service.settings import ServeSettings
 from service.stubs import SERVICE_NAME, pb2, pb2_grpc
 from tests.service.helpers import request, wait_until
@@ -109,3 +115,56 @@ def test_a_stream_outlives_its_connections_age(start_server: Any) -> None:
         finally:
             sender.close()
         assert list(answers) == []
+
+
+# ---- a ping flood, as raw HTTP/2 frames -----------------------------------------------------------------
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SETTINGS, PING, GOAWAY = 4, 6, 7
+ACK = 1
+ENHANCE_YOUR_CALM = 0xB
+
+
+def frame(kind: int, flags: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", 0) + payload
+
+
+def goaway_after_pings(port: int, pings: int, within_s: float) -> tuple[int, bytes] | None:
+    """Open an HTTP/2 connection, send `pings` PINGs at once, and return the server's GOAWAY (error code,
+    debug data) if one comes within `within_s` seconds (None: the pings were only answered)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=within_s) as sock:
+        sock.sendall(PREFACE + frame(SETTINGS, 0))
+        sock.sendall(b"".join(frame(PING, 0, struct.pack(">Q", i)) for i in range(pings)))
+        buffer, end = b"", time.monotonic() + within_s
+        while time.monotonic() < end:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                return None
+            if not data:
+                return None
+            buffer += data
+            while len(buffer) >= 9:
+                length = int.from_bytes(buffer[:3], "big")
+                if len(buffer) < 9 + length:
+                    break
+                kind, flags, payload = buffer[3], buffer[4], buffer[9 : 9 + length]
+                buffer = buffer[9 + length :]
+                if kind == SETTINGS and not flags & ACK:
+                    sock.sendall(frame(SETTINGS, ACK))
+                if kind == GOAWAY:
+                    return int.from_bytes(payload[4:8], "big"), payload[8:]
+            sock.settimeout(max(0.01, end - time.monotonic()))
+    return None
+
+
+def test_ping_strikes_are_limited() -> None:
+    options = dict(_server_options(ServeSettings()))
+    assert options.get("grpc.http2.max_ping_strikes", 2) == 2  # 0 would be no limit
+
+
+def test_a_ping_flood_is_cut_off(server: SafetyServer) -> None:
+    """Before, `grpc.http2.max_ping_strikes` was 0 (no limit): every ping of a flood was answered."""
+    goaway = goaway_after_pings(server.port, pings=20, within_s=5)
+    assert goaway is not None, "no GOAWAY: the server answered every ping"
+    code, debug = goaway
+    assert code == ENHANCE_YOUR_CALM and b"too_many_pings" in debug, goaway
