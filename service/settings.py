@@ -69,6 +69,13 @@ class ServeSettings(EngineSettings):
         int,
         "largest request message accepted, in bytes (larger: INVALID_ARGUMENT)",
     )
+    max_job_items: int = setting(
+        100_000,
+        "SAFETY_MAX_JOB_ITEMS",
+        int,
+        "items per SubmitJob request (larger sets: several jobs, or `safety submit`, which streams a JSONL "
+        "file of any size to Redis)",
+    )
     max_concurrent_rpcs: int = setting(
         8192,
         "SAFETY_MAX_CONCURRENT_RPCS",
@@ -146,7 +153,7 @@ class ServeSettings(EngineSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive = ("max_queue_items", "max_items", "max_message_bytes", "encode_threads", "max_queue_tokens",
-                    "max_stream_inflight", "max_concurrent_rpcs")  # fmt: skip
+                    "max_stream_inflight", "max_job_items", "max_concurrent_rpcs")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
