@@ -1,10 +1,11 @@
 """The job RPCs of `safety.v1.SafetyClassifier`: SubmitJob, GetJob, StreamJobResults, CancelJob, DeleteJob.
 
 Owns: protobuf <-> job-client conversion (`job_items_from_proto`, `job_to_proto`, `job_result_to_proto`),
-the per-request item limit of SubmitJob (`check_job_size`, SAFETY_MAX_JOB_ITEMS), the lazy creation of
-the one `worker.jobs.JobClient` (imported on first use; without the worker extra the RPCs raise
-UnsupportedError), running its blocking Redis calls in a small thread pool off the event loop, and
-streaming results page by page (waiting with asyncio, never in a thread). Errors are the job client's
+the per-request item limit of SubmitJob (`check_job_size`, SAFETY_MAX_JOB_ITEMS), the start-up check of
+the job settings (`check_job_settings`), the lazy creation of the one `worker.jobs.JobClient` (imported on
+first use; without the worker extra the RPCs raise UnsupportedError), running its blocking Redis calls in
+a small thread pool off the event loop, and streaming results page by page (waiting with asyncio, never in
+a thread). Errors are the job client's
 `model.errors` (UnavailableError when Redis is unreachable, ConfigError when it refuses SAFETY_REDIS_URL,
 NotFoundError, InvalidInputError, FailedPreconditionError for a stopped submission or deleting an open job,
 JobBusyError at once for a SubmitJob of a job another submit is storing: a job thread never waits on a
@@ -15,6 +16,7 @@ imports them).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -36,6 +38,7 @@ from service.stubs import pb2
 
 if TYPE_CHECKING:
     from worker.jobs import JobClient, JobStatus
+    from worker.settings import WorkerSettings
 
 log = logging.getLogger("safety.service")
 T = TypeVar("T")
@@ -155,15 +158,41 @@ def _result_id(line: Mapping[str, Any]) -> str:
     return item_id(given, line["index"])
 
 
+def job_settings(settings: ServeSettings) -> WorkerSettings:
+    """The job RPCs' settings: `SAFETY_REDIS_URL`, `SAFETY_QUEUE`, `SAFETY_CHUNK_SIZE`, ... as the workers
+    read them (worker.settings), with the server's own limit on characters per text. ConfigError naming the
+    variable (a URL in it with its credentials masked) for one that does not parse or is out of range."""
+    from worker.settings import WorkerSettings
+
+    return WorkerSettings.from_env(max_text_chars=settings.max_text_chars)
+
+
+def check_job_settings(settings: ServeSettings) -> None:
+    """At start-up, when the job RPCs are served (the worker extra is installed; without it they answer
+    UNIMPLEMENTED and need no settings): ConfigError for a job setting that `job_settings` refuses, so a
+    misconfigured server stops at once instead of failing its first job call. Redis itself is not
+    contacted: the server starts, and Classify works, whether or not Redis is up."""
+    if _worker_extra_installed():
+        job_settings(settings)
+
+
+def _worker_extra_installed() -> bool:
+    for name in ("celery", "redis"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+        except ValueError:  # in sys.modules as None: refused on import
+            return False
+    return True
+
+
 def default_job_client(settings: ServeSettings) -> JobClientFactory:
-    """The server's job client: `SAFETY_REDIS_URL`, `SAFETY_QUEUE`, `SAFETY_CHUNK_SIZE`, ... as the workers
-    read them (worker.settings), with the server's own limit on characters per text."""
+    """The server's job client, made from `job_settings` (read when it is made: on the first job RPC)."""
 
     def make() -> JobClient:
         from worker.jobs import JobClient
-        from worker.settings import WorkerSettings
 
-        return JobClient(WorkerSettings.from_env(max_text_chars=settings.max_text_chars))
+        return JobClient(job_settings(settings))
 
     return make
 

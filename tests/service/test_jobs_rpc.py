@@ -504,6 +504,31 @@ def test_redis_down_jobs_unavailable_while_classify_answers_and_the_key_is_requi
     assert result["id"] == "0" and set(result["scores"]) == set(app.classifier.labels)
 
 
+def test_a_remote_caller_never_sees_the_redis_password(
+    start_jobs_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server reads the job settings on the first job call (`safety serve` checks them at start-up too)
+    and sent their ConfigError verbatim as FAILED_PRECONDITION: a URL the settings refuse was quoted whole,
+    and one Redis refuses was masked only up to the first '@' of its password."""
+    locked = RedisServer(tmp_path / "redis").start()
+    try:
+        locked.client().config_set("requirepass", "the-right-one")
+        urls = (
+            "http://user:hunter2@redis:6379/0",
+            f"redis://default:s3cr@t-hunter2@127.0.0.1:{locked.port}/0",
+        )
+        for url in urls:
+            monkeypatch.setenv("SAFETY_REDIS_URL", url)
+            app = start_jobs_server(None)  # the default job client, as `safety serve` builds it
+            with connect(app) as client:
+                code, details = code_of(lambda client=client: client.get_job("some-job"))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, (url, code, details)
+            assert "SAFETY_REDIS_URL" in details and "***@" in details, details
+            assert "hunter2" not in details and "s3cr" not in details, details
+    finally:
+        locked.kill()
+
+
 def test_without_the_worker_extra_jobs_are_unimplemented_while_classify_answers(
     start_jobs_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
