@@ -456,7 +456,7 @@ def api_keys(settings: ServeSettings) -> ApiKeys | None:
             return ApiKeys.from_file(settings.api_key_file)
         except ValueError as e:
             raise OSError(f"SAFETY_API_KEY_FILE: {e}") from None
-    return ApiKeys(parse_keys(settings.api_key)) if settings.api_key else None
+    return ApiKeys(parse_keys(settings.api_key, warn="SAFETY_API_KEY")) if settings.api_key else None
 
 
 async def create_server(

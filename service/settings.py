@@ -106,7 +106,8 @@ class ServeSettings(EngineSettings):
         "SAFETY_API_KEY",
         opt_str,
         "require `authorization: Bearer <key>` on every call except health checks; several keys separated "
-        "by commas are each accepted (rotation), surrounding whitespace is stripped (prefer the env var: "
+        "by commas are each accepted (rotation), surrounding ASCII whitespace is stripped, each must be "
+        "printable ASCII (a shorter key than 16 characters is accepted with a warning; prefer the env var: "
         "flags show in `ps`)",
     )
     api_key_file: str | None = setting(
