@@ -33,8 +33,9 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidInputError(f"not valid JSON ({e})", field=where) from None
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
+            why = e if isinstance(e, json.JSONDecodeError) else "nested too deeply to parse"
+            raise InvalidInputError(f"not valid JSON ({why})", field=where) from None
         if not isinstance(obj, dict):
             raise InvalidInputError(f"must be a JSON object, got {_json_type(obj)}", field=where)
         yield where, obj

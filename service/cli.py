@@ -34,11 +34,13 @@ def serve_command(args: argparse.Namespace) -> int:
     # connection to a TLS port), in plain text that breaks the JSON-lines log: errors only, unless the
     # operator set GRPC_VERBOSITY. Read when grpc's core initialises: before service.server imports grpc.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from service.jobs import check_job_settings
     from service.server import serve
     from service.settings import from_args
 
     try:
         settings = from_args(args)
+        check_job_settings(settings)  # SAFETY_REDIS_URL, ...: now, not at the first job call
     except ValueError as e:
         print(f"safety serve: {e}", file=sys.stderr)
         return 2

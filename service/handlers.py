@@ -3,10 +3,10 @@
 Owns: `kind(handler)` (which of the four call shapes a handler has) and `with_behavior(handler, behavior)`, a
 handler of the same kind with the same (de)serializers (or another request deserializer) and `behavior` in
 place of the original's; `reading_its_request(handler, behavior)`, the same for a handler of one request but
-of the request-stream kind, so that grpc runs `behavior` before the request has arrived; `Memo`, which
-builds an interceptor's wrapper once per method instead of once per call; and `WrappingInterceptor`, the
-base of every interceptor of ours. Must not know: what the interceptors do (errors, metrics, auth,
-decoding).
+of the request-stream kind, so that grpc runs `behavior` before the request has arrived (a handler that
+takes a request stream already keeps its kind); `Memo`, which builds an interceptor's wrapper once per
+method instead of once per call; and `WrappingInterceptor`, the base of every interceptor of ours. Must not
+know: what the interceptors do (errors, metrics, auth, decoding).
 """
 
 from __future__ import annotations
@@ -51,11 +51,13 @@ def reading_its_request(
     handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]
 ) -> grpc.RpcMethodHandler:
     """A handler with `handler`'s (de)serializers, of the kind that takes a request stream ("unary_unary" ->
-    "stream_unary", "unary_stream" -> "stream_stream"), that runs `behavior(requests, context)`. For a
-    handler of one request, grpc.aio first awaits the request message, and runs no handler at all when the
-    call is cancelled or its deadline passes meanwhile; for a request stream it runs the handler at once,
-    which then reads the request itself (`context.read()`). On the wire both are the same call."""
-    return FACTORIES[STREAMED_REQUEST[kind(handler)]](
+    "stream_unary", "unary_stream" -> "stream_stream"; one that takes a request stream keeps its kind), that
+    runs `behavior(requests, context)`. For a handler of one request, grpc.aio first awaits the request
+    message (receiving and parsing all of it), and runs no handler at all when the call is cancelled or its
+    deadline passes meanwhile; for a request stream it runs the handler at once, which then reads the
+    request itself (`context.read()`), or never does. On the wire both are the same call."""
+    shape = kind(handler)
+    return FACTORIES[STREAMED_REQUEST.get(shape, shape)](
         behavior,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
@@ -97,6 +99,17 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
     def applies(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> bool:
         return True
 
+    def handler_for(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        """The handler this call runs with, given the next one's: `handler` wrapped by `wrap` (memoized) if
+        this interceptor `applies`, else `handler` itself. An interceptor that picks among several wrappers
+        overrides this (each with a Memo of its own: one Memo keeps one wrapper per method)."""
+        if not self.applies(handler, details):
+            return handler
+        full = details.method
+        return self._memo.get(full, handler, lambda: self.wrap(handler, full.rsplit("/", 1)[-1]))
+
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """`handler` around a new behaviour; `method` is the bare method name ("Classify")."""
         raise NotImplementedError
@@ -107,7 +120,4 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or not self.applies(handler, handler_call_details):
-            return handler
-        full = handler_call_details.method
-        return self._memo.get(full, handler, lambda: self.wrap(handler, full.rsplit("/", 1)[-1]))
+        return None if handler is None else self.handler_for(handler, handler_call_details)

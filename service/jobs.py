@@ -1,9 +1,11 @@
 """The job RPCs of `safety.v1.SafetyClassifier`: SubmitJob, GetJob, StreamJobResults, CancelJob, DeleteJob.
 
 Owns: protobuf <-> job-client conversion (`job_items_from_proto`, `job_to_proto`, `job_result_to_proto`),
-the lazy creation of the one `worker.jobs.JobClient` (imported on first use; without the worker extra the
-RPCs raise UnsupportedError), running its blocking Redis calls in a small thread pool off the event loop,
-and streaming results page by page (waiting with asyncio, never in a thread). Errors are the job client's
+the per-request item limit of SubmitJob (`check_job_size`, SAFETY_MAX_JOB_ITEMS), the start-up check of
+the job settings (`check_job_settings`), the lazy creation of the one `worker.jobs.JobClient` (imported on
+first use; without the worker extra the RPCs raise UnsupportedError), running its blocking Redis calls in
+a small thread pool off the event loop, and streaming results page by page (waiting with asyncio, never in
+a thread). Errors are the job client's
 `model.errors` (UnavailableError when Redis is unreachable, ConfigError when it refuses SAFETY_REDIS_URL,
 NotFoundError, InvalidInputError, FailedPreconditionError for a stopped submission or deleting an open job,
 JobBusyError at once for a SubmitJob of a job another submit is storing: a job thread never waits on a
@@ -14,6 +16,7 @@ imports them).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -35,6 +38,7 @@ from service.stubs import pb2
 
 if TYPE_CHECKING:
     from worker.jobs import JobClient, JobStatus
+    from worker.settings import WorkerSettings
 
 log = logging.getLogger("safety.service")
 T = TypeVar("T")
@@ -70,6 +74,20 @@ def job_items_from_proto(request: Any) -> list[dict[str, str]]:
             item["context"] = it.context
         items.append(item)
     return items
+
+
+def check_job_size(items: int, limit: int | None) -> None:
+    """InvalidInputError when a SubmitJob request has more than `limit` items (SAFETY_MAX_JOB_ITEMS). The
+    server holds a job's items in memory while it stores them (some 500 bytes an item beyond the texts);
+    `safety submit` streams a file of any size to Redis instead."""
+    if limit is not None and items > limit:
+        raise InvalidInputError(
+            f"{items:,} items, more than the limit of {limit:,} per SubmitJob request "
+            "(SAFETY_MAX_JOB_ITEMS); a job is submitted in one request and cannot be added to later: split "
+            "the items over several jobs, or submit them with `safety submit` (it streams a JSONL file of "
+            "any size to Redis)",
+            field="items",
+        )
 
 
 def _timestamp(seconds: float | None) -> Timestamp | None:
@@ -140,15 +158,41 @@ def _result_id(line: Mapping[str, Any]) -> str:
     return item_id(given, line["index"])
 
 
+def job_settings(settings: ServeSettings) -> WorkerSettings:
+    """The job RPCs' settings: `SAFETY_REDIS_URL`, `SAFETY_QUEUE`, `SAFETY_CHUNK_SIZE`, ... as the workers
+    read them (worker.settings), with the server's own limit on characters per text. ConfigError naming the
+    variable (a URL in it with its credentials masked) for one that does not parse or is out of range."""
+    from worker.settings import WorkerSettings
+
+    return WorkerSettings.from_env(max_text_chars=settings.max_text_chars)
+
+
+def check_job_settings(settings: ServeSettings) -> None:
+    """At start-up, when the job RPCs are served (the worker extra is installed; without it they answer
+    UNIMPLEMENTED and need no settings): ConfigError for a job setting that `job_settings` refuses, so a
+    misconfigured server stops at once instead of failing its first job call. Redis itself is not
+    contacted: the server starts, and Classify works, whether or not Redis is up."""
+    if _worker_extra_installed():
+        job_settings(settings)
+
+
+def _worker_extra_installed() -> bool:
+    for name in ("celery", "redis"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+        except ValueError:  # in sys.modules as None: refused on import
+            return False
+    return True
+
+
 def default_job_client(settings: ServeSettings) -> JobClientFactory:
-    """The server's job client: `SAFETY_REDIS_URL`, `SAFETY_QUEUE`, `SAFETY_CHUNK_SIZE`, ... as the workers
-    read them (worker.settings), with the server's own limit on characters per text."""
+    """The server's job client, made from `job_settings` (read when it is made: on the first job RPC)."""
 
     def make() -> JobClient:
         from worker.jobs import JobClient
-        from worker.settings import WorkerSettings
 
-        return JobClient(WorkerSettings.from_env(max_text_chars=settings.max_text_chars))
+        return JobClient(job_settings(settings))
 
     return make
 
@@ -161,10 +205,13 @@ class JobService:
         factory: JobClientFactory,
         thresholds: Callable[[str], Mapping[str, float]],
         draining: Callable[[], bool] = lambda: False,
+        max_items: int | None = None,
     ) -> None:
         """`thresholds(model_name)`: the default thresholds to report for a job's model ({} if unknown).
-        `draining()`: is the server draining (open result streams then end, saying where to resume)?"""
+        `draining()`: is the server draining (open result streams then end, saying where to resume)?
+        `max_items`: items per SubmitJob request (SAFETY_MAX_JOB_ITEMS; None: no limit)."""
         self.factory = factory
+        self.max_items = max_items
         self.thresholds = thresholds
         self.draining = draining
         self._client: JobClient | None = None
@@ -194,6 +241,7 @@ class JobService:
         return self._client or await self._run(self._make_client)
 
     async def submit(self, request: Any) -> Any:
+        check_job_size(len(request.items), self.max_items)  # before a dict and a line is made of each item
         items = job_items_from_proto(request)  # role errors before any Redis call
         client = await self.client()
         # Another submit of the job id holding its submit lease: JOB_BUSY at once, with the lease's remaining

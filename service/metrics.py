@@ -262,8 +262,10 @@ class MetricsInterceptor(WrappingInterceptor):
     observes its wall time; a stream is counted once, when it ends. Every call that reaches it is counted:
     a handler of one request becomes one of a request stream (`reading_its_request`) that reads the request
     itself, so a call cancelled, or out of time, before its request arrived (which grpc.aio would end without
-    running any handler) counts as CANCELLED or DEADLINE_EXCEEDED like one that ends later. Calls that gRPC
-    core ends before it hands them to Python never reach any interceptor (docs/api.md, "Metrics")."""
+    running any handler) counts as CANCELLED or DEADLINE_EXCEEDED like one that ends later. A call the API
+    key refuses comes here as a request stream that nobody reads (service/server.py): it is counted (and
+    timed from its start) without its request being read or parsed. Calls that gRPC core ends before it
+    hands them to Python never reach any interceptor (docs/api.md, "Metrics")."""
 
     def __init__(self, metrics: Metrics) -> None:
         super().__init__()
@@ -307,13 +309,23 @@ class MetricsInterceptor(WrappingInterceptor):
             else:  # a synchronous generator (grpc runs it in a thread): not ours, left alone
                 return handler
             return reading_its_request(handler, wrapped) if one_request else with_behavior(handler, wrapped)
+        if handler.stream_unary is not None:  # a call refused before its request is read (the API key)
+            refusal = handler.stream_unary
+
+            async def unread(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self._observed(method, context) as clock:
+                    clock.start()
+                    return await refusal(requests, context)
+
+            return with_behavior(handler, unread)
         return handler
 
     @contextlib.contextmanager
     def _observed(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[_Clock]:
         """Count the call when it ends; time it from `clock.start()` (a call of one request: once that
         request has arrived, so a slow upload is the client's time, as it was when grpc read it for us; a
-        call that ended before it arrived is counted, not timed)."""
+        call that ended before it arrived is counted, not timed; a refused one, never read: from its
+        start)."""
         clock = _Clock()
         deadline = call_deadline(context)
         code = "OK"

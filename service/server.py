@@ -3,13 +3,14 @@
 cut, counted and logged). `serve` is the process: signals (SIGTERM/SIGINT drain, a second one stops at once;
 SIGHUP re-checks the TLS files), logging, exit code.
 
-Owns: grpc.aio server options, the port's credentials (from service/tls.py, re-read as their files change),
-the interceptor chain (metrics -> errors -> API key, its keys from service/apikeys.py; the API key checked
-at each call's start and, for a stream, again at each request read or message sent), grpc.health.v1
-states, server reflection, the metrics HTTP exporter's lifetime, model loading and warm-up off the event
-loop, and the one start-up line saying rich error details are off (service/richstatus.py). Must not know:
-request parsing (servicer), batching (scheduler), status-code choices (errors), how TLS files or key files
-are read.
+Owns: grpc.aio server options (message limits, keepalive and ping-flood policy, connection idle time and
+age, the cap on calls open at once), the port's credentials (from service/tls.py, re-read as their files
+change), the interceptor chain (metrics -> errors -> API key, its keys from service/apikeys.py; the API key
+checked at each call's start, before any of its request is read, and, for a stream, again at each request
+read or message sent), grpc.health.v1 states, server reflection, the metrics HTTP exporter's lifetime,
+model loading and warm-up off the event loop, and the one start-up line saying rich error details are off
+(service/richstatus.py). Must not know: request parsing (servicer), batching (scheduler), status-code
+choices (errors), how TLS files or key files are read.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from service import richstatus
 from service.apikeys import ApiKeys, parse_keys
 from service.decoding import DecodeInterceptor, grpc_receive_limit
 from service.errors import ErrorInterceptor, abort_for
-from service.handlers import WrappingInterceptor, with_behavior
+from service.handlers import Memo, WrappingInterceptor, reading_its_request, with_behavior
 from service.jobs import JobClientFactory
 from service.metrics import Metrics, MetricsInterceptor
 from service.scheduler import Scheduler
@@ -59,6 +60,13 @@ class ApiKeyInterceptor(WrappingInterceptor):
     """Every call except health checks (Kubernetes probes send no metadata) needs `authorization: Bearer
     <key>` with one of the accepted keys; others are refused with UnauthenticatedError's status code.
 
+    A call is refused before any of its request is read: its key is in the call's metadata, which grpc has
+    when it asks the interceptors for the call's handler, and a refused call gets a handler of the
+    request-stream kind (`reading_its_request`) that aborts at once, so grpc neither waits for the request
+    message (a call that never sends one is answered at once) nor receives or parses it (a 60 MiB message
+    sent without a key costs the server no memory). Every interceptor outside this one leaves such a
+    handler's requests unread: the metrics count the call UNAUTHENTICATED without reading it.
+
     A stream is held to its key while it runs, so that a key removed from the key file stops working on the
     streams it opened too (they have no maximum age, and long-lived ones usually no deadline): a stream of
     requests (ClassifyStream, reflection) compares its key with the current keys again as it reads each
@@ -73,23 +81,31 @@ class ApiKeyInterceptor(WrappingInterceptor):
     def __init__(self, keys: ApiKeys) -> None:
         super().__init__()
         self._keys = keys
+        self._refusals = Memo()  # one refusal handler per method (self._memo: one held stream per method)
 
     def _authorized(self, metadata: Any) -> bool:
         credentials = _credentials(metadata)
         return credentials is not None and self._keys.matches(credentials)
 
+    def handler_for(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        """Health checks as they are (Kubernetes probes send no metadata); a call without an accepted key
+        refused before its request is read; a stream held to its key; any other call as it is."""
+        if details.method.startswith(HEALTH_PREFIX):
+            return handler
+        if not self._authorized(details.invocation_metadata):
+            return self._refusals.get(details.method, handler, lambda: reading_its_request(handler, _deny))
+        return super().handler_for(handler, details)
+
     def applies(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> bool:
-        """Wrap this call's handler? Every stream held to its key (its wrapper checks the key at the start
-        too, then as the stream goes), and any other call refused now."""
-        if details.method.startswith(HEALTH_PREFIX):  # Kubernetes probes send no metadata
-            return False
-        return _held_to_its_key(handler) is not None or not self._authorized(details.invocation_metadata)
+        """Wrap an accepted call's handler? Every stream held to its key."""
+        return _held_to_its_key(handler) is not None
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         stream = _held_to_its_key(handler)
-        if stream is not None:
-            return with_behavior(handler, self._guarded(stream, method, handler.stream_stream is not None))
-        return with_behavior(handler, _deny)  # one refusal handler per method
+        assert stream is not None  # `applies`
+        return with_behavior(handler, self._guarded(stream, method, handler.stream_stream is not None))
 
     def _guarded(
         self, behavior: Callable[..., AsyncIterator[Any]], method: str, streamed_requests: bool
@@ -99,7 +115,7 @@ class ApiKeyInterceptor(WrappingInterceptor):
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             credentials = _credentials(context.invocation_metadata())
-            if credentials is None or not keys.matches(credentials):
+            if credentials is None or not keys.matches(credentials):  # revoked since `handler_for` looked
                 await _deny(request, context)  # raises
                 return
             held = _HeldKey(keys, credentials, method)
@@ -183,23 +199,36 @@ class _CheckedRequests:
         return request
 
 
-async def _deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+async def _deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    """Abort the call UNAUTHENTICATED; `requests` (a request stream, or one request) is never read."""
     error = UnauthenticatedError("missing or wrong API key; send metadata `authorization: Bearer <key>`")
     await abort_for(error, context)
 
 
+UNLIMITED_MS = 2**31 - 1  # gRPC's "no limit" for its millisecond options (int32)
+PING_STRIKES = 2  # too early pings tolerated, then GOAWAY too_many_pings (gRPC's default)
+
+
 def _server_options(settings: ServeSettings) -> list[tuple[str, Any]]:
-    return [
+    options: list[tuple[str, Any]] = [
         # our own limit is checked where requests are parsed (service.decoding): INVALID_ARGUMENT, counted
         ("grpc.max_receive_message_length", grpc_receive_limit(settings.max_message_bytes)),
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
         # Gateways keep long-lived channels with keepalive pings; accept pings every 10 s (default: 5 min,
-        # then GOAWAY too_many_pings).
+        # then GOAWAY too_many_pings). Faster pings still count as strikes: a ping flood is cut off.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.http2.max_ping_strikes", PING_STRIKES),
+        # A connection that reaches its age takes no new calls (GOAWAY), but the calls open on it, long
+        # ClassifyStreams and StreamJobResults included, are never cut: they end by their own deadline.
+        ("grpc.max_connection_age_grace_ms", UNLIMITED_MS),
     ]
+    if settings.max_connection_idle_s:
+        options.append(("grpc.max_connection_idle_ms", settings.max_connection_idle_s * 1000))
+    if settings.max_connection_age_s:
+        options.append(("grpc.max_connection_age_ms", settings.max_connection_age_s * 1000))
+    return options
 
 
 def _in_daemon_thread(fn: Callable[[], T]) -> Awaitable[T]:
@@ -427,7 +456,7 @@ def api_keys(settings: ServeSettings) -> ApiKeys | None:
             return ApiKeys.from_file(settings.api_key_file)
         except ValueError as e:
             raise OSError(f"SAFETY_API_KEY_FILE: {e}") from None
-    return ApiKeys(parse_keys(settings.api_key)) if settings.api_key else None
+    return ApiKeys(parse_keys(settings.api_key, warn="SAFETY_API_KEY")) if settings.api_key else None
 
 
 async def create_server(
@@ -449,7 +478,11 @@ async def create_server(
         interceptors.append(ApiKeyInterceptor(keys))
     # innermost: the others keep its request deserializer
     interceptors.append(DecodeInterceptor(max_bytes=settings.max_message_bytes))
-    server = grpc.aio.server(interceptors=interceptors, options=_server_options(settings))
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=_server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     pb2_grpc.add_SafetyClassifierServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):

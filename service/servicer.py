@@ -122,6 +122,8 @@ def info_response(clf: Classifier, settings: ServeSettings, scheduler: Scheduler
             max_queue_items=scheduler.max_queue_items,
             max_message_bytes=settings.max_message_bytes,
             max_stream_inflight=settings.max_stream_inflight,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+            max_job_items=settings.max_job_items,
         ),
         device=info["device"],
         dtype=info["dtype"],
@@ -147,7 +149,10 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         self.settings = settings
         self.observer = observer or ClassifiedObserver()
         self.jobs = JobService(
-            job_client or default_job_client(settings), self.job_thresholds, draining=lambda: self.draining
+            job_client or default_job_client(settings),
+            self.job_thresholds,
+            draining=lambda: self.draining,
+            max_items=settings.max_job_items,
         )
         self.clf: Classifier | None = None
         self.scheduler: Scheduler | None = None

@@ -69,6 +69,35 @@ class ServeSettings(EngineSettings):
         int,
         "largest request message accepted, in bytes (larger: INVALID_ARGUMENT)",
     )
+    max_job_items: int = setting(
+        100_000,
+        "SAFETY_MAX_JOB_ITEMS",
+        int,
+        "items per SubmitJob request (larger sets: several jobs, or `safety submit`, which streams a JSONL "
+        "file of any size to Redis)",
+    )
+    max_concurrent_rpcs: int = setting(
+        8192,
+        "SAFETY_MAX_CONCURRENT_RPCS",
+        int,
+        "calls open at once (streams and health checks included); beyond it gRPC refuses new calls with "
+        "RESOURCE_EXHAUSTED 'Concurrent RPC limit exceeded!', which the metrics do not see",
+    )
+    max_connection_idle_s: int = setting(
+        600,
+        "SAFETY_MAX_CONNECTION_IDLE_S",
+        int,
+        "a connection without an open call for this long is closed (GOAWAY; a client reconnects on its next "
+        "call); 0: never",
+    )
+    max_connection_age_s: int = setting(
+        1800,
+        "SAFETY_MAX_CONNECTION_AGE_S",
+        int,
+        "a connection this old (plus or minus 10 percent) takes no new calls (GOAWAY: the client's next call "
+        "opens a new one, possibly to another replica); calls open on it, streams included, are never cut by "
+        "this; 0: never",
+    )
     encode_threads: int = setting(
         # the CPUs this process may use (affinity, cgroup quota = a Kubernetes CPU limit), not the node's
         min(4, available_cpus()),
@@ -81,7 +110,8 @@ class ServeSettings(EngineSettings):
         "SAFETY_API_KEY",
         opt_str,
         "require `authorization: Bearer <key>` on every call except health checks; several keys separated "
-        "by commas are each accepted (rotation), surrounding whitespace is stripped (prefer the env var: "
+        "by commas are each accepted (rotation), surrounding ASCII whitespace is stripped, each must be "
+        "printable ASCII (a shorter key than 16 characters is accepted with a warning; prefer the env var: "
         "flags show in `ps`)",
     )
     api_key_file: str | None = setting(
@@ -128,11 +158,15 @@ class ServeSettings(EngineSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive = ("max_queue_items", "max_items", "max_message_bytes", "encode_threads", "max_queue_tokens",
-                    "max_stream_inflight")  # fmt: skip
+                    "max_stream_inflight", "max_job_items", "max_concurrent_rpcs")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise _bad(name, f"must be a positive integer, got {value}")
+        for name in ("max_connection_idle_s", "max_connection_age_s"):  # gRPC takes milliseconds in an int32
+            value = getattr(self, name)
+            if not 0 <= value <= MAX_CONNECTION_S:
+                raise _bad(name, f"must be 0 (never) to {MAX_CONNECTION_S} seconds, got {value}")
         for name in ("max_wait_ms", "deadline_horizon_ms", "drain_grace_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):  # nan >= 0 is False, but so is nan < 0
@@ -179,6 +213,7 @@ class ServeSettings(EngineSettings):
 
 
 DEST_PREFIX = "setting_"
+MAX_CONNECTION_S = (2**31 - 1) // 1000  # gRPC's connection idle and age options: int32 milliseconds
 MAX_PORT = 65535  # grpc and http.server would take a larger number modulo 65536 (99999 -> 34463)
 
 

@@ -369,9 +369,10 @@ class ItemsFile:
                 raise InvalidInputError(_not_utf8(line), field=f"{source} line {number}")
             try:
                 item = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
                 where = f"{source} line {number}"
-                raise InvalidInputError(f"not valid JSON ({e.msg})", field=where) from None
+                why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply to parse"
+                raise InvalidInputError(f"not valid JSON ({why})", field=where) from None
             index += 1
             self._last = (index, number)
             yield item

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import tempfile
 import time
 import uuid
@@ -51,7 +50,7 @@ from model.errors import (
 from model.items import item_id
 from worker.app import create_app, send_chunk
 from worker.items import iter_normalized
-from worker.settings import WorkerSettings, env_name
+from worker.settings import WorkerSettings, env_name, redacted_url
 from worker.store import FINISHED, SUBMIT_LEASE_S, JobStore, check_job_id, failed_line, new_nonce
 
 CANCELLED = "cancelled: the job was cancelled before this item was classified"
@@ -848,7 +847,7 @@ class JobClient:
 
     @contextmanager
     def _reachable(self) -> Iterator[None]:
-        url = re.sub(r"//[^@/]*@", "//***@", self.settings.redis_url)
+        url = redacted_url(self.settings.redis_url)
         try:
             yield
         except redis.AuthenticationError as e:  # a ConnectionError, but retrying will not help

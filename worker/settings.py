@@ -1,7 +1,8 @@
 """Settings of the batch side (`safety worker`, `safety submit`, `safety job`, and the service's job client).
 
 Owns: every `SAFETY_*` variable the worker and the job client read beyond the engine's ones (this dataclass
-extends model/engine_settings.py's), its default and its validation (a `ConfigError` naming the variable).
+extends model/engine_settings.py's), its default and its validation (a `ConfigError` naming the variable),
+and `redacted_url`, the one way a Redis URL is put into a message or a log (its credentials masked).
 The field table is the single source for docs/jobs.md; the field factory and the reading of the environment
 are model/settings_base.py's. Must not know: Celery, Redis, torch; `worker.app`, `worker.tasks` and
 `worker.jobs` receive a finished `WorkerSettings`.
@@ -10,6 +11,7 @@ are model/settings_base.py's. Must not know: Celery, Redis, torch; `worker.app`,
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -73,7 +75,9 @@ class WorkerSettings(EngineSettings):
         if not (math.isfinite(self.drain_grace_s) and self.drain_grace_s >= 0):
             raise _bad("drain_grace_s", f"must be a finite number >= 0, got {self.drain_grace_s}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise _bad("redis_url", f"must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
+            got = redacted_url(self.redis_url)
+            shown = repr(got) if "://" in got else "a value without a scheme (not shown: it may be a secret)"
+            raise _bad("redis_url", f"must be a redis://, rediss:// or unix:// URL, got {shown}")
         if not self.queue or any(c.isspace() for c in self.queue):
             raise _bad("queue", f"must be a non-empty name without spaces, got {self.queue!r}")
         if self.log_format not in ("json", "text"):
@@ -91,6 +95,28 @@ class WorkerSettings(EngineSettings):
 
     def with_overrides(self, **overrides: Any) -> WorkerSettings:
         return replace(self, **overrides)
+
+
+MASK = "***"
+_PASSWORD_PARAMETER = re.compile(r"(?i)([?&;]password=)[^&;#]*")
+
+
+def redacted_url(url: str) -> str:
+    """`url` as a message or a log may show it: whatever comes before its last '@' after the scheme (the
+    user and password, however many '@', ':' or '/' the password holds) and the value of a `password=`
+    query parameter (redis-py reads one) replaced by `***`. A value without a scheme is not a URL, and may be
+    a password set in the wrong place: all of it is `***`.
+
+    "redis://user:s3cr@t@host:6379/0" -> "redis://***@host:6379/0";
+    "unix:///run/redis.sock?db=0&password=x" -> "unix:///run/redis.sock?db=0&password=***"."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return MASK
+    _, at, host = rest.rpartition("@")
+    if at:
+        rest = f"{MASK}@{host}"
+    rest = _PASSWORD_PARAMETER.sub(lambda m: m.group(1) + MASK, rest)
+    return f"{scheme}://{rest}"
 
 
 def env_name(name: str) -> str:

@@ -116,3 +116,14 @@ def test_a_reader_that_goes_away_ends_classify_quietly_with_141(tmp_path: Path, 
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_line_nested_too_deeply_is_one_line_exit_2(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """200,000 '[' was a RecursionError traceback, exit 1; locally and with --remote (whose first item is
+    read before any call: no server needed)."""
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 200_000 + "\n")
+    said = f"safety classify: {deep}:1: not valid JSON (nested too deeply to parse)\n"
+    for where in (["--model", str(tiny_model_dir)], ["--remote", "127.0.0.1:1"]):
+        p = run("classify", *where, "--jsonl", str(deep))
+        assert p.returncode == 2 and p.stderr.endswith(said) and "Traceback" not in p.stderr, p.stderr

@@ -102,3 +102,11 @@ def test_train_and_eval_read_through_it(tmp_path: Path) -> None:
     for read in (read_rows, read_entries):
         with pytest.raises(InvalidInputError, match=r"d\.jsonl: has no items"):
             read(f)
+
+
+def test_a_line_nested_too_deeply_is_refused_by_its_line(tmp_path: Path) -> None:
+    """200,000 '[' raised RecursionError out of json.loads: a traceback instead of the line's error."""
+    f = write(tmp_path / "deep.jsonl", b'{"text": "fine"}\n' + b"[" * 200_000 + b"\n")
+    with pytest.raises(InvalidInputError) as err:
+        list(read_jsonl(f))
+    assert str(err.value) == f"{f}:2: not valid JSON (nested too deeply to parse)"

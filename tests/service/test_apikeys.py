@@ -41,6 +41,51 @@ def test_bad_keys_are_refused_without_showing_them(value: str, why: str) -> None
     assert "bad key" not in str(err.value) and "good" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["k1\u00a0", "\u00a0k1", "k\u00e9y-long-enough-here", "key\x01with-a-control", "k\u2028k", "k1\x7f"],
+    ids=["nbsp-after", "nbsp-before", "non-ascii", "control", "line-separator", "del"],
+)
+def test_a_key_that_is_not_printable_ascii_is_refused_without_showing_it(value: str, tmp_path: Path) -> None:
+    """gRPC metadata is ASCII: such a key loaded, but no client could ever send it. Before, `k1\u00a0` was
+    silently shortened to `k1` (str.strip() strips non-ASCII whitespace too), and the others loaded."""
+    with pytest.raises(ValueError, match="key 2 has a character that is not printable ASCII") as err:
+        parse_keys(f"good-key,{value}")
+    assert value.strip() not in str(err.value) and "good-key" not in str(err.value)
+    path = tmp_path / "keys"
+    path.write_text(f"# keys\ngood-key\n{value}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{path} line 3 has a character that is not printable ASCII") as err:
+        read_key_file(str(path))
+    assert value.strip() not in str(err.value) and "good-key" not in str(err.value)
+
+
+def test_only_ascii_whitespace_is_stripped(tmp_path: Path) -> None:
+    assert parse_keys(" \t k1-secret-k1-secret \r\n") == ("k1-secret-k1-secret",)
+    path = tmp_path / "keys"
+    path.write_bytes(b"k1\rk2\r\nk3\n")  # CR, CRLF and LF line ends: three keys
+    assert read_key_file(str(path)) == ("k1", "k2", "k3")
+
+
+def test_a_short_key_is_accepted_with_a_warning_that_does_not_show_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "safety.service")
+    assert parse_keys("s3cret,0123456789abcdef") == ("s3cret", "0123456789abcdef")  # a settings check: quiet
+    assert not caplog.records
+    parse_keys("s3cret,0123456789abcdef", warn="SAFETY_API_KEY")
+    [warning] = caplog.records
+    assert warning.getMessage().startswith(
+        "SAFETY_API_KEY: API key key 1 has 6 characters, fewer than 16, and may be guessed"
+    )
+    path = tmp_path / "keys"
+    path.write_text("0123456789abcdef\nk2\n")
+    caplog.clear()
+    ApiKeys.from_file(str(path))
+    [warning] = caplog.records
+    assert f"API key {path} line 2 has 2 characters" in warning.getMessage()
+    assert all("s3cret" not in r.getMessage() and "k2\n" not in r.getMessage() for r in caplog.records)
+
+
 def test_key_file_lines(tmp_path: Path) -> None:
     path = tmp_path / "keys"
     path.write_text("# rotated 2026-11\n\nk-new\n  k-old  \r\n   # k-retired\n")
@@ -81,6 +126,7 @@ def test_a_changed_key_file_is_re_read_at_most_once_per_recheck_interval(
     assert keys.matches(b"k2") and not keys.matches(b"k1")
 
     caplog.set_level(logging.WARNING, "safety.service")
+    caplog.clear()  # the warnings that k1 and k2 are short keys
     path.unlink()  # unreadable now: the last good keys stay, with one warning
     for _ in range(3):
         clock.now += RECHECK_S

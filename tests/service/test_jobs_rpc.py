@@ -420,6 +420,44 @@ def test_unknown_jobs_are_not_found_and_bad_requests_invalid(
             assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("start_index:"), details
 
 
+def test_a_submit_job_over_the_item_limit_is_refused_before_anything_is_made_of_its_items(
+    start_jobs_server: StartServer,
+) -> None:
+    """The reviewer's reproduction, scaled down: 4M one-character items (a 19 MiB message) took a server to
+    2 GiB. Over SAFETY_MAX_JOB_ITEMS (100,000 by default) SubmitJob is INVALID_ARGUMENT on `items`, before a
+    dict or a line is made of an item, and before the job client is even created."""
+
+    def no_client() -> JobClient:
+        raise AssertionError("the job client was created for a request over the item limit")
+
+    app = start_jobs_server(no_client)
+    with connect(app) as client:
+        assert client.stub.Info(pb2.InfoRequest(), timeout=10).limits.max_job_items == 100_000
+        request = pb2.SubmitJobRequest(items=[pb2.Item(text="a")] * 100_001, job_id="too-many")
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.SubmitJob(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(
+        "items: 100,001 items, more than the limit of 100,000 per SubmitJob request (SAFETY_MAX_JOB_ITEMS); "
+    ), err.value.details()
+    assert "cannot be added to later" in err.value.details() and "`safety submit`" in err.value.details()
+    details = error_details(err.value)
+    assert details is not None and (details.field, details.reason) == ("items", "INVALID_INPUT")
+
+
+def test_the_submit_job_item_limit_is_a_setting(
+    start_jobs_server: StartServer, redis_server: RedisServer
+) -> None:
+    app = start_jobs_server(job_client(redis_server.url, queue=IDLE, chunk_size=CHUNK), max_job_items=2)
+    with connect(app) as client:
+        assert client.submit_job(["one", "two"], job_id="two-items")["total"] == 2
+        code, details = code_of(lambda: client.submit_job(["one", "two", "three"], job_id="three-items"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(
+        "items: 3 items, more than the limit of 2"
+    )
+    assert not redis_server.client().exists(JobKeys("three-items").job)  # nothing stored or queued
+
+
 def test_job_errors_carry_their_details(jobs_server: SafetyServer) -> None:
     """NOT_FOUND (unary and streaming RPCs) and INVALID_ARGUMENT naming `job_id` or an item's field."""
     with connect(jobs_server) as client:
@@ -463,6 +501,31 @@ def test_redis_down_jobs_unavailable_while_classify_answers_and_the_key_is_requi
             assert code == grpc.StatusCode.UNAUTHENTICATED, name
         [result] = client.classify(["How do I bake bread?"])
     assert result["id"] == "0" and set(result["scores"]) == set(app.classifier.labels)
+
+
+def test_a_remote_caller_never_sees_the_redis_password(
+    start_jobs_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server reads the job settings on the first job call (`safety serve` checks them at start-up too)
+    and sent their ConfigError verbatim as FAILED_PRECONDITION: a URL the settings refuse was quoted whole,
+    and one Redis refuses was masked only up to the first '@' of its password."""
+    locked = RedisServer(tmp_path / "redis").start()
+    try:
+        locked.client().config_set("requirepass", "the-right-one")
+        urls = (
+            "http://user:hunter2@redis:6379/0",
+            f"redis://default:s3cr@t-hunter2@127.0.0.1:{locked.port}/0",
+        )
+        for url in urls:
+            monkeypatch.setenv("SAFETY_REDIS_URL", url)
+            app = start_jobs_server(None)  # the default job client, as `safety serve` builds it
+            with connect(app) as client:
+                code, details = code_of(lambda client=client: client.get_job("some-job"))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, (url, code, details)
+            assert "SAFETY_REDIS_URL" in details and "***@" in details, details
+            assert "hunter2" not in details and "s3cr" not in details, details
+    finally:
+        locked.kill()
 
 
 def test_without_the_worker_extra_jobs_are_unimplemented_while_classify_answers(

@@ -65,7 +65,20 @@ def test_attention_setting_reaches_the_engine(tiny_model_dir: Path) -> None:
         ([], {"SAFETY_MAX_ITEMS": "abc"}, "SAFETY_MAX_ITEMS: cannot parse 'abc': expected an integer"),
         ([], {"SAFETY_DRAIN_GRACE_S": "nan"}, "SAFETY_DRAIN_GRACE_S: must be a finite number"),
         ([], {"SAFETY_API_KEY": "k1 secret"}, "SAFETY_API_KEY: key 1 contains whitespace"),
+        ([], {"SAFETY_API_KEY": "k1\u00a0"}, "SAFETY_API_KEY: key 1 has a character that is not printable"),
         (["--api-key-file", "/nonexistent/keys"], {}, "--api-key-file: /nonexistent/keys: cannot read"),
+        # the job RPCs' settings are checked at start-up too, a Redis URL's credentials masked
+        (
+            [],
+            {"SAFETY_REDIS_URL": "http://user:hunter2@redis:6379/0"},
+            "environment: field 'SAFETY_REDIS_URL': must be a redis://, rediss:// or unix:// URL, got "
+            "'http://***@redis:6379/0'\n",
+        ),
+        (
+            [],
+            {"SAFETY_CHUNK_SIZE": "0"},
+            "environment: field 'SAFETY_CHUNK_SIZE': must be a positive integer",
+        ),
     ],
     ids=[
         "device",
@@ -76,7 +89,10 @@ def test_attention_setting_reaches_the_engine(tiny_model_dir: Path) -> None:
         "max-items-env",
         "nan",
         "api-key",
+        "api-key-not-ascii",
         "api-key-file",
+        "redis-url",
+        "chunk-size",
     ],
 )
 def test_a_bad_setting_exits_2_with_one_line(args: list[str], env: dict[str, str], message: str) -> None:

@@ -618,6 +618,21 @@ def test_a_line_that_is_not_utf8_is_refused_by_its_line_without_a_traceback(
 
 
 @pytest.mark.parametrize("source", ["file", "stdin"])
+def test_a_line_nested_too_deeply_is_refused_by_its_line_without_a_traceback(
+    source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """200,000 '[' raised RecursionError out of json.loads: a traceback, exit 1."""
+    src = tmp_path / "deep.jsonl"
+    src.write_text('{"text": "fine"}\n' + "[" * 200_000 + "\n")
+    argument, name = items_argument(source, src, monkeypatch)
+    assert main(["submit", argument]) == 2  # refused before Redis is needed
+    assert (
+        capsys.readouterr().err
+        == f"safety submit: {name} line 2: not valid JSON (nested too deeply to parse)\n"
+    )
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
 def test_a_bad_byte_after_good_non_ascii_lines_is_refused_by_its_line(
     source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
