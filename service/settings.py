@@ -91,7 +91,7 @@ class ServeSettings(EngineSettings):
         "call); 0: never",
     )
     max_connection_age_s: int = setting(
-        1800,
+        300,
         "SAFETY_MAX_CONNECTION_AGE_S",
         int,
         "a connection this old (plus or minus 10 percent) takes no new calls (GOAWAY: the client's next call "

@@ -63,7 +63,7 @@ def test_calls_beyond_the_concurrent_rpc_cap_are_refused(start_server: Any) -> N
 def test_the_defaults_cap_calls_and_connections_without_cutting_streams() -> None:
     s = ServeSettings()
     assert s.max_concurrent_rpcs == 8192 > 2 * s.max_queue_items - 1  # a full queue of one-item calls fits
-    assert (s.max_connection_idle_s, s.max_connection_age_s) == (600, 1800)
+    assert (s.max_connection_idle_s, s.max_connection_age_s) == (600, 300)
 
 
 @pytest.mark.parametrize(
