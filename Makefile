@@ -92,12 +92,18 @@ default-model: $(STAMP)
 		--out .cache/eval/$(basename $(notdir $(f))) &&) true
 
 # What bench/gpu_all.sh needs on the GPU image beyond its torch/transformers/grpcio 1.84/protobuf: the service's
-# pure-Python dependencies at versions that load under grpcio 1.84 (carried with the stubs in service/_proto).
+# pure-Python dependencies at versions that load under grpcio 1.84 (carried with the stubs in service/_proto),
+# and COMMIT, the code measured (the GPU machine gets no .git; bench/gpu.py reports it): "<hash> clean", or
+# "<hash> dirty <sha256 of the diff and the untracked files' list, 12 digits>". Run it right before the call.
 GPU_SITE := .cache/gpu-site
 gpu-site: proto
 	rm -rf $(GPU_SITE)
 	$(PIP) install --quiet --no-deps --target $(GPU_SITE) grpcio-health-checking==1.84.0 \
 		grpcio-reflection==1.84.0 prometheus-client==0.26.0 googleapis-common-protos==1.76.0
+	{ git rev-parse HEAD; if [ -n "$$(git status --porcelain)" ]; then echo dirty; \
+		{ git diff HEAD; git status --porcelain; } | sha256sum | cut -c1-12; else echo clean; fi; } \
+		| paste -sd' ' > $(GPU_SITE)/COMMIT
+	cat $(GPU_SITE)/COMMIT
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) $(dir $(PROMTOOL)) service/_proto .pytest_cache .ruff_cache

@@ -153,7 +153,8 @@ def graphs(gpu_file: Path, out: Path) -> None:
 def kernels(gpu_file: Path, out: Path) -> None:
     """`kernels.png`: tokens/s of the engines with our Triton kernels (fused GEMMs, Triton attention) next to
     the plain engine of the same mode, per workload, each bar labelled with its ratio to that plain engine
-    (bench/gpu.py's step 4b); and the fused GEMMs alone, ms per call against cuBLAS + compiled elementwise."""
+    (bench/gpu.py's Triton step); and the fused GEMMs alone, ms per call against cuBLAS + compiled
+    elementwise."""
     d = json.loads(gpu_file.read_text())
     plain = {r["workload"]: r for r in d.get("rows", [])}
     rows = d.get("triton_rows", [])

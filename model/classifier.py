@@ -318,18 +318,24 @@ class Classifier:
 
     def warmup(self, max_length: int | None = None) -> float:
         """Run representative bucket shapes once (compilation, allocator, kernels) before real traffic.
-        Returns the seconds it took. Lengths double from 8 up to `max_length` (default: max_tokens)."""
+        Returns the seconds it took. Lengths double from 8 up to `max_length` (default: max_tokens); then one
+        batch of mixed lengths whose token count is not a multiple of 16, launched ungraphed: the doubling
+        batches and every CUDA graph bucket are multiples of 16, and a kernel specialized on that (Triton
+        does, on integer arguments it was not told to leave alone) would otherwise compile again on the
+        first real batch."""
         t0 = time.perf_counter()
         top = min(max_length or self.limits.max_tokens, self.limits.max_tokens)
         cls, sep = self.config.cls_token_id, self.config.sep_token_id
+        seq = lambda length: [cls, *([5] * (length - 2)), sep]  # noqa: E731
         n = 8
         while True:
             length = min(n, top)
             count = max(1, min(self.limits.max_batch_sequences, self.limits.max_batch_tokens // length // 2))
-            self.forward([[cls, *([5] * (length - 2)), sep]] * count)
+            self.forward([seq(length)] * count)
             if length == top:
                 break
             n *= 2
+        self.runner.forward([seq(n) for n in odd_lengths(top)], graphs=False)
         return time.perf_counter() - t0
 
     def run_windows(self, sequences: list[list[int]]) -> torch.Tensor:
@@ -456,6 +462,15 @@ class Classifier:
         return out
 
 
+def odd_lengths(top: int) -> list[int]:
+    """Lengths of at most `top` (at least 2: CLS and SEP) whose sum is not a multiple of 16: `Classifier.
+    warmup`'s last batch."""
+    lengths = [top, min(top, 19), min(top, 3)]
+    if sum(lengths) % 16 == 0:
+        lengths[-1] -= 1  # 3 -> 2 (with top < 3 the sum is 6)
+    return lengths
+
+
 def read_thresholds(directory: Path, labels: list[str]) -> dict[str, float]:
     """thresholds.json: label -> a probability in [0, 1] that flags, or null: the label is scored but never
     flags (threshold infinity), for the benign class of a softmax classifier such as {0: safe, 1: unsafe},
@@ -545,7 +560,9 @@ def load_classifier(
     # unset: fixed on the CPU, sized to the free memory on CUDA (model/budget.py); a max_tokens out of range
     # is left to check_limits, which names the field
     if max_batch_tokens is None and 0 < max_tokens <= config.max_position_embeddings:
+        t0 = time.perf_counter()
         budget = device_budget(dev, runner.forward, max_tokens)
+        runner.timings["budget_probe_s"] = time.perf_counter() - t0
         max_batch_tokens = budget.tokens
     limits = Limits(
         max_tokens=max_tokens,

@@ -9,6 +9,12 @@ Must not know: torch modules, checkpoints, packing, batching.
 import triton
 import triton.language as tl
 
+# `do_not_specialize` below: the kernels' one argument that changes with every batch (its rows, M or T). By
+# default Triton compiles a kernel again for each new combination of its integer arguments' divisibility by
+# 16 (and value 1): with every warm-up and CUDA graph bucket a multiple of 16, the traffic mix's other batch
+# sizes compiled once more inside the first timed run (0.4-1 s each). tests/model/test_fused.py and
+# test_triton_attention.py check the specializations Triton's CUDA backend computes for them.
+
 
 @triton.jit
 def _tile(pid, M, tiles_n, GROUP_M: tl.constexpr, BM: tl.constexpr):
@@ -40,7 +46,7 @@ def _two_dots(
     return tl.split(tl.reshape(acc, (BM, BN, 2)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def qkv_rope_kernel(
     x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, out_ptr, M, stride_x, stride_cs,
     K: tl.constexpr, HEADS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -73,7 +79,7 @@ def qkv_rope_kernel(
     tl.store(out + HALF, acc_hi.to(out_ptr.dtype.element_ty), mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def geglu_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, M, stride_x,
     K: tl.constexpr, INTER: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -136,7 +142,7 @@ def _attend_blocks(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def varlen_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, seq_ptr, T, stride_t, sm_scale,
     D: tl.constexpr, WINDOW: tl.constexpr, SEQ_BIG: tl.constexpr,

@@ -60,6 +60,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def compiles_first_on_a_large_batch(device: torch.device) -> bool:
+    """Does a compiled runner on `device` compile on a full-size batch at load (`Runner.
+    _first_compile_on_a_large_batch`)? CUDA only: inductor's block sizes follow the first shapes it sees
+    there. A function of its own so a CPU test can take this CUDA-only path (tests/model/test_runner.py)."""
+    return device.type == "cuda"
+
+
+def can_graph(device: torch.device, backend: str) -> bool:
+    """Can a runner on `device` with attention `backend` capture CUDA graphs (model/graphs.py)? A function
+    of its own so a CPU test can take the capture and replay paths with a stand-in GraphSet."""
+    return device.type == "cuda" and backend in VARLEN
+
+
 @dataclass(eq=False)
 class Launched:
     """A batch queued on the device: its logits (maybe still being computed) and what times its forward."""
@@ -138,13 +151,17 @@ class Runner:
         self.compiled = bool(compile)
         self.device_seconds = 0.0  # device time of every batch collected so far (utilization = its rate)
         self.launches = self.replays = 0  # batches launched, and how many of them replayed a CUDA graph
-        if compile:
-            self._compile(None if compile is True else compile)
-            if device.type == "cuda":
-                self._first_compile_on_a_large_batch()
+        # everything `launch` reads is set before the first forward below (the first compile runs one)
         self.graphs: GraphSet | None = None
         self.graph_error: str | None = None
-        graphable = device.type == "cuda" and self.backend in VARLEN
+        self.timings: dict[str, float] = {}  # seconds of the load's stages (compile_s, graph_capture_s)
+        if compile:
+            self._compile(None if compile is True else compile)
+            if compiles_first_on_a_large_batch(device):
+                t0 = time.perf_counter()
+                self._first_compile_on_a_large_batch()
+                self.timings["compile_s"] = time.perf_counter() - t0
+        graphable = can_graph(device, self.backend)
         if graphs and not graphable:
             raise InvalidInputError(
                 f"CUDA graphs need a CUDA device and a varlen attention kernel, got {device} "
@@ -168,6 +185,7 @@ class Runner:
             )
             return False
         graphs = GraphSet(lambda batch: self.net(batch, self.attn), shapes, self.device)
+        t0 = time.perf_counter()
         try:
             graphs.capture()
         except Exception as e:  # a kernel this device cannot capture: run ungraphed, say why
@@ -175,6 +193,8 @@ class Runner:
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize(self.device)
             return False
+        finally:
+            self.timings["graph_capture_s"] = time.perf_counter() - t0
         self.graphs, self.graph_error = graphs, None
         return True
 
@@ -201,12 +221,13 @@ class Runner:
         net.head.forward = torch.compile(net.head.forward, **opts)
 
     @torch.inference_mode()
-    def launch(self, sequences: list[list[int]]) -> Launched:
+    def launch(self, sequences: list[list[int]], graphs: bool = True) -> Launched:
         """Pack on the host and queue the batch on the device; returns without waiting for it (on CUDA the
         kernels run asynchronously, so the caller can pack and queue the next batch before `collect` waits
-        for this one). CPU: computed when this returns."""
+        for this one). CPU: computed when this returns. `graphs` False: launched kernel by kernel even where
+        a CUDA graph would take it (warm-ups)."""
         batch = pack(sequences)
-        prepared = self.graphs.prepare(batch) if self.graphs is not None else None
+        prepared = self.graphs.prepare(batch) if graphs and self.graphs is not None else None
         self.launches += 1
         if prepared is not None:
             with self._lock:
@@ -245,9 +266,9 @@ class Runner:
         self.device_seconds += launched.device_seconds()
         return logits
 
-    def forward(self, sequences: list[list[int]]) -> torch.Tensor:
+    def forward(self, sequences: list[list[int]], graphs: bool = True) -> torch.Tensor:
         """Token-id lists (specials included) -> fp32 logits (n, num_labels) on the CPU."""
-        return self.collect(self.launch(sequences))
+        return self.collect(self.launch(sequences, graphs))
 
     def run(self, batches: Iterable[list[list[int]]]) -> Iterator[torch.Tensor]:
         """Logits per batch, in order, with one batch queued ahead: batch i+1 is packed, copied and queued

@@ -26,38 +26,68 @@ def run(*args: str, timeout: float = 240) -> str:
 
 @pytest.mark.slow
 def test_gpu_script_smoke(tmp_path: Path) -> None:
-    out = run("bench/gpu.py", "--smoke", "--no-compile", "--workloads", "traffic", "--out", str(tmp_path),
-              "--model-dir", str(tmp_path / "ckpt"))  # fmt: skip
+    """All of bench/gpu.py, compiled engines included (~70-100 s on 2 cores, Triton's interpreter included;
+    the CUDA-only first compile of a compiled runner is taken on the CPU by tests/model/test_runner.py)."""
+    out = run("bench/gpu.py", "--smoke", "--workloads", "traffic", "--out", str(tmp_path),
+              "--model-dir", str(tmp_path / "ckpt"), timeout=400)  # fmt: skip
     assert "-> OK" in out, out
     data = json.loads((tmp_path / "gpu.json").read_text())
-    assert data["errors"] == {}, data["errors"]  # every guarded step ran
-    assert data["parity"]["ok"]
+    assert data["errors"] == {} and data["skipped"] == {}, (data["errors"], data["skipped"])
+    assert {"card", "driver", "cuda", "torch", "triton", "transformers", "commit"} <= set(data)
+    assert len(data["commit"]["hash"]) == 40 and data["commit"]["source"] == "git"
+    assert data["parity"]["ok"] and data["parity_ungraphed"]["ok"] and data["parity_compiled_ungraphed"]["ok"]
+    assert not data["parity"]["replayed"] and not data["parity_ungraphed"]["replayed"]  # no graphs here
+    assert data["compile"]["warmup_s"] > 0 and data["compile"]["load_s"] >= data["compile"]["warmup_s"]
+    assert data["compile_s"] is None  # on the CPU inductor compiles lazily, inside the warm-up
     (row,) = data["rows"]
     assert row["workload"] == "traffic" and row["ours_eager"] > 0 and row["hf_sorted"] > 0
+    assert row["ours_compiled"] > 0 and data["compiled_vs_eager"] < 1e-4
     assert 0 < row["ours_eager_device_busy"] <= 1.05  # the runner's device time over the timed run
     assert {r["budget"] for r in data["budget_sweep"]} == {8192, 16384}
     assert data["latency"]["ours_eager"]["total_ms"] >= data["latency"]["ours_eager"]["launch_ms"] > 0
-    assert "aten::" in data["profile_ours_eager"]
+    assert "aten::" in data["profile_ours_eager"] and "aten::" in data["profile_ours_compiled"]
     assert data["budget"] == "16384 tokens (cpu default)"
     cases = {(m["engine"], m["case"]) for m in data["memory"]}
     assert ("ours", "1 x 256") in cases and ("hf", "1 x 256") in cases
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()  # kept for bench/e2e.py
+    assert "| traffic |" in out and "best / HF arrival" in out
+    # the steps ran in priority order: the plain engines' optional steps before our Triton kernels
+    steps = list(data["step_s"])
+    assert steps.index("profile ours_compiled") < steps.index("memory")
     if importlib.util.find_spec("triton") is None:  # the dev extra installs triton on Linux only
         assert data["triton"] == "skipped: the triton package is not installed"
         assert "fused_kernels" not in data and "triton_rows" not in data
         return
     # our Triton kernels' steps, here in Triton's interpreter (tests/conftest.py): the fused GEMMs alone, then
-    # the fused-GEMM and Triton-attention engines (eager: --no-compile), parity and a row each
+    # the fused-GEMM and Triton-attention engines, eager and compiled, parity (also ungraphed) and a row each
+    assert steps.index("memory") < steps.index("fused GEMMs: kernels")
     assert {r["op"] for r in data["fused_kernels"]} == {"qkv+rope", "wi+geglu"}
     assert all(r["max_diff_vs_compiled"] < 1e-4 for r in data["fused_kernels"])
-    assert set(data["triton_parity"]) == {"fused_eager", "triton_attn_eager"}
-    assert all(p["ok"] for p in data["triton_parity"].values())
+    engines = {"fused_eager", "fused_compiled", "triton_attn_eager", "triton_attn_compiled"}
+    assert set(data["triton_parity"]) == set(data["triton_parity_ungraphed"]) == engines
+    assert all(p["ok"] for p in [*data["triton_parity"].values(), *data["triton_parity_ungraphed"].values()])
+    assert "CUDA flash kernel" in data["triton_skipped"]["triton_local_compiled"]
+    assert all(data["triton_load"][e]["warmup_s"] > 0 for e in engines)
     assert data["triton_vs_first"]["triton_attn_eager"] < 1e-4
     (triton_row,) = data["triton_rows"]
-    assert triton_row["workload"] == "traffic"
-    assert triton_row["fused_eager"] > 0 and triton_row["triton_attn_eager"] > 0
+    assert triton_row["workload"] == "traffic" and all(triton_row[e] > 0 for e in engines)
     run("bench/plot.py", "--kernels", str(tmp_path / "gpu.json"), "--out", str(tmp_path))
     assert (tmp_path / "kernels.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_gpu_script_past_its_deadline_still_measures_and_tabulates(tmp_path: Path) -> None:
+    """Past --deadline-s the optional steps are skipped, each with a line; parity and the workloads still
+    run, --repeat times, and the table is printed."""
+    out = run("bench/gpu.py", "--smoke", "--no-compile", "--workloads", "traffic", "--deadline-s", "1",
+              "--repeat", "2", "--out", str(tmp_path), "--model-dir", str(tmp_path / "ckpt"))  # fmt: skip
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["errors"] == {} and data["parity"]["ok"]
+    assert {"graph parity", "latency", "profile ours_eager", "memory", "budget sweep"} <= set(data["skipped"])
+    assert "# -- memory: skipped (" in out and "s before its deadline of 1 s)" in out
+    (row,) = data["rows"]
+    assert len(row["ours_eager_runs"]) == 2 and row["ours_eager"] > 0
+    assert "| traffic |" in out and "(±" in out and "# steps skipped: [" in out
 
 
 def test_bucket_coverage_script(tmp_path: Path) -> None:

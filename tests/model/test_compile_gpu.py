@@ -25,6 +25,27 @@ def test_compiled_equals_eager(tiny_model_dir: Path, tiny_classifier) -> None:
 
 @pytest.mark.gpu
 @gpu
+def test_a_compiled_cuda_engine_loads_and_equals_eager(tiny_model_dir: Path) -> None:
+    """The load a compiled CUDA engine goes through (the server's default there): the first compile on a
+    large batch, then the graph buckets' capture, the budget probe and the warm-up (its last batch
+    ungraphed, of a token count that is not a multiple of 16); then eager's logits, replayed or not. The
+    first compile once raised AttributeError (the runner set its graphs after it; test_runner.py takes the
+    same path on the CPU)."""
+    compiled = load_classifier(tiny_model_dir, device="cuda", compile=True)
+    eager = load_classifier(tiny_model_dir, device="cuda", graphs=False)
+    runner = compiled.runner
+    assert runner.compiled and runner.graphs is not None, runner.graph_error
+    assert {"compile_s", "graph_capture_s", "budget_probe_s"} <= set(runner.timings)
+    assert compiled.warmup(max_length=256) > 0
+    replays = runner.replays
+    for lengths in ([3], [100, 7, 33], [1000] * 17 + [5]):  # the last: 17,005 tokens, above the top bucket
+        seqs = [[1, *([7 + n % 50] * n), 2] for n in lengths]
+        assert torch.allclose(compiled.forward(seqs), eager.forward(seqs), atol=0.05)
+    assert runner.replays == replays + 2
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("backend", ["varlen", "sdpa"])
 def test_bf16_gpu_parity_with_hf_fp32(tiny_model_dir: Path, backend: str) -> None:
     """bf16 on CUDA: error against HF fp32 within 2x HF-bf16's own error + 0.02 (as bench/gpu.py checks)."""

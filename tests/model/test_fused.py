@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from model import fused, load_classifier
 from model.modernbert import apply_rope
-from tests.model.triton_util import autotuners_on_cpu
+from tests.model.triton_util import autotuners_on_cpu, specialization
 
 CUDA = torch.cuda.is_available()  # without it, tests/conftest.py has put Triton in its interpreter
 DEVICE = "cuda" if CUDA else "cpu"
@@ -101,6 +101,31 @@ def test_what_has_no_fused_kernel_is_named() -> None:
     # shapes no block size tiles (they passed the check, then the first launch raised StopIteration)
     assert "half-heads of 48 columns" in fused.unsupported(dev, dtype, "gelu", 384, 4, 384)  # head_dim 96
     assert "intermediate_size 40" in fused.unsupported(dev, dtype, "gelu", 256, 4, 40)
+
+
+def test_the_kernels_compile_once_for_any_row_count() -> None:
+    """A batch's rows M change with every batch: Triton must not specialize on them (divisible by 16, or
+    1), or the CUDA graph buckets' and warm-ups' multiples of 16 leave every other count to compile inside
+    a timed run. The strides keep their specializations."""
+    from model import fused_kernels
+
+    x, w, cs = torch.empty(8, 768), torch.empty(2304, 768), torch.empty(8, 32)
+    tiles = dict(M_BIG=False, BM=64, BN=64, BK=64, GROUP_M=8)
+
+    def qkv(M: int) -> list:
+        args = (x, w, w, cs, cs, x, M, 768, 32)
+        return specialization(fused_kernels.qkv_rope_kernel, *args, K=768, HEADS=12, HALF=32,
+                              HAS_BIAS=False, **tiles)  # fmt: skip
+
+    def geglu(M: int) -> list:
+        args = (x, w, w, x, M, 768)
+        return specialization(fused_kernels.geglu_kernel, *args, K=768, INTER=1152, ACT=0, HAS_BIAS=False,
+                              **tiles)  # fmt: skip
+
+    assert qkv(1000) == qkv(1024) == qkv(1) == qkv(8193)
+    assert geglu(1000) == geglu(1024) == geglu(1) == geglu(8193)
+    assert qkv(1000)[6:9] == [("i32", None), ("i32", "D"), ("i32", "D")]  # M alone left unspecialized
+    assert geglu(1000)[4:6] == [("i32", None), ("i32", "D")]
 
 
 def test_the_autotuner_only_tries_blocks_that_fit() -> None:

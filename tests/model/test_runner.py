@@ -80,3 +80,97 @@ def test_an_attention_backend_this_machine_cannot_run_is_an_input_error() -> Non
         pick_backend(torch.device("cpu"), "varlen")
     with pytest.raises(InvalidInputError, match=r"^backend: unknown attention backend 'nope'"):
         pick_backend(torch.device("cpu"), "nope")
+
+
+class CpuGraphSet:
+    """Stands in for model.graphs.GraphSet on the CPU (tests/model/test_graphs.py checks the real one on
+    CUDA): buckets, padding and the runner's replay path are the real ones; a "replay" runs the network on
+    the padded batch (the CPU kernel pads to the longest sequence, so `max_seqlen` is that, not the
+    bucket's)."""
+
+    def __init__(self, forward, shapes, device) -> None:
+        self.forward, self.shapes, self.capture_s = forward, shapes, 0.0
+
+    def capture(self) -> float:
+        return 0.0
+
+    def describe(self) -> str:
+        return f"{len(self.shapes)} stand-in buckets"
+
+    def prepare(self, batch):
+        import dataclasses
+
+        from model.graphs import pad_packed, pick_shape
+
+        shape = pick_shape(self.shapes, batch.num_tokens, batch.num_seqs, batch.max_seqlen)
+        if shape is None:
+            return None
+        padded = pad_packed(batch, shape)
+        return self.forward, dataclasses.replace(padded, max_seqlen=max(padded.lengths)), batch.num_seqs
+
+    @staticmethod
+    def replay(prepared) -> torch.Tensor:
+        forward, padded, n = prepared
+        return forward(padded)[:n].clone()
+
+
+def test_a_compiled_runner_takes_the_cuda_load_path_on_the_cpu(
+    tiny_model_dir: Path, tiny_classifier, monkeypatch
+) -> None:
+    """What a compiled CUDA runner does at load, on the CPU: compile on a large batch first (a forward
+    through `launch`, which reads the graphs: once an AttributeError, because they were set only after
+    it), then capture the graph buckets (a stand-in GraphSet), then replay small batches; ungraphed above
+    the top bucket and when asked (the warm-up's last batch, whose token count is not a multiple of 16)."""
+    from model import runner as runner_mod
+
+    seen = []  # (tokens, graphs asked for, graphs captured) of every launch
+    launch = runner_mod.Runner.launch
+
+    def spy(self, sequences, graphs=True):
+        seen.append((sum(map(len, sequences)), graphs, self.graphs is not None))
+        return launch(self, sequences, graphs)
+
+    monkeypatch.setattr(runner_mod.Runner, "launch", spy)
+    monkeypatch.setattr(runner_mod, "compiles_first_on_a_large_batch", lambda device: True)
+    monkeypatch.setattr(runner_mod, "can_graph", lambda device, backend: True)
+    monkeypatch.setattr(runner_mod, "GraphSet", CpuGraphSet)
+    monkeypatch.setattr(runner_mod, "probe_shape", lambda max_tokens: (200, 3))  # a small "large" batch
+    clf = load_classifier(tiny_model_dir, device="cpu", compile=True, graph_tokens=1024)
+    runner = clf.runner
+    assert runner.compiled and runner.graphs is not None, runner.graph_error
+    assert seen == [(600, True, False)]  # the first compile, before the capture
+    assert runner.timings["compile_s"] > 0 and runner.timings["graph_capture_s"] >= 0
+    assert clf.graphs_text.endswith(" stand-in buckets") and clf.info()["cuda_graphs"] == clf.graphs_text
+    small, large = _seqs([40, 3, 100]), _seqs([300, 300, 300, 200])  # 149 and 1,108 tokens
+    launched = runner.launch(small)
+    assert launched.graphed and runner.replays == 1
+    assert torch.allclose(runner.collect(launched), tiny_classifier.forward(small), atol=1e-5)
+    for seqs, graphs in ((large, True), (small, False)):
+        launched = runner.launch(seqs, graphs=graphs)
+        assert not launched.graphed and runner.replays == 1
+        assert torch.allclose(runner.collect(launched), tiny_classifier.forward(seqs), atol=1e-5)
+
+    seen.clear()
+    clf.warmup(max_length=64)
+    *doubling, (tokens, graphs, _) = seen
+    assert all(g and t % 16 == 0 for t, g, _ in doubling) and len(doubling) == 4  # lengths 8 ... 64
+    assert not graphs and tokens % 16 != 0
+
+
+def test_a_failed_graph_capture_leaves_the_runner_ungraphed(tiny_model_dir: Path, monkeypatch) -> None:
+    from model import runner as runner_mod
+
+    class Refused(CpuGraphSet):
+        def capture(self) -> float:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runner_mod, "can_graph", lambda device, backend: True)
+    monkeypatch.setattr(runner_mod, "GraphSet", Refused)
+    clf = load_classifier(tiny_model_dir, device="cpu")  # graphs None: on where the device can have them
+    assert clf.runner.graphs is None
+    assert clf.runner.graph_error == "RuntimeError: operation not permitted when stream is capturing"
+    assert clf.graphs_text == f"off (capture failed: {clf.runner.graph_error})"
+    launched = clf.launch(_seqs([5, 9]))
+    assert not launched.graphed and clf.collect(launched).shape == (2, 7)
+    assert not clf.runner.capture_graphs([])  # no buckets: says so
+    assert "no graph buckets" in clf.runner.graph_error

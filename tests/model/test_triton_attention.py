@@ -20,7 +20,7 @@ from model import load_classifier, triton_attention
 from model.attention import Attention, pick_backend
 from model.packing import pack
 from model.triton_attention import varlen_attention
-from tests.model.triton_util import autotuners_on_cpu
+from tests.model.triton_util import autotuners_on_cpu, specialization
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -49,6 +49,23 @@ def test_triton_attention_equals_sdpa_on_the_stream(dtype: torch.dtype, window: 
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     assert got.shape == q.shape and got.dtype == dtype
     assert (got.float() - want).abs().max().item() <= tol
+
+
+def test_the_kernel_compiles_once_for_any_token_count() -> None:
+    """The batch's token count T is the one argument that changes with every batch: Triton must not
+    specialize on it (divisible by 16, or 1), or the CUDA graph buckets' and warm-ups' multiples of 16 leave
+    every other count to compile inside a timed run. The other arguments keep their specializations."""
+    from model import fused_kernels
+
+    def spec(T: int) -> list:
+        q = torch.empty(T, 2, 32)
+        cu, seq = torch.tensor([0, T], dtype=torch.int32), torch.zeros(T, dtype=torch.int32)
+        args = (q, q, q, q, cu, seq, T, 64, 32**-0.5)
+        return specialization(fused_kernels.varlen_attention_kernel, *args, D=32, WINDOW=-1, SEQ_BIG=False,
+                              BM=64, BN=64)  # fmt: skip
+
+    assert spec(1000) == spec(1024) == spec(1) == spec(4097)
+    assert spec(1000)[6] == ("i32", None) and spec(1000)[7] == ("i32", "D")  # T left alone, stride_t not
 
 
 def test_head_dims_the_kernel_cannot_tile_are_refused(tmp_path: Path) -> None:
