@@ -227,7 +227,10 @@ def run_worker(args: argparse.Namespace) -> int:
                 metrics_dir = serve_metrics(settings.metrics_port, prefork="--pool=prefork" in argv)
             from worker.app import app
             from worker.reclaim import start_sweeper
-            from worker.tasks import worker_failed
+            from worker.tasks import broker_warning, worker_failed
+
+            if warning := broker_warning(app):
+                log.warning("%s", warning)
 
             sweeper = start_sweeper(settings)  # re-sends chunks the broker lost (worker.reclaim)
             try:

@@ -39,8 +39,9 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ITEM_OUTCOMES = ("ok", "failed")
 # done: results written; retried: handed back to the queue after an error (the next delivery counts again);
 # dead_lettered: given up after SAFETY_MAX_ATTEMPTS, items written as failed; skipped: nothing to do (the job
-# is cancelled, finished or gone, or a redelivery found every result written).
-CHUNK_OUTCOMES = ("done", "retried", "dead_lettered", "skipped")
+# is cancelled, finished or gone, or a redelivery found every result written); lost_hold: stopped midway, its
+# message's hold lost to another delivery (a slice outlasted the visibility timeout; its stored slices stay).
+CHUNK_OUTCOMES = ("done", "retried", "dead_lettered", "skipped", "lost_hold")
 CHUNK_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
@@ -79,7 +80,7 @@ class Metrics:
         )
         self.chunks = Counter(
             "safety_worker_chunks",
-            "chunk deliveries by outcome: done, retried, dead_lettered, skipped",
+            "chunk deliveries by outcome: done, retried, dead_lettered, skipped, lost_hold",
             ["outcome"],
             registry=r,
         )

@@ -317,6 +317,17 @@ return {'run', attempt, lo, hi, redis.call('HGET', KEYS[5], ARGV[1]) or ''}
 """
 )
 
+# KEYS = [job]; ARGV = [nonce]. What a running chunk checks before each slice (nothing changes).
+# -> 'gone' | 'stale' | the job's state
+_CHUNK_STATE = (
+    _STALE_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
+if stale(KEYS[1], ARGV[1]) then return 'stale' end
+return redis.call('HGET', KEYS[1], 'state') or 'gone'
+"""
+)
+
 # KEYS = JobKeys.all(); ARGV = [model, nonce, (index, json, failed 0|1)...]. First write of an index
 # wins. -> {state, newly written ok, newly written failed}; state 'gone' when the job no longer exists,
 # 'stale' when the writer's message belongs to another job of that id (replaced while the chunk ran).
@@ -504,6 +515,7 @@ class JobStore:
         self._add = client.register_script(_ADD)
         self._start = client.register_script(_START_CHUNK)
         self._write = client.register_script(_WRITE_RESULTS)
+        self._chunk_state = client.register_script(_CHUNK_STATE)
         self._cancel = client.register_script(_CANCEL)
         self._seal = client.register_script(_SEAL)
         self._resume = client.register_script(_RESUME)
@@ -689,6 +701,11 @@ class JobStore:
         if out[0] != "run":
             return ChunkStart(action=out[0])
         return ChunkStart("run", attempt=int(out[1]), lo=int(out[2]), hi=int(out[3]), last_error=out[4])
+
+    def chunk_state(self, job_id: str, nonce: str | None = None) -> str:
+        """The job's state as a chunk message (`nonce`: its; None: not checked) sees it, in one read: 'gone'
+        (deleted or expired), 'stale' (another job of the id now) or the record's state ('cancelled', ...)."""
+        return str(self._chunk_state(keys=[JobKeys(job_id).job], args=[nonce or ""]))
 
     def write(
         self,

@@ -25,7 +25,7 @@ def test_every_series_exists_at_zero_and_outcomes_are_checked() -> None:
         assert m.registry.get_sample_value("safety_worker_items_total", {"outcome": outcome}) == 0
     for outcome in CHUNK_OUTCOMES:
         assert m.registry.get_sample_value("safety_worker_chunks_total", {"outcome": outcome}) == 0
-    assert set(CHUNK_OUTCOMES) == {"done", "retried", "dead_lettered", "skipped"}
+    assert set(CHUNK_OUTCOMES) == {"done", "retried", "dead_lettered", "skipped", "lost_hold"}
     with pytest.raises(ValueError, match="unknown chunk outcome 'dead-lettered'"):
         m.chunk("dead-lettered", 1.0)
     m.chunk("skipped", 0.0)
