@@ -160,11 +160,18 @@ def _result_id(line: Mapping[str, Any]) -> str:
 
 def job_settings(settings: ServeSettings) -> WorkerSettings:
     """The job RPCs' settings: `SAFETY_REDIS_URL`, `SAFETY_QUEUE`, `SAFETY_CHUNK_SIZE`, ... as the workers
-    read them (worker.settings), with the server's own limit on characters per text. ConfigError naming the
-    variable (a URL in it with its credentials masked) for one that does not parse or is out of range."""
+    read them (worker.settings). The settings the server has too (the engine's, SAFETY_LOG_FORMAT,
+    SAFETY_LOG_LEVEL, SAFETY_DRAIN_GRACE_S, ...) are the server's values, which a command-line flag may have
+    set: their variables are not read again here (a `--log-format text` wins over SAFETY_LOG_FORMAT=logfmt,
+    as it does for the rest of the server). ConfigError naming the variable (a URL in it with its credentials
+    masked) for one that does not parse or is out of range."""
+    from dataclasses import fields
+
     from worker.settings import WorkerSettings
 
-    return WorkerSettings.from_env(max_text_chars=settings.max_text_chars)
+    own = {f.name for f in fields(WorkerSettings)}
+    shared = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name in own}
+    return WorkerSettings.from_env(**shared)
 
 
 def check_job_settings(settings: ServeSettings) -> None:

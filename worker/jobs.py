@@ -50,7 +50,7 @@ from model.errors import (
 from model.items import item_id
 from worker.app import create_app, send_chunk
 from worker.items import iter_normalized
-from worker.settings import WorkerSettings, env_name, redacted_url
+from worker.settings import WorkerSettings, env_name, redacted_url, redis_url_problem
 from worker.store import FINISHED, SUBMIT_LEASE_S, JobStore, check_job_id, failed_line, new_nonce
 
 CANCELLED = "cancelled: the job was cancelled before this item was classified"
@@ -351,6 +351,20 @@ class _SubmitLease:
             self.client.store.release_submit(self.job_id, self.token)
 
 
+def _from_url(settings: WorkerSettings, **options: Any) -> redis.Redis:
+    """`redis.Redis.from_url(SAFETY_REDIS_URL)`; ConfigError naming the variable, the URL masked, where
+    redis-py refuses it: its ValueError may quote part of the password (an unparsable port), so it is not
+    shown."""
+    try:
+        return redis.Redis.from_url(settings.redis_url, decode_responses=True, **options)
+    except ValueError:
+        problem = redis_url_problem(settings.redis_url) or (
+            f"is not a URL redis-py can read ({redacted_url(settings.redis_url)!r}): check its query "
+            "parameters, and percent-encode any '/', '#', '?', '@' or ':' in the user name or password"
+        )
+        raise ConfigError(problem, field=env_name("redis_url"), file="environment") from None
+
+
 class JobClient:
     """Talks to Redis (job store) and to the Celery broker (the chunk queue). Thread-safe.
 
@@ -363,12 +377,7 @@ class JobClient:
     def __init__(self, settings: WorkerSettings, *, notice: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.notice: Callable[[str], None] = notice or (lambda message: log.warning("%s", message))
-        self.client = redis.Redis.from_url(
-            settings.redis_url,
-            decode_responses=True,
-            socket_connect_timeout=_CONNECT_S,
-            socket_timeout=_ANSWER_S,
-        )
+        self.client = _from_url(settings, socket_connect_timeout=_CONNECT_S, socket_timeout=_ANSWER_S)
         self.store = JobStore(self.client)
 
     @classmethod
@@ -766,12 +775,7 @@ class JobClient:
             return outage.bounded[1]
         self._done(outage)
         timeout = max(_MIN_BOUNDED_S, left / 4)
-        client = redis.Redis.from_url(
-            self.settings.redis_url,
-            decode_responses=True,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-        )
+        client = _from_url(self.settings, socket_connect_timeout=timeout, socket_timeout=timeout)
         outage.bounded = (timeout, JobStore(client))
         return outage.bounded[1]
 

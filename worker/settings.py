@@ -11,10 +11,10 @@ are model/settings_base.py's. Must not know: Celery, Redis, torch; `worker.app`,
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from model.engine_settings import EngineSettings
 from model.errors import ConfigError
@@ -78,6 +78,9 @@ class WorkerSettings(EngineSettings):
             got = redacted_url(self.redis_url)
             shown = repr(got) if "://" in got else "a value without a scheme (not shown: it may be a secret)"
             raise _bad("redis_url", f"must be a redis://, rediss:// or unix:// URL, got {shown}")
+        problem = redis_url_problem(self.redis_url)
+        if problem:
+            raise _bad("redis_url", problem)
         if not self.queue or any(c.isspace() for c in self.queue):
             raise _bad("queue", f"must be a non-empty name without spaces, got {self.queue!r}")
         if self.log_format not in ("json", "text"):
@@ -98,25 +101,55 @@ class WorkerSettings(EngineSettings):
 
 
 MASK = "***"
-_PASSWORD_PARAMETER = re.compile(r"(?i)([?&;]password=)[^&;#]*")
+_ENCODE = "percent-encode any '/', '#', '?', '@' or ':' in the user name or password (e.g. '/' as %2F)"
 
 
 def redacted_url(url: str) -> str:
     """`url` as a message or a log may show it: whatever comes before its last '@' after the scheme (the
-    user and password, however many '@', ':' or '/' the password holds) and the value of a `password=`
-    query parameter (redis-py reads one) replaced by `***`. A value without a scheme is not a URL, and may be
-    a password set in the wrong place: all of it is `***`.
+    user and password, however many '@', ':' or '/' the password holds), every query-string value (redis-py
+    reads a password from the query, under whatever spelling of the key) and any fragment replaced by `***`;
+    query keys are kept. A value without a scheme is not a URL, and may be a password set in the wrong
+    place: all of it is `***`.
 
     "redis://user:s3cr@t@host:6379/0" -> "redis://***@host:6379/0";
-    "unix:///run/redis.sock?db=0&password=x" -> "unix:///run/redis.sock?db=0&password=***"."""
+    "unix:///run/redis.sock?db=0&password=x" -> "unix:///run/redis.sock?db=***&password=***"."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return MASK
     _, at, host = rest.rpartition("@")
     if at:
         rest = f"{MASK}@{host}"
-    rest = _PASSWORD_PARAMETER.sub(lambda m: m.group(1) + MASK, rest)
+    rest, hash_, fragment = rest.partition("#")
+    rest, question, query = rest.partition("?")
+    if question:
+        parts = (p.partition("=") for p in query.split("&"))
+        rest += "?" + "&".join(f"{key}={MASK}" if eq else (MASK if key else "") for key, eq, _ in parts)
+    if hash_:
+        rest += "#" + (MASK if fragment else "")
     return f"{scheme}://{rest}"
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why redis-py or Celery's broker (kombu) would misread or refuse `url` (a redis://, rediss:// or
+    unix:// URL), or None. Both split the URL with the standard rules: the user and password end at the
+    first '/', '#' or '?', so a password holding one of them turns into a port that is not a number
+    (`ValueError` on every connection) or, worse, into a path; and kombu fails (TypeError) on a password
+    given in the query as well. The message shows the URL only through `redacted_url`."""
+    shown = repr(redacted_url(url))
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parses the port: ValueError if it is not a number in range
+        parts.hostname  # noqa: B018
+    except ValueError:
+        return f"is not a URL redis-py can read ({shown}): {_ENCODE}"
+    if "@" in parts.path + parts.query + parts.fragment:
+        return f"has an '@' after its first '/', '#' or '?' ({shown}): {_ENCODE}"
+    if any(unquote(key).lower() == "password" for key, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        return (
+            f"has a password in its query ({shown}), which Celery's broker cannot use: put it in the URL's "
+            f"user info instead (redis://user:password@host:6379/0), and {_ENCODE}"
+        )
+    return None
 
 
 def env_name(name: str) -> str:

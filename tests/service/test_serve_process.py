@@ -76,6 +76,12 @@ def test_attention_setting_reaches_the_engine(tiny_model_dir: Path) -> None:
         ),
         (
             [],
+            {"SAFETY_REDIS_URL": "redis://default:Zx9kQ2mB/pL8=@127.0.0.1:41333/0"},
+            "environment: field 'SAFETY_REDIS_URL': is not a URL redis-py can read "
+            "('redis://***@127.0.0.1:41333/0'): percent-encode any '/', '#', '?', '@' or ':'",
+        ),
+        (
+            [],
             {"SAFETY_CHUNK_SIZE": "0"},
             "environment: field 'SAFETY_CHUNK_SIZE': must be a positive integer",
         ),
@@ -92,6 +98,7 @@ def test_attention_setting_reaches_the_engine(tiny_model_dir: Path) -> None:
         "api-key-not-ascii",
         "api-key-file",
         "redis-url",
+        "redis-url-slash",
         "chunk-size",
     ],
 )
@@ -101,6 +108,19 @@ def test_a_bad_setting_exits_2_with_one_line(args: list[str], env: dict[str, str
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.startswith(f"safety serve: {message}"), res.stderr[-2000:]
     assert res.stderr.count("\n") == 1 and not res.stdout  # one line, no traceback
+
+
+def test_a_flag_wins_over_the_variable_in_the_job_settings_check(tiny_model_dir: Path) -> None:
+    """`safety serve --log-format json` with SAFETY_LOG_FORMAT=logfmt: the flag wins, and the start-up
+    check of the job settings (which share SAFETY_LOG_FORMAT, SAFETY_DRAIN_GRACE_S, the engine's, ...) must
+    not read the variable again and exit 2 on it."""
+    env = {**os.environ, "SAFETY_LOG_FORMAT": "logfmt", "SAFETY_DRAIN_GRACE_S": "nan", "SAFETY_DEVICE": "tpu",
+           "SAFETY_METRICS_ADDRESS": "off"}  # fmt: skip
+    args = ["--model", str(tiny_model_dir), "--address", "127.0.0.1:0", "--log-format", "json",
+            "--drain-grace-s", "5", "--device", "cpu"]  # fmt: skip
+    with serve_process(args, env) as served:
+        served.log("serving")
+        served.stop()
 
 
 def test_start_up_failures_of_the_host_are_one_line_without_a_traceback(tiny_model_dir: Path) -> None:

@@ -25,15 +25,20 @@ SECRET = "hunter2"
         ("redis://localhost:6379/0", "redis://localhost:6379/0"),
         ("redis://:hunter2@redis:6379/0", "redis://***@redis:6379/0"),
         ("rediss://default:hunter2@redis:6380/1", "rediss://***@redis:6380/1"),
-        # a password holding '@', ':' or '/' (redis-py takes them: the host is after the last '@')
+        # a password holding '@' or ':' (redis-py takes them: the host is after the last '@')
         ("redis://default:s3cr@t-hunter2@redis:6379/0", "redis://***@redis:6379/0"),
+        # one holding '/', '#' or '?' redis-py cannot read (the settings refuse it), but it is masked
         ("redis://u:hunt/er2@redis:6379/0", "redis://***@redis:6379/0"),
-        # redis-py also reads a password from the query
-        ("unix:///run/redis.sock?db=0&password=hunter2", "unix:///run/redis.sock?db=0&password=***"),
+        ("redis://u:hunt#er2@redis:6379/0", "redis://***@redis:6379/0"),
+        # redis-py also reads a password from the query: every query value is masked, the keys kept
+        ("unix:///run/redis.sock?db=0&password=hunter2", "unix:///run/redis.sock?db=***&password=***"),
         (
             "redis://redis/0?PASSWORD=hunter2&health_check_interval=2",
-            "redis://redis/0?PASSWORD=***&health_check_interval=2",
+            "redis://redis/0?PASSWORD=***&health_check_interval=***",
         ),
+        ("redis://redis/0?password=wrong;hunter2", "redis://redis/0?password=***"),
+        ("redis://redis/0?pass%77ord=hunter2x", "redis://redis/0?pass%77ord=***"),
+        ("redis://redis/0?hunter2&db=1#hunter2", "redis://redis/0?***&db=***#***"),
         ("hunter2", "***"),  # not a URL: maybe a password set in the wrong variable
     ],
 )
@@ -53,6 +58,74 @@ def test_a_refused_url_is_named_without_its_password(url: str, says: str) -> Non
     with pytest.raises(ConfigError) as err:
         WorkerSettings.from_env({"SAFETY_REDIS_URL": url})
     assert SECRET not in str(err.value) and says in str(err.value), str(err.value)
+
+
+ENCODE = "percent-encode any '/', '#', '?', '@' or ':' in the user name or password"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        # redis-py and kombu end the password at its first '/', '#' or '?': the rest is a "port"
+        ("redis://default:Zx9kQ2mB/hunter2=@127.0.0.1:41333/0", "not a URL redis-py can read"),
+        ("redis://u:Zx9#hunter2@127.0.0.1:41333/0", "not a URL redis-py can read"),
+        ("redis://u:Zx9?hunter2@127.0.0.1:41333/0", "not a URL redis-py can read"),
+        ("redis://:Zx9/hunter2@127.0.0.1:41333/0", "not a URL redis-py can read"),
+        ("redis://127.0.0.1:99999/0", "not a URL redis-py can read"),
+        # ... or, worse, a host and a port, and the rest a path: no password sent at all
+        ("redis://u:123/hunter2@127.0.0.1:41333/0", "has an '@' after its first '/', '#' or '?'"),
+    ],
+)
+def test_a_password_redis_py_would_misread_is_refused(url: str, says: str) -> None:
+    """Accepted by the settings, such a URL failed every use with redis-py's `ValueError: Port could not be
+    cast to integer value as 'Zx9kQ2mB'` (a traceback showing the password's start)."""
+    with pytest.raises(ConfigError) as err:
+        WorkerSettings.from_env({"SAFETY_REDIS_URL": url})
+    message = str(err.value)
+    assert "field 'SAFETY_REDIS_URL'" in message and says in message and ENCODE in message, message
+    assert SECRET not in message and "Zx9" not in message, message
+    encoded = url.replace("/hunter2", "%2Fhunter2").replace("#", "%23").replace("?", "%3F")
+    if "99999" not in url:  # percent-encoded, the same password is accepted
+        assert WorkerSettings.from_env({"SAFETY_REDIS_URL": encoded}).redis_url == encoded
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0?password=hunter2",
+        "redis://:x@127.0.0.1:6379/0?pass%77ord=hunter2",
+        "unix:///run/redis.sock?db=0&PASSWORD=hunter2",
+    ],
+)
+def test_a_password_in_the_query_is_refused(url: str) -> None:
+    """redis-py reads it, but Celery's broker (kombu) fails on it inside `safety worker`: `TypeError: dict()
+    got multiple values for keyword argument 'password'`."""
+    with pytest.raises(ConfigError) as err:
+        WorkerSettings.from_env({"SAFETY_REDIS_URL": url})
+    message = str(err.value)
+    assert "field 'SAFETY_REDIS_URL'" in message and "password in its query" in message, message
+    assert "user info" in message and SECRET not in message, message
+
+
+def test_a_url_redis_py_refuses_is_a_config_error_of_the_job_client() -> None:
+    """The settings cannot know every parameter redis-py checks: its ValueError (which may quote part of
+    the URL) becomes a ConfigError naming the variable, the URL masked."""
+    url = "redis://:hunter2@127.0.0.1:6379/0?db=hunter2"
+    with pytest.raises(ConfigError) as err:
+        JobClient(WorkerSettings(redis_url=url))
+    message = str(err.value)
+    assert "field 'SAFETY_REDIS_URL'" in message and "redis://***@127.0.0.1:6379/0?db=***" in message, message
+    assert SECRET not in message, message
+
+
+def test_the_cli_refuses_a_password_with_a_slash_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("SAFETY_REDIS_URL", "redis://default:Zx9kQ2mB/pL8=@127.0.0.1:41333/0")
+    assert main(["job", "status", "x"]) == 2
+    out, err = capsys.readouterr()
+    assert "field 'SAFETY_REDIS_URL'" in err and ENCODE in err and "Traceback" not in err, err
+    assert "Zx9" not in out + err, err
 
 
 @pytest.fixture
@@ -84,6 +157,22 @@ def test_the_job_clients_errors_never_show_the_password(locked_redis: RedisServe
     finally:
         unreachable.close()
     assert "unreachable" in str(down.value) and SECRET not in str(down.value), str(down.value)
+
+
+def test_a_percent_encoded_password_reaches_redis(tmp_path: Path) -> None:
+    """The form the refusals ask for works: redis-py decodes '%2F', '%23', '%3F' back."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        server.client().config_set("requirepass", "Zx9k/pL8=#?")
+        client = JobClient(
+            WorkerSettings(redis_url=f"redis://default:Zx9k%2FpL8%3D%23%3F@127.0.0.1:{server.port}/0")
+        )
+        try:
+            client.ping()
+        finally:
+            client.close()
+    finally:
+        server.kill()
 
 
 def test_the_cli_never_prints_the_password(
