@@ -7,8 +7,10 @@ printable ASCII, as gRPC metadata must be, none whitespace or a comma), `parse_k
 for a key shorter than MIN_KEY_CHARS), and
 `ApiKeys`, whose `matches(credentials)` compares with `hmac.compare_digest` against every key and, for a
 key file, looks at the file (service/watch.py's signature) at most once per `RECHECK_S` and re-reads it when
-it changed (a file that became unreadable or empty keeps the last good keys and logs a warning, once per
-change). Must not know: gRPC, the settings dataclass, how a caller sends its key.
+it changed (a bad line in a re-read file is skipped with a warning and the other lines apply, so a key
+removed in the same change is revoked; a file that became unreadable or holds no good key keeps the last good
+keys and logs a warning, once per change; at start-up any bad line is an error). Must not know: gRPC, the
+settings dataclass, how a caller sends its key.
 """
 
 from __future__ import annotations
@@ -63,11 +65,13 @@ def parse_keys(value: str, *, warn: str | None = None) -> tuple[str, ...]:
     return _checked(((f"key {i}", raw) for i, raw in enumerate(value.split(","), 1)), warn)
 
 
-def read_key_file(path: str, *, warn: bool = False) -> tuple[str, ...]:
+def read_key_file(path: str, *, warn: bool = False, skip_bad: bool = False) -> tuple[str, ...]:
     """The keys of a key file: one per line (a line ends at '\\n', '\\r\\n' or '\\r' only: a U+2028 or U+0085
     is refused as part of a key, not taken for a line end), surrounding ASCII whitespace stripped, blank
     lines and lines starting with '#' ignored. An unreadable file or one without a key raises ValueError.
-    `warn`: log a warning for each short key."""
+    `warn`: log a warning for each short key. A bad line (a key that is not printable ASCII, or that has
+    whitespace or a comma inside) raises ValueError; with `skip_bad` (a re-read), it is left out instead,
+    with a warning naming the file and line, never the key, so that the file's other lines still apply."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # a BOM an editor wrote is not part of the first key
             lines = f.read().split("\n")  # text mode has made '\r\n' and '\r' into '\n'; splitlines() would
@@ -76,7 +80,17 @@ def read_key_file(path: str, *, warn: bool = False) -> tuple[str, ...]:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise ValueError(f"{path}: cannot read ({reason})") from None
     entries = [(f"{path} line {n}", line) for n, line in enumerate(lines, 1)]
-    wanted = ((where, line) for where, line in entries if line.strip(ASCII_WHITESPACE)[:1] not in ("", "#"))
+    wanted = [(where, line) for where, line in entries if line.strip(ASCII_WHITESPACE)[:1] not in ("", "#")]
+    if skip_bad:
+        good = []
+        for where, line in wanted:
+            try:
+                _checked([(where, line)])
+            except ValueError as e:
+                log.warning("SAFETY_API_KEY_FILE: %s; that line is skipped, the file's other keys apply", e)
+            else:
+                good.append((where, line))
+        wanted = good
     keys = _checked(wanted, "SAFETY_API_KEY_FILE" if warn else None)
     if not keys:
         raise ValueError(f"{path}: no key in it (one key per line; blank lines and '#' comments are ignored)")
@@ -119,8 +133,8 @@ class ApiKeys:
             return  # unchanged since it was last read (a bad file is not read again until it changes)
         self._signature = signature
         try:
-            keys = read_key_file(path, warn=True)
-        except ValueError as e:
+            keys = read_key_file(path, warn=True, skip_bad=True)
+        except ValueError as e:  # unreadable, or no good key in it
             log.warning("SAFETY_API_KEY_FILE: %s; keeping the %d keys read before", e, len(self._keys))
             return
         self._keys = tuple(k.encode() for k in keys)

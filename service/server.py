@@ -4,12 +4,14 @@ cut, counted and logged). `serve` is the process: signals (SIGTERM/SIGINT drain,
 SIGHUP re-checks the TLS files), logging, exit code.
 
 Owns: grpc.aio server options (message limits, keepalive and ping-flood policy, connection idle time and
-age, the cap on calls open at once), the port's credentials (from service/tls.py, re-read as their files
-change), the interceptor chain (metrics -> errors -> API key, its keys from service/apikeys.py; the API key
-checked at each call's start, before any of its request is read, and, for a stream, again at each request
-read or message sent), grpc.health.v1 states, server reflection, the metrics HTTP exporter's lifetime,
-model loading and warm-up off the event loop, and the one start-up line saying rich error details are off
-(service/richstatus.py). Must not know: request parsing (servicer), batching (scheduler), status-code
+age), the cap on calls open at once (`CallCapInterceptor`: ours, not gRPC's `maximum_concurrent_rpcs`, so
+that health checks always answer and a flood of health watches cannot take the slots of keyed calls), the
+port's credentials (from service/tls.py, re-read as their files change), the interceptor chain (call cap
+-> metrics -> errors -> API key, its keys from service/apikeys.py; the API key checked at each call's
+start, before any of its request is read, and, for a stream, again at each request read or message sent),
+grpc.health.v1 states, server reflection, the metrics HTTP exporter's lifetime, model loading and warm-up
+off the event loop, and the one start-up line saying rich error details are off (service/richstatus.py).
+Must not know: request parsing (servicer), batching (scheduler), status-code
 choices (errors), how TLS files or key files are read.
 """
 
@@ -32,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from model import Classifier, Item, logs
-from model.errors import SafetyError, UnauthenticatedError
+from model.errors import OverloadedError, SafetyError, UnauthenticatedError
 from service import richstatus
 from service.apikeys import ApiKeys, parse_keys
 from service.decoding import DecodeInterceptor, grpc_receive_limit
@@ -52,6 +54,9 @@ ClassifierSource = Classifier | Callable[[], Classifier] | None
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+HEALTH_CHECK = HEALTH_PREFIX + "Check"  # never capped: the liveness/readiness probe must always answer
+HEALTH_WATCH = HEALTH_PREFIX + "Watch"  # capped apart (SAFETY_MAX_HEALTH_WATCHES): needs no key, never ends
+CAP_RETRY_MS = 1000  # the retry hint of a call refused by the cap on calls open at once
 STOP_GRACE_S = 1.0  # after the drain: for calls that hold no work (health watches, reflection) to see the end
 REVOKED = "API key revoked"  # how a stream whose key was removed from the key file ends (and the log says)
 
@@ -205,6 +210,93 @@ async def _deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
     await abort_for(error, context)
 
 
+class CallCapInterceptor(grpc.aio.ServerInterceptor):
+    """Outermost interceptor: the cap on calls open at once, in place of gRPC's `maximum_concurrent_rpcs`
+    (one limit for every call, checked before any interceptor, so a flood of Health/Watch streams, which
+    need no key and never end, would refuse keyed calls and the liveness probe alike, uncounted).
+
+    `Health/Check` is never capped (a cheap unary probe that must always answer). `Health/Watch` streams
+    count against their own cap (`max_watches`, SAFETY_MAX_HEALTH_WATCHES) and take no slot from anything
+    else. Every other call (our service, reflection; each needs a key when keys are configured) counts
+    against `max_calls` (SAFETY_MAX_CONCURRENT_RPCS). A call beyond its cap is refused at once, before any
+    of its request is read (a handler of the request-stream kind that nobody reads), RESOURCE_EXHAUSTED with
+    a retry hint (`grpc-retry-pushback-ms` of CAP_RETRY_MS, and RetryInfo), and counted in
+    safety_requests_total by the metrics interceptor as any other call.
+
+    A call counts from the moment grpc runs its handler until that handler returns or raises, however the
+    call ends (answered, aborted, cancelled, out of time, cut by the drain): the handler it gets from the
+    metrics interceptor is always of the request-stream kind, which grpc runs at once, and the count is
+    released in a `finally`. The cap is checked when grpc asks for the call's handler, so calls whose handlers
+    are asked for at the same moment may pass it together (by at most the few asked for on one turn of the
+    event loop)."""
+
+    def __init__(self, metrics: MetricsInterceptor, max_calls: int, max_watches: int) -> None:
+        self._metrics = metrics
+        self._caps = {"calls": max_calls, "watches": max_watches}
+        self.open = {"calls": 0, "watches": 0}  # calls running now, by pool
+        self._counted = Memo()
+        self._refused = Memo()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method == HEALTH_CHECK:
+            return handler
+        pool = "watches" if method == HEALTH_WATCH else "calls"
+        if self.open[pool] >= self._caps[pool]:
+            return self._refused.get(method, handler, lambda: self._refusal(handler, method, pool))
+        return self._counted.get(method, handler, lambda: self._counting(handler, pool))
+
+    def _counting(self, handler: grpc.RpcMethodHandler, pool: str) -> grpc.RpcMethodHandler:
+        """`handler` counted in `pool` while it runs (a synchronous handler, none of ours: as it is)."""
+        behavior = (
+            handler.stream_unary or handler.stream_stream or handler.unary_unary or handler.unary_stream
+        )
+        open_calls = self.open
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                open_calls[pool] += 1
+                try:
+                    async with contextlib.aclosing(behavior(requests, context)) as messages:
+                        async for message in messages:
+                            yield message
+                finally:
+                    open_calls[pool] -= 1
+
+            return with_behavior(handler, stream)
+        if inspect.iscoroutinefunction(behavior):
+
+            async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                open_calls[pool] += 1
+                try:
+                    return await behavior(requests, context)
+                finally:
+                    open_calls[pool] -= 1
+
+            return with_behavior(handler, call)
+        return handler
+
+    def _refusal(self, handler: grpc.RpcMethodHandler, method: str, pool: str) -> grpc.RpcMethodHandler:
+        """A handler that refuses the call without reading its request, counted by the metrics."""
+        cap, what = self._caps[pool], "health watches" if pool == "watches" else "calls"
+        setting = "SAFETY_MAX_HEALTH_WATCHES" if pool == "watches" else "SAFETY_MAX_CONCURRENT_RPCS"
+
+        async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            error = OverloadedError(
+                f"too many calls open at once: {cap} {what} are open on this server ({setting}); retry with "
+                "backoff",
+                retry_after_ms=CAP_RETRY_MS,
+            )
+            await abort_for(error, context)
+
+        return self._metrics.wrap(reading_its_request(handler, refuse), method.rsplit("/", 1)[-1])
+
+
 UNLIMITED_MS = 2**31 - 1  # gRPC's "no limit" for its millisecond options (int32)
 PING_STRIKES = 2  # too early pings tolerated, then GOAWAY too_many_pings (gRPC's default)
 
@@ -286,6 +378,7 @@ class SafetyServer:
     _forced: asyncio.Event = field(default_factory=asyncio.Event)
     _interrupted: asyncio.Event = field(default_factory=asyncio.Event)  # a signal during the drain
     _failure_scrapes: int = 0  # the metrics registry's mark() when the device failed (0: never scraped)
+    cap: CallCapInterceptor | None = None  # the cap on calls open at once (`cap.open`: the calls counted now)
 
     async def start(self) -> None:
         """Start serving (health NOT_SERVING), load and warm the model off the loop, then SERVING."""
@@ -472,17 +565,16 @@ async def create_server(
         log.warning("rich error details (grpc-status-details-bin) are off: %s", richstatus.OFF_BECAUSE)
     metrics = Metrics()
     servicer = SafetyServicer(settings, observer=metrics, job_client=job_client)
-    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics), ErrorInterceptor()]
+    counting = MetricsInterceptor(metrics)
+    cap = CallCapInterceptor(counting, settings.max_concurrent_rpcs, settings.max_health_watches)
+    interceptors: list[grpc.aio.ServerInterceptor] = [cap, counting, ErrorInterceptor()]
     keys = api_keys(settings)
     if keys is not None:
         interceptors.append(ApiKeyInterceptor(keys))
     # innermost: the others keep its request deserializer
     interceptors.append(DecodeInterceptor(max_bytes=settings.max_message_bytes))
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=_server_options(settings),
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
+    # no `maximum_concurrent_rpcs`: gRPC's would count health checks and watches too (CallCapInterceptor)
+    server = grpc.aio.server(interceptors=interceptors, options=_server_options(settings))
     pb2_grpc.add_SafetyClassifierServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
@@ -514,7 +606,7 @@ async def create_server(
             address = settings.metrics_address
             raise OSError(f"SAFETY_METRICS_ADDRESS {address}: cannot bind ({reason})") from None
     return SafetyServer(
-        settings, server, port, servicer, health_servicer, metrics, classifier, metrics_port, tls=tls
+        settings, server, port, servicer, health_servicer, metrics, classifier, metrics_port, tls=tls, cap=cap
     )
 
 
@@ -590,4 +682,12 @@ async def serve(settings: ServeSettings, classifier: ClassifierSource = None) ->
     return 1 if app.device_failed.is_set() or app.cut else 0
 
 
-__all__ = ["ApiKeyInterceptor", "SafetyServer", "create_server", "pb2", "serve", "warm_up"]
+__all__ = [
+    "ApiKeyInterceptor",
+    "CallCapInterceptor",
+    "SafetyServer",
+    "create_server",
+    "pb2",
+    "serve",
+    "warm_up",
+]

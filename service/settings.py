@@ -80,8 +80,17 @@ class ServeSettings(EngineSettings):
         8192,
         "SAFETY_MAX_CONCURRENT_RPCS",
         int,
-        "calls open at once (streams and health checks included); beyond it gRPC refuses new calls with "
-        "RESOURCE_EXHAUSTED 'Concurrent RPC limit exceeded!', which the metrics do not see",
+        "calls open at once (streams, job RPCs and reflection included; health checks and health watches "
+        "not); beyond it a new call is refused at once, its request unread, with RESOURCE_EXHAUSTED and a "
+        "retry hint, counted in safety_requests_total",
+    )
+    max_health_watches: int = setting(
+        64,
+        "SAFETY_MAX_HEALTH_WATCHES",
+        int,
+        "grpc.health.v1.Health/Watch streams open at once (they need no API key and never end), apart from "
+        "SAFETY_MAX_CONCURRENT_RPCS; beyond it a new Watch is refused with RESOURCE_EXHAUSTED. Health/Check "
+        "is never capped",
     )
     max_connection_idle_s: int = setting(
         600,
@@ -158,7 +167,8 @@ class ServeSettings(EngineSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive = ("max_queue_items", "max_items", "max_message_bytes", "encode_threads", "max_queue_tokens",
-                    "max_stream_inflight", "max_job_items", "max_concurrent_rpcs")  # fmt: skip
+                    "max_stream_inflight", "max_job_items", "max_concurrent_rpcs",
+                    "max_health_watches")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:

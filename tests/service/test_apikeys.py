@@ -141,3 +141,34 @@ def test_a_changed_key_file_is_re_read_at_most_once_per_recheck_interval(
     write(path, "k3\n", 4_000)  # usable again
     clock.now += RECHECK_S
     assert keys.matches(b"k3") and not keys.matches(b"k2")
+
+
+def test_a_bad_line_in_a_re_read_key_file_is_skipped_and_the_rest_applies(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rotation that removes a revoked key and adds a new one with a stray NBSP: the revoked key stops
+    matching (before, the whole re-read file was refused and the revoked key stayed accepted), the good new
+    key matches, and the warning names the file and line, never the key. At start-up a bad line is still an
+    error."""
+    path, clock = tmp_path / "keys", Clock()
+    revoked, kept, added = "revoked-key-0123456789", "kept-key-0123456789", "added-key-0123456789"
+    write(path, f"{revoked}\n{kept}\n", 1_000)
+    keys = ApiKeys.from_file(str(path), clock=clock)
+    assert keys.matches(revoked.encode()) and keys.matches(kept.encode())
+
+    caplog.set_level(logging.WARNING, "safety.service")
+    write(path, f"{kept}\n{added}\u00a0\nsecond-added-key-0123456789\n", 2_000)
+    clock.now += RECHECK_S
+    assert not keys.matches(revoked.encode()), "the revoked key is still accepted"
+    assert keys.matches(kept.encode()) and keys.matches(b"second-added-key-0123456789")
+    assert not keys.matches(added.encode()) and not keys.matches(f"{added}\u00a0".encode())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"{path} line 2" in w and "not printable ASCII" in w for w in warnings), warnings
+    assert not any(added in w for w in warnings), "the warning shows the key"
+
+    write(path, f"{added}\u00a0\n", 3_000)  # no good key left: the last good keys stay
+    clock.now += RECHECK_S
+    assert keys.matches(kept.encode())
+
+    with pytest.raises(ValueError, match=f"{path} line 1 has a character that is not printable ASCII"):
+        ApiKeys.from_file(str(path), clock=clock)

@@ -1,5 +1,6 @@
 """The server's bounds on what clients hold open: calls open at once (SAFETY_MAX_CONCURRENT_RPCS, beyond it
-gRPC refuses new calls with RESOURCE_EXHAUSTED), connections without a call (SAFETY_MAX_CONNECTION_IDLE_S,
+new calls are refused with RESOURCE_EXHAUSTED and a retry hint; health checks never capped, health watches
+capped apart by SAFETY_MAX_HEALTH_WATCHES), connections without a call (SAFETY_MAX_CONNECTION_IDLE_S,
 closed with GOAWAY), connections past their age (SAFETY_MAX_CONNECTION_AGE_S: no new calls on them, but the
 calls open on them, streams included, go on), and a flood of HTTP/2 pings (cut off with GOAWAY
 too_many_pings instead of answered for ever). Real servers on port 0; the ping flood is sent as raw HTTP/2
@@ -16,25 +17,50 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.server import SafetyServer, _server_options
+from service.richstatus import RETRY_PUSHBACK
+from service.server import CAP_RETRY_MS, SafetyServer, _server_options
 from service.settings import ServeSettings
 from service.stubs import SERVICE_NAME, pb2, pb2_grpc
-from tests.service.helpers import request, wait_until
+from tests.service.helpers import counted, request, wait_until
 from tests.service.test_revoked_keys import Sender
 
+KEY = "cap-test-key-0123456789"
+KEYED = [("authorization", f"Bearer {KEY}")]
 
-def held_classify(channel: grpc.Channel, release: threading.Event) -> Any:
+
+def held_classify(
+    channel: grpc.Channel, release: threading.Event, metadata: Any = None, timeout: float = 30
+) -> Any:
     """A Classify call that sends its headers, then nothing until `release`: open on the server meanwhile."""
 
     def nothing() -> Iterator[Any]:
         release.wait(30)
         yield from ()
 
-    return channel.stream_unary(f"/{SERVICE_NAME}/Classify").future(nothing(), timeout=30)
+    call = channel.stream_unary(f"/{SERVICE_NAME}/Classify")
+    return call.future(nothing(), metadata=metadata, timeout=timeout)
+
+
+def over_the_cap(stub: Any, metadata: Any = None) -> grpc.RpcError | None:
+    """An Info call's RESOURCE_EXHAUSTED error (None: it was answered)."""
+    try:
+        stub.Info(pb2.InfoRequest(), metadata=metadata, timeout=10)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
+        return e
+    return None
+
+
+def retry_hint(error: grpc.RpcError) -> str | None:
+    return dict(error.trailing_metadata() or ()).get(RETRY_PUSHBACK)
 
 
 def test_calls_beyond_the_concurrent_rpc_cap_are_refused(start_server: Any) -> None:
+    """Beyond SAFETY_MAX_CONCURRENT_RPCS a call is refused at once with RESOURCE_EXHAUSTED and a retry hint,
+    counted in safety_requests_total (before: gRPC's own 'Concurrent RPC limit exceeded!', no hint, not
+    counted); once the held calls end, calls are answered again."""
     app = start_server(max_concurrent_rpcs=3, metrics_address=None)
     release = threading.Event()
     with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
@@ -42,27 +68,125 @@ def test_calls_beyond_the_concurrent_rpc_cap_are_refused(start_server: Any) -> N
         assert stub.Info(pb2.InfoRequest(), timeout=10).limits.max_concurrent_rpcs == 3
         held = [held_classify(channel, release) for _ in range(3)]
         try:
-
-            def refused() -> bool:
-                try:
-                    stub.Info(pb2.InfoRequest(), timeout=10)
-                except grpc.RpcError as e:
-                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
-                    assert "Concurrent RPC limit exceeded" in e.details()
-                    return True
-                return False
-
-            wait_until(refused, what="a call beyond the three held ones refused")
+            wait_until(
+                lambda: over_the_cap(stub) is not None, what="a call beyond the three held ones refused"
+            )
+            error = over_the_cap(stub)
+            assert error is not None and "SAFETY_MAX_CONCURRENT_RPCS" in error.details()
+            assert retry_hint(error) == str(CAP_RETRY_MS)
+            refused = lambda: counted(app, "Info")["RESOURCE_EXHAUSTED"] >= 2  # noqa: E731
+            wait_until(refused, what="the refusals counted")
         finally:
             release.set()
             for call in held:
                 call.cancel()
-        wait_until(lambda: not refused(), what="calls accepted again once the held ones ended")
+        wait_until(lambda: over_the_cap(stub) is None, what="calls accepted again once the held ones ended")
+
+
+def test_health_watches_take_no_slot_from_keyed_calls_or_health_checks(start_server: Any) -> None:
+    """More Health/Watch streams (no key needed, never ending) than both caps: Health/Check still answers
+    SERVING and a keyed call is still answered (before: both RESOURCE_EXHAUSTED 'Concurrent RPC limit
+    exceeded!', and a liveness probe failing so would get the pod restarted). Watches beyond their own cap
+    are refused."""
+    app = start_server(max_concurrent_rpcs=3, max_health_watches=2, api_key=KEY, metrics_address=None)
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = pb2_grpc.SafetyClassifierStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(6)]
+        try:
+            first: list[Any] = []  # the first answer of each: SERVING, or the refusal
+            for watch in watches:
+                try:
+                    first.append(next(watch).status)
+                except grpc.RpcError as e:
+                    first.append(e)
+            for _ in range(5):
+                answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            assert stub.Classify(request("hello"), metadata=KEYED, timeout=10).results
+            assert stub.Info(pb2.InfoRequest(), metadata=KEYED, timeout=10).model
+            assert first.count(health_pb2.HealthCheckResponse.SERVING) == 2
+            refused = [e for e in first if isinstance(e, grpc.RpcError)]
+            assert len(refused) == 4
+            for e in refused:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
+                assert "SAFETY_MAX_HEALTH_WATCHES" in e.details() and retry_hint(e) == str(CAP_RETRY_MS)
+        finally:
+            for watch in watches:
+                watch.cancel()
+        assert app.cap is not None
+        wait_until(lambda: app.cap.open == {"calls": 0, "watches": 0}, what="every count released")
+
+
+def test_keyed_calls_beyond_the_cap_are_refused_with_a_retry_hint_and_the_count_is_released(
+    start_server: Any,
+) -> None:
+    """Keyed ClassifyStreams held open fill the cap: the next keyed call is refused (a retry hint, counted).
+    Every way a call ends gives its slot back: answered, aborted (no key; a bad request), cancelled, out of
+    time, and the streams ending; afterwards the server takes the cap's worth of calls again."""
+    app = start_server(max_concurrent_rpcs=3, api_key=KEY, metrics_address=None)
+    release = threading.Event()
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = pb2_grpc.SafetyClassifierStub(channel)
+        senders = [Sender() for _ in range(3)]
+        streams = [stub.ClassifyStream(iter(sender), metadata=KEYED, timeout=60) for sender in senders]
+        try:
+            for sender, stream in zip(senders, streams, strict=True):
+                sender.send(request("held"))
+                assert next(stream).HasField("response")
+            before = counted(app, "Info")["RESOURCE_EXHAUSTED"]
+            error = over_the_cap(stub, KEYED)
+            assert error is not None, "a call beyond the three held streams was answered"
+            assert retry_hint(error) == str(CAP_RETRY_MS)
+            wait_until(
+                lambda: counted(app, "Info")["RESOURCE_EXHAUSTED"] == before + 1, what="the refusal counted"
+            )
+        finally:
+            for sender in senders:
+                sender.close()
+        for stream in streams:
+            assert list(stream) == []
+        wait_until(lambda: over_the_cap(stub, KEYED) is None, what="calls answered again")
+        # ended every way, one at a time
+        assert stub.Classify(request("ok"), metadata=KEYED, timeout=10).results
+        for metadata, message in (([], request("x")), (KEYED, pb2.ClassifyRequest())):
+            with pytest.raises(grpc.RpcError):
+                stub.Classify(message, metadata=metadata, timeout=10)
+        cancelled = held_classify(channel, release, KEYED)
+        late = held_classify(channel, release, KEYED, timeout=0.5)
+        wait_until(lambda: late.done(), what="the deadline")
+        cancelled.cancel()
+        assert app.cap is not None
+        wait_until(lambda: app.cap.open["calls"] == 0, what="every count released")
+        again = [held_classify(channel, release, KEYED) for _ in range(3)]
+        wait_until(lambda: app.cap.open["calls"] == 3, what="the cap's worth of calls open again")
+        release.set()
+        for call in again:
+            call.cancel()
+        wait_until(lambda: app.cap.open["calls"] == 0, what="every count released")
+
+
+def test_the_drain_releases_the_counts_of_the_calls_it_cuts(start_server: Any, loop_thread: Any) -> None:
+    app = start_server(max_concurrent_rpcs=3, metrics_address=None)
+    assert app.cap is not None
+    release = threading.Event()
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        held = held_classify(channel, release)
+        wait_until(lambda: app.cap.open == {"calls": 1, "watches": 1}, what="both open")
+        loop_thread.run(app.drain(0.5))
+        assert app.cap.open == {"calls": 0, "watches": 0}
+        release.set()
+        held.cancel()
+        watch.cancel()
 
 
 def test_the_defaults_cap_calls_and_connections_without_cutting_streams() -> None:
     s = ServeSettings()
     assert s.max_concurrent_rpcs == 8192 > 2 * s.max_queue_items - 1  # a full queue of one-item calls fits
+    assert s.max_health_watches == 64
     assert (s.max_connection_idle_s, s.max_connection_age_s) == (600, 300)
 
 
@@ -70,6 +194,7 @@ def test_the_defaults_cap_calls_and_connections_without_cutting_streams() -> Non
     ("name", "value", "says"),
     [
         ("max_concurrent_rpcs", 0, "must be a positive integer, got 0"),
+        ("max_health_watches", 0, "must be a positive integer, got 0"),
         ("max_connection_idle_s", -1, "must be 0 (never) to 2147483 seconds, got -1"),
         ("max_connection_age_s", 2_147_484, "must be 0 (never) to 2147483 seconds, got 2147484"),
     ],
