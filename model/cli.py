@@ -22,6 +22,7 @@ from model.cliargs import (
     add_threshold_option,
     parse_device,
     parse_dtype,
+    positive_seconds,
     silence_stdout,
     stopped_after,
 )
@@ -130,7 +131,7 @@ def register_classify(sub: argparse._SubParsersAction) -> None:
                    help="with --client-cert: its PEM private key")  # fmt: skip
     p.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=30.0,
         help="with --remote: deadline of each request, its retries included, in seconds",
     )

@@ -3,7 +3,9 @@
 Owns: `--threshold LABEL=VALUE` (repeatable): its argparse type `parse_threshold`, which refuses a malformed
 value with argparse's usage error (exit status 2), and `add_threshold_option`; the argparse types of
 `--device` and `--dtype` (`parse_device`, `parse_dtype`: the values model/engine_settings.py accepts, so a
-wrong one is a usage error naming the flag, not a traceback from the runner); and what every `safety`
+wrong one is a usage error naming the flag, not a traceback from the runner); `positive_seconds`, the
+argparse type of every `--timeout` (`safety classify --remote`, `safety submit --wait`, `safety job
+results`), which refuses nan, inf, 0 and negative values as a usage error; and what every `safety`
 command does when the reader of its output goes away (`| head -1`): `silence_stdout`, then exit `EXIT_PIPE`;
 and `stopped_after(n)`, the words that end the error of a run stopped after printing some of its results,
 with `count(n, noun)`, how the commands count in their messages.
@@ -13,6 +15,7 @@ Must not know: the classifier (the engine validates the label names and the rang
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -74,3 +77,15 @@ def parse_dtype(value: str) -> str:
     if why := dtype_problem(value):
         raise argparse.ArgumentTypeError(why)
     return value
+
+
+def positive_seconds(value: str) -> float:
+    """The argparse `type` of a `--timeout` in seconds: a finite number above 0. `nan` waited for ever, `-1`
+    gave up at once ("still running after -1.0s"), `0` as well; argparse names the flag, exit status 2."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expects a number of seconds above 0, got {value!r}")
+    return seconds

@@ -84,7 +84,8 @@ def remote_classify(
     an estimate of tokens: `split_requests`), one at a time, each with the deadline `timeout` (its retries
     included); a request's results are yielded as soon as they arrive. Info and each request go again, at
     most RETRIES times and within that deadline, when the server refuses them as busy (after its hint) or
-    is unavailable (not listening yet, starting, draining, restarting: after its hint or a backoff), each
+    is unavailable (not listening yet, starting, draining, restarting: after its hint or a backoff) or cuts
+    them with CANCELLED (after a backoff), each
     retry said on stderr (`service.retries`); a request the server finds larger than its whole queue goes
     again in halves (`_send`). An item too large to send, or an error of `items` itself, comes after the
     results of the items before it. `api_key` None: the variable SAFETY_CLIENT_API_KEY, if set.
@@ -118,47 +119,59 @@ def remote_classify(
         raise InvalidInputError(e.reason, field=flag) from None
     with client:
         try:
-            limits = _info(client, target, timeout)
+            limits = _info(client, target, timeout, secure)
         except _Refused as e:
-            raise SystemExit(_failed(e.error, target, key_from=sent, tls=secure, note=e.note)) from None
+            said = _failed(e.error, target, key_from=sent, tls=secure, note=e.note, serves_tls=e.serves_tls)
+            raise SystemExit(said) from None
         printed = 0
         for first, request in split_requests(items, limits, thresholds):
             try:
-                for result in _send(client, first, request, target, timeout):
+                for result in _send(client, first, request, target, timeout, secure):
                     yield result_to_dict(result)
                     printed += 1
             except _Refused as e:
-                said = _failed(e.error, target, key_from=sent, tls=secure, first=e.first, note=e.note)
+                said = _failed(
+                    e.error,
+                    target,
+                    key_from=sent,
+                    tls=secure,
+                    first=e.first,
+                    note=e.note,
+                    serves_tls=e.serves_tls,
+                )
                 raise SystemExit(said + (f"; {stopped_after(printed)}" if printed else "")) from None
 
 
 class _Refused(Exception):
     """A request of `safety classify --remote` failed for good: the server's `error`, the index of the
-    request's first item in the whole input (`first`), and what the client tried (`note`)."""
+    request's first item in the whole input (`first`), what the client tried (`note`), and whether the
+    target answered a TLS handshake, if the retries asked (`serves_tls`: `Retries.serves_tls`)."""
 
-    def __init__(self, error: Any, first: int, note: str = "") -> None:
+    def __init__(self, error: Any, first: int, note: str = "", serves_tls: bool | None = None) -> None:
         super().__init__(note)
-        self.error, self.first, self.note = error, first, note
+        self.error, self.first, self.note, self.serves_tls = error, first, note, serves_tls
 
 
-def _info(client: Any, target: str, timeout: float | None) -> dict[str, Any]:
+def _info(client: Any, target: str, timeout: float | None, tls: bool = False) -> dict[str, Any]:
     """The server's limits (its Info), asked again as `service.retries` says (a server still starting, or
-    not listening yet: UNAVAILABLE); _Refused when it fails for good."""
+    not listening yet: UNAVAILABLE); _Refused when it fails for good. `tls`: whether the call uses TLS."""
     import grpc
 
     from service.retries import Retries
 
-    retries = Retries(target, "asking for its limits (Info) again", timeout)
+    retries = Retries(target, "asking for its limits (Info) again", timeout, tls=tls)
     while True:
         try:
             return client.info(timeout=retries.time_left())["limits"]
         except grpc.RpcError as e:
             note = retries.after(e)
             if note is not None:
-                raise _Refused(e, 0, note) from None
+                raise _Refused(e, 0, note, retries.serves_tls) from None
 
 
-def _send(client: Any, first: int, request: Any, target: str, timeout: float | None) -> Iterator[Any]:
+def _send(
+    client: Any, first: int, request: Any, target: str, timeout: float | None, tls: bool = False
+) -> Iterator[Any]:
     """The pb2.Results of `request` (whose first item is the input's item `first`), in order, within the
     deadline `timeout` (seconds from the first try; every try of the request shares it). Sent again as
     `service.retries` says: refused as busy (RESOURCE_EXHAUSTED with the server's retry hint) after the hint;
@@ -166,7 +179,7 @@ def _send(client: Any, first: int, request: Any, target: str, timeout: float | N
     at most RETRIES times, saying so on stderr. Refused as larger than the server allows a request to be as
     a whole (more tokens than its whole queue: the client's estimate was short): its halves, one after the
     other, each with a deadline of its own. Anything else, or a single item refused that way, raises
-    _Refused."""
+    _Refused. `tls`: whether the call uses TLS (`Retries`)."""
     import grpc
 
     from service.client import halves, too_large_as_a_whole
@@ -174,7 +187,7 @@ def _send(client: Any, first: int, request: Any, target: str, timeout: float | N
 
     n = len(request.items)
     which = f"items[{first}]" if n == 1 else f"items[{first}..{first + n - 1}]"
-    retries = Retries(target, f"sending {which} again", timeout)
+    retries = Retries(target, f"sending {which} again", timeout, tls=tls)
     while True:
         try:
             response = client.classify_raw(request, timeout=retries.time_left())
@@ -185,21 +198,30 @@ def _send(client: Any, first: int, request: Any, target: str, timeout: float | N
             return
         if n > 1 and too_large_as_a_whole(error):
             head, tail = halves(request)
-            yield from _send(client, first, head, target, timeout)
-            yield from _send(client, first + len(head.items), tail, target, timeout)
+            yield from _send(client, first, head, target, timeout, tls)
+            yield from _send(client, first + len(head.items), tail, target, timeout, tls)
             return
         note = retries.after(error)
         if note is not None:
-            raise _Refused(error, first, note)
+            raise _Refused(error, first, note, retries.serves_tls)
 
 
 def _failed(
-    error: Any, target: str, *, key_from: str | None, tls: bool, first: int = 0, note: str = ""
+    error: Any,
+    target: str,
+    *,
+    key_from: str | None,
+    tls: bool,
+    first: int = 0,
+    note: str = "",
+    serves_tls: bool | None = None,
 ) -> str:
     """The line `safety classify --remote` exits with (the caller adds how many results were printed): the
     status and the server's message (an item's index counted from the first item of the whole input, not of
     the request that failed), and what to do. `key_from`: where the API key sent came from (None: none was
-    sent); `first`: the index of the failed request's first item; `note`: what the client tried."""
+    sent); `first`: the index of the failed request's first item; `note`: what the client tried;
+    `serves_tls`: whether the target answered a TLS handshake (`service.retries.speaks_tls`; None: not
+    asked)."""
     import grpc
 
     message = error.details() or ""
@@ -214,7 +236,12 @@ def _failed(
             if os.environ.get("SAFETY_API_KEY"):
                 said += f"; SAFETY_API_KEY is the server's setting, the client reads {CLIENT_API_KEY}"
     elif error.code() == grpc.StatusCode.UNAVAILABLE and message.startswith("failed to connect"):
-        if not tls and message.endswith("Socket closed"):  # what a plaintext call to a TLS port sees
+        if not tls and message.endswith("Socket closed") and serves_tls is False:  # no TLS there either
+            said += (
+                f" (something at {target} accepts connections and closes them: a proxy, port-forward or load "
+                "balancer with no server behind it yet?)"
+            )
+        elif not tls and message.endswith("Socket closed"):  # what a plaintext call to a TLS port sees
             said += f" (does {target} serve TLS? then pass --tls, and --ca FILE for a private CA)"
         elif "Tls handshake failed" not in message:  # that one says what failed
             said += f" (is `safety serve` running at {target}?)"

@@ -2,21 +2,31 @@
 
 Owns: `Retries`, the retries of one call (the server's Info, or one Classify request): RESOURCE_EXHAUSTED
 with the server's retry hint (its queue is full) after that hint; UNAVAILABLE (nothing listens yet, the
-server is starting, loading its model, draining or restarting) after the server's hint if it sent one,
-else after a capped exponential backoff with jitter; both at most RETRIES times and never past the call's
-deadline (`--timeout`, counted from the call's first try, which every try shares). Nothing else is retried:
-DEADLINE_EXCEEDED, INVALID_ARGUMENT, UNAUTHENTICATED…, a RESOURCE_EXHAUSTED without a hint (gRPC's own
-message size limit, not the server's queue), nor an UNAVAILABLE that is a failed TLS handshake (a TLS
-mismatch: trying again cannot mend it). Each retry is a line on stderr; giving up is a note for the final
-message saying what was retried and why it stopped. Must not know: the requests (the caller sends them).
+server is starting, loading its model, draining or restarting; a proxy, port-forward or load balancer that
+accepts the connection and closes it, having no server behind it yet) after the server's hint if it sent
+one, else after a capped exponential backoff with jitter; CANCELLED (gRPC core cancels calls a server
+drowning in new ones cannot take, and a server draining or restarting may cut a call that way; the CLI
+never cancels its own, and Classify is idempotent) as an UNAVAILABLE without a hint; all at most RETRIES
+times and never past the call's deadline (`--timeout`, counted from the call's first try, which every try
+shares). Nothing else is retried: DEADLINE_EXCEEDED, INVALID_ARGUMENT, UNAUTHENTICATED…, a
+RESOURCE_EXHAUSTED without a hint (gRPC's own message size limit, not the server's queue), nor an
+UNAVAILABLE that is a failed TLS handshake (a TLS mismatch: trying again cannot mend it). A plaintext call
+that finds its connection closed ("Socket closed") is a TLS mismatch only if the port answers a TLS
+handshake (`speaks_tls`, asked once per call); else it is retried like any UNAVAILABLE. Each retry is a
+line on stderr; giving up is a note for the final message saying what was retried and why it stopped.
+Must not know: the requests (the caller sends them).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import random
+import socket
+import ssl
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import grpc
 
@@ -47,23 +57,70 @@ def pause(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def tls_mismatch(error: grpc.RpcError) -> bool:
+# How long `speaks_tls` waits for the connection and for the server's side of the handshake.
+PROBE_TIMEOUT_S = 1.0
+
+
+def tls_mismatch(error: grpc.RpcError, serves_tls: Callable[[], bool | None] = lambda: None) -> bool:
     """Is this UNAVAILABLE a TLS handshake that failed (a plaintext call to a TLS port, a server that wants a
     client certificate, a certificate not trusted), which no retry mends? gRPC words it "Tls handshake
-    failed", or "Socket closed" when the server closed the connection during the handshake."""
+    failed", or "Socket closed" when the server closed the connection during the handshake. A plaintext
+    call sees "Socket closed" too from anything that accepts a connection and closes it (docker-proxy before
+    the container listens, kubectl port-forward, an L4 load balancer with no backend): for that one,
+    `serves_tls()` decides (True: the port answers a TLS handshake; False: it does not, so a retry may find
+    a server; None: not known, taken as a mismatch)."""
     message = error.details() or ""
-    return message.startswith("failed to connect") and (
-        "handshake failed" in message.lower() or message.endswith("Socket closed")
-    )
+    if not message.startswith("failed to connect"):
+        return False
+    if "handshake failed" in message.lower():
+        return True
+    return message.endswith("Socket closed") and serves_tls() is not False
+
+
+def speaks_tls(target: str, timeout: float = PROBE_TIMEOUT_S) -> bool | None:
+    """Does HOST:PORT answer a TLS handshake (no certificate checked, `h2` offered as gRPC does)? True when
+    the handshake completes or the server answers it with a TLS alert (one that wants a client certificate);
+    False when the connection is refused, closed or reset, times out, or gets something that is not TLS;
+    None for a target that is not HOST:PORT (a `unix:` socket, a `dns:///` name), which it cannot probe."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "/" in target or not host:
+        return None
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=None if _is_address(host) else host),
+        ):
+            return True
+    except ssl.SSLError as e:  # a TLS alert from the server is TLS; "wrong version number" etc. are not
+        return "ALERT" in (e.reason or "").upper()
+    except (OSError, ValueError):  # refused, reset, closed (SSLEOFError is an SSLError: above), timed out
+        return False
+
+
+def _is_address(host: str) -> bool:
+    """An IP address (no SNI for it), not a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class Retries:
     """The retries of one call: `target` (HOST:PORT, for the lines on stderr), `again` (what a retry does,
     as the lines say it: "sending items[0..3] again"), `timeout` (the call's deadline in seconds, counted
-    from now, shared by every try; None: none)."""
+    from now, shared by every try; None: none), `tls` (whether the call uses TLS: a plaintext one that
+    finds its connection closed asks `speaks_tls` whether that was a TLS port)."""
 
-    def __init__(self, target: str, again: str, timeout: float | None) -> None:
-        self.target, self.again, self.timeout = target, again, timeout
+    def __init__(self, target: str, again: str, timeout: float | None, *, tls: bool = False) -> None:
+        self.target, self.again, self.timeout, self.tls = target, again, timeout, tls
+        self.serves_tls: bool | None = None  # what `speaks_tls` found, once asked (None: not asked)
+        self._probed = False
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.done = 0  # retries so far
         self.waited = 0.0  # seconds paused before them
@@ -84,10 +141,13 @@ class Retries:
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (hint := retry_after_ms(error)) is not None:
             wait, busy, state = min(hint / 1000, WAIT_MAX_S), "the server is busy", "refused"
             advice = "retry later, or use a batch job (safety submit)"
-        elif code == grpc.StatusCode.UNAVAILABLE and not tls_mismatch(error):
+        elif code == grpc.StatusCode.UNAVAILABLE and not tls_mismatch(error, self._serves_tls):
             hint = retry_after_ms(error)
             wait = self._backoff() if hint is None else min(hint / 1000, WAIT_MAX_S)
             busy, state, advice = "the server is unavailable", "unavailable", "retry later"
+        elif code == grpc.StatusCode.CANCELLED:  # not by this client: a server draining, or gRPC core's
+            wait = self._backoff()
+            busy, state, advice = "the call was cancelled by the server", "unavailable", "retry later"
         else:
             return self._before()
         if self.done == RETRIES:
@@ -111,6 +171,19 @@ class Retries:
         pause(wait)
         self.waited += wait
         return None
+
+    def _serves_tls(self) -> bool | None:
+        """For a plaintext call whose connection was closed: does the target speak TLS (`speaks_tls`, asked
+        once, within what is left of the deadline)? A TLS call: None (its own handshake failed)."""
+        if self.tls:
+            return None
+        if not self._probed:
+            self._probed = True
+            left = self.time_left()
+            self.serves_tls = speaks_tls(
+                self.target, PROBE_TIMEOUT_S if left is None else min(left, PROBE_TIMEOUT_S)
+            )
+        return self.serves_tls
 
     def _backoff(self) -> float:
         """The pause before the next retry of an UNAVAILABLE without a hint: the backoff (doubled for the

@@ -33,7 +33,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from model.cliargs import EXIT_PIPE, count, silence_stdout
+from model.cliargs import EXIT_PIPE, count, positive_seconds, silence_stdout
 from model.errors import ConfigError, DeadlineExceededError, InvalidInputError, SafetyError, UnavailableError
 from model.logs import configure as configure_logs
 from model.threads import available_cpus
@@ -122,7 +122,7 @@ def register_submit(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--job-id", help="name the job; re-running with the same id and file resumes it")
     s.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         help="with --wait: give up this many seconds after submitting (the wait and the results together)",
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -142,7 +142,7 @@ def register_job(subparsers: argparse._SubParsersAction) -> None:
     results = commands.add_parser("results", help="result lines in item order (waits for a running job)")
     results.add_argument("job_id")
     results.add_argument("--out", help="write here (default stdout)")
-    results.add_argument("--timeout", type=float, help="give up after this many seconds")
+    results.add_argument("--timeout", type=positive_seconds, help="give up after this many seconds")
     results.set_defaults(func=run_results)
     cancel = commands.add_parser("cancel", help="skip a job's remaining chunks")
     cancel.add_argument("job_id")
@@ -501,11 +501,16 @@ def run_submit(args: argparse.Namespace) -> int:
                 ):
                     status = _wait_with_progress(client, submitted.status, args.timeout, progress)
                 # the job has finished: a timeout now is one of reading its results, which Redis keeps
+                tally = Tally()
                 with _on_timeout(
-                    f"the job is {status.state}, its results are kept: `{again}` writes them", goes_on=False
+                    f"the job is {status.state}, its results are kept: `{again}` writes them",
+                    goes_on=False,
+                    tally=tally,
                 ):
                     try:
-                        written = _write_results(client, job_id, args.out, _left(deadline), known=status)
+                        written = _write_results(
+                            client, job_id, args.out, _left(deadline), known=status, tally=tally
+                        )
                     except OutputClosed:
                         return EXIT_PIPE
             where = args.out or "stdout"
@@ -548,14 +553,29 @@ def _check_job_id(job_id: str) -> None:
         ) from None
 
 
+class Tally:
+    """How many result lines a command wrote where they stay written if it stops part way (stdout, a FIFO, a
+    device: not a file, which is written whole or not at all), and where (`_write_results`)."""
+
+    def __init__(self) -> None:
+        self.lines, self.where = 0, "stdout"
+
+
 @contextmanager
-def _on_timeout(what_next: str, *, goes_on: bool = True) -> Iterator[None]:
+def _on_timeout(what_next: str, *, goes_on: bool = True, tally: Tally | None = None) -> Iterator[None]:
     """A wait that ran out of --timeout says that the job goes on (`goes_on`; a job that has finished does
-    not), and how to carry on with it."""
+    not), and how to carry on with it; after result lines went where they stay (`tally`), how many did, as
+    carrying on writes them again from the first (`job results` has no way to start further on)."""
     try:
         yield
     except DeadlineExceededError as e:
-        raise DeadlineExceededError(f"{e}; {'the job goes on: ' if goes_on else ''}{what_next}") from None
+        said = f"{e}; {'the job goes on: ' if goes_on else ''}{what_next}"
+        if tally is not None and tally.lines:
+            said += (
+                f" ({count(tally.lines, 'result line')} already went to {tally.where} before the timeout; it "
+                "writes every line again, from the first, those included)"
+            )
+        raise DeadlineExceededError(said) from None
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -602,11 +622,21 @@ def _wait_with_progress(client: Any, submitted: Any, timeout: float | None, prog
 
 
 def _write_results(
-    client: Any, job_id: str, out: str | None, timeout: float | None, *, known: Any = None
+    client: Any,
+    job_id: str,
+    out: str | None,
+    timeout: float | None,
+    *,
+    known: Any = None,
+    tally: Tally | None = None,
 ) -> int:
     """Stream result lines in item order; a file is written whole or not at all (temp file + rename).
     OutputClosed when the reader of stdout (or of a FIFO) went away. `known`: the job's status as this
-    command last read it, if it did (`JobClient.results`)."""
+    command last read it, if it did (`JobClient.results`). `tally`: counts the lines written to stdout, a
+    FIFO or a device, which stay there if the command stops part way."""
+    stays = out is None or out == "-" or _out_kind(out) == "special"
+    if tally is not None and out not in (None, "-"):
+        tally.where = out
     try:
         with _output(out) as stream:
             written = 0
@@ -614,6 +644,8 @@ def _write_results(
             for line in lines:
                 stream.write(json.dumps(line, ensure_ascii=False) + "\n")
                 written += 1
+                if tally is not None and stays:
+                    tally.lines += 1
     except BrokenPipeError:
         if out is None or out == "-":
             silence_stdout()
@@ -733,12 +765,13 @@ def run_results(args: argparse.Namespace) -> int:
     def results(client: Any) -> int:
         deadline = _deadline(args.timeout)  # one deadline for the results and the outcome after them
         again = f"safety job results {args.job_id}" + (f" --out {args.out}" if args.out else "")
+        tally = Tally()
         with (
             _after_outage(args.job_id, args.out, f"safety submit FILE --job-id {args.job_id}"),
-            _on_timeout(f"run `{again}` again, with a longer --timeout or none"),
+            _on_timeout(f"run `{again}` again, with a longer --timeout or none", tally=tally),
         ):
             try:  # --out is checked before the first result is read
-                _write_results(client, args.job_id, args.out, args.timeout)
+                _write_results(client, args.job_id, args.out, args.timeout, tally=tally)
             except OutputClosed:
                 return EXIT_PIPE
             # the job's outcome, for the exit code: within what is left of --timeout, like the results

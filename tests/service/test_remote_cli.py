@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -18,7 +19,7 @@ import pytest
 
 from model.cli import main
 from service.client import ITEM_TOKENS, REQUEST_TOKENS, estimated_tokens, split_requests
-from service.retries import BACKOFF_FIRST_S, JITTER, RETRIES
+from service.retries import BACKOFF_FIRST_S, JITTER, RETRIES, speaks_tls
 from service.richstatus import RETRY_PUSHBACK
 from service.scheduler import RETRY_DEFAULT_MS, RETRY_MAX_MS, RETRY_MIN_MS
 from service.server import SafetyServer
@@ -579,4 +580,120 @@ def test_an_unavailable_with_a_retry_hint_goes_again_after_the_hint(
     [line] = retry_lines(capsys.readouterr().err)
     assert (
         line[2] == "busy elsewhere; retry in 300 ms" and line[3] == "sending items[0]" and line[4] == "0.30"
+    )
+
+
+class Cancelled(Unavailable):
+    """A stand-in server whose first Classify is cut with CANCELLED (as gRPC core cancels the calls a
+    server draining, restarting or drowning in new calls does not take), and later ones answered."""
+
+    def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+        return pb2.ClassifyResponse(results=[pb2.Result(id=item.id) for item in request.items])
+
+
+def test_a_call_the_server_cancelled_goes_again_after_a_backoff(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A 600-item run ended with `CANCELLED: CANCELLED; stopped there, after the results of the first 140
+    items` during a server's restart: the CLI never cancels its own calls, and Classify is idempotent."""
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = Cancelled()
+    pb2_grpc.add_SafetyClassifierServicer_to_server(servicer, server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    pauses: list[float] = []
+    monkeypatch.setattr("service.retries.pause", pauses.append)
+    try:
+        assert main(["classify", "--remote", target, "hi"]) == 0
+    finally:
+        server.stop(0)
+    assert servicer.calls == 2 and len(pauses) == 1
+    assert BACKOFF_FIRST_S * (1 - JITTER) <= pauses[0] <= BACKOFF_FIRST_S * (1 + JITTER)
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1
+    assert err == (
+        f"safety classify --remote {target}: the call was cancelled by the server (CANCELLED: CANCELLED); "
+        f"sending items[0] again in {pauses[0]:.2f} s (retry 1 of 8)\n"
+    )
+
+
+@pytest.fixture
+def accept_and_close() -> Iterator[str]:
+    """HOST:PORT of a listener that accepts each connection and closes it at once (docker-proxy before the
+    container listens, kubectl port-forward, an L4 load balancer with no backend)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_a_listener_that_accepts_and_closes_is_retried_not_taken_for_a_tls_port(
+    accept_and_close: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """gRPC's `Socket closed` for a plaintext call was taken for a TLS port (given up at once, "does …
+    serve TLS? then pass --tls"): the port does not answer a TLS handshake, so it is retried like any
+    UNAVAILABLE."""
+    target = accept_and_close
+    assert speaks_tls(target) is False
+    pauses: list[float] = []
+    monkeypatch.setattr("service.retries.pause", pauses.append)
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--remote", target, "hi"])
+    said = str(e.value.code)
+    assert len(pauses) == RETRIES, said
+    lines = retry_lines(capsys.readouterr().err)
+    assert len(lines) == RETRIES
+    assert said.startswith(f"safety classify --remote {target}: UNAVAILABLE: failed to connect"), said
+    assert "TLS" not in said and said.endswith(
+        f"; still unavailable after 8 retries over {sum(pauses):.1f} s: retry later"
+    )
+
+
+def test_a_listener_that_accepts_and_closes_is_retried_within_the_timeout(
+    accept_and_close: str, capsys: pytest.CaptureFixture
+) -> None:
+    target = accept_and_close
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--remote", target, "--timeout", "2", "hi"])
+    said = str(e.value.code)
+    assert (
+        "TLS" not in said and "a retry in" in said and "would come after --timeout (2 s) ran out" in said
+    ), said
+    assert len(retry_lines(capsys.readouterr().err)) >= 2
+
+
+def test_speaks_tls_cannot_probe_what_is_not_host_and_port() -> None:
+    assert speaks_tls("unix:/tmp/safety.sock") is None and speaks_tls("dns:///localhost:50051") is None
+    assert speaks_tls(f"127.0.0.1:{free_port()}") is False  # refused
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf"])
+def test_a_timeout_that_is_not_a_positive_number_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture
+) -> None:
+    """`--timeout nan` waited for ever (no deadline), `-1` and `0` failed every call at once."""
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--remote", "127.0.0.1:1", "--timeout", value, "hi"])
+    assert e.value.code == 2
+    assert (
+        f"argument --timeout: expects a number of seconds above 0, got '{value}'" in capsys.readouterr().err
     )

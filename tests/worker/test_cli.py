@@ -952,3 +952,60 @@ def test_a_wait_that_times_out_says_how_to_carry_on(
         "the job goes on: run `safety job results slow` again, with a longer --timeout or none\n"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf"])
+@pytest.mark.parametrize("command", ["submit", "job results"])
+def test_a_timeout_that_is_not_a_positive_number_is_a_usage_error(
+    command: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--timeout nan` waited for ever, `-1` ended with `still running after -1.0s`, `0` gave up at once."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "one"}\n')
+    argv = ["submit", str(src), "--wait"] if command == "submit" else ["job", "results", "j"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--timeout", value])
+    assert e.value.code == 2
+    assert (
+        f"argument --timeout: expects a number of seconds above 0, got '{value}'" in capsys.readouterr().err
+    )
+
+
+def results_then_time_out(self: Any, job_id: str, **options: Any) -> Iterator[dict[str, Any]]:
+    """JobClient.results that yields two lines, then runs out of its timeout."""
+    from model.errors import DeadlineExceededError
+
+    yield {"index": 0, "id": "0", "error": None}
+    yield {"index": 1, "id": "1", "error": None}
+    raise DeadlineExceededError(f"job {job_id!r}: result 2 not ready after 1.0s")
+
+
+def test_a_timeout_after_result_lines_went_to_stdout_says_how_many_a_rerun_writes_again(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """It said "`safety job results J` writes them" after some lines were printed: run again, it printed
+    them again, and a consumer appending stdout got them twice."""
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "cli-partial")  # no worker
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n')
+    monkeypatch.setattr(JobClient, "results", results_then_time_out)
+    monkeypatch.setattr(worker.cli, "_wait_with_progress", lambda client, status, *a: status)
+    note = (
+        " (2 result lines already went to stdout before the timeout; it writes every line again, from the "
+        "first, those included)\n"
+    )
+    argv = ["submit", str(src), "--job-id", "part", "--wait", "--timeout", "30", "--no-progress"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2
+    assert err.endswith("`safety job results part` writes them" + note), err
+    assert main(["job", "results", "part", "--timeout", "30"]) == 2
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2
+    assert err.endswith("run `safety job results part` again, with a longer --timeout or none" + note), err
+    # a file is written whole or not at all: nothing to say about it
+    target = tmp_path / "r.jsonl"
+    assert main(["job", "results", "part", "--out", str(target), "--timeout", "30"]) == 2
+    assert capsys.readouterr().err.endswith(f"--out {target}` again, with a longer --timeout or none\n")
+    assert not target.exists()
