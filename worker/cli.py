@@ -336,11 +336,13 @@ class ItemsFile:
         self.path = path
         # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its own line, which __iter__
         # refuses by that line's number (a strict decoder raises from a read-ahead chunk, mid-iteration, as
-        # a traceback and without the line)
+        # a traceback and without the line). newline="\n": lines end at LF only, as JSON Lines (and
+        # model.jsonl.read_jsonl, `safety classify --jsonl`) say; a lone CR is JSON whitespace, and a CRLF
+        # line's CR is too
         if path == "-":
             self.stream = _stdin_text()
         else:
-            self.stream = open(path, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+            self.stream = open(path, encoding="utf-8", errors="surrogateescape", newline="\n")  # noqa: SIM115
         self._last = (-1, 0)  # index and line number of the item read last
 
     def __enter__(self) -> ItemsFile:
@@ -406,7 +408,7 @@ def _stdin_text() -> IO[str]:
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:
         return sys.stdin
-    return io.TextIOWrapper(buffer, encoding="utf-8", errors="surrogateescape")
+    return io.TextIOWrapper(buffer, encoding="utf-8", errors="surrogateescape", newline="\n")
 
 
 def _not_utf8(line: str) -> str:

@@ -596,6 +596,20 @@ def test_a_byte_order_mark_before_the_first_item_is_not_part_of_it(
         assert items.line_of(0) == 1
 
 
+def test_lines_end_at_lf_only_as_in_classify_jsonl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lone CR between JSON tokens is whitespace, as `safety classify --jsonl` (model.jsonl) reads it; the
+    submit reader split the line there (universal newlines) and refused half an item. CRLF still works."""
+    data = b'{"text":\r"one"}\n{"text": "two"}\r\n\r\n{"text": "three"}'
+    src = tmp_path / "cr.jsonl"
+    src.write_bytes(data)
+    with ItemsFile(str(src)) as items:
+        assert list(items) == [{"text": "one"}, {"text": "two"}, {"text": "three"}]
+        assert items.line_of(2) == 4
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    with ItemsFile("-") as items:
+        assert list(items) == [{"text": "one"}, {"text": "two"}, {"text": "three"}]
+
+
 @pytest.mark.parametrize("source", ["file", "stdin"])
 @pytest.mark.parametrize("good_lines", [1, 2000])
 def test_a_line_that_is_not_utf8_is_refused_by_its_line_without_a_traceback(
