@@ -561,12 +561,10 @@ class Unavailable(pb2_grpc.SafetyClassifierServicer):
         return pb2.ClassifyResponse(results=[pb2.Result(id=item.id) for item in request.items])
 
 
-def test_an_unavailable_with_a_retry_hint_goes_again_after_the_hint(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    """The server's hint, not the backoff, says when (and it is not jittered)."""
+def classify_hi_against(servicer: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[float]]:
+    """`safety classify --remote TARGET hi` against a stand-in `servicer` on port 0, which must succeed in
+    the end; -> TARGET, and the pauses before its retries (not slept)."""
     server = grpc.server(futures.ThreadPoolExecutor(2))
-    servicer = Unavailable()
     pb2_grpc.add_SafetyClassifierServicer_to_server(servicer, server)
     target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     server.start()
@@ -576,6 +574,15 @@ def test_an_unavailable_with_a_retry_hint_goes_again_after_the_hint(
         assert main(["classify", "--remote", target, "hi"]) == 0
     finally:
         server.stop(0)
+    return target, pauses
+
+
+def test_an_unavailable_with_a_retry_hint_goes_again_after_the_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The server's hint, not the backoff, says when (and it is not jittered)."""
+    servicer = Unavailable()
+    _, pauses = classify_hi_against(servicer, monkeypatch)
     assert pauses == [0.3] and servicer.calls == 2
     [line] = retry_lines(capsys.readouterr().err)
     assert (
@@ -599,17 +606,8 @@ def test_a_call_the_server_cancelled_goes_again_after_a_backoff(
 ) -> None:
     """A 600-item run ended with `CANCELLED: CANCELLED; stopped there, after the results of the first 140
     items` during a server's restart: the CLI never cancels its own calls, and Classify is idempotent."""
-    server = grpc.server(futures.ThreadPoolExecutor(2))
     servicer = Cancelled()
-    pb2_grpc.add_SafetyClassifierServicer_to_server(servicer, server)
-    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
-    pauses: list[float] = []
-    monkeypatch.setattr("service.retries.pause", pauses.append)
-    try:
-        assert main(["classify", "--remote", target, "hi"]) == 0
-    finally:
-        server.stop(0)
+    target, pauses = classify_hi_against(servicer, monkeypatch)
     assert servicer.calls == 2 and len(pauses) == 1
     assert BACKOFF_FIRST_S * (1 - JITTER) <= pauses[0] <= BACKOFF_FIRST_S * (1 + JITTER)
     out, err = capsys.readouterr()

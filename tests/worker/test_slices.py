@@ -38,6 +38,16 @@ from worker.store import JobKeys
 from worker.tasks import broker_warning, deliver, visibility_warning
 
 
+def delivering(
+    settings: WorkerSettings, client: Any, classifier: Any, app: Any, tag: str, metrics: Metrics, **more: Any
+) -> SimpleNamespace:
+    """What `deliver` needs of a task: a worker's, whose chunk message has the delivery `tag`."""
+    return SimpleNamespace(
+        settings=settings, store=client.store, metrics=metrics, classifier=classifier, app=app,
+        request=SimpleNamespace(properties={"delivery_tag": tag}), **more,
+    )  # fmt: skip
+
+
 # ---- the bound and the split ------------------------------------------------------------------------------
 def test_a_slice_is_a_quarter_of_the_visibility_timeout_at_the_floor_rate() -> None:
     assert slice_chars(3600, "cpu") == 225_000  # 900 s at 1,000 tokens/s and 4 tokens a character
@@ -212,10 +222,7 @@ def test_a_chunk_longer_than_the_visibility_timeout_keeps_its_message(
         r = redis_server.client()
         assert r.zscore(UNACKED_INDEX, tag) is not None and r.llen("hold") == 0
         slow = Slow(tiny_classifier, per_item=0.6)  # 3.6 s in all, 0.6 s a slice
-        task = SimpleNamespace(
-            settings=settings, store=client.store, metrics=Metrics(), classifier=slow, app=app,
-            request=SimpleNamespace(properties={"delivery_tag": tag}),
-        )  # fmt: skip
+        task = delivering(settings, client, slow, app, tag, metrics=Metrics())
         with kombu_sweeping(app):
             assert deliver(task, job, 0)["action"] == "classified"
         assert r.llen("hold") == 0, "the broker handed the running chunk to another worker"
@@ -301,10 +308,7 @@ def test_a_slow_model_keeps_its_message_with_slices_from_its_measured_rate(
     r = redis_server.client()
     with taken(redis_server, settings) as (app, message, tag):
         slow = PerChar(tiny_classifier, per_char=0.02)  # 50 characters/s: 200 tokens/s at most
-        task = SimpleNamespace(
-            settings=settings, store=client.store, metrics=Metrics(), classifier=slow, app=app,
-            tokens_per_s=200.0, request=SimpleNamespace(properties={"delivery_tag": tag}),
-        )  # fmt: skip
+        task = delivering(settings, client, slow, app, tag, metrics=Metrics(), tokens_per_s=200.0)
         with kombu_sweeping(app):
             assert deliver(task, job, 0)["action"] == "classified"
         assert r.llen("slowmodel") == 0, "the broker handed the running chunk to another worker"
@@ -353,10 +357,7 @@ def test_a_delivery_that_lost_its_hold_stops_and_leaves_the_new_holders_alone(
 
         slow = PerChar(tiny_classifier, per_char=0, on_call=handed_over)
         metrics = Metrics()
-        task = SimpleNamespace(
-            settings=settings, store=client.store, metrics=metrics, classifier=slow, app=app,
-            request=SimpleNamespace(properties={"delivery_tag": tag}),
-        )  # fmt: skip
+        task = delivering(settings, client, slow, app, tag, metrics=metrics)
         assert deliver(task, job, 0)["action"] == "lost_hold"
         assert second and second[0].delivery_tag == tag  # kombu kept the tag
         stamp = r.zscore(UNACKED_INDEX, tag)
@@ -410,10 +411,7 @@ def test_the_hold_is_renewed_on_the_apps_broker_not_the_job_store(
     with taken(redis_server, settings, db=3) as (app, message, tag):
         assert broker.zscore(UNACKED_INDEX, tag) is not None
         slow = Slow(tiny_classifier, per_item=0.6)  # 3.6 s in all, 0.6 s a slice
-        task = SimpleNamespace(
-            settings=settings, store=client.store, metrics=Metrics(), classifier=slow, app=app,
-            request=SimpleNamespace(properties={"delivery_tag": tag}),
-        )  # fmt: skip
+        task = delivering(settings, client, slow, app, tag, metrics=Metrics())
         with kombu_sweeping(app):
             assert deliver(task, job, 0)["action"] == "classified"
         assert broker.llen("elsewhere") == 0, "the broker handed the running chunk to another worker"
