@@ -95,6 +95,17 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
     w.set_defaults(func=run_worker)
 
 
+def index(text: str) -> int:
+    """An argparse type: an item index, 0 or more, refused naming its flag (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an item index (0 or more), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an item index (0 or more), got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a wrong value is refused naming its flag, exit 2 (Celery's own check of -c is a
     click traceback, and 0 meant 1)."""
@@ -143,6 +154,14 @@ def register_job(subparsers: argparse._SubParsersAction) -> None:
     results.add_argument("job_id")
     results.add_argument("--out", help="write here (default stdout)")
     results.add_argument("--timeout", type=positive_seconds, help="give up after this many seconds")
+    results.add_argument(
+        "--start",
+        type=index,
+        default=0,
+        metavar="N",
+        help="start at the result of item N (0-based), skipping the N before it: after a timeout, the "
+        "number of lines already written",
+    )
     results.set_defaults(func=run_results)
     cancel = commands.add_parser("cancel", help="skip a job's remaining chunks")
     cancel.add_argument("job_id")
@@ -557,25 +576,26 @@ def _check_job_id(job_id: str) -> None:
 
 class Tally:
     """How many result lines a command wrote where they stay written if it stops part way (stdout, a FIFO, a
-    device: not a file, which is written whole or not at all), and where (`_write_results`)."""
+    device: not a file, which is written whole or not at all), and where (`_write_results`); `start`: the
+    item index its first line was (`job results --start`)."""
 
-    def __init__(self) -> None:
-        self.lines, self.where = 0, "stdout"
+    def __init__(self, start: int = 0) -> None:
+        self.lines, self.where, self.start = 0, "stdout", start
 
 
 @contextmanager
 def _on_timeout(what_next: str, *, goes_on: bool = True, tally: Tally | None = None) -> Iterator[None]:
     """A wait that ran out of --timeout says that the job goes on (`goes_on`; a job that has finished does
-    not), and how to carry on with it; after result lines went where they stay (`tally`), how many did, as
-    carrying on writes them again from the first (`job results` has no way to start further on)."""
+    not), and how to carry on with it; after result lines went where they stay (`tally`), how many did, and
+    the `job results --start` that carries on after them."""
     try:
         yield
     except DeadlineExceededError as e:
         said = f"{e}; {'the job goes on: ' if goes_on else ''}{what_next}"
         if tally is not None and tally.lines:
             said += (
-                f" ({count(tally.lines, 'result line')} already went to {tally.where} before the timeout; it "
-                "writes every line again, from the first, those included)"
+                f" ({count(tally.lines, 'result line')} already went to {tally.where} before the timeout; "
+                f"carry on after them with --start {tally.start + tally.lines})"
             )
         raise DeadlineExceededError(said) from None
 
@@ -631,18 +651,19 @@ def _write_results(
     *,
     known: Any = None,
     tally: Tally | None = None,
+    start: int = 0,
 ) -> int:
     """Stream result lines in item order; a file is written whole or not at all (temp file + rename).
     OutputClosed when the reader of stdout (or of a FIFO) went away. `known`: the job's status as this
     command last read it, if it did (`JobClient.results`). `tally`: counts the lines written to stdout, a
-    FIFO or a device, which stay there if the command stops part way."""
+    FIFO or a device, which stay there if the command stops part way. `start`: the first item index."""
     stays = out is None or out == "-" or _out_kind(out) == "special"
     if tally is not None and out not in (None, "-"):
         tally.where = out
     try:
         with _output(out) as stream:
             written = 0
-            lines = client.results(job_id, timeout=timeout, outage_s=REDIS_OUTAGE_S, known=known)
+            lines = client.results(job_id, start=start, timeout=timeout, outage_s=REDIS_OUTAGE_S, known=known)
             for line in lines:
                 stream.write(json.dumps(line, ensure_ascii=False) + "\n")
                 written += 1
@@ -767,13 +788,14 @@ def run_results(args: argparse.Namespace) -> int:
     def results(client: Any) -> int:
         deadline = _deadline(args.timeout)  # one deadline for the results and the outcome after them
         again = f"safety job results {args.job_id}" + (f" --out {args.out}" if args.out else "")
-        tally = Tally()
+        again += f" --start {args.start}" if args.start else ""
+        tally = Tally(args.start)
         with (
             _after_outage(args.job_id, args.out, f"safety submit FILE --job-id {args.job_id}"),
             _on_timeout(f"run `{again}` again, with a longer --timeout or none", tally=tally),
         ):
             try:  # --out is checked before the first result is read
-                _write_results(client, args.job_id, args.out, args.timeout, tally=tally)
+                _write_results(client, args.job_id, args.out, args.timeout, tally=tally, start=args.start)
             except OutputClosed:
                 return EXIT_PIPE
             # the job's outcome, for the exit code: within what is left of --timeout, like the results

@@ -985,16 +985,42 @@ def test_a_timeout_that_is_not_a_positive_number_is_a_usage_error(
     )
 
 
-def results_then_time_out(self: Any, job_id: str, **options: Any) -> Iterator[dict[str, Any]]:
-    """JobClient.results that yields two lines, then runs out of its timeout."""
+def results_then_time_out(
+    self: Any, job_id: str, *, start: int = 0, **options: Any
+) -> Iterator[dict[str, Any]]:
+    """JobClient.results that yields two lines from `start`, then runs out of its timeout."""
     from model.errors import DeadlineExceededError
 
-    yield {"index": 0, "id": "0", "error": None}
-    yield {"index": 1, "id": "1", "error": None}
-    raise DeadlineExceededError(f"job {job_id!r}: result 2 not ready after 1.0s")
+    yield {"index": start, "id": str(start), "error": None}
+    yield {"index": start + 1, "id": str(start + 1), "error": None}
+    raise DeadlineExceededError(f"job {job_id!r}: result {start + 2} not ready after 1.0s")
 
 
-def test_a_timeout_after_result_lines_went_to_stdout_says_how_many_a_rerun_writes_again(
+def test_job_results_start_skips_the_items_before_it(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`--start N` writes the results of items N and on (a run that timed out on stdout carries on after the
+    lines it wrote, instead of writing them all again); a negative N is a usage error naming the flag."""
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "cli-start")  # no worker: the test writes the results
+    client = JobClient(WorkerSettings(redis_url=redis_server.url, queue="cli-start"))
+    try:
+        client.submit([{"text": t} for t in ("a", "b", "c")], job_id="starts")
+        lines = [(i, json.dumps({"index": i, "id": str(i), "error": None}), False) for i in range(3)]
+        client.store.write("starts", lines)
+    finally:
+        client.close()
+    for start, expected in ((0, [0, 1, 2]), (1, [1, 2]), (3, []), (9, [])):
+        assert main(["job", "results", "starts", "--start", str(start), "--timeout", "30"]) == 0
+        out = capsys.readouterr().out
+        assert [json.loads(line)["index"] for line in out.splitlines()] == expected, start
+    with pytest.raises(SystemExit) as e:
+        main(["job", "results", "starts", "--start", "-1"])
+    assert e.value.code == 2
+    assert "argument --start: must be an item index (0 or more), got -1" in capsys.readouterr().err
+
+
+def test_a_timeout_after_result_lines_went_to_stdout_says_how_many_and_where_to_carry_on(
     redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """It said "`safety job results J` writes them" after some lines were printed: run again, it printed
@@ -1005,10 +1031,7 @@ def test_a_timeout_after_result_lines_went_to_stdout_says_how_many_a_rerun_write
     src.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n')
     monkeypatch.setattr(JobClient, "results", results_then_time_out)
     monkeypatch.setattr(worker.cli, "_wait_with_progress", lambda client, status, *a: status)
-    note = (
-        " (2 result lines already went to stdout before the timeout; it writes every line again, from the "
-        "first, those included)\n"
-    )
+    note = " (2 result lines already went to stdout before the timeout; carry on after them with --start 2)\n"
     argv = ["submit", str(src), "--job-id", "part", "--wait", "--timeout", "30", "--no-progress"]
     assert main(argv) == 2
     out, err = capsys.readouterr()
@@ -1018,6 +1041,14 @@ def test_a_timeout_after_result_lines_went_to_stdout_says_how_many_a_rerun_write
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 2
     assert err.endswith("run `safety job results part` again, with a longer --timeout or none" + note), err
+    # carrying on as it says: the two lines after those, and the note counts from there
+    assert main(["job", "results", "part", "--start", "2", "--timeout", "30"]) == 2
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["index"] for line in out.splitlines()] == [2, 3]
+    assert err.endswith(
+        "run `safety job results part --start 2` again, with a longer --timeout or none (2 result lines "
+        "already went to stdout before the timeout; carry on after them with --start 4)\n"
+    ), err
     # a file is written whole or not at all: nothing to say about it
     target = tmp_path / "r.jsonl"
     assert main(["job", "results", "part", "--out", str(target), "--timeout", "30"]) == 2
