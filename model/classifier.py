@@ -29,12 +29,9 @@ from model.loading import LoadReport, load_model
 from model.runner import Launched, Runner, resolve_device, resolve_dtype
 from model.threads import name_os_thread
 from model.tokenizer import TextTokenizer
-from model.windows import keep_end, split_windows, window_tokens
+from model.windows import MAX_TOKENS_PER_CHAR, keep_end, split_windows, window_tokens
 
 DEFAULT_DIR = Path(__file__).parent / "default"
-# The most tokens a character can make: byte-level BPE (ModernBERT's tokenizer) starts from one token per
-# UTF-8 byte and only merges, and a character takes at most 4 bytes (emoji, rare CJK): `most_tokens`.
-MAX_TOKENS_PER_CHAR = 4
 VERSION = "0.1.0"
 
 
@@ -325,18 +322,20 @@ class Classifier:
         first real batch."""
         t0 = time.perf_counter()
         top = min(max_length or self.limits.max_tokens, self.limits.max_tokens)
-        cls, sep = self.config.cls_token_id, self.config.sep_token_id
-        seq = lambda length: [cls, *([5] * (length - 2)), sep]  # noqa: E731
         n = 8
         while True:
             length = min(n, top)
             count = max(1, min(self.limits.max_batch_sequences, self.limits.max_batch_tokens // length // 2))
-            self.forward([seq(length)] * count)
+            self.forward([self.filler(length)] * count)
             if length == top:
                 break
             n *= 2
-        self.runner.forward([seq(n) for n in odd_lengths(top)], graphs=False)
+        self.runner.forward([self.filler(n) for n in odd_lengths(top)], graphs=False)
         return time.perf_counter() - t0
+
+    def filler(self, length: int) -> list[int]:
+        """A sequence of `length` token ids (CLS, filler, SEP) for warm-ups and timing probes."""
+        return [self.config.cls_token_id, *([5] * (length - 2)), self.config.sep_token_id]
 
     def run_windows(self, sequences: list[list[int]]) -> torch.Tensor:
         """Logits for many sequences, batched by the planner, returned in input order."""

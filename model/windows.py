@@ -8,6 +8,11 @@ response — is kept. Nothing is ever silently dropped: every content token lies
 
 from __future__ import annotations
 
+# The most tokens a character can make: byte-level BPE (ModernBERT's tokenizer) starts from one token per
+# UTF-8 byte and only merges, and a character takes at most 4 bytes (emoji, rare CJK): the bound behind
+# `Classifier.most_tokens` and the worker's slice sizes (worker/slices.py, which must not import torch).
+MAX_TOKENS_PER_CHAR = 4
+
 
 def _check_window(size: int, overlap: int) -> None:
     if size <= 0:

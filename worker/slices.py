@@ -30,13 +30,12 @@ from typing import TypeVar
 
 import redis
 
+from model.windows import MAX_TOKENS_PER_CHAR  # pure list arithmetic: no torch in the prefork parent
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 UNACKED_INDEX = "unacked_index"  # kombu's Redis transport: delivery tag -> when it was taken (epoch seconds)
-# The most tokens one character makes (byte-level BPE: emoji, rare CJK characters); model/classifier.py's
-# MAX_TOKENS_PER_CHAR (not imported: this module runs in the prefork parent, which never imports torch).
-MAX_TOKENS_PER_CHAR = 4
 # The slowest a worker process is assumed to classify, in tokens per second. CPU: the bundled model measured
 # 3,910 (an SRE review) and 5,800-6,000 (the 2-core dev VM, 2026-11) on 2 threads: 4-6x margin. CUDA: an
 # H100 measured 0.5-1.16M (docs/benchmarks.md): 10-20x. A slice takes at most a quarter of the visibility

@@ -127,10 +127,9 @@ def measure_tokens_per_s(clf: Classifier) -> float | None:
     slices are then sized for the device's floor rate alone."""
     try:
         top = max(2, min(PROBE_TOKENS, clf.limits.max_tokens))
-        cls, sep = clf.config.cls_token_id, clf.config.sep_token_id
-        clf.forward([[cls, *([5] * (min(top, 16) - 2)), sep]])
+        clf.forward([clf.filler(min(top, 16))])
         began = time.perf_counter()
-        clf.forward([[cls, *([5] * (top - 2)), sep]])  # logits come back to the CPU: the time is the device's
+        clf.forward([clf.filler(top)])  # logits come back to the CPU: the time is the device's
         return top / max(time.perf_counter() - began, 1e-9)
     except Exception:
         log.warning("could not measure the model's rate; slices are sized for the floor rate", exc_info=True)
