@@ -95,27 +95,26 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
     w.set_defaults(func=run_worker)
 
 
-def index(text: str) -> int:
-    """An argparse type: an item index, 0 or more, refused naming its flag (exit 2)."""
+def _int_at_least(text: str, low: int, what: str) -> int:
+    """An argparse type's check: an integer of `low` or more, else refused as not `what` (argparse names the
+    flag, exit 2)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an item index (0 or more), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an item index (0 or more), got {value}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
     return value
+
+
+def index(text: str) -> int:
+    """An argparse type: an item index, 0 or more."""
+    return _int_at_least(text, 0, "an item index (0 or more)")
 
 
 def positive_int(text: str) -> int:
-    """An argparse type: a wrong value is refused naming its flag, exit 2 (Celery's own check of -c is a
-    click traceback, and 0 meant 1)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+    """An argparse type: 1 or more (Celery's own check of -c is a click traceback, and 0 meant 1)."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def register_submit(subparsers: argparse._SubParsersAction) -> None:

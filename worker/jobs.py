@@ -50,7 +50,7 @@ from model.errors import (
 from model.items import item_id
 from worker.app import create_app, send_chunk
 from worker.items import iter_normalized
-from worker.settings import WorkerSettings, env_name, redacted_url, redis_url_problem
+from worker.settings import PERCENT_ENCODE, WorkerSettings, env_name, redacted_url, redis_url_problem
 from worker.store import FINISHED, SUBMIT_LEASE_S, JobStore, check_job_id, failed_line, new_nonce
 
 CANCELLED = "cancelled: the job was cancelled before this item was classified"
@@ -360,7 +360,7 @@ def _from_url(settings: WorkerSettings, **options: Any) -> redis.Redis:
     except ValueError:
         problem = redis_url_problem(settings.redis_url) or (
             f"is not a URL redis-py can read ({redacted_url(settings.redis_url)!r}): check its query "
-            "parameters, and percent-encode any '/', '#', '?', '@' or ':' in the user name or password"
+            f"parameters, and {PERCENT_ENCODE}"
         )
         raise ConfigError(problem, field=env_name("redis_url"), file="environment") from None
 

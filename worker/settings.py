@@ -101,7 +101,7 @@ class WorkerSettings(EngineSettings):
 
 
 MASK = "***"
-_ENCODE = "percent-encode any '/', '#', '?', '@' or ':' in the user name or password (e.g. '/' as %2F)"
+PERCENT_ENCODE = "percent-encode any '/', '#', '?', '@' or ':' in the user name or password (e.g. '/' as %2F)"
 
 
 def redacted_url(url: str) -> str:
@@ -141,13 +141,13 @@ def redis_url_problem(url: str) -> str | None:
         parts.port  # noqa: B018 - parses the port: ValueError if it is not a number in range
         parts.hostname  # noqa: B018
     except ValueError:
-        return f"is not a URL redis-py can read ({shown}): {_ENCODE}"
+        return f"is not a URL redis-py can read ({shown}): {PERCENT_ENCODE}"
     if "@" in parts.path + parts.query + parts.fragment:
-        return f"has an '@' after its first '/', '#' or '?' ({shown}): {_ENCODE}"
+        return f"has an '@' after its first '/', '#' or '?' ({shown}): {PERCENT_ENCODE}"
     if any(unquote(key).lower() == "password" for key, _ in parse_qsl(parts.query, keep_blank_values=True)):
         return (
             f"has a password in its query ({shown}), which Celery's broker cannot use: put it in the URL's "
-            f"user info instead (redis://user:password@host:6379/0), and {_ENCODE}"
+            f"user info instead (redis://user:password@host:6379/0), and {PERCENT_ENCODE}"
         )
     return None
 
