@@ -118,28 +118,24 @@ def remote_classify(
             raise
         raise InvalidInputError(e.reason, field=flag) from None
     with client:
+        printed = 0
         try:
             limits = _info(client, target, timeout, secure)
-        except _Refused as e:
-            said = _failed(e.error, target, key_from=sent, tls=secure, note=e.note, serves_tls=e.serves_tls)
-            raise SystemExit(said) from None
-        printed = 0
-        for first, request in split_requests(items, limits, thresholds):
-            try:
+            for first, request in split_requests(items, limits, thresholds):
                 for result in _send(client, first, request, target, timeout, secure):
                     yield result_to_dict(result)
                     printed += 1
-            except _Refused as e:
-                said = _failed(
-                    e.error,
-                    target,
-                    key_from=sent,
-                    tls=secure,
-                    first=e.first,
-                    note=e.note,
-                    serves_tls=e.serves_tls,
-                )
-                raise SystemExit(said + (f"; {stopped_after(printed)}" if printed else "")) from None
+        except _Refused as e:  # Info (nothing printed yet) or a request, failed for good
+            said = _failed(
+                e.error,
+                target,
+                key_from=sent,
+                tls=secure,
+                first=e.first,
+                note=e.note,
+                serves_tls=e.serves_tls,
+            )
+            raise SystemExit(said + (f"; {stopped_after(printed)}" if printed else "")) from None
 
 
 class _Refused(Exception):

@@ -118,6 +118,12 @@ def split_requests(
     base = pb2.ClassifyRequest(thresholds=thresholds).ByteSize()
     batch: list[Any] = []
     first, size, tokens = 0, base, 0
+
+    def pending() -> Iterator[tuple[int, Any]]:
+        """The request of the items read since the last one, if any."""
+        if batch:
+            yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
+
     source = enumerate(iter_items(items))
     while True:
         try:
@@ -125,14 +131,12 @@ def split_requests(
         except StopIteration:
             break
         except Exception:  # the input itself failed: what was read before it still goes
-            if batch:
-                yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
+            yield from pending()
             raise
         n = item.ByteSize()
         cost = _ITEM_TAG + _varint_size(n) + n  # what the item adds to the request's serialized size
         if max_bytes and base + cost > max_bytes:
-            if batch:
-                yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
+            yield from pending()
             why = (
                 f"is {base + cost} bytes as a request message of its own, more than the server's limit "
                 f"of {max_bytes} (limits.max_message_bytes, SAFETY_MAX_MESSAGE_BYTES); shorten its text or "
@@ -145,13 +149,12 @@ def split_requests(
             or (max_bytes and size + cost > max_bytes)
             or tokens + estimate > max_tokens
         ):
-            yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
+            yield from pending()
             batch, first, size, tokens = [], i, base, 0
         batch.append(item)
         size += cost
         tokens += estimate
-    if batch:
-        yield first, pb2.ClassifyRequest(items=batch, thresholds=thresholds)
+    yield from pending()
 
 
 # Estimated tokens per request, at most (`request_tokens`). The estimate counts a token a character, two to

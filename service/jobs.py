@@ -184,7 +184,7 @@ def check_job_settings(settings: ServeSettings) -> None:
 
 
 def _worker_extra_installed() -> bool:
-    for name in ("celery", "redis"):
+    for name in sorted(WORKER_MODULES - {"worker"}):  # the extra's packages (`worker` is ours, always here)
         try:
             if importlib.util.find_spec(name) is None:
                 return False
