@@ -42,7 +42,8 @@ def one_run(args: argparse.Namespace, horizon_ms: float) -> dict:
     command += ["--model", args.model] if args.model else []
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with SafetyClient(f"127.0.0.1:{port}", timeout=args.bulk_timeout_s) as client:
+        # no retries: a refusal or deadline miss is what this counts
+        with SafetyClient(f"127.0.0.1:{port}", timeout=args.bulk_timeout_s, max_attempts=1) as client:
             ready_by = time.monotonic() + 180
             while True:  # the model loads and warms up
                 try:

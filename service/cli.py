@@ -111,6 +111,7 @@ def remote_classify(
         client = SafetyClient(
             target, api_key=api_key, tls=tls, ca=ca, timeout=timeout, server_name=server_name,
             cert=client_cert, key=client_key, channel_options=retries.CHANNEL_OPTIONS,
+            max_attempts=1,  # `Retries` retries, saying so on stderr
         )  # fmt: skip
     except InvalidInputError as e:  # an unreadable PEM file: named by its flag
         flag = {"ca": "--ca", "cert": "--client-cert", "key": "--client-key"}.get(e.field)

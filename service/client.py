@@ -1,6 +1,6 @@
 """A small Python client for `safety serve`, for gateways: `SafetyClient` (blocking) and
-`AsyncSafetyClient` (asyncio), with a per-call deadline, an API key and TLS (mutual TLS with `cert` and
-`key`).
+`AsyncSafetyClient` (asyncio), with a per-call deadline, an API key, TLS (mutual TLS with `cert` and
+`key`) and retries.
 
     from service.client import SafetyClient
     with SafetyClient("localhost:50051", api_key="...", timeout=0.5) as client:
@@ -18,15 +18,23 @@ retry hint.
 Batch jobs (`submit_job`, `get_job`, `stream_job_results`, `cancel_job`, `delete_job`) return the dicts
 `safety job status` and `safety job results` print: a job's state and counts, and result lines (a result
 plus `index` and `error`).
+Retries are gRPC's own (`retry_service_config`): a call that gets UNAVAILABLE (nothing listens yet, the
+server is loading or draining) or RESOURCE_EXHAUSTED (its queue is full) goes again, up to `max_attempts`
+tries within the call's one deadline, after the server's retry hint (`grpc-retry-pushback-ms`) or a
+jittered exponential backoff, while the channel's retry budget lasts. Every method is retried except
+DeleteJob (a retry after a lost answer would find the job gone); `submit_job` names the job itself when
+the caller does not, so that a retry resumes the job instead of queuing a second one.
 Errors are `grpc.RpcError`s carrying the server's status code (INVALID_ARGUMENT: fix the input;
-RESOURCE_EXHAUSTED / UNAVAILABLE: back off and retry); `error_details(e)` reads their machine-readable
-details (the `grpc-status-details-bin` trailer: reason, field path, retry delay), with
+RESOURCE_EXHAUSTED / UNAVAILABLE: retries did not get through); `error_details(e)` reads their
+machine-readable details (the `grpc-status-details-bin` trailer: reason, field path, retry delay), with
 googleapis-common-protos installed. Must not know: torch or the model (a gateway installs only grpcio and
 protobuf, and googleapis-common-protos for `error_details`).
 """
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,7 +55,63 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # reconnect within seconds of a server's return, to keep up with the retries (gRPC's default backoff
+    # grows to 120 s, and until it ends a call fails at once with the last connection error)
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 4000),
 ]
+
+# The clients' retries: gRPC's retry policy, in the channel's service config. A call goes again after
+# UNAVAILABLE or RESOURCE_EXHAUSTED, at most MAX_ATTEMPTS tries in all (gRPC's ceiling is 5), within the
+# call's deadline: after the server's `grpc-retry-pushback-ms` when it sent one (`safety serve` does with
+# every RESOURCE_EXHAUSTED and with a busy job's UNAVAILABLE), else after a pause drawn at random below a
+# backoff that starts at RETRY_BACKOFF_S and doubles up to RETRY_BACKOFF_MAX_S. The channel's retry budget
+# (RETRY_TOKENS, RETRY_TOKEN_RATIO: each failed call spends a token, each success earns back a tenth, no
+# retries below half) stops a client from multiplying its load on a server that keeps failing. gRPC keeps
+# up to RETRY_BUFFER_BYTES of a call's request messages to send again; a call that sends more is not
+# retried (so a large request is never sent twice, and gRPC's own RESOURCE_EXHAUSTED for a message over the
+# server's receive limit, at least 2 MiB with `safety serve`'s SAFETY_MAX_MESSAGE_BYTES of 1 MiB or more
+# and 128 MiB by default, is never retried).
+MAX_ATTEMPTS = 5
+RETRY_BACKOFF_S = 0.1
+RETRY_BACKOFF_MAX_S = 2.0
+RETRY_TOKENS = 10
+RETRY_TOKEN_RATIO = 0.1
+RETRY_BUFFER_BYTES = 1024 * 1024
+SERVICE = "safety.v1.SafetyClassifier"
+# Every method but DeleteJob, whose retry after a lost answer would get NOT_FOUND for the job it deleted.
+RETRIED_METHODS = (
+    "Classify",
+    "ClassifyStream",
+    "Info",
+    "SubmitJob",
+    "GetJob",
+    "CancelJob",
+    "StreamJobResults",
+)
+
+
+def retry_service_config(max_attempts: int = MAX_ATTEMPTS) -> str:
+    """The channel's service config (JSON): `max_attempts` tries of each of RETRIED_METHODS (1 to 5; 1: no
+    retry policy, an empty config)."""
+    if not 1 <= max_attempts <= 5:
+        raise ValueError(f"max_attempts must be 1..5 (gRPC's ceiling), got {max_attempts}")
+    if max_attempts == 1:
+        return "{}"
+    policy = {
+        "maxAttempts": max_attempts,
+        "initialBackoff": f"{RETRY_BACKOFF_S}s",
+        "maxBackoff": f"{RETRY_BACKOFF_MAX_S}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+    }
+    config = {
+        "methodConfig": [
+            {"name": [{"service": SERVICE, "method": m} for m in RETRIED_METHODS], "retryPolicy": policy}
+        ],
+        "retryThrottling": {"maxTokens": RETRY_TOKENS, "tokenRatio": RETRY_TOKEN_RATIO},
+    }
+    return json.dumps(config)
 
 
 def build_request(
@@ -165,6 +229,11 @@ REQUEST_TOKENS = 65_536
 ITEM_TOKENS = 16  # an item's estimated tokens besides its characters: its windows' special tokens
 
 
+def new_job_id() -> str:
+    """A job id for a SubmitJob whose caller gave none: the server's own form (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
 def estimated_tokens(item: Any) -> int:
     """A generous estimate of the tokens a pb2.Item makes on the server: one a character of its text and
     context, plus ITEM_TOKENS. A tokenizer can make more (bytes of a script it was not trained on, a context
@@ -213,14 +282,19 @@ def halves(request: Any) -> tuple[Any, Any]:
 
 def retry_after_ms(error: grpc.RpcError) -> int | None:
     """The server's retry hint of a refused call (RESOURCE_EXHAUSTED), in milliseconds: its
-    `grpc-retry-pushback-ms` trailer, else the RetryInfo of its details; None when it sent neither."""
+    `grpc-retry-pushback-ms` trailer, else the RetryInfo of its details; None when it sent neither. A
+    negative trailer (gRPC's "do not retry": `safety serve` sends -1 when the hint runs past the call's
+    deadline) defers to the RetryInfo, which still has the hint."""
     trailing = getattr(error, "trailing_metadata", None)
     for key, value in (trailing() if callable(trailing) else None) or ():
         if key == RETRY_PUSHBACK:
             try:
-                return max(0, int(value))
+                pushback = int(value)
             except ValueError:  # not a number: gRPC's own retry policy ignores it too
                 break
+            if pushback >= 0:
+                return pushback
+            break
     try:
         details = error_details(error)
     except ValueError:
@@ -390,18 +464,26 @@ class _Base:
         cert: str | Path | bytes | None = None,
         key: str | Path | bytes | None = None,
         channel_options: Iterable[tuple[str, Any]] = (),
+        max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
         """`target`: HOST:PORT. `tls`: use TLS (system roots unless `ca`, a PEM file or bytes, is given;
         `ca` implies TLS). `timeout`: default deadline per call in seconds (None: no deadline).
         `server_name`: override the TLS host name check (e.g. a certificate issued for another name).
         `cert`, `key`: this client's certificate chain and private key (PEM files or bytes), for a server
         with SAFETY_TLS_CLIENT_CA (mutual TLS); they imply TLS. `channel_options`: more gRPC channel
-        arguments, besides CHANNEL_OPTIONS (e.g. `grpc.max_reconnect_backoff_ms`)."""
+        arguments, besides CHANNEL_OPTIONS (e.g. `grpc.max_reconnect_backoff_ms`). `max_attempts`: tries
+        of a call that gets UNAVAILABLE or RESOURCE_EXHAUSTED, 1 to 5 (1: no retries; see MAX_ATTEMPTS)."""
         self.target = target
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._credentials = _credentials(tls, ca, cert, key)
-        self._options = [*CHANNEL_OPTIONS, *channel_options]
+        self._options = [
+            *CHANNEL_OPTIONS,
+            ("grpc.service_config", retry_service_config(max_attempts)),
+            ("grpc.enable_retries", int(max_attempts > 1)),
+            ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
+            *channel_options,
+        ]
         if server_name:
             self._options.append(("grpc.ssl_target_name_override", server_name))
 
@@ -458,8 +540,10 @@ class SafetyClient(_Base):
         self, items: Iterable[ItemLike], job_id: str | None = None, *, timeout: float | None = None
     ) -> dict[str, Any]:
         """Queue a batch job; the job's dict (see `get_job`) plus `resumed`. Re-sending the same `job_id`
-        and items (e.g. after a timeout) resumes the job instead of queuing it twice."""
-        request = pb2.SubmitJobRequest(items=build_items(items), job_id=job_id or "")
+        and items (e.g. after a timeout) resumes the job instead of queuing it twice; without a `job_id`
+        the client names the job (`new_job_id`), so that its own retries resume it too (`resumed` is then
+        True when a try before the last had queued it)."""
+        request = pb2.SubmitJobRequest(items=build_items(items), job_id=job_id or new_job_id())
         response = self.stub.SubmitJob(request, **self._call_args(timeout))
         return {**job_to_dict(response.job), "resumed": response.resumed}
 
@@ -550,7 +634,7 @@ class AsyncSafetyClient(_Base):
     async def submit_job(
         self, items: Iterable[ItemLike], job_id: str | None = None, *, timeout: float | None = None
     ) -> dict[str, Any]:
-        request = pb2.SubmitJobRequest(items=build_items(items), job_id=job_id or "")
+        request = pb2.SubmitJobRequest(items=build_items(items), job_id=job_id or new_job_id())
         response = await self.stub.SubmitJob(request, **self._call_args(timeout))
         return {**job_to_dict(response.job), "resumed": response.resumed}
 

@@ -3,7 +3,8 @@
 Owns: `STATUS_CODES` (the table of codes), `REASONS` (the table of ErrorInfo reasons), `status_for(exc)`,
 `describe(exc)` (the status, caller-facing message and machine-readable details of an error, also for
 ClassifyStream's per-request errors), `trailers(details)` (the retry hint of RESOURCE_EXHAUSTED and of
-UNAVAILABLE JOB_BUSY as `grpc-retry-pushback-ms`, and every error's `grpc-status-details-bin`: a
+UNAVAILABLE JOB_BUSY as `grpc-retry-pushback-ms`, or -1 when it runs past the call's deadline:
+`pushback_ms`; and every error's `grpc-status-details-bin`: a
 google.rpc.Status with ErrorInfo, BadRequest for INVALID_ARGUMENT, RetryInfo for a retry hint; packed by
 service/richstatus.py, left out when googleapis-common-protos is missing), and `ErrorInterceptor`, which
 turns a `SafetyError` raised by any handler into its status code, message and trailers, and anything
@@ -147,12 +148,24 @@ def describe(exc: BaseException) -> ErrorDetails:
 STATUS_DETAILS = richstatus.STATUS_DETAILS  # "grpc-status-details-bin"
 
 
-def trailers(details: ErrorDetails) -> tuple[tuple[str, str | bytes], ...]:
-    """Trailing metadata of an error: the retry hint as `grpc-retry-pushback-ms`, and the details as
-    `grpc-status-details-bin` (unless googleapis-common-protos is missing)."""
+def pushback_ms(retry_after_ms: int, time_left_s: float | None) -> int:
+    """The `grpc-retry-pushback-ms` of an error with a retry hint: the hint, or -1 (gRPC's "do not retry",
+    A6) when a retry after it would start at or after the call's deadline (`time_left_s` from now; None: no
+    deadline). gRPC's retry policy would otherwise wait out the deadline and end the call
+    DEADLINE_EXCEEDED, where the caller (a gateway with a tight deadline) is better served by the refusal at
+    once; the details' RetryInfo still carries the hint."""
+    if time_left_s is not None and retry_after_ms / 1000 >= time_left_s:
+        return -1
+    return retry_after_ms
+
+
+def trailers(details: ErrorDetails, time_left_s: float | None = None) -> tuple[tuple[str, str | bytes], ...]:
+    """Trailing metadata of an error: the retry hint as `grpc-retry-pushback-ms` (`pushback_ms`, for a call
+    with `time_left_s` before its deadline), and the details as `grpc-status-details-bin` (unless
+    googleapis-common-protos is missing)."""
     out: list[tuple[str, str | bytes]] = []
     if details.retry_after_ms is not None:
-        out.append((RETRY_PUSHBACK, str(details.retry_after_ms)))
+        out.append((RETRY_PUSHBACK, str(pushback_ms(details.retry_after_ms, time_left_s))))
     packed = richstatus.pack(details)
     if packed is not None:
         out.append((STATUS_DETAILS, packed))
@@ -162,7 +175,9 @@ def trailers(details: ErrorDetails) -> tuple[tuple[str, str | bytes], ...]:
 async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
     """Abort the call with the status that `exc` maps to, its message and its trailers (always raises)."""
     details = describe(exc)
-    await context.abort(details.code, details.message, trailing_metadata=trailers(details))
+    await context.abort(
+        details.code, details.message, trailing_metadata=trailers(details, context.time_remaining())
+    )
 
 
 def final_code(context: grpc.aio.ServicerContext, deadline: float | None) -> str:
