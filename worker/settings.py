@@ -64,6 +64,15 @@ class WorkerSettings(EngineSettings):
     def bad(name: str, message: str) -> Exception:
         return _bad(name, message)
 
+    def __repr__(self) -> str:
+        """The dataclass's repr with the Redis URL redacted (`redacted_url`): settings in a log line, a
+        traceback's locals or an error report must not carry its password."""
+        shown = (
+            f"{f.name}={redacted_url(self.redis_url) if f.name == 'redis_url' else getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"{type(self).__name__}({', '.join(shown)})"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("chunk_size", "result_ttl_s", "max_attempts", "visibility_timeout_s", "concurrency"):

@@ -194,3 +194,13 @@ def test_the_cli_never_prints_the_password(
             out, err = capsys.readouterr()
             assert "field 'SAFETY_REDIS_URL'" in err, err
             assert SECRET not in out + err and "s3cr" not in out + err, (argv, err)
+
+
+def test_the_settings_repr_redacts_the_redis_url() -> None:
+    """A settings object in a log line or a traceback's locals must not carry the password."""
+    settings = WorkerSettings(redis_url="redis://user:s3cret@redis.internal:6379/0?socket_timeout=5")
+    shown = repr(settings)
+    assert "s3cret" not in shown, shown
+    assert "redis_url='redis://***@redis.internal:6379/0?socket_timeout=***'" in shown, shown
+    assert shown.startswith("WorkerSettings(") and "chunk_size=256" in shown, shown
+    assert settings.redis_url.startswith("redis://user:s3cret@")  # the value itself is untouched
