@@ -23,9 +23,14 @@ server is loading or draining) or RESOURCE_EXHAUSTED (its queue is full) goes ag
 tries within the call's one deadline, after the server's retry hint (`grpc-retry-pushback-ms`) or a
 jittered exponential backoff, while the channel's retry budget lasts. Every method is retried except
 DeleteJob (a retry after a lost answer would find the job gone); `submit_job` names the job itself when
-the caller does not, so that a retry resumes the job instead of queuing a second one.
+the caller does not, so that a retry resumes the job instead of queuing a second one. A call whose
+deadline passes while it waits to go again ends DEADLINE_EXCEEDED, not with the error it retried (the
+server says "do not retry" when its own hint would outlast the deadline, but an UNAVAILABLE from a
+connection that failed has no hint): with sub-second deadlines, where the first error matters more than a
+retry, pass `max_attempts=1`.
 Errors are `grpc.RpcError`s carrying the server's status code (INVALID_ARGUMENT: fix the input;
-RESOURCE_EXHAUSTED / UNAVAILABLE: retries did not get through); `error_details(e)` reads their
+RESOURCE_EXHAUSTED / UNAVAILABLE: not got through, after the retries the deadline, the hint and the retry
+budget allowed); `error_details(e)` reads their
 machine-readable details (the `grpc-status-details-bin` trailer: reason, field path, retry delay), with
 googleapis-common-protos installed. Must not know: torch or the model (a gateway installs only grpcio and
 protobuf, and googleapis-common-protos for `error_details`).
@@ -64,11 +69,12 @@ CHANNEL_OPTIONS = [
 # The clients' retries: gRPC's retry policy, in the channel's service config. A call goes again after
 # UNAVAILABLE or RESOURCE_EXHAUSTED, at most MAX_ATTEMPTS tries in all (gRPC's ceiling is 5), within the
 # call's deadline: after the server's `grpc-retry-pushback-ms` when it sent one (`safety serve` does with
-# every RESOURCE_EXHAUSTED and with a busy job's UNAVAILABLE), else after a pause drawn at random below a
+# every RESOURCE_EXHAUSTED and with a busy job's UNAVAILABLE; -1, "do not retry", when that would come too
+# close to the call's deadline: service/errors.py `pushback_ms`), else after a pause drawn at random below a
 # backoff that starts at RETRY_BACKOFF_S and doubles up to RETRY_BACKOFF_MAX_S. The channel's retry budget
-# (RETRY_TOKENS, RETRY_TOKEN_RATIO: each failed call spends a token, each success earns back a tenth, no
-# retries below half) stops a client from multiplying its load on a server that keeps failing. gRPC keeps
-# up to RETRY_BUFFER_BYTES of a call's request messages to send again; a call that sends more is not
+# (RETRY_TOKENS, RETRY_TOKEN_RATIO: each failed try spends a token, each success earns back a tenth, no
+# retries at half or below) stops a client from multiplying its load on a server that keeps failing. gRPC
+# keeps up to RETRY_BUFFER_BYTES of a call's request messages to send again; a call that sends more is not
 # retried (so a large request is never sent twice, and gRPC's own RESOURCE_EXHAUSTED for a message over the
 # server's receive limit, at least 2 MiB with `safety serve`'s SAFETY_MAX_MESSAGE_BYTES of 1 MiB or more
 # and 128 MiB by default, is never retried).
@@ -480,7 +486,6 @@ class _Base:
         self._options = [
             *CHANNEL_OPTIONS,
             ("grpc.service_config", retry_service_config(max_attempts)),
-            ("grpc.enable_retries", int(max_attempts > 1)),
             ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
             *channel_options,
         ]

@@ -148,25 +148,32 @@ def describe(exc: BaseException) -> ErrorDetails:
 STATUS_DETAILS = richstatus.STATUS_DETAILS  # "grpc-status-details-bin"
 
 
+# A retry hint that leaves less than this before the call's deadline is not worth a retry (the retried call
+# needs time to be served, and the deadline the server sees is rounded up and ignores the network).
+RETRY_MARGIN_S = 0.05
+
+
 def pushback_ms(retry_after_ms: int, time_left_s: float | None) -> int:
     """The `grpc-retry-pushback-ms` of an error with a retry hint: the hint, or -1 (gRPC's "do not retry",
-    A6) when a retry after it would start at or after the call's deadline (`time_left_s` from now; None: no
-    deadline). gRPC's retry policy would otherwise wait out the deadline and end the call
-    DEADLINE_EXCEEDED, where the caller (a gateway with a tight deadline) is better served by the refusal at
-    once; the details' RetryInfo still carries the hint."""
-    if time_left_s is not None and retry_after_ms / 1000 >= time_left_s:
+    A6) when a retry after it would start within RETRY_MARGIN_S of the call's deadline or after it
+    (`time_left_s` from now; None: no deadline). gRPC's retry policy would otherwise wait out the deadline and
+    end the call DEADLINE_EXCEEDED, where the caller (a gateway with a tight deadline) is better served by
+    the refusal at once; the details' RetryInfo still carries the hint."""
+    if time_left_s is not None and retry_after_ms / 1000 + RETRY_MARGIN_S >= time_left_s:
         return -1
     return retry_after_ms
 
 
 def trailers(details: ErrorDetails, time_left_s: float | None = None) -> tuple[tuple[str, str | bytes], ...]:
     """Trailing metadata of an error: the retry hint as `grpc-retry-pushback-ms` (`pushback_ms`, for a call
-    with `time_left_s` before its deadline), and the details as `grpc-status-details-bin` (unless
-    googleapis-common-protos is missing)."""
+    with `time_left_s` before its deadline), and the details as `grpc-status-details-bin`. Without
+    googleapis-common-protos there are no details: the trailer, then the hint's only carrier, is always the
+    hint itself."""
     out: list[tuple[str, str | bytes]] = []
-    if details.retry_after_ms is not None:
-        out.append((RETRY_PUSHBACK, str(pushback_ms(details.retry_after_ms, time_left_s))))
     packed = richstatus.pack(details)
+    if details.retry_after_ms is not None:
+        hint = details.retry_after_ms
+        out.append((RETRY_PUSHBACK, str(pushback_ms(hint, time_left_s) if packed is not None else hint)))
     if packed is not None:
         out.append((STATUS_DETAILS, packed))
     return tuple(out)

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from service import richstatus
 from service.client import (
     MAX_ATTEMPTS,
     AsyncSafetyClient,
@@ -22,8 +23,8 @@ from service.client import (
     retry_after_ms,
     retry_service_config,
 )
-from service.errors import pushback_ms
-from service.richstatus import RETRY_PUSHBACK
+from service.errors import pushback_ms, trailers
+from service.richstatus import RETRY_PUSHBACK, ErrorDetails
 from service.scheduler import RETRY_MAX_MS
 from service.server import SafetyServer
 from service.stubs import pb2, pb2_grpc
@@ -209,8 +210,26 @@ def test_a_full_queue_is_retried_until_it_has_room(start_server: Any) -> None:
 def test_pushback_is_minus_one_when_the_hint_runs_past_the_deadline() -> None:
     assert pushback_ms(500, None) == 500  # no deadline
     assert pushback_ms(500, 0.6) == 500
+    assert pushback_ms(500, 0.54) == -1  # within RETRY_MARGIN_S (50 ms) of the deadline: not worth it
     assert pushback_ms(500, 0.5) == -1  # the retry would start as the deadline passes
     assert pushback_ms(5000, 2.0) == -1
+
+
+def test_without_rich_details_the_trailer_keeps_the_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server without googleapis-common-protos sends no RetryInfo: the trailer is the hint's only carrier,
+    so it stays the hint even past the deadline."""
+    hinted = ErrorDetails(EXHAUSTED, "full", "QUEUE_FULL", retry_after_ms=5000)
+    assert dict(trailers(hinted, 1.0))[RETRY_PUSHBACK] == "-1"
+    monkeypatch.setattr(richstatus, "pack", lambda details: None)
+    assert trailers(hinted, 1.0) == ((RETRY_PUSHBACK, "5000"),)
+
+
+def test_max_attempts_one_keeps_grpcs_transparent_retries() -> None:
+    """No retry policy, but gRPC's own resend of a call that never reached a server (e.g. one that raced a
+    GOAWAY) stays on: retries are not disabled on the channel."""
+    with SafetyClient("127.0.0.1:1", max_attempts=1) as client:
+        options = dict(client._options)
+    assert options["grpc.service_config"] == "{}" and "grpc.enable_retries" not in options
 
 
 def test_a_refusal_whose_hint_runs_past_the_deadline_comes_back_at_once(start_server: Any) -> None:
