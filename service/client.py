@@ -49,6 +49,7 @@ import grpc
 from model.errors import InvalidInputError
 from model.items import FIELDS  # torch-free: the item's fields, one definition for every front end
 from service import richstatus
+from service.requestid import REQUEST_ID_KEY
 from service.richstatus import RETRY_PUSHBACK, ErrorDetails
 from service.stubs import pb2, pb2_grpc
 
@@ -492,8 +493,12 @@ class _Base:
         if server_name:
             self._options.append(("grpc.ssl_target_name_override", server_name))
 
-    def _call_args(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._metadata}
+    def _call_args(self, timeout: float | None, request_id: str | None = None) -> dict[str, Any]:
+        """A call's deadline and metadata: the API key, and `request_id` as `x-request-id` when given (the
+        server's log lines and access log carry it; without one the server makes its own, which every
+        answer's trailers carry)."""
+        metadata = self._metadata if request_id is None else (*self._metadata, (REQUEST_ID_KEY, request_id))
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": metadata}
 
 
 class SafetyClient(_Base):
@@ -513,14 +518,19 @@ class SafetyClient(_Base):
         thresholds: Mapping[str, float] | None = None,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> list[dict[str, Any]]:
-        """One result dict per item, in order."""
-        response = self.stub.Classify(build_request(items, thresholds), **self._call_args(timeout))
+        """One result dict per item, in order. `request_id`: the call's `x-request-id` (`_call_args`)."""
+        response = self.stub.Classify(
+            build_request(items, thresholds), **self._call_args(timeout, request_id)
+        )
         return [result_to_dict(r) for r in response.results]
 
-    def classify_raw(self, request: Any, *, timeout: float | None = None) -> Any:
+    def classify_raw(
+        self, request: Any, *, timeout: float | None = None, request_id: str | None = None
+    ) -> Any:
         """Send a prepared `ClassifyRequest` (e.g. with raw_scores) and return the `ClassifyResponse`."""
-        return self.stub.Classify(request, **self._call_args(timeout))
+        return self.stub.Classify(request, **self._call_args(timeout, request_id))
 
     def classify_stream(
         self,
@@ -605,12 +615,16 @@ class AsyncSafetyClient(_Base):
         thresholds: Mapping[str, float] | None = None,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> list[dict[str, Any]]:
-        response = await self.stub.Classify(build_request(items, thresholds), **self._call_args(timeout))
+        request = build_request(items, thresholds)
+        response = await self.stub.Classify(request, **self._call_args(timeout, request_id))
         return [result_to_dict(r) for r in response.results]
 
-    async def classify_raw(self, request: Any, *, timeout: float | None = None) -> Any:
-        return await self.stub.Classify(request, **self._call_args(timeout))
+    async def classify_raw(
+        self, request: Any, *, timeout: float | None = None, request_id: str | None = None
+    ) -> Any:
+        return await self.stub.Classify(request, **self._call_args(timeout, request_id))
 
     async def classify_stream(
         self,

@@ -42,7 +42,7 @@ from model.errors import (
     UnavailableError,
     UnsupportedError,
 )
-from service import richstatus
+from service import requestid, richstatus
 from service.deadlines import deadline_passed
 from service.handlers import WrappingInterceptor, with_behavior
 from service.richstatus import RETRY_PUSHBACK, ErrorDetails
@@ -180,11 +180,11 @@ def trailers(details: ErrorDetails, time_left_s: float | None = None) -> tuple[t
 
 
 async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
-    """Abort the call with the status that `exc` maps to, its message and its trailers (always raises)."""
+    """Abort the call with the status that `exc` maps to, its message and its trailers, with the call's
+    request id (service/requestid.py: the abort's trailers replace those set before) (always raises)."""
     details = describe(exc)
-    await context.abort(
-        details.code, details.message, trailing_metadata=trailers(details, context.time_remaining())
-    )
+    metadata = trailers(details, context.time_remaining()) + requestid.trailer()
+    await context.abort(details.code, details.message, trailing_metadata=metadata)
 
 
 def final_code(context: grpc.aio.ServicerContext, deadline: float | None) -> str:

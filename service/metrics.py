@@ -1,15 +1,16 @@
 """Prometheus metrics of the gRPC server, served by prometheus-client on their own HTTP port.
 
-Owns: the metric names and buckets, a per-server `CollectorRegistry` (so several servers in one process,
-as in tests, don't collide) with prometheus-client's process, platform and GC collectors on it (a fresh
-registry has none of the default registry's), `safety_build_info`, the HTTP exporter, and
-`MetricsInterceptor`, which counts every unary and streaming call that reaches the server's Python code by
-method and final status code. The scheduler reports through the `SchedulerMetrics` methods below and never
-imports prometheus itself. The labelled series the alerts and the dashboard select (k8s/components) exist
-from start-up, at 0: every dropped-window reason, and every status code and the latency of the
-classification calls. A series that appears only with its first event starts at that count, and
-Prometheus' increase() and rate() take its first sample as the baseline: the event would go unseen. Must not
-know: the model.
+Owns: the metric names and buckets, a per-server `CollectorRegistry` (so several servers in one process, as in
+tests, don't collide) with prometheus-client's process, platform and GC collectors on it (a fresh registry has
+none of the default registry's), `safety_build_info`, the HTTP exporter, and `MetricsInterceptor`, which
+counts every unary and streaming call that reaches the server's Python code by method and final status code,
+gives it its request id (service/requestid.py: in `requestid.current` for the call's log lines, and in its
+trailers) and writes the access log (`ACCESS_LOG_MODES`: a line per call, or per call that did not end OK, on
+the `safety.access` logger). The scheduler reports through the `SchedulerMetrics` methods below and never
+imports prometheus itself. The labelled series the alerts and the dashboard select (k8s/components) exist from
+start-up, at 0: every dropped-window reason, and every status code and the latency of the classification
+calls. A series that appears only with its first event starts at that count, and Prometheus' increase() and
+rate() take its first sample as the baseline: the event would go unseen. Must not know: the model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -35,10 +37,11 @@ from prometheus_client import (
 )
 
 from model import package_version
+from service import requestid
 from service.errors import call_deadline, final_code
 from service.handlers import WrappingInterceptor, reading_its_request, with_behavior
 from service.scheduler import DROP_REASONS
-from service.settings import split_address
+from service.settings import ACCESS_LOG_MODES, split_address
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -48,6 +51,7 @@ STREAM_REQUEST = "ClassifyStream.request"  # the `method` label of one request i
 # they can end with: their safety_requests_total and safety_request_duration_seconds series exist from start.
 CLASSIFY_METHODS = ("Classify", STREAM_REQUEST)
 STATUS_CODES = tuple(code.name for code in grpc.StatusCode)
+access_log = logging.getLogger("safety.access")
 
 
 class ScrapedRegistry(CollectorRegistry):
@@ -267,9 +271,11 @@ class MetricsInterceptor(WrappingInterceptor):
     timed from its start) without its request being read or parsed. Calls that gRPC core ends before it
     hands them to Python never reach any interceptor (docs/api.md, "Metrics")."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, access: str = "off") -> None:
         super().__init__()
         self.metrics = metrics
+        assert access in ACCESS_LOG_MODES, access
+        self.access = access
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
@@ -329,13 +335,22 @@ class MetricsInterceptor(WrappingInterceptor):
         clock = _Clock()
         deadline = call_deadline(context)
         code = "OK"
+        # the call's task is its own (grpc.aio): the id stays with this call, and needs no reset
+        requestid.current.set(rid := requestid.request_id(context.invocation_metadata()))
+        context.set_trailing_metadata(((requestid.REQUEST_ID_KEY, rid),))  # an error's trailers keep it too
         try:
             yield clock
         except BaseException:
             code = final_code(context, deadline)
             raise
         finally:
-            self.metrics.call(method, code, clock.seconds())
+            seconds = clock.seconds()
+            self.metrics.call(method, code, seconds)
+            if self.access == "all" or (self.access == "errors" and code != "OK"):
+                ms = None if seconds is None else round(seconds * 1000, 2)
+                access_log.info(
+                    "call", extra={"method": method, "code": code, "ms": ms, "peer": context.peer()}
+                )
 
 
 class _Clock:

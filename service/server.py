@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from model import Classifier, Item, logs
 from model.errors import OverloadedError, SafetyError, UnauthenticatedError
-from service import richstatus
+from service import requestid, richstatus
 from service.apikeys import ApiKeys, parse_keys
 from service.decoding import DecodeInterceptor, grpc_receive_limit
 from service.errors import ErrorInterceptor, abort_for
@@ -565,7 +565,8 @@ async def create_server(
         log.warning("rich error details (grpc-status-details-bin) are off: %s", richstatus.OFF_BECAUSE)
     metrics = Metrics()
     servicer = SafetyServicer(settings, observer=metrics, job_client=job_client)
-    counting = MetricsInterceptor(metrics)
+    requestid.install_record_factory()  # a call's log lines carry its request id
+    counting = MetricsInterceptor(metrics, settings.access_log)
     cap = CallCapInterceptor(counting, settings.max_concurrent_rpcs, settings.max_health_watches)
     interceptors: list[grpc.aio.ServerInterceptor] = [cap, counting, ErrorInterceptor()]
     keys = api_keys(settings)

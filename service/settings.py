@@ -22,6 +22,9 @@ from model.settings_base import env_name, expects, opt_int, opt_str, setting, va
 from model.threads import available_cpus
 from service.apikeys import parse_keys, read_key_file
 
+# SAFETY_ACCESS_LOG: no access log, a line for each call that did not end OK, or a line for every call.
+ACCESS_LOG_MODES = ("off", "errors", "all")
+
 
 @dataclass(frozen=True)
 class ServeSettings(EngineSettings):
@@ -153,6 +156,10 @@ class ServeSettings(EngineSettings):
     )
     log_level: str = setting("INFO", "SAFETY_LOG_LEVEL", str, "DEBUG | INFO | WARNING | ERROR")
     log_format: str = setting("json", "SAFETY_LOG_FORMAT", str, "json (one object per line) | text")
+    access_log: str = setting(
+        "off", "SAFETY_ACCESS_LOG", str, "off | errors (a log line for each call that did not end OK) | all "
+        "(a line for every call): method, code, ms, peer and request_id, on the safety.access logger"
+    )  # fmt: skip
 
     @staticmethod
     def bad(name: str, message: str) -> Exception:
@@ -190,6 +197,8 @@ class ServeSettings(EngineSettings):
             raise _bad("tls_client_ca", why)
         if self.log_format not in ("json", "text"):
             raise _bad("log_format", f"must be json or text, got {self.log_format!r}")
+        if self.access_log not in ACCESS_LOG_MODES:
+            raise _bad("access_log", f"must be off, errors or all, got {self.access_log!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise _bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         if self.api_key is not None and self.api_key_file is not None:

@@ -1,0 +1,106 @@
+"""Request ids (`x-request-id`, service/requestid.py) and the access log (SAFETY_ACCESS_LOG), on real
+servers on port 0: every answer's trailers carry the call's id (the caller's, or one the server made), the
+log lines made while serving the call carry it too, and the access log has a line per call (or per failed
+call)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import grpc
+import pytest
+
+from model.errors import InvalidInputError
+from service.client import SafetyClient
+from service.requestid import MAX_LENGTH, REQUEST_ID_KEY, request_id
+from service.settings import ServeSettings
+from tests.service.helpers import ExplodingLaunch, request
+
+HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "safety.access"]
+
+
+def test_the_callers_id_is_kept_when_it_is_short_printable_ascii() -> None:
+    assert request_id([("authorization", "Bearer k"), (REQUEST_ID_KEY, "gw-7f3a/1")]) == "gw-7f3a/1"
+    assert request_id([(REQUEST_ID_KEY, "x" * MAX_LENGTH)]) == "x" * MAX_LENGTH
+    for bad in ("", "x" * (MAX_LENGTH + 1), "tab\there", "naïve", "line\nbreak"):
+        made = request_id([(REQUEST_ID_KEY, bad)])
+        assert HEX32.fullmatch(made), (bad, made)
+    assert HEX32.fullmatch(request_id(None)) and request_id(()) != request_id(())
+
+
+def test_every_answer_carries_the_calls_id_and_all_calls_are_logged(
+    start_server: Any, stub_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = start_server(access_log="all")
+    stub = stub_for(app)
+    caplog.set_level(logging.INFO, logger="safety.access")
+    _, call = stub.Classify.with_call(request("hello"), metadata=[(REQUEST_ID_KEY, "gw-1")], timeout=30)
+    assert dict(call.trailing_metadata())[REQUEST_ID_KEY] == "gw-1"
+    _, call = stub.Classify.with_call(request("hello"), timeout=30)  # no id: the server makes one
+    made = dict(call.trailing_metadata())[REQUEST_ID_KEY]
+    assert HEX32.fullmatch(made), made
+    with pytest.raises(grpc.RpcError) as err:  # an error's trailers: its details and the id
+        stub.Classify(request(""), metadata=[(REQUEST_ID_KEY, "gw-2")], timeout=30)
+    trailers = dict(err.value.trailing_metadata())
+    assert trailers[REQUEST_ID_KEY] == "gw-2" and "grpc-status-details-bin" in trailers
+    with SafetyClient(f"127.0.0.1:{app.port}", timeout=30) as client:
+        client.classify(["hello"], request_id="gw-3")
+    lines = [(r.method, r.code, r.request_id) for r in access_lines(caplog)]
+    assert lines == [
+        ("Classify", "OK", "gw-1"),
+        ("Classify", "OK", made),
+        ("Classify", "INVALID_ARGUMENT", "gw-2"),
+        ("Classify", "OK", "gw-3"),
+    ]
+    first = access_lines(caplog)[0]
+    assert first.ms > 0 and first.peer.startswith("ipv4:127.0.0.1:"), vars(first)
+
+
+def test_errors_mode_logs_only_the_calls_that_did_not_end_ok(
+    start_server: Any, stub_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = start_server(access_log="errors")
+    stub = stub_for(app)
+    caplog.set_level(logging.INFO, logger="safety.access")
+    stub.Classify(request("fine"), metadata=[(REQUEST_ID_KEY, "ok-call")], timeout=30)
+    with pytest.raises(grpc.RpcError):
+        stub.Classify(
+            request("x", thresholds={"no-such-label": 0.5}), metadata=[(REQUEST_ID_KEY, "bad")], timeout=30
+        )
+    assert [(r.code, r.request_id) for r in access_lines(caplog)] == [("INVALID_ARGUMENT", "bad")]
+
+
+def test_the_default_is_no_access_log(server: Any, stub_for: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="safety.access")
+    with pytest.raises(grpc.RpcError):
+        stub_for(server).Classify(request(""), timeout=30)
+    assert access_lines(caplog) == []
+
+
+def test_an_internal_errors_log_line_carries_the_request_id(
+    start_server: Any, stub_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log line of an INTERNAL answer (its traceback, under the error id the caller sees) names the
+    call's request id, so a gateway's record of the call leads to it."""
+    app = start_server()
+    app.scheduler.clf = ExplodingLaunch(app.scheduler.clf)
+    caplog.set_level(logging.ERROR)
+    with pytest.raises(grpc.RpcError) as err:
+        stub_for(app).Classify(request("boom"), metadata=[(REQUEST_ID_KEY, "gw-boom")], timeout=30)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert dict(err.value.trailing_metadata())[REQUEST_ID_KEY] == "gw-boom"
+    [line] = [r for r in caplog.records if r.getMessage().startswith("internal error")]
+    assert line.request_id == "gw-boom" and line.error_id in err.value.details()
+
+
+def test_a_bad_access_log_mode_is_refused() -> None:
+    with pytest.raises(
+        InvalidInputError, match=r"SAFETY_ACCESS_LOG: must be off, errors or all, got 'verbose'"
+    ):
+        ServeSettings(access_log="verbose")
