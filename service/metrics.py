@@ -346,6 +346,7 @@ class MetricsInterceptor(WrappingInterceptor):
         finally:
             seconds = clock.seconds()
             self.metrics.call(method, code, seconds)
+            # a failed call's line comes after its client has the status (grpc.aio sends an abort's first)
             if self.access == "all" or (self.access == "errors" and code != "OK"):
                 ms = None if seconds is None else round(seconds * 1000, 2)
                 access_log.info(

@@ -6,7 +6,9 @@ a new one, 32 hex digits), `current` (the id of the call that the running asynci
 runs each call in a task of its own, so a value set there stays with that call), `trailer()` (the id as
 trailing metadata, which every answer carries) and `install_record_factory()`, which gives every log
 record made while serving a call a `request_id` field (the error of an INTERNAL answer, a job's log
-lines). Must not know: the handlers, the model.
+lines). The field is set when the record is made, so `request_id` is reserved: a log call inside a call
+that passed it in `extra` would raise KeyError. Lines logged by other threads (the tokenizer pool, the
+runner, the job client's executor) carry none. Must not know: the handlers, the model.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from model.errors import InvalidInputError
 from service.client import SafetyClient
 from service.requestid import MAX_LENGTH, REQUEST_ID_KEY, request_id
 from service.settings import ServeSettings
-from tests.service.helpers import ExplodingLaunch, request
+from tests.service.helpers import ExplodingLaunch, request, wait_until
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -51,6 +51,9 @@ def test_every_answer_carries_the_calls_id_and_all_calls_are_logged(
     assert trailers[REQUEST_ID_KEY] == "gw-2" and "grpc-status-details-bin" in trailers
     with SafetyClient(f"127.0.0.1:{app.port}", timeout=30) as client:
         client.classify(["hello"], request_id="gw-3")
+    # a failed call's line is written once its handler has ended, which may be after the client has the
+    # status (grpc.aio sends an abort's status first)
+    wait_until(lambda: len(access_lines(caplog)) == 4, what="four access lines")
     lines = [(r.method, r.code, r.request_id) for r in access_lines(caplog)]
     assert lines == [
         ("Classify", "OK", "gw-1"),
@@ -73,6 +76,7 @@ def test_errors_mode_logs_only_the_calls_that_did_not_end_ok(
         stub.Classify(
             request("x", thresholds={"no-such-label": 0.5}), metadata=[(REQUEST_ID_KEY, "bad")], timeout=30
         )
+    wait_until(lambda: access_lines(caplog) != [], what="the failed call's access line")
     assert [(r.code, r.request_id) for r in access_lines(caplog)] == [("INVALID_ARGUMENT", "bad")]
 
 
