@@ -48,7 +48,7 @@ import grpc
 
 from model.errors import InvalidInputError
 from model.items import FIELDS  # torch-free: the item's fields, one definition for every front end
-from service import richstatus
+from service import requestid, richstatus
 from service.requestid import REQUEST_ID_KEY
 from service.richstatus import RETRY_PUSHBACK, ErrorDetails
 from service.stubs import pb2, pb2_grpc
@@ -71,8 +71,9 @@ CHANNEL_OPTIONS = [
 # UNAVAILABLE or RESOURCE_EXHAUSTED, at most MAX_ATTEMPTS tries in all (gRPC's ceiling is 5), within the
 # call's deadline: after the server's `grpc-retry-pushback-ms` when it sent one (`safety serve` does with
 # every RESOURCE_EXHAUSTED and with a busy job's UNAVAILABLE; -1, "do not retry", when that would come too
-# close to the call's deadline: service/errors.py `pushback_ms`), else after a pause drawn at random below a
-# backoff that starts at RETRY_BACKOFF_S and doubles up to RETRY_BACKOFF_MAX_S. The channel's retry budget
+# close to the call's deadline: service/errors.py `pushback_ms`), else after a backoff that starts at
+# RETRY_BACKOFF_S and doubles up to RETRY_BACKOFF_MAX_S, each within 20% at random (gRPC core's jitter):
+# about 0.1, 0.2, 0.4 and 0.8 s, 1.5 s over the 5 tries. The channel's retry budget
 # (RETRY_TOKENS, RETRY_TOKEN_RATIO: each failed try spends a token, each success earns back a tenth, no
 # retries at half or below) stops a client from multiplying its load on a server that keeps failing. gRPC
 # keeps up to RETRY_BUFFER_BYTES of a call's request messages to send again; a call that sends more is not
@@ -496,7 +497,13 @@ class _Base:
     def _call_args(self, timeout: float | None, request_id: str | None = None) -> dict[str, Any]:
         """A call's deadline and metadata: the API key, and `request_id` as `x-request-id` when given (the
         server's log lines and access log carry it; without one the server makes its own, which every
-        answer's trailers carry)."""
+        answer's trailers carry). An id the server would not keep raises ValueError before anything is sent
+        (gRPC itself fails a call whose header holds a control or non-ASCII character, as INTERNAL)."""
+        if request_id is not None and not requestid.valid(request_id):
+            most = requestid.MAX_LENGTH
+            raise ValueError(
+                f"request_id: must be 1 to {most} printable ASCII characters, got {request_id!r}"
+            )
         metadata = self._metadata if request_id is None else (*self._metadata, (REQUEST_ID_KEY, request_id))
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": metadata}
 

@@ -1,14 +1,14 @@
 """The id of a call, to match a gateway's records with the server's log.
 
-Owns: REQUEST_ID_KEY (`x-request-id`, the header gateways and proxies such as Envoy and nginx already
-pass), `request_id(metadata)` (the caller's id when it is 1 to MAX_LENGTH printable ASCII characters, else
-a new one, 32 hex digits), `current` (the id of the call that the running asyncio task serves: grpc.aio
-runs each call in a task of its own, so a value set there stays with that call), `trailer()` (the id as
-trailing metadata, which every answer carries) and `install_record_factory()`, which gives every log
-record made while serving a call a `request_id` field (the error of an INTERNAL answer, a job's log
-lines). The field is set when the record is made, so `request_id` is reserved: a log call inside a call
-that passed it in `extra` would raise KeyError. Lines logged by other threads (the tokenizer pool, the
-runner, the job client's executor) carry none. Must not know: the handlers, the model.
+Owns: REQUEST_ID_KEY (`x-request-id`, the header gateways and proxies such as Envoy and nginx already pass),
+`request_id(metadata)` (the caller's id when it is `valid`: 1 to MAX_LENGTH printable ASCII characters; else a
+new one, 32 hex digits), `current` (the id of the call that the running asyncio task serves: grpc.aio runs
+each call in a task of its own, so a value set there stays with that call), `trailer()` (the id as trailing
+metadata, which every answer carries) and `install_record_factory()`, which gives every log record made while
+serving a call a `request_id` field (the error of an INTERNAL answer, a job's log lines). The field is set
+when the record is made, so `request_id` is reserved: a log call inside a call that passed it in `extra` would
+raise KeyError. Lines logged by other threads (the tokenizer pool, the runner, the job client's executor)
+carry none. Must not know: the handlers, the model.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ MAX_LENGTH = 128
 current: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
+def valid(value: object) -> bool:
+    """An id the server keeps: 1 to MAX_LENGTH printable ASCII characters (it goes into log lines and
+    trailers as it is)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_LENGTH and value.isascii() and value.isprintable()
+
+
 def request_id(metadata: Iterable[tuple[str, Any]] | None) -> str:
-    """The call's id: the caller's `x-request-id` (its first) when it is 1 to MAX_LENGTH printable ASCII
-    characters (it goes into log lines and trailers as it is), else a new uuid4 in hex."""
+    """The call's id: the caller's `x-request-id` (its first) when it is `valid`, else a new uuid4 in hex."""
     for key, value in metadata or ():
         if key == REQUEST_ID_KEY:
-            if (
-                isinstance(value, str)
-                and 0 < len(value) <= MAX_LENGTH
-                and value.isascii()
-                and value.isprintable()
-            ):
+            if valid(value):
                 return value
             break
     return uuid.uuid4().hex

@@ -108,3 +108,12 @@ def test_a_bad_access_log_mode_is_refused() -> None:
         InvalidInputError, match=r"SAFETY_ACCESS_LOG: must be off, errors or all, got 'verbose'"
     ):
         ServeSettings(access_log="verbose")
+
+
+def test_the_client_refuses_an_id_the_server_would_not_keep_before_sending() -> None:
+    """gRPC fails a call whose header holds a control or non-ASCII character (INTERNAL "Invalid metadata"),
+    losing the classification: the client says what is wrong with the id instead, before any call."""
+    with SafetyClient("127.0.0.1:1", timeout=1) as client:
+        for bad in ("héllo", "tab\tid", "", "x" * (MAX_LENGTH + 1)):
+            with pytest.raises(ValueError, match=r"request_id: must be 1 to 128 printable ASCII characters"):
+                client.classify(["text"], request_id=bad)
