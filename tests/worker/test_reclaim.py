@@ -244,7 +244,8 @@ def test_a_job_whose_message_the_broker_lost_still_completes(
     items = make_items(40, prefix="lost")
     job = client.submit(items, job_id="lost-message").status.job_id
     take_message(redis_server, job, 2)
-    start_worker(redis_server.url, queue=QUEUE, visibility_timeout_s=4, max_attempts=20)
+    # 10 s: more than a cold worker's first delivery takes to load its model (5.6 s on the CI VM)
+    start_worker(redis_server.url, queue=QUEUE, visibility_timeout_s=10, max_attempts=20)
     status = client.wait(job, timeout=120)
     assert (status.state, status.done, status.failed) == ("done", 40, 0)
     assert_job_output(list(client.results(job, timeout=30)), expected_lines(tiny_classifier, items, 10),
