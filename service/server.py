@@ -210,7 +210,7 @@ async def _deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
     await abort_for(error, context)
 
 
-class CallCapInterceptor(grpc.aio.ServerInterceptor):
+class CallCapInterceptor(WrappingInterceptor):
     """Outermost interceptor: the cap on calls open at once, in place of gRPC's `maximum_concurrent_rpcs`
     (one limit for every call, checked before any interceptor, so a flood of Health/Watch streams, which
     need no key and never end, would refuse keyed calls and the liveness probe alike, uncounted).
@@ -231,20 +231,19 @@ class CallCapInterceptor(grpc.aio.ServerInterceptor):
     event loop)."""
 
     def __init__(self, metrics: MetricsInterceptor, max_calls: int, max_watches: int) -> None:
+        super().__init__()
         self._metrics = metrics
         self._caps = {"calls": max_calls, "watches": max_watches}
         self.open = {"calls": 0, "watches": 0}  # calls running now, by pool
         self._counted = Memo()
         self._refused = Memo()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def handler_for(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method == HEALTH_CHECK:
+        """Health checks as they are; a call beyond its pool's cap refused; any other call counted."""
+        method = details.method
+        if method == HEALTH_CHECK:
             return handler
         pool = "watches" if method == HEALTH_WATCH else "calls"
         if self.open[pool] >= self._caps[pool]:
