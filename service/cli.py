@@ -94,7 +94,6 @@ def remote_classify(
     that is not there, a key), and how many results were yielded before it."""
     from model.cliargs import stopped_after
     from model.errors import InvalidInputError
-    from service import retries
     from service.client import SafetyClient, result_to_dict, split_requests
 
     if (client_cert is None) != (client_key is None):  # a usage error: `safety classify` exits 2
@@ -110,7 +109,7 @@ def remote_classify(
     try:
         client = SafetyClient(
             target, api_key=api_key, tls=tls, ca=ca, timeout=timeout, server_name=server_name,
-            cert=client_cert, key=client_key, channel_options=retries.CHANNEL_OPTIONS,
+            cert=client_cert, key=client_key,
             max_attempts=1,  # `Retries` retries, saying so on stderr
         )  # fmt: skip
     except InvalidInputError as e:  # an unreadable PEM file: named by its flag

@@ -61,8 +61,9 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    # reconnect within seconds of a server's return, to keep up with the retries (gRPC's default backoff
-    # grows to 120 s, and until it ends a call fails at once with the last connection error)
+    # reconnect within seconds of a server's return, to keep up with the retries, these and `safety classify
+    # --remote`'s (service/retries.py BACKOFF_*; gRPC's default backoff grows to 120 s, and until it ends a
+    # call fails at once with the last connection error)
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 4000),
 ]

@@ -336,8 +336,8 @@ class MetricsInterceptor(WrappingInterceptor):
         deadline = call_deadline(context)
         code = "OK"
         # the call's task is its own (grpc.aio): the id stays with this call, and needs no reset
-        requestid.current.set(rid := requestid.request_id(context.invocation_metadata()))
-        context.set_trailing_metadata(((requestid.REQUEST_ID_KEY, rid),))  # an error's trailers keep it too
+        requestid.current.set(requestid.request_id(context.invocation_metadata()))
+        context.set_trailing_metadata(requestid.trailer())  # an error's trailers keep it too (abort_for)
         try:
             yield clock
         except BaseException:

@@ -43,13 +43,11 @@ WAIT_MAX_S = 10.0
 BACKOFF_FIRST_S = 0.25
 BACKOFF_MAX_S = 4.0
 JITTER = 0.2
-# The channel's own reconnect backoff (gRPC's default: from 1 s, growing 1.6 times up to 120 s), set to keep
-# up with the retries': while it lasts, a call fails at once with the last connection error without trying
-# to connect, so that a retry after the server came back would find out only at the channel's next attempt.
-CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", int(BACKOFF_FIRST_S * 1000)),
-    ("grpc.max_reconnect_backoff_ms", int(BACKOFF_MAX_S * 1000)),
-)
+# The channel's own reconnect backoff keeps up with these retries: the client's CHANNEL_OPTIONS
+# (service/client.py) set it from BACKOFF_FIRST_S to BACKOFF_MAX_S instead of gRPC's default (from 1 s,
+# growing 1.6 times up to 120 s), during which a call fails at once with the last connection error without
+# trying to connect, so that a retry after the server came back would find out only at the channel's next
+# attempt.
 
 
 def pause(seconds: float) -> None:

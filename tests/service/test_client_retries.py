@@ -24,6 +24,7 @@ from service.client import (
     retry_service_config,
 )
 from service.errors import pushback_ms, trailers
+from service.retries import BACKOFF_FIRST_S, BACKOFF_MAX_S
 from service.richstatus import RETRY_PUSHBACK, ErrorDetails
 from service.scheduler import RETRY_MAX_MS
 from service.server import SafetyServer
@@ -259,3 +260,12 @@ def test_a_refusal_whose_hint_runs_past_the_deadline_comes_back_at_once(start_se
     details = error_details(err.value)
     assert details is not None and details.retry_after_ms == RETRY_MAX_MS
     assert counted(app, "Classify")[EXHAUSTED.name] == 1  # one try: not retried
+
+
+def test_the_channel_reconnects_as_fast_as_the_cli_retries() -> None:
+    """`safety classify --remote`'s retries (service/retries.py) count on the client's reconnect backoff
+    keeping up with theirs: one set of channel options serves both."""
+    with SafetyClient("127.0.0.1:1") as client:
+        options = dict(client._options)
+    assert options["grpc.initial_reconnect_backoff_ms"] == int(BACKOFF_FIRST_S * 1000)
+    assert options["grpc.max_reconnect_backoff_ms"] == int(BACKOFF_MAX_S * 1000)
