@@ -465,7 +465,11 @@ def test_the_final_scrape_is_one_begun_after_the_drain_ended_every_call(
             with pytest.raises(grpc.RpcError):
                 stub.Classify(request("breaks the device"), timeout=10)
             wait_until(lambda: records.find("the device failed: NOT_SERVING") is not None, what="the drain")
-            seen["during"] = scrape(metrics_port)[unavailable]  # before the held call ended
+            # grpc.aio sends an abort's status before the handler (and the interceptor counting it) ends, so
+            # the failed call may be counted a moment after this client has its error: scrape until it is.
+            # Every one of these scrapes comes before the held call ended, none may end the wait.
+            wait_until(lambda: scrape(metrics_port)[unavailable] == 1, what="the failed call's count")
+            seen["during"] = scrape(metrics_port)[unavailable]  # still before the held call ended
             release.set()
             with pytest.raises(grpc.RpcError):
                 held.result(30)
