@@ -4,8 +4,13 @@ collectors) and `safety_build_info` for the model being served: a real server on
 from __future__ import annotations
 
 import importlib.metadata
+import socket
+import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from service.server import SafetyServer
 from tests.prometheus import scrape
@@ -84,3 +89,32 @@ def test_a_scrape_counts_as_final_only_if_it_began_after_the_mark() -> None:
     registry.on_scrape = lambda: scraped.append(registry.scraped_since(mark))
     list(registry.collect())
     assert registry.scraped_since(mark) and scraped == [True]
+
+
+def test_metrics_serve_on_ipv4_and_ipv6_and_close_without_waiting_out_a_half_second_poll() -> None:
+    """/metrics on 127.0.0.1 and on [::1] (the address family from the address, as prometheus-client's
+    `start_http_server` chose it), scraped, then closed: each close came within EXPORTER_POLL_S of its
+    request. With the stdlib's 0.5 s poll, every drain blocked the event loop for up to half a second."""
+    from service.metrics import EXPORTER_POLL_S, Metrics
+
+    addresses = ["127.0.0.1:0"] * 4 + (["[::1]:0"] if socket.has_ipv6 and ipv6_loopback() else [])
+    for address in addresses:
+        metrics = Metrics()
+        port = metrics.serve(address)
+        host = address.rpartition(":")[0].strip("[]")
+        with urllib.request.urlopen(f"http://{address.rpartition(':')[0]}:{port}/metrics", timeout=5) as page:
+            assert b"safety_requests_total{" in page.read()
+        started = time.monotonic()
+        metrics.close()
+        assert time.monotonic() - started < EXPORTER_POLL_S + 0.2, host
+        with pytest.raises(OSError), socket.create_connection((host, port), timeout=1):
+            pass  # nothing listens there any more
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
