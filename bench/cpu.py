@@ -114,7 +114,9 @@ def memory_table(directory: Path, lengths: list[int]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=("base", "small"), default="small")
+    ap.add_argument(
+        "--shape", choices=tuple(SHAPES), default="small", help="tiny: a check of the script (tests)"
+    )
     ap.add_argument("--n", type=int, default=256, help="first N sequences of the traffic workload")
     ap.add_argument("--workload", default="traffic")
     ap.add_argument("--repeat", type=int, default=2, help="best of this many runs per engine")

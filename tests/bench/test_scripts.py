@@ -107,8 +107,9 @@ def test_bucket_coverage_script(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cpu_script_all_engines_and_memory(tmp_path: Path) -> None:
     out = run(
-        "bench/cpu.py", "--n", "6", "--repeat", "1", "--memory", "256,512", "--json", str(tmp_path / "c.json")
-    )
+        "bench/cpu.py", "--shape", "tiny", "--n", "6", "--repeat", "1", "--memory", "256,512",
+        "--json", str(tmp_path / "c.json"),
+    )  # fmt: skip
     data = json.loads((tmp_path / "c.json").read_text())
     assert set(data["seconds"]) == {"hf_arrival", "hf_sorted", "ours", "ours_compiled"}
     assert data["err"] < 1e-4 and data["err_compiled"] < 1e-4

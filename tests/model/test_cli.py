@@ -1,25 +1,45 @@
-"""`safety classify` end to end, as a subprocess on a real checkpoint."""
+"""`safety classify` end to end on a real checkpoint: `cli.main` in this process (argv in; exit code,
+stdout and stderr out), and as a subprocess where a process is what is tested (`python -m model.cli`, a
+closed pipe)."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "model.cli", *args], capture_output=True, text=True, input=stdin, timeout=120
-    )
+import pytest
 
 
-def test_classify_texts_and_jsonl(tmp_path: Path, tiny_model_dir: Path, tiny_classifier) -> None:
-    p = run("classify", "--model", str(tiny_model_dir), "hello there", "second text")
+@pytest.fixture
+def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """run(*argv, stdin=None) -> CompletedProcess of `safety *argv`, run by `cli.main` in this process."""
+    from model import cli
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        capsys.readouterr()  # what came before this command is not its output
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin or ""))
+        try:
+            code = cli.main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["safety", *args], code, out, err)
+
+    return run
+
+
+def test_classify_texts_and_jsonl(tmp_path: Path, tiny_model_dir: Path, tiny_classifier, run) -> None:
+    p = subprocess.run(  # the module's own entry point, once as a process
+        [sys.executable, "-m", "model.cli", "classify", "--model", str(tiny_model_dir), "hello", "text 2"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     assert p.returncode == 0, p.stderr
     lines = [json.loads(x) for x in p.stdout.splitlines()]
     assert len(lines) == 2
-    expected = tiny_classifier.classify([{"text": "hello there"}])[0]
+    expected = tiny_classifier.classify([{"text": "hello"}])[0]
     assert set(lines[0]["scores"]) == set(tiny_classifier.labels)
     assert abs(lines[0]["scores"]["hate"] - expected.scores["hate"]) < 1e-6
 
@@ -35,7 +55,7 @@ def test_classify_texts_and_jsonl(tmp_path: Path, tiny_model_dir: Path, tiny_cla
     assert all("hate" in o["flagged_labels"] for o in out)
 
 
-def test_classify_errors_are_reported(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_classify_errors_are_reported(tmp_path: Path, tiny_model_dir: Path, run) -> None:
     p = run("classify", "--model", str(tiny_model_dir), "--role", "prompt", "--context", "ctx", "text")
     assert p.returncode == 2
     assert "items[0].context" in p.stderr
@@ -79,7 +99,7 @@ def test_an_interrupt_before_the_command_handles_it_is_one_line_and_exit_130(mon
     assert capsys.readouterr().err == "\nsafety classify: interrupted\n"
 
 
-def test_wrong_engine_flags_and_log_level_are_usage_errors_not_tracebacks() -> None:
+def test_wrong_engine_flags_and_log_level_are_usage_errors_not_tracebacks(run) -> None:
     """`--device tpu`, `--dtype fp8` and `--log-level foo` ended in a traceback, exit 1."""
     for args, said in (
         (
@@ -118,7 +138,7 @@ def test_a_reader_that_goes_away_ends_classify_quietly_with_141(tmp_path: Path, 
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
-def test_a_line_nested_too_deeply_is_one_line_exit_2(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_a_line_nested_too_deeply_is_one_line_exit_2(tmp_path: Path, tiny_model_dir: Path, run) -> None:
     """200,000 '[' was a RecursionError traceback, exit 1; locally and with --remote (whose first item is
     read before any call: no server needed)."""
     deep = tmp_path / "deep.jsonl"
