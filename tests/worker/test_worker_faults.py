@@ -34,6 +34,8 @@ from tests.worker.harness import (
 from worker.jobs import JobClient
 from worker.store import DEAD_LETTER, JobKeys
 
+pytestmark = pytest.mark.slow  # real worker processes, killed, and visibility timeouts waited out
+
 # Kill tests: a short visibility timeout so a dead worker's chunk comes back fast, and enough attempts that a
 # slow chunk on a busy machine (redelivered while still running) can never dead-letter by accident.
 # The timeout must outlast a cold worker's first delivery, which imports torch and loads the model before
