@@ -5,12 +5,12 @@ tests, don't collide) with prometheus-client's process, platform and GC collecto
 none of the default registry's), `safety_build_info`, the HTTP exporter, and `MetricsInterceptor`, which
 counts every unary and streaming call that reaches the server's Python code by method and final status code,
 gives it its request id (service/requestid.py: in `requestid.current` for the call's log lines, and in its
-trailers) and writes the access log (`ACCESS_LOG_MODES`: a line per call, or per call that did not end OK, on
-the `safety.access` logger). The scheduler reports through the `SchedulerMetrics` methods below and never
-imports prometheus itself. The labelled series the alerts and the dashboard select (k8s/components) exist from
-start-up, at 0: every dropped-window reason, and every status code and the latency of the classification
-calls. A series that appears only with its first event starts at that count, and Prometheus' increase() and
-rate() take its first sample as the baseline: the event would go unseen. Must not know: the model.
+trailers) and hands every call's end to the access log (service/accesslog.py). The scheduler reports through
+the `SchedulerMetrics` methods below and never imports prometheus itself. The labelled series the alerts and
+the dashboard select (k8s/components) exist from start-up, at 0: every dropped-window reason, and every status
+code and the latency of the classification calls. A series that appears only with its first event starts at
+that count, and Prometheus' increase() and rate() take its first sample as the baseline: the event would go
+unseen. Must not know: the model.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import logging
 import socket
 import threading
 import time
@@ -41,10 +40,11 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from model import package_version
 from service import requestid
+from service.accesslog import AccessLog
 from service.errors import call_deadline, final_code
 from service.handlers import WrappingInterceptor, reading_its_request, with_behavior
 from service.scheduler import DROP_REASONS
-from service.settings import ACCESS_LOG_MODES, split_address
+from service.settings import split_address
 
 # How often the /metrics server's loop looks for a shutdown: `close()` waits for it. At the stdlib's 0.5 s
 # (prometheus-client's `start_http_server`), every drain blocked the event loop for up to half a second.
@@ -57,7 +57,6 @@ STREAM_REQUEST = "ClassifyStream.request"  # the `method` label of one request i
 # they can end with: their safety_requests_total and safety_request_duration_seconds series exist from start.
 CLASSIFY_METHODS = ("Classify", STREAM_REQUEST)
 STATUS_CODES = tuple(code.name for code in grpc.StatusCode)
-access_log = logging.getLogger("safety.access")
 
 
 class ScrapedRegistry(CollectorRegistry):
@@ -293,11 +292,10 @@ class MetricsInterceptor(WrappingInterceptor):
     timed from its start) without its request being read or parsed. Calls that gRPC core ends before it
     hands them to Python never reach any interceptor (docs/api.md, "Metrics")."""
 
-    def __init__(self, metrics: Metrics, access: str = "off") -> None:
+    def __init__(self, metrics: Metrics, access: AccessLog | None = None) -> None:
         super().__init__()
         self.metrics = metrics
-        assert access in ACCESS_LOG_MODES, access
-        self.access = access
+        self.access = AccessLog("off") if access is None else access
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
@@ -369,11 +367,7 @@ class MetricsInterceptor(WrappingInterceptor):
             seconds = clock.seconds()
             self.metrics.call(method, code, seconds)
             # a failed call's line comes after its client has the status (grpc.aio sends an abort's first)
-            if self.access == "all" or (self.access == "errors" and code != "OK"):
-                ms = None if seconds is None else round(seconds * 1000, 2)
-                access_log.info(
-                    "call", extra={"method": method, "code": code, "ms": ms, "peer": context.peer()}
-                )
+            self.access.call(method, code, seconds, context.peer())
 
 
 class _Clock:

@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 from model import Classifier, Item, logs
 from model.errors import OverloadedError, SafetyError, UnauthenticatedError
 from service import requestid, richstatus
+from service.accesslog import AccessLog
 from service.apikeys import ApiKeys, parse_keys
 from service.decoding import DecodeInterceptor, grpc_receive_limit
 from service.errors import ErrorInterceptor, abort_for
@@ -378,6 +379,7 @@ class SafetyServer:
     _interrupted: asyncio.Event = field(default_factory=asyncio.Event)  # a signal during the drain
     _failure_scrapes: int = 0  # the metrics registry's mark() when the device failed (0: never scraped)
     cap: CallCapInterceptor | None = None  # the cap on calls open at once (`cap.open`: the calls counted now)
+    access: AccessLog | None = None  # the access log (a last summary of the lines it left out at the end)
 
     async def start(self) -> None:
         """Start serving (health NOT_SERVING), load and warm the model off the loop, then SERVING."""
@@ -463,6 +465,8 @@ class SafetyServer:
         if self.device_failed.is_set() and self.metrics_port is not None:
             await self._final_scrape(deadline)
         self.metrics.close()
+        if self.access is not None:
+            self.access.close()
         self._stopped.set()
         log.info("stopped")
 
@@ -565,7 +569,8 @@ async def create_server(
     metrics = Metrics()
     servicer = SafetyServicer(settings, observer=metrics, job_client=job_client)
     requestid.install_record_factory()  # a call's log lines carry its request id
-    counting = MetricsInterceptor(metrics, settings.access_log)
+    access = AccessLog(settings.access_log, settings.access_log_rate)
+    counting = MetricsInterceptor(metrics, access)
     cap = CallCapInterceptor(counting, settings.max_concurrent_rpcs, settings.max_health_watches)
     interceptors: list[grpc.aio.ServerInterceptor] = [cap, counting, ErrorInterceptor()]
     keys = api_keys(settings)
@@ -606,8 +611,9 @@ async def create_server(
             address = settings.metrics_address
             raise OSError(f"SAFETY_METRICS_ADDRESS {address}: cannot bind ({reason})") from None
     return SafetyServer(
-        settings, server, port, servicer, health_servicer, metrics, classifier, metrics_port, tls=tls, cap=cap
-    )
+        settings, server, port, servicer, health_servicer, metrics, classifier, metrics_port,
+        tls=tls, cap=cap, access=access,
+    )  # fmt: skip
 
 
 def _reload_hint(app: SafetyServer) -> None:

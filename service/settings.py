@@ -160,6 +160,11 @@ class ServeSettings(EngineSettings):
         "off", "SAFETY_ACCESS_LOG", str, "off | errors (a log line for each call that did not end OK) | all "
         "(a line for every call): method, code, ms, peer and request_id, on the safety.access logger"
     )  # fmt: skip
+    access_log_rate: float = setting(
+        100.0, "SAFETY_ACCESS_LOG_RATE", float, "the most access-log lines a second for calls that did not "
+        "end OK, in bursts of a second's worth; the rest are counted by code and summarised in one line a "
+        "second (0: no limit). Lines of calls that ended OK are never limited"
+    )  # fmt: skip
 
     @staticmethod
     def bad(name: str, message: str) -> Exception:
@@ -184,7 +189,7 @@ class ServeSettings(EngineSettings):
             value = getattr(self, name)
             if not 0 <= value <= MAX_CONNECTION_S:
                 raise _bad(name, f"must be 0 (never) to {MAX_CONNECTION_S} seconds, got {value}")
-        for name in ("max_wait_ms", "deadline_horizon_ms", "drain_grace_s"):
+        for name in ("max_wait_ms", "deadline_horizon_ms", "drain_grace_s", "access_log_rate"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):  # nan >= 0 is False, but so is nan < 0
                 raise _bad(name, f"must be a finite number >= 0, got {value}")

@@ -1,0 +1,105 @@
+"""The access log: a line per call on the `safety.access` logger, and the limit on its failed calls' lines.
+
+Owns: which calls get a line (`ACCESS_LOG_MODES`: none, those that did not end OK, all), the line's fields,
+and `LineLimit`, the rate limit on the lines of failed calls. A server refuses calls far faster than it
+serves them (RESOURCE_EXHAUSTED at admission, a wrong API key, a client retrying in a loop), so during an
+overload `errors` would write a line per refusal; the lines of calls that ended OK are bounded by what the
+server can serve and are never limited. Lines over the limit are counted by status code, and the next line
+written after at least a second is preceded by one summary of them. Every call is still counted by method
+and code in `safety_requests_total` (service/metrics.py, which calls `AccessLog.call`). Must not know: gRPC,
+the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from service.settings import ACCESS_LOG_MODES
+
+access_log = logging.getLogger("safety.access")
+SUMMARY_EVERY_S = 1.0  # at most one "lines left out" summary a second
+
+
+class LineLimit:
+    """At most `rate` lines a second, in bursts of up to one second's worth (a token bucket, full at the
+    start); the lines refused are counted by status code until `left_out` hands them over. Pure: the caller
+    passes the time (seconds, monotonic)."""
+
+    def __init__(self, rate: float) -> None:
+        assert rate > 0, rate
+        self.rate = rate
+        self.burst = max(rate, 1.0)
+        self.tokens = self.burst
+        self.at: float | None = None
+        self.refused: Counter[str] = Counter()
+        self.first = self.last = 0.0  # when the first and the last line now in `refused` were refused
+        self.summarised = float("-inf")  # when `left_out` last handed lines over
+
+    def allow(self, now: float, code: str) -> bool:
+        if self.at is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        if not self.refused:
+            self.first = now
+        self.last = now
+        self.refused[code] += 1
+        return False
+
+    def left_out(self, now: float, final: bool = False) -> tuple[dict[str, int], float] | None:
+        """The lines refused since the last hand-over, by code, and the seconds from the first of them to
+        the last; None when there were none, or (unless `final`) when the last hand-over was under
+        SUMMARY_EVERY_S ago: they are kept for the next."""
+        if not self.refused or (not final and now - self.summarised < SUMMARY_EVERY_S):
+            return None
+        refused = dict(self.refused)
+        self.refused.clear()
+        self.summarised = now
+        return refused, self.last - self.first
+
+
+class AccessLog:
+    """`mode` off, errors or all; `rate`: the most lines a second for calls that did not end OK (0: no
+    limit). `clock`: time.monotonic, but in tests."""
+
+    def __init__(self, mode: str, rate: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        assert mode in ACCESS_LOG_MODES, mode
+        assert rate >= 0, rate
+        self.mode = mode
+        self.limit = LineLimit(rate) if rate > 0 and mode != "off" else None
+        self.clock = clock
+
+    def call(self, method: str, code: str, seconds: float | None, peer: str) -> None:
+        """A call ended: its line, if the mode writes one and the limit allows it, after the summary of the
+        lines left out if one is due. `seconds`: the call's time from its request's arrival (None: it ended
+        before its request arrived)."""
+        ok = code == "OK"
+        if self.mode == "off" or (self.mode == "errors" and ok):
+            return
+        if self.limit is not None:
+            now = self.clock()
+            if not ok and not self.limit.allow(now, code):
+                return
+            self._summary(self.limit.left_out(now))
+        ms = None if seconds is None else round(seconds * 1000, 2)
+        access_log.info("call", extra={"method": method, "code": code, "ms": ms, "peer": peer})
+
+    def close(self) -> None:
+        """The server stops: the summary of the lines left out since the last one, if any."""
+        if self.limit is not None:
+            self._summary(self.limit.left_out(self.clock(), final=True))
+
+    def _summary(self, left: tuple[dict[str, int], float] | None) -> None:
+        if left is None:
+            return
+        by_code, over_s = left
+        access_log.warning(
+            "access log: %d lines of failed calls left out over %.1f s (at most %g a second are written)",
+            sum(by_code.values()), over_s, self.limit.rate if self.limit else 0,
+            extra={"left_out": by_code, "over_s": round(over_s, 3)},
+        )  # fmt: skip
