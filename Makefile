@@ -67,7 +67,7 @@ format: $(STAMP)
 
 # The suite in TEST_WORKERS processes (pytest-xdist), a test file per process at a time: much of it waits on
 # real servers, workers and Redis, so two processes on two cores take ~0.6 of one's time. The slowest tests
-# are listed at the end. `$(VENV)/bin/pytest` alone runs it in one process.
+# are listed at the end. `$(VENV)/bin/pytest` alone runs the suite in one process.
 TEST_WORKERS ?= 2
 test: lint proto checkov promtool
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15

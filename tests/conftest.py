@@ -17,14 +17,6 @@ if not torch.cuda.is_available():
 from tests.checkpoints import SAFETY_LABELS, make_checkpoint
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with a `slow` test run first, in their order; the rest after them, in theirs. `make test` hands
-    each file whole to one of its processes (pytest-xdist, --dist loadfile): a long file begun last ends
-    last, with the other process idle."""
-    slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
-    items.sort(key=lambda item: item.path not in slow)
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A multi-label 7-label ModernBERT (4 layers, hidden 64, local window 16) with a trained tokenizer."""

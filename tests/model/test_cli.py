@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +19,20 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
     """run(*argv, stdin=None) -> CompletedProcess of `safety *argv`, run by `cli.main` in this process."""
     from model import cli
 
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # basicConfig's handler goes with the test
+
     def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         capsys.readouterr()  # what came before this command is not its output
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin or ""))
         try:
             code = cli.main(list(args))
-        except SystemExit as e:  # argparse's usage errors
-            code = e.code if isinstance(e.code, int) else 1
+        except SystemExit as e:  # argparse's usage errors; as the interpreter ends a process on one
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess(["safety", *args], code, out, err)
 
