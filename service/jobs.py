@@ -16,6 +16,7 @@ imports them).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib.util
 import logging
 import threading
@@ -226,9 +227,12 @@ class JobService:
         self._pool: ThreadPoolExecutor | None = None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on a pool thread, in a copy of the call's context: its log lines (the job client's
+        Redis retries) carry the call's request id."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="safety-jobs")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        in_context = contextvars.copy_context().run
+        return await asyncio.get_running_loop().run_in_executor(self._pool, in_context, fn, *args)
 
     def _make_client(self) -> JobClient:
         with self._lock:

@@ -7,8 +7,9 @@ each call in a task of its own, so a value set there stays with that call), `tra
 metadata, which every answer carries) and `install_record_factory()`, which gives every log record made while
 serving a call a `request_id` field (the error of an INTERNAL answer, a job's log lines). The field is set
 when the record is made, so `request_id` is reserved: a log call inside a call that passed it in `extra` would
-raise KeyError. Lines logged by other threads (the tokenizer pool, the runner, the job client's executor)
-carry none. Must not know: the handlers, the model.
+raise KeyError. Work handed to a pool thread for a call (its tokenization, the job client's Redis calls)
+runs in a copy of the call's context, so its lines carry the id too; the runner's lines (a batch of many
+calls) carry none. Must not know: the handlers, the model.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import heapq
 import logging
 import queue
@@ -268,7 +269,10 @@ class Scheduler:
         admission = self._admit_items(n, sum(chars))
         loop = asyncio.get_running_loop()
         stop = threading.Event()
-        job = self._pool.submit(self._encode, list(items), chars, stop, admission)
+        # in a copy of the call's context: a line logged while tokenizing carries the call's request id
+        job = self._pool.submit(
+            contextvars.copy_context().run, self._encode, list(items), chars, stop, admission
+        )
         try:
             start = time.perf_counter()
             encoded, tokens = await asyncio.wrap_future(job)

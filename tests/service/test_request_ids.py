@@ -12,10 +12,12 @@ from typing import Any
 import grpc
 import pytest
 
-from model.errors import InvalidInputError
+from model.errors import InvalidInputError, UnavailableError
 from service.client import SafetyClient
 from service.requestid import MAX_LENGTH, REQUEST_ID_KEY, request_id
+from service.server import create_server
 from service.settings import ServeSettings
+from service.stubs import pb2, pb2_grpc
 from tests.service.helpers import ExplodingLaunch, request, wait_until
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -117,3 +119,73 @@ def test_the_client_refuses_an_id_the_server_would_not_keep_before_sending() -> 
         for bad in ("héllo", "tab\tid", "", "x" * (MAX_LENGTH + 1)):
             with pytest.raises(ValueError, match=r"request_id: must be 1 to 128 printable ASCII characters"):
                 client.classify(["text"], request_id=bad)
+
+
+def test_the_job_clients_lines_on_its_pool_threads_carry_the_calls_request_id(
+    loop_thread: Any, tiny_classifier: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The job RPCs run the job client (made on first use; its Redis calls and their retry warnings) on a
+    pool thread: a line logged there names the call's request id, like the lines of the call's own task."""
+    jobs_log = logging.getLogger("tests.jobs")
+
+    class Client:
+        def submit(self, items: Any, **kwargs: Any) -> Any:
+            jobs_log.warning("Redis unreachable, retrying")
+            raise UnavailableError("Redis at redis://r:6379/0 is unreachable")
+
+        def close(self) -> None:
+            pass
+
+    def factory() -> Client:
+        jobs_log.info("job client made")
+        return Client()
+
+    caplog.set_level(logging.INFO, logger="tests.jobs")
+    settings = ServeSettings(address="127.0.0.1:0", metrics_address=None)
+    app = loop_thread.run(create_server(settings, tiny_classifier, job_client=factory))
+    loop_thread.run(app.start())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = pb2_grpc.SafetyClassifierStub(channel)
+            for job in ("job-1", "job-2"):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.SubmitJob(
+                        pb2.SubmitJobRequest(items=[pb2.Item(text="a")], job_id=job),
+                        metadata=[(REQUEST_ID_KEY, f"gw-{job}")], timeout=30,
+                    )  # fmt: skip
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    finally:
+        loop_thread.run(app.drain(0))
+    ours = [r for r in caplog.records if r.name == "tests.jobs"]
+    assert [(r.getMessage(), r.threadName.split("_")[0], r.request_id) for r in ours] == [
+        ("job client made", "safety-jobs", "gw-job-1"),
+        ("Redis unreachable, retrying", "safety-jobs", "gw-job-1"),
+        ("Redis unreachable, retrying", "safety-jobs", "gw-job-2"),
+    ]
+
+
+def test_a_line_logged_while_tokenizing_carries_the_calls_request_id(
+    start_server: Any, stub_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tokenization runs on the scheduler's pool threads, in a copy of the call's context."""
+    encode_log = logging.getLogger("tests.encode")
+
+    class LoggingEncode:
+        def __init__(self, clf: Any) -> None:
+            self._clf = clf
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._clf, name)
+
+        def encode(self, items: Any) -> Any:
+            encode_log.info("encoding %d items", len(items))
+            return self._clf.encode(items)
+
+    app = start_server()
+    app.scheduler.clf = LoggingEncode(app.scheduler.clf)
+    caplog.set_level(logging.INFO, logger="tests.encode")
+    stub = stub_for(app)
+    for rid in ("gw-a", "gw-b"):
+        stub.Classify(request("fine"), metadata=[(REQUEST_ID_KEY, rid)], timeout=30)
+    ours = [r for r in caplog.records if r.name == "tests.encode"]
+    assert [(r.request_id, r.threadName == "MainThread") for r in ours] == [("gw-a", False), ("gw-b", False)]
