@@ -4,18 +4,22 @@ Owns: which calls get a line (`ACCESS_LOG_MODES`: none, those that did not end O
 and `LineLimit`, the rate limit on the lines of failed calls. A server refuses calls far faster than it
 serves them (RESOURCE_EXHAUSTED at admission, a wrong API key, a client retrying in a loop), so during an
 overload `errors` would write a line per refusal; the lines of calls that ended OK are bounded by what the
-server can serve and are never limited. Lines over the limit are counted by status code, and the next line
-written after at least a second is preceded by one summary of them. Every call is still counted by method
-and code in `safety_requests_total` (service/metrics.py, which calls `AccessLog.call`). Must not know: gRPC,
-the model.
+server can serve and are never limited. Lines over the limit are counted by status code and summarised in
+one warning, at most once a second: before the next line written once one is due, else by a timer on the
+event loop a second after the refusal that started the count, and at the drain. Every call is still counted
+by method and code in `safety_requests_total` (service/metrics.py, which calls `AccessLog.call`). Must not
+know: gRPC, the model.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextvars import Context
 
 from service.settings import ACCESS_LOG_MODES
 
@@ -40,7 +44,7 @@ class LineLimit:
 
     def allow(self, now: float, code: str) -> bool:
         if self.at is not None:
-            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+            self.tokens = min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate)
         self.at = now
         if self.tokens >= 1.0:
             self.tokens -= 1.0
@@ -65,7 +69,7 @@ class LineLimit:
 
 class AccessLog:
     """`mode` off, errors or all; `rate`: the most lines a second for calls that did not end OK (0: no
-    limit). `clock`: time.monotonic, but in tests."""
+    limit). Called on the server's event loop only. `clock`: time.monotonic, but in tests."""
 
     def __init__(self, mode: str, rate: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         assert mode in ACCESS_LOG_MODES, mode
@@ -73,26 +77,47 @@ class AccessLog:
         self.mode = mode
         self.limit = LineLimit(rate) if rate > 0 and mode != "off" else None
         self.clock = clock
+        self._timer: asyncio.TimerHandle | None = None  # the summary of lines left out, when none is written
 
     def call(self, method: str, code: str, seconds: float | None, peer: str) -> None:
         """A call ended: its line, if the mode writes one and the limit allows it, after the summary of the
         lines left out if one is due. `seconds`: the call's time from its request's arrival (None: it ended
-        before its request arrived)."""
+        before its request arrived). Nothing when the logger drops INFO (SAFETY_LOG_LEVEL=WARNING): no
+        line, so none counted as left out."""
         ok = code == "OK"
-        if self.mode == "off" or (self.mode == "errors" and ok):
+        if self.mode == "off" or (self.mode == "errors" and ok) or not access_log.isEnabledFor(logging.INFO):
             return
         if self.limit is not None:
             now = self.clock()
             if not ok and not self.limit.allow(now, code):
+                self._flush_later(SUMMARY_EVERY_S)
                 return
             self._summary(self.limit.left_out(now))
         ms = None if seconds is None else round(seconds * 1000, 2)
         access_log.info("call", extra={"method": method, "code": code, "ms": ms, "peer": peer})
 
     def close(self) -> None:
-        """The server stops: the summary of the lines left out since the last one, if any."""
+        """The server stops: the summary of the lines left out since the last one, if any. Idempotent."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.limit is not None:
             self._summary(self.limit.left_out(self.clock(), final=True))
+
+    def _flush_later(self, delay: float) -> None:
+        """A summary in `delay` seconds, unless one is already due to come (outside an event loop: none)."""
+        if self._timer is None:
+            # no running loop (tests): the next line written, or close(), brings the summary
+            with contextlib.suppress(RuntimeError):  # an empty context: the summary has no call's request id
+                self._timer = asyncio.get_running_loop().call_later(delay, self._flush, context=Context())
+
+    def _flush(self) -> None:
+        self._timer = None
+        assert self.limit is not None
+        now = self.clock()
+        self._summary(self.limit.left_out(now))
+        if self.limit.refused:  # a summary went out under a second ago: the rest when the second is up
+            self._flush_later(max(0.0, self.limit.summarised + SUMMARY_EVERY_S - now))
 
     def _summary(self, left: tuple[dict[str, int], float] | None) -> None:
         if left is None:

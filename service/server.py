@@ -459,14 +459,14 @@ class SafetyServer:
         # What is still open now never ends by itself (Health.Watch, a reflection stream): cut it short.
         stop_grace = 0.0 if self._forced.is_set() else min(STOP_GRACE_S, max(0.0, deadline - loop.time()))
         await self.server.stop(stop_grace)
+        if self.access is not None:  # every call has ended: the last summary of the access lines left out
+            self.access.close()
         if self.scheduler is not None:
             await loop.run_in_executor(None, self.scheduler.close)
         await loop.run_in_executor(None, self.servicer.jobs.close)
         if self.device_failed.is_set() and self.metrics_port is not None:
             await self._final_scrape(deadline)
         self.metrics.close()
-        if self.access is not None:
-            self.access.close()
         self._stopped.set()
         log.info("stopped")
 

@@ -33,6 +33,7 @@ def test_a_burst_of_a_seconds_worth_then_the_rate() -> None:
     assert limit.allow(0.1, "RESOURCE_EXHAUSTED") is False  # 0.4 of a line earned back
     assert limit.allow(0.3, "UNAUTHENTICATED") is True  # 0.2 s at 4 a second: one more
     assert limit.allow(10.0, "X") and limit.tokens == 3  # a long quiet refills the burst, no more
+    assert limit.allow(5.0, "X") and limit.tokens == 2  # a clock that went back earns nothing, costs nothing
 
 
 def test_the_lines_left_out_are_handed_over_by_code_at_most_once_a_second() -> None:
@@ -96,11 +97,17 @@ def test_rate_zero_is_no_limit_and_off_writes_nothing(caplog: pytest.LogCaptureF
     assert lines(caplog) == []
 
 
-def test_a_server_refusing_calls_writes_the_limit_then_one_summary_when_it_stops(
+def summaries(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in lines(caplog) if hasattr(r, "left_out")]
+
+
+def test_a_server_refusing_calls_writes_the_limit_then_a_summary_within_a_second_or_so(
     start_server: Any, stub_for: Any, loop_thread: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Ten invalid calls against a limit with a burst of one line: the first has its line, the other nine
-    are counted, and the drain writes their summary (nothing is left out silently)."""
+    """Ten invalid calls against a limit with a burst of one line, then only calls that end OK (no line in
+    `errors`): the first failure has its line, the other nine are counted and summarised by the event loop's
+    timer a second after the first of them, not at some later failure or at the drain; then the eleventh
+    failure, refused too, is summarised at the drain (nothing is left out silently)."""
     caplog.set_level(logging.INFO, logger="safety.access")
     app = start_server(access_log="errors", access_log_rate=0.01)  # a burst of one, then one in 100 s
     stub = stub_for(app)
@@ -108,13 +115,30 @@ def test_a_server_refusing_calls_writes_the_limit_then_one_summary_when_it_stops
         with pytest.raises(grpc.RpcError):
             stub.Classify(request(""), timeout=30)  # an empty text: INVALID_ARGUMENT
     stub.Classify(request("fine"), timeout=30)
-    # a failed call is counted just after its client has the status (grpc.aio sends an abort's first)
-    wait_until(lambda: sum(app.access.limit.refused.values()) == 9, what="the nine calls over the limit")
-    loop_thread.run(app.drain(0))
-    first, summary = lines(caplog)
+
+    def left_out() -> int:
+        return sum(sum(r.left_out.values()) for r in summaries(caplog))
+
+    wait_until(lambda: left_out() == 9, timeout=15, what="the summary of the nine calls over the limit")
+    first = lines(caplog)[0]
     assert first.code == "INVALID_ARGUMENT" and first.getMessage() == "call"
-    assert summary.left_out == {"INVALID_ARGUMENT": 9}, summary.left_out
-    assert "9 lines of failed calls left out" in summary.getMessage()
+    assert all(set(r.left_out) == {"INVALID_ARGUMENT"} for r in summaries(caplog))
+    assert not any(hasattr(r, "request_id") for r in summaries(caplog))  # the timer's: no call's id
+    with pytest.raises(grpc.RpcError):
+        stub.Classify(request(""), timeout=30)
+    wait_until(lambda: sum(app.access.limit.refused.values()) == 1, what="the eleventh call, refused")
+    loop_thread.run(app.drain(0))
+    assert left_out() == 10 and len(lines(caplog)) == 1 + len(summaries(caplog))
+
+
+def test_no_access_lines_no_count_when_the_log_level_drops_info(caplog: pytest.LogCaptureFixture) -> None:
+    """SAFETY_LOG_LEVEL=WARNING drops INFO lines: no summary claims lines were written, none is left out."""
+    caplog.set_level(logging.WARNING, logger="safety.access")
+    log = AccessLog("errors", rate=1, clock=Clock())
+    for _ in range(5):
+        log.call("Classify", "RESOURCE_EXHAUSTED", 0.001, "p")
+    log.close()
+    assert lines(caplog) == [] and log.limit is not None and not log.limit.refused
 
 
 def test_a_negative_or_nan_rate_is_refused() -> None:
