@@ -79,11 +79,11 @@ class AccessLog:
         self.clock = clock
         self._timer: asyncio.TimerHandle | None = None  # the summary of lines left out, when none is written
 
-    def call(self, method: str, code: str, seconds: float | None, peer: str) -> None:
+    def call(self, method: str, code: str, seconds: float | None, peer: str | Callable[[], str]) -> None:
         """A call ended: its line, if the mode writes one and the limit allows it, after the summary of the
         lines left out if one is due. `seconds`: the call's time from its request's arrival (None: it ended
-        before its request arrived). Nothing when the logger drops INFO (SAFETY_LOG_LEVEL=WARNING): no
-        line, so none counted as left out."""
+        before its request arrived); `peer`, or a function giving it, called only for a line. Nothing when
+        the logger drops INFO (SAFETY_LOG_LEVEL=WARNING): no line, so none counted as left out."""
         ok = code == "OK"
         if self.mode == "off" or (self.mode == "errors" and ok) or not access_log.isEnabledFor(logging.INFO):
             return
@@ -94,6 +94,7 @@ class AccessLog:
                 return
             self._summary(self.limit.left_out(now))
         ms = None if seconds is None else round(seconds * 1000, 2)
+        peer = peer() if callable(peer) else peer
         access_log.info("call", extra={"method": method, "code": code, "ms": ms, "peer": peer})
 
     def close(self) -> None:

@@ -367,7 +367,7 @@ class MetricsInterceptor(WrappingInterceptor):
             seconds = clock.seconds()
             self.metrics.call(method, code, seconds)
             # a failed call's line comes after its client has the status (grpc.aio sends an abort's first)
-            self.access.call(method, code, seconds, context.peer())
+            self.access.call(method, code, seconds, context.peer)  # peer() only for a line written
 
 
 class _Clock:
