@@ -125,7 +125,7 @@ class AccessLog:
             return
         by_code, over_s = left
         access_log.warning(
-            "access log: %d lines of failed calls left out over %.1f s (at most %g a second are written)",
+            "access log: %d lines of failed calls left out over %.2f s (at most %g a second are written)",
             sum(by_code.values()), over_s, self.limit.rate if self.limit else 0,
             extra={"left_out": by_code, "over_s": round(over_s, 3)},
         )  # fmt: skip

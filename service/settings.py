@@ -163,8 +163,8 @@ class ServeSettings(EngineSettings):
     access_log_rate: float = setting(
         100.0, "SAFETY_ACCESS_LOG_RATE", float, "the most access-log lines a second for calls that did not "
         "end OK, in bursts of a second's worth (at least one); the rest are counted by code and summarised "
-        "in one warning at most once a second, about a second after them (0: no limit). Lines of calls "
-        "that ended OK are never limited"
+        "in one warning at most once a second: before the next line written, else a second after the "
+        "first of them, and at the drain (0: no limit). Lines of calls that ended OK are never limited"
     )  # fmt: skip
 
     @staticmethod

@@ -145,3 +145,16 @@ def test_a_negative_or_nan_rate_is_refused() -> None:
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(InvalidInputError, match=r"SAFETY_ACCESS_LOG_RATE: must be a finite number >= 0"):
             ServeSettings(access_log_rate=bad)
+
+
+def test_a_server_whose_log_level_drops_the_access_lines_says_so_at_start(
+    start_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="safety.access")
+    start_server(access_log="errors")
+    said = [r.getMessage() for r in caplog.records if r.name == "safety.service"]
+    assert any("SAFETY_ACCESS_LOG=errors" in m and "it writes nothing" in m for m in said), said
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="safety.access")
+    start_server(access_log="errors")
+    assert not any("it writes nothing" in r.getMessage() for r in caplog.records)
