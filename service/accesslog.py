@@ -79,13 +79,18 @@ class AccessLog:
         self.clock = clock
         self._timer: asyncio.TimerHandle | None = None  # the summary of lines left out, when none is written
 
+    @property
+    def silenced(self) -> bool:
+        """On, but its INFO lines are dropped by the logger's level (SAFETY_LOG_LEVEL=WARNING or above)."""
+        return self.mode != "off" and not access_log.isEnabledFor(logging.INFO)
+
     def call(self, method: str, code: str, seconds: float | None, peer: str | Callable[[], str]) -> None:
         """A call ended: its line, if the mode writes one and the limit allows it, after the summary of the
         lines left out if one is due. `seconds`: the call's time from its request's arrival (None: it ended
         before its request arrived); `peer`, or a function giving it, called only for a line. Nothing when
         the logger drops INFO (SAFETY_LOG_LEVEL=WARNING): no line, so none counted as left out."""
         ok = code == "OK"
-        if self.mode == "off" or (self.mode == "errors" and ok) or not access_log.isEnabledFor(logging.INFO):
+        if self.mode == "off" or (self.mode == "errors" and ok) or self.silenced:
             return
         if self.limit is not None:
             now = self.clock()
@@ -123,9 +128,10 @@ class AccessLog:
     def _summary(self, left: tuple[dict[str, int], float] | None) -> None:
         if left is None:
             return
+        assert self.limit is not None  # only a limit leaves lines out
         by_code, over_s = left
         access_log.warning(
             "access log: %d lines of failed calls left out over %.2f s (at most %g a second are written)",
-            sum(by_code.values()), over_s, self.limit.rate if self.limit else 0,
+            sum(by_code.values()), over_s, self.limit.rate,
             extra={"left_out": by_code, "over_s": round(over_s, 3)},
         )  # fmt: skip

@@ -36,7 +36,7 @@ from grpc_reflection.v1alpha import reflection
 from model import Classifier, Item, logs
 from model.errors import OverloadedError, SafetyError, UnauthenticatedError
 from service import requestid, richstatus
-from service.accesslog import AccessLog, access_log
+from service.accesslog import AccessLog
 from service.apikeys import ApiKeys, parse_keys
 from service.decoding import DecodeInterceptor, grpc_receive_limit
 from service.errors import ErrorInterceptor, abort_for
@@ -570,7 +570,7 @@ async def create_server(
     servicer = SafetyServicer(settings, observer=metrics, job_client=job_client)
     requestid.install_record_factory()  # a call's log lines carry its request id
     access = AccessLog(settings.access_log, settings.access_log_rate)
-    if settings.access_log != "off" and not access_log.isEnabledFor(logging.INFO):
+    if access.silenced:
         log.warning(
             "the access log (SAFETY_ACCESS_LOG=%s) writes INFO lines, which the log level drops "
             "(SAFETY_LOG_LEVEL=%s): it writes nothing", settings.access_log, settings.log_level,
