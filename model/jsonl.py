@@ -1,9 +1,11 @@
 """Reading JSON Lines files, with errors that name the file and the line.
 
-Owns: `read_jsonl(path)`, which yields `("FILE:LINE", object)` for every non-blank line of a UTF-8 JSONL file
-('-' reads stdin) and raises `InvalidInputError` naming the file (missing or unreadable) or the file and
-line (not UTF-8, not JSON, not a JSON object). Lines end at '\\n' only, so a U+2028 inside a JSON string does
-not split its line. Must not know: what the objects mean (each caller validates its own fields), argparse,
+Owns: `jsonl_values(lines, where, source)`, the JSON value of every non-blank line of a stream, and
+`read_jsonl(path)`, which yields `("FILE:LINE", object)` for every non-blank line of a UTF-8 JSONL file ('-'
+reads stdin) and raises `InvalidInputError` naming the file (missing or unreadable) or the file and line (not
+UTF-8, not JSON, not a JSON object). Lines end at '\\n' only, so a U+2028 inside a JSON string, or a lone CR
+(JSON whitespace), does not split its line; each line is decoded alone, so a byte that is not UTF-8 is named
+by its own line. Must not know: what the objects mean (each caller validates its own fields), argparse,
 gRPC, Celery.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +25,45 @@ STDIN = "-"
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, object) per non-blank line; `where` is "FILE:LINE" (1-based; "<stdin>:LINE" for '-')."""
     name = "<stdin>" if str(path) == STDIN else str(path)
-    for n, raw in enumerate(_lines(path, name), 1):
-        where = f"{name}:{n}"
+    for n, obj in jsonl_values(_lines(path, name), lambda n: f"{name}:{n}", name):
+        if not isinstance(obj, dict):
+            raise InvalidInputError(f"must be a JSON object, got {_json_type(obj)}", field=f"{name}:{n}")
+        yield f"{name}:{n}", obj
+
+
+def jsonl_values(
+    lines: Iterable[bytes | str], where: Callable[[int], str], source: str
+) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON value) per non-blank line of `lines`: a binary file or stream (whose iteration
+    splits at b"\\n" only), or text lines (a StringIO as stdin); numbers are 1-based. A byte order mark before
+    the first line is not part of it. A line that is not UTF-8 or not JSON is an `InvalidInputError` naming
+    `where(n)`; a read that fails (EIO, a vanished network mount) one naming `source`, after which line."""
+    it, n = iter(lines), 0
+    while True:
         try:
-            line = raw.decode("utf-8-sig" if n == 1 else "utf-8") if isinstance(raw, bytes) else raw
-        except UnicodeDecodeError as e:
-            raise InvalidInputError(f"not valid UTF-8 ({e.reason} at byte {e.start})", field=where) from None
+            raw = next(it)
+        except StopIteration:
+            return
+        except OSError as e:
+            raise InvalidInputError(f"cannot read after line {n} ({e.strerror or e})", field=source) from None
+        n += 1
+        if isinstance(raw, str):
+            line = raw.removeprefix("\ufeff") if n == 1 else raw
+        else:
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                why = f"not valid UTF-8 ({e.reason} at byte {e.start})"
+                raise InvalidInputError(why, field=where(n)) from None
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            value = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
-            why = e if isinstance(e, json.JSONDecodeError) else "nested too deeply to parse"
-            raise InvalidInputError(f"not valid JSON ({why})", field=where) from None
-        if not isinstance(obj, dict):
-            raise InvalidInputError(f"must be a JSON object, got {_json_type(obj)}", field=where)
-        yield where, obj
+            deep = not isinstance(e, json.JSONDecodeError)
+            why = "nested too deeply to parse" if deep else f"{e.msg}, column {e.colno}"
+            raise InvalidInputError(f"not valid JSON ({why})", field=where(n)) from None
+        yield n, value
 
 
 def _json_type(value: Any) -> str:

@@ -15,11 +15,9 @@ Redis keys; it drives `worker.jobs.JobClient` and starts the Celery worker of `w
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import stat
@@ -35,6 +33,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from model.cliargs import EXIT_PIPE, count, positive_seconds, silence_stdout
 from model.errors import ConfigError, DeadlineExceededError, InvalidInputError, SafetyError, UnavailableError
+from model.jsonl import jsonl_values
 from model.logs import configure as configure_logs
 from model.threads import available_cpus
 from worker.settings import WorkerSettings, env_name
@@ -346,21 +345,19 @@ def _source(path: str) -> str:
 
 class ItemsFile:
     """The items of a JSONL file ("-": standard input), parsed one at a time as they are iterated (once),
-    never held together; blank lines are skipped, not items. Opening it raises OSError; a line that is not
-    UTF-8 or not JSON is InvalidInputError naming the line. A context manager: leaving it closes the file
-    (or stdin)."""
+    never held together, by `model.jsonl.jsonl_values` as `safety classify --jsonl` reads its items: lines
+    end at LF only, blank lines are skipped, not items, and a line that is not UTF-8 or not JSON is an
+    InvalidInputError naming the line. Opening it raises OSError. A context manager: leaving it closes the
+    file (or stdin)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its own line, which __iter__
-        # refuses by that line's number (a strict decoder raises from a read-ahead chunk, mid-iteration, as
-        # a traceback and without the line). newline="\n": lines end at LF only, as JSON Lines (and
-        # model.jsonl.read_jsonl, `safety classify --jsonl`) say; a lone CR is JSON whitespace, and a CRLF
-        # line's CR is too
-        if path == "-":
-            self.stream = _stdin_text()
-        else:
-            self.stream = open(path, encoding="utf-8", errors="surrogateescape", newline="\n")  # noqa: SIM115
+        # bytes, decoded a line at a time: a byte that is not UTF-8 is named by its own line (a text stream's
+        # decoder raises from a read-ahead chunk, mid-iteration, without the line); a stdin without a byte
+        # buffer (a StringIO in tests) is already text
+        self.stream: IO[bytes] | IO[str] = (
+            getattr(sys.stdin, "buffer", sys.stdin) if path == "-" else open(path, "rb")  # noqa: SIM115
+        )
         self._last = (-1, 0)  # index and line number of the item read last
 
     def __enter__(self) -> ItemsFile:
@@ -370,33 +367,9 @@ class ItemsFile:
         self.stream.close()
 
     def __iter__(self) -> Iterator[Any]:
-        source, lines = _source(self.path), iter(self.stream)
-        index, number = -1, 0
-        while True:
-            try:
-                line = next(lines)
-            except StopIteration:
-                return
-            except OSError as e:  # a read that fails (EIO, a vanished network mount) names the input, here
-                # where it happens: an OSError later on is not this file's
-                raise InvalidInputError(
-                    f"cannot read {source} after line {number}: {e.strerror or e}", field="input"
-                ) from None
-            number += 1
-            if number == 1:
-                # a byte order mark (Windows editors write one) is not part of the first line
-                line = line.removeprefix("\ufeff")
-            if not line.strip():
-                continue
-            if not line.isascii() and _undecoded(line):  # ASCII, the usual line: nothing to look for
-                raise InvalidInputError(_not_utf8(line), field=f"{source} line {number}")
-            try:
-                item = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
-                where = f"{source} line {number}"
-                why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply to parse"
-                raise InvalidInputError(f"not valid JSON ({why})", field=where) from None
-            index += 1
+        source = _source(self.path)
+        values = jsonl_values(self.stream, lambda n: f"{source} line {n}", source)
+        for index, (number, item) in enumerate(values):
             self._last = (index, number)
             yield item
 
@@ -404,38 +377,6 @@ class ItemsFile:
         """The line number of item `index` if it is the one read last (the item a check just refused)."""
         last, number = self._last
         return number if index == last else None
-
-
-# What errors="surrogateescape" makes of a byte that is not UTF-8; a strict UTF-8 decoder never yields these.
-_UNDECODED = re.compile("[\udc80-\udcff]")
-
-
-def _undecoded(line: str) -> bool:
-    """Whether `line` holds a byte that was not UTF-8 (as `_UNDECODED`); a line that encodes (any without a
-    surrogate) is told by that, several times faster than the search."""
-    try:
-        line.encode()
-    except UnicodeEncodeError:
-        return _UNDECODED.search(line) is not None
-    return False
-
-
-def _stdin_text() -> IO[str]:
-    """Standard input as UTF-8 text with undecodable bytes kept as surrogates (what ItemsFile expects); a
-    stdin without a byte buffer (a StringIO in tests) is already text."""
-    buffer = getattr(sys.stdin, "buffer", None)
-    if buffer is None:
-        return sys.stdin
-    return io.TextIOWrapper(buffer, encoding="utf-8", errors="surrogateescape", newline="\n")
-
-
-def _not_utf8(line: str) -> str:
-    """Why `line` (decoded with surrogateescape) is not UTF-8, with the byte offset in the line."""
-    try:
-        line.encode("utf-8", "surrogateescape").decode("utf-8")
-    except UnicodeDecodeError as e:
-        return f"not valid UTF-8 ({e.reason} at byte {e.start})"
-    return "not valid UTF-8"
 
 
 def _prepare(client: JobClient, items: ItemsFile) -> Prepared:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from model.errors import InvalidInputError
-from model.jsonl import read_jsonl
+from model.jsonl import jsonl_values, read_jsonl
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -110,3 +112,31 @@ def test_a_line_nested_too_deeply_is_refused_by_its_line(tmp_path: Path) -> None
     with pytest.raises(InvalidInputError) as err:
         list(read_jsonl(f))
     assert str(err.value) == f"{f}:2: not valid JSON (nested too deeply to parse)"
+
+
+def test_a_read_that_fails_midway_is_named_with_the_last_line_read() -> None:
+    """A read error (EIO, a vanished network mount) after some lines names the source and the line it came
+    after; `safety classify --jsonl` let the bare OSError out, `safety submit` had its own wording."""
+
+    def lines() -> Iterator[bytes]:
+        yield b'{"n": 1}\n'
+        yield b"\n"
+        raise OSError(errno.EIO, "Input/output error")
+
+    values = jsonl_values(lines(), lambda n: f"f.jsonl line {n}", "f.jsonl")
+    assert next(values) == (1, {"n": 1})
+    with pytest.raises(InvalidInputError) as err:
+        next(values)
+    assert (err.value.field, str(err.value)) == (
+        "f.jsonl",
+        "f.jsonl: cannot read after line 2 (Input/output error)",
+    )
+
+
+def test_json_errors_give_the_column_and_values_need_not_be_objects() -> None:
+    """jsonl_values, what `safety submit` reads its items with, leaves the item's checks to the caller."""
+    values = jsonl_values([b'["a list"]\n', b'{"text": tru}\n'], lambda n: f"in line {n}", "in")
+    assert next(values) == (1, ["a list"])
+    with pytest.raises(InvalidInputError) as err:
+        next(values)
+    assert str(err.value) == "in line 2: not valid JSON (Expecting value, column 10)"
