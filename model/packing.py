@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from model.errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class Packed:
@@ -51,10 +53,12 @@ class Packed:
 def pack(sequences: list[list[int]]) -> Packed:
     """Concatenate token-id lists into one stream (on the CPU). Every sequence must be non-empty."""
     if not sequences:
-        raise ValueError("pack: no sequences")
+        raise InvalidInputError("is empty; a batch needs at least one sequence", field="sequences")
     lengths = tuple(len(s) for s in sequences)
     if min(lengths) == 0:
-        raise ValueError("pack: empty sequence")
+        raise InvalidInputError(
+            "is empty; every sequence needs at least one token", field=f"sequences[{lengths.index(0)}]"
+        )
     lens = np.asarray(lengths, dtype=np.int64)
     cu = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lens, out=cu[1:])

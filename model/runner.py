@@ -226,7 +226,7 @@ class Runner:
         kernels run asynchronously, so the caller can pack and queue the next batch before `collect` waits
         for this one). CPU: computed when this returns. `graphs` False: launched kernel by kernel even where
         a CUDA graph would take it (warm-ups)."""
-        batch = pack(sequences)
+        batch = self._check(pack(sequences))
         prepared = self.graphs.prepare(batch) if graphs and self.graphs is not None else None
         self.launches += 1
         if prepared is not None:
@@ -242,6 +242,26 @@ class Runner:
             start, t0 = _record(self.device), time.perf_counter()
             logits = self.net(batch, self.attn)
             return Launched(logits, start, _record(self.device), time.perf_counter() - t0)
+
+    def _check(self, batch: Packed) -> Packed:
+        """`batch`, if the network can take it (on the host, before anything is queued): every sequence within
+        max_position_embeddings, every id in the vocabulary; else an InvalidInputError naming the sequence
+        (`encode` makes only such sequences; a caller of `forward` with its own ids may not)."""
+        config = self.net.config
+        if batch.max_seqlen > (limit := config.max_position_embeddings):
+            i = batch.lengths.index(batch.max_seqlen)
+            why = f"has {batch.max_seqlen} tokens, more than max_position_embeddings {limit}"
+            raise InvalidInputError(why, field=f"sequences[{i}]")
+        ids = batch.input_ids
+        bad = (ids < 0) | (ids >= config.vocab_size)
+        if bad.any():
+            at = int(bad.nonzero()[0, 0])
+            i = int(batch.seq_index[at])
+            where = f"sequences[{i}][{at - int(batch.cu_seqlens[i])}]"
+            raise InvalidInputError(
+                f"token id {int(ids[at])} is not in the vocabulary [0, {config.vocab_size})", field=where
+            )
+        return batch
 
     def _to_device(self, pinned: Packed) -> Packed:
         """Non-blocking host->device copy; on the copy stream when there is one, with the compute stream

@@ -174,3 +174,31 @@ def test_a_failed_graph_capture_leaves_the_runner_ungraphed(tiny_model_dir: Path
     assert not launched.graphed and clf.collect(launched).shape == (2, 7)
     assert not clf.runner.capture_graphs([])  # no buckets: says so
     assert "no graph buckets" in clf.runner.graph_error
+
+
+def test_sequences_the_network_cannot_take_are_input_errors_naming_them(tiny_classifier) -> None:
+    """`forward`/`launch` take token ids from any caller (docs/engine-api.md). An id outside the vocabulary
+    was an IndexError from the embedding, a sequence over max_position_embeddings a plain ValueError from the
+    network, and an empty batch or sequence one from `pack`: none in the error hierarchy."""
+    import pytest
+
+    from model.errors import InvalidInputError
+
+    config = tiny_classifier.runner.net.config
+    vocab, longest = config.vocab_size, config.max_position_embeddings
+    cases = {
+        f"sequences[1][2]: token id {vocab} is not in the vocabulary [0, {vocab})": [
+            [1, 5, 2], [1, 5, vocab, 2]
+        ],
+        "sequences[0][1]: token id -1": [[1, -1, 2]],
+        f"sequences[2]: has {longest + 1} tokens, more than max_position_embeddings {longest}": [
+            [1, 2], [1, 2], [1] * (longest + 1)
+        ],
+        "sequences[1]: is empty; every sequence": [[1, 2], []],
+        "sequences: is empty; a batch needs": [],
+    }  # fmt: skip
+    for said, sequences in cases.items():
+        with pytest.raises(InvalidInputError) as err:
+            tiny_classifier.forward(sequences)
+        assert str(err.value).startswith(said), str(err.value)
+    tiny_classifier.forward([[1, vocab - 1, 0, 2], [1] * longest])  # the edges are fine
