@@ -81,15 +81,19 @@ def next_batch(
     *,
     padded: bool = False,
     priorities: Sequence[float] | None = None,
+    budget: int | None = None,
 ) -> list[int]:
     """One batch from pending entries: the most urgent (the first of the smallest priorities; without
     priorities, index 0 = the oldest) plus the entries nearest to it in length, grown one neighbour at a time
-    while both budgets hold. Returned ascending by (length, index)."""
+    while both budgets hold. `budget`: what this batch may cost, when less than `max_batch_tokens` (a batch
+    that must end before the most urgent entry's deadline); the most urgent entry goes whatever its cost.
+    Returned ascending by (length, index)."""
     if not lengths:
         return []
     _check(lengths, max_batch_tokens, max_batch_sequences)
     if priorities is not None and len(priorities) != len(lengths):
         raise ValueError("priorities must have one entry per length")
+    limit = max_batch_tokens if budget is None else min(budget, max_batch_tokens)
     # The most urgent: the first of the smallest priorities. Both scans run in C, with no key function or
     # tuple per entry (this runs under the scheduler's lock, once per batch, over every queued window).
     anchor = priorities.index(min(priorities)) if priorities is not None else 0
@@ -101,9 +105,9 @@ def next_batch(
 
     def fits(n: int) -> bool:
         if not padded:
-            return total + n <= max_batch_tokens
+            return total + n <= limit
         cost = max(longest, n) * (hi - lo + 1)
-        return cost <= max_batch_tokens and cost <= (1 + MAX_PADDING) * (total + n)
+        return cost <= limit and cost <= (1 + MAX_PADDING) * (total + n)
 
     while hi - lo < max_batch_sequences:
         left = order[lo - 1] if lo > 0 else None

@@ -9,9 +9,10 @@ server closes, or the call has passed `max_call_tokens`, the most one call may q
 when larger, the most one item within the front end's `max_text_chars` can make; a call above the bound
 joins a queue below it and takes it over the bound for a while), the pending queue, batch formation with the
 engine's planner (`model.planner.next_batch`: the most urgent window plus its nearest neighbours in length
-under the token budget, urgency being `model.planner.due`: earliest deadline first, a deadline counting at
-most `deadline_horizon_ms` after the call was queued and a call without one exactly that, so a prompt with a
-short deadline is not stuck behind an earlier bulk call, and no call starves; an idle device waits at most
+under the token budget, or less, to end well before that window's deadline, urgency being
+`model.planner.due`: earliest deadline first, a deadline counting at most `deadline_horizon_ms` after the
+call was queued and a call without one exactly that, so a prompt with a short deadline is not stuck behind
+an earlier bulk call, and no call starves; an idle device waits at most
 `max_wait_ms` for a fuller batch, and only while other calls are still being tokenized; a busy device lets
 the queue fill meanwhile), the runner thread (`clf.launch`: pack and queue a batch on the device, while the
 former prepares the next), the collector thread (`clf.collect`: wait for a batch's logits and deliver its
@@ -74,6 +75,12 @@ RATIO_WEIGHT, RATIO_CHARS = 0.2, 4096
 # later than 5 s had better go elsewhere), and 100 ms before any batch has measured the rate.
 RETRY_MIN_MS, RETRY_MAX_MS, RETRY_DEFAULT_MS = 50, 5000, 100
 RATE_WEIGHT = 0.2  # of the last batch in the moving average of device seconds per token
+# A batch formed around a window whose call has a deadline is cut to what the device computes, at its recent
+# rate, in URGENT_SHARE of the time from when the batches already on it are done to that deadline: a prompt
+# behind a bulk call waits for the batch running and then a batch of its own size, not a full token budget
+# of the bulk call's windows (seconds on a CPU). Never below max_batch_tokens / URGENT_FLOOR, where a smaller
+# batch would waste the device more than it saves.
+URGENT_SHARE, URGENT_FLOOR = 0.5, 8
 # Why queued windows are dropped before compute: SchedulerMetrics.drop's `reason`, the label values of
 # safety_dropped_windows_total (each exported from start-up, at 0, so that Prometheus' increase() and rate()
 # see a drop from the first one on).
@@ -222,6 +229,9 @@ class Scheduler:
         self._reserved_tokens = 0  # tokens of calls being tokenized (partly estimated): admission counts them
         self._ratio = TOKENS_PER_CHAR  # window tokens per character of recent calls (moving average)
         self._seconds_per_token: float | None = None  # of recent batches (moving average): the drain rate
+        self._device_free_at = (
+            0.0  # when the batches handed to the runner will be done (estimated, monotonic)
+        )
         # Heap of (deadline, tie-breaker, weak reference to the request): finished requests are not kept.
         self._deadlines: list[tuple[float, int, weakref.ref[_Request]]] = []
         self._sequence = 0  # tie-breaker for the heap
@@ -571,17 +581,29 @@ class Scheduler:
         window: the lengths and priorities are read from attributes each window carries (no call, no tuple
         per window), and `next_batch` finds the most urgent without a key function."""
         pending = self._pending
+        priorities = [w.priority for w in pending]
         chosen = next_batch(
             [w.length for w in pending],
             self.max_batch_tokens,
             self.max_batch_sequences,
             padded=self.padded,
-            priorities=[w.priority for w in pending],
+            priorities=priorities,
+            budget=self._budget_locked(pending[priorities.index(min(priorities))]),
         )
         picked = set(chosen)
         self._slot = [pending[i] for i in chosen]
         self._pending = [w for i, w in enumerate(pending) if i not in picked]
         self._pending_tokens -= sum([w.length for w in self._slot])
+
+    def _budget_locked(self, urgent: _Window) -> int | None:
+        """What the batch around the most urgent window may cost: None (the token budget) unless its call has
+        a deadline and a batch has measured the device's rate; then what the device computes in URGENT_SHARE
+        of the time from when it is free to that deadline, at least max_batch_tokens / URGENT_FLOOR."""
+        deadline, rate = urgent.req.deadline, self._seconds_per_token
+        if deadline is None or not rate:
+            return None
+        left = deadline - max(time.monotonic(), self._device_free_at)
+        return max(int(URGENT_SHARE * left / rate), self.max_batch_tokens // URGENT_FLOOR)
 
     def _unform_locked(self) -> None:
         """Put the batch waiting in the slot back among the pending windows, in arrival order (two sorted
@@ -613,6 +635,9 @@ class Scheduler:
                     now = time.monotonic()
                     self._expire_locked(now)  # expired requests fail; their pending windows go too
                     live = [w for w in batch if not w.req.done]
+                    if self._seconds_per_token:
+                        busy = sum([w.length for w in live]) * self._seconds_per_token
+                        self._device_free_at = max(now, self._device_free_at) + busy
                     for w in batch:
                         if w.req.done:  # cancelled or expired while in the slot: not computed
                             why = DROP_DEADLINE if deadline_passed(w.req.deadline, now) else DROP_CANCELLED

@@ -78,6 +78,23 @@ def test_next_batch_takes_most_urgent_with_length_neighbours() -> None:
     assert next_batch([], 10, 1) == []
 
 
+def test_next_batch_within_a_budget_below_the_token_budget() -> None:
+    """A batch that must end before the most urgent entry's deadline costs at most `budget`; the urgent entry
+    goes even when it alone costs more."""
+    lengths = [7, 400, 390, 410, 8, 395, 405]
+    urgent = [9.0, 9, 9, 9, 0, 9, 9]  # the 8-token prompt
+    assert next_batch(lengths, 2000, 16, priorities=urgent) == [0, 4, 2, 5, 1, 6]
+    assert next_batch(lengths, 2000, 16, priorities=urgent, budget=10**6) == [0, 4, 2, 5, 1, 6]
+    assert next_batch(lengths, 2000, 16, priorities=urgent, budget=500) == [0, 4, 2]
+    assert next_batch(lengths, 2000, 16, priorities=urgent, budget=3) == [4]
+    # padded: the cost is the longest x the count
+    lengths = [400, 390, 410, 395, 405]
+    urgent = [9.0, 0, 9, 9, 9]
+    assert next_batch(lengths, 2000, 16, padded=True, priorities=urgent) == [1, 3, 0, 4]
+    assert next_batch(lengths, 2000, 16, padded=True, priorities=urgent, budget=1200) == [1, 3, 0]
+    assert next_batch(lengths, 2000, 16, padded=True, priorities=urgent, budget=100) == [1]
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_next_batch_respects_budgets_and_drains_everything(padded: bool) -> None:
     lengths = traffic_lengths(300, seed=3)

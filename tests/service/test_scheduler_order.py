@@ -105,3 +105,45 @@ def test_a_call_without_a_deadline_runs_before_later_ones_once_its_horizon_has_p
     lengths = [n for batch in launches.batches for n in batch]
     assert len(lengths) == bulk_windows + 1
     assert lengths[-1] < 16 and all(n >= 16 for n in lengths[:-1]), lengths
+
+
+def test_the_batch_around_a_prompt_with_a_deadline_ends_well_before_it(
+    start_server: Callable[..., SafetyServer], stub_for: Any, tiny_classifier: Any
+) -> None:
+    """A prompt behind a bulk call went first, but in a full token budget of the bulk call's windows (its
+    length neighbours): on a CPU a second or more of its own after the batch running, and under load past a
+    5 s deadline. Its batch is now what the device computes, at its recent rate, in half the time left to the
+    deadline (not below an eighth of the budget); the bulk call's later batches are full again."""
+    app = start_server()
+    launches = Launches(app.scheduler.clf)
+    app.scheduler.clf = launches
+    # planned as for a packed kernel (a GPU's): a padded one (CPU SDPA) never puts a 4-token prompt beside
+    # 1,024-token windows, so its batch is the prompt alone anyway
+    app.scheduler.padded = False
+    budget = app.scheduler.max_batch_tokens
+    window = tiny_classifier.limits.max_tokens
+    bulk_text = BULK * (2 * budget // (windows(tiny_classifier, BULK) * window) + 1)  # over two budgets
+    # a device at 4,000 tokens a second: 10,000 tokens in half of the prompt's 5 s (nearer than the bulk
+    # call's horizon, 10 s: the prompt goes first)
+    seconds_per_token, deadline_s = 2.5e-4, 5.0
+    assert (
+        budget // 8 < 0.4 * deadline_s / seconds_per_token and 0.5 * deadline_s / seconds_per_token < budget
+    )
+    stub = stub_for(app)
+    app.scheduler.hold_runner()
+    try:
+        bulk = stub.Classify.future(request(bulk_text))  # no deadline
+        wait_until(lambda: app.scheduler._slot is not None, what="a batch of the bulk call formed")
+        with app.scheduler._cond:
+            app.scheduler._seconds_per_token = seconds_per_token
+        sent = time.monotonic()
+        prompt = stub.Classify.future(request(PROMPT), timeout=deadline_s)
+        wait_until(lambda: in_queue(app) == 2, what="the prompt queued")
+    finally:
+        app.scheduler.release_runner()
+    assert len(prompt.result(60).results) == 1 and len(bulk.result(60).results) == 1
+    first, *rest = launches.batches
+    assert min(first) < 16, first  # the prompt's batch runs first
+    left = deadline_s - (time.monotonic() - sent)  # at least what was left when the batch was formed
+    assert 0.5 * left / seconds_per_token - window < sum(first) <= 0.5 * deadline_s / seconds_per_token, first
+    assert sum(rest[0]) > budget - window, rest[0]  # without a deadline: the whole budget
