@@ -4,6 +4,7 @@ default is deadline order with a 10 s horizon). Starts `python -m service` on lo
 
     python bench/deadlines.py --horizons 0,10000,0,10000 --json docs/bench-data/deadlines-cpu.json
     python bench/deadlines.py --model DIR --bulk-items 1 --prompts 4    # a quick look
+    python bench/deadlines.py --simulate 2e5 --horizons 10000 --deadline-s 1    # on a simulated GPU
 
 Per run: the bulk call's wall time, and each prompt's latency in ms (-1: DEADLINE_EXCEEDED or another
 error), prompts sent one after the other, `--gap-s` apart, from `--start-s` after the bulk call.
@@ -38,6 +39,12 @@ def free_port() -> int:
 def one_run(args: argparse.Namespace, horizon_ms: float) -> dict:
     port = free_port()
     command = [sys.executable, "-m", "service", "--address", f"127.0.0.1:{port}"]
+    if (
+        args.simulate
+    ):  # the same server on a simulated GPU (bench/simdevice.py): packed batches, two in flight
+        rate, _, launch_ms = args.simulate.partition(",")
+        command = [sys.executable, str(ROOT / "bench" / "simdevice.py"), "serve", "--rate", rate]
+        command += ["--launch-ms", launch_ms or "0", "--address", f"127.0.0.1:{port}"]
     command += ["--metrics-address", "127.0.0.1:0", "--deadline-horizon-ms", str(horizon_ms)]
     command += ["--model", args.model] if args.model else []
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -64,14 +71,15 @@ def one_run(args: argparse.Namespace, horizon_ms: float) -> dict:
             thread = threading.Thread(target=send_bulk)
             thread.start()
             time.sleep(args.start_s)
-            latencies = []
+            latencies, errors = [], []
             for i in range(args.prompts):
                 start = time.perf_counter()
                 try:
                     client.classify([{"text": f"how do I bake bread {i}?"}], timeout=args.deadline_s)
                     latencies.append(round(1000 * (time.perf_counter() - start)))
-                except Exception:
+                except Exception as e:
                     latencies.append(-1)
+                    errors.append(f"prompt {i}: {type(e).__name__}: {e}"[:300])
                 time.sleep(args.gap_s)
             thread.join()
     finally:
@@ -83,6 +91,7 @@ def one_run(args: argparse.Namespace, horizon_ms: float) -> dict:
         "bulk_s": round(bulk.get("s", float("nan")), 2),
         "prompt_ms": latencies,
         "failed": sum(x < 0 for x in latencies),
+        "errors": errors,
     }
 
 
@@ -98,6 +107,8 @@ def main() -> None:
     p.add_argument("--start-s", type=float, default=0.5, help="first prompt this long after the bulk call")
     p.add_argument("--gap-s", type=float, default=0.5, help="pause after each prompt")
     p.add_argument("--json", default=None, help="write the runs here too")
+    simulate = "serve on a simulated GPU of RATE tokens/s (bench/simdevice.py) instead of the CPU"
+    p.add_argument("--simulate", default=None, metavar="RATE[,LAUNCH_MS]", help=simulate)
     args = p.parse_args()
     runs = []
     for horizon in args.horizons.split(","):

@@ -102,6 +102,7 @@ def main() -> None:
     s.add_argument("--address", default="127.0.0.1:50051")
     s.add_argument("--metrics-address", default="127.0.0.1:9090")
     s.add_argument("--log-level", default="WARNING")
+    s.add_argument("--deadline-horizon-ms", type=float, default=10_000.0)
     args = ap.parse_args()
 
     from model import load_classifier
@@ -110,7 +111,10 @@ def main() -> None:
 
     clf = simulate(load_classifier(args.model, device="cpu"), f"{args.rate},{args.launch_ms}")
     settings = ServeSettings(
-        address=args.address, metrics_address=args.metrics_address, log_level=args.log_level
+        address=args.address,
+        metrics_address=args.metrics_address,
+        log_level=args.log_level,
+        deadline_horizon_ms=args.deadline_horizon_ms,
     )
     raise SystemExit(asyncio.run(serve(settings, clf)))
 

@@ -208,3 +208,9 @@ def test_deadlines_script_against_real_servers(tmp_path: Path, tiny_model_dir: P
     data = json.loads((tmp_path / "d.json").read_text())
     assert [r["horizon_ms"] for r in data["runs"]] == [0, 10000]
     assert all(len(r["prompt_ms"]) == 2 and r["failed"] == 0 and r["bulk_s"] > 0 for r in data["runs"])
+    # the same on a simulated GPU (bench/simdevice.py serve)
+    run("bench/deadlines.py", "--model", str(tiny_model_dir), "--horizons", "10000", "--bulk-items", "1",
+        "--bulk-sentences", "200", "--prompts", "2", "--start-s", "0", "--gap-s", "0", "--deadline-s", "30",
+        "--simulate", "1e6,0.5", "--json", str(tmp_path / "s.json"))  # fmt: skip
+    runs = json.loads((tmp_path / "s.json").read_text())["runs"]
+    assert len(runs) == 1 and runs[0]["failed"] == 0 and len(runs[0]["prompt_ms"]) == 2
