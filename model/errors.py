@@ -54,6 +54,12 @@ class OverloadedError(SafetyError):
         super().__init__(message)
 
 
+class TooManyCallsError(OverloadedError):
+    """Admission refused before the queue: the server's cap on calls (or health watches) open at once is
+    reached. Told apart from a full queue, so that a client can tell a leak of open calls or streams from
+    load."""
+
+
 class DeadlineExceededError(SafetyError):
     """The caller's deadline passed before the work was computed."""
 

@@ -38,6 +38,7 @@ from model.errors import (
     OverloadedError,
     SafetyError,
     ShuttingDownError,
+    TooManyCallsError,
     UnauthenticatedError,
     UnavailableError,
     UnsupportedError,
@@ -68,6 +69,7 @@ STATUS_CODES: tuple[tuple[type[SafetyError], StatusCode], ...] = (
 # docs/api.md ("Error details"). One per class; the classes the job RPCs alone raise are named for jobs.
 REASONS: tuple[tuple[type[SafetyError], str], ...] = (
     (InvalidInputError, "INVALID_INPUT"),  # BadRequest names the field
+    (TooManyCallsError, "TOO_MANY_CALLS"),  # SAFETY_MAX_CONCURRENT_RPCS / _HEALTH_WATCHES; RetryInfo
     (OverloadedError, "QUEUE_FULL"),  # RetryInfo when the scheduler gave a hint
     (DeadlineExceededError, "DEADLINE_EXCEEDED"),
     (ModelLoadingError, "MODEL_LOADING"),

@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from model import Classifier, Item, logs
-from model.errors import OverloadedError, SafetyError, UnauthenticatedError
+from model.errors import SafetyError, TooManyCallsError, UnauthenticatedError
 from service import requestid, richstatus
 from service.accesslog import AccessLog
 from service.apikeys import ApiKeys, parse_keys
@@ -287,9 +287,9 @@ class CallCapInterceptor(WrappingInterceptor):
         setting = "SAFETY_MAX_HEALTH_WATCHES" if pool == "watches" else "SAFETY_MAX_CONCURRENT_RPCS"
 
         async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            error = OverloadedError(
-                f"too many calls open at once: {cap} {what} are open on this server ({setting}); retry with "
-                "backoff",
+            error = TooManyCallsError(
+                f"too many calls open at once: this server's cap of {what} open at once, {cap}, is reached "
+                f"({setting}); retry with backoff",
                 retry_after_ms=CAP_RETRY_MS,
             )
             await abort_for(error, context)

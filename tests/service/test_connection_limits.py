@@ -19,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.client import error_details
 from service.richstatus import RETRY_PUSHBACK
 from service.server import CAP_RETRY_MS, SafetyServer, _server_options
 from service.settings import ServeSettings
@@ -74,6 +75,8 @@ def test_calls_beyond_the_concurrent_rpc_cap_are_refused(start_server: Any) -> N
             error = over_the_cap(stub)
             assert error is not None and "SAFETY_MAX_CONCURRENT_RPCS" in error.details()
             assert retry_hint(error) == str(CAP_RETRY_MS)
+            # not QUEUE_FULL: a client tells a leak of open calls from load by the reason
+            assert error_details(error).reason == "TOO_MANY_CALLS"
             refused = lambda: counted(app, "Info")["RESOURCE_EXHAUSTED"] >= 2  # noqa: E731
             wait_until(refused, what="the refusals counted")
         finally:
@@ -111,6 +114,7 @@ def test_health_watches_take_no_slot_from_keyed_calls_or_health_checks(start_ser
             for e in refused:
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
                 assert "SAFETY_MAX_HEALTH_WATCHES" in e.details() and retry_hint(e) == str(CAP_RETRY_MS)
+                assert error_details(e).reason == "TOO_MANY_CALLS"
         finally:
             for watch in watches:
                 watch.cancel()
