@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from model.cliargs import EXIT_PIPE, count, positive_seconds, silence_stdout
-from model.errors import ConfigError, DeadlineExceededError, InvalidInputError, SafetyError, UnavailableError
+from model.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    InvalidInputError,
+    JobBusyError,
+    SafetyError,
+    UnavailableError,
+)
 from model.jsonl import jsonl_values
 from model.logs import configure as configure_logs
 from model.threads import available_cpus
@@ -379,6 +386,12 @@ class ItemsFile:
         return number if index == last else None
 
 
+def _resume(args: argparse.Namespace, job_id: str) -> str:
+    """The `safety submit` that resumes job `job_id` as this one was asked to run."""
+    again = f"safety submit {args.input} --job-id {job_id}" + (" --wait" if args.wait else "")
+    return again + (f" --out {args.out}" if args.out else "")
+
+
 def _prepare(client: JobClient, items: ItemsFile) -> Prepared:
     """Read and check every item, spooled one at a time: nothing reaches Redis before the last one passed.
     An item's error names its line ("FILE line 3: items[1].role: ...")."""
@@ -432,7 +445,15 @@ def run_submit(args: argparse.Namespace) -> int:
                 prepared = _prepare(client, items)
             with prepared:
                 sent = True
-                submitted = client.send(prepared, job_id=job_id)
+                try:
+                    submitted = client.send(prepared, job_id=job_id)
+                except JobBusyError:  # another submit holds the job: this one sent nothing
+                    raise
+                except UnavailableError as e:  # Redis went away part way
+                    raise UnavailableError(
+                        f"{e}; job {job_id} may be partly submitted: once Redis answers, resume it with: "
+                        f"{_resume(args, job_id)}"
+                    ) from None
             job_id = submitted.status.job_id
             if submitted.status.state == "cancelled":  # cancelled before (a resume) or during this submit
                 print(
@@ -453,9 +474,7 @@ def run_submit(args: argparse.Namespace) -> int:
             # --timeout is one deadline, from here, for the wait and the results after it (as `job results`)
             deadline = _deadline(args.timeout)
             again = f"safety job results {job_id}" + (f" --out {args.out}" if args.out else "")
-            resubmit = f"safety submit {args.input} --job-id {job_id} --wait"
-            resubmit += f" --out {args.out}" if args.out else ""
-            with _after_outage(job_id, args.out, resubmit):
+            with _after_outage(job_id, args.out, _resume(args, job_id)):
                 progress = not args.no_progress
                 with _on_timeout(
                     f"`safety job status {job_id}` shows its progress, `{again}` writes its results"
@@ -491,9 +510,7 @@ def run_submit(args: argparse.Namespace) -> int:
             with suppress(Exception):  # a connection the interrupt left mid-command
                 client.close()
     if sent:
-        again = f"safety submit {args.input} --job-id {job_id}" + (" --wait" if args.wait else "")
-        again += f" --out {args.out}" if args.out else ""
-        print(f"\ninterrupted; job {job_id} goes on. Resume with: {again}", file=sys.stderr)
+        print(f"\ninterrupted; job {job_id} goes on. Resume with: {_resume(args, job_id)}", file=sys.stderr)
     else:
         said = "\ninterrupted before this run sent anything to Redis: it submitted nothing"
         if args.job_id:  # it may exist from an earlier run, which this one did not touch

@@ -449,6 +449,20 @@ return 1
 )
 
 
+# KEYS = JobKeys.all(); ARGV = [chunk, nonce]. Uncount a delivery of the chunk (never below 0), only while the
+# job exists and, given the message's nonce, is the message's job. -> 1 when uncounted, else 0.
+_GIVE_BACK = (
+    _STALE_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if stale(KEYS[1], ARGV[2]) then return 0 end
+if tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0') <= 0 then return 0 end
+redis.call('HINCRBY', KEYS[4], ARGV[1], -1)
+return 1
+"""
+)
+
+
 # KEYS = [job, items, results]; ARGV = [lo, hi]. One read of a cancelled job's gap: whether its record exists
 # (and its nonce), with the results and the stored items of indices lo..hi-1, so that an item missing from
 # both means "never stored" only for the same job whose record is there (a deleted, expired or lost job loses
@@ -520,6 +534,7 @@ class JobStore:
         self._seal = client.register_script(_SEAL)
         self._resume = client.register_script(_RESUME)
         self._note = client.register_script(_NOTE)
+        self._give_back = client.register_script(_GIVE_BACK)
         self._incomplete = client.register_script(_INCOMPLETE)
         self._open = client.register_script(_OPEN)
         self._delete = client.register_script(_DELETE)
@@ -730,6 +745,11 @@ class JobStore:
         given the message's `nonce`, is the message's job. -> whether it was noted."""
         args = [chunk, message, "1" if dead else "0", nonce or ""]
         return bool(self._note(keys=JobKeys(job_id).all(), args=args))
+
+    def give_back_attempt(self, job_id: str, chunk: int, nonce: str | None = None) -> bool:
+        """Uncount a delivery `start_chunk` counted (one Redis cut off: not the chunk's fault), only while the
+        job exists and, given the message's `nonce`, is the message's job. -> whether it was."""
+        return bool(self._give_back(keys=JobKeys(job_id).all(), args=[chunk, nonce or ""]))
 
     def dead_letter(
         self, job_id: str, chunk: int, attempts: int, error: str, nonce: str | None = None

@@ -61,7 +61,16 @@ if TYPE_CHECKING:
     from model import Classifier
 
 log = logging.getLogger(__name__)
-WORKER_LOST = "the worker process died while classifying it (a crash, an OOM kill or kill -9)"
+# Why a chunk was given up when no delivery of it recorded an error of its own.
+WORKER_LOST = (
+    "the worker process died or was stopped while classifying it (a crash, an OOM kill or kill -9, a "
+    "shutdown past its drain grace), or its deliveries were cut off (Redis unreachable for longer than the "
+    "worker waited, a slice past the visibility timeout)"
+)
+# A delivery that Redis cut off mid-chunk (the connection dropped or timed out) is not the chunk's fault: the
+# worker waits up to this long (and a quarter of the visibility timeout at most, so that the broker does not
+# hand the message on meanwhile) for Redis to answer again, to uncount that delivery's attempt.
+GIVE_BACK_WAIT_S = 30.0
 # other actions: skipped
 CHUNK_OUTCOMES = {"classified": "done", "dead-lettered": "dead_lettered", "lost_hold": "lost_hold"}
 # A write's outcome that discards the chunk's results: the job was cancelled, is gone, or is another job of
@@ -182,6 +191,8 @@ def deliver(task: ClassifierTask, job_id: str, chunk: int, nonce: str | None = N
         if not isinstance(e, redis.RedisError):  # a Redis blip is not the chunk's fault: keep its last error
             with contextlib.suppress(Exception):  # so a later give-up names the cause (if Redis is reachable)
                 task.store.record_error(job_id, chunk, error, nonce=nonce)
+        elif tally.counted and isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+            give_back(task, job_id, chunk, nonce)  # nor does it cost the chunk one of its attempts
         _count(task, "retried", began, tally.ok, tally.failed)
         raise Reject(error, requeue=True) from e
     outcome = CHUNK_OUTCOMES.get(done["action"], "skipped")
@@ -189,12 +200,35 @@ def deliver(task: ClassifierTask, job_id: str, chunk: int, nonce: str | None = N
     return done
 
 
+def give_back(task: ClassifierTask, job_id: str, chunk: int, nonce: str | None) -> None:
+    """Uncount the attempt of a delivery that Redis cut off, once Redis answers again: tried at once, then
+    once a second, for GIVE_BACK_WAIT_S (a quarter of the visibility timeout at most); after that the attempt
+    stays counted (a give-up then says the deliveries were cut off)."""
+    wait = min(GIVE_BACK_WAIT_S, task.settings.visibility_timeout_s / 4)
+    until = time.monotonic() + wait
+    while True:
+        try:
+            if task.store.give_back_attempt(job_id, chunk, nonce):
+                log.info(
+                    "job %s chunk %d: Redis cut the delivery off; its attempt is not counted", job_id, chunk
+                )
+            return
+        except redis.RedisError:
+            if time.monotonic() + 1.0 > until:
+                log.warning("job %s chunk %d: Redis did not answer within %.0f s; the attempt stays counted",
+                            job_id, chunk, wait)  # fmt: skip
+                return
+            time.sleep(1.0)
+
+
 @dataclass
 class Tally:
-    """Items newly written by one delivery: its slices' results, or the failed lines of its give-up."""
+    """Items newly written by one delivery: its slices' results, or the failed lines of its give-up; and
+    whether it counted an attempt (`start_chunk` said run)."""
 
     ok: int = 0
     failed: int = 0
+    counted: bool = False
 
     def add(self, written: Written) -> None:
         self.ok += written.ok
@@ -260,6 +294,7 @@ def run_chunk(
     if start.action != "run":  # complete (a redelivery after the write), cancelled, or gone (expired or lost)
         log.info("job %s chunk %d: %s, nothing to do", job_id, chunk, start.action)
         return {"job_id": job_id, "chunk": chunk, "action": start.action}
+    tally.counted = True
     indices = [
         i
         for i, r in zip(range(start.lo, start.hi), store.results(job_id, start.lo, start.hi), strict=True)

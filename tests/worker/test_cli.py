@@ -243,6 +243,36 @@ def test_submit_wait_that_loses_redis_for_longer_than_it_rides_out_names_the_job
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
+def test_a_submit_that_loses_redis_while_sending_names_the_job_and_how_to_resume(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """It said only `safety submit: Redis at … is unreachable: …`: neither the job nor that the same command
+    with its --job-id resumes it (docs/jobs.md)."""
+    from worker.jobs import JobClient
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "one"}\n{"text": "two"}\n')
+    monkeypatch.setenv("SAFETY_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("SAFETY_QUEUE", "cli-send-outage")
+    send = JobClient.send
+
+    def send_after_redis_died(self: JobClient, *args: Any, **kwargs: Any) -> Any:
+        redis_server.kill()  # Redis goes away as the items are sent
+        return send(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobClient, "send", send_after_redis_died)
+    assert main(["submit", str(src), "--job-id", "halfway", "--wait", "--out", str(tmp_path / "o")]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith(f"safety submit: Redis at {redis_server.url} is unreachable"), said
+    resume = f"safety submit {src} --job-id halfway --wait --out {tmp_path / 'o'}"
+    assert said.endswith(
+        f"; job halfway may be partly submitted: once Redis answers, resume it with: {resume}\n"
+    ), said
+
+
 def test_job_results_with_redis_down_retries_then_says_what_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -195,6 +195,26 @@ def test_a_give_up_interrupted_by_redis_is_done_again_once_naming_the_real_cause
     assert client.status(job).state == "failed"
 
 
+def test_a_delivery_redis_cut_off_costs_the_chunk_no_attempt(
+    redis_server: RedisServer, job_client: Callable[..., JobClient], tiny_classifier: Any
+) -> None:
+    """Each Redis outage that hit a running chunk spent one of its attempts: after SAFETY_MAX_ATTEMPTS of them
+    its items failed for good, the error blaming a worker death that never happened. The worker now uncounts
+    the attempt once Redis answers (here at once: the blip is one write)."""
+    client = job_client(redis_server.url, queue="blip-free-unconsumed", chunk_size=3)
+    job = client.submit(make_items(3, prefix="f"), job_id="blip-free").status.job_id
+    store = BlipOnce(client.store.client)
+    task = SimpleNamespace(
+        settings=WorkerSettings(max_attempts=1), store=store, metrics=Metrics(), classifier=tiny_classifier
+    )
+    with pytest.raises(Reject):
+        deliver(task, job, 0)
+    assert redis_server.client().hget(JobKeys(job).attempts, "0") == "0"
+    assert deliver(task, job, 0)["action"] == "classified"  # the one attempt is still there
+    assert [line["error"] for line in client.results(job, timeout=5)] == [None] * 3
+    assert client.status(job).state == "done"
+
+
 class CancelsMidChunk:
     """The real classifier; the job is cancelled (or deleted) by someone else while the chunk runs."""
 
