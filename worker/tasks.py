@@ -8,7 +8,8 @@ stored a slice at a time (`worker.slices`, sized from the model's rate measured 
 job's state read and the hold on the message renewed (compare-and-set, on the app's broker) before each slice:
 a live worker keeps a chunk longer than the visibility timeout, a killed one loses only the slice in hand, and
 one whose hold went to another delivery stops. Any error other than a bad item hands the message back to the
-queue (`Reject(requeue=True)`) rather than acknowledging a chunk whose results were never written. The
+queue (`Reject(requeue=True)`) rather than acknowledging a chunk whose results were never written; one that
+Redis cut off (the connection dropped or timed out) has its attempt uncounted once Redis answers again. The
 classifier is loaded once per worker process, lazily on its first chunk (never in the prefork parent, so CUDA
 is initialised only after fork) and before that delivery counts as an attempt: a worker that cannot load its
 model hands the chunk back uncounted and shuts down; one whose device breaks for good (a sticky CUDA error)
