@@ -77,9 +77,10 @@ RETRY_MIN_MS, RETRY_MAX_MS, RETRY_DEFAULT_MS = 50, 5000, 100
 RATE_WEIGHT = 0.2  # of the last batch in the moving average of device seconds per token
 # A batch formed around a window whose call has a deadline is cut to what the device computes, at its recent
 # rate, in URGENT_SHARE of the time from when the batches already on it are done to that deadline: a prompt
-# behind a bulk call waits for the batch running and then a batch of its own size, not a full token budget
-# of the bulk call's windows (seconds on a CPU). Never below max_batch_tokens / URGENT_FLOOR, where a smaller
-# batch would waste the device more than it saves.
+# behind a bulk call waits for the batches on the device and then a batch of its own size, not a full token
+# budget of the bulk call's windows (its length neighbours when packed: ~0.1 s of an H100, more on a slower
+# device; padded, the waste bound keeps them apart anyway). Never below max_batch_tokens / URGENT_FLOOR,
+# where a smaller batch would waste the device more than it saves.
 URGENT_SHARE, URGENT_FLOOR = 0.5, 8
 # Why queued windows are dropped before compute: SchedulerMetrics.drop's `reason`, the label values of
 # safety_dropped_windows_total (each exported from start-up, at 0, so that Prometheus' increase() and rate()
@@ -229,9 +230,8 @@ class Scheduler:
         self._reserved_tokens = 0  # tokens of calls being tokenized (partly estimated): admission counts them
         self._ratio = TOKENS_PER_CHAR  # window tokens per character of recent calls (moving average)
         self._seconds_per_token: float | None = None  # of recent batches (moving average): the drain rate
-        self._device_free_at = (
-            0.0  # when the batches handed to the runner will be done (estimated, monotonic)
-        )
+        # when the batches handed to the runner will be done (estimated at each launch, monotonic)
+        self._device_free_at = 0.0
         # Heap of (deadline, tie-breaker, weak reference to the request): finished requests are not kept.
         self._deadlines: list[tuple[float, int, weakref.ref[_Request]]] = []
         self._sequence = 0  # tie-breaker for the heap
