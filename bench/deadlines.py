@@ -39,9 +39,8 @@ def free_port() -> int:
 def one_run(args: argparse.Namespace, horizon_ms: float) -> dict:
     port = free_port()
     command = [sys.executable, "-m", "service", "--address", f"127.0.0.1:{port}"]
-    if (
-        args.simulate
-    ):  # the same server on a simulated GPU (bench/simdevice.py): packed batches, two in flight
+    # --simulate: the same server on a simulated GPU (bench/simdevice.py): packed batches, two in flight
+    if args.simulate:
         rate, _, launch_ms = args.simulate.partition(",")
         command = [sys.executable, str(ROOT / "bench" / "simdevice.py"), "serve", "--rate", rate]
         command += ["--launch-ms", launch_ms or "0", "--address", f"127.0.0.1:{port}"]

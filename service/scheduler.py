@@ -635,8 +635,9 @@ class Scheduler:
                     now = time.monotonic()
                     self._expire_locked(now)  # expired requests fail; their pending windows go too
                     live = [w for w in batch if not w.req.done]
+                    tokens = sum([w.length for w in live])
                     if self._seconds_per_token:
-                        busy = sum([w.length for w in live]) * self._seconds_per_token
+                        busy = tokens * self._seconds_per_token
                         self._device_free_at = max(now, self._device_free_at) + busy
                     for w in batch:
                         if w.req.done:  # cancelled or expired while in the slot: not computed
@@ -646,7 +647,7 @@ class Scheduler:
                 if not live:
                     self._in_flight.release()
                     continue
-                launched = self._launch(live, now)
+                launched = self._launch(live, now, tokens)
                 if self.in_flight > 1:
                     self._launched.put(launched)  # the collector reads it back
                 else:  # one in flight (CPU): read back here, no hand-over between threads
@@ -654,10 +655,10 @@ class Scheduler:
         finally:
             self._launched.put(None)  # the collector finishes what was launched, then stops
 
-    def _launch(self, batch: list[_Window], started: float) -> _Launched:
-        """Pack and queue the batch on the device (asynchronous on CUDA; computed at once on the CPU)."""
+    def _launch(self, batch: list[_Window], started: float, tokens: int) -> _Launched:
+        """Pack and queue the batch (`tokens` in all) on the device (asynchronous on CUDA; computed at once on
+        the CPU)."""
         self._batch_counter += 1
-        tokens = sum([w.length for w in batch])
         launched = _Launched(batch, self._batch_counter, [started - w.enqueued for w in batch], tokens, None)
         try:
             launched.handle = self.clf.launch([w.ids for w in batch])
