@@ -181,7 +181,14 @@ def main() -> None:
     ap.add_argument(
         "--compile", choices=("on", "off"), default="off", help="torch.compile both paths (or neither)"
     )
-    ap.add_argument("--attention", default="auto", help="auto | flash_attn | varlen | sdpa (both paths)")
+    ap.add_argument(
+        "--attention",
+        default="auto",
+        help="auto | flash_attn | varlen | sdpa | triton | triton_local (both paths)",
+    )
+    ap.add_argument(
+        "--fused-gemm", choices=("on", "off"), default="off", help="our fused Triton GEMMs (both paths)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency-calls", type=int, default=0, help="one-item 128-token calls at c=1 afterwards")
     ap.add_argument("--stream", action="store_true", help="also each level over one ClassifyStream")
@@ -196,7 +203,13 @@ def main() -> None:
     from model import load_classifier
 
     backend = None if args.attention == "auto" else args.attention
-    clf = load_classifier(args.model, device=args.device, backend=backend, compile=args.compile == "on")
+    clf = load_classifier(
+        args.model,
+        device=args.device,
+        backend=backend,
+        compile=args.compile == "on",
+        fused_gemm=args.fused_gemm == "on",
+    )
     if args.simulate:
         from bench.simdevice import simulate
 
@@ -215,7 +228,8 @@ def main() -> None:
     port, mport = free_port(), free_port()
     cmd = [sys.executable, "-m", "service", "--model", model_path, "--device", device,
            "--address", f"127.0.0.1:{port}", "--metrics-address", f"127.0.0.1:{mport}",
-           "--log-level", "WARNING", "--compile", args.compile, "--attention", args.attention]  # fmt: skip
+           "--log-level", "WARNING", "--compile", args.compile, "--attention", args.attention,
+           "--fused-gemm", args.fused_gemm]  # fmt: skip
     if args.simulate:
         rate, _, launch_ms = args.simulate.partition(",")
         cmd = [sys.executable, "bench/simdevice.py", "serve", "--rate", rate, "--launch-ms", launch_ms or "0",

@@ -703,7 +703,17 @@ def profile(clf, seqs: list[list[int]], device, rows: int = 12) -> str:
 
 
 # Steps a call may leave out (--skip) when its device time is short: what earlier runs measured already.
-OPTIONAL = ("triton", "attention", "budget", "nosync", "graphs", "profiles", "memory", "cudnn")
+OPTIONAL = (
+    "triton",
+    "fused_kernels",
+    "attention",
+    "budget",
+    "nosync",
+    "graphs",
+    "profiles",
+    "memory",
+    "cudnn",
+)
 
 
 # Our Triton kernels as engine variants: (label, load_classifier options, compiled), most wanted first (the
@@ -713,6 +723,8 @@ TRITON_VARIANTS = (
     ("fused_compiled", {"fused_gemm": True}, True),
     ("triton_attn_compiled", {"backend": "triton"}, True),
     ("triton_local_compiled", {"backend": "triton_local"}, True),  # ours on local layers, FA2 on global
+    ("fused_local_compiled", {"fused_gemm": True, "backend": "triton_local"}, True),  # both of the above
+    ("fused_triton_compiled", {"fused_gemm": True, "backend": "triton"}, True),
     ("fused_eager", {"fused_gemm": True}, False),
     ("triton_attn_eager", {"backend": "triton"}, False),
 )
@@ -758,7 +770,8 @@ def triton_steps(rep, args, ckpt, config, opts, refs, workloads, rows, device, d
         tokens = [40] if args.smoke else [4096, 16384, 131072]
         out["fused_kernels"] = fused_kernel_rows(config, tokens, device, dtype)
 
-    rep.run("fused GEMMs: kernels", kernels)
+    if "fused_kernels" not in args.skip_set:
+        rep.run("fused GEMMs: kernels", kernels)
     probe = [[CLS, *range(7, 7 + (20 if args.smoke else 300)), SEP], [CLS, 7, 8, SEP]]
     first: list = []  # (label, logits on the probe) of the first engine loaded
     rows_by_name = {name: {"workload": name} for name in args.workloads.split(",")}
@@ -820,6 +833,21 @@ def triton_steps(rep, args, ckpt, config, opts, refs, workloads, rows, device, d
         del engine
         gc.collect()  # the runner and its graphs refer to each other
         free_cache()
+    best_engine(out, rows_by_name.get("traffic"), rows)
+
+
+def best_engine(out: dict, triton_row: dict | None, rows: list[dict]) -> None:
+    """`best_traffic`: the fastest compiled engine on the traffic mix in this run, as the options that load
+    it (gpu_all.sh's E2E_ENGINE=best runs bench/e2e.py with them)."""
+    plain = next((r for r in rows if r["workload"] == "traffic"), {})
+    options = {"ours_compiled": {"backend": out.get("backend", "auto"), "fused_gemm": False}}
+    options.update({label: {"backend": out.get("backend", "auto"), "fused_gemm": False, **extra}
+                    for label, extra, compiled in TRITON_VARIANTS if compiled})  # fmt: skip
+    rates = {label: r[label] for r in (plain, triton_row or {}) for label in options if r.get(label)}
+    if rates:
+        label = max(rates, key=rates.get)
+        out["best_traffic"] = {"engine": label, "tokens_per_s": rates[label], **options[label]}
+        log(f"# fastest compiled engine on traffic: {label} {rates[label] / 1e3:.1f}k ({options[label]})")
 
 
 def profile_step(out: dict, label: str, engine, seqs, device) -> None:

@@ -20,7 +20,9 @@
 #      flight (128 x 16 stays under the default admission bound of 4096 queued items) vs the engine, the same
 #      levels over one ClassifyStream, then 300 one-item calls of 128 tokens (single-item latency). Not
 #      inside TOTAL_S: E2E=off skips it (run it in a second call), E2E_ITEMS and E2E_LEVELS shrink it;
-#      E2E_COMPILE=on runs both paths of step 3 compiled (the server's default on CUDA; ~30 s more each).
+#      E2E_COMPILE=on runs both paths of step 3 compiled (the server's default on CUDA; ~30 s more each);
+#      E2E_ATTENTION (default: the kernel gpu.py measured with) and E2E_FUSED=on|off pick the engine there;
+#      E2E_ENGINE=best: the fastest compiled engine on traffic in step 1 (gpu.json's best_traffic).
 # Output: stdout, and under $OUT: gpu.json (rewritten after every step), gpu-tests.xml, e2e.json.
 # Checked on the CPU (the venv's python as PYTHON, or first on PATH; ~2 min on 2 cores, docs/benchmarks.md):
 #   DEVICE=cpu E2E=off TRITON_INTERPRET=1 OUT=/tmp/g bash bench/gpu_all.sh --smoke --workloads traffic
@@ -57,6 +59,13 @@ if [ "${DEVICE:-cuda}" = cuda ]; then
     fi
 fi
 [ "${E2E:-on}" = on ] || exit 0
-"$PY" bench/e2e.py --model "$CKPT" --device "${DEVICE:-cuda}" --attention "$ATTN" --items "${E2E_ITEMS:-20000}" \
+E2E_FUSED="${E2E_FUSED:-off}"
+if [ "${E2E_ENGINE:-}" = best ]; then  # the fastest compiled engine on traffic in gpu.py's run
+    read -r ATTN E2E_FUSED < <("$PY" -c "import json,sys; b=json.load(open(sys.argv[1]))['best_traffic']; \
+print(b['backend'], 'on' if b['fused_gemm'] else 'off')" "$OUT/gpu.json") || true
+    echo "# e2e engine: attention $ATTN, fused GEMMs $E2E_FUSED"
+fi
+"$PY" bench/e2e.py --model "$CKPT" --device "${DEVICE:-cuda}" --attention "${E2E_ATTENTION:-$ATTN}" \
+    --fused-gemm "$E2E_FUSED" --items "${E2E_ITEMS:-20000}" \
     --items-per-call 16 --concurrency "${E2E_LEVELS:-1,4,16,64,128}" --latency-calls 300 --stream \
     --compile "${E2E_COMPILE:-off}" --json "$OUT/e2e.json"
