@@ -4,8 +4,9 @@ Owns: packed batch (list of token-id lists) -> logits, on the chosen device, wit
 `max_seqlen`) so no device->host sync happens inside a batch; pinned host buffers and non-blocking copies on
 CUDA, on a copy stream of their own so the next batch's transfer overlaps the current batch's compute (the
 compute stream waits for it on the device, never the host); `run` keeps one batch queued ahead so host-side
-packing overlaps device compute; small batches replay a CUDA graph (model/graphs.py) when graphs are on; each
-batch's device time (CUDA events around its forward), summed in `device_seconds`.
+packing overlaps device compute, and each batch's logits are copied back right behind its own forward, so
+waiting for one batch never waits for the next; small batches replay a CUDA graph (model/graphs.py) when
+graphs are on; each batch's device time (CUDA events around its forward), summed in `device_seconds`.
 Must not know: tokenization, windows, thresholds, queues, gRPC or Celery.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from model import fused, triton_attention
-from model.attention import TRITON, VARLEN, Attention, pick_backend
+from model.attention import TRITON, VARLEN, Attention, fastest_backend, pick_backend
 from model.budget import probe_shape
 from model.errors import InvalidInputError, UnsupportedError
 from model.graphs import LARGEST, SMALLEST, GraphSet, GraphShape, graph_shapes
@@ -82,6 +83,8 @@ class Launched:
     end: torch.cuda.Event | None
     seconds: float = 0.0  # CPU: the forward's wall time (it ran in `launch`); CUDA: the events', read once
     graphed: bool = False  # replayed a CUDA graph
+    host: torch.Tensor | None = None  # CUDA: fp32 logits in pinned memory, copied right behind the forward
+    copied: torch.cuda.Event | None = None  # CUDA: recorded after that copy; `collect` waits for it alone
 
     def device_seconds(self) -> float:
         """Device time of the forward: the CUDA events' elapsed time (once `collect` has waited for the batch,
@@ -113,21 +116,26 @@ class Runner:
         copy_stream: bool = True,
         graphs: bool | None = False,
         graph_tokens: int | None = None,
-        fused_gemm: bool = False,
+        fused_gemm: bool | None = False,
     ) -> None:
         """`graphs`: capture CUDA graphs for batches under `graph_tokens` tokens (None: model.graphs.LARGEST).
         `graphs` None: on when the device is CUDA and the kernel is a varlen one; True refuses a setup that
         cannot have them. A capture that fails on this device leaves graphs off, with the reason in
         `graph_error`. `fused_gemm`: Wqkv + RoPE and Wi + GeGLU as fused Triton GEMMs (model/fused.py;
-        CUDA with bf16 or fp16, or Triton's interpreter)."""
+        CUDA with bf16 or fp16, or Triton's interpreter); None: on CUDA wherever they can run. `backend`
+        "auto": `fastest_backend` (our Triton kernel on the local layers where it can run); None:
+        `pick_backend`'s flash or SDPA kernel."""
         self.device = device
         self.dtype = dtype
-        self.backend = pick_backend(device, backend)
+        head_dim = net.config.head_dim
+        if backend == "auto":
+            self.backend = fastest_backend(device, dtype, head_dim)
+        else:
+            self.backend = pick_backend(device, backend)
         if self.backend in VARLEN and dtype == torch.float32 and device.type == "cuda":
             raise InvalidInputError(
                 f"backend {self.backend!r} needs bfloat16 or float16, not float32", field="dtype"
             )
-        head_dim = net.config.head_dim
         if self.backend in TRITON and not triton_attention.tileable(head_dim):
             raise InvalidInputError(
                 f"{self.backend!r} needs a power-of-two head_dim, at least 16, got {head_dim}",
@@ -135,12 +143,14 @@ class Runner:
             )
         self.net = net.to(device=device, dtype=dtype).eval()
         self.net.model.reset_rope(device)
+        c = net.config
+        why = fused.unsupported(
+            device, dtype, c.hidden_activation, c.hidden_size, c.num_attention_heads, c.intermediate_size
+        )
+        if fused_gemm is None:  # auto: measured faster than cuBLAS + compiled elementwise on an H200
+            fused_gemm = device.type == "cuda" and why is None
         self.fused_gemm = fused_gemm
         if fused_gemm:
-            c = net.config
-            why = fused.unsupported(
-                device, dtype, c.hidden_activation, c.hidden_size, c.num_attention_heads, c.intermediate_size
-            )
             if why:
                 raise InvalidInputError(f"{why}", field="fused_gemm")
             self.net.fuse_epilogues()
@@ -233,7 +243,8 @@ class Runner:
             with self._lock:
                 self.replays += 1
                 start = _record(self.device)
-                return Launched(GraphSet.replay(prepared), start, _record(self.device), graphed=True)
+                logits = GraphSet.replay(prepared)
+                return self._read_back(Launched(logits, start, _record(self.device), graphed=True))
         cuda = self.device.type == "cuda"
         pinned = batch.pin_memory() if cuda else None
         with self._lock:
@@ -241,7 +252,22 @@ class Runner:
                 batch = self._to_device(pinned)
             start, t0 = _record(self.device), time.perf_counter()
             logits = self.net(batch, self.attn)
-            return Launched(logits, start, _record(self.device), time.perf_counter() - t0)
+            return self._read_back(Launched(logits, start, _record(self.device), time.perf_counter() - t0))
+
+    @staticmethod
+    def _read_back(launched: Launched) -> Launched:
+        """CUDA: queue the logits' copy to pinned host memory now, right behind this batch's forward on the
+        stream, with an event after it. A copy queued in `collect` instead would sit behind every batch
+        launched since (the stream runs in order): with one batch queued ahead, waiting for batch i meant
+        waiting for batch i+1 as well, and the device idled while the host launched i+2 (H200: 86% busy on
+        traffic with ~13 ms ungraphed launches, docs/benchmarks.md)."""
+        if launched.start is None:  # CPU: the forward already ran
+            return launched
+        launched.host = torch.empty(launched.logits.shape, dtype=torch.float32, pin_memory=True)
+        launched.host.copy_(launched.logits.float(), non_blocking=True)
+        launched.copied = torch.cuda.Event()
+        launched.copied.record()
+        return launched
 
     def _check(self, batch: Packed) -> Packed:
         """`batch`, if the network can take it (on the host, before anything is queued): every sequence within
@@ -282,7 +308,11 @@ class Runner:
     def collect(self, launched: Launched) -> torch.Tensor:
         """Wait for a launched batch: fp32 logits (n, num_labels) on the CPU (and add its device time to
         `device_seconds`)."""
-        logits = launched.logits.float().cpu()
+        if launched.copied is not None:
+            launched.copied.synchronize()  # this batch and its copy, not the batches queued behind it
+            logits = launched.host
+        else:
+            logits = launched.logits.float().cpu()
         self.device_seconds += launched.device_seconds()
         return logits
 

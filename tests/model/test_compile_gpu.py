@@ -84,6 +84,28 @@ def test_launch_does_not_synchronize_with_the_device(tiny_model_dir: Path) -> No
     assert torch.equal(clf.collect(launched), clf.forward(seqs))
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_collect_waits_for_its_own_batch_not_the_ones_queued_behind_it(tiny_model_dir: Path, graphs) -> None:
+    """Each batch's logits are copied back right behind its own forward: collecting batch i returns while
+    the work queued after it still runs. (Copied in `collect`, the copy sat behind everything queued since,
+    so with one batch queued ahead the host waited for two, and the device idled while it launched the
+    next: H200, 86% busy on traffic.) A ~1 s device-side sleep stands in for a long next batch."""
+    clf = load_classifier(tiny_model_dir, device="cuda")
+    seqs = [[1, *([7] * n), 2] for n in (3, 50, 300, 17)]
+    runner = clf.runner
+    expected = runner.forward(seqs, graphs=graphs)  # first use: allocator, kernels
+    launched = runner.launch(seqs, graphs=graphs)
+    assert launched.graphed == (graphs and runner.graphs is not None)
+    torch.cuda._sleep(2_000_000_000)  # cycles: ~1 s, queued behind the batch
+    behind = torch.cuda.Event()
+    behind.record()
+    assert torch.equal(runner.collect(launched), expected)
+    assert not behind.query(), "collect waited for the work queued behind its batch"
+    torch.cuda.synchronize()
+
+
 def test_copy_stream_only_on_cuda(tiny_classifier) -> None:
     assert tiny_classifier.runner._copy_stream is None  # the CPU computes in place: nothing to overlap
 
