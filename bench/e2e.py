@@ -187,7 +187,10 @@ def main() -> None:
         help="auto | flash_attn | varlen | sdpa | triton | triton_local (both paths)",
     )
     ap.add_argument(
-        "--fused-gemm", choices=("on", "off"), default="off", help="our fused Triton GEMMs (both paths)"
+        "--fused-gemm",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="our fused Triton GEMMs (both paths; auto: on CUDA where they run, as the server's default)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency-calls", type=int, default=0, help="one-item 128-token calls at c=1 afterwards")
@@ -202,13 +205,13 @@ def main() -> None:
 
     from model import load_classifier
 
-    backend = None if args.attention == "auto" else args.attention
+    backend = args.attention  # "auto": the server's default (model.attention.fastest_backend)
     clf = load_classifier(
         args.model,
         device=args.device,
         backend=backend,
         compile=args.compile == "on",
-        fused_gemm=args.fused_gemm == "on",
+        fused_gemm={"auto": None, "on": True, "off": False}[args.fused_gemm],
     )
     if args.simulate:
         from bench.simdevice import simulate

@@ -21,7 +21,7 @@
 #      levels over one ClassifyStream, then 300 one-item calls of 128 tokens (single-item latency). Not
 #      inside TOTAL_S: E2E=off skips it (run it in a second call), E2E_ITEMS and E2E_LEVELS shrink it;
 #      E2E_COMPILE=on runs both paths of step 3 compiled (the server's default on CUDA; ~30 s more each);
-#      E2E_ATTENTION (default: the kernel gpu.py measured with) and E2E_FUSED=on|off pick the engine there;
+#      E2E_ATTENTION and E2E_FUSED=auto|on|off pick the engine there (default: the server's, auto and auto);
 #      E2E_ENGINE=best: the fastest compiled engine on traffic in step 1 (gpu.json's best_traffic).
 # Output: stdout, and under $OUT: gpu.json (rewritten after every step), gpu-tests.xml, e2e.json.
 # Checked on the CPU (the venv's python as PYTHON, or first on PATH; ~2 min on 2 cores, docs/benchmarks.md):
@@ -59,7 +59,8 @@ if [ "${DEVICE:-cuda}" = cuda ]; then
     fi
 fi
 [ "${E2E:-on}" = on ] || exit 0
-E2E_FUSED="${E2E_FUSED:-off}"
+E2E_FUSED="${E2E_FUSED:-auto}"
+if [ "$ATTN" != sdpa ]; then ATTN=auto; fi  # the server's default, unless gpu.py had to fall back to sdpa
 if [ "${E2E_ENGINE:-}" = best ]; then  # the fastest compiled engine on traffic in gpu.py's run
     read -r ATTN E2E_FUSED < <("$PY" -c "import json,sys; b=json.load(open(sys.argv[1]))['best_traffic']; \
 print(b['backend'], 'on' if b['fused_gemm'] else 'off')" "$OUT/gpu.json") || true

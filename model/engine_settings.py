@@ -72,9 +72,10 @@ class EngineSettings:
         "auto",
         "SAFETY_ATTENTION",
         str,
-        "attention kernel: auto (flash-attn if installed, else torch's varlen flash kernel on CUDA; SDPA on "
-        "CPU) | flash_attn | varlen | sdpa | triton (our small-tile varlen kernel, CUDA; not measured yet) | "
-        "triton_local (that kernel on the local layers, flash on the global ones)",
+        "attention kernel: auto (CUDA: flash-attn on every layer if installed, else triton_local; "
+        "SDPA on CPU) | flash_attn | varlen (torch's flash kernel) | sdpa | triton (our stream-tiled varlen "
+        "kernel, CUDA) | triton_local (that kernel on the local layers, flash on the global ones: the "
+        "fastest on an H200, docs/benchmarks.md)",
     )
     compile: str = setting(
         "auto",
@@ -98,12 +99,12 @@ class EngineSettings:
         "it replay a graph; fewer means fewer buckets, a shorter capture and a smaller graph memory pool",
     )
     fused_gemm: str = setting(
-        "off",
+        "auto",
         "SAFETY_FUSED_GEMM",
         str,
         "Wqkv + RoPE and Wi + GeGLU as Triton GEMMs with the elementwise work fused into them (CUDA, bf16 or "
-        "fp16; needs triton, which CUDA builds of torch bring): on | off (off until a GPU run measures it "
-        "faster than cuBLAS + torch.compile's kernels; docs/benchmarks.md)",
+        "fp16; needs triton, which CUDA builds of torch bring): auto (on where they can run: 1.03-1.18x "
+        "cuBLAS + torch.compile's kernels on an H200, docs/benchmarks.md) | on | off",
     )
     max_batch_tokens: int | None = setting(
         None,
@@ -155,8 +156,8 @@ class EngineSettings:
         for name in ("compile", "cuda_graphs"):
             if getattr(self, name) not in AUTO_ON_OFF:
                 yield name, f"must be auto, on or off, got {getattr(self, name)!r}"
-        if self.fused_gemm not in ("on", "off"):
-            yield "fused_gemm", f"must be on or off, got {self.fused_gemm!r}"
+        if self.fused_gemm not in AUTO_ON_OFF:
+            yield "fused_gemm", f"must be auto, on or off, got {self.fused_gemm!r}"
         if why := device_problem(self.device):
             yield "device", why
         if self.dtype is not None and (why := dtype_problem(self.dtype)):
@@ -190,11 +191,11 @@ class EngineSettings:
                 dtype=self.dtype,
                 max_batch_tokens=self.max_batch_tokens,
                 max_batch_sequences=self.max_batch_sequences,
-                backend=None if self.attention == "auto" else self.attention,
+                backend=self.attention,  # "auto": model.attention.fastest_backend
                 compile=self.wants_compile(),
                 graphs={"auto": None, "on": True, "off": False}[self.cuda_graphs],
                 graph_tokens=self.graph_tokens,
-                fused_gemm=self.fused_gemm == "on",
+                fused_gemm={"auto": None, "on": True, "off": False}[self.fused_gemm],
             )
         except CheckpointError as e:  # the path a setting gave: say which ("/nope: not a directory" did not)
             if self.model is None or isinstance(e, ModelNotFoundError):

@@ -18,7 +18,7 @@ from model.engine_settings import EngineSettings
         ("max_batch_sequences", -4, "must be a positive integer"),
         ("max_text_chars", True, "must be a positive integer"),
         ("graph_tokens", 128, "must be an integer >= 256"),
-        ("fused_gemm", "auto", "must be on or off"),
+        ("fused_gemm", "yes", "must be auto, on or off"),
         ("device", "tpu", "must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         ("device", "cuda:x", "must be auto, cpu, cuda or cuda:N"),
         ("device", "CPU", "must be auto, cpu, cuda or cuda:N"),

@@ -163,6 +163,18 @@ def test_the_network_with_fused_gemms_gives_the_same_logits(tiny_model_dir: Path
     assert torch.allclose(got, want, atol=atol), (got - want).abs().max()
 
 
+def test_fused_gemms_auto_stay_off_on_the_cpu(tiny_model_dir: Path) -> None:
+    """SAFETY_FUSED_GEMM=auto (the default) turns them on for CUDA only: never Triton's interpreter on a CPU
+    server, even where it is set up (the tests here)."""
+    from model.engine_settings import EngineSettings
+
+    assert EngineSettings().fused_gemm == "auto"
+    auto = load_classifier(tiny_model_dir, device="cpu", fused_gemm=None, backend="auto")
+    assert not auto.runner.fused_gemm and auto.runner.backend == "sdpa"
+    served = EngineSettings(model=str(tiny_model_dir), device="cpu").load()
+    assert not served.runner.fused_gemm and served.runner.backend == "sdpa"
+
+
 @pytest.mark.skipif(CUDA, reason="CUDA: test_fused_gemms_compiled_and_replayed_equal_eager")
 def test_torch_compile_traces_the_fused_ops(tiny_model_dir: Path) -> None:
     """The custom ops inside torch.compile's regions (their fake shapes, dynamic T) give the plain logits,

@@ -59,7 +59,7 @@ def test_env_then_flags() -> None:
         ({"SAFETY_COMPILE": "yes"}, "SAFETY_COMPILE"),
         ({"SAFETY_CUDA_GRAPHS": "always"}, "SAFETY_CUDA_GRAPHS"),
         ({"SAFETY_GRAPH_TOKENS": "255"}, "SAFETY_GRAPH_TOKENS"),
-        ({"SAFETY_FUSED_GEMM": "auto"}, "SAFETY_FUSED_GEMM"),
+        ({"SAFETY_FUSED_GEMM": "yes"}, "SAFETY_FUSED_GEMM"),
         ({"SAFETY_ATTENTION": "flash"}, "SAFETY_ATTENTION"),
         ({"SAFETY_THREADS": "0"}, "SAFETY_THREADS"),
         ({"SAFETY_ADDRESS": "localhost"}, "SAFETY_ADDRESS"),
