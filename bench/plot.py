@@ -161,7 +161,7 @@ def kernels(gpu_file: Path, out: Path) -> None:
     if not rows:
         return
     ops = d.get("fused_kernels", [])
-    fig, axes = plt.subplots(1, 2 if ops else 1, figsize=(13 if ops else 7, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if ops else 1, figsize=(13 if ops else 7, 4.8), squeeze=False)
     ax = axes[0][0]
     # the engines gpu.py loaded (its TRITON_VARIANTS that ran), in its order, from their parity records
     labels = [k for k in d.get("triton_parity", {}) if any(k in r for r in rows)]
@@ -186,7 +186,7 @@ def kernels(gpu_file: Path, out: Path) -> None:
     ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(workloads))], workloads)
     ax.set_ylabel("thousand real tokens / s")
     ax.set_title(f"Our Triton kernels in the network, {d['card']} (ratio to the plain engine)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4)
     if ops:
         ax = axes[0][1]
         names = [f"{r['op']}\n{r['tokens']} tokens" for r in ops]
