@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import threading
 import time
@@ -73,6 +74,13 @@ class SimulatedRunner(Runner):
             return SimLaunched(logits, None, None, compute, ready_at=self._free_at)
 
     def collect(self, launched: SimLaunched) -> torch.Tensor:
+        """Sleeps until this batch is done: the runner reads each batch back through an event queued right
+        behind its forward (model/runner.py `_read_back`). SIM_STREAM_READBACK=1 models the runner before
+        that: a read-back queued in `collect` on the compute stream, which also waits for every batch
+        launched since (the one queued ahead)."""
+        if os.environ.get("SIM_STREAM_READBACK") == "1":
+            with self._lock:
+                launched.ready_at = max(launched.ready_at, self._free_at)
         wait = launched.ready_at - time.perf_counter()
         if wait > 0:
             time.sleep(wait)

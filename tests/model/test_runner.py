@@ -202,3 +202,36 @@ def test_sequences_the_network_cannot_take_are_input_errors_naming_them(tiny_cla
             tiny_classifier.forward(sequences)
         assert str(err.value).startswith(said), str(err.value)
     tiny_classifier.forward([[1, vocab - 1, 0, 2], [1] * longest])  # the edges are fine
+
+
+def test_collect_waits_for_its_own_batch_read_back_not_the_stream(tiny_classifier) -> None:
+    """On CUDA `launch` queues each batch's read-back (a copy to pinned memory and an event after it) right
+    behind its forward, and `collect` waits on that event. Reading the device logits in `collect` instead
+    (`.float().cpu()` on the compute stream) also waited for the batch launched one ahead, so the device
+    idled through the host's work before the next launch. Stand-ins for the CUDA objects: the device
+    tensor must not be touched."""
+    from model.runner import Launched, Runner
+
+    class DeviceLogits:  # a read of it would be stream-ordered: behind the next batch
+        def __getattr__(self, name):
+            raise AssertionError(f"collect read the device logits ({name}) instead of the read-back")
+
+    class Event:
+        waited = 0
+
+        def synchronize(self) -> None:
+            self.waited += 1
+
+        def elapsed_time(self, other) -> float:
+            return 5.0
+
+    runner = tiny_classifier.runner
+    host, copied, timing = torch.randn(3, 7), Event(), Event()
+    launched = Launched(DeviceLogits(), timing, Event(), host=host, copied=copied)  # type: ignore[arg-type]
+    before = runner.device_seconds
+    assert runner.collect(launched) is host
+    assert copied.waited == 1
+    assert runner.device_seconds == before + 0.005
+    # off CUDA the forward has already run in `launch`: nothing is queued, collect converts as before
+    cpu = runner.launch(_seqs([5, 9]))
+    assert cpu.host is None and cpu.copied is None and Runner._read_back(cpu) is cpu
