@@ -65,8 +65,9 @@ class EngineSettings:
         None,
         "SAFETY_THREADS",
         opt_int,
-        "torch CPU threads per process (unset: OMP_NUM_THREADS if set, else the CPUs this process may use: "
-        "its affinity mask and cgroup CPU quota, i.e. a Kubernetes CPU limit, not the node's core count)",
+        "torch CPU threads per process (unset: OMP_NUM_THREADS if set, else 1 when the model runs on CUDA, "
+        "else the CPUs this process may use: its affinity mask and cgroup CPU quota, i.e. a Kubernetes CPU "
+        "limit, not the node's core count)",
     )
     attention: str = setting(
         "auto",
@@ -167,6 +168,10 @@ class EngineSettings:
         """SAFETY_COMPILE: auto compiles on CUDA only (on CPU, compiled and eager measured the same speed)."""
         if self.compile != "auto":
             return self.compile == "on"
+        return self.on_cuda(cuda_available)
+
+    def on_cuda(self, cuda_available: bool | None = None) -> bool:
+        """Will the model run on CUDA (SAFETY_DEVICE cuda[:N], or auto on a host with CUDA)?"""
         if self.device.startswith("cuda"):
             return True
         if self.device != "auto":
@@ -183,7 +188,7 @@ class EngineSettings:
         from model.classifier import load_classifier
         from model.threads import configure_threads
 
-        configure_threads(self.threads)
+        configure_threads(self.threads, accelerator=self.on_cuda())
         try:
             return load_classifier(
                 self.model,

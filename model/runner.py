@@ -278,10 +278,10 @@ class Runner:
             i = batch.lengths.index(batch.max_seqlen)
             why = f"has {batch.max_seqlen} tokens, more than max_position_embeddings {limit}"
             raise InvalidInputError(why, field=f"sequences[{i}]")
-        ids = batch.input_ids
+        ids = batch.input_ids.numpy()  # numpy, not torch: no intra-op thread team woken for a host check
         bad = (ids < 0) | (ids >= config.vocab_size)
         if bad.any():
-            at = int(bad.nonzero()[0, 0])
+            at = int(bad.argmax())
             i = int(batch.seq_index[at])
             where = f"sequences[{i}][{at - int(batch.cu_seqlens[i])}]"
             raise InvalidInputError(

@@ -54,15 +54,21 @@ def available_cpus(root: Path = CGROUP) -> int:
     return cpu_limit(affinity, cgroup_quota(root))
 
 
-def configure_threads(threads: int | None = None, environ: dict[str, str] | None = None) -> int:
+def configure_threads(
+    threads: int | None = None, environ: dict[str, str] | None = None, accelerator: bool = False
+) -> int:
     """Set torch's intra-op threads to `threads`; unset: OMP_NUM_THREADS when the environment sets it (an
-    operator's or Kubernetes' choice, e.g. from `resourceFieldRef: limits.cpu`), else `available_cpus()`.
-    Returns the number set."""
+    operator's or Kubernetes' choice, e.g. from `resourceFieldRef: limits.cpu`), else `available_cpus()` —
+    or 1 when the model runs on an `accelerator`: torch's CPU work there is a few small host ops per batch,
+    and a team of intra-op threads only competes with the tokenizer (on an H200's 16-core host the runner
+    thread's team showed as 7 threads at ~24% of a core each through the gRPC benchmark). Returns the
+    number set."""
     import torch
 
     env = os.environ if environ is None else environ
     omp = env.get("OMP_NUM_THREADS", "").strip()
-    n = threads or (int(omp) if omp.isdigit() and int(omp) > 0 else None) or available_cpus()
+    default = 1 if accelerator else available_cpus()
+    n = threads or (int(omp) if omp.isdigit() and int(omp) > 0 else None) or default
     if n < 1:
         raise ValueError(f"threads: must be >= 1, got {n}")
     torch.set_num_threads(n)

@@ -228,8 +228,10 @@ def run_worker(args: argparse.Namespace) -> int:
             concurrency = int(argv[2].split("=")[1])
             # torch threads from the CPUs this process may use (affinity, cgroup quota = a Kubernetes CPU
             # limit), not the node's core count; prefork children each run their own torch: split them.
+            # On CUDA the engine takes 1 unless told otherwise (model/threads.py): leave it to the engine.
             per_process = concurrency if "--pool=prefork" in argv else 1
-            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // per_process)))
+            if not settings.on_cuda():
+                os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // per_process)))
             if "--pool=prefork" in argv:
                 # SIGTERM (Kubernetes) = Celery's cold shutdown after SAFETY_DRAIN_GRACE_S: the running chunk
                 # is requeued at once rather than after the visibility timeout. Read by billiard at start.

@@ -73,3 +73,9 @@ def test_load_applies_every_engine_setting(tiny_model_dir: Path) -> None:
         assert clf.path == str(tiny_model_dir)
     finally:
         torch.set_num_threads(before)
+
+
+def test_on_cuda_follows_the_device_setting() -> None:
+    assert EngineSettings(device="cuda").on_cuda() and EngineSettings(device="cuda:1").on_cuda(False)
+    assert not EngineSettings(device="cpu").on_cuda(True)
+    assert EngineSettings(device="auto").on_cuda(True) and not EngineSettings(device="auto").on_cuda(False)

@@ -61,6 +61,10 @@ def test_configure_threads_sets_torch() -> None:
         assert configure_threads(environ={"OMP_NUM_THREADS": "1"}) == 1 == torch.get_num_threads()
         assert configure_threads(2, environ={"OMP_NUM_THREADS": "1"}) == 2  # the explicit setting wins
         assert configure_threads(environ={"OMP_NUM_THREADS": "lots"}) == available_cpus()
+        # the model on a GPU: one torch CPU thread unless the operator says otherwise
+        assert configure_threads(environ={}, accelerator=True) == 1 == torch.get_num_threads()
+        assert configure_threads(environ={"OMP_NUM_THREADS": "3"}, accelerator=True) == 3
+        assert configure_threads(2, environ={}, accelerator=True) == 2
         with pytest.raises(ValueError, match="threads"):
             configure_threads(-2)
     finally:
