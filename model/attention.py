@@ -80,15 +80,16 @@ def pick_backend(device: torch.device, requested: str | None = None) -> str:
     return "sdpa"
 
 
-def fastest_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """SAFETY_ATTENTION=auto for inference: where torch's varlen flash kernel is what `pick_backend` finds
-    (CUDA, no flash-attn), "triton_local" — our stream-tiled kernel on the local layers, that flash kernel on
-    the global ones — when Triton runs here and the head dim tiles; else `pick_backend`'s choice. Measured on
-    an H200 (docs/benchmarks.md, 2026-11-28): with the fused GEMMs, 1.05-1.15x the varlen kernel alone on
-    traffic, short_fixed and long_var; against flash-attn's own window it is not measured, so an installed
-    flash-attn keeps every layer. Not for training: our kernel has no backward."""
+def fastest_backend(device: torch.device, dtype: torch.dtype, head_dim: int, fused_gemm: bool) -> str:
+    """SAFETY_ATTENTION=auto for inference: beside the fused GEMMs (`fused_gemm`), where torch's varlen flash
+    kernel is what `pick_backend` finds (CUDA, no flash-attn), "triton_local" — our stream-tiled kernel on
+    the local layers, that flash kernel on the global ones — when Triton runs here and the head dim tiles;
+    else `pick_backend`'s choice. Measured on an H200 (docs/benchmarks.md, 2026-11-28): with the fused
+    GEMMs, 1.05-1.15x the fused GEMMs on the varlen kernel alone on traffic, short_fixed and long_var;
+    without them 0.95-1.18x, so not chosen there. Against flash-attn's own window it is not measured, so
+    an installed flash-attn keeps every layer. Not for training: our kernel has no backward."""
     plain = pick_backend(device)
-    if plain != "varlen" or dtype not in (torch.bfloat16, torch.float16):
+    if not fused_gemm or plain != "varlen" or dtype not in (torch.bfloat16, torch.float16):
         return plain
     from model import triton_attention
     from model.fused import triton_missing

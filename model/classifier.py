@@ -526,8 +526,8 @@ def load_classifier(
     """Load a checkpoint directory (or the bundled default when `path` is None) ready to classify.
     `graphs`: CUDA graphs for batches under `graph_tokens` tokens (None: on for CUDA with a varlen kernel;
     model/graphs.py). `fused_gemm`: Wqkv + RoPE and Wi + GeGLU as fused Triton GEMMs (model/fused.py; None:
-    on CUDA where they can run). `backend`: None, the flash kernel on CUDA (SDPA on the CPU); "auto", the
-    fastest measured (model.attention.fastest_backend); or a name.
+    on Hopper cards where they can run, model.runner.measured_card). `backend`: None, the flash kernel on
+    CUDA (SDPA on the CPU); "auto", the fastest measured (model.attention.fastest_backend); or a name.
     `max_tokens`, `max_context_tokens`, `window_overlap` unset: `max_position_embeddings`, and
     `window_defaults`."""
     dev = resolve_device(device)

@@ -73,10 +73,10 @@ class EngineSettings:
         "auto",
         "SAFETY_ATTENTION",
         str,
-        "attention kernel: auto (CUDA: flash-attn on every layer if installed, else triton_local; "
-        "SDPA on CPU) | flash_attn | varlen (torch's flash kernel) | sdpa | triton (our stream-tiled varlen "
-        "kernel, CUDA) | triton_local (that kernel on the local layers, flash on the global ones: the "
-        "fastest on an H200, docs/benchmarks.md)",
+        "attention kernel: auto (CUDA: flash-attn on every layer if installed, else triton_local beside the "
+        "fused GEMMs with bf16/fp16, else varlen; SDPA on CPU) | flash_attn | varlen (torch's flash kernel) "
+        "| sdpa | triton (our stream-tiled varlen kernel, CUDA) | triton_local (that kernel on the local "
+        "layers, flash on the global ones: with the fused GEMMs the fastest on an H200, docs/benchmarks.md)",
     )
     compile: str = setting(
         "auto",
@@ -104,8 +104,9 @@ class EngineSettings:
         "SAFETY_FUSED_GEMM",
         str,
         "Wqkv + RoPE and Wi + GeGLU as Triton GEMMs with the elementwise work fused into them (CUDA, bf16 or "
-        "fp16; needs triton, which CUDA builds of torch bring): auto (on where they can run: 1.03-1.18x "
-        "cuBLAS + torch.compile's kernels on an H200, docs/benchmarks.md) | on | off",
+        "fp16; needs triton, which CUDA builds of torch bring): auto (on for Hopper cards, compute "
+        "capability 9.x, where they can run: 1.03-1.18x cuBLAS + torch.compile's kernels on an H200, "
+        "docs/benchmarks.md) | on | off",
     )
     max_batch_tokens: int | None = setting(
         None,

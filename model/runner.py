@@ -68,6 +68,18 @@ def compiles_first_on_a_large_batch(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def measured_card(device: torch.device) -> bool:
+    """Is `device` a CUDA card of the generation our Triton kernels were measured faster on (Hopper, compute
+    capability 9.x: H100, H200)? What `auto` turns them on for; elsewhere they stay off unless asked for."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """`device` as the calling thread's current CUDA device (Triton launches there, and events record on its
+    stream): a runner on cuda:1 may launch from a thread whose current device is cuda:0."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def can_graph(device: torch.device, backend: str) -> bool:
     """Can a runner on `device` with attention `backend` capture CUDA graphs (model/graphs.py)? A function
     of its own so a CPU test can take the capture and replay paths with a stand-in GraphSet."""
@@ -122,14 +134,21 @@ class Runner:
         `graphs` None: on when the device is CUDA and the kernel is a varlen one; True refuses a setup that
         cannot have them. A capture that fails on this device leaves graphs off, with the reason in
         `graph_error`. `fused_gemm`: Wqkv + RoPE and Wi + GeGLU as fused Triton GEMMs (model/fused.py;
-        CUDA with bf16 or fp16, or Triton's interpreter); None: on CUDA wherever they can run. `backend`
-        "auto": `fastest_backend` (our Triton kernel on the local layers where it can run); None:
+        CUDA with bf16 or fp16, or Triton's interpreter); None (auto): on where they can run on a CUDA card of
+        the generation they were measured on (`measured_card`). `backend` "auto": `fastest_backend` given
+        that choice (our Triton kernel on the local layers only beside the fused GEMMs, as measured); None:
         `pick_backend`'s flash or SDPA kernel."""
         self.device = device
         self.dtype = dtype
         head_dim = net.config.head_dim
+        c = net.config
+        why = fused.unsupported(
+            device, dtype, c.hidden_activation, c.hidden_size, c.num_attention_heads, c.intermediate_size
+        )
+        if fused_gemm is None:  # auto: measured faster than cuBLAS + compiled elementwise on an H200
+            fused_gemm = why is None and measured_card(device)
         if backend == "auto":
-            self.backend = fastest_backend(device, dtype, head_dim)
+            self.backend = fastest_backend(device, dtype, head_dim, fused_gemm)
         else:
             self.backend = pick_backend(device, backend)
         if self.backend in VARLEN and dtype == torch.float32 and device.type == "cuda":
@@ -143,12 +162,6 @@ class Runner:
             )
         self.net = net.to(device=device, dtype=dtype).eval()
         self.net.model.reset_rope(device)
-        c = net.config
-        why = fused.unsupported(
-            device, dtype, c.hidden_activation, c.hidden_size, c.num_attention_heads, c.intermediate_size
-        )
-        if fused_gemm is None:  # auto: measured faster than cuBLAS + compiled elementwise on an H200
-            fused_gemm = device.type == "cuda" and why is None
         self.fused_gemm = fused_gemm
         if fused_gemm:
             if why:
@@ -197,7 +210,8 @@ class Runner:
         graphs = GraphSet(lambda batch: self.net(batch, self.attn), shapes, self.device)
         t0 = time.perf_counter()
         try:
-            graphs.capture()
+            with _on(self.device):
+                graphs.capture()
         except Exception as e:  # a kernel this device cannot capture: run ungraphed, say why
             self.graph_error = f"{type(e).__name__}: {e}"
             with contextlib.suppress(Exception):
@@ -240,14 +254,14 @@ class Runner:
         prepared = self.graphs.prepare(batch) if graphs and self.graphs is not None else None
         self.launches += 1
         if prepared is not None:
-            with self._lock:
+            with self._lock, _on(self.device):
                 self.replays += 1
                 start = _record(self.device)
                 logits = GraphSet.replay(prepared)
                 return self._read_back(Launched(logits, start, _record(self.device), graphed=True))
         cuda = self.device.type == "cuda"
         pinned = batch.pin_memory() if cuda else None
-        with self._lock:
+        with self._lock, _on(self.device):
             if pinned is not None:
                 batch = self._to_device(pinned)
             start, t0 = _record(self.device), time.perf_counter()
@@ -263,10 +277,11 @@ class Runner:
         traffic with ~13 ms ungraphed launches, docs/benchmarks.md)."""
         if launched.start is None:  # CPU: the forward already ran
             return launched
-        launched.host = torch.empty(launched.logits.shape, dtype=torch.float32, pin_memory=True)
-        launched.host.copy_(launched.logits.float(), non_blocking=True)
+        logits = launched.logits
+        launched.host = torch.empty(logits.shape, dtype=torch.float32, pin_memory=True)
+        launched.host.copy_(logits.float(), non_blocking=True)
         launched.copied = torch.cuda.Event()
-        launched.copied.record()
+        launched.copied.record(torch.cuda.current_stream(logits.device))  # the logits' GPU, not GPU 0
         return launched
 
     def _check(self, batch: Packed) -> Packed:

@@ -60,31 +60,33 @@ def test_backend_choice_on_cpu() -> None:
 
 
 @pytest.mark.parametrize(
-    ("flash_attn", "varlen", "triton", "dtype", "head_dim", "expected"),
+    ("flash_attn", "varlen", "triton", "dtype", "head_dim", "fused", "expected"),
     [
-        (False, True, True, torch.bfloat16, 64, "triton_local"),  # the GPU image: torch's varlen + triton
-        (False, True, True, torch.float16, 32, "triton_local"),
-        (True, True, True, torch.bfloat16, 64, "flash_attn"),  # flash-attn installed: every layer on it
-        (False, True, False, torch.bfloat16, 64, "varlen"),  # no triton
-        (False, True, True, torch.bfloat16, 48, "varlen"),  # a head dim our kernel cannot tile
-        (False, True, True, torch.float32, 64, "varlen"),  # fp32: the runner refuses varlen kernels anyway
-        (False, False, True, torch.bfloat16, 64, "sdpa"),  # no flash kernel at all
+        (False, True, True, torch.bfloat16, 64, True, "triton_local"),  # the GPU image: varlen + triton
+        (False, True, True, torch.float16, 32, True, "triton_local"),
+        (False, True, True, torch.bfloat16, 64, False, "varlen"),  # measured faster beside the fused GEMMs
+        (True, True, True, torch.bfloat16, 64, True, "flash_attn"),  # flash-attn installed: every layer on it
+        (False, True, False, torch.bfloat16, 64, True, "varlen"),  # no triton
+        (False, True, True, torch.bfloat16, 48, True, "varlen"),  # a head dim our kernel cannot tile
+        (False, True, True, torch.float32, 64, True, "varlen"),  # fp32: the runner refuses varlen anyway
+        (False, False, True, torch.bfloat16, 64, True, "sdpa"),  # no flash kernel at all
     ],
 )
 def test_auto_attention_on_cuda_is_triton_local_where_it_can_run(
-    monkeypatch, flash_attn, varlen, triton, dtype, head_dim, expected
+    monkeypatch, flash_attn, varlen, triton, dtype, head_dim, fused, expected
 ) -> None:
     """SAFETY_ATTENTION=auto (the server's and worker's default) for inference, by what this host has."""
-    from model import attention, fused
+    from model import attention
+    from model import fused as fused_module
 
     monkeypatch.setattr(attention, "has_flash_attn", lambda: flash_attn)
     monkeypatch.setattr(attention, "has_torch_varlen", lambda: varlen)
-    monkeypatch.setattr(fused, "has_triton", lambda: triton)
-    assert attention.fastest_backend(torch.device("cuda"), dtype, head_dim) == expected
+    monkeypatch.setattr(fused_module, "has_triton", lambda: triton)
+    assert attention.fastest_backend(torch.device("cuda"), dtype, head_dim, fused) == expected
 
 
 def test_auto_attention_on_the_cpu_is_sdpa() -> None:
     from model.attention import fastest_backend
 
-    assert fastest_backend(torch.device("cpu"), torch.float32, 64) == "sdpa"
-    assert fastest_backend(torch.device("cpu"), torch.bfloat16, 64) == "sdpa"
+    assert fastest_backend(torch.device("cpu"), torch.float32, 64, False) == "sdpa"
+    assert fastest_backend(torch.device("cpu"), torch.bfloat16, 64, True) == "sdpa"

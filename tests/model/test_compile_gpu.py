@@ -106,6 +106,27 @@ def test_collect_waits_for_its_own_batch_not_the_ones_queued_behind_it(tiny_mode
     torch.cuda.synchronize()
 
 
+@pytest.mark.gpu
+@gpu
+def test_the_served_defaults_on_cuda_give_the_plain_engines_logits(tiny_model_dir: Path) -> None:
+    """SAFETY_FUSED_GEMM and SAFETY_ATTENTION auto (the server's and workers' defaults): on a Hopper card the
+    fused GEMMs and, without flash-attn, our kernel on the local layers; elsewhere the plain engine. Either
+    way the plain engine's logits, replayed and not."""
+    from model.attention import has_flash_attn
+    from model.engine_settings import EngineSettings
+    from model.runner import measured_card
+
+    served = EngineSettings(model=str(tiny_model_dir), device="cuda", compile="off").load()
+    plain = load_classifier(tiny_model_dir, device="cuda")
+    hopper = measured_card(served.runner.device)
+    assert served.runner.fused_gemm == hopper
+    local = hopper and not has_flash_attn()
+    assert served.runner.backend == ("triton_local" if local else plain.runner.backend)
+    for lengths in ([3], [100, 7, 33], [1000] * 17 + [5]):  # the last above the top graph bucket
+        seqs = [[1, *([7 + n % 50] * n), 2] for n in lengths]
+        assert torch.allclose(served.forward(seqs), plain.forward(seqs), atol=0.05)
+
+
 def test_copy_stream_only_on_cuda(tiny_classifier) -> None:
     assert tiny_classifier.runner._copy_stream is None  # the CPU computes in place: nothing to overlap
 
