@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -191,11 +191,24 @@ def register_job(subparsers: argparse._SubParsersAction) -> None:
 # ---- safety worker ---------------------------------------------------------------------------------------
 def default_pool(device: str) -> str:
     """solo on a GPU (one process owns the device, no fork after CUDA init), prefork on CPU."""
-    if device.startswith("cuda"):
-        return "solo"
-    if device == "auto" and any(Path("/dev").glob("nvidia[0-9]*")):
-        return "solo"
-    return "prefork"
+    return "solo" if on_gpu(device) else "prefork"
+
+
+def on_gpu(device: str) -> bool:
+    """Will the engine run on CUDA, judged without torch (the prefork parent must not initialise CUDA, and
+    importing torch costs it ~2 s and ~220 MB): SAFETY_DEVICE cuda[:N], or auto with an NVIDIA device node."""
+    return device.startswith("cuda") or (device == "auto" and any(Path("/dev").glob("nvidia[0-9]*")))
+
+
+def torch_threads_env(device: str, argv: list[str], environ: MutableMapping[str, str]) -> None:
+    """OMP_NUM_THREADS for the engine in each worker process, unless set: the CPUs this process may use
+    (affinity, cgroup quota = a Kubernetes CPU limit), not the node's core count, split among prefork
+    children (each runs its own torch). On a GPU none: the engine takes 1 there (model/threads.py)."""
+    if on_gpu(device):
+        return
+    concurrency = int(next(a for a in argv if a.startswith("--concurrency=")).split("=")[1])
+    per_process = concurrency if "--pool=prefork" in argv else 1
+    environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // per_process)))
 
 
 def worker_argv(args: argparse.Namespace, settings: WorkerSettings) -> list[str]:
@@ -225,13 +238,7 @@ def run_worker(args: argparse.Namespace) -> int:
         with _errors("worker"):
             settings = WorkerSettings.from_env()
             argv = worker_argv(args, settings)
-            concurrency = int(argv[2].split("=")[1])
-            # torch threads from the CPUs this process may use (affinity, cgroup quota = a Kubernetes CPU
-            # limit), not the node's core count; prefork children each run their own torch: split them.
-            # On CUDA the engine takes 1 unless told otherwise (model/threads.py): leave it to the engine.
-            per_process = concurrency if "--pool=prefork" in argv else 1
-            if not settings.on_cuda():
-                os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // per_process)))
+            torch_threads_env(settings.device, argv, os.environ)
             if "--pool=prefork" in argv:
                 # SIGTERM (Kubernetes) = Celery's cold shutdown after SAFETY_DRAIN_GRACE_S: the running chunk
                 # is requeued at once rather than after the visibility timeout. Read by billiard at start.

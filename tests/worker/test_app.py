@@ -137,3 +137,18 @@ def _imports_torch(module: str) -> bool:
 @pytest.mark.parametrize("module", ["worker.jobs", "worker.app", "worker.tasks", "worker.cli"])
 def test_the_client_and_the_worker_parent_do_not_import_torch(module: str) -> None:
     assert not _imports_torch(module)
+
+
+def test_worker_threads_env_splits_cpus_and_leaves_gpus_to_the_engine() -> None:
+    """The prefork parent sets OMP_NUM_THREADS for its children on a CPU, without importing torch (which would
+    initialise CUDA before the fork on a GPU host); on a GPU it sets nothing: the engine takes 1 there."""
+    code = (
+        "import sys; from worker.cli import torch_threads_env; cpu, gpu = {}, {}; "
+        "torch_threads_env('cpu', ['worker', '--pool=prefork', '--concurrency=2'], cpu); "
+        "torch_threads_env('cuda:1', ['worker', '--pool=solo', '--concurrency=1'], gpu); "
+        "print('torch' in sys.modules, cpu.get('OMP_NUM_THREADS'), gpu)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    from model.threads import available_cpus
+
+    assert out.stdout.split() == ["False", str(max(1, available_cpus() // 2)), "{}"]
