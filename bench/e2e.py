@@ -204,7 +204,11 @@ def main() -> None:
     import torch
 
     from model import load_classifier
+    from model.runner import resolve_device
+    from model.threads import configure_threads
 
+    # torch's CPU threads as the server sets them (EngineSettings.load): 1 on CUDA, else the CPUs allowed
+    configure_threads(accelerator=resolve_device(args.device).type == "cuda")
     backend = args.attention  # "auto": the server's default (model.attention.fastest_backend)
     clf = load_classifier(
         args.model,

@@ -22,7 +22,8 @@
 #      inside TOTAL_S: E2E=off skips it (run it in a second call), E2E_ITEMS and E2E_LEVELS shrink it;
 #      E2E_COMPILE=on runs both paths of step 3 compiled (the server's default on CUDA; ~30 s more each);
 #      E2E_ATTENTION and E2E_FUSED=auto|on|off pick the engine there (default: the server's, auto and auto);
-#      E2E_ENGINE=best: the fastest compiled engine on traffic in step 1 (gpu.json's best_traffic).
+#      E2E_ENGINE=best: the fastest compiled engine on traffic in step 1 (gpu.json's best_traffic; run it
+#      compiled with E2E_COMPILE=on).
 # Output: stdout, and under $OUT: gpu.json (rewritten after every step), gpu-tests.xml, e2e.json.
 # Checked on the CPU (the venv's python as PYTHON, or first on PATH; ~2 min on 2 cores, docs/benchmarks.md):
 #   DEVICE=cpu E2E=off TRITON_INTERPRET=1 OUT=/tmp/g bash bench/gpu_all.sh --smoke --workloads traffic
@@ -62,8 +63,10 @@ fi
 E2E_FUSED="${E2E_FUSED:-auto}"
 if [ "$ATTN" != sdpa ]; then ATTN=auto; fi  # the server's default, unless gpu.py had to fall back to sdpa
 if [ "${E2E_ENGINE:-}" = best ]; then  # the fastest compiled engine on traffic in gpu.py's run
-    read -r ATTN E2E_FUSED < <("$PY" -c "import json,sys; b=json.load(open(sys.argv[1]))['best_traffic']; \
-print(b['backend'], 'on' if b['fused_gemm'] else 'off')" "$OUT/gpu.json") || true
+    # (no best_traffic, e.g. --skip triton: the defaults stay; a failed `read` would blank both)
+    BEST="$("$PY" -c "import json,sys; b=json.load(open(sys.argv[1]))['best_traffic']; \
+print(b['backend'], 'on' if b['fused_gemm'] else 'off')" "$OUT/gpu.json" 2>/dev/null || echo "$ATTN $E2E_FUSED")"
+    read -r ATTN E2E_FUSED <<< "$BEST"
     echo "# e2e engine: attention $ATTN, fused GEMMs $E2E_FUSED"
 fi
 "$PY" bench/e2e.py --model "$CKPT" --device "${DEVICE:-cuda}" --attention "${E2E_ATTENTION:-$ATTN}" \
