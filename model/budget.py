@@ -86,7 +86,8 @@ def device_budget(
     """The batch token budget for `device`: fixed on the CPU, probed from free memory on CUDA."""
     if device.type != "cuda":
         return Budget(max(CPU_BUDGET, max_tokens), "cpu default")
-    per_token = measure_bytes_per_token(forward, *probe_shape(max_tokens))
+    with torch.cuda.device(device):  # the memory counters read the current device: cuda:N's, not GPU 0's
+        per_token = measure_bytes_per_token(forward, *probe_shape(max_tokens))
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     tokens, bound = fit_budget(free, per_token, floor=max_tokens, cap=max(cap, max_tokens))
