@@ -66,15 +66,18 @@ def probe_shape(max_tokens: int, probe_tokens: int = 32768) -> tuple[int, int]:
     return max_tokens, max(1, probe_tokens // max_tokens)
 
 
-def measure_bytes_per_token(forward: Callable[[list[list[int]]], object], length: int, count: int) -> float:
+def measure_bytes_per_token(
+    forward: Callable[[list[list[int]]], object], length: int, count: int, device: torch.device | None = None
+) -> float:
     """Peak CUDA memory a forward of `count` sequences of `length` tokens allocates above what was already
-    allocated, per token. `forward` must run on the current CUDA device and finish before returning."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    allocated, per token, on `device` (None: the current one; a runner on cuda:N names it, or GPU 0's
+    counters would be read). `forward` must run there and finish before returning."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
     forward([[1] * length] * count)
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / (length * count)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / (length * count)
 
 
 def device_budget(
@@ -86,8 +89,7 @@ def device_budget(
     """The batch token budget for `device`: fixed on the CPU, probed from free memory on CUDA."""
     if device.type != "cuda":
         return Budget(max(CPU_BUDGET, max_tokens), "cpu default")
-    with torch.cuda.device(device):  # the memory counters read the current device: cuda:N's, not GPU 0's
-        per_token = measure_bytes_per_token(forward, *probe_shape(max_tokens))
+    per_token = measure_bytes_per_token(forward, *probe_shape(max_tokens), device)
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     tokens, bound = fit_budget(free, per_token, floor=max_tokens, cap=max(cap, max_tokens))
