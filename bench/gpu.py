@@ -717,14 +717,14 @@ OPTIONAL = (
 
 
 # Our Triton kernels as engine variants: (label, load_classifier options, compiled), most wanted first (the
-# compiled ones: the server's default on CUDA). Each row is compared with the plain engine of the same
-# compile mode measured above in this run.
+# first: what the server and workers run on Hopper cards since session 20). Each row is compared with the
+# plain engine of the same compile mode measured above in this run.
 TRITON_VARIANTS = (
+    ("fused_local_compiled", {"fused_gemm": True, "backend": "triton_local"}, True),  # the Hopper default
     ("fused_compiled", {"fused_gemm": True}, True),
-    ("triton_attn_compiled", {"backend": "triton"}, True),
     ("triton_local_compiled", {"backend": "triton_local"}, True),  # ours on local layers, FA2 on global
-    ("fused_local_compiled", {"fused_gemm": True, "backend": "triton_local"}, True),  # both of the above
     ("fused_triton_compiled", {"fused_gemm": True, "backend": "triton"}, True),
+    ("triton_attn_compiled", {"backend": "triton"}, True),
     ("fused_eager", {"fused_gemm": True}, False),
     ("triton_attn_eager", {"backend": "triton"}, False),
 )

@@ -2,9 +2,11 @@
 # Everything a GPU session measures, in one `device` call. Prepare here first: `make gpu-site` (the service's
 # deps for the GPU image, the gRPC stubs, and .cache/gpu-site/COMMIT: the commit measured, as the GPU machine
 # gets no .git). The call (docs/benchmarks.md, "Running it again"): carry [".cache/gpu-site",
-# "service/_proto"], timeout_s >= 530, then give_back:
-#   set -o pipefail; export PYTHONUNBUFFERED=1; E2E=off timeout 500 bash bench/gpu_all.sh \
-#       --workloads traffic,short_fixed,long_var --skip budget,memory,cudnn 2>&1 | tee $OUT/log
+# "service/_proto"], timeout_s 570, then give_back:
+#   set -o pipefail; export PYTHONUNBUFFERED=1; TOTAL_S=360 E2E=on E2E_COMPILE=on E2E_ITEMS=8000 \
+#       E2E_LEVELS=1,16,128 timeout 540 bash bench/gpu_all.sh --skip fused_kernels,attention,budget,memory,cudnn \
+#       --triton-variants fused_local_compiled,fused_compiled,triton_local_compiled,fused_triton_compiled \
+#       2>&1 | grep -v DEBUG | tee $OUT/log
 #   1. bench/gpu.py (arguments after gpu_all.sh go to it): environment (card, driver, CUDA, torch, Triton,
 #      transformers, commit), parity (graph-replayed and ungraphed), the workloads (HF arrival/sorted, ours
 #      eager/compiled), then the optional steps, most wanted first: no-sync check, CUDA graphs (replay parity,
