@@ -190,7 +190,7 @@ def main() -> None:
         "--fused-gemm",
         choices=("auto", "on", "off"),
         default="auto",
-        help="our fused Triton GEMMs (both paths; auto: on CUDA where they run, as the server's default)",
+        help="our fused Triton GEMMs (both paths; auto: on Hopper cards where they run, as the server does)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency-calls", type=int, default=0, help="one-item 128-token calls at c=1 afterwards")
