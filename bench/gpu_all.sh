@@ -5,7 +5,7 @@
 # "service/_proto"], timeout_s 570, then give_back:
 #   set -o pipefail; export PYTHONUNBUFFERED=1; TOTAL_S=360 E2E=on E2E_COMPILE=on E2E_ITEMS=8000 \
 #       E2E_LEVELS=1,16,128 timeout 540 bash bench/gpu_all.sh --skip fused_kernels,attention,budget,memory,cudnn \
-#       --triton-variants fused_local_compiled,fused_compiled,triton_local_compiled,fused_triton_compiled \
+#       --triton-variants fused_local_compiled,fused_compiled,triton_local_compiled,fused_triton_compiled --repeat 3 \
 #       2>&1 | grep -v DEBUG | tee $OUT/log
 #   1. bench/gpu.py (arguments after gpu_all.sh go to it): environment (card, driver, CUDA, torch, Triton,
 #      transformers, commit), parity (graph-replayed and ungraphed), the workloads (HF arrival/sorted, ours
