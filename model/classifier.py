@@ -8,6 +8,7 @@ of the window that gave each label its score. Steps are public so a dynamic sche
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -117,6 +118,7 @@ class Classifier:
     path: str
     report: LoadReport = field(default_factory=LoadReport)
     budget: Budget | None = None  # how max_batch_tokens was chosen (None: set by the caller)
+    revision: str = ""  # `checkpoint_revision`: which weights, config and tokenizer score (audit trails)
 
     @property
     def budget_text(self) -> str:
@@ -173,6 +175,7 @@ class Classifier:
             "cuda_graphs": self.graphs_text,
             "fused_gemm": self.runner.fused_gemm,
             "version": VERSION,
+            "revision": self.revision,
         }
 
     # ---- validation ---------------------------------------------------------------------------------------
@@ -582,7 +585,24 @@ def load_classifier(
         path=str(directory),
         report=report,
         budget=budget,
+        revision=checkpoint_revision(directory, report.files),
     )
+
+
+REVISION_DIGITS = 16
+
+
+def checkpoint_revision(directory: Path, weights: Sequence[str]) -> str:
+    """The first 16 hex digits of a sha256 over what decides a checkpoint's logits: config.json,
+    tokenizer.json and the weight files (`weights`, as read), each by name and content. Two checkpoints with
+    the same name (a retrained model in the same directory, a rollout) answer with different revisions;
+    thresholds.json is not in it (responses carry the thresholds they applied). Costs one read of the
+    weights (at load, from the page cache: ~1 s per GB)."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", *weights):
+        with (directory / name).open("rb") as f:
+            digest.update(f"{Path(name).name}\0".encode() + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:REVISION_DIGITS]
 
 
 CONTEXT_TOKENS, OVERLAP_TOKENS = 256, 64  # the defaults, where a window has room for them

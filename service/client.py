@@ -431,6 +431,7 @@ def info_to_dict(response: Any) -> dict[str, Any]:
         "cuda_graphs": response.cuda_graphs,
         "fused_gemm": response.fused_gemm,
         "budget": response.budget,
+        "model_revision": response.model_revision,
     }
 
 

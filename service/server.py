@@ -416,6 +416,7 @@ class SafetyServer:
             "serving",
             extra={
                 "model": clf.name,
+                "revision": clf.revision,
                 "device": clf.device,
                 "dtype": clf.dtype,
                 "backend": clf.backend,

@@ -71,13 +71,19 @@ def items_from_proto(request: Any, max_items: int, max_text_chars: int) -> list[
 
 
 def response_from_outcome(
-    outcome: Outcome, labels: list[str], thresholds: Mapping[str, float], raw_scores: bool, model: str
+    outcome: Outcome,
+    labels: list[str],
+    thresholds: Mapping[str, float],
+    raw_scores: bool,
+    model: str,
+    revision: str = "",
 ) -> Any:
     """Results -> ClassifyResponse, filled in place (`add()` and field stores): about a third of the time of
     building every LabelScore and Span with keyword constructors, which showed as the largest share of the
     event loop's GIL time at a few thousand items a second."""
     response = pb2.ClassifyResponse(
         model=model,
+        model_revision=revision,
         timing=pb2.Timing(
             tokenize_ms=outcome.tokenize_s * 1e3,
             queue_ms=outcome.queue_s * 1e3,
@@ -134,6 +140,7 @@ def info_response(clf: Classifier, settings: ServeSettings, scheduler: Scheduler
         cuda_graphs=info["cuda_graphs"],
         fused_gemm=info["fused_gemm"],
         budget=info["budget"],
+        model_revision=info["revision"],
     )
 
 
@@ -307,7 +314,9 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
         )
         thresholds = clf.resolve_thresholds(dict(request.thresholds))
         outcome = await scheduler.submit(items, thresholds, call_deadline(context))
-        response = response_from_outcome(outcome, clf.labels, thresholds, request.raw_scores, clf.name)
+        response = response_from_outcome(
+            outcome, clf.labels, thresholds, request.raw_scores, clf.name, clf.revision
+        )
         response.timing.total_ms = (time.perf_counter() - start) * 1e3
         tokens, flagged = sum(r.tokens for r in outcome.results), sum(r.flagged for r in outcome.results)
         self.observer.classified(len(items), tokens, flagged)

@@ -61,6 +61,7 @@ def test_results_equal_classifier(stub: Any, tiny_classifier: Any) -> None:
     want = tiny_classifier.classify(ITEMS, thresholds=thresholds)
     assert len(response.results) == len(ITEMS)
     assert response.model == tiny_classifier.name
+    assert response.model_revision == tiny_classifier.revision != ""
     assert response.results[3].windows > 1  # the long text really was windowed
     for i, (got, w) in enumerate(zip(response.results, want, strict=True)):
         assert got.id == str(i)  # no id given: the item's index
@@ -98,6 +99,8 @@ def test_info(stub: Any, server: Any, tiny_classifier: Any) -> None:
     engine = tiny_classifier.info()
     assert (info.compiled, info.cuda_graphs, info.fused_gemm) == (False, "off", False)
     assert (info.cuda_graphs, info.budget) == (engine["cuda_graphs"], engine["budget"])
+    assert info.model_revision == engine["revision"] == tiny_classifier.revision
+    assert len(info.model_revision) == 16 and int(info.model_revision, 16) >= 0
 
 
 def test_64_concurrent_calls_are_batched_without_cross_talk(
