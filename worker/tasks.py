@@ -119,9 +119,10 @@ class ClassifierTask(Task):
             clf.warmup()  # every bucket shape compiles now, not inside the first chunks
         self.tokens_per_s = measure_tokens_per_s(clf)
         log.info(
-            "loaded model %s on %s (%s, %s attention, %s, CUDA graphs %s, fused GEMMs %s, %d CPU threads) "
-            "in %.1fs; %s tokens/s measured, slices sized for %.0f",
-            clf.name, clf.device, clf.dtype, clf.backend, "compiled" if clf.runner.compiled else "eager",
+            "loaded model %s (revision %s) on %s (%s, %s attention, %s, CUDA graphs %s, fused GEMMs %s, "
+            "%d CPU threads) in %.1fs; %s tokens/s measured, slices sized for %.0f",
+            clf.name, clf.revision, clf.device, clf.dtype, clf.backend,
+            "compiled" if clf.runner.compiled else "eager",
             clf.graphs_text, "on" if clf.runner.fused_gemm else "off", torch.get_num_threads(),
             time.perf_counter() - started, f"{self.tokens_per_s:,.0f}" if self.tokens_per_s else "no",
             assumed_tokens_per_s(clf.device, self.tokens_per_s),
