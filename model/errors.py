@@ -16,11 +16,22 @@ class SafetyError(Exception):
 class InvalidInputError(SafetyError, ValueError):
     """Bad caller input. `index` is the item's position in the request (None for request-level fields);
     `field` names the offending field (e.g. "text", "role", "thresholds.hate"), or is "" when the item
-    itself is wrong (`items[3]: must be an object`)."""
+    itself is wrong (`items[3]: must be an object`). A size over a limit also says which, for programs:
+    `limit` (the largest accepted), `value` (what was sent) and `setting` (the variable that sets it)."""
 
-    def __init__(self, message: str, *, field: str, index: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str,
+        index: int | None = None,
+        limit: int | None = None,
+        value: int | None = None,
+        setting: str = "",
+    ) -> None:
         self.field = field
         self.index = index
+        self.limit, self.value, self.setting = limit, value, setting
         self.reason = message  # what is wrong, without where
         item = f"items[{index}]"
         where = field if index is None else f"{item}.{field}" if field else item

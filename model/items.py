@@ -60,7 +60,9 @@ def item_id(given: str | None, index: int) -> str:
 def check_length(value: str, index: int, field: str, max_chars: int | None) -> None:
     if max_chars is not None and len(value) > max_chars:
         message = f"has {len(value)} characters, the limit is {max_chars} ({LIMIT_SETTING})"
-        raise InvalidInputError(message, index=index, field=field)
+        raise InvalidInputError(
+            message, index=index, field=field, limit=max_chars, value=len(value), setting=LIMIT_SETTING
+        )
 
 
 # Characters that only join, separate or mark text, with nothing to read: zero-width space, non-joiner and

@@ -397,8 +397,9 @@ def error_details(error: grpc.RpcError) -> ErrorDetails | None:
 def stream_response_to_dict(response: Any) -> dict[str, Any]:
     """pb2.ClassifyStreamResponse -> {"sequence", "results" (result dicts, or None), "error" (None, or
     {"status": "RESOURCE_EXHAUSTED", "code": 8, "message": ..., "field": "", "reason": "QUEUE_FULL",
-    "retry_after_ms": 120}: `field` the offending field's path on INVALID_ARGUMENT, else ""; `reason` as in
-    `error_details`; `retry_after_ms` None when there is no hint)}."""
+    "retry_after_ms": 120, "metadata": {}}: `field` the offending field's path on INVALID_ARGUMENT, else "";
+    `reason` as in `error_details`; `retry_after_ms` None when there is no hint; `metadata` ErrorInfo's: an
+    input over a size limit's "limit", "value" and "setting")}."""
     if response.HasField("error"):
         e = response.error
         error = {
@@ -408,6 +409,7 @@ def stream_response_to_dict(response: Any) -> dict[str, Any]:
             "field": e.field,
             "reason": e.reason,
             "retry_after_ms": e.retry_after_ms or None,
+            "metadata": dict(e.metadata),
         }
         return {"sequence": response.sequence, "results": None, "error": error}
     results = [result_to_dict(r) for r in response.response.results]

@@ -54,6 +54,9 @@ class Oversized:
             f"the {self.method} request message has {self.size:,} bytes, more than the limit of "
             f"{self.limit:,} (SAFETY_MAX_MESSAGE_BYTES); {fix}",
             field="request",
+            limit=self.limit,
+            value=self.size,
+            setting="SAFETY_MAX_MESSAGE_BYTES",
         )
 
 

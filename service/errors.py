@@ -131,7 +131,9 @@ def describe(exc: BaseException) -> ErrorDetails:
         reason, message = reason_for(exc), clip(str(exc), MAX_MESSAGE_BYTES)
         if isinstance(exc, InvalidInputError):
             field, description = clip(exc.where, MAX_FIELD_BYTES), clip(exc.reason, MAX_MESSAGE_BYTES)
-            return ErrorDetails(code, message, reason, field=field, description=description)
+            return ErrorDetails(
+                code, message, reason, metadata=limit_metadata(exc), field=field, description=description
+            )
         if isinstance(exc, RETRY_HINTED) and exc.retry_after_ms is not None:
             return ErrorDetails(code, message, reason, retry_after_ms=max(0, int(exc.retry_after_ms)))
         return ErrorDetails(code, message, reason)
@@ -145,6 +147,18 @@ def describe(exc: BaseException) -> ErrorDetails:
     )
     message = f"internal error (error id {error_id}); the server log has the details"
     return ErrorDetails(code, message, INTERNAL_REASON, metadata={"error_id": error_id})
+
+
+def limit_metadata(exc: InvalidInputError) -> dict[str, str]:
+    """ErrorInfo.metadata of an input over a size limit: "limit" (the largest accepted), "value" (what was
+    sent) and "setting" (the variable that sets the limit), for a client that splits and retries by program
+    rather than by reading the message. Empty for other input errors."""
+    if exc.limit is None:
+        return {}
+    out = {"limit": str(exc.limit), "setting": exc.setting}
+    if exc.value is not None:
+        out["value"] = str(exc.value)
+    return out
 
 
 STATUS_DETAILS = richstatus.STATUS_DETAILS  # "grpc-status-details-bin"

@@ -88,6 +88,9 @@ def check_job_size(items: int, limit: int | None) -> None:
             "the items over several jobs, or submit them with `safety submit` (it streams a JSONL file of "
             "any size to Redis)",
             field="items",
+            limit=limit,
+            value=items,
+            setting="SAFETY_MAX_JOB_ITEMS",
         )
 
 

@@ -322,6 +322,9 @@ class Scheduler:
                 f"{n} items, more than the server's whole queue bound of {self.max_queue_items} "
                 "(SAFETY_MAX_QUEUE_ITEMS); split it or use a batch job",
                 field="items",
+                limit=self.max_queue_items,
+                value=n,
+                setting="SAFETY_MAX_QUEUE_ITEMS",
             )
         with self._cond:
             if not self._accepting:

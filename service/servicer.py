@@ -56,6 +56,9 @@ def items_from_proto(request: Any, max_items: int, max_text_chars: int) -> list[
             f"{n} items, more than the limit of {max_items} per request (SAFETY_MAX_ITEMS); split it or use "
             "a batch job",
             field="items",
+            limit=max_items,
+            value=n,
+            setting="SAFETY_MAX_ITEMS",
         )
     items = []
     for i, it in enumerate(request.items):
@@ -296,6 +299,7 @@ class SafetyServicer(pb2_grpc.SafetyClassifierServicer):
                 field=details.field,
                 reason=details.reason,
                 retry_after_ms=details.retry_after_ms or 0,
+                metadata=details.metadata,
             )
             return pb2.ClassifyStreamResponse(sequence=sequence, error=error)
         self.observer.stream_request("OK", response.timing.total_ms / 1e3)

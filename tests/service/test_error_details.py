@@ -150,7 +150,7 @@ def test_a_stream_request_error_has_the_field_and_reason(server: SafetyServer) -
         [ok, bad] = client.classify_stream([["fine"], ["ok", ""]])
     assert ok["error"] is None
     assert bad["error"]["field"] == "items[1].text" and bad["error"]["reason"] == "INVALID_INPUT"
-    assert bad["error"]["retry_after_ms"] is None
+    assert bad["error"]["retry_after_ms"] is None and bad["error"]["metadata"] == {}
 
 
 def pb2_stub(channel: grpc.Channel) -> Any:
@@ -278,3 +278,42 @@ def test_a_server_without_googleapis_common_protos_sends_status_and_message_only
     off = [r for r in served.seen if "rich error details" in str(r.get("msg", r))]
     assert len(off) == 1, off  # once, at start-up: not per call
     assert off[0]["level"] == "WARNING" and "googleapis-common-protos is not installed" in off[0]["msg"]
+
+
+def test_an_input_over_a_size_limit_names_the_limit_for_programs(server: SafetyServer, stub: Any) -> None:
+    """ErrorInfo.metadata of a size limit: "limit", "value" and "setting", on the trailer and on a stream's
+    StreamError, so a client can split and retry without parsing the message. Other input errors: none."""
+    s = server.settings
+    cases = [
+        (request(*(["x"] * (s.max_items + 1))), s.max_items, s.max_items + 1, "SAFETY_MAX_ITEMS"),
+        (request("ok", "y" * (s.max_text_chars + 1)), s.max_text_chars, s.max_text_chars + 1,
+         "SAFETY_MAX_TEXT_CHARS"),
+    ]  # fmt: skip
+    for req, limit, value, setting in cases:
+        info = info_of(call_error(lambda r=req: stub.Classify(r, timeout=10)))
+        assert dict(info.metadata) == {"limit": str(limit), "value": str(value), "setting": setting}
+    assert not info_of(call_error(lambda: stub.Classify(request("a", ""), timeout=10))).metadata
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        replies = list(pb2_stub(channel).ClassifyStream(iter([cases[0][0], request("a", "")]), timeout=30))
+    assert dict(replies[0].error.metadata) == {
+        "limit": str(s.max_items), "value": str(s.max_items + 1), "setting": "SAFETY_MAX_ITEMS"
+    }  # fmt: skip
+    assert not replies[1].error.metadata
+
+
+def test_every_size_limit_error_carries_its_limit() -> None:
+    """The limits not reached through Classify above: SubmitJob's items, the message size, the queue bound."""
+    from model.errors import InvalidInputError
+    from service.decoding import Oversized
+    from service.errors import describe
+    from service.jobs import check_job_size
+
+    with pytest.raises(InvalidInputError) as job:
+        check_job_size(11, 10)
+    errors = [
+        (job.value, {"limit": "10", "value": "11", "setting": "SAFETY_MAX_JOB_ITEMS"}),
+        (Oversized("Classify", 2_000, 1_000).error(),
+         {"limit": "1000", "value": "2000", "setting": "SAFETY_MAX_MESSAGE_BYTES"}),
+    ]  # fmt: skip
+    for exc, metadata in errors:
+        assert describe(exc).metadata == metadata
