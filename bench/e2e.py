@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.workloads import free_port
+from model.engine_settings import AUTO_ON_OFF
 
 
 def make_texts(clf, mix: str, n: int, seed: int) -> list[str]:
@@ -188,7 +189,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--fused-gemm",
-        choices=("auto", "on", "off"),
+        choices=tuple(AUTO_ON_OFF),
         default="auto",
         help="our fused Triton GEMMs (both paths; auto: on Hopper cards where they run, as the server does)",
     )
@@ -215,7 +216,7 @@ def main() -> None:
         device=args.device,
         backend=backend,
         compile=args.compile == "on",
-        fused_gemm={"auto": None, "on": True, "off": False}[args.fused_gemm],
+        fused_gemm=AUTO_ON_OFF[args.fused_gemm],
     )
     if args.simulate:
         from bench.simdevice import simulate

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from model.classifier import Classifier
 
 ATTENTION = ("auto", "flash_attn", "varlen", "sdpa", "triton", "triton_local")
-AUTO_ON_OFF = ("auto", "on", "off")  # SAFETY_COMPILE, SAFETY_CUDA_GRAPHS
+# SAFETY_COMPILE, SAFETY_CUDA_GRAPHS, SAFETY_FUSED_GEMM: each word and what the engine is given for it (auto:
+# None, the engine decides for its device)
+AUTO_ON_OFF: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what model.runner.resolve_device accepts
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # model.runner.DTYPES, without torch
 SMALLEST_GRAPH = 256  # model.graphs.SMALLEST, restated so that reading settings does not import torch
@@ -155,11 +157,9 @@ class EngineSettings:
         if self.attention not in ATTENTION:
             names = f"{', '.join(ATTENTION[:-1])} or {ATTENTION[-1]}"
             yield "attention", f"must be {names}, got {self.attention!r}"
-        for name in ("compile", "cuda_graphs"):
+        for name in ("compile", "cuda_graphs", "fused_gemm"):
             if getattr(self, name) not in AUTO_ON_OFF:
                 yield name, f"must be auto, on or off, got {getattr(self, name)!r}"
-        if self.fused_gemm not in AUTO_ON_OFF:
-            yield "fused_gemm", f"must be auto, on or off, got {self.fused_gemm!r}"
         if why := device_problem(self.device):
             yield "device", why
         if self.dtype is not None and (why := dtype_problem(self.dtype)):
@@ -199,9 +199,9 @@ class EngineSettings:
                 max_batch_sequences=self.max_batch_sequences,
                 backend=self.attention,  # "auto": model.attention.fastest_backend
                 compile=self.wants_compile(),
-                graphs={"auto": None, "on": True, "off": False}[self.cuda_graphs],
+                graphs=AUTO_ON_OFF[self.cuda_graphs],
                 graph_tokens=self.graph_tokens,
-                fused_gemm={"auto": None, "on": True, "off": False}[self.fused_gemm],
+                fused_gemm=AUTO_ON_OFF[self.fused_gemm],
             )
         except CheckpointError as e:  # the path a setting gave: say which ("/nope: not a directory" did not)
             if self.model is None or isinstance(e, ModelNotFoundError):
