@@ -74,6 +74,13 @@ def plan_batches(
     return batches
 
 
+def most_urgent(priorities: Sequence[float] | None) -> int:
+    """The entry a batch forms around: the first of the smallest priorities; without priorities, index 0 (the
+    oldest). Both scans run in C, with no key function or tuple per entry (the scheduler calls this under its
+    lock, once per batch, over every queued window)."""
+    return priorities.index(min(priorities)) if priorities is not None else 0
+
+
 def next_batch(
     lengths: Sequence[int],
     max_batch_tokens: int,
@@ -94,9 +101,7 @@ def next_batch(
     if priorities is not None and len(priorities) != len(lengths):
         raise ValueError("priorities must have one entry per length")
     limit = max_batch_tokens if budget is None else min(budget, max_batch_tokens)
-    # The most urgent: the first of the smallest priorities. Both scans run in C, with no key function or
-    # tuple per entry (this runs under the scheduler's lock, once per batch, over every queued window).
-    anchor = priorities.index(min(priorities)) if priorities is not None else 0
+    anchor = most_urgent(priorities)
     # By (length, index): sorting is stable, so ties in length stay in index order without a tuple key.
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     pos = order.index(anchor)

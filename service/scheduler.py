@@ -52,7 +52,7 @@ from model.errors import (
     UnavailableError,
     device_failed,
 )
-from model.planner import due, next_batch
+from model.planner import due, most_urgent, next_batch
 from model.runner import Launched
 from model.threads import name_os_thread
 from service.deadlines import deadline_passed
@@ -591,7 +591,7 @@ class Scheduler:
             self.max_batch_sequences,
             padded=self.padded,
             priorities=priorities,
-            budget=self._budget_locked(pending[priorities.index(min(priorities))]),
+            budget=self._budget_locked(pending[most_urgent(priorities)]),
         )
         picked = set(chosen)
         self._slot = [pending[i] for i in chosen]
