@@ -140,8 +140,8 @@ class Runner:
         `pick_backend`'s flash or SDPA kernel."""
         self.device = device
         self.dtype = dtype
-        head_dim = net.config.head_dim
         c = net.config
+        head_dim = c.head_dim
         why = fused.unsupported(
             device, dtype, c.hidden_activation, c.hidden_size, c.num_attention_heads, c.intermediate_size
         )
